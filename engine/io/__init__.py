@@ -1,0 +1,129 @@
+"""Loading scans from whatever the user drops in.
+
+`load(paths)` gathers files (folders and zips expanded safely), sniffs each
+one's format from its first bytes (names only as a hint), hands DICOM files
+to the series reader as one batch (so a series split over many files is
+assembled) and everything else to its own reader. A bad file is reported in
+`LoadResult.skipped` and never spoils the rest; `ScanError` is raised only
+when nothing at all could be loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from engine.io.dicom import looks_like_dicom, read_dicom
+from engine.io.image2d import looks_like_image, read_image
+from engine.io.nifti import looks_like_nifti, read_nifti
+from engine.io.sources import DEFAULT_LIMITS, Limits, Skipped, Source, gather_sources
+from engine.scan import Scan, ScanError
+
+__all__ = ["load", "load_one", "LoadResult", "Skipped", "Limits", "ScanError"]
+
+
+@dataclass
+class LoadResult:
+    scans: list[Scan] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def messages(self) -> list[str]:
+        return [f"{s.name}: {s.reason}" for s in self.skipped]
+
+
+def _classify(source: Source) -> str:
+    try:
+        head = source.head(352)
+    except ScanError:
+        raise
+    except Exception as exc:
+        raise ScanError(f"cannot read file ({exc})") from None
+    name = source.name
+    if not head:
+        return "empty"
+    if looks_like_nifti(head, name) and not (len(head) >= 132 and head[128:132] == b"DICM"):
+        return "nifti"
+    if looks_like_dicom(head, name):
+        return "dicom"
+    if looks_like_image(head, name):
+        return "image"
+    if name.lower().endswith((".dcm", ".dicom", ".ima")):
+        return "dicom"
+    return "unknown"
+
+
+def _summarise_failure(skipped: list[Skipped], n_sources: int) -> str:
+    if n_sources == 0:
+        return "no files found: the upload or folder is empty"
+    reasons: dict[str, int] = {}
+    for s in skipped:
+        reasons[s.reason] = reasons.get(s.reason, 0) + 1
+    common = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+    detail = "; ".join(f"{reason} ({n} file{'s' if n > 1 else ''})" for reason, n in common)
+    if len(skipped) == 1:
+        return f"{skipped[0].name}: {skipped[0].reason}"
+    return f"no scan could be loaded from {len(skipped)} files: {detail}"
+
+
+def load(paths: Iterable[str | os.PathLike] | str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> LoadResult:
+    """Every scan (series, volume or image) found under `paths`."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ScanError("nothing to load: give at least one file, folder or zip")
+    sources, skipped = gather_sources(paths, limits)
+    dicom: list[Source] = []
+    scans: list[Scan] = []
+    for source in sources:
+        try:
+            kind = _classify(source)
+            if kind == "dicom":
+                dicom.append(source)
+            elif kind == "nifti":
+                scans.append(read_nifti(source))
+            elif kind == "image":
+                scans.append(read_image(source))
+            elif kind == "empty":
+                skipped.append(Skipped(source.name, "empty file"))
+            else:
+                skipped.append(Skipped(source.name, "not a DICOM, NIfTI or image file; skipped"))
+        except ScanError as exc:
+            msg = str(exc)
+            prefix = source.name + ": "
+            skipped.append(Skipped(source.name, msg[len(prefix):] if msg.startswith(prefix) else msg))
+        except MemoryError:
+            skipped.append(Skipped(source.name, "file too large to load into memory"))
+        except Exception as exc:  # last line of defence: one bad file never stops the batch
+            skipped.append(Skipped(source.name, f"could not be read ({type(exc).__name__}: {str(exc)[:160]})"))
+    if dicom:
+        dicom_scans, dicom_skipped = read_dicom(dicom)
+        scans.extend(dicom_scans)
+        skipped.extend(dicom_skipped)
+    if not scans:
+        raise ScanError(_summarise_failure(skipped, len(sources)))
+    scans.sort(key=_scan_sort_key)
+    return LoadResult(scans, skipped)
+
+
+def _scan_sort_key(scan: Scan):
+    number = scan.metadata.get("SeriesNumber")
+    try:
+        number = int(number)
+    except (TypeError, ValueError):
+        number = 1 << 30
+    return (number, -scan.voxels.size, scan.label)
+
+
+def load_one(paths, series: int | None = None, limits: Limits = DEFAULT_LIMITS) -> tuple[Scan, LoadResult]:
+    """The single scan under `paths`; with several, `series` (0-based) picks one."""
+    result = load(paths, limits)
+    if series is None:
+        if len(result.scans) > 1:
+            listing = "; ".join(f"[{i}] {s.label}" for i, s in enumerate(result.scans))
+            raise ScanError(f"{len(result.scans)} series found, choose one with --series N: {listing}")
+        return result.scans[0], result
+    if not 0 <= series < len(result.scans):
+        raise ScanError(f"series {series} does not exist: {len(result.scans)} found (0-{len(result.scans) - 1})")
+    return result.scans[series], result

@@ -1,0 +1,33 @@
+"""Shared fixtures. Tests that need ../shared/data skip cleanly when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: no telemetry, no hub calls.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to ../shared/data, or skip the test when this machine lacks it."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent on this machine")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _private_uid_salt(monkeypatch, tmp_path_factory):
+    """A fixed UID-mapping salt so tests never write into the user's config folder."""
+    monkeypatch.setenv("MEDLENS_UID_SALT", "medlens-test-salt")
+    import engine.deid as deid
+
+    monkeypatch.setattr(deid, "_salt_cache", None)
