@@ -54,7 +54,7 @@ def _classify(source: Source) -> str:
 
 
 def _summarise_failure(skipped: list[Skipped], n_sources: int) -> str:
-    if n_sources == 0:
+    if not skipped:
         return "no files found: the upload or folder is empty"
     reasons: dict[str, int] = {}
     for s in skipped:

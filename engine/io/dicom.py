@@ -138,9 +138,10 @@ def _decode(ds, name: str) -> np.ndarray:
             arr = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
         ts_name = getattr(ts, "name", str(ts))
-        if "no pixel data handlers" in str(exc).lower() or "unable to decode" in str(exc).lower() or "plugin" in str(exc).lower():
-            raise ScanError(f"{name}: pixel data compressed as {ts_name} cannot be decoded here ({_short(exc)})") from None
-        raise ScanError(f"{name}: pixel data could not be decoded ({_short(exc)})") from None
+        # pydicom lists each plugin's reason on the lines after the first: those are the specific part.
+        reasons = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        detail = "; ".join(reasons)[:300] if reasons else _short(exc)
+        raise ScanError(f"{name}: pixel data compressed as {ts_name} cannot be decoded by the installed decoders ({detail})") from None
     except Exception as exc:  # truncated / corrupt pixel data: decoders raise many types
         raise ScanError(f"{name}: pixel data is corrupt or truncated ({_short(exc)})") from None
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
