@@ -56,7 +56,7 @@ def test_ybr_is_converted_to_rgb_like_the_rgb_original():
     ybr = one(PYDICOM_FILES / "SC_rgb_dcmtk_+eb+cy+np.dcm")  # same picture as YBR_FULL
     assert plain.voxels.shape == ybr.voxels.shape
     # YBR_FULL stores 8-bit rounded chroma: close to the RGB original on average, not exactly.
-    assert np.abs(plain.voxels - ybr.voxels).mean() < 2.0
+    assert np.abs(plain.voxels - ybr.voxels).mean() < 4.0
     assert np.abs(plain.voxels - ybr.voxels).mean() < np.abs(plain.voxels - plain.voxels[..., ::-1]).mean() / 10
 
 
