@@ -158,6 +158,8 @@ class Scan:
             "burned_in_text_risk": self.provenance.burned_in_text_risk,
             "content_hash": self.content_hash,
             "metadata": dict(self.metadata),
+            # Names of what de-identification dropped (never the values).
+            "removed_attributes": list(self.provenance.removed_attributes),
         }
 
 

@@ -452,16 +452,38 @@ def _series_key(ds, name: str) -> str:
     return "no-series-uid|" + "|".join(parts + [folder])
 
 
+IOP_TOLERANCE = 1e-3  # direction cosines closer than this are the same orientation (scanners write noisy IOPs)
+
+
 def _subgroup_key(frame: _Frame) -> tuple:
+    """What must match exactly within one volume (orientation is compared with a tolerance)."""
     ds = frame.ds
-    iop = tuple(np.round(frame.iop, 4)) if frame.iop is not None else None
     echo = ds.get("EchoNumbers")
     try:
-        echo = tuple(int(e) for e in echo) if isinstance(echo, (list, tuple)) or hasattr(echo, "__iter__") and not isinstance(echo, str) else (int(echo) if echo not in (None, "") else None)
+        if echo in (None, ""):
+            echo = None
+        elif isinstance(echo, (str, bytes)) or not hasattr(echo, "__iter__"):
+            echo = int(echo)
+        else:
+            echo = tuple(int(e) for e in echo)
     except (TypeError, ValueError):
         echo = None
     image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))[:3]
-    return (iop, frame.pixels.shape, echo, image_type)
+    return (frame.pixels.shape, echo, image_type)
+
+
+def _split_by_geometry(frames: list[_Frame]) -> list[list[_Frame]]:
+    """Sub-series: same matrix/echo/image type and orientation within IOP_TOLERANCE."""
+    groups: list[tuple[tuple, np.ndarray, list[_Frame]]] = []
+    for f in frames:
+        key = _subgroup_key(f)
+        for gkey, giop, members in groups:
+            if gkey == key and np.max(np.abs(giop - f.iop)) <= IOP_TOLERANCE:
+                members.append(f)
+                break
+        else:
+            groups.append((key, f.iop, [f]))
+    return [members for _, _, members in groups]
 
 
 def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
@@ -507,10 +529,7 @@ def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
     for key, frames in multiframe_files:
         label = frames[0].name
         if all(f.ipp is not None and f.iop is not None for f in frames):
-            groups: dict[tuple, list[_Frame]] = defaultdict(list)
-            for f in frames:
-                groups[_subgroup_key(f)].append(f)
-            for group in groups.values():
+            for group in _split_by_geometry(frames):
                 attempt(label, _assemble_volume, group, 1, "dicom-multiframe")
         else:
             attempt(label, _stack_without_geometry, frames)
@@ -523,14 +542,12 @@ def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
         without = [f for f in read.frames if f.ipp is None or f.iop is None]
         for f in without:
             attempt(f.name, _scan_2d, f, 1, [])
-        groups = defaultdict(list)
-        for f in with_geometry:
-            groups[_subgroup_key(f)].append(f)
+        groups = _split_by_geometry(with_geometry)
         if len(groups) > 1:
             note = f"series split into {len(groups)} parts (different orientation, matrix, echo or image type)"
         else:
             note = None
-        for group in groups.values():
+        for group in groups:
             before = len(scans)
             attempt(group[0].name, _assemble_volume, group, len({f.name for f in group}), "dicom-series")
             if note and len(scans) > before:
