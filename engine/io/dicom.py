@@ -389,17 +389,27 @@ def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
     positions = np.array([frames[c[0]].ipp for c in clusters])
     d_unique = np.array([dist[c[0]] for c in clusters])
     n_pos = len(clusters)
+    regular_grid = None  # target positions along the normal when the slices must be resampled
     if n_pos >= 2:
         spacing_z = (d_unique[-1] - d_unique[0]) / (n_pos - 1)
         steps = np.diff(d_unique)
+        step_vec = (positions[-1] - positions[0]) / (n_pos - 1)
         if np.max(np.abs(steps - spacing_z)) > max(0.01 * abs(spacing_z), 0.02):
             median = float(np.median(steps))
             gap = float(np.max(steps)) > 1.5 * median
-            warn.append(
-                f"inconsistent slice spacing: {steps.min():.3g} to {steps.max():.3g} mm between slices"
-                + (" (gap: slices may be missing)" if gap else "")
+            message = f"inconsistent slice spacing: {steps.min():.3g} to {steps.max():.3g} mm between slices" + (
+                " (gap: slices may be missing)" if gap else ""
             )
-        step_vec = (positions[-1] - positions[0]) / (n_pos - 1)
+            n_out = int(round((d_unique[-1] - d_unique[0]) / median)) + 1
+            if n_out <= 4 * n_pos:
+                # Like dcm2niix's "_Eq" output: a regular grid at the usual step, so every
+                # slice sits where it was acquired and missing ones are interpolated.
+                regular_grid = d_unique[0] + median * np.arange(n_out)
+                step_vec = (positions[-1] - positions[0]) / (d_unique[-1] - d_unique[0]) * median
+                message += f"; resampled to a regular {median:.3g} mm grid ({n_out - n_pos:+d} slices, interpolated linearly)"
+            else:
+                message += "; spacing averaged, slices may be misplaced"
+            warn.append(message)
         along = float(step_vec @ normal)
         if np.linalg.norm(step_vec - along * normal) > 1e-3 * max(abs(along), 1e-6) + 1e-4:
             warn.append("slice positions are not along the slice normal (gantry tilt or shear): sheared geometry kept")
@@ -416,6 +426,8 @@ def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
     for k, c in enumerate(clusters):
         for t, idx in enumerate(c):
             stack[t, k] = frames[idx].pixels
+    if regular_grid is not None:
+        stack = _resample_slices(stack, d_unique, regular_grid)
     stack = _invert_monochrome1(stack, ds)
     affine = dicom_affine(iop, ps, positions[0], step_vec)
     data_xyz = stack.transpose(3, 2, 1, 0)
@@ -425,6 +437,16 @@ def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
     voxels = xyz_to_scan_order(data_xyz)
     metadata, prov = _provenance(ds, reader, n_files, warn)
     return Scan(voxels, spacing_zyx(affine), affine, _modality(ds), metadata, prov)
+
+
+def _resample_slices(stack: np.ndarray, positions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Linear interpolation along the slice axis (axis 1 of (t, k, rows, cols))."""
+    upper = np.clip(np.searchsorted(positions, targets, side="left"), 1, len(positions) - 1)
+    lower = upper - 1
+    span = positions[upper] - positions[lower]
+    w = np.clip((targets - positions[lower]) / np.where(span == 0, 1, span), 0.0, 1.0).astype(np.float32)
+    w = w[None, :, None, None] if stack.ndim == 4 else w[None, :, None, None, None]
+    return (1 - w) * stack[:, lower] + w * stack[:, upper]
 
 
 def _assemble_mosaics(mosaics: list[_Mosaic]) -> Scan:
