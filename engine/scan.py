@@ -82,14 +82,19 @@ class Scan:
     modality: Modality
     metadata: dict[str, Any] = field(default_factory=dict)
     provenance: Provenance = field(default_factory=lambda: Provenance(reader="unknown"))
-    content_hash: str = ""
+    _content_hash: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         self.voxels = np.ascontiguousarray(self.voxels, dtype=np.float32)
         self.affine = np.asarray(self.affine, dtype=np.float64)
         self.spacing = tuple(float(s) for s in self.spacing)
-        if not self.content_hash:
-            self.content_hash = hash_voxels(self.voxels, self.affine)
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 of pixels + geometry, computed on first use (hashing a big 4D series is not free)."""
+        if not self._content_hash:
+            self._content_hash = hash_voxels(self.voxels, self.affine)
+        return self._content_hash
 
     # --- shape helpers ---------------------------------------------------
     @property
@@ -117,7 +122,7 @@ class Scan:
             return self
         if not -self.n_volumes <= index < self.n_volumes:
             raise ScanError(f"volume {index} does not exist: this scan has {self.n_volumes} volumes (0-{self.n_volumes - 1})")
-        return replace(self, voxels=self.voxels[index], content_hash="")
+        return replace(self, voxels=self.voxels[index], _content_hash="")
 
     @property
     def orientation(self) -> str:

@@ -1,0 +1,13 @@
+"""MedLens web app: `python app.py` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where)."""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from app import build_demo, launch_kwargs  # noqa: E402  (the package app/, not this file)
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.launch(**launch_kwargs())

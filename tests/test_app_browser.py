@@ -1,0 +1,207 @@
+"""The Scan tab in a real browser: Debian's chromium, headless, through Playwright.
+
+`playwright install` cannot download browsers here, so the test drives
+/usr/bin/chromium (apt-get install chromium). Without it the test skips,
+unless MEDLENS_REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
+A full-page screenshot is written to tmp_path (and to
+$MEDLENS_SCREENSHOT_DIR when set) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _series import ct_zip  # noqa: E402
+from conftest import SHARED_DATA  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("MEDLENS_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+TIMEOUT_MS = 60_000
+
+
+def _require_browser():
+    required = os.environ.get("MEDLENS_REQUIRE_BROWSER") == "1"
+    problem = None
+    if not CHROMIUM.exists():
+        problem = f"{CHROMIUM} is missing (apt-get install -y chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            problem = "playwright is not installed (pip install playwright; no browser download needed)"
+    if problem:
+        if required:
+            pytest.fail(f"MEDLENS_REQUIRE_BROWSER=1 but {problem}")
+        pytest.skip(problem)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _require_browser()
+    cache = tmp_path_factory.mktemp("gradio_cache_browser")
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(cache)
+    import app
+
+    demo = app.build_demo()
+    port = _free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **app.launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/", cache
+    finally:
+        demo.close()
+        if old is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = old
+
+
+@pytest.fixture
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1100})
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+def _view_state(page, plane: str) -> dict:
+    return page.eval_on_selector(
+        f"#ml-{plane}-view img.ml-img",
+        "img => ({src: img.src.slice(0, 22), w: img.naturalWidth, h: img.naturalHeight, "
+        "shown: img.getBoundingClientRect().width, caption: img.parentElement.innerText})",
+    )
+
+
+def test_upload_ct_zip_renders_three_views_and_metadata(server, page, tmp_path):
+    url, cache = server
+    archive, kind = ct_zip(tmp_path / "data", SHARED_DATA if SHARED_DATA.is_dir() else None)
+    n_slices = 20 if kind == "shared" else 8
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    page.goto(url)
+    page.wait_for_selector("#ml-files input[type=file]", state="attached")
+    page.set_input_files("#ml-files input[type=file]", str(archive))
+
+    for plane in ("axial", "coronal", "sagittal"):
+        page.wait_for_selector(f"#ml-{plane}-view img.ml-img", state="visible")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
+    )
+    for plane in ("axial", "coronal", "sagittal"):
+        state = _view_state(page, plane)
+        assert state["src"] == "data:image/png;base64,"  # the data URL survived Gradio's HTML handling
+        assert (state["w"], state["h"]) == (512, 512)
+        assert state["shown"] > 150
+        assert f"/{n_slices}" in state["caption"] or plane != "axial"
+
+    metadata = page.locator("#ml-metadata")
+    metadata.get_by_text("dicom-series").first.wait_for()
+    assert "RAS" in metadata.inner_text()
+    series = page.locator("#ml-series input").input_value()
+    assert "CT" in series
+
+    # scrolling through slices with the keyboard re-renders the axial view
+    caption_js = "() => document.querySelector('#ml-axial-view .ml-caption').innerText"
+    before = page.evaluate(caption_js)
+    page.locator("#ml-axial-slider input[type=range]").focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_function(f"before => ({caption_js})() !== before", arg=before)
+    after = page.evaluate(caption_js)
+    assert after != before and f"slice {n_slices // 2 + 2}/{n_slices}" in after
+
+    shot = tmp_path / "scan_tab.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
+        out = Path(os.environ["MEDLENS_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / shot.name)
+    assert shot.stat().st_size > 10_000
+
+    assert not errors, errors
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # the upload is gone from the cache
+
+
+def test_unreadable_upload_shows_an_error_message(server, page, tmp_path):
+    url, cache = server
+    junk = tmp_path / "readme.txt"
+    junk.write_text("not a scan\n")
+    page.goto(url)
+    page.wait_for_selector("#ml-files input[type=file]", state="attached")
+    page.set_input_files("#ml-files input[type=file]", str(junk))
+    toast = page.locator(".toast-body", has_text="readme.txt").first
+    toast.wait_for()
+    assert "Traceback" not in page.locator("body").inner_text()
+    # the error badge sits on the upload widget only, never over the views
+    assert page.locator("#ml-axial-view .error").count() == 0
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # deleted even though unreadable
+
+
+def test_folder_upload_renders_the_series(server, page, tmp_path):
+    from _series import synthetic_ct_series
+
+    url, cache = server
+    folder = tmp_path / "study"
+    synthetic_ct_series(folder / "series1", n_slices=6, marker=False)
+    page.goto(url)
+    page.wait_for_selector("#ml-folder input[type=file]", state="attached")
+    page.set_input_files("#ml-folder input[type=file]", str(folder))
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
+    )
+    assert "slice 4/6" in page.locator("#ml-axial-view").inner_text()
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_2d_image_takes_the_whole_row(server, page, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    url, _ = server
+    png = tmp_path / "chest.png"
+    yy, xx = np.mgrid[0:300, 0:400]
+    Image.fromarray(((xx + yy) % 256).astype(np.uint8)).save(png)
+    page.goto(url)
+    page.wait_for_selector("#ml-files input[type=file]", state="attached")
+    page.set_input_files("#ml-files input[type=file]", str(png))
+    page.wait_for_function("() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }")
+    state = _view_state(page, "axial")
+    assert state["w"] / state["h"] == pytest.approx(400 / 300, rel=0.01)
+    assert page.locator("#ml-coronal-view").is_hidden() and page.locator("#ml-sagittal-view").is_hidden()
+    assert page.locator("#ml-axial-slider").is_hidden()
+    shot = tmp_path / "scan_tab_2d.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["MEDLENS_SCREENSHOT_DIR"]) / shot.name)
