@@ -49,7 +49,7 @@ def _classify(source: Source) -> str:
     if looks_like_image(head, name):
         return "image"
     if name.lower().endswith((".dcm", ".dicom", ".ima")):
-        return "dicom"
+        return "bad-dicom"
     return "unknown"
 
 
@@ -87,6 +87,8 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike, limits: Limits 
                 scans.append(read_image(source))
             elif kind == "empty":
                 skipped.append(Skipped(source.name, "empty file"))
+            elif kind == "bad-dicom":
+                skipped.append(Skipped(source.name, "named like DICOM but has no DICOM header (no 'DICM' marker, no DICOM tags at the start)"))
             else:
                 skipped.append(Skipped(source.name, "not a DICOM, NIfTI or image file; skipped"))
         except ScanError as exc:

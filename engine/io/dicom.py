@@ -45,10 +45,18 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def looks_like_dicom(head: bytes, name: str) -> bool:
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return True
-    # Files without the 128-byte preamble start straight with a group 0002/0008 tag.
-    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
+    """DICOM Part 10 (preamble + DICM + group 0002), or a bare dataset starting at group 0002/0008.
+
+    The extension alone is not enough: pydicom, forced, will parse any bytes (a
+    file of zeros becomes millions of empty elements), so we never force it on a
+    file whose first tag is not a plausible DICOM group.
+    """
+    if len(head) >= 134 and head[128:132] == b"DICM":
+        return head[132:134] == b"\x02\x00"
+    # Files without the 128-byte preamble start with a group 0002 or 0008 tag (either byte
+    # order); one stray leading byte is tolerated, as pydicom itself reads such files.
+    groups = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+    return len(head) >= 8 and (head[:2] in groups or head[1:3] in groups)
 
 
 @dataclass
