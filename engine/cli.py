@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Sequence
 
-from engine.scan import ScanError
+from engine.errors import MedLensError
 
 EXIT_BAD_INPUT = 2
 
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _UsageError as exc:
         print(f"medlens: {exc} (see medlens --help)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ScanError as exc:
+    except MedLensError as exc:
         print(f"medlens: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import MedLensError
 
-class ScanError(Exception):
+
+class ScanError(MedLensError):
     """A scan could not be read; the message says what to do about it."""
 
 

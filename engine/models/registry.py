@@ -1,0 +1,69 @@
+"""Where models come from: shipped checkpoint folders and known hub models.
+
+Architectures live in engine/models/configs (data); this module only says
+where weights are. Shipped checkpoints are folders under assets/models/
+(MEDLENS_ASSETS overrides the assets folder). Hub entries need the network
+the first time (then huggingface_hub's cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ASSETS = Path(os.environ.get("MEDLENS_ASSETS", Path(__file__).resolve().parents[2] / "assets"))
+DEFAULT_MODEL = "medlens-clip"  # trained by `python -m training.clip` (shipped in assets/models)
+
+
+@dataclass(frozen=True)
+class HubModel:
+    repo: str
+    architecture: str
+    file: str | None = None  # a single training checkpoint to fetch (UniMed .pt); None = open_clip repo
+    licence: str = ""
+    note: str = ""
+
+
+KNOWN_HUB: dict[str, HubModel] = {
+    "biomedclip": HubModel(
+        "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "biomedclip-vit-b16", licence="MIT",
+        note="ViT-B/16 + PubMedBERT, 512-d, trained on PMC-15M",
+    ),
+    "unimed-clip-b16": HubModel(
+        "UzairK/unimed-clip-vit-b16", "unimed-clip-vit-b16", file="unimed-clip-vit-b16.pt", licence="CC BY-NC 4.0",
+        note="ViT-B/16-quickgelu + BiomedBERT; text config from microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+    ),
+    "unimed-clip-l14": HubModel(
+        "UzairK/unimed_clip_vit_l14_base_text_encoder", "unimed-clip-vit-l14-336",
+        file="unimed_clip_vit_l14_base_text_encoder.pt", licence="CC BY-NC 4.0", note="ViT-L/14 336 px, 4.97 GB download",
+    ),
+}
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    source: str  # how to ask for it
+    where: str  # the folder or hub repo it loads from
+    available_offline: bool
+    licence: str = ""
+    note: str = ""
+
+
+def shipped_models() -> dict[str, Path]:
+    root = ASSETS / "models"
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+
+
+def list_models() -> list[ModelEntry]:
+    entries = []
+    for name, path in shipped_models().items():
+        config = json.loads((path / "config.json").read_text())
+        entries.append(ModelEntry(name, name, str(path), True, config.get("licence", ""), config.get("note", "")))
+    for name, hub in KNOWN_HUB.items():
+        entries.append(ModelEntry(name, f"hf-hub:{hub.repo}", f"https://huggingface.co/{hub.repo}", False, hub.licence, hub.note))
+    return entries
