@@ -70,8 +70,83 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    """Zero-shot labels for each PATH with one model load; a bad PATH never stops the others."""
+    import os
+
+    from engine.io import load_one
+    from engine.zeroshot import PRESENT_ABSENT, SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
+
+    # everything that can be checked without a model or a scan is checked first
+    labels = clean_labels(args.labels) if args.labels is not None else None
+    if labels is not None and args.mode == SOFTMAX and len(labels) < 2:
+        raise MedLensError(
+            "a softmax over one label always gives 1: give at least two labels, or --mode present-absent to score one finding"
+        )
+    fixed_prompts = load_prompt_set(args.modality) if args.modality else None
+    model = resolve_model(args.model or os.environ.get("MEDLENS_MODEL") or None)
+    labelled = 0
+    for path in args.paths:
+        try:
+            scan, result = load_one([path], series=args.series)
+            _print_skipped(result)
+            out = label_scan(
+                scan,
+                labels,
+                model,
+                prompt_set=fixed_prompts,
+                mode=args.mode,
+                aggregation=args.aggregate,
+                planes=tuple(args.planes),
+                n_slices=args.slices,
+            )
+        except MedLensError as exc:
+            message = _one_line(str(exc))
+            if args.json:
+                print(json.dumps({"path": path, "error": message}), flush=True)
+            else:
+                print(f"medlens: {message if message.startswith(path) else f'{path}: {message}'}", file=sys.stderr)
+            continue
+        labelled += 1
+        if args.json:
+            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice)}), flush=True)
+            continue
+        where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
+        kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
+        print(f"{path}: {out.modality} {where}; prompts '{out.prompt_set}'; {kind}; model {out.model_id} ({out.inference_path})")
+        width = max(len(s.label) for s in out.labels)
+        for s in out.labels:
+            print(f"  {100 * s.probability:6.2f}%  {s.label:<{width}}  cosine {s.score:+.4f}")
+    if labelled == 0:
+        print(f"medlens: no PATH could be labelled ({len(args.paths)} given)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def cmd_models(args) -> int:
+    from dataclasses import asdict
+
+    from engine.models import DEFAULT_MODEL, list_models
+
+    entries = list_models()
+    if args.json:
+        for entry in entries:
+            print(json.dumps({**asdict(entry), "default": entry.name == DEFAULT_MODEL}))
+        return 0
+    rows = [(e.name + (" (default)" if e.name == DEFAULT_MODEL else ""), e.source, "yes" if e.available_offline else "no (downloads)", e.where) for e in entries]
+    header = ("name", "source (--model)", "offline", "loads from")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+    print("  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3])
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row[:3], widths)) + "  " + row[3])
+    if not any(e.name == DEFAULT_MODEL for e in entries):
+        print(f"default model '{DEFAULT_MODEL}' is not installed: pass --model NAME, hf-hub:org/repo or local-dir:/path/to/checkpoint")
+    print("also accepted: --model local-dir:/path/to/checkpoint (MedLens, open_clip or UniMed-CLIP folder), hf-hub:org/repo")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right.")
+    parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("info", help="describe the scans found in files, folders or zips")
@@ -85,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when several are found")
     p.add_argument("--volume", type=int, default=None, help="write one volume of a 4D scan (0-based)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("label", help="zero-shot labels for scans (one model load for all PATHs)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
+    p.add_argument(
+        "--labels", nargs="+", metavar="LABEL", default=None,
+        help="labels to rank (quote multi-word labels); default: the preset label set of the scan's modality",
+    )
+    p.add_argument("--model", default=None, help="shipped name, hf-hub:org/repo or local-dir:/path (default: $MEDLENS_MODEL, else the shipped default; see `medlens models`)")
+    p.add_argument("--modality", default=None, help="prompt set to use (xray, ct, mr, us, pathology, fundus, dermoscopy, other); default: the scan's modality")
+    p.add_argument("--mode", choices=("softmax", "present-absent"), default="softmax", help="softmax over labels, or an independent present/absent probability per label")
+    p.add_argument("--aggregate", choices=("mean", "max"), default="mean", help="volumes: combine slice scores by their mean or max")
+    p.add_argument("--planes", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"], help="volumes: planes to sample slices from")
+    p.add_argument("--slices", type=int, default=12, help="volumes: slices sampled per plane (default 12)")
+    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
+    p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "score"}, ...], ...} or {"path", "error"} per PATH')
+    p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("models", help="list the models `label` can load and where they come from")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
+    p.set_defaults(func=cmd_models)
     return parser
 
 

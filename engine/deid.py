@@ -141,17 +141,25 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _safe(ds, keyword: str):
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return None
+
+
 def burned_in_text_risk(ds) -> list[str]:
     """Reasons the pixels may show identifying text (empty list: none known)."""
     reasons = []
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+    if str(_safe(ds, "BurnedInAnnotation") or "").upper() == "YES":
         reasons.append("BurnedInAnnotation is YES")
-    modality = str(ds.get("Modality", "")).upper()
+    modality = str(_safe(ds, "Modality") or "").upper()
     if modality in _BURN_IN_MODALITIES:
         reasons.append(f"modality {modality} images often carry burned-in text")
-    if str(ds.get("SOPClassUID", "")).startswith(_SECONDARY_CAPTURE_PREFIX):
+    if str(_safe(ds, "SOPClassUID") or "").startswith(_SECONDARY_CAPTURE_PREFIX):
         reasons.append("secondary capture (a screenshot-like image)")
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])] if ds.get("ImageType") else []
+    image_type = _safe(ds, "ImageType") or []
+    image_type = [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]
     if "SECONDARY" in image_type and "SCREEN" in " ".join(image_type):
         reasons.append("ImageType marks a screen capture")
     return reasons
@@ -171,19 +179,26 @@ def deidentify(ds) -> DeidResult:
         if plain not in (None, "", []):
             metadata[keyword] = plain
     for keyword in MAP_UIDS:
-        value = ds.get(keyword)
+        try:
+            value = ds.get(keyword)
+        except Exception:
+            continue
         if value:
             metadata[keyword] = map_uid(str(value))
     kept = set(KEEP) | set(MAP_UIDS) | _STRUCTURAL
     removed = set()
     n_private = 0
-    for elem in ds:
-        if elem.tag.is_private:
+    # Tags only: reading values would make pydicom convert them, and a malformed
+    # value in an attribute we drop anyway must not stop ingestion.
+    from pydicom.datadict import keyword_for_tag
+
+    for tag in list(ds.keys()):
+        if tag.is_private:
             n_private += 1
             continue
-        if elem.tag.element == 0:  # group length
+        if tag.element == 0:  # group length
             continue
-        keyword = elem.keyword or str(elem.tag)
+        keyword = keyword_for_tag(tag) or str(tag)
         if keyword not in kept:
             removed.add(keyword)
     removed_list = sorted(removed)

@@ -21,6 +21,12 @@ Design decisions
   plane's normal, before windowing (MIP of HU, like a workstation).
 - Slice indices are array indices along the canonical axis: axial 0 is the
   most inferior slice, coronal 0 the most posterior, sagittal 0 the most left.
+- "Slice space" is the slice as `extract_slice` returns it: already in the
+  display orientation, on the native pixel grid (before the physical-aspect
+  resize). An `overlay` (a heat map in [0, 1], e.g. zero-shot evidence) is
+  given in slice space at any resolution; it is resized with the slice and
+  blended before letterboxing and letters, with an opacity that grows with
+  the heat so cold regions leave the image untouched.
 """
 
 from __future__ import annotations
@@ -155,6 +161,37 @@ def draw_letters(image: Image.Image, letters: tuple[str, str, str, str]) -> None
             draw.text(xy, text, fill=_LETTER_FILL, font=font)
 
 
+def extract_slice(
+    scan: Scan,
+    plane: str,
+    index: int | None = None,
+    *,
+    mip_mm: float | None = None,
+    volume: int = 0,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """One slice in display orientation ("slice space") and its (row_mm, col_mm) pixel size.
+
+    Volumes: float32 (rows, cols) of plane `plane` at `index` (None = middle),
+    flipped to the radiological convention (top = Anterior/Superior, left =
+    patient Right for axial/coronal, Anterior for sagittal), optionally a MIP
+    slab. 2D scans: the image itself, (y, x) or (y, x, 3); `plane` is ignored.
+    """
+    if scan.is_2d:
+        row_mm, col_mm = scan.spacing
+        return scan.voxels, (float(row_mm), float(col_mm))
+    if plane not in _PLANE_AXES:
+        raise ScanError(f"unknown plane {plane!r}; choose axial, coronal or sagittal")
+    vol, spacing = canonical_volume(scan, volume)
+    normal, row_axis, col_axis, _letters = _PLANE_AXES[plane]
+    if index is None:
+        index = vol.shape[normal] // 2
+    slab = _slab(vol, normal, int(index), spacing[normal], mip_mm)
+    # after removing `normal`, the remaining axes keep their (z, y, x) order, so
+    # rows/cols are already (row_axis, col_axis); both flips give the convention
+    # (top = Anterior/Superior, left = Right for axial/coronal, Anterior for sagittal)
+    return slab[::-1, ::-1], (float(spacing[row_axis]), float(spacing[col_axis]))
+
+
 def render_view(
     scan: Scan,
     plane: str,
@@ -167,6 +204,8 @@ def render_view(
     size: int = 512,
     letters: bool = True,
     square: bool = True,
+    overlay: np.ndarray | None = None,
+    overlay_alpha: float = 0.45,
 ) -> np.ndarray:
     """RGB uint8 image (H, W, 3) of one slice of `scan`, in the radiological convention.
 
@@ -176,26 +215,22 @@ def render_view(
     square: letterbox a 3D view into a black size x size viewport (centred),
     like a workstation's viewport, so thin reformats keep legible letters and
     the three planes line up; False returns just the resampled slice.
+    overlay: optional float (h, w) heat map in [0, 1] in slice space (the
+    orientation `extract_slice` returns; any resolution, resized to the view),
+    blended with at most `overlay_alpha` opacity where the heat is 1.
     """
     if scan.is_2d:
-        return _render_2d(scan, center, width, size=size)
-    if plane not in _PLANE_AXES:
-        raise ScanError(f"unknown plane {plane!r}; choose axial, coronal or sagittal")
-    vol, spacing = canonical_volume(scan, volume)
-    normal, row_axis, col_axis, plane_letters = _PLANE_AXES[plane]
-    if index is None:
-        index = vol.shape[normal] // 2
-    slab = _slab(vol, normal, int(index), spacing[normal], mip_mm)
-    # after removing `normal`, the remaining axes keep their (z, y, x) order, so
-    # rows/cols are already (row_axis, col_axis); both flips give the convention
-    # (top = Anterior/Superior, left = Right for axial/coronal, Anterior for sagittal)
-    image = slab[::-1, ::-1]
+        return _render_2d(scan, center, width, size=size, overlay=overlay, overlay_alpha=overlay_alpha)
+    image, (row_mm, col_mm) = extract_slice(scan, plane, index, mip_mm=mip_mm, volume=volume)
+    plane_letters = _PLANE_AXES[plane][3]
     grey = apply_window(image, center, width)
-    out_w, out_h = _display_size(grey.shape[0], grey.shape[1], spacing[row_axis], spacing[col_axis], size)
+    out_w, out_h = _display_size(grey.shape[0], grey.shape[1], row_mm, col_mm, size)
     pil = Image.fromarray(grey, mode="L")
     if (out_w, out_h) != (grey.shape[1], grey.shape[0]):
         pil = pil.resize((out_w, out_h), Image.Resampling.BILINEAR)
     pil = pil.convert("RGB")
+    if overlay is not None:
+        pil = Image.fromarray(blend_heat(np.asarray(pil), overlay, overlay_alpha))
     if square and pil.size != (size, size):
         canvas = Image.new("RGB", (size, size))
         canvas.paste(pil, ((size - pil.width) // 2, (size - pil.height) // 2))
@@ -205,7 +240,47 @@ def render_view(
     return np.asarray(pil)
 
 
-def _render_2d(scan: Scan, center: float, width: float, *, size: int) -> np.ndarray:
+# Heat colour map: (position, RGB) stops, dark red -> red -> orange -> yellow -> white.
+_HEAT_STOPS = (
+    (0.0, (96, 0, 0)),
+    (0.35, (220, 20, 0)),
+    (0.65, (255, 140, 0)),
+    (0.9, (255, 235, 40)),
+    (1.0, (255, 255, 210)),
+)
+
+
+def heat_colors(heat: np.ndarray) -> np.ndarray:
+    """float heat in [0, 1] (any shape) -> uint8 RGB (shape + (3,)) on the heat colour map."""
+    heat = np.clip(np.nan_to_num(np.asarray(heat, dtype=np.float32)), 0.0, 1.0)
+    xs = np.array([p for p, _ in _HEAT_STOPS], dtype=np.float32)
+    rgb = np.array([c for _, c in _HEAT_STOPS], dtype=np.float32)
+    out = np.stack([np.interp(heat, xs, rgb[:, k]) for k in range(3)], axis=-1)
+    return (out + 0.5).astype(np.uint8)
+
+
+def blend_heat(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend a heat map (h, w) in [0, 1] into an RGB uint8 image; the heat is resized to the image.
+
+    Opacity per pixel is alpha * heat: where the heat is 0 the image is unchanged.
+    """
+    rgb = np.asarray(rgb)
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ValueError(f"an overlay is a 2D heat map (h, w); got shape {heat.shape}")
+    h, w = rgb.shape[:2]
+    if heat.shape != (h, w):
+        heat = np.asarray(Image.fromarray(heat, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+    colours = heat_colors(heat).astype(np.float32)
+    a = (float(alpha) * heat)[..., None]
+    base = rgb.astype(np.float32) if rgb.ndim == 3 else np.repeat(rgb.astype(np.float32)[..., None], 3, axis=2)
+    return (base * (1.0 - a) + colours * a + 0.5).astype(np.uint8)
+
+
+def _render_2d(
+    scan: Scan, center: float, width: float, *, size: int, overlay: np.ndarray | None = None, overlay_alpha: float = 0.45
+) -> np.ndarray:
     voxels = scan.voxels
     row_mm, col_mm = scan.spacing
     if scan.is_color:
@@ -216,4 +291,7 @@ def _render_2d(scan: Scan, center: float, width: float, *, size: int) -> np.ndar
     out_w, out_h = _display_size(rows, cols, row_mm, col_mm, size)
     if (out_w, out_h) != (cols, rows):
         pil = pil.resize((out_w, out_h), Image.Resampling.BILINEAR)
-    return np.asarray(pil.convert("RGB"))
+    rgb = np.asarray(pil.convert("RGB"))
+    if overlay is not None:
+        rgb = blend_heat(rgb, overlay, overlay_alpha)
+    return rgb

@@ -34,12 +34,16 @@ from typing import Any
 
 import numpy as np
 
+from nibabel import orientations
+
 from engine.deid import deidentify
+from engine.io.dicom_pixels import MAX_VOXELS, decode, pixel_header
 from engine.io.geometry import LPS_TO_RAS, dicom_affine, slice_normal, spacing_zyx, to_canonical, xyz_to_scan_order
 from engine.io.sources import Skipped, Source
 from engine.scan import Modality, Provenance, Scan, ScanError
 
-MAX_VOXELS = 600_000_000  # one decoded series; ~2.4 GB as float32
+__all__ = ["MAX_VOXELS", "looks_like_dicom", "read_dicom"]
+_LUMINANCE = np.float32([0.299, 0.587, 0.114])  # ITU-R BT.601 grey from RGB
 POSITION_TOLERANCE_MM = 0.01  # positions closer than this are the same slice
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -61,14 +65,30 @@ def looks_like_dicom(head: bytes, name: str) -> bool:
 
 @dataclass
 class _Frame:
-    pixels: np.ndarray  # (rows, cols) float32, or (rows, cols, 3) for colour
+    raw: np.ndarray  # stored values (rows, cols) any dtype, or (rows, cols, 3) colour; physical = raw * slope + intercept
     ds: Any  # the file's pydicom Dataset (shared by all frames of a multi-frame file)
     name: str  # source name, for messages only
     ipp: np.ndarray | None
     iop: np.ndarray | None
     pixel_spacing: tuple[float, float] | None
     order: tuple  # temporal ordering key for repeated positions
+    key: tuple  # what must match within one volume: matrix, echo, image type
     thickness: float | None = None
+    slope: float = 1.0
+    intercept: float = 0.0
+    monochrome1: bool = False
+
+    @property
+    def colour(self) -> bool:
+        return self.raw.ndim == 3
+
+    def physical(self) -> np.ndarray:
+        out = self.raw.astype(np.float32)
+        if self.slope != 1.0:
+            out *= np.float32(self.slope)
+        if self.intercept != 0.0:
+            out += np.float32(self.intercept)
+        return out
 
 
 @dataclass
@@ -113,12 +133,29 @@ def _spacing(value) -> tuple[float, float] | None:
     return float(arr[0]), float(arr[1])
 
 
-def _int(ds, keyword: str, default: int = 0) -> int:
+def _get(ds, keyword: str):
+    """A header value, or None when absent or unreadable (pydicom converts lazily and can raise)."""
     try:
         value = ds.get(keyword)
-        return int(value) if value not in (None, "") else default
+    except Exception:
+        return None
+    return None if value == "" else value
+
+
+def _int(ds, keyword: str, default: int = 0) -> int:
+    value = _get(ds, keyword)
+    try:
+        return int(value) if value is not None else default
     except (TypeError, ValueError):
         return default
+
+
+def _float(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if np.isfinite(out) else None
 
 
 def _order_key(ds, frame_index: int = 0) -> tuple:
@@ -130,77 +167,34 @@ def _order_key(ds, frame_index: int = 0) -> tuple:
     )
 
 
-def _decode(ds, name: str) -> np.ndarray:
-    """Decoded pixels: (frames, rows, cols[, 3]) for multi-frame, else (rows, cols[, 3])."""
-    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
-    frames = max(_int(ds, "NumberOfFrames", 1), 1)
-    samples = max(_int(ds, "SamplesPerPixel", 1), 1)
-    if rows <= 0 or cols <= 0:
-        raise ScanError(f"{name}: image has no rows/columns (Rows={rows}, Columns={cols})")
-    if rows * cols * frames * samples > MAX_VOXELS:
-        raise ScanError(f"{name}: image claims {rows}x{cols}x{frames} pixels, too large to load")
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        ts_name = getattr(ts, "name", str(ts))
-        # pydicom lists each plugin's reason on the lines after the first: those are the specific part.
-        reasons = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        detail = "; ".join(reasons)[:300] if reasons else _short(exc)
-        raise ScanError(f"{name}: pixel data compressed as {ts_name} cannot be decoded by the installed decoders ({detail})") from None
-    except Exception as exc:  # truncated / corrupt pixel data: decoders raise many types
-        raise ScanError(f"{name}: pixel data is corrupt or truncated ({_short(exc)})") from None
-    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
-    if photometric == "PALETTE COLOR":
-        from pydicom.pixels import apply_color_lut
-
-        try:
-            arr = apply_color_lut(arr, ds)
-        except Exception as exc:
-            raise ScanError(f"{name}: palette colour lookup table is unusable ({_short(exc)})") from None
-    return arr
-
-
 def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
-
-
-def _rescale(arr: np.ndarray, ds, slope_intercept: tuple[float, float] | None) -> np.ndarray:
-    """Modality LUT / rescale to physical units (HU for CT), as float32."""
-    if arr.ndim >= 2 and arr.shape[-1] == 3 and _int(ds, "SamplesPerPixel", 1) == 3 or \
-            str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR":
-        return arr.astype(np.float32)
-    if slope_intercept is not None:
-        slope, intercept = slope_intercept
-        out = arr.astype(np.float32)
-        if slope != 1.0:
-            out *= np.float32(slope)
-        if intercept != 0.0:
-            out += np.float32(intercept)
-        return out
-    if "ModalityLUTSequence" in ds:
-        from pydicom.pixels import apply_modality_lut
-
-        try:
-            return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-        except Exception:
-            pass  # a broken LUT: fall back to stored values, which is what the header can support
-    return arr.astype(np.float32)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text[:200] if text else f"{type(exc).__name__}"
 
 
 def _file_rescale(ds) -> tuple[float, float]:
-    slope, intercept = ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0)
+    slope, intercept = _float(_get(ds, "RescaleSlope")), _float(_get(ds, "RescaleIntercept"))
+    slope = 1.0 if slope is None or slope == 0 else slope
+    return slope, 0.0 if intercept is None else intercept
+
+
+def _frame_key(ds, shape: tuple) -> tuple:
+    echo = _get(ds, "EchoNumbers")
     try:
-        slope = float(slope) if slope not in (None, "") else 1.0
-        intercept = float(intercept) if intercept not in (None, "") else 0.0
+        if echo is None:
+            pass
+        elif isinstance(echo, (str, bytes)) or not hasattr(echo, "__iter__"):
+            echo = int(echo)
+        else:
+            echo = tuple(int(e) for e in echo)
     except (TypeError, ValueError):
-        slope, intercept = 1.0, 0.0
-    if not np.isfinite(slope) or slope == 0 or not np.isfinite(intercept):
-        slope, intercept = 1.0, 0.0
-    return slope, intercept
+        echo = None
+    image_type = _get(ds, "ImageType")
+    try:
+        image_type = tuple(str(v).upper() for v in image_type)[:3] if image_type is not None and not isinstance(image_type, str) else (str(image_type).upper(),)
+    except Exception:
+        image_type = ()
+    return (shape, echo, image_type)
 
 
 def _functional(ds, index: int, seq: str, item: str):
@@ -222,8 +216,9 @@ def _functional(ds, index: int, seq: str, item: str):
 
 
 def _is_mosaic(ds) -> bool:
-    image_type = [str(v).upper() for v in ds.get("ImageType", []) or []]
-    return "MOSAIC" in image_type and "SIEMENS" in str(ds.get("Manufacturer", "")).upper()
+    image_type = _get(ds, "ImageType") or []
+    image_type = [str(v).upper() for v in (image_type if not isinstance(image_type, str) else [image_type])]
+    return "MOSAIC" in image_type and "SIEMENS" in str(_get(ds, "Manufacturer") or "").upper()
 
 
 def _read_mosaic(ds, name: str) -> _Mosaic:
@@ -246,57 +241,57 @@ def _read_mosaic(ds, name: str) -> _Mosaic:
 def _read_file(source: Source, out: _Read) -> None:
     ds = _dcmread(source)
     if not any(k in ds for k in _PIXEL_KEYWORDS):
-        sop = str(ds.get("SOPClassUID", ""))
-        kind = getattr(ds.get("SOPClassUID"), "name", "") or ("DICOMDIR" if "DirectoryRecordSequence" in ds else "")
-        raise ScanError(f"{source.name}: DICOM file holds no image ({kind or sop or 'no pixel data'})")
+        kind = getattr(_get(ds, "SOPClassUID"), "name", "") or ("DICOMDIR" if "DirectoryRecordSequence" in ds else "")
+        raise ScanError(f"{source.name}: DICOM file holds no image ({kind or 'no pixel data'})")
     if _is_mosaic(ds):
         out.mosaics.append(_read_mosaic(ds, source.name))
         return
-    arr = _decode(ds, source.name)
-    n_frames = max(_int(ds, "NumberOfFrames", 1), 1)
-    colour = arr.ndim >= 3 and arr.shape[-1] == 3 and _int(ds, "SamplesPerPixel", 1) in (1, 3) and (
-        _int(ds, "SamplesPerPixel", 1) == 3 or str(ds.get("PhotometricInterpretation", "")).upper() == "PALETTE COLOR"
-    )
-    if n_frames == 1:
-        frames_arr = arr[None]
-    else:
-        frames_arr = arr
-    if frames_arr.shape[0] != n_frames:
-        raise ScanError(f"{source.name}: NumberOfFrames says {n_frames} but {frames_arr.shape[0]} frames decoded")
-    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-    file_iop = _float_list(ds.get("ImageOrientationPatient") or [], 6)
-    file_ipp = _float_list(ds.get("ImagePositionPatient") or [], 3)
-    file_spacing = _spacing(ds.get("PixelSpacing")) or _spacing(ds.get("ImagerPixelSpacing"))
-    grid = ds.get("GridFrameOffsetVector")
-    thickness = ds.get("SliceThickness")
     try:
-        thickness = float(thickness) if thickness not in (None, "") else None
-    except (TypeError, ValueError):
-        thickness = None
+        header = pixel_header(ds, source.name)
+        arr = decode(ds, header, source.name)
+    except ScanError as exc:
+        raise ScanError(f"{source.name}: {exc}") from None
+    n_frames = header.frames
+    colour = header.samples == 3 or header.photometric == "PALETTE COLOR"
+    frames_arr = arr[None] if n_frames == 1 else arr
+    if frames_arr.shape[0] != n_frames or frames_arr.shape[1:3] != (header.rows, header.cols):
+        raise ScanError(f"{source.name}: decoded {frames_arr.shape[:3]} but the header says {n_frames} x {header.rows} x {header.cols}")
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    file_iop = _float_list(_get(ds, "ImageOrientationPatient") or [], 6)
+    file_ipp = _float_list(_get(ds, "ImagePositionPatient") or [], 3)
+    file_spacing = _spacing(_get(ds, "PixelSpacing")) or _spacing(_get(ds, "ImagerPixelSpacing"))
+    grid = _get(ds, "GridFrameOffsetVector")
+    thickness = _float(_get(ds, "SliceThickness"))
+    monochrome1 = header.photometric == "MONOCHROME1"
+    has_lut = "ModalityLUTSequence" in ds and not colour
+    file_slope, file_intercept = _file_rescale(ds)
+    offsets = _float_list(grid, n_frames) if (n_frames > 1 and grid is not None) else None
     for k in range(n_frames):
         iop, ipp, spacing = file_iop, file_ipp, file_spacing
-        rescale = _file_rescale(ds) if "ModalityLUTSequence" not in ds else None
+        slope, intercept = (1.0, 0.0) if colour else (file_slope, file_intercept)
         if enhanced:
             iop = _float_list(_functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient") or [], 6)
             ipp = _float_list(_functional(ds, k, "PlanePositionSequence", "ImagePositionPatient") or [], 3)
             spacing = _spacing(_functional(ds, k, "PixelMeasuresSequence", "PixelSpacing")) or file_spacing
-            slope = _functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope")
-            intercept = _functional(ds, k, "PixelValueTransformationSequence", "RescaleIntercept")
-            if slope is not None or intercept is not None:
-                try:
-                    rescale = (float(slope if slope not in (None, "") else 1), float(intercept if intercept not in (None, "") else 0))
-                except (TypeError, ValueError):
-                    pass
-        elif n_frames > 1 and grid is not None and iop is not None and ipp is not None:
-            offsets = _float_list(grid, n_frames)
-            ipp = ipp + offsets[k] * slice_normal(iop) if offsets is not None else None
+            f_slope = _float(_functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope"))
+            f_intercept = _float(_functional(ds, k, "PixelValueTransformationSequence", "RescaleIntercept"))
+            if not colour and (f_slope is not None or f_intercept is not None):
+                slope, intercept = (f_slope or 1.0), (f_intercept or 0.0)
+        elif n_frames > 1 and iop is not None and ipp is not None and offsets is not None:
+            ipp = ipp + offsets[k] * slice_normal(iop)
         elif n_frames > 1:
             ipp = None  # legacy multi-frame without per-frame positions: a cine/stack
-        pixels = _rescale(frames_arr[k], ds, rescale)
-        if colour is False and pixels.ndim == 3:
-            pixels = pixels[..., 0]
+        raw = frames_arr[k]
+        if has_lut:
+            from pydicom.pixels import apply_modality_lut
+
+            try:
+                raw, slope, intercept = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32), 1.0, 0.0
+            except Exception:
+                pass  # a broken LUT: stored values are what the header can support
         out.frames.append(
-            _Frame(pixels, ds, source.name, ipp, iop, spacing, _order_key(ds, k), thickness)
+            _Frame(raw, ds, source.name, ipp, iop, spacing, _order_key(ds, k), _frame_key(ds, raw.shape), thickness,
+                   slope, intercept, monochrome1)
         )
 
 
@@ -318,14 +313,14 @@ def _provenance(ds, reader: str, n_files: int, warnings_: list[str]) -> tuple[di
 
 
 def _modality(ds) -> Modality:
-    return Modality.from_dicom(str(ds.get("Modality", "")))
+    return Modality.from_dicom(str(_get(ds, "Modality") or ""))
 
 
-def _invert_monochrome1(voxels: np.ndarray, ds) -> np.ndarray:
-    if str(ds.get("PhotometricInterpretation", "")).upper() != "MONOCHROME1":
-        return voxels
+def _invert(voxels: np.ndarray) -> np.ndarray:
+    """MONOCHROME1 (high = dark) -> high = bright, over the whole assembled image, in place."""
     lo, hi = float(np.min(voxels)), float(np.max(voxels))
-    return (lo + hi) - voxels
+    np.subtract(np.float32(lo + hi), voxels, out=voxels)
+    return voxels
 
 
 def _scan_2d(frame: _Frame, n_files: int, extra_warnings: list[str]) -> Scan:
@@ -335,9 +330,9 @@ def _scan_2d(frame: _Frame, n_files: int, extra_warnings: list[str]) -> Scan:
     if spacing is None:
         warn.append("no pixel spacing in the header: 1 mm assumed")
         spacing = (1.0, 1.0)
-    pixels = frame.pixels
-    if pixels.ndim == 2:
-        pixels = _invert_monochrome1(pixels, ds)
+    pixels = frame.physical()
+    if frame.monochrome1 and not frame.colour:
+        pixels = _invert(pixels)
     affine = np.eye(4)
     if frame.iop is not None and frame.ipp is not None:
         affine = dicom_affine(frame.iop, spacing, frame.ipp, slice_normal(frame.iop) * (frame.thickness or 1.0))
@@ -351,17 +346,40 @@ def _stack_without_geometry(frames: list[_Frame]) -> Scan:
     """A multi-frame file with no per-frame positions (cine, NM, US loops)."""
     ds = frames[0].ds
     frames = sorted(frames, key=lambda f: f.order)
-    pixels = [f.pixels if f.pixels.ndim == 2 else f.pixels.astype(np.float32) @ np.float32([0.299, 0.587, 0.114]) for f in frames]
+    voxels = np.stack([f.physical() if not f.colour else f.physical() @ _LUMINANCE for f in frames])
     warn = ["frames have no patient positions: shown as a stack in acquisition order, geometry unknown"]
-    if frames[0].pixels.ndim == 3:
+    if frames[0].colour:
         warn.append("colour frames shown in greyscale")
-    voxels = np.stack(pixels)
     spacing2 = frames[0].pixel_spacing or (1.0, 1.0)
-    step = float(ds.get("SpacingBetweenSlices") or frames[0].thickness or 1.0)
-    voxels = _invert_monochrome1(voxels, ds)
+    step = _float(_get(ds, "SpacingBetweenSlices")) or frames[0].thickness or 1.0
+    if frames[0].monochrome1 and not frames[0].colour:
+        voxels = _invert(voxels)
     affine = np.diag([spacing2[1], spacing2[0], step, 1.0])
     metadata, prov = _provenance(ds, "dicom-multiframe", 1, warn)
     return Scan(voxels, (step, spacing2[0], spacing2[1]), affine, _modality(ds), metadata, prov)
+
+
+def _canonical_target(affine: np.ndarray, shape_crkt: tuple[int, int, int, int]):
+    """Allocate the final RAS+ array and a writable view of it in acquisition layout (col, row, slice, t).
+
+    Writing each slice through the view puts it straight into its canonical
+    place: one copy per voxel instead of stack -> reorient -> make contiguous.
+    """
+    ornt = orientations.io_orientation(affine)
+    n_t = shape_crkt[3]
+    canon_xyz = [0, 0, 0]
+    for i in range(3):
+        canon_xyz[int(ornt[i, 0])] = shape_crkt[i]
+    final = np.empty(((n_t,) if n_t > 1 else ()) + tuple(canon_xyz[::-1]), dtype=np.float32)
+    view_xyzt = final.transpose(tuple(range(final.ndim))[::-1])
+    if n_t == 1:
+        view_xyzt = view_xyzt[..., None]
+    inverse = np.zeros((3, 2))
+    for i in range(3):
+        inverse[int(ornt[i, 0])] = [i, ornt[i, 1]]
+    acquisition_view = orientations.apply_orientation(view_xyzt, inverse)
+    new_affine = affine @ orientations.inv_ornt_aff(ornt, shape_crkt[:3])
+    return final, acquisition_view, new_affine
 
 
 def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
@@ -371,7 +389,7 @@ def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
     iop = frames[0].iop
     normal = slice_normal(iop)
     dist = np.array([float(f.ipp @ normal) for f in frames])
-    order = np.lexsort((np.array([i for i in range(len(frames))]), dist))
+    order = np.lexsort((np.arange(len(frames)), dist))
     # Cluster equal positions (repeats over time), keeping the temporal order inside each.
     clusters: list[list[int]] = []
     for idx in order:
@@ -379,8 +397,7 @@ def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
             clusters[-1].append(idx)
         else:
             clusters.append([idx])
-    counts = {len(c) for c in clusters}
-    if len(counts) > 1:
+    if len({len(c) for c in clusters}) > 1:
         warn.append(
             f"slice positions repeat unevenly ({len(frames)} images at {len(clusters)} positions): "
             "kept the first image at each position"
@@ -389,11 +406,8 @@ def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
     n_vol = len(clusters[0])
     for c in clusters:
         c.sort(key=lambda i: frames[i].order)
-    if len(clusters) < 2:
-        # One position only: repeated 2D frames (a time series of one slice).
-        first = frames[clusters[0][0]]
-        if n_vol == 1:
-            return _scan_2d(first, n_files, warn)
+    if len(clusters) < 2 and n_vol == 1:
+        return _scan_2d(frames[clusters[0][0]], n_files, warn)
     positions = np.array([frames[c[0]].ipp for c in clusters])
     d_unique = np.array([dist[c[0]] for c in clusters])
     n_pos = len(clusters)
@@ -429,22 +443,36 @@ def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
     ps = frames[0].pixel_spacing or (1.0, 1.0)
     if len(spacings - {None}) > 1:
         warn.append("pixel spacing differs between slices: the first slice's spacing is used")
-    # (t, k, r, c) -> NIfTI order (c, r, k, t)
-    stack = np.empty((n_vol, n_pos) + frames[0].pixels.shape, dtype=np.float32)
-    for k, c in enumerate(clusters):
-        for t, idx in enumerate(c):
-            stack[t, k] = frames[idx].pixels
-    if regular_grid is not None:
-        stack = _resample_slices(stack, d_unique, regular_grid)
-    stack = _invert_monochrome1(stack, ds)
+    rows, cols = frames[0].raw.shape[:2]
     affine = dicom_affine(iop, ps, positions[0], step_vec)
-    data_xyz = stack.transpose(3, 2, 1, 0)
-    if n_vol == 1:
-        data_xyz = data_xyz[..., 0]
-    data_xyz, affine = to_canonical(data_xyz, affine)
-    voxels = xyz_to_scan_order(data_xyz)
+    n_k = n_pos if regular_grid is None else len(regular_grid)
+    final, view, affine = _canonical_target(affine, (cols, rows, n_k, n_vol))
+    if frames[0].colour:
+        warn.append("colour slices shown in greyscale")
+    if regular_grid is None:
+        for k, c in enumerate(clusters):
+            for t, idx in enumerate(c):
+                f = frames[idx]
+                target = view[:, :, k, t]
+                np.copyto(target, (f.raw if not f.colour else f.raw.astype(np.float32) @ _LUMINANCE).T, casting="unsafe")
+                if f.slope != 1.0 or f.intercept != 0.0:
+                    # Same memory with positive strides: numpy's in-place ufuncs are ~10x slower on reversed views.
+                    plane = target[tuple(slice(None, None, -1) if st < 0 else slice(None) for st in target.strides)]
+                    if f.slope != 1.0:
+                        plane *= np.float32(f.slope)
+                    if f.intercept != 0.0:
+                        plane += np.float32(f.intercept)
+    else:
+        stack = np.empty((n_vol, n_pos, rows, cols), dtype=np.float32)
+        for k, c in enumerate(clusters):
+            for t, idx in enumerate(c):
+                f = frames[idx]
+                stack[t, k] = f.physical() if not f.colour else f.physical() @ _LUMINANCE
+        view[...] = _resample_slices(stack, d_unique, regular_grid).transpose(3, 2, 1, 0)
+    if frames[0].monochrome1:
+        _invert(final)
     metadata, prov = _provenance(ds, reader, n_files, warn)
-    return Scan(voxels, spacing_zyx(affine), affine, _modality(ds), metadata, prov)
+    return Scan(final, spacing_zyx(affine), affine, _modality(ds), metadata, prov)
 
 
 def _resample_slices(stack: np.ndarray, positions: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -474,39 +502,22 @@ def _assemble_mosaics(mosaics: list[_Mosaic]) -> Scan:
 
 def _series_key(ds, name: str) -> str:
     """SeriesInstanceUID; without one (seen in exported data), the best stand-in."""
-    uid = str(ds.get("SeriesInstanceUID", "") or "")
+    uid = str(_get(ds, "SeriesInstanceUID") or "")
     if uid:
         return uid
     folder = name.rsplit("/", 1)[0] if "/" in name else ""
-    parts = [str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesNumber", "FrameOfReferenceUID", "Modality")]
+    parts = [str(_get(ds, k) or "") for k in ("StudyInstanceUID", "SeriesNumber", "FrameOfReferenceUID", "Modality")]
     return "no-series-uid|" + "|".join(parts + [folder])
 
 
 IOP_TOLERANCE = 1e-3  # direction cosines closer than this are the same orientation (scanners write noisy IOPs)
 
 
-def _subgroup_key(frame: _Frame) -> tuple:
-    """What must match exactly within one volume (orientation is compared with a tolerance)."""
-    ds = frame.ds
-    echo = ds.get("EchoNumbers")
-    try:
-        if echo in (None, ""):
-            echo = None
-        elif isinstance(echo, (str, bytes)) or not hasattr(echo, "__iter__"):
-            echo = int(echo)
-        else:
-            echo = tuple(int(e) for e in echo)
-    except (TypeError, ValueError):
-        echo = None
-    image_type = tuple(str(v).upper() for v in (ds.get("ImageType") or []))[:3]
-    return (frame.pixels.shape, echo, image_type)
-
-
 def _split_by_geometry(frames: list[_Frame]) -> list[list[_Frame]]:
     """Sub-series: same matrix/echo/image type and orientation within IOP_TOLERANCE."""
     groups: list[tuple[tuple, np.ndarray, list[_Frame]]] = []
     for f in frames:
-        key = _subgroup_key(f)
+        key = f.key
         for gkey, giop, members in groups:
             if gkey == key and np.max(np.abs(giop - f.iop)) <= IOP_TOLERANCE:
                 members.append(f)
