@@ -42,7 +42,8 @@ def cmd_info(args) -> int:
     for i, scan in enumerate(result.scans):
         summary = scan.summary()
         if args.json:
-            print(json.dumps({"series": i, "n_series": len(result.scans), **summary}, default=str))
+            where = {"path": args.paths[0]} if len(args.paths) == 1 else {"paths": list(args.paths)}
+            print(json.dumps({**where, "series": i, "n_series": len(result.scans), **summary}, default=str))
         else:
             print(f"[{i}] {scan.label}")
             print(f"    modality     {summary['modality']}")

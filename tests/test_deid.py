@@ -275,6 +275,14 @@ def test_no_identifying_value_leaves_the_engine(name, path, tmp_path, capsys, ca
             problems += [f"label: {x}" for x in leaks(values, scan.label)]
             bad_keys = sorted(set(scan.metadata) & NEVER_KEYS)
             assert not bad_keys, f"identifying attributes kept in metadata: {bad_keys}"
+        # The app's metadata panel and warnings for every series, as the handler builds them.
+        from app.handlers import ScanSession, show_series
+
+        session = ScanSession(scans=list(result.scans), skipped=[f"{s.name}: {s.reason}" for s in result.skipped])
+        for i in range(len(result.scans)):
+            shown = show_series(session, i)
+            problems += [f"app metadata panel: {x}" for x in leaks(values, _dump(shown["metadata"]))]
+            problems += [f"app warnings: {x}" for x in leaks(values, str(shown["warnings"]))]
         lines = [json.loads(line) for line in out.splitlines() if line.strip()]
         assert len(lines) == len(result.scans)
         problems += [f"CLI JSON: {x}" for x in leaks(values, _dump([{k: v for k, v in d.items() if k != "path"}
