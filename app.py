@@ -1,4 +1,4 @@
-"""MedLens web app: `python app.py` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where)."""
+"""MedLens web app: `python app.py` (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT choose where; MEDLENS_MODEL the model)."""
 
 import os
 
@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from app import build_demo, launch_kwargs  # noqa: E402  (the package app/, not this file)
 
-demo = build_demo()
+demo = build_demo(model=os.environ.get("MEDLENS_MODEL") or None)  # zero-shot model; the viewer works without one
 
 if __name__ == "__main__":
     demo.launch(**launch_kwargs())

@@ -37,16 +37,21 @@ LAUNCH_OPTIONS = dict(
 )
 
 
-def build_demo(engine=None) -> gr.Blocks:
-    """The MedLens UI. `engine` is reserved for the model engine (later); None is fine."""
-    del engine  # the Scan tab needs no models
+def build_demo(engine=None, model: str | None = None) -> gr.Blocks:
+    """The MedLens UI. `engine` is reserved for the model engine (later); None is fine.
+
+    model: model source for zero-shot labels (shipped name, hf-hub:, local-dir:),
+    e.g. from MEDLENS_MODEL; None offers the shipped default when installed.
+    The app starts and the viewer works without any model.
+    """
+    del engine
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(
             "# MedLens\nDrop a scan (DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF). "
             "Uploads are read, then deleted from the server; nothing identifying is kept."
         )
         with gr.Tab("Scan", id="scan"):
-            build_scan_tab()
+            build_scan_tab(model=model)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -1,4 +1,4 @@
-"""The "Scan" tab: upload, series picker, three orthogonal views, window, MIP, metadata.
+"""The "Scan" tab: upload, series picker, three orthogonal views, window, MIP, metadata, zero-shot labels.
 
 Design decisions
 - Per-user data (the loaded scans) live only in a gr.State; nothing is
@@ -66,8 +66,12 @@ def _ordered(fn: Callable[..., dict[str, Any]], names: tuple[str, ...]) -> Calla
     return wrapper
 
 
-def build_scan_tab() -> dict[str, gr.components.Component]:
-    """Create the tab's components inside the current Blocks context and wire their events."""
+def build_scan_tab(model: str | None = None) -> dict[str, gr.components.Component]:
+    """Create the tab's components inside the current Blocks context and wire their events.
+
+    model: the model source the zero-shot labels panel offers first (None: the
+    shipped default if installed; the panel says so when there is none).
+    """
     c: dict[str, Any] = {}
     c["state"] = gr.State(None, time_to_live=STATE_TTL_S)
     ct = PRESETS[CT_DEFAULT]
@@ -113,6 +117,9 @@ def build_scan_tab() -> dict[str, gr.components.Component]:
             c["warnings"] = gr.Markdown("", label="warnings", elem_id="ml-warnings")
             c["metadata"] = gr.JSON(label="Scan information (de-identified)", elem_id="ml-metadata")
     _wire(c)
+    from app.labels_panel import build_labels_panel
+
+    build_labels_panel(c, model=model, heavy=HEAVY)
     return c
 
 

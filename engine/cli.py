@@ -84,6 +84,8 @@ def cmd_label(args) -> int:
         raise MedLensError(
             "a softmax over one label always gives 1: give at least two labels, or --mode present-absent to score one finding"
         )
+    if args.slices < 1:
+        raise MedLensError(f"--slices must be at least 1 (got {args.slices})")
     fixed_prompts = load_prompt_set(args.modality) if args.modality else None
     model = resolve_model(args.model or os.environ.get("MEDLENS_MODEL") or None)
     labelled = 0
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
     p.add_argument(
         "--labels", nargs="+", metavar="LABEL", default=None,
-        help="labels to rank (quote multi-word labels); default: the preset label set of the scan's modality",
+        help="labels to rank (quote multi-word labels; commas also separate labels); default: the preset label set of the scan's modality",
     )
     p.add_argument("--model", default=None, help="shipped name, hf-hub:org/repo or local-dir:/path (default: $MEDLENS_MODEL, else the shipped default; see `medlens models`)")
     p.add_argument("--modality", default=None, help="prompt set to use (xray, ct, mr, us, pathology, fundus, dermoscopy, other); default: the scan's modality")

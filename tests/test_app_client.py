@@ -58,6 +58,12 @@ EXPECTED_API = {
     "/set_window_center",
     "/set_window_width",
     "/set_preset",
+    # zero-shot labels panel (app/labels_panel.py; tested in test_app_labels.py)
+    "/label_preset",
+    "/label_scan",
+    "/show_evidence",
+    "/set_evidence_label",
+    "/evidence_slice",
 }
 
 

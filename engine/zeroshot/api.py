@@ -332,8 +332,10 @@ def evidence_map(
     render_view(..., overlay=...)); 2D scans: the image's (rows, cols).
     Needs engine.heatmap; raises HeatmapUnavailable when it is missing.
     """
+    import importlib
+
     try:
-        from engine import heatmap
+        heatmap = importlib.import_module("engine.heatmap")
     except ImportError:
         raise HeatmapUnavailable("evidence heat maps are not available in this install (engine.heatmap is missing)") from None
     pset = prompt_set if isinstance(prompt_set, PromptSet) else load_prompt_set(prompt_set or scan.modality)
