@@ -128,9 +128,20 @@ def _float_list(value, n: int) -> np.ndarray | None:
 
 def _spacing(value) -> tuple[float, float] | None:
     arr = _float_list(value, 2) if value is not None else None
-    if arr is None or np.any(arr <= 0):
+    if arr is None or np.any(arr <= 0) or np.any(arr > 1e4):  # beyond 10 m per pixel is a broken header
         return None
     return float(arr[0]), float(arr[1])
+
+
+def _orientation(value) -> np.ndarray | None:
+    """ImageOrientationPatient if it is two (nearly) unit, (nearly) orthogonal vectors, else None."""
+    iop = _float_list(value or [], 6)
+    if iop is None:
+        return None
+    row, col = iop[:3], iop[3:]
+    if abs(np.linalg.norm(row) - 1) > 0.05 or abs(np.linalg.norm(col) - 1) > 0.05 or abs(float(row @ col)) > 0.05:
+        return None
+    return iop
 
 
 def _get(ds, keyword: str):
@@ -257,7 +268,7 @@ def _read_file(source: Source, out: _Read) -> None:
     if frames_arr.shape[0] != n_frames or frames_arr.shape[1:3] != (header.rows, header.cols):
         raise ScanError(f"{source.name}: decoded {frames_arr.shape[:3]} but the header says {n_frames} x {header.rows} x {header.cols}")
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-    file_iop = _float_list(_get(ds, "ImageOrientationPatient") or [], 6)
+    file_iop = _orientation(_get(ds, "ImageOrientationPatient"))
     file_ipp = _float_list(_get(ds, "ImagePositionPatient") or [], 3)
     file_spacing = _spacing(_get(ds, "PixelSpacing")) or _spacing(_get(ds, "ImagerPixelSpacing"))
     grid = _get(ds, "GridFrameOffsetVector")
@@ -270,7 +281,7 @@ def _read_file(source: Source, out: _Read) -> None:
         iop, ipp, spacing = file_iop, file_ipp, file_spacing
         slope, intercept = (1.0, 0.0) if colour else (file_slope, file_intercept)
         if enhanced:
-            iop = _float_list(_functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient") or [], 6)
+            iop = _orientation(_functional(ds, k, "PlaneOrientationSequence", "ImageOrientationPatient"))
             ipp = _float_list(_functional(ds, k, "PlanePositionSequence", "ImagePositionPatient") or [], 3)
             spacing = _spacing(_functional(ds, k, "PixelMeasuresSequence", "PixelSpacing")) or file_spacing
             f_slope = _float(_functional(ds, k, "PixelValueTransformationSequence", "RescaleSlope"))
