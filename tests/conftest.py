@@ -11,6 +11,11 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Inference-path decisions and ONNX exports go to a throwaway folder, never the user's cache.
+if "MEDLENS_FASTPATH_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["MEDLENS_FASTPATH_CACHE"] = tempfile.mkdtemp(prefix="medlens-fastpath-")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
