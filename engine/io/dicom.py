@@ -108,14 +108,19 @@ class _Read:
 
 # --------------------------------------------------------------------------- reading
 def _dcmread(source: Source):
+    """Parse a file; preamble-less files (sniffed as DICOM already) are read with force."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
-    head = source.head(132)
-    has_preamble = len(head) >= 132 and head[128:132] == b"DICM"
-    src = source.path if source.path else io.BytesIO(source.read())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pydicom.dcmread(src, force=not has_preamble)
+        if source.path:
+            try:
+                return pydicom.dcmread(source.path)
+            except InvalidDicomError:
+                return pydicom.dcmread(source.path, force=True)
+        data = source.read()
+        return pydicom.dcmread(io.BytesIO(data), force=not (len(data) >= 132 and data[128:132] == b"DICM"))
 
 
 def _float_list(value, n: int) -> np.ndarray | None:
@@ -465,7 +470,12 @@ def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
             for t, idx in enumerate(c):
                 f = frames[idx]
                 target = view[:, :, k, t]
-                np.copyto(target, (f.raw if not f.colour else f.raw.astype(np.float32) @ _LUMINANCE).T, casting="unsafe")
+                source = (f.raw if not f.colour else f.raw.astype(np.float32) @ _LUMINANCE).T
+                if f.slope == 1.0:
+                    # Cast, shift and place in one pass (the usual CT case: slope 1, intercept -1024).
+                    np.add(source, np.float32(f.intercept), out=target, casting="unsafe")
+                    continue
+                np.copyto(target, source, casting="unsafe")
                 if f.slope != 1.0 or f.intercept != 0.0:
                     # Same memory with positive strides: numpy's in-place ufuncs are ~10x slower on reversed views.
                     plane = target[tuple(slice(None, None, -1) if st < 0 else slice(None) for st in target.strides)]
