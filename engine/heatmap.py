@@ -1,58 +1,71 @@
 """Evidence heatmaps: where an image supports a label, for CNN and ViT image towers.
 
-Method (the default, `method="auto"`): **Grad-CAM on the last spatial feature map**
-of the image tower, found generically, with **occlusion** as the model-agnostic
-fallback.
+Method (`method="auto"`):
+- **CNN towers** (a spatial feature map is found): **Grad-CAM** on the last feature map,
+  relu(sum_c mean_hw(dS/dA_c) * A_c), sampled back to the input's pixels.
+- **ViT towers, and any tower where no CNN map is found**: **SmoothGrad of |input x gradient|**
+  (8 noisy copies, noise 0.15 of the input range, blurred over 1/28 of the image); it needs
+  nothing but a differentiable forward, so it works the same for every tower.
+`method="gradcam" | "gradient" | "occlusion"` forces one (occlusion: a 14x14 grid of 2x2-cell
+mean-colour windows, forwards only).
 
-- The score explained is the one zero-shot ranks by: cosine(image embedding,
-  text embedding of the label). Grad-CAM weights each channel of a spatial
-  feature map A by the mean gradient of that score and keeps the positive part,
-  relu(sum_c mean(dS/dA_c) * A_c), then samples it back to the original pixels.
-- Where the map is found (one probe forward with hooks, cached per tower):
-  ViT towers (open_clip's OpenAI-style `VisionTransformer`, timm ViT trunks as
-  in BiomedCLIP, anything with a list of token blocks): the tokens *entering the
-  last block*, patch tokens reshaped to the patch grid (prefix tokens such as CLS
-  or registers dropped by count). Not the last block's output: with CLS pooling
-  the patch tokens leaving the last block never reach the embedding, so their
-  gradient is zero. CNN towers (open_clip's ModifiedResNet, timm ResNets via
-  TimmModel, our compact and deflated-3D trunks): the last module output shaped
-  (N, C, h, w) with h*w > 1, i.e. the map entering global/attention pooling.
-- Why this one: it is the only candidate that is both faithful on our synthetic
-  test and fast enough for a one-image click on a 2-core CPU with a ViT-B/16
-  tower: one forward plus a backward through one block or the pooling head.
-  Measured (bench/heatmap_speed.py, bench/results/heatmap_speed.md; 2 threads,
-  fp32, one image):
+The score explained is the one zero-shot ranks by, made linear: <e, t>/|e| with the norm |e|
+held constant (e = image embedding, t = the label's text embedding). The raw cosine's gradient
+is the part of t orthogonal to e, which vanishes and turns against the evidence exactly where
+the image already matches the label (Grad-CAM of the raw cosine: 20, 22 and 5 of 24 on the
+CNN below, against 24, 24, 24).
 
-      tower                     gradcam   gradient (SmoothGrad x8)   occlusion (169 windows)
-      OpenAI ViT-B/16 224 px    0.13 s    2.4 s                      8.0 s (fp32)
-      timm ViT-B/16 (BiomedCLIP)0.12 s    2.4 s                      7.9 s (fp32)
-      ResNet-50 (timm) 224 px   0.19 s    3.9 s                      12 s (fp32)
+Why these (bench/heatmap_speed.py; results and the design exploration in
+bench/results/heatmap_speed.md). The acceptance task: tiny towers fine-tuned for 60-80 Adam
+steps so that "a bright spot" matches images with a bright square; pointing game = argmax of
+the map inside the square, on 24 held-out images per fine-tuning seed, seeds 0/1/2:
 
-  Faithfulness on the synthetic test (tiny towers fine-tuned to answer "bright
-  spot" for a bright square, 24 held-out images with the square at random
-  places; pointing game = argmax inside the square; ratio = mean heat inside /
-  mean heat outside the square, inside the crop):
+    tower                       auto                      gradient       occlusion      rejected
+    CNN (8x8 map)               gradcam 24/24/24           24/24/24       24/24/16       Grad-CAM of cosine 20/22/5
+    ViT (2 blocks, 8x8 tokens)  gradient 24/24/24          (same)         13/15/21       last-block token Grad-CAM 24/23/5
 
-      tiny ViT (8x8 tokens)     gradcam 24/24 (ratio 10.4)  gradient 24/24 (5.1)  occlusion 24/24 (8.0)
-      tiny CNN (4x4 map)        gradcam 24/24 (ratio  5.6)  gradient 24/24 (5.5)  occlusion 24/24 (9.0)
+- No Grad-CAM for ViTs. The tokens entering the last block reach a CLS-pooled embedding only
+  through LayerNorm, which is scale-invariant, so activation x gradient is ~0 per token; on the
+  normalised tokens (pytorch-grad-cam's recipe), and equally for the last attention's value
+  path, the map pointed at the square on some fine-tuned towers and *away* from it on others
+  (0/32 on 2 of 4 seeds): a tower may gather the evidence into the CLS token in an earlier
+  block, which no last-layer map can see. Gradient-weighted attention rollout over all blocks
+  (Chefer et al. 2021) fixed some of those and not others (16-32/32). SmoothGrad pointed
+  30-32/32 on every ViT and seed tried, trained with and without distracting bright bars.
+- Grad-CAM for CNNs rather than SmoothGrad: same pointing on the acceptance task, 10-20x
+  cheaper (one forward plus a backward through the pooling head), and it passes the
+  randomisation check (Adebayo et al. 2018): on untrained CNNs it rarely points at the square
+  (1/24; 1-2/32 with bars; 0-4/12 over four random inits), where SmoothGrad still does 24/24
+  (input x gradient partly follows image salience). Its maps are coarse (7x7 for a ResNet at
+  224 px), which suits an overlay. On ViTs the plain task cannot make that check (SmoothGrad
+  on the untrained ViT also points 24/24, though 3-7x less concentrated: in/out ratio 3 vs
+  7-21); with bars it can (16/32 untrained, 32/32 trained).
+- Occlusion is model-agnostic and gradient-free but saturates when evidence is redundant
+  (covering part of the square leaves the rest to answer: 13-21/24 on the ViT) and costs 169
+  forwards per image; kept as an explicit second opinion.
+- Runtime per image, 2 threads, fp32, this CPU (min of 3, random weights): OpenAI-style
+  ViT-B/16 (UniMed-CLIP) SmoothGrad 3.7 s (its forward alone 0.22 s); timm ViT-B/16
+  (BiomedCLIP) 3.7 s; timm ResNet-50 Grad-CAM 0.09 s (SmoothGrad 1.9 s); open_clip RN50
+  Grad-CAM 0.16 s; occlusion 15-26 s. The tiny test towers: milliseconds. SmoothGrad needs its
+  8 copies: with 4 the ViT pointed 21/24 on one seed, without noise 14-18/24 on two.
 
-  All three point correctly; input gradients are speckled (they need blurring
-  and 8 noisy passes to be readable) and occlusion costs ~150 forwards. Grad-CAM
-  is smooth by construction (one value per patch / feature cell), and its
-  resolution (16 px for ViT-B/16 at 224, 32 px for a ResNet) matches what an
-  overlay in the viewer can show. The generic locator is what makes it work for
-  both families without per-architecture code; a tower where no spatial map can
-  be found (or `method="occlusion"`) gets occlusion, which needs nothing but
-  forwards and uses the model's fast inference path.
-- Output geometry: the model sees a resized + centre-cropped square; the map
-  is sampled back through that transform (read from the model's own transform),
-  so it has the input's (H, W) and is 0 outside the crop.
-- Normalisation: a single image's map is divided by its maximum (no positive
-  evidence -> all zeros). A volume's slice maps share one maximum, so a slice
-  with weak support stays dim next to the slice that carries the finding.
-- Gradients are taken with `torch.autograd.grad` w.r.t. the feature map only:
-  parameter `.grad`s are never touched and the backward stops at that map.
-  Hooks record only the calling thread's forward, so a concurrent
+Details
+- Finding the map (one probe forward with hooks, cached per tower): a ViT is a list of blocks
+  mapping (1, L, D) tokens to tokens, L >= the cells of the first 4-D output (the patch
+  embedding); a CNN map is the last module output shaped (1, C, h, w), h*w > 1, i.e. what enters
+  global or attention pooling (open_clip ModifiedResNet `layer4`, timm ResNet `trunk.layer4`,
+  any compact or deflated-3D 2-D trunk).
+- Padded stride-2 convolutions centre cell j's receptive field on pixel stride*j rather than
+  stride*(j + 1/2); the probe measures that offset (centroid of |d cell / d input|: -15.4 px
+  for a ResNet-50 at 224, half a cell) and the map is shifted back by it.
+- Geometry: the model sees a resized + centre-cropped square; maps are sampled back through
+  that transform (read from the model's own transform), so they have the input's (H, W) and
+  are 0 outside the crop.
+- Normalisation: one image's map is divided by its maximum (all 0 when nothing supports the
+  label); a volume's slices share one maximum, so a slice with weak support stays dim next to
+  the slice that carries the finding.
+- Only activations or inputs are differentiated (`torch.autograd.grad`): no parameter `.grad`
+  is written. Grad-CAM's hook records only the calling thread's forward, so a concurrent
   `encode_images` on the same model is not captured.
 """
 
@@ -61,7 +74,6 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -70,22 +82,34 @@ import torch.nn.functional as F
 from engine.models.clip import ClipModel
 
 METHODS = ("auto", "gradcam", "gradient", "occlusion")
-BATCH = 16  # slices per forward/backward in volume_heatmaps
+SAMPLES = 8  # SmoothGrad noisy copies per image (~0.5 s each for a ViT-B/16 on 2 CPU threads)
+SIGMA = 0.15  # SmoothGrad noise, as a fraction of the input's value range
+MAX_BATCH = 16  # images (slices) per forward/backward
 
 # --------------------------------------------------------------------------- locating the feature map
 
 
 @dataclass(frozen=True)
 class FeatureTarget:
-    """Where Grad-CAM reads the tower: a module whose input ("tokens") or output ("map") is hooked."""
+    """What the probe found in the image tower.
+
+    kind "map": a CNN's last (N, C, h, w) feature map, the output of module `name` (Grad-CAM reads it).
+    kind "tokens": a ViT; `name` is its last token block. Grad-CAM is not used there (see the module
+    docstring); the grid is the patch grid, for information."""
 
     name: str  # dotted module name inside the image tower
-    kind: str  # "tokens": (N, L, D) input of the last ViT block; "map": (N, C, h, w) output
-    grid: tuple[int, int]  # (gh, gw) of the spatial map at the model's image size
+    kind: str  # "map" or "tokens"
+    grid: tuple[int, int]  # (h, w) of the feature map / patch grid at the model's image size
+    offset: tuple[float, float] = (0.0, 0.0)  # receptive-field centre of a cell minus its nominal centre, input pixels
 
 
 _TARGETS: "weakref.WeakKeyDictionary[torch.nn.Module, FeatureTarget | None]" = weakref.WeakKeyDictionary()
 _TARGET_LOCK = threading.Lock()
+
+
+def _device(model: ClipModel) -> torch.device:
+    param = next(model.model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def image_tower(model: ClipModel) -> torch.nn.Module:
@@ -94,7 +118,7 @@ def image_tower(model: ClipModel) -> torch.nn.Module:
 
 
 def find_feature_target(model: ClipModel) -> FeatureTarget | None:
-    """Locate the last spatial feature map of the image tower (cached per tower), or None."""
+    """Probe the image tower once (cached per tower): a CNN feature map, a ViT token stack, or None."""
     visual = image_tower(model)
     with _TARGET_LOCK:
         if visual in _TARGETS:
@@ -106,63 +130,83 @@ def find_feature_target(model: ClipModel) -> FeatureTarget | None:
 
 
 def _probe(model: ClipModel, visual: torch.nn.Module) -> FeatureTarget | None:
-    """One forward of a blank image with hooks on every submodule, recording output shapes in order."""
+    """One forward of a blank image with a hook on every submodule, recording output shapes in order."""
     records: list[tuple[str, tuple[int, ...]]] = []
-    handles = []
-    for name, module in visual.named_modules():
-        if not name:
-            continue
+    me = threading.get_ident()
 
-        def hook(mod, args, out, name=name):
-            if isinstance(out, torch.Tensor):
-                records.append((name, tuple(out.shape)))
+    def record(mod, args, out, name):
+        if threading.get_ident() == me and isinstance(out, torch.Tensor):
+            records.append((name, tuple(out.shape)))
 
-        handles.append(module.register_forward_hook(hook))
+    handles = [m.register_forward_hook(lambda mod, args, out, name=n: record(mod, args, out, name)) for n, m in visual.named_modules() if n]
     size = model.image_size
     try:
         with torch.no_grad():
-            model.model.encode_image(torch.zeros(1, 3, size, size))
+            model.model.encode_image(torch.zeros(1, 3, size, size, device=_device(model)))
     finally:
         for h in handles:
             h.remove()
     shapes = dict(records)
     modules = dict(visual.named_modules())
+    maps = [(name, shape) for name, shape in records if len(shape) == 4 and shape[2] * shape[3] > 1]
+    if not maps:
+        return None
 
-    # Patch grid: the first 4-D output (the patch embedding conv, or a CNN stem).
-    first_map = next((s for _, s in records if len(s) == 4 and s[2] * s[3] > 1), None)
-
-    # ViT: the longest list of blocks whose members all map tokens (1, L, D) -> (1, L, D).
-    if first_map is not None:
-        candidates = []
-        for name, module in visual.named_modules():
-            if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) or len(module) < 1:
-                continue
-            names = [f"{name}.{i}" if name else str(i) for i in range(len(module))]
-            outs = [shapes.get(n) for n in names]
-            if any(o is None or len(o) != 3 for o in outs) or len(set(outs)) != 1:
-                continue
-            shape = outs[0]
-            length = shape[1] if shape[0] == 1 else shape[0]  # batch-first or (L, N, D)
-            if length < first_map[2] * first_map[3]:  # fewer tokens than patches: not a patch-token stack
-                continue
-            candidates.append((name, names))
-        # Outermost stacks only (an MLP Sequential inside a block is not the block list); the longest wins.
-        outer = [c for c in candidates if not any(c[0].startswith(o[0] + ".") for o in candidates if o is not c)]
-        best = None
-        for name, names in outer:
-            if best is None or len(names) >= best[1]:
-                best = (names[-1], len(names), (first_map[2], first_map[3]))
-        if best is not None:
-            return FeatureTarget(name=best[0], kind="tokens", grid=best[2])
+    # ViT: a list of blocks that all map (1, L, D) tokens to (1, L, D), with at least as many tokens
+    # as the first 4-D output (the patch embedding) has cells. Outermost lists only (an MLP
+    # Sequential inside a block is not the block list); the longest wins.
+    patches = maps[0][1][2] * maps[0][1][3]
+    stacks = []
+    for name, module in visual.named_modules():
+        if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)) or len(module) == 0:
+            continue
+        outs = [shapes.get(f"{name}.{i}" if name else str(i)) for i in range(len(module))]
+        if any(o is None or len(o) != 3 for o in outs) or len(set(outs)) != 1:
+            continue
+        length = outs[0][1] if outs[0][0] == 1 else outs[0][0]  # batch-first (1, L, D) or (L, 1, D)
+        if length >= patches:
+            stacks.append((name, len(module)))
+    stacks = [s for s in stacks if not any(s[0].startswith(o[0] + ".") for o in stacks if o is not s)]
+    if stacks:
+        name, count = max(stacks, key=lambda s: s[1])
+        last = f"{name}.{count - 1}" if name else str(count - 1)
+        return FeatureTarget(name=last, kind="tokens", grid=(maps[0][1][2], maps[0][1][3]))
 
     # CNN: the last module output shaped (1, C, h, w) with more than one cell.
-    last_map = None
-    for name, shape in records:
-        if len(shape) == 4 and shape[2] * shape[3] > 1:
-            last_map = (name, shape)
-    if last_map is not None and last_map[0] in modules:
-        return FeatureTarget(name=last_map[0], kind="map", grid=(last_map[1][2], last_map[1][3]))
-    return None
+    name, shape = maps[-1]
+    if name not in modules:
+        return None
+    grid = (shape[2], shape[3])
+    return FeatureTarget(name=name, kind="map", grid=grid, offset=_rf_offset(model, modules[name], grid))
+
+
+def _rf_offset(model: ClipModel, module: torch.nn.Module, grid: tuple[int, int]) -> tuple[float, float]:
+    """Where a CNN cell really looks: the centroid of |d cell / d input| for the central cell, minus
+    the cell's nominal centre. Padded stride-2 convolutions put cell j's receptive field around
+    pixel stride*j, not stride*(j + 1/2): half a cell (16 px for a ResNet at 224) to the upper left."""
+    size = model.image_size
+    seen = {}
+    me = threading.get_ident()
+    handle = module.register_forward_hook(lambda mod, args, out: seen.__setitem__("map", out) if threading.get_ident() == me else None)
+    try:
+        with torch.enable_grad():
+            # a few random images: one alone leaves the centroid at the mercy of which ReLUs are on
+            x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0)).to(_device(model)).requires_grad_(True)
+            model.model.encode_image(x)
+            fmap = seen["map"]
+            ci, cj = grid[0] // 2, grid[1] // 2
+            (g,) = torch.autograd.grad(fmap[:, :, ci, cj].sum(), x)
+    except Exception:
+        return (0.0, 0.0)
+    finally:
+        handle.remove()
+    w = g.detach().abs().sum((0, 1)).cpu()
+    if float(w.sum()) <= 0:
+        return (0.0, 0.0)
+    coords = torch.arange(size, dtype=torch.float64) + 0.5
+    cy = float((w.sum(1).double() * coords).sum() / w.sum())
+    cx = float((w.sum(0).double() * coords).sum() / w.sum())
+    return (cy - (ci + 0.5) * size / grid[0], cx - (cj + 0.5) * size / grid[1])
 
 
 # --------------------------------------------------------------------------- geometry: crop <-> image
@@ -197,24 +241,24 @@ def crop_box(model: ClipModel, height: int, width: int) -> tuple[float, float, f
             h, w = ch, cw
             seen = True
     if not seen:  # unknown transform: assume open_clip's default
-        s = size / min(height, width)
         nh, nw = (size, int(size * width / height)) if height <= width else (int(size * height / width), size)
         scale_y, scale_x = height / nh, width / nw
         off_y, off_x = int(round((nh - size) / 2.0)) * scale_y, int(round((nw - size) / 2.0)) * scale_x
         h = w = size
-        del s
     return off_y, off_x, h * scale_y, w * scale_x
 
 
-def to_image(model: ClipModel, maps: torch.Tensor, height: int, width: int) -> np.ndarray:
+def to_image(model: ClipModel, maps: torch.Tensor, height: int, width: int, offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """(N, gh, gw) maps over the model's square input -> (N, height, width) over the original image,
     bilinear, zero outside the crop."""
     top, left, ch, cw = crop_box(model, height, width)
     ys = (torch.arange(height, dtype=torch.float32) + 0.5 - top) / ch  # 0..1 inside the crop
     xs = (torch.arange(width, dtype=torch.float32) + 0.5 - left) / cw
-    gy, gx = torch.meshgrid(ys * 2 - 1, xs * 2 - 1, indexing="ij")
+    size = model.image_size
+    sy, sx = ys - offset[0] / size, xs - offset[1] / size  # where each pixel's evidence sits on the map
+    gy, gx = torch.meshgrid(sy * 2 - 1, sx * 2 - 1, indexing="ij")
     grid = torch.stack([gx, gy], dim=-1)[None].expand(maps.shape[0], -1, -1, -1)
-    out = F.grid_sample(maps[:, None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
+    out = F.grid_sample(maps[:, None].detach().float().cpu(), grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0]
     inside = ((ys >= 0) & (ys < 1))[:, None] & ((xs >= 0) & (xs < 1))[None, :]
     return (out * inside).numpy().astype(np.float32)
 
@@ -222,147 +266,132 @@ def to_image(model: ClipModel, maps: torch.Tensor, height: int, width: int) -> n
 # --------------------------------------------------------------------------- methods
 
 
-def _text_vector(text_embedding: np.ndarray) -> torch.Tensor:
+def _text_vector(text_embedding: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     t = torch.as_tensor(np.asarray(text_embedding, dtype=np.float32)).reshape(-1)
-    return F.normalize(t, dim=0)
+    return F.normalize(t, dim=0).to(device)
 
 
-class _Capture:
-    """Hook that keeps the target tensor of the calling thread's forward."""
-
-    def __init__(self, target: FeatureTarget):
-        self.target = target
-        self.thread = threading.get_ident()
-        self.value: torch.Tensor | None = None
-
-    def pre(self, module, args):
-        if threading.get_ident() == self.thread and args and isinstance(args[0], torch.Tensor):
-            self.value = args[0]
-
-    def post(self, module, args, out):
-        if threading.get_ident() == self.thread and isinstance(out, torch.Tensor):
-            self.value = out
+def _score(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of <e, t> / |e|, the norm held constant: the cosine that zero-shot ranks by,
+    made linear in the embedding e. The cosine's own gradient is the part of t orthogonal to e,
+    which vanishes (and turns against the evidence) exactly where the image already matches."""
+    e = model.model.encode_image(pixels).float()
+    return ((e @ text) / e.norm(dim=-1).detach().clamp(min=1e-12)).sum()
 
 
 def gradcam_maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, target: FeatureTarget) -> torch.Tensor:
-    """Grad-CAM maps (N, gh, gw), non-negative, un-normalised."""
+    """Grad-CAM on a CNN feature map: relu(sum_c mean_hw(dS/dA_c) A_c), (N, h, w), un-normalised."""
     module = dict(image_tower(model).named_modules())[target.name]
-    cap = _Capture(target)
-    import os
-    if target.kind == "tokens" and os.environ.get("HM_LN"):
-        sub = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)][0]
-        handle = sub.register_forward_hook(cap.post)
-    else:
-        handle = module.register_forward_pre_hook(cap.pre) if target.kind == "tokens" else module.register_forward_hook(cap.post)
+    me = threading.get_ident()
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(mod, args, out):
+        if threading.get_ident() == me and isinstance(out, torch.Tensor):  # not another thread's forward
+            seen["map"] = out
+
+    handle = module.register_forward_hook(keep)
     try:
         with torch.enable_grad():
-            pixels = pixels.detach().requires_grad_(True)  # the graph exists even if the weights are frozen
-            emb = model.encode_image_tensor(pixels)
-            acts = cap.value
-            if acts is None:
+            pixels = pixels.detach().requires_grad_(True)  # a graph exists even when the weights are frozen
+            score = _score(model, pixels, text)  # images are independent: one backward for the batch
+            if "map" not in seen:
                 raise RuntimeError(f"heatmap: the hook on {target.name} saw no tensor")
-            score = (emb @ text).sum()  # per-image scores are independent: one backward for the batch
-            (grads,) = torch.autograd.grad(score, acts)
+            # Only the feature map is differentiated: no parameter .grad is touched, and the backward
+            # stops there (it runs through the pooling head only).
+            (grads,) = torch.autograd.grad(score, seen["map"])
     finally:
         handle.remove()
-    acts, grads = acts.detach(), grads.detach()
-    n = pixels.shape[0]
-    gh, gw = target.grid
-    if target.kind == "tokens":
-        if acts.shape[0] != n and acts.shape[1] == n:  # (L, N, D) transformers
-            acts, grads = acts.transpose(0, 1), grads.transpose(0, 1)
-        acts, grads = acts[:, -gh * gw :], grads[:, -gh * gw :]  # drop prefix tokens (CLS, registers)
-        import os
-        v = os.environ.get("HM_VARIANT", "gradcam")
-        if v == "gradcam":
-            weights = grads.mean(dim=1, keepdim=True)  # (N, 1, D)
-            cam = (acts * weights).sum(-1).reshape(n, gh, gw)
-        elif v == "taylor":
-            cam = (acts * grads).sum(-1).reshape(n, gh, gw)
-        elif v == "centred":
-            weights = grads.mean(dim=1, keepdim=True)
-            cam = ((acts - acts.mean(1, keepdim=True)) * weights).sum(-1).reshape(n, gh, gw)
-        elif v == "layercam":
-            cam = (acts * grads.clamp(min=0)).sum(-1).reshape(n, gh, gw)
-        elif v == "gradnorm":
-            cam = grads.norm(dim=-1).reshape(n, gh, gw)
-    else:
-        weights = grads.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
-        cam = (acts * weights).sum(1)
-    return cam.clamp(min=0)
+    acts = seen["map"].detach()
+    weights = grads.detach().mean(dim=(2, 3), keepdim=True)
+    return (acts * weights).sum(1).clamp(min=0)
 
 
-def gradient_maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, samples: int = 8, sigma: float = 0.15, seed: int = 0) -> torch.Tensor:
-    """SmoothGrad of |input x gradient| (N, S, S), blurred over ~1/28 of the image."""
+def gradient_maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, samples: int | None = None, sigma: float | None = None, seed: int = 0) -> torch.Tensor:
+    """SmoothGrad of |input x gradient|: the mean over `samples` noisy copies of |sum_c x_c dS/dx_c|
+    (x normalised, so the reference is the dataset's mean colour), blurred over ~1/28 of the
+    image. (N, S, S), non-negative, un-normalised. Model-agnostic: no hooks."""
+    samples = int(samples or SAMPLES)
+    sigma = SIGMA if sigma is None else float(sigma)
     gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros(pixels.shape[0], pixels.shape[2], pixels.shape[3])
+    n, _, height, width = pixels.shape
+    pixels = pixels.detach()
     span = float(pixels.max() - pixels.min()) or 1.0
+    total = torch.zeros(n, height, width, device=pixels.device)
     with torch.enable_grad():
+        # One pass per noisy copy over up to MAX_BATCH images: on a CPU a batch of copies of one
+        # image is no faster per copy than one copy at a time, and it costs memory.
         for _ in range(samples):
-            noisy = (pixels + sigma * span * torch.randn(pixels.shape, generator=gen)).requires_grad_(True)
-            score = (model.encode_image_tensor(noisy) @ text).sum()
-            (g,) = torch.autograd.grad(score, noisy)
-            total += (g * pixels).sum(1).abs().detach()
-    size = pixels.shape[-1]
-    k = max(3, (size // 28) | 1)
-    return _blur(total / samples, k)
+            for start in range(0, n, MAX_BATCH):
+                chunk = pixels[start : start + MAX_BATCH]
+                noise = torch.randn(chunk.shape, generator=gen).to(chunk.device)
+                noisy = (chunk + sigma * span * noise).requires_grad_(True)
+                (g,) = torch.autograd.grad(_score(model, noisy, text), noisy)
+                total[start : start + chunk.shape[0]] += (g.detach() * chunk).sum(1).abs()
+    return _blur(total / samples, max(3, (height // 28) | 1))
 
 
 def _blur(maps: torch.Tensor, k: int) -> torch.Tensor:
     x = torch.arange(k, dtype=torch.float32) - k // 2
     g = torch.exp(-(x**2) / (2 * (k / 4) ** 2))
-    g = g / g.sum()
+    g = (g / g.sum()).to(maps.dtype).to(maps.device)
     m = maps[:, None]
     m = F.conv2d(F.pad(m, (k // 2, k // 2, 0, 0), mode="replicate"), g.view(1, 1, 1, k))
     m = F.conv2d(F.pad(m, (0, 0, k // 2, k // 2), mode="replicate"), g.view(1, 1, k, 1))
     return m[:, 0]
 
 
-def occlusion_maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, cells: int = 14, window: int = 2, batch: int = BATCH) -> torch.Tensor:
-    """Score drop when a window of `window` x `window` cells (of a cells x cells grid) is set to the
-    dataset mean (0 after normalisation); stride one cell. (N, cells, cells), non-negative."""
+def occlusion_maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, cells: int = 14, window: int = 2) -> torch.Tensor:
+    """Score drop when a window of `window` x `window` cells (of a `cells` x `cells` grid) is set
+    to the dataset mean (0 after normalisation), stride one cell; each cell averages the windows
+    covering it. (N, cells, cells), non-negative. Forwards only, through the model's current
+    inference path (bf16/int8 when engine.models.fastpath switched it on)."""
     size = pixels.shape[-1]
     edges = np.linspace(0, size, cells + 1).round().astype(int)
     positions = [(i, j) for i in range(cells - window + 1) for j in range(cells - window + 1)]
-    out = torch.zeros(pixels.shape[0], cells, cells)
-    count = torch.zeros(cells, cells)
+    count = torch.zeros(cells, cells, device=pixels.device)
     for i, j in positions:
         count[i : i + window, j : j + window] += 1
+    out = torch.zeros(pixels.shape[0], cells, cells, device=pixels.device)
+
+    def cosine(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(model._image_forward(x).float(), dim=-1) @ text
+
     with torch.inference_mode():
-        base = F.normalize(model._image_forward(pixels).float(), dim=-1) @ text  # (N,)
+        base = cosine(pixels)
         for n in range(pixels.shape[0]):
-            img = pixels[n]
-            for start in range(0, len(positions), batch):
-                chunk = positions[start : start + batch]
-                occluded = img.expand(len(chunk), -1, -1, -1).clone()
+            for start in range(0, len(positions), MAX_BATCH):
+                chunk = positions[start : start + MAX_BATCH]
+                occluded = pixels[n].expand(len(chunk), -1, -1, -1).clone()
                 for b, (i, j) in enumerate(chunk):
                     occluded[b, :, edges[i] : edges[i + window], edges[j] : edges[j + window]] = 0.0
-                scores = F.normalize(model._image_forward(occluded).float(), dim=-1) @ text
+                drops = base[n] - cosine(occluded)
                 for b, (i, j) in enumerate(chunk):
-                    out[n, i : i + window, j : j + window] += base[n] - scores[b]
+                    out[n, i : i + window, j : j + window] += drops[b]
     return (out / count).clamp(min=0)
 
 
-def _maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, method: str) -> torch.Tensor:
+def resolve_method(model: ClipModel, method: str = "auto") -> str:
+    """The method `auto` stands for on this model: "gradcam" for CNN towers, "gradient" otherwise."""
     if method not in METHODS:
         raise ValueError(f"unknown heatmap method '{method}' (known: {', '.join(METHODS)})")
-    if method in ("auto", "gradcam"):
+    if method != "auto":
+        return method
+    target = find_feature_target(model)
+    return "gradcam" if target is not None and target.kind == "map" else "gradient"
+
+
+def _maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, method: str) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(N, h, w) maps over the model input, and the receptive-field offset of their cells."""
+    method = resolve_method(model, method)
+    pixels, text = pixels.to(_device(model)), text.to(_device(model))
+    if method == "gradcam":
         target = find_feature_target(model)
-        if target is not None:
-            return gradcam_maps(model, pixels, text, target)
-        if method == "gradcam":
-            raise ValueError("gradcam: no spatial feature map found in this image tower; use method='occlusion'")
-        method = "occlusion"
+        if target is None or target.kind != "map":
+            raise ValueError("gradcam needs a CNN feature map, and this image tower has none; use 'gradient' or 'occlusion'")
+        return gradcam_maps(model, pixels, text, target), target.offset
     if method == "gradient":
-        return gradient_maps(model, pixels, text)
-    return occlusion_maps(model, pixels, text)
-
-
-def _normalise(maps: np.ndarray) -> np.ndarray:
-    top = float(maps.max()) if maps.size else 0.0
-    if not np.isfinite(top) or top <= 0:
-        return np.zeros_like(maps, dtype=np.float32)
-    return np.clip(maps / top, 0.0, 1.0).astype(np.float32)
+        return gradient_maps(model, pixels, text), (0.0, 0.0)
+    return occlusion_maps(model, pixels, text), (0.0, 0.0)
 
 
 # --------------------------------------------------------------------------- public API
@@ -372,30 +401,38 @@ def image_heatmap(model: ClipModel, image: np.ndarray, text_embedding: np.ndarra
     """Where `image` supports the label whose (normalised, (D,)) embedding is `text_embedding`.
 
     image: uint8 grey (H, W) or RGB (H, W, 3), as fed to the model.
-    Returns float32 (H, W) in [0, 1]; 0 outside the model's centre crop; higher = more support."""
+    Returns float32 (H, W) in [0, 1] (divided by its maximum; all 0 when nothing supports the
+    label); 0 outside the model's centre crop; higher = more support."""
     image = np.asarray(image)
     height, width = image.shape[:2]
-    pixels = model.image_tensor([image])
-    maps = _maps(model, pixels, _text_vector(text_embedding), method)
-    return _normalise(to_image(model, maps, height, width))[0]
+    maps, offset = _maps(model, model.image_tensor([image]), _text_vector(text_embedding), method)
+    return _normalise(to_image(model, maps, height, width, offset))[0]
 
 
 def volume_heatmaps(model: ClipModel, images: list[np.ndarray], text_embedding: np.ndarray, *, method: str = "auto") -> list[np.ndarray]:
-    """Heatmaps for the slices of a volume, batched; one shared normalisation across slices
-    (the strongest evidence in the volume is 1). Slices may differ in size."""
+    """Heatmaps for the slices of a volume (each as `image_heatmap` takes it), batched, with one
+    normalisation for the whole volume: the strongest evidence anywhere is 1, so a slice with weak
+    support stays dim next to the slice that carries the finding. Slices may differ in size."""
     if len(images) == 0:
         return []
     text = _text_vector(text_embedding)
     raw: list[np.ndarray] = []
-    for start in range(0, len(images), BATCH):
-        chunk = [np.asarray(im) for im in images[start : start + BATCH]]
-        maps = _maps(model, model.image_tensor(chunk), text, method)
+    for start in range(0, len(images), MAX_BATCH):
+        chunk = [np.asarray(im) for im in images[start : start + MAX_BATCH]]
+        maps, offset = _maps(model, model.image_tensor(chunk), text, method)
         for m, im in zip(maps, chunk):
-            raw.append(to_image(model, m[None], im.shape[0], im.shape[1])[0])
+            raw.append(to_image(model, m[None], im.shape[0], im.shape[1], offset)[0])
     top = max(float(r.max()) for r in raw)
     if not np.isfinite(top) or top <= 0:
         return [np.zeros_like(r) for r in raw]
     return [np.clip(r / top, 0.0, 1.0).astype(np.float32) for r in raw]
+
+
+def _normalise(maps: np.ndarray) -> np.ndarray:
+    top = float(maps.max()) if maps.size else 0.0
+    if not np.isfinite(top) or top <= 0:
+        return np.zeros_like(maps, dtype=np.float32)
+    return np.clip(maps / top, 0.0, 1.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- overlay
@@ -445,6 +482,7 @@ __all__ = [
     "crop_box",
     "find_feature_target",
     "image_heatmap",
+    "resolve_method",
     "overlay",
     "volume_heatmaps",
 ]
