@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _app import running_app  # noqa: E402
 from _series import ct_zip  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 
@@ -55,31 +55,12 @@ def _require_browser():
         pytest.skip(problem)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     _require_browser()
     cache = tmp_path_factory.mktemp("gradio_cache_browser")
-    old = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(cache)
-    import app
-
-    demo = app.build_demo()
-    port = _free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **app.launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/", cache
-    finally:
-        demo.close()
-        if old is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = old
+    with running_app(cache) as (url, _demo):
+        yield url, cache
 
 
 @pytest.fixture

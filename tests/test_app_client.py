@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _app import running_app  # noqa: E402
 from _series import ct_zip, decode_data_url_png, synthetic_ct_series, zip_files  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 
@@ -67,37 +67,12 @@ EXPECTED_API = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(url, cache_dir, demo): the app on a free localhost port with a private Gradio cache."""
     cache = tmp_path_factory.mktemp("gradio_cache")
-    old = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(cache)
-    import app
-
-    demo = app.build_demo()
-    port = _free_port()
-    demo.launch(
-        prevent_thread_lock=True,
-        server_name="127.0.0.1",
-        server_port=port,
-        quiet=True,
-        **app.launch_kwargs(),
-    )
-    try:
-        yield f"http://127.0.0.1:{port}/", cache, demo
-    finally:
-        demo.close()
-        if old is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = old
+    with running_app(cache) as (url, demo):
+        yield url, cache, demo
 
 
 @pytest.fixture
