@@ -8,7 +8,7 @@ Design decisions
 - Uploads are deleted from Gradio's cache as soon as they are read, whether
   reading worked or not: any file there can be fetched by URL by anyone.
   Only files inside Gradio's upload folder are ever deleted.
-- Errors: a `ScanError` (the engine's user-facing error) becomes a gr.Error
+- Errors: a `MedLensError` (the engine's user-facing errors) becomes a gr.Error
   with its message; anything else is logged (exception type and traceback
   only: messages can quote file names) and shown as a generic message. Never
   a stack trace in the browser. Messages are HTML-escaped because Gradio
@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 import gradio as gr
 
 from app.display import view_html
+from engine.errors import MedLensError
 from engine.scan import Scan, ScanError
 from engine.views import PLANES, plane_sizes, render_view
 from engine.windowing import CUSTOM, default_window, resolve_window, slider_range, window_names
@@ -54,8 +55,13 @@ GENERIC_ERROR = (
 )
 
 
-def guarded(fn: Callable) -> Callable:
-    """Turn engine errors into clear messages; never show a stack trace."""
+def guarded(fn: Callable | None = None, *, title: str = "Cannot show this scan") -> Callable:
+    """Turn engine errors into clear messages; never show a stack trace.
+
+    Use as `@guarded` or `@guarded(title="...")`; `title` heads the message of a MedLensError.
+    """
+    if fn is None:
+        return functools.partial(guarded, title=title)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -63,8 +69,8 @@ def guarded(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except ScanError as exc:
-            raise gr.Error(html.escape(str(exc)), title="Cannot show this scan", print_exception=False) from None
+        except MedLensError as exc:
+            raise gr.Error(html.escape(str(exc), quote=False), title=title, print_exception=False) from None
         except Exception as exc:  # noqa: BLE001 -- last line of defence of a UI event
             log.error(
                 "%s in %s (message withheld: it may quote file names)\n%s",

@@ -26,7 +26,6 @@ Design decisions
 
 from __future__ import annotations
 
-import functools
 import html
 import os
 from typing import Any, Callable
@@ -35,7 +34,6 @@ import gradio as gr
 
 from app import handlers
 from app.display import view_html
-from engine.errors import MedLensError
 from engine.views import plane_sizes, render_view
 
 AUTO = "auto"
@@ -81,25 +79,6 @@ def prompt_set_choices() -> list[tuple[str, str]]:
     from engine.zeroshot import all_prompt_sets
 
     return [("Auto (from the scan's modality)", AUTO)] + [(ps.title, ps.key) for ps in all_prompt_sets()]
-
-
-# --- errors -------------------------------------------------------------------
-def engine_errors(title: str) -> Callable[[Callable], Callable]:
-    """MedLensError -> gr.Error(message); the rest goes to handlers.guarded."""
-
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except gr.Error:
-                raise
-            except MedLensError as exc:
-                raise gr.Error(html.escape(str(exc), quote=False), title=title, print_exception=False) from None
-
-        return handlers.guarded(wrapper)
-
-    return decorate
 
 
 # --- figures ------------------------------------------------------------------
@@ -178,7 +157,7 @@ def fill_preset(preset: str | None) -> tuple[str, str]:
 
 
 def make_label_scan(allowed_models: set[str]) -> Callable:
-    @engine_errors("Cannot label this scan")
+    @handlers.guarded(title="Cannot label this scan")
     def label_scan(session, series, volume, model, prompt_set, labels, mode, aggregation, planes, n_slices):
         """Zero-shot labels for the scan shown: bar chart, per-slice chart, result JSON, evidence choices, status."""
         from engine.zeroshot import clean_labels, label_scan as engine_label_scan
@@ -226,7 +205,7 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
 
 
 def make_show_evidence(allowed_models: set[str], api_name: str) -> Callable:
-    @engine_errors("Cannot show evidence")
+    @handlers.guarded(title="Cannot show evidence")
     def show_evidence(session, series, volume, axial, center, width, mip, mip_mm, model, prompt_set, label, show):
         """The axial view (2D: the image), with the evidence heat map for `label` when `show` is on."""
         from engine.zeroshot import evidence_map
