@@ -552,7 +552,6 @@ def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
     """All scans found in DICOM sources; unreadable files become `Skipped`."""
     skipped: list[Skipped] = []
     by_series: dict[str, _Read] = defaultdict(_Read)
-    files_per_series: dict[str, set[str]] = defaultdict(set)
     multiframe_files: list[tuple[str, list[_Frame]]] = []
     for source in sources:
         one = _Read()
@@ -574,7 +573,6 @@ def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
             continue
         by_series[key].frames.extend(one.frames)
         by_series[key].mosaics.extend(one.mosaics)
-        files_per_series[key].add(source.name)
 
     scans: list[Scan] = []
 
@@ -597,7 +595,6 @@ def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
             attempt(label, _stack_without_geometry, frames)
 
     for key, read in by_series.items():
-        n_files = len(files_per_series[key])
         if read.mosaics:
             attempt(read.mosaics[0].name, _assemble_mosaics, read.mosaics)
         with_geometry = [f for f in read.frames if f.ipp is not None and f.iop is not None]

@@ -13,7 +13,7 @@ import threading
 from engine.errors import ModelError
 from engine.models.clip import ClipModel, InferencePath
 from engine.models.registry import DEFAULT_MODEL, KNOWN_HUB, list_models, shipped_models
-from engine.models.source import HF_HUB, LOCAL_DIR, SHIPPED, ModelSource, parse_source
+from engine.models.source import LOCAL_DIR, SHIPPED, ModelSource, parse_source
 
 __all__ = ["ClipModel", "InferencePath", "ModelError", "ModelSource", "load_model", "list_models", "parse_source", "DEFAULT_MODEL"]
 
