@@ -1,0 +1,5 @@
+import sys
+
+from training.recipes import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""Helpers shared by the recipes: CSV reading, paths relative to the data root, splits.
+
+Design decisions
+- Recipes read only local files under a data root; nothing here touches the
+  network, and every path written into a row is relative to that root so a
+  manifest moves between machines.
+- Missing sources raise `FileNotFoundError` with the path looked for: a recipe
+  that silently returns nothing would hide a wrong --data-root.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+SPLIT_NAMES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val",
+    "test": "test", "testing": "test",
+}
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"recipe source not found: {path}")
+    return path
+
+
+def read_csv(path: Path) -> Iterator[dict[str, str]]:
+    with open(require(path), newline="", encoding="utf-8") as fh:
+        yield from csv.DictReader(fh)
+
+
+def rel(path: Path, root: Path) -> str:
+    """`path` relative to the data root (POSIX form); absolute when it lies outside it."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).resolve().as_posix()
+
+
+def norm_split(value: str | None) -> str | None:
+    return SPLIT_NAMES.get((value or "").strip().lower())
+
+
+def hashed_split(key: str, val: float = 0.05, test: float = 0.05) -> str:
+    """A stable split from a subject id, for sources that publish none (same subject, same split)."""
+    u = int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+def split_from_path(path: str) -> str | None:
+    """train/valid/test as a folder name in a path (ROCO and CheXpert lay splits out this way)."""
+    for part in reversed(Path(path).parts[:-1]):
+        split = norm_split(part)
+        if split:
+            return split
+    return None
