@@ -203,13 +203,16 @@ def main(argv=None) -> int:
     log_line(env, f"{len(train_rows)} training rows, {len(val_rows)} validation rows, world size {env.world_size}")
 
     # model ---------------------------------------------------------------
-    preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    # open_clip's defaults, which training.ssl also uses: a pretrained trunk keeps its input statistics
+    preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}
     tower = args.tower
     if args.trunk == "astra-deflated":
         from training.towers.astra2d import ASTRA_PREPROCESS
 
         tower, preprocess = "resnet152", dict(ASTRA_PREPROCESS)
-    model_cfg = cm.model_config(tower, args.image_size, args.embed_dim, args.text_proj,
+    model_cfg = cm.model_config(tower, args.image_size, args.embed_dim, args.text_proj, proj=args.image_proj,
                                 drop_path=args.drop_path if not args.frozen_trunk else None)
     model = cm.build(model_cfg)
     model.logit_scale.data.fill_(math.log(1 / args.init_temperature))
@@ -266,6 +269,9 @@ def main(argv=None) -> int:
         val_feats = trunk_features(model.visual.trunk, val_images, standardise) if val_images is not None else None
 
     train = cm.TrainableClip(model, frozen_trunk=args.frozen_trunk, unlocked_text_layers=args.unlock_text_layers).to(env.device)
+    memory_format = torch.channels_last if args.channels_last and not args.frozen_trunk else torch.contiguous_format
+    if args.channels_last:
+        train.visual.to(memory_format=memory_format)
     n_trainable = sum(p.numel() for p in train.parameters() if p.requires_grad)
     log_line(env, f"model {tower} @ {args.image_size}px, {n_trainable / 1e6:.2f}M trainable parameters")
     net: nn.Module = train
@@ -345,7 +351,7 @@ def main(argv=None) -> int:
             if feats is not None:
                 x = feats[torch.as_tensor(idx)]
             else:
-                x = standardise(augment.apply(normalise(images[idx]), augment.take(params, mine)))
+                x = standardise(augment.apply(normalise(images[idx]), augment.take(params, mine))).contiguous(memory_format=memory_format)
             ctx = net.no_sync if (env.distributed and m < args.accum - 1) else nullcontext
             with ctx():
                 with autocast():
@@ -380,6 +386,8 @@ def main(argv=None) -> int:
             rate = seen / max(1e-6, time.time() - t_last)
             progress.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", T=f"{1 / train.logit_scale.exp().item():.3f}", img_s=f"{rate:.0f}")
             progress.update(1)
+        elif step % 20 == 0:  # no bar (--quiet, logs to a file): a line now and then
+            log_line(env, f"step {step}/{total_steps} loss {ema:.3f} lr {lr:.1e} {seen / max(1e-6, time.time() - t_last):.0f} img/s")
         if args.eval_every and step % args.eval_every == 0 and step < total_steps:
             run_eval()
         if args.save_every and step % args.save_every == 0:

@@ -20,6 +20,7 @@ def clip_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--text-proj", default="mlp", choices=["mlp", "linear"])
+    p.add_argument("--image-proj", default="linear", choices=["mlp", "linear"], help="image head (mlp suits a frozen trunk)")
     p.add_argument("--unlock-text-layers", type=int, default=0, help="top MiniLM layers to train (0: locked, cached)")
     p.add_argument("--init-trunk", default=None, help="image trunk weights to start from (training.ssl output)")
     p.add_argument("--trunk", default=None, choices=[None, "astra-deflated"], help="a pretrained trunk built in code")
@@ -48,6 +49,8 @@ def clip_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (tests, smoke runs)")
     p.add_argument("--export", default=None, help="also copy the best model folder here (e.g. assets/models/medlens-clip)")
     p.add_argument("--card-extra", default=None, help="Markdown file appended to the model card")
+    p.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory format (measured 1.5x faster for regnetx_004 on CPU, slower for convnext)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -1,0 +1,1 @@
+"""Image towers for training: pretrained trunks built from weights that install offline."""
