@@ -227,6 +227,10 @@ def main(argv=None) -> int:
         state = {k[len("visual.trunk."):] if k.startswith("visual.trunk.") else k: v for k, v in state.items()}
         model.visual.trunk.load_state_dict(state)
         log_line(env, f"image trunk initialised from {args.init_trunk}")
+    # a frozen packaged trunk is not copied into the checkpoint: the engine rebuilds it from the package
+    image_weights = None
+    if args.trunk == "astra-deflated" and args.frozen_trunk:
+        from engine.models.astra import DEFLATED_REF as image_weights
     standardise = Standardise(preprocess["mean"], preprocess["std"])
     from engine.models.checkpoint import make_tokenizer
 
@@ -317,7 +321,7 @@ def main(argv=None) -> int:
             log_line(env, f"step {step}: val balanced accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
             if res["mean"] > best["mean"]:
                 best = {"mean": res["mean"], "step": step, "val": res}
-                cm.export(model, out / "best", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0)
+                cm.export(model, out / "best", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0, image_weights=image_weights)
         barrier(env)
 
     def _pool_now() -> torch.Tensor:  # unlocked text: pooled outputs at the current weights
@@ -399,9 +403,9 @@ def main(argv=None) -> int:
     save_last()
     if env.is_master:
         if not val_rows or best["step"] < 0:
-            cm.export(model, out / "best", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0)
+            cm.export(model, out / "best", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0, image_weights=image_weights)
             best = {"mean": float("nan"), "step": step}
-        cm.export(model, out / "final", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0)
+        cm.export(model, out / "final", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0, image_weights=image_weights)
         summary = {
             "args": vars(args), "model_cfg": model_cfg, "preprocess_cfg": preprocess, "steps": step,
             "epochs": step / sampler.steps_per_epoch, "train_rows": len(train_rows), "val_rows": len(val_rows),

@@ -179,9 +179,10 @@ def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.
 
 
 def export(model: nn.Module, folder: Path, model_cfg: dict, preprocess_cfg: dict, card: str, extra: dict,
-           text_from_package: bool = True) -> Path:
+           text_from_package: bool = True, image_weights: str | None = None) -> Path:
     """Write the engine's checkpoint folder; MiniLM weights are left to their package unless trained."""
     from engine.models.checkpoint import save_checkpoint
 
     return save_checkpoint(model, folder, model_cfg=copy.deepcopy(model_cfg), preprocess_cfg=preprocess_cfg,
-                           text_tower=TEXT_PACKAGE, text_weights=TEXT_PACKAGE if text_from_package else None, card=card, extra=extra)
+                           text_tower=TEXT_PACKAGE, text_weights=TEXT_PACKAGE if text_from_package else None, card=card, extra=extra,
+                           image_weights=image_weights)

@@ -208,7 +208,10 @@ def zero_shot(task: Task, emb: np.ndarray, rows: Sequence[Row], y: np.ndarray | 
         # any organ knowledge (a random tiny tower: 0.85, control 0.85, on the TotalSegmentator test
         # subject); only AUC above the control shows that the model tells organs apart.
         agnostic = margin.mean(axis=1)
-        organs, aucs, controls, skipped = {}, [], [], {}
+        # Second scoring, reported beside it: plain similarity to the organ's prompt ensemble (what a
+        # user ranking slices by one label gets); it needs no understanding of negated captions.
+        similarity = emb @ _text_embeddings(model, task).T
+        organs, aucs, controls, skipped, sims = {}, [], [], {}, []
         for j, organ in enumerate(task.classes):
             yy = np.asarray([organ in r.labels for r in rows], dtype=int)
             auc, reason = metrics.binary_auc(yy, margin[:, j])
@@ -216,12 +219,15 @@ def zero_shot(task: Task, emb: np.ndarray, rows: Sequence[Row], y: np.ndarray | 
                 skipped[organ] = "never present" if yy.sum() == 0 else ("present on every slice" if yy.all() else reason)
                 continue
             control, _ = metrics.binary_auc(yy, agnostic)
+            sim_auc, _ = metrics.binary_auc(yy, similarity[:, j])
+            sims.append(sim_auc)
             organs[organ] = {"auc": auc, "n_present": int(yy.sum()), "n": int(yy.size), "ci95": _ci(metrics.bootstrap_ci(yy, margin[:, j], "auc")),
-                             "control_auc": control}
+                             "control_auc": control, "similarity_auc": sim_auc}
             aucs.append(auc)
             controls.append(control)
         out.update(scoring="present-absent", per_organ=organs, skipped_organs=skipped, mean_auc=float(np.mean(aucs)) if aucs else float("nan"),
-                   mean_control_auc=float(np.mean(controls)) if controls else float("nan"), n_organs=len(aucs))
+                   mean_control_auc=float(np.mean(controls)) if controls else float("nan"), n_organs=len(aucs),
+                   mean_similarity_auc=float(np.mean(sims)) if sims else float("nan"))
         return out
     cos = emb @ _text_embeddings(model, task).T
     probs = _softmax(scale * cos)
@@ -345,13 +351,18 @@ class MaskLoader:
         return out
 
 
-def pointing_game(task: Task, rows: Sequence[Row], model, loader: PixelLoader, *, max_pairs: int = POINTING_MAX, tolerance: float = 0.0, seed: int = SEED, log=_log) -> dict[str, Any]:
+def pointing_game(task: Task, rows: Sequence[Row], model, loader: PixelLoader, *, max_pairs: int = POINTING_MAX, tolerance: float = 0.0, seed: int = SEED, log=_log, planes: tuple[str, ...] = ("axial",)) -> dict[str, Any]:
     """Pointing game over (slice, present organ) pairs of a multi-label CT task (module docstring)."""
     from engine.heatmap import image_heatmap, resolve_method
 
     by_organ: dict[str, list[tuple[Row, list[int]]]] = {}
     no_ids: set[str] = set()
     for row in rows:
+        # Axial slices only (the plane the app shows and samples by default): the held-out CT series
+        # has 20 slices, so its coronal/sagittal reformats are 40 mm strips whose organ masks cover
+        # ~1 % of a letterboxed model image, far below the resolution of any heat map.
+        if planes and (row.slice or {}).get("plane", "axial") not in planes:
+            continue
         for organ in task.classes:
             if organ in row.labels:
                 ids = _mask_ids(row, organ, loader.root)
@@ -400,7 +411,7 @@ def pointing_game(task: Task, rows: Sequence[Row], model, loader: PixelLoader, *
         d["rate"] = d["hits"] / d["n"]
         d["chance"] = float(np.mean(d.pop("mask_fraction")))
     return {
-        "method": resolve_method(model),
+        "method": resolve_method(model), "planes": list(planes),
         "tolerance_px": tolerance,
         "image_size": loader.size,
         "hits": hits,
@@ -635,7 +646,7 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
         rows = []
         for name, r in zs.items():
             if r["kind"] == MULTILABEL:
-                rows.append([name, r["kind"], r["n"], f"{_f(r.get('mean_auc'))} (mean of {r.get('n_organs', 0)} organ(s); control {_f(r.get('mean_control_auc'))})", "", ""])
+                rows.append([name, r["kind"], r["n"], f"{_f(r.get('mean_auc'))} (mean of {r.get('n_organs', 0)} organ(s); control {_f(r.get('mean_control_auc'))}; similarity scoring {_f(r.get('mean_similarity_auc'))})", "", ""])
             elif r["kind"] == BINARY:
                 rows.append([name, r["kind"], r["n"], _ci_text(r.get("auc"), r.get("auc_ci95")), _ci_text(r.get("accuracy"), r.get("accuracy_ci95")), _f(r.get("balanced_accuracy"))])
             else:
@@ -651,8 +662,8 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
                 lines += ["Control: the same organ-agnostic score (mean present-absent margin over all organs) for every organ; "
                           "slices holding more anatomy hold more organs, so the control can be far from 0.5 even for a random model: "
                           "organ knowledge is the AUC above it.", ""]
-                lines += _table(["organ", "present / slices", "AUC (95% CI)", "control AUC"],
-                                [[o, f"{d['n_present']}/{d['n']}", _ci_text(d["auc"], d.get("ci95")), _f(d.get("control_auc"))] for o, d in r["per_organ"].items()])
+                lines += _table(["organ", "present / slices", "AUC (95% CI)", "control AUC", "similarity AUC"],
+                                [[o, f"{d['n_present']}/{d['n']}", _ci_text(d["auc"], d.get("ci95")), _f(d.get("control_auc")), _f(d.get("similarity_auc"))] for o, d in r["per_organ"].items()])
                 if r.get("skipped_organs"):
                     lines += ["Not evaluable: " + ", ".join(f"{o} ({why})" for o, why in r["skipped_organs"].items()) + ".", ""]
     ret = res.get("retrieval", {})
@@ -691,7 +702,7 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
     pt = res.get("pointing")
     if pt:
         for name, r in pt.items():
-            lines += [f"{h2} Pointing game: {name} ({r['method']} heat maps, tolerance {r['tolerance_px']} px)", "",
+            lines += [f"{h2} Pointing game: {name} ({r['method']} heat maps, {'/'.join(r.get('planes') or ['all'])} slices, tolerance {r['tolerance_px']} px)", "",
                       "Hit: the heat map's maximum lies inside the organ's mask on the model image. Chance: mean share of the image the mask covers.", ""]
             rows = [[o, d["n"], d["hits"], _f(d["rate"]), _f(d["chance"])] for o, d in r["per_organ"].items()]
             rows.append(["**all**", r["n"], r["hits"], _f(r["rate"]), _f(r["chance"])])

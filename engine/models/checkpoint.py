@@ -174,6 +174,7 @@ def save_checkpoint(
     text_weights: str | None = None,
     card: str = "",
     extra: dict[str, Any] | None = None,
+    image_weights: str | None = None,
 ) -> Path:
     """Write a checkpoint folder. `text_tower`: a package:<module> reference or a folder to copy
     its config/tokenizer from; `text_weights`: a package:<module> whose weights the text
@@ -200,8 +201,9 @@ def save_checkpoint(
         text_cfg.pop("hf_model_pretrained", None)
         config["text_tower"] = ref
     config["text_weights"] = text_weights
+    config["image_weights"] = image_weights
     config.update(extra or {})
-    skip = ("text.transformer.",) if text_weights else ()
+    skip = (("text.transformer.",) if text_weights else ()) + (("visual.trunk.",) if image_weights else ())
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not k.startswith(skip) and not k.endswith("position_ids")}
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -240,8 +242,29 @@ def _load_medlens(folder: Path, name: str) -> ClipModel:
         raise ModelError(f"{folder} has config.json but no model.safetensors")
     # The text transformer starts from its package weights when the checkpoint leaves them out.
     model = build_open_clip(model_cfg, text_dir, pretrained_text=bool(text_weights))
-    load_weights(model, _read_state_dict(weights_file), skip_prefixes=("text.transformer.",) if text_weights else ())
+    image_weights = config.get("image_weights")
+    skip = ("text.transformer.",) if text_weights else ()
+    if image_weights:
+        # The image trunk is rebuilt from a package (like the text weights), not stored in the folder.
+        _load_package_trunk(model, image_weights)
+        skip += ("visual.trunk.",)
+    load_weights(model, _read_state_dict(weights_file), skip_prefixes=skip)
     return wrap(model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=_file_revision(weights_file), config=config)
+
+
+def _load_package_trunk(model: torch.nn.Module, ref: str) -> None:
+    from engine.models import astra
+
+    if ref != astra.DEFLATED_REF:
+        raise ModelError(f"unknown image_weights reference {ref!r} (known: {astra.DEFLATED_REF})")
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    if trunk is None:
+        raise ModelError("image_weights names a trunk but this architecture's image tower has none (timm towers only)")
+    state = astra.deflated_trunk_state()
+    result = trunk.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelError(f"the {ref} weights do not fit the image trunk ({len(result.missing_keys)} missing, "
+                         f"{len(result.unexpected_keys)} unexpected)")
 
 
 def _load_open_clip_folder(folder: Path, name: str) -> ClipModel:

