@@ -148,6 +148,145 @@ def cmd_models(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- library (index / search / teach)
+def _library_model(args):
+    import os
+
+    from engine.zeroshot import resolve_model
+
+    return resolve_model(args.model or os.environ.get("MEDLENS_MODEL") or None)
+
+
+def cmd_index(args) -> int:
+    """Index scans into the library; exit 0 when anything is indexed or already there."""
+    from engine.library import index_paths, library_path
+
+    model = _library_model(args)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="input", file=sys.stderr, desc="indexing", disable=args.quiet or None, leave=False)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        report = index_paths(args.paths, args.library, model, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    for path, reason in report.failed:
+        print(f"medlens: skipped {_one_line(path)}: {_one_line(reason)}", file=sys.stderr)
+    where = library_path(args.library)
+    if args.json:
+        print(json.dumps({"added": report.added, "present": report.present, "embedded": report.embedded,
+                          "failed": len(report.failed), "library": str(where), "model_id": model.model_id}))
+    else:
+        print(f"{report.line()} (library {where}, model {model.model_id})")
+    if report.indexed == 0:
+        print("medlens: nothing could be indexed", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _like_scan(value: str, series: int | None):
+    """--like: a path to load, or the id of a library scan (a number that is not a path)."""
+    import os
+
+    from engine.io import load_one
+
+    if not os.path.exists(value) and value.strip().lstrip("#").isdigit():
+        return int(value.strip().lstrip("#"))
+    scan, result = load_one([value], series=series)
+    _print_skipped(result)
+    return scan
+
+
+def cmd_search(args) -> int:
+    from engine.library import connect, search
+
+    if not (args.query and args.query.strip()) and args.like is None:
+        raise MedLensError('give a text QUERY, --like PATH, or both (e.g. medlens search "pleural effusion")')
+    if args.k < 1:
+        raise MedLensError(f"--k must be at least 1 (got {args.k})")
+    like = _like_scan(args.like, args.series) if args.like is not None else None
+    model = _library_model(args)
+    with connect(args.library, create=False) as db:
+        hits = search(db, model, args.query, like=like, k=args.k, modality=args.modality, body_part=args.body_part,
+                      label=args.label, ensemble=args.ensemble)
+        if not hits:
+            n = db.execute("SELECT count(*) FROM embeddings WHERE model_id = ?", [model.model_id]).fetchone()[0]
+            if n == 0:
+                print(f"medlens: no scan in the library is indexed with model {model.model_id}; run medlens index PATH --model ...", file=sys.stderr)
+            else:
+                print("medlens: no match (the filters may exclude every scan)", file=sys.stderr)
+    for hit in hits:
+        if args.json:
+            print(json.dumps({"scan_id": hit.scan_id, "score": round(hit.score, 6), "modality": hit.modality, "source": hit.source}))
+        else:
+            part = f" {hit.body_part}" if hit.body_part else ""
+            print(f"{hit.score:8.4f}  #{hit.scan_id:<6} {hit.modality}{part}  {hit.source or ''}")
+    if hits and not args.json:
+        kinds = {"cosine": "cosine similarity", "bm25": "keyword match (BM25)", "rrf": "rrf (reciprocal rank fusion of the text, scan and keyword rankings)"}
+        print(f"{len(hits)} hit(s); score: {kinds.get(hits[0].ranking, hits[0].ranking)}")
+    return 0
+
+
+def _resolve_examples(db, model, items: list[str]) -> list[int]:
+    """Scan ids for --positive/--negative items: a library id, or a path (found by source, else indexed now)."""
+    import os
+
+    from engine.io import load
+    from engine.library.indexing import add_scan
+    from engine.library.store import get_scan, has_embedding, scan_ids_by_source
+
+    ids: list[int] = []
+    for item in items:
+        text = item.strip()
+        if not os.path.exists(text) and text.lstrip("#").isdigit():
+            sid = int(text.lstrip("#"))
+            if get_scan(db, sid) is None:
+                raise MedLensError(f"no scan #{sid} in the library")
+            if not has_embedding(db, sid, model.model_id):
+                raise MedLensError(
+                    f"scan #{sid} has no embedding for model {model.model_id}; index its source with this model (medlens index PATH --model ...)"
+                )
+            ids.append(sid)
+            continue
+        known = scan_ids_by_source(db, text)
+        if known and all(has_embedding(db, sid, model.model_id) for sid in known):
+            ids.extend(known)
+            continue
+        if not os.path.exists(text):
+            raise MedLensError(f"{text}: not a library scan id and no such file or folder")
+        result = load([text])  # not indexed yet (or not with this model): index it now
+        _print_skipped(result)
+        ids.extend(add_scan(db, scan, model, source=text)[0] for scan in result.scans)
+    return list(dict.fromkeys(ids))
+
+
+def cmd_teach(args) -> int:
+    from engine.library import connect, teach
+
+    model = _library_model(args)
+    with connect(args.library) as db:
+        positives = _resolve_examples(db, model, args.positive)
+        negatives = _resolve_examples(db, model, args.negative)
+        probe = teach(db, args.label, positives, negatives, model.model_id)
+    if args.json:
+        print(json.dumps(probe.summary()))
+        return 0
+    m = probe.metrics
+    print(
+        f"probe '{probe.label}' (model {probe.model_id}): {probe.n_pos} positive, {probe.n_neg} negative; "
+        f"training accuracy {m['train_accuracy']:.2f}; cross-validated balanced accuracy {m['cv_balanced_accuracy']:.2f} ({m['cv_folds']}-fold)"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -184,6 +323,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models `label` can load and where they come from")
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
     p.set_defaults(func=cmd_models)
+
+    library_help = "library file (default: $MEDLENS_LIBRARY, else ~/.local/share/medlens/library.db)"
+    model_help = "model whose embeddings are stored and searched (default: $MEDLENS_MODEL, else the shipped default)"
+
+    p = sub.add_parser("index", help="add scans (files, folders, zips) to the searchable library; resumable")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files/folders/zips, NIfTI, PNG/JPEG/TIFF; folders are walked")
+    p.add_argument("--library", default=None, help=library_help)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--json", action="store_true", help='print the summary as one JSON object {"added", "present", "embedded", "failed", ...}')
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="find library scans by text, by example scan, or both")
+    p.add_argument("query", nargs="?", default=None, metavar="QUERY", help="free text, e.g. \"pleural effusion\" (also matched against notes)")
+    p.add_argument("--like", default=None, metavar="PATH_OR_ID", help="scans similar to this file/folder, or to library scan ID")
+    p.add_argument("--series", type=int, default=None, help="with --like: which series when PATH holds several")
+    p.add_argument("--k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("--modality", default=None, help="only this modality (CT, MR, XRAY, US, PATHOLOGY, FUNDUS, DERMOSCOPY, OTHER)")
+    p.add_argument("--body-part", default=None, help="only this BodyPartExamined (e.g. CHEST)")
+    p.add_argument("--label", default=None, help="only scans with this taught label (probe P >= 0.5, or tagged positive)")
+    p.add_argument("--ensemble", action="store_true", help="embed QUERY through the modality's prompt templates too (for short, label-like queries)")
+    p.add_argument("--library", default=None, help=library_help)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--json", action="store_true", help='JSON Lines, one hit per line: {"scan_id", "score", "modality", "source"}')
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("teach", help="teach a label from positive and negative examples (a linear probe on embeddings)")
+    p.add_argument("label", metavar="LABEL")
+    p.add_argument("--positive", nargs="+", required=True, metavar="ID_OR_PATH", help="library scan ids, or paths (looked up by source, indexed if new)")
+    p.add_argument("--negative", nargs="+", required=True, metavar="ID_OR_PATH", help="as --positive")
+    p.add_argument("--library", default=None, help=library_help)
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--json", action="store_true", help="print the probe summary as JSON")
+    p.set_defaults(func=cmd_teach)
     return parser
 
 

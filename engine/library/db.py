@@ -1,0 +1,269 @@
+"""The library database: one SQLite file, opened through sqlite-utils.
+
+Design decisions
+- Plain SQLite, readable by any tool: TEXT (JSON), INTEGER, REAL and BLOB
+  columns only. Vectors are little-endian float32 BLOBs (`numpy.tobytes`),
+  the thumbnail a PNG BLOB, JSON as TEXT.
+- Where the file lives: `--library` flag, else $MEDLENS_LIBRARY, else the
+  per-user data folder (the rule platformdirs uses, without the dependency):
+  $XDG_DATA_HOME or ~/.local/share on Linux, ~/Library/Application Support
+  on macOS, %LOCALAPPDATA% on Windows; then medlens/library.db.
+- One connection per request (`connect()` is a context manager): SQLite
+  connections are cheap, and a connection shared between Gradio's worker
+  threads would need its own locking. WAL lets readers run while one writer
+  writes; `busy_timeout` (10 s) makes a second writer wait for the lock
+  instead of failing with "database is locked".
+- The connection is in autocommit mode (`isolation_level=None`): the Python
+  driver opens no hidden transactions. Every write goes through `write()`,
+  which starts with BEGIN IMMEDIATE: the write lock is taken up front, so a
+  transaction that reads and then writes (check the content hash, then
+  insert) can never fail half-way with SQLITE_BUSY on the lock upgrade,
+  which the busy timeout cannot retry. sqlite-utils' own `atomic()` blocks
+  nest inside as savepoints.
+- `synchronous=NORMAL` in WAL mode: a killed process loses nothing that was
+  committed; only a power cut may lose the last transactions, never
+  consistency.
+- Schema migrations are a numbered list of functions. `connect()` applies
+  the pending ones, all inside one BEGIN IMMEDIATE transaction (two
+  processes opening a new library at once cannot both create tables), and
+  records each in `schema_migrations` (also mirrored in PRAGMA user_version).
+  Add a migration by appending a function; never edit an applied one.
+- Privacy: `scans.summary` holds `Scan.summary()`, which carries only the
+  de-identified metadata engine.deid kept (an allow-list of technical
+  attributes, mapped UIDs) and the *names* of what was removed. No DICOM
+  header string is stored anywhere else. `source` is the path the user
+  indexed from (the issue asks for it; it is the user's own path, not read
+  from the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import sqlite_utils
+
+from engine.errors import MedLensError
+
+BUSY_TIMEOUT_S = 10.0
+ENV_LIBRARY = "MEDLENS_LIBRARY"
+
+
+class LibraryError(MedLensError):
+    """The library file cannot be opened or used; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- where the file lives
+def default_library_path() -> Path:
+    """The per-user default: <user data dir>/medlens/library.db (platformdirs' user_data_dir rule)."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME", "").strip()
+        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "medlens" / "library.db"
+
+
+def library_path(path: str | os.PathLike | None = None) -> Path:
+    """The library file to use: `path` (the --library flag), else $MEDLENS_LIBRARY, else the default."""
+    if path is not None and str(path).strip():
+        return Path(path).expanduser()
+    env = os.environ.get(ENV_LIBRARY, "").strip()
+    if env:
+        return Path(env).expanduser()
+    return default_library_path()
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- migrations
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    # DDL written out rather than through table.create(): sqlite-utils' create()
+    # has no ON DELETE CASCADE or CHECK constraints, and these tables need both.
+    db.execute(
+        """
+        CREATE TABLE scans (
+            id INTEGER PRIMARY KEY,
+            content_hash TEXT NOT NULL UNIQUE,   -- sha256 of pixels + geometry (Scan.content_hash)
+            modality TEXT NOT NULL,              -- engine.scan.Modality value: CT, MR, XRAY, ...
+            body_part TEXT,                      -- de-identified BodyPartExamined, upper case, or NULL
+            shape TEXT NOT NULL,                 -- JSON list: voxel array shape
+            spacing TEXT NOT NULL,               -- JSON list: mm per axis
+            summary TEXT NOT NULL,               -- JSON: Scan.summary() (de-identified metadata only)
+            thumbnail BLOB,                      -- PNG, longer side 128 px; NULL when not stored
+            thumbnail_note TEXT,                 -- why there is no thumbnail, when there is none
+            source TEXT,                         -- the path the user indexed it from
+            added_at TEXT NOT NULL               -- ISO 8601 UTC
+        )
+        """
+    )
+    db.execute("CREATE INDEX scans_modality ON scans(modality)")
+    db.execute("CREATE INDEX scans_source ON scans(source)")
+    # AUTOINCREMENT: rowids are never reused, so (count, max(id)) per model
+    # identifies the set of embeddings and can key the vector index cache.
+    db.execute(
+        """
+        CREATE TABLE embeddings (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            scan_id INTEGER NOT NULL REFERENCES scans(id) ON DELETE CASCADE,
+            model_id TEXT NOT NULL,              -- ClipModel.model_id (name@revision); ids never mix
+            dim INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('image', 'volume-mean')),
+            vector BLOB NOT NULL,                -- little-endian float32 x dim, L2-normalised
+            UNIQUE (scan_id, model_id)
+        )
+        """
+    )
+    db.execute("CREATE INDEX embeddings_model ON embeddings(model_id)")
+    db.execute(
+        """
+        CREATE TABLE notes (
+            id INTEGER PRIMARY KEY,
+            scan_id INTEGER NOT NULL REFERENCES scans(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            added_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX notes_scan ON notes(scan_id)")
+    # FTS5 external-content table kept in sync by triggers (sqlite-utils writes them)
+    db["notes"].enable_fts(["text"], fts_version="FTS5", create_triggers=True, tokenize="porter")
+    db.execute(
+        """
+        CREATE TABLE labels (
+            scan_id INTEGER NOT NULL REFERENCES scans(id) ON DELETE CASCADE,
+            label TEXT NOT NULL,
+            positive INTEGER NOT NULL CHECK (positive IN (0, 1)),
+            added_at TEXT NOT NULL,
+            PRIMARY KEY (scan_id, label)
+        )
+        """
+    )
+    db.execute("CREATE INDEX labels_label ON labels(label)")
+    db.execute(
+        """
+        CREATE TABLE probes (
+            id INTEGER PRIMARY KEY,
+            label TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            dim INTEGER NOT NULL,
+            coef BLOB NOT NULL,                  -- little-endian float32 x dim
+            intercept REAL NOT NULL,
+            n_pos INTEGER NOT NULL,
+            n_neg INTEGER NOT NULL,
+            positive_ids TEXT NOT NULL,          -- JSON list of scan ids
+            negative_ids TEXT NOT NULL,          -- JSON list of scan ids
+            metrics TEXT NOT NULL,               -- JSON
+            created_at TEXT NOT NULL,
+            UNIQUE (label, model_id)
+        )
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_initial]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _current_version(db: sqlite_utils.Database) -> int:
+    if not db["schema_migrations"].exists():
+        return 0
+    row = db.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Apply pending migrations in order, in one write transaction; returns the schema version."""
+    if _current_version(db) == SCHEMA_VERSION:
+        return SCHEMA_VERSION  # the common case costs one read, no write lock
+    with write(db):
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        version = _current_version(db)  # again, under the lock: another process may have migrated
+        if version > SCHEMA_VERSION:
+            raise LibraryError(
+                f"this library was written by a newer MedLens (schema {version}, this one knows {SCHEMA_VERSION}); upgrade MedLens"
+            )
+        for number, fn in enumerate(MIGRATIONS[version:], start=version + 1):
+            fn(db)
+            db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)", [number, fn.__name__, now()])
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return SCHEMA_VERSION
+
+
+# --------------------------------------------------------------------------- connections and transactions
+@contextlib.contextmanager
+def write(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """A write transaction (BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any error); nests as a savepoint."""
+    if db.conn.in_transaction:
+        with db.atomic():
+            yield db
+        return
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    else:
+        db.conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def connect(path: str | os.PathLike | None = None, *, create: bool = True) -> Iterator[sqlite_utils.Database]:
+    """Open the library (creating and migrating it when `create`), yield a Database, close it.
+
+    `path` None means $MEDLENS_LIBRARY or the per-user default. With
+    create=False a missing file raises LibraryError (search must not leave
+    an empty library behind a typo).
+    """
+    file = library_path(path)
+    if not file.exists():
+        if not create:
+            raise LibraryError(f"no library at {file}: index scans first (medlens index PATH --library {file})")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LibraryError(f"cannot create the library folder {file.parent} ({exc.strerror or exc})") from None
+    elif file.is_dir():
+        raise LibraryError(f"{file} is a folder; give the library's .db file")
+    try:
+        conn = sqlite3.connect(str(file), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise LibraryError(f"cannot open the library {file} ({exc})") from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        db = sqlite_utils.Database(conn)
+        try:
+            db.enable_wal()
+            conn.execute("PRAGMA synchronous = NORMAL")
+            migrate(db)
+        except sqlite3.DatabaseError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise LibraryError(f"the library {file} stayed locked for {BUSY_TIMEOUT_S:g} s; try again") from None
+            raise LibraryError(f"{file} is not a MedLens library ({exc})") from None
+        db.medlens_path = str(file.resolve())  # type: ignore[attr-defined]  # keys the vector index cache
+        yield db
+    finally:
+        conn.close()
+
+
+def db_path(db: sqlite_utils.Database) -> str:
+    """The file behind a Database (set by connect(); asked of SQLite otherwise)."""
+    path = getattr(db, "medlens_path", None)
+    if path:
+        return path
+    row = db.execute("PRAGMA database_list").fetchone()
+    return str(row[2] or ":memory:")

@@ -1,0 +1,268 @@
+"""Rows of the library: scans in, scans out, embeddings as float32 BLOBs.
+
+Design decisions
+- A scan is embedded the way zero-shot labelling sees it
+  (engine.zeroshot.imaging.scan_images): a 2D image is one model image
+  (kind 'image'); a volume is ~12 evenly spaced axial slices over its
+  non-empty extent, whose L2-normalised embeddings are averaged and
+  re-normalised (kind 'volume-mean'). The mean of unit vectors points at the
+  volume's "typical" slice; re-normalising puts it back on the sphere so a
+  cosine against text or 2D embeddings means the same thing. A 4D scan is
+  embedded from its first volume.
+- The embedding and the thumbnail are computed *before* the write
+  transaction: model inference can take seconds, and the write lock must
+  not be held while it runs (concurrent searches and indexers would wait).
+- `insert_scan` writes the scan row and its embedding in one transaction,
+  re-checking the content hash under the lock, so a killed or concurrent
+  indexer can never leave an embedding without its scan, a scan without its
+  embedding, or two rows for one image.
+- Thumbnails: the middle of the non-empty axial extent (volumes) or the
+  image (2D), default window, longer side 128 px, PNG. Scans flagged with a
+  burned-in-text risk (ultrasound, secondary capture, BurnedInAnnotation =
+  YES) get *no* thumbnail: their pixels may show a name, a date of birth or
+  an accession number, which de-identifying the header cannot remove, and a
+  thumbnail would copy that text into the library file and every screen
+  that lists it. The row says why (`thumbnail_note`). The embedding is kept:
+  a 512-number vector is not readable text.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import sqlite_utils
+
+from engine.library.db import LibraryError, now, write
+from engine.scan import Scan
+
+THUMBNAIL_SIZE = 128
+VOLUME_SLICES = 12
+KIND_IMAGE = "image"
+KIND_VOLUME_MEAN = "volume-mean"
+NO_THUMBNAIL_BURNED_IN = "not stored: the pixels may carry burned-in identifying text (ultrasound, screen capture or BurnedInAnnotation)"
+
+
+class ImageEncoder(Protocol):
+    """What the library needs of a model (engine.models.ClipModel fits)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------- vectors
+def to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def from_blob(blob: bytes, dim: int | None = None) -> np.ndarray:
+    vec = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+    if dim is not None and vec.size != dim:
+        raise ValueError(f"stored vector has {vec.size} values, expected {dim}")
+    return vec
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- what gets stored
+def embed_scan(scan: Scan, model: ImageEncoder, n_slices: int = VOLUME_SLICES) -> tuple[np.ndarray, str]:
+    """(D,) L2-normalised float32 embedding of a scan, and its kind ('image' or 'volume-mean')."""
+    from engine.zeroshot.imaging import scan_images
+
+    images = scan_images(scan, planes=("axial",), n_slices=n_slices)
+    emb = np.asarray(model.encode_images([im.pixels for im in images]), dtype=np.float32)
+    if scan.is_2d:
+        return normalise(emb[0]), KIND_IMAGE
+    return normalise(normalise(emb).mean(axis=0)), KIND_VOLUME_MEAN
+
+
+def thumbnail_png(scan: Scan, size: int = THUMBNAIL_SIZE) -> tuple[bytes | None, str | None]:
+    """(PNG bytes, None), or (None, why there is none)."""
+    if scan.provenance.burned_in_text_risk:
+        return None, NO_THUMBNAIL_BURNED_IN
+    try:
+        from PIL import Image
+
+        from engine.views import render_view
+        from engine.windowing import default_window
+        from engine.zeroshot.imaging import sample_indices
+
+        center, width, _name = default_window(scan)
+        index = None if scan.is_2d else sample_indices(scan, "axial", 1)[0]
+        rgb = render_view(scan, "axial", index, center, width, size=size, letters=False, square=False)
+        image = Image.fromarray(rgb)
+        if rgb.ndim == 3 and np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+            image = image.convert("L")  # grey scans: a third of the bytes
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", optimize=True)
+        return buf.getvalue(), None
+    except Exception as exc:  # a thumbnail is a convenience: never fail indexing over it
+        return None, f"could not be rendered ({type(exc).__name__})"
+
+
+def body_part(scan: Scan) -> str | None:
+    value = scan.metadata.get("BodyPartExamined")
+    text = " ".join(str(value).split()).upper() if value not in (None, "") else ""
+    return text or None
+
+
+@dataclass
+class Prepared:
+    """Everything about one scan that is computed outside the write transaction."""
+
+    content_hash: str
+    row: dict[str, Any]  # the scans row (without id)
+    vector: np.ndarray
+    kind: str
+    model_id: str
+
+
+def prepare(scan: Scan, model: ImageEncoder, source: str | None, *, with_row: bool = True, n_slices: int = VOLUME_SLICES) -> Prepared:
+    vector, kind = embed_scan(scan, model, n_slices=n_slices)
+    row: dict[str, Any] = {}
+    if with_row:
+        thumb, note = thumbnail_png(scan)
+        row = {
+            "content_hash": scan.content_hash,
+            "modality": scan.modality.value,
+            "body_part": body_part(scan),
+            "shape": json.dumps(list(scan.voxels.shape)),
+            "spacing": json.dumps([round(s, 6) for s in scan.spacing]),
+            # Scan.summary(): de-identified metadata only (engine.deid's allow-list)
+            "summary": json.dumps(scan.summary(), default=str, ensure_ascii=False),
+            "thumbnail": thumb,
+            "thumbnail_note": note,
+            "source": None if source is None else str(source),
+            "added_at": now(),
+        }
+    return Prepared(scan.content_hash, row, vector, kind, model.model_id)
+
+
+# --------------------------------------------------------------------------- writes
+def _insert_embedding(db: sqlite_utils.Database, scan_id: int, model_id: str, vector: np.ndarray, kind: str) -> None:
+    db.execute(
+        "INSERT INTO embeddings (scan_id, model_id, dim, kind, vector) VALUES (?, ?, ?, ?, ?)",
+        [scan_id, model_id, int(vector.size), kind, to_blob(vector)],
+    )
+
+
+def insert_prepared(db: sqlite_utils.Database, prepared: Prepared) -> tuple[int, str]:
+    """Write a prepared scan in one transaction -> (scan_id, status 'added' | 'present' | 'embedded').
+
+    'present': the scan and its embedding for this model were already there;
+    'embedded': the scan was there, its embedding for this model is new.
+    """
+    with write(db):
+        row = db.execute("SELECT id FROM scans WHERE content_hash = ?", [prepared.content_hash]).fetchone()
+        if row is None:
+            if not prepared.row:
+                raise ValueError("prepared without a scan row for a scan the library lacks")
+            columns = list(prepared.row)
+            cursor = db.execute(
+                f"INSERT INTO scans ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
+                [prepared.row[c] for c in columns],
+            )
+            scan_id, status = int(cursor.lastrowid), "added"
+        else:
+            scan_id, status = int(row[0]), "embedded"
+            if has_embedding(db, scan_id, prepared.model_id):
+                return scan_id, "present"
+        _insert_embedding(db, scan_id, prepared.model_id, prepared.vector, prepared.kind)
+    return scan_id, status
+
+
+# --------------------------------------------------------------------------- reads
+def scan_id_by_hash(db: sqlite_utils.Database, content_hash: str) -> int | None:
+    row = db.execute("SELECT id FROM scans WHERE content_hash = ?", [content_hash]).fetchone()
+    return None if row is None else int(row[0])
+
+
+def has_embedding(db: sqlite_utils.Database, scan_id: int, model_id: str) -> bool:
+    return db.execute("SELECT 1 FROM embeddings WHERE scan_id = ? AND model_id = ?", [scan_id, model_id]).fetchone() is not None
+
+
+def scan_ids_by_source(db: sqlite_utils.Database, source: str) -> list[int]:
+    return [int(r[0]) for r in db.execute("SELECT id FROM scans WHERE source = ? ORDER BY id", [str(source)]).fetchall()]
+
+
+def get_scan(db: sqlite_utils.Database, scan_id: int, *, thumbnail: bool = False) -> dict[str, Any] | None:
+    """One scans row as a dict (JSON columns decoded); the PNG only when asked."""
+    columns = "id, content_hash, modality, body_part, shape, spacing, summary, thumbnail_note, source, added_at"
+    if thumbnail:
+        columns += ", thumbnail"
+    cursor = db.execute(f"SELECT {columns} FROM scans WHERE id = ?", [int(scan_id)])
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    out = dict(zip([d[0] for d in cursor.description], row))
+    for key in ("shape", "spacing", "summary"):
+        out[key] = json.loads(out[key])
+    return out
+
+
+def scan_rows(db: sqlite_utils.Database, scan_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """id -> {modality, body_part, source} for many scans (one query per 500 ids)."""
+    out: dict[int, dict[str, Any]] = {}
+    ids = [int(i) for i in scan_ids]
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        cursor = db.execute(
+            f"SELECT id, modality, body_part, source FROM scans WHERE id IN ({', '.join('?' for _ in chunk)})", chunk
+        )
+        for sid, modality, part, source in cursor.fetchall():
+            out[int(sid)] = {"modality": modality, "body_part": part, "source": source}
+    return out
+
+
+def embeddings(db: sqlite_utils.Database, model_id: str, scan_ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 (N,), vectors float32 (N, D)) stored for `model_id`, optionally only for `scan_ids`."""
+    sql = "SELECT scan_id, dim, vector FROM embeddings WHERE model_id = ?"
+    params: list[Any] = [model_id]
+    rows: list = []
+    if scan_ids is None:
+        rows = db.execute(sql + " ORDER BY scan_id", params).fetchall()
+    else:
+        ids = [int(i) for i in scan_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows += db.execute(sql + f" AND scan_id IN ({', '.join('?' for _ in chunk)})", params + chunk).fetchall()
+        rows.sort(key=lambda r: r[0])
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    dims = {int(r[1]) for r in rows}
+    if len(dims) != 1:
+        raise ValueError(f"embeddings of model {model_id} have several sizes {sorted(dims)}; the library is inconsistent")
+    ids_out = np.array([int(r[0]) for r in rows], dtype=np.int64)
+    vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), dims.pop()).astype(np.float32)
+    return ids_out, vectors
+
+
+def add_note(db: sqlite_utils.Database, scan_id: int, text: str) -> int:
+    """Attach a free-text note (report, finding) to a scan; searchable by keyword. Returns the note id."""
+    text = str(text).strip()
+    if not text:
+        raise LibraryError("a note needs some text")
+    with write(db):
+        if db.execute("SELECT 1 FROM scans WHERE id = ?", [int(scan_id)]).fetchone() is None:
+            raise LibraryError(f"no scan #{scan_id} in the library")
+        cursor = db.execute("INSERT INTO notes (scan_id, text, added_at) VALUES (?, ?, ?)", [int(scan_id), text, now()])
+    return int(cursor.lastrowid)
+
+
+def counts(db: sqlite_utils.Database) -> dict[str, Any]:
+    """Library size: scans, notes, and embeddings per model id."""
+    per_model = dict(db.execute("SELECT model_id, count(*) FROM embeddings GROUP BY model_id ORDER BY model_id").fetchall())
+    return {
+        "scans": int(db.execute("SELECT count(*) FROM scans").fetchone()[0]),
+        "notes": int(db.execute("SELECT count(*) FROM notes").fetchone()[0]),
+        "embeddings": {str(k): int(v) for k, v in per_model.items()},
+    }
