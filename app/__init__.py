@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from app.display import CSS  # noqa: E402
+from app.library_tab import build_library_tab  # noqa: E402
 from app.scan_tab import build_scan_tab  # noqa: E402
 
 __all__ = ["build_demo", "LAUNCH_OPTIONS", "DELETE_CACHE"]
@@ -50,8 +51,10 @@ def build_demo(engine=None, model: str | None = None) -> gr.Blocks:
             "# MedLens\nDrop a scan (DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF). "
             "Uploads are read, then deleted from the server; nothing identifying is kept."
         )
-        with gr.Tab("Scan", id="scan"):
-            build_scan_tab(model=model)
+        with gr.Tabs() as tabs:  # explicit, so opening a library hit can select the Scan tab
+            with gr.Tab("Scan", id="scan"):
+                scan = build_scan_tab(model=model)
+            build_library_tab(scan, tabs, model=model)
     demo.queue(default_concurrency_limit=1)
     return demo
 

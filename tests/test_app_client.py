@@ -64,6 +64,15 @@ EXPECTED_API = {
     "/show_evidence",
     "/set_evidence_label",
     "/evidence_slice",
+    # library tab (app/library_tab.py; tested in test_app_library.py)
+    "/library_search",
+    "/library_open",
+    "/library_select",
+    "/library_add",
+    "/library_tag_positive",
+    "/library_tag_negative",
+    "/library_teach",
+    "/library_refresh",
 }
 
 
