@@ -56,6 +56,8 @@ PICKS = [
     ("dermatology/ham10000/images", "*.jpg"),
 ]
 
+from _machine import loadavg, wait_quiet  # noqa: E402
+
 
 def load_images(n: int, use_shared: bool) -> tuple[list[np.ndarray], str]:
     from PIL import Image
@@ -70,33 +72,6 @@ def load_images(n: int, use_shared: bool) -> tuple[list[np.ndarray], str]:
             return images[:n], f"{n} real images from ../shared/data ({', '.join(p.split('/')[0] for p, _ in PICKS)})"
     rng = np.random.default_rng(0)
     return [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(n)], f"{n} synthetic 512x512 RGB images"
-
-
-def loadavg() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def others_running() -> int:
-    """Runnable threads on the machine besides the one asking (instantaneous, from /proc/loadavg)."""
-    try:
-        return max(0, int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def wait_quiet(limit_s: float) -> bool:
-    """Wait until no other thread has been runnable for ~1 s (at most limit_s); True when quiet."""
-    deadline = time.monotonic() + limit_s
-    calm = 0
-    while time.monotonic() < deadline:
-        calm = calm + 1 if others_running() == 0 else 0
-        if calm >= 5:
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def main(argv: list[str] | None = None) -> int:

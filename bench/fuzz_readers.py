@@ -39,15 +39,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import _mutate as mz  # noqa: E402
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import cpu_name  # noqa: E402
 
 
 def versions() -> dict[str, str]:
@@ -82,7 +74,7 @@ def render(outcomes, info, seeds, args, wall: float) -> str:
         "",
         f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- Command: `python bench/fuzz_readers.py --n {args.n} --seed {args.seed}" + (" --no-shared" if args.no_shared else "") + "`",
-        f"- CPU: {cpu_model()} ({platform.machine()}, {len(__import__('os').sched_getaffinity(0))} usable cores)",
+        f"- CPU: {cpu_name()} ({platform.machine()}, {len(__import__('os').sched_getaffinity(0))} usable cores)",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- Cases: {n}, wall time {wall:.0f} s; worker memory cap {args.mem_gib:g} GiB (RLIMIT_AS), "
         f"peak worker RSS {info['max_worker_rss_kb'] / 1024:.0f} MB, worker restarts {info['worker_restarts']}",

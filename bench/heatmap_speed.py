@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import platform
 import sys
 import time
@@ -77,42 +76,11 @@ noise 18/14/24/24/24, 1 copy 21/20/24/-/-, 4 copies 21/24/24/24/24, 6 copies 23/
 
 
 # --------------------------------------------------------------------------- machine
-def loadavg() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def others_running() -> int:
-    try:
-        return max(0, int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def wait_quiet(limit_s: float) -> bool:
-    """Until no other thread has been runnable for ~1 s (at most limit_s); True when quiet."""
-    deadline, calm = time.monotonic() + limit_s, 0
-    while time.monotonic() < deadline:
-        calm = calm + 1 if others_running() == 0 else 0
-        if calm >= 5:
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 # --------------------------------------------------------------------------- rejected designs, for comparison
+
+from _machine import cpu_name, loadavg, wait_quiet  # noqa: E402
+
+
 def _vit_token_gradcam(model, image: np.ndarray, text: np.ndarray) -> np.ndarray:
     """Grad-CAM on the normalised tokens entering the last block's attention (the usual recipe for
     ViTs), with engine.heatmap's score and geometry."""

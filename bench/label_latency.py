@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,15 +33,7 @@ WORK = REPO / "bench" / "work"
 XRAY_LABELS = ["pneumonia", "pleural effusion", "cardiomegaly", "no finding"]
 CT_LABELS = ["liver", "lung", "kidney", "spleen"]
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import cpu_name  # noqa: E402
 
 
 def cpu_flags() -> str:

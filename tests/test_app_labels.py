@@ -14,24 +14,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import running_app  # noqa: E402
-from _models import tiny_clip_folder  # noqa: E402
+from _app import server, tiny  # noqa: E402,F401  (shared fixtures, used by name)
 from _series import decode_data_url_png, synthetic_ct_series, zip_files  # noqa: E402
 
 LABEL_API = {"/label_preset", "/label_scan", "/show_evidence", "/set_evidence_label", "/evidence_slice"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    folder = tiny_clip_folder(tmp_path_factory.mktemp("tiny_clip") / "model")
-    return f"local-dir:{folder}"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny):
-    cache = tmp_path_factory.mktemp("gradio_cache")
-    with running_app(cache, model=tiny) as (url, demo):
-        yield url, cache, demo
 
 
 @pytest.fixture

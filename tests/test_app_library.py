@@ -19,27 +19,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import running_app  # noqa: E402
-from _models import tiny_clip_folder  # noqa: E402
+from _app import server, tiny  # noqa: E402,F401  (shared fixtures, used by name)
 
 LIBRARY_API = {
     "/library_search", "/library_open", "/library_select", "/library_add",
     "/library_tag_positive", "/library_tag_negative", "/library_teach", "/library_refresh",
 }
 CAPTION = re.compile(r"^-?\d+\.\d{4} · [A-Z]+ · #\d+$")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    folder = tiny_clip_folder(tmp_path_factory.mktemp("tiny_clip") / "model")
-    return f"local-dir:{folder}"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny):
-    cache = tmp_path_factory.mktemp("gradio_cache")
-    with running_app(cache, model=tiny) as (url, demo):
-        yield url, cache, demo
 
 
 @pytest.fixture

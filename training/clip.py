@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import random
 import sys
 import time
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.models.cpu import cpu_profile
 from training import augment
 from training import clip_model as cm
 from training.distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
@@ -48,23 +47,11 @@ from training.manifest import Row, read_manifest
 from training.params import parse_clip_args
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def use_bf16(precision: str, device: torch.device) -> bool:
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    from engine.models.cpu import cpu_profile
-
     return cpu_profile().native_bf16
 
 
@@ -147,8 +134,7 @@ def trunk_features(trunk: nn.Module, images: np.ndarray, standardise: Standardis
 
 @torch.no_grad()
 def validate(train: cm.TrainableClip, standardise: Standardise, images: np.ndarray, feats: torch.Tensor | None,
-             rows: list[Row], pooled: torch.Tensor, pools: list[np.ndarray], train_rows: list[Row],
-             train_pools: list[np.ndarray]) -> dict:
+             rows: list[Row], pooled: torch.Tensor, train_rows: list[Row], train_pools: list[np.ndarray]) -> dict:
     """Per-dataset accuracy of matching each val image to its label key's caption prototype.
 
     Prototypes average the caption embeddings of every label key seen in training for that
@@ -238,7 +224,6 @@ def main(argv=None) -> int:
 
     # captions and text features (locked text tower: once, cached) ------------------
     vocab, pools = caption_tables(train_rows)
-    _, val_pools = caption_tables(val_rows) if val_rows else ([], [])
     pooled = None
     if args.unlock_text_layers == 0:
         if env.is_master:
@@ -303,7 +288,7 @@ def main(argv=None) -> int:
     local = args.batch_size // env.world_size
     micro = local // args.accum
     log_line(env, f"{total_steps} steps of global batch {args.batch_size} ({sampler.steps_per_epoch} per epoch), "
-             f"{'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, CPU: {cpu_name()}")
+             f"{'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, CPU: {cpu_profile().model}")
 
     def save_last() -> None:
         if env.is_master:
@@ -316,7 +301,7 @@ def main(argv=None) -> int:
         nonlocal best
         if env.is_master and val_rows:
             res = validate(train, standardise, val_images, val_feats, val_rows, pooled if pooled is not None else _pool_now(),
-                           val_pools, train_rows, pools)
+                           train_rows, pools)
             history.append({"step": step, "val": res, "elapsed_s": round(time.time() - t_start, 1)})
             log_line(env, f"step {step}: val balanced accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
             if res["mean"] > best["mean"]:
@@ -410,7 +395,7 @@ def main(argv=None) -> int:
             "args": vars(args), "model_cfg": model_cfg, "preprocess_cfg": preprocess, "steps": step,
             "epochs": step / sampler.steps_per_epoch, "train_rows": len(train_rows), "val_rows": len(val_rows),
             "best": best, "history": history, "final_loss_ema": final_loss, "wall_s": round(time.time() - t_start, 1),
-            "cpu": cpu_name(), "threads": torch.get_num_threads(), "world_size": env.world_size, "bf16": bf16,
+            "cpu": cpu_profile().model, "threads": torch.get_num_threads(), "world_size": env.world_size, "bf16": bf16,
             "torch": torch.__version__, "caption_vocabulary": len(vocab), "trainable_params": n_trainable,
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))

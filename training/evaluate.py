@@ -57,7 +57,6 @@ import argparse
 import hashlib
 import json
 import math
-import platform
 import re
 import sys
 import time
@@ -67,6 +66,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from engine.models.cpu import cpu_profile
 from training import metrics, probe
 from training import tasks as tasks_mod
 from training.manifest import PixelLoader, Row, read_manifest
@@ -457,16 +457,6 @@ def probe_task(task: Task, rows_by_split: dict[str, list[Row]], cache: Embedding
 # --------------------------------------------------------------------------- orchestration
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -777,7 +767,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "split": args.split,
         "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "rows": len(rows)},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_name(),
+        "cpu": cpu_profile().model,
         "settings": {k: getattr(args, k) for k in ("tasks", "probe", "probe_max_train", "pointing", "pointing_max", "pointing_tolerance", "max_per_task", "batch_size", "exact")},
         **body,
     }

@@ -7,7 +7,6 @@ card cannot drift from what was measured.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 SOURCES = [
@@ -91,19 +90,6 @@ for **non-commercial research use**.
     path = Path(folder) / "MODEL_CARD.md"
     path.write_text(text)
     return path
-
-
-def tower_table(results: list[dict]) -> str:
-    """results: [{"tower": ..., "how": ..., "metrics": {task: value}, "probe": {...}}] -> Markdown."""
-    if not results:
-        return ""
-    tasks = sorted({t for r in results for t in r.get("metrics", {})})
-    rows = [[r["tower"], r.get("how", "")] + [f"{r['metrics'].get(t, float('nan')):.3f}" for t in tasks] for r in results]
-    return "## Image towers tried (held-out test splits)\n\n" + _table(["tower", "how"] + tasks, rows)
-
-
-def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 # The issue's held-out aims for the shipped model (quality aims, not gates): task -> (metric, target).

@@ -71,7 +71,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,6 +80,8 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from engine.models.cpu import cpu_profile
 from torch import nn
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN
@@ -272,17 +273,6 @@ def trunk_state_for_open_clip(state: dict[str, torch.Tensor] | nn.Module) -> dic
 
 
 # --------------------------------------------------------------------------- training
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def use_channels_last(cfg: SSLConfig) -> bool:
     """NHWC helps BatchNorm/grouped-conv towers (regnetx_004: 29 -> 41 img/s on one core) and not
     timm's ConvNeXt (its LayerNorm2d permutes anyway; 34 -> 32 img/s)."""
@@ -446,7 +436,7 @@ def _train(cfg: SSLConfig) -> dict:
         "lr": cfg.lr, "weight_decay": cfg.weight_decay, "temperature": cfg.temperature, "seed": cfg.seed,
         "loss_curve": losses, "loss_per_epoch": per_epoch,
         "wall_time_s": round(wall, 2), "images_per_s": round(step * batch / max(wall, 1e-9), 2),
-        "cpu": cpu_name(), "threads": torch.get_num_threads(), "device": str(device),
+        "cpu": cpu_profile().model, "threads": torch.get_num_threads(), "device": str(device),
         "channels_last": channels_last,
         "torch": torch.__version__, "manifest": str(cfg.manifest), "rows_key": rows_key,
         "trunk_params": sum(p.numel() for p in model.trunk.parameters()),

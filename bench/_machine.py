@@ -1,0 +1,52 @@
+"""What the benchmark tables say about the machine, in one place for every bench script.
+
+The CPU's name comes from the engine's own CPU profile (engine.models.cpu), the
+one the inference-path chooser uses, so tables and the engine agree."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def cpu_name() -> str:
+    from engine.models.cpu import cpu_profile
+
+    return cpu_profile().model
+
+
+def loadavg() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def others_running() -> int:
+    """Runnable threads on the machine besides the one asking (instantaneous, from /proc/loadavg)."""
+    try:
+        return max(0, int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def wait_quiet(limit_s: float) -> bool:
+    """Wait until no other thread has been runnable for ~1 s (at most limit_s); True when quiet."""
+    deadline, calm = time.monotonic() + limit_s, 0
+    while time.monotonic() < deadline:
+        calm = calm + 1 if others_running() == 0 else 0
+        if calm >= 5:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
