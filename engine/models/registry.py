@@ -56,7 +56,15 @@ def shipped_models() -> dict[str, Path]:
     root = ASSETS / "models"
     if not root.is_dir():
         return {}
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+    # Q-Former checkpoints (engine.ask) live beside the CLIP models but are not CLIP models.
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file() and not _is_qformer(p)}
+
+
+def _is_qformer(folder: Path) -> bool:
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("format", "")).startswith("medlens-qformer")
+    except (OSError, ValueError):
+        return False
 
 
 def list_models() -> list[ModelEntry]:

