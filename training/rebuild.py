@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     eval_md = (eval_out / "metrics.md").read_text()
     extra = Path(recipe["card_extra"]) if recipe.get("card_extra") else None
     extra_md = extra.read_text() if extra is not None and extra.is_file() else ""
+    library = Path(recipe["card_library"]) if recipe.get("card_library") else None  # issue 6's measurements (training.library_eval)
+    if library is not None and library.is_file():
+        extra_md = extra_md.rstrip() + "\n\n" + library.read_text()
     command = "python -m training.rebuild --data-root ../shared/data"
     metrics = json.loads((eval_out / "metrics.json").read_text())
     write_card(model_dir, name="medlens-clip", summary=summary, eval_md=eval_md, command=command, towers_md=extra_md,
