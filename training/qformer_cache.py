@@ -23,24 +23,27 @@ from typing import Iterable
 
 import torch
 
-from engine.ask.model import image_tensor
-from engine.models import i3resnet, volume_prep
+from engine.ask.model import FrozenEncoders, image_tensor
+from engine.models import volume_prep
 from training.qa_data import QARow, load_image, load_volume_crop
 
 SAVE_EVERY = 200
 
 
-def cache_key(kind: str, prep: dict, image_size: int) -> str:
-    spec = json.dumps({"kind": kind, "prep": prep if kind == "volume" else None, "image_size": image_size if kind == "image" else None, "v": 1}, sort_keys=True)
+def cache_key(kind: str, prep: dict, image_size: int, encoder: dict | None = None) -> str:
+    spec = json.dumps({"kind": kind, "prep": prep if kind == "volume" else None, "image_size": image_size if kind == "image" else None, "v": 1,
+                       **({"encoder": encoder} if encoder and encoder.get("type") != "i3resnet152" else {})}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
 class TokenCache:
     """id -> (fp16 tokens [N, C], grid) for one kind of row and one preprocessing."""
 
-    def __init__(self, folder: str | Path, kind: str, prep: volume_prep.VolumePrep, image_size: int):
-        self.path = Path(folder) / f"tokens-{kind}-{cache_key(kind, prep.to_dict(), image_size)}.pt"
+    def __init__(self, folder: str | Path, kind: str, prep: volume_prep.VolumePrep, image_size: int, encoder: dict | None = None):
+        self.path = Path(folder) / f"tokens-{kind}-{cache_key(kind, prep.to_dict(), image_size, encoder)}.pt"
         self.kind, self.prep, self.image_size = kind, prep, image_size
+        self.encoder_spec = encoder or {"type": "i3resnet152"}
+        self._encoders: FrozenEncoders | None = None
         self.items: dict[str, tuple[torch.Tensor, tuple[int, int, int]]] = {}
         if self.path.is_file():
             self.items = torch.load(self.path, weights_only=True)
@@ -55,16 +58,17 @@ class TokenCache:
         todo = [r for r in rows if r.kind == self.kind and r.id not in self.items]
         if not todo:
             return
+        encoders = self._encoders = self._encoders or FrozenEncoders(self.encoder_spec)
         start, done = time.time(), 0
         step = batch_size if self.kind == "image" else 1
         for i in range(0, len(todo), step):
             chunk = todo[i:i + step]
             if self.kind == "image":
                 pixels = torch.cat([image_tensor(load_image(root, r, size=448), self.image_size) for r in chunk])
-                tokens, grid = i3resnet.encode_2d_tokens(pixels)
+                tokens, grid = encoders.image_tokens(pixels)
             else:
                 prepared = volume_prep.prepare_volume(load_volume_crop(root, chunk[0]), self.prep)
-                tokens, grid = i3resnet.encode_volume_tokens(prepared.tensor)
+                tokens, grid = encoders.volume_tokens(prepared.tensor)
             for r, t in zip(chunk, tokens):
                 self.items[r.id] = (t.to(torch.float16).clone(), tuple(int(g) for g in grid))
             done += len(chunk)

@@ -31,7 +31,7 @@ from engine.models.qformer import QFormer
 class Stage1Batch:
     tokens: torch.Tensor  # [B, N, C] frozen encoder tokens (padded)
     token_mask: torch.Tensor  # [B, N] True where a token exists
-    grid: tuple[int, int, int] | None  # shared token grid (None when the batch mixes grids: no position code)
+    grid: tuple[int, int, int] | list[tuple[int, int, int]] | None  # one token grid for all, or one per sample
     caption_ids: torch.Tensor  # [B, L]
     caption_mask: torch.Tensor  # [B, L]
     caption_group: torch.Tensor  # [B] equal ids = identical captions

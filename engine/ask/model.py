@@ -91,7 +91,7 @@ def image_tensor(pixels448: np.ndarray, size: int) -> torch.Tensor:
     image = np.asarray(pixels448)
     if image.shape[0] != size:
         image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div_(255.0)
 
 
 class FrozenEncoders:
@@ -175,17 +175,22 @@ class AskModel:
                 self._cache.move_to_end(key)
                 return self._cache[key]
         tokens, grid, mapping = self.encoder_tokens(scan)
-        with torch.inference_mode():
-            memory = self.qformer.encoder_memory(self.qformer.prepare_encoder(tokens, grid))
-            mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
-            states, weights = self.qformer.query_output(memory, mask, keep_weights=True)
-            cross = torch.stack([w.mean(dim=(1, 2)) for w in weights]).mean(0)[0] if weights else torch.full((tokens.shape[1],), 1 / tokens.shape[1])
-        encoded = Encoded(memory, mask, grid, states, cross, mapping, scan.is_2d, tuple(scan.volume_shape))
+        encoded = self.encode_tokens(tokens, grid, mapping, scan.is_2d, tuple(scan.volume_shape))
         with self._lock:
             self._cache[key] = encoded
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         return encoded
+
+    def encode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int, int], mapping: Any = None, is_2d: bool = False,
+                      scan_shape: tuple[int, ...] = ()) -> Encoded:
+        """Frozen-encoder tokens [1, N, C] -> the Q-Former's view of them (evaluation feeds cached tokens here)."""
+        with torch.inference_mode():
+            memory = self.qformer.encoder_memory(self.qformer.prepare_encoder(tokens.float(), grid))
+            mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
+            states, weights = self.qformer.query_output(memory, mask, keep_weights=True)
+            cross = torch.stack([w.mean(dim=(1, 2)) for w in weights]).mean(0)[0] if weights else torch.full((tokens.shape[1],), 1 / tokens.shape[1])
+        return Encoded(memory, mask, grid, states, cross, mapping, is_2d, scan_shape)
 
     # ----------------------------------------------------------------- answers
     def _candidate_scores(self, enc: Encoded, prompt: str, candidates: list[str]) -> np.ndarray:
@@ -217,8 +222,19 @@ class AskModel:
     def ask(self, scan: Scan, question: str, *, with_evidence: bool = True) -> Answer:
         question = validate_question(question)
         enc = self.encode(scan)
-        match = match_question(question, scan.modality.value)
+        answer = self.answer_encoded(enc, question, scan.modality.value)
+        if with_evidence:
+            answer.evidence = self.evidence(enc)
+        return answer
+
+    def answer_encoded(self, enc: Encoded, question: str, modality: str | None = None, candidates: list[str] | None = None) -> Answer:
+        """Answer a (validated) question about an encoded scan; `candidates` overrides the family's."""
+        match = match_question(question, modality)
         prompt = prompting.qa_prompt(question)
+        if candidates is not None:
+            from engine.ask.questions import QuestionMatch
+
+            match = QuestionMatch(match.family if match else "given", dict(match.slots) if match else {}, tuple(candidates), True, "given", None)
         if match is not None and match.closed and match.candidates:
             candidates = list(match.candidates)
             scores = self._candidate_scores(enc, prompt, candidates)
@@ -230,8 +246,6 @@ class AskModel:
         else:
             text, confidence = self._generate(enc, prompt)
             answer = Answer(question, text or "(no answer)", confidence, False, match.family if match else None)
-        if with_evidence:
-            answer.evidence = self.evidence(enc)
         return answer
 
     def caption(self, scan: Scan) -> Answer:
@@ -254,9 +268,12 @@ class AskModel:
         return self._label_cache[key]
 
     def label_texts(self, scan: Scan, labels: list[str]) -> list[str]:
+        return self.label_texts_for(scan.modality.value, labels)
+
+    def label_texts_for(self, modality: str, labels: list[str]) -> list[str]:
         """The caption-style text a label is scored as (the Q-Former was trained on findings captions)."""
         template = self.config.get("label_template", "{label}")
-        return [template.format(label=label, modality=scan.modality.value) for label in labels]
+        return [template.format(label=label, modality=modality) for label in labels]
 
     def label(self, scan: Scan, labels: list[str]) -> list[dict[str, Any]]:
         """3D (or 2D) zero-shot labels: softmax of ITC similarities with the model's logit scale, ranked."""

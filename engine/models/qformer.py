@@ -181,6 +181,17 @@ class Layer(nn.Module):
         return out, weights
 
 
+def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sets of different lengths [N_i, C] -> zero-padded [B, N_max, C] and a mask (True = real token)."""
+    n = max(t.shape[0] for t in tokens)
+    out = torch.zeros(len(tokens), n, tokens[0].shape[1], dtype=torch.float32)
+    mask = torch.zeros(len(tokens), n, dtype=torch.bool)
+    for i, t in enumerate(tokens):
+        out[i, : t.shape[0]] = t.float()
+        mask[i, : t.shape[0]] = True
+    return out, mask
+
+
 def grid_positions(grid: tuple[int, int, int], frequencies: int, device=None) -> torch.Tensor:
     """Fourier features [N, 6*F] of token grid positions (flattened in C order), coordinates in [-1, 1]."""
     axes = [torch.linspace(-1, 1, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in grid]
@@ -261,12 +272,22 @@ class QFormer(nn.Module):
             parts.append(self._text_embeddings(ids))
         return self.dropout(self.embeddings.LayerNorm(torch.cat(parts, dim=1)))
 
-    def prepare_encoder(self, tokens: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
-        """Frozen encoder tokens [B, N, C] -> normalised tokens with their grid position added."""
+    def prepare_encoder(self, tokens: torch.Tensor, grid: tuple[int, int, int] | list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+        """Frozen encoder tokens [B, N, C] -> normalised tokens with their grid position added.
+
+        grid: one grid for the batch, or one per sample (tokens zero-padded after each sample's
+        prod(grid) tokens, as `pad_tokens` makes them); None adds no position code."""
         x = self.encoder_norm(tokens.float())
-        if grid is not None:
-            x = x + self.encoder_position(grid_positions(grid, self.config.position_frequencies, x.device))[None]
-        return x
+        if grid is None:
+            return x
+        f = self.config.position_frequencies
+        if isinstance(grid, list):
+            codes = torch.zeros(x.shape[0], x.shape[1], 6 * f, device=x.device)
+            for i, g in enumerate(grid):
+                pos = grid_positions(tuple(g), f, x.device)
+                codes[i, : pos.shape[0]] = pos
+            return x + self.encoder_position(codes)
+        return x + self.encoder_position(grid_positions(grid, f, x.device))[None]
 
     def encoder_memory(self, encoder: torch.Tensor) -> "EncoderMemory":
         """Cross-attention keys/values of the prepared encoder tokens, computed once per image.
