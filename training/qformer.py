@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     best, history, start = -1.0, [], time.time()
     config = {"volume_prep": prep.to_dict(), "image_size": args.image_size, "supports_2d": bool(pools["image"]),
               "encoder": encoder,
-              "label_template": "{label}", "training": vars(args)}
+              "label_template": "In view: {label}.", "training": vars(args)}
     for step in range(args.steps):
         kind = "volume" if pools["volume"] and (not pools["image"] or rng.random() < args.volume_share) else "image"
         batch = make_batch(rng.sample(pools[kind], min(args.batch_size, len(pools[kind]))), tokenizer, groups, rng, args.caption_share)

@@ -16,6 +16,10 @@ def _f(x, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _at_least(ours: float, theirs: float | None) -> str:
+    return "n/a" if theirs is None else ("yes" if ours >= theirs else f"NO (-{theirs - ours:.3f})")
+
+
 def _rows(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -27,8 +31,9 @@ def card(config: dict, results: dict, *, command: str, minutes: float | None, no
     organ = r3["organ_presence_ct"]
     auc = r3["organ_auc"]
     whole = r3["whole_volumes"]
-    baseline = (r2.get("clip_baseline") or {}).get("accuracy", {})
-    finding = r2["finding_accuracy"]
+    clip = r2.get("clip_baseline") or {}
+    base_ds = {d: v["accuracy"] for d, v in (clip.get("per_dataset") or {}).items()}
+    base_groups = {g: v["accuracy"] for g, v in (clip.get("groups") or {}).items()}
     lines = [
         "# medlens-qformer: ask the scan (research use only, not for diagnosis)",
         "",
@@ -78,9 +83,15 @@ def card(config: dict, results: dict, *, command: str, minutes: float | None, no
         "",
         "### 2D closed questions (test split), beside the zero-shot CLIP model on the same questions",
         "",
+        "Per dataset (all closed questions the CLIP baseline can answer, modality questions excluded; training/qa_baseline.py):",
+        "",
         _rows(["dataset", "n", "Q-Former", "medlens-clip zero-shot", "at least CLIP?"],
-              [[d, str(v["n"]), _f(v["accuracy"]), _f(baseline.get(d)), ("yes" if baseline.get(d) is not None and v["accuracy"] >= baseline[d] else ("n/a" if baseline.get(d) is None else "NO"))]
-               for d, v in finding.items()]),
+              [[d, str(v["n"]), _f(v["accuracy"]), _f(base_ds.get(d)), _at_least(v["accuracy"], base_ds.get(d))] for d, v in r2["per_dataset"].items()]),
+        "",
+        "Per question group:",
+        "",
+        _rows(["group", "n", "Q-Former", "medlens-clip zero-shot", "at least CLIP?"],
+              [[g, str(v["n"]), _f(v["accuracy"]), _f(base_groups.get(g)), _at_least(v["accuracy"], base_groups.get(g))] for g, v in r2["groups"].items()]),
         "",
         "Open questions (exact match of the normalised answer):",
         "",

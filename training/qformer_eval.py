@@ -38,6 +38,7 @@ import torch
 from engine.ask.model import AskModel, load_ask_folder
 from engine.ask.questions import normalise_answer, render_question
 from training.metrics import binary_auc
+from training.qa_baseline import rule_for
 from training.qa_data import QARow, load_volume_crop, medpix_items, read_qa_manifest
 from training.qformer_cache import TokenCache
 
@@ -61,7 +62,9 @@ def closed_items(model: AskModel, caches, rows: list[QARow]) -> list[dict]:
             enc = enc or _encoded(model, caches, row)
             ans = model.answer_encoded(enc, item["question"], None, candidates=list(item["candidates"]))
             probs = dict(ans.candidates)
+            rule = rule_for(row, item) if row.kind == "image" else None
             out.append({"id": row.id, "dataset": row.dataset, "family": item["family"], "task": item.get("task"),
+                        "group": rule[0] if rule else None,
                         "truth": item["answer"], "answer": ans.answer, "correct": ans.answer == item["answer"],
                         "p_yes": probs.get("yes"), "slots": item.get("slots") or {}})
     return out
@@ -196,9 +199,11 @@ def main(argv=None) -> int:
 
     images = [r for r in rows if r.kind == "image"]
     img_items = closed_items(model, caches, images)
+    scored = [i for i in img_items if i["group"]]  # exactly the items the CLIP baseline answers, grouped as it does
     results["2d"] = {
-        "finding_accuracy": {d: {"n": len(v), "accuracy": _mean(i["correct"] for i in v)}
-                             for (d,), v in _group([i for i in img_items if i["task"]], ("dataset",)).items()},
+        "groups": {g: {"n": len(v), "accuracy": _mean(i["correct"] for i in v)} for (g,), v in _group(scored, ("group",)).items()},
+        "per_dataset": {d: {"n": len(v), "accuracy": _mean(i["correct"] for i in v)}
+                        for (d,), v in _group([i for i in scored if not i["group"].startswith("all:")], ("dataset",)).items()},
         "by_family": {f"{d}/{f}": {"n": len(v), "accuracy": _mean(i["correct"] for i in v)}
                       for (d, f), v in _group(img_items, ("dataset", "family")).items()},
     }
