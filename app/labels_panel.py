@@ -19,6 +19,12 @@ Design decisions
   model's view of that slice (default window) and blended into the user's
   view (their window) through render_view(overlay=...). Moving the axial
   slider with evidence on recomputes it for the new slice.
+- The picker also lists the Q-Formers of the Ask panel as "<source> (3D,
+  Q-Former)" (value "qformer:<source>"): they score the label list over the
+  whole volume at once (engine.ask.api.label_volume, the same result shape),
+  so there is no per-slice chart and no per-label evidence map for them
+  (the Ask panel shows where a Q-Former looked); the status line says so.
+  Everything else (the CLIP path) is unchanged.
 - Engine errors (MedLensError: model, prompts, scan, heat maps) become
   gr.Error with their message, HTML-escaped; anything else is handled by
   app.handlers.guarded (logged, generic message, never a trace).
@@ -33,6 +39,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import handlers
+from app.ask_panel import QFORMER_PREFIX, is_qformer, qformer_label_choices
 from app.display import view_html
 from engine.views import plane_sizes, render_view
 
@@ -101,6 +108,10 @@ def bar_figure(result: dict[str, Any]):
         )
     )
     what = "P(present) per label" if present_absent else "probability (softmax over labels)"
+    if result.get("scope") == "volume":
+        what += ", whole volume (3D Q-Former)"
+    elif result.get("scope") == "image":
+        what += ", whole image (Q-Former)"
     if result.get("aggregation"):
         what += f", {result['aggregation']} over {result['n_slices']} slices"
     fig.update_layout(
@@ -173,6 +184,8 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             label_list = clean_labels(str(labels))
         else:
             label_list = None  # the modality's preset
+        if is_qformer(model):
+            return _label_with_qformer(scan, label_list, model, prompt_set, mode, volume)
         result = engine_label_scan(
             scan,
             label_list,
@@ -204,6 +217,38 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
     return label_scan
 
 
+def _label_with_qformer(scan, label_list, model, prompt_set, mode, volume):
+    """The label_scan outputs for a Q-Former choice: one score per label over the whole volume."""
+    from engine.ask.api import label_volume
+
+    if mode not in (None, "", "softmax"):
+        raise gr.Error(
+            "The 3D Q-Former ranks labels as a softmax over the list: choose 'Softmax over labels' as the scoring.",
+            print_exception=False,
+        )
+    data = label_volume(
+        scan,
+        label_list,
+        model[len(QFORMER_PREFIX):],
+        prompt_set=None if prompt_set in (None, "", AUTO) else prompt_set,
+        volume=int(volume or 0),
+    )
+    top = data["labels"][0]
+    whole = "the whole image" if scan.is_2d else "the whole volume at once"
+    status = (
+        f"Top: **{html.escape(top['label'])}** ({100 * top['probability']:.1f}%) · model `{html.escape(data['model'])}` "
+        f"(Q-Former) · scored over {whole}: no per-slice chart and no per-label evidence map for this model "
+        "(the Ask panel shows where it looked)"
+    )
+    return (
+        bar_figure(data),
+        gr.update(value=None, visible=False),
+        data,
+        gr.update(choices=[], value=None),
+        status,
+    )
+
+
 def make_show_evidence(allowed_models: set[str], api_name: str) -> Callable:
     @handlers.guarded(title="Cannot show evidence")
     def show_evidence(session, series, volume, axial, center, width, mip, mip_mm, model, prompt_set, label, show):
@@ -216,6 +261,12 @@ def make_show_evidence(allowed_models: set[str], api_name: str) -> Callable:
         slab = float(mip_mm) if mip and mip_mm else None
         if not show:
             return handlers._view_html(scan, "axial", int(axial or 0), center, width, slab, int(volume or 0))
+        if is_qformer(model):
+            raise gr.Error(
+                "Per-label evidence maps need a CLIP model (pick one in the Model list); "
+                "for the 3D Q-Former, the Ask panel shows where it looked.",
+                print_exception=False,
+            )
         if not label:
             raise gr.Error("Label the scan first, then pick the label to show evidence for.", print_exception=False)
         if not model or model not in allowed_models:
@@ -243,7 +294,7 @@ def make_evidence_on_slice(allowed_models: set[str]) -> Callable:
 
     def evidence_slice(session, series, volume, axial, center, width, mip, mip_mm, model, prompt_set, label, show):
         """The axial slider was released: redo the evidence map on the new slice (no change when evidence is off)."""
-        if not show:
+        if not show or is_qformer(model):
             return gr.update()
         return inner(session, series, volume, axial, center, width, mip, mip_mm, model, prompt_set, label, show)
 
@@ -251,15 +302,27 @@ def make_evidence_on_slice(allowed_models: set[str]) -> Callable:
 
 
 # --- layout and wiring -------------------------------------------------------------
-def build_labels_panel(c: dict[str, Any], model: str | None = None, heavy: str = "heavy") -> dict[str, Any]:
-    """Create the panel inside the current Blocks context; `c` holds the Scan tab's components."""
+def build_labels_panel(
+    c: dict[str, Any], model: str | None = None, heavy: str = "heavy", ask_choices: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
+    """Create the panel inside the current Blocks context; `c` holds the Scan tab's components.
+
+    ask_choices: the Ask panel's (label, source) Q-Former choices, offered as 3D zero-shot label models.
+    """
     choices, value = model_choices(model)
-    allowed = {v for _, v in choices}
     installed = value is not None
+    choices = choices + qformer_label_choices(ask_choices or [])
+    allowed = {v for _, v in choices}
     with gr.Accordion("Zero-shot labels", open=True, elem_id="ml-labels"):
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
-                c["lp_model"] = gr.Dropdown(label="Model", choices=choices, value=value, elem_id="ml-lp-model")
+                c["lp_model"] = gr.Dropdown(
+                    label="Model",
+                    choices=choices,
+                    value=value,
+                    info="CLIP models score sampled slices; '(3D, Q-Former)' models score the whole volume at once (no per-slice chart)",
+                    elem_id="ml-lp-model",
+                )
                 c["lp_preset"] = gr.Dropdown(
                     label="Preset label set", choices=preset_choices(), value=None, elem_id="ml-lp-preset"
                 )

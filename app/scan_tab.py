@@ -1,4 +1,4 @@
-"""The "Scan" tab: upload, series picker, three orthogonal views, window, MIP, metadata, zero-shot labels.
+"""The "Scan" tab: upload, series picker, three orthogonal views, window, MIP, metadata, Ask the scan, zero-shot labels.
 
 Design decisions
 - Per-user data (the loaded scans) live only in a gr.State; nothing is
@@ -66,12 +66,18 @@ def _ordered(fn: Callable[..., dict[str, Any]], names: tuple[str, ...]) -> Calla
     return wrapper
 
 
-def build_scan_tab(model: str | None = None) -> dict[str, gr.components.Component]:
+def build_scan_tab(model: str | None = None, ask_model: str | None = None) -> dict[str, gr.components.Component]:
     """Create the tab's components inside the current Blocks context and wire their events.
 
     model: the model source the zero-shot labels panel offers first (None: the
     shipped default if installed; the panel says so when there is none).
+    ask_model: the question-answering (Q-Former) source the Ask panel offers
+    first (None: $MEDLENS_ASK_MODEL, else the shipped Q-Formers); the labels
+    panel offers the same Q-Formers for 3D zero-shot labels.
     """
+    from app.ask_panel import ask_model_choices, ask_model_from_env, build_ask_panel, wire_ask_panel
+
+    ask_choices = ask_model_choices(ask_model or ask_model_from_env())
     c: dict[str, Any] = {}
     c["state"] = gr.State(None, time_to_live=STATE_TTL_S)
     ct = PRESETS[CT_DEFAULT]
@@ -115,11 +121,13 @@ def build_scan_tab(model: str | None = None) -> dict[str, gr.components.Componen
                             elem_id=f"ml-{plane}-slider",
                         )
             c["warnings"] = gr.Markdown("", label="warnings", elem_id="ml-warnings")
+            ask_allowed = build_ask_panel(c, ask_choices)  # beside the views: questions about the scan shown
             c["metadata"] = gr.JSON(label="Scan information (de-identified)", elem_id="ml-metadata")
     _wire(c)
+    wire_ask_panel(c, ask_allowed, heavy=HEAVY, render=RENDER)
     from app.labels_panel import build_labels_panel
 
-    build_labels_panel(c, model=model, heavy=HEAVY)
+    build_labels_panel(c, model=model, heavy=HEAVY, ask_choices=ask_choices[0])
     return c
 
 

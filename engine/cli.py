@@ -2,8 +2,9 @@
 
 Conventions: results on stdout (JSON Lines with --json), problems on stderr
 as one line each; exit status 0 when something useful was produced, 2 on bad
-input (nothing loadable, bad arguments). Never a stack trace: unexpected
-errors become a one-line message as well.
+input (nothing loadable, bad arguments); `ask` exits 2 as soon as any
+question about any PATH went unanswered (each failure is reported). Never a
+stack trace: unexpected errors become a one-line message as well.
 """
 
 from __future__ import annotations
@@ -126,26 +127,136 @@ def cmd_label(args) -> int:
     return 0
 
 
+def _ask_source(args) -> str | None:
+    import os
+
+    return args.model or (os.environ.get("MEDLENS_ASK_MODEL") or "").strip() or None
+
+
+def _ask_failed(args, path: str, message: str, question: str | None = None) -> None:
+    message = _one_line(message)
+    if args.json:
+        row = {"path": path, **({"question": question} if question is not None else {}), "error": message}
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+        return
+    where = path if question is None else f"{path}: question '{_one_line(question)[:80]}'"
+    print(f"medlens: {message if message.startswith(path) else f'{where}: {message}'}", file=sys.stderr)
+
+
+def cmd_ask(args) -> int:
+    """Questions about each PATH with one model load; a scan is encoded once for all its questions.
+
+    A bad PATH (or a scan the model cannot read, e.g. a 2D image for a 3D-only model) gives
+    {"path", "error"} and the rest go on; a question that cannot be asked gives
+    {"path", "question", "error"}. Exit 0 only when every question about every PATH was answered.
+    """
+    from engine.ask.api import resolve_ask_model
+    from engine.ask.questions import QuestionError, validate_question
+    from engine.io import load_one
+
+    # questions are checked before any model or scan is loaded
+    asked = [args.question, *(args.questions or [])]
+    checked: list[tuple[str, str | None, str | None]] = []  # (as given, cleaned, error)
+    for question in asked:
+        try:
+            checked.append((question, validate_question(question), None))
+        except QuestionError as exc:
+            checked.append((question, None, str(exc)))
+    if all(cleaned is None for _, cleaned, _ in checked):
+        first = checked[0][2]
+        raise MedLensError(first if len(checked) == 1 else f"no question can be asked: {first}")
+    model = resolve_ask_model(_ask_source(args))
+    answered = failed = 0
+    for path in args.paths:
+        try:
+            scan, result = load_one([path], series=args.series)
+            _print_skipped(result)
+            model.encode(scan)  # once per scan; every question reuses it (and a scan the model cannot read fails here)
+        except MedLensError as exc:
+            failed += 1
+            _ask_failed(args, path, str(exc))
+            continue
+        if not args.json:
+            kind = "2D image" if scan.is_2d else "volume" if scan.n_volumes == 1 else f"series of {scan.n_volumes} volumes (the first is asked about)"
+            print(f"{path}: {scan.modality.value} {kind} {'x'.join(map(str, scan.volume_shape))}; model {model.name}")
+        for question, cleaned, error in checked:
+            if cleaned is None:
+                failed += 1
+                _ask_failed(args, path, error or "this question cannot be asked", question)
+                continue
+            try:
+                answer = model.ask(scan, cleaned, with_evidence=False)
+            except MedLensError as exc:
+                failed += 1
+                _ask_failed(args, path, str(exc), question)
+                continue
+            answered += 1
+            if args.json:
+                row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4)}
+                if answer.closed:
+                    row["candidates"] = [{"answer": a, "probability": round(float(p), 4)} for a, p in answer.candidates]
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+                continue
+            print(f"  Q: {answer.question}")
+            print(f"  A: {answer.answer}  (confidence {100 * answer.confidence:.1f}%{'' if answer.closed else ', generated'})")
+            if answer.closed and answer.candidates:
+                for candidate, probability in answer.candidates:
+                    print(f"     {100 * probability:6.2f}%  {candidate}")
+    if failed:
+        if answered == 0:
+            print(f"medlens: no question could be answered ({len(args.paths)} PATH(s), {len(checked)} question(s))", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
 def cmd_models(args) -> int:
     from dataclasses import asdict
 
+    from engine.ask.model import DEFAULT_ASK_MODEL, ask_models
     from engine.models import DEFAULT_MODEL, list_models
 
     entries = list_models()
+    asking = _ask_entries(ask_models())
     if args.json:
         for entry in entries:
-            print(json.dumps({**asdict(entry), "default": entry.name == DEFAULT_MODEL}))
+            print(json.dumps({**asdict(entry), "default": entry.name == DEFAULT_MODEL, "task": "label"}))
+        for entry in asking:
+            print(json.dumps({**entry, "default": entry["name"] == DEFAULT_ASK_MODEL, "task": "ask"}))
         return 0
     rows = [(e.name + (" (default)" if e.name == DEFAULT_MODEL else ""), e.source, "yes" if e.available_offline else "no (downloads)", e.where) for e in entries]
+    _print_table(rows)
+    if not any(e.name == DEFAULT_MODEL for e in entries):
+        print(f"default model '{DEFAULT_MODEL}' is not installed: pass --model NAME, hf-hub:org/repo or local-dir:/path/to/checkpoint")
+    print("also accepted: --model local-dir:/path/to/checkpoint (MedLens, open_clip or UniMed-CLIP folder), hf-hub:org/repo")
+    print()
+    print("question answering (medlens ask --model; the app reads MEDLENS_ASK_MODEL):")
+    if asking:
+        _print_table([(e["name"] + (" (default)" if e["name"] == DEFAULT_ASK_MODEL else ""), e["source"], "yes", e["where"]) for e in asking])
+    if not any(e["name"] == DEFAULT_ASK_MODEL for e in asking):
+        print(f"default question-answering model '{DEFAULT_ASK_MODEL}' is not installed: pass --model local-dir:/path/to/qformer-checkpoint")
+    print("also accepted: --model local-dir:/path/to/qformer-checkpoint (a MedLens Q-Former folder)")
+    return 0
+
+
+def _ask_entries(folders) -> list[dict]:
+    """The shipped Q-Former checkpoints as `medlens models` rows."""
+    out = []
+    for name, folder in folders.items():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        out.append({"name": name, "source": name, "where": str(folder), "available_offline": True,
+                    "licence": str(config.get("licence", "")), "note": str(config.get("note", ""))})
+    return out
+
+
+def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
     header = ("name", "source (--model)", "offline", "loads from")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
     print("  ".join(h.ljust(w) for h, w in zip(header[:3], widths)) + "  " + header[3])
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row[:3], widths)) + "  " + row[3])
-    if not any(e.name == DEFAULT_MODEL for e in entries):
-        print(f"default model '{DEFAULT_MODEL}' is not installed: pass --model NAME, hf-hub:org/repo or local-dir:/path/to/checkpoint")
-    print("also accepted: --model local-dir:/path/to/checkpoint (MedLens, open_clip or UniMed-CLIP folder), hf-hub:org/repo")
-    return 0
 
 
 # --------------------------------------------------------------------------- library (index / search / teach)
@@ -320,7 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser("models", help="list the models `label` can load and where they come from")
+    p = sub.add_parser(
+        "ask", help="ask questions about scans (one model load for all PATHs; each scan is encoded once)",
+        description='Ask questions about scans with the Q-Former, e.g. medlens ask chest_ct.zip "Is the liver visible?" '
+                    '--question "What is the imaging modality?". The last positional argument is the question. '
+                    'Exit status 0 when every question about every PATH was answered, else 2.',
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
+    p.add_argument("question", metavar="QUESTION", help="the question (quote it); any language, at most 500 characters")
+    p.add_argument("--question", dest="questions", action="append", default=None, metavar="Q", help="one more question (repeatable)")
+    p.add_argument("--model", default=None,
+                   help="question-answering model: shipped name or local-dir:/path (default: $MEDLENS_ASK_MODEL, else the shipped medlens-qformer; see `medlens models`)")
+    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
+    p.add_argument("--json", action="store_true",
+                   help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
+                        'or {"path", "error"} / {"path", "question", "error"}')
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
     p.set_defaults(func=cmd_models)
 

@@ -57,10 +57,18 @@ def _require_browser():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """The app with the tiny random Q-Former as its Ask model (MEDLENS_ASK_MODEL, read when the UI is built)."""
     _require_browser()
+    from _ask import tiny_ask_folder
+
     cache = tmp_path_factory.mktemp("gradio_cache_browser")
-    with running_app(cache) as (url, _demo):
-        yield url, cache
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDLENS_ASK_MODEL", f"local-dir:{tiny_ask_folder(tmp_path_factory.mktemp('tiny_ask') / 'model')}")
+    try:
+        with running_app(cache) as (url, _demo):
+            yield url, cache
+    finally:
+        patch.undo()
 
 
 @pytest.fixture
@@ -186,3 +194,44 @@ def test_2d_image_takes_the_whole_row(server, page, tmp_path):
     page.screenshot(path=str(shot), full_page=True)
     if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
         shutil.copy(shot, Path(os.environ["MEDLENS_SCREENSHOT_DIR"]) / shot.name)
+
+
+def test_ask_a_question_about_the_scan(server, page, tmp_path):
+    from _series import synthetic_ct_series, zip_files
+
+    url, cache = server
+    archive = zip_files(synthetic_ct_series(tmp_path / "s", n_slices=6, marker=False), tmp_path / "s.zip")
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    page.wait_for_selector("#ml-files input[type=file]", state="attached")
+    page.set_input_files("#ml-files input[type=file]", str(archive))
+    page.wait_for_function("() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }")
+
+    question = page.locator("#ml-ask-question textarea, #ml-ask-question input").first
+    question.fill("Is the liver visible?")
+    question.press("Enter")  # Enter asks (the Ask button does the same)
+    answer = page.locator("#ml-ask-answer")
+    answer.get_by_text("Answer:").wait_for()
+    text = answer.inner_text()
+    assert "confidence" in text and ("yes" in text or "no" in text)
+    # the evidence: the current axial slice with the heat map, and the per-slice chart
+    page.wait_for_function("() => { const i = document.querySelector('#ml-ask-evidence img.ml-img'); return i && i.complete && i.naturalWidth === 512; }")
+    assert "where the model looked" in page.locator("#ml-ask-evidence").inner_text()
+    page.locator("#ml-ask-slices .js-plotly-plot").wait_for()
+    # the scan's suggested questions reached the dropdown (metadata.change -> ask_suggestions); picking one asks it
+    page.locator("#ml-ask-suggested input").click()
+    options = page.locator("#ml-ask-suggested [role=option]")
+    options.first.wait_for()
+    assert options.count() >= 2
+    page.locator("#ml-ask-suggested [role=option][aria-label='What is the imaging modality?']").click()
+    answer.get_by_text("Closed question (modality)").wait_for()
+    assert question.input_value() == "What is the imaging modality?"
+
+    shot = tmp_path / "ask_panel.png"
+    page.locator("#ml-ask").screenshot(path=str(shot))
+    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
+        shutil.copy(shot, Path(os.environ["MEDLENS_SCREENSHOT_DIR"]) / shot.name)
+    assert "Traceback" not in page.locator("body").inner_text()
+    assert not errors, errors
+    assert [p for p in cache.rglob("*") if p.is_file()] == []

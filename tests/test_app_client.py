@@ -64,6 +64,12 @@ EXPECTED_API = {
     "/show_evidence",
     "/set_evidence_label",
     "/evidence_slice",
+    # Ask panel (app/ask_panel.py; tested in test_app_ask.py)
+    "/ask_question",
+    "/ask_suggested",
+    "/ask_suggestions",
+    "/ask_evidence",
+    "/ask_goto_slice",
     # library tab (app/library_tab.py; tested in test_app_library.py)
     "/library_search",
     "/library_open",

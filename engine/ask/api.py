@@ -1,0 +1,170 @@
+"""Entry points of "Ask the scan" for the CLI and the app: the model, 3D labels, evidence in view space.
+
+Design decisions
+- `resolve_ask_model` is the one place a question-answering model source
+  becomes an AskModel: None means $MEDLENS_ASK_MODEL's role is the caller's
+  (the CLI and the app read it), the engine's default is the shipped
+  "medlens-qformer". A missing default, an unknown name and a broken folder
+  all become a ModelError that says what to do; nothing else escapes.
+- `label_volume` scores a label list with the Q-Former's image-text
+  similarity over the whole volume (one encoding, no slice sampling) and
+  returns the same dict shape as `LabelResult.to_dict()` (engine.zeroshot),
+  so the labels panel's bar chart and the CLI's JSON read it unchanged:
+  `aggregation` None, `n_slices` 0, `per_slice` [], plus `scope` ("volume"
+  or "image"). Labels default to the modality's preset, as label_scan.
+- `evidence_view` turns an answer's `Evidence.volume_map` (the scan's own
+  voxel grid) into what a viewer shows: the axial slices in slice space
+  (engine.views.extract_slice: display orientation), shrunk in-plane to at
+  most `max_side` pixels (the map comes from a coarse token grid, so
+  nothing visible is lost; a 512x512x300 CT's map drops from 300 MB to a
+  few MB, small enough to keep per user), plus the attention per *display*
+  axial slice (the slider's index), which is what the per-slice chart plots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine.errors import MedLensError, ModelError
+from engine.scan import Scan
+
+EVIDENCE_MAX_SIDE = 128  # in-plane pixels kept of an evidence map (overlays are resized to the view anyway)
+SCOPE_VOLUME = "volume"
+SCOPE_IMAGE = "image"
+
+__all__ = ["resolve_ask_model", "label_volume", "EvidenceView", "evidence_view", "EVIDENCE_MAX_SIDE"]
+
+
+# --------------------------------------------------------------------------- the model
+def resolve_ask_model(source: Any = None):
+    """An AskModel: passed through, or loaded from a source (shipped name or local-dir:/path; None = the shipped default)."""
+    from engine.ask import model as ask_model
+
+    if source is not None and not isinstance(source, str):
+        return source
+    text = (source or "").strip() or ask_model.DEFAULT_ASK_MODEL
+    if text == ask_model.DEFAULT_ASK_MODEL and text not in ask_model.ask_models():
+        from engine.models.registry import ASSETS
+
+        raise ModelError(
+            f"the question-answering model '{text}' is not installed (expected {ASSETS / 'models' / text}); "
+            "pass --model local-dir:/path/to/qformer-checkpoint (see `medlens models`), or set MEDLENS_ASK_MODEL for the app"
+        )
+    try:
+        return ask_model.load_ask_model(text)
+    except MedLensError:
+        raise
+    except Exception as exc:  # a broken checkpoint reads as a model problem, not a crash
+        raise ModelError(f"cannot load question-answering model '{text}': {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
+# --------------------------------------------------------------------------- 3D zero-shot labels
+def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
+                 volume: int = 0) -> dict[str, Any]:
+    """Zero-shot labels from the Q-Former over the whole volume (2D: the image), as LabelResult.to_dict() shapes them.
+
+    labels: list or comma/newline-separated string; None = the default preset of the prompt set
+    (`prompt_set`, else the scan's modality). A softmax needs at least two labels.
+    """
+    from engine.zeroshot import clean_labels, load_prompt_set
+
+    pset = load_prompt_set(prompt_set or scan.modality)
+    label_list = pset.default_labels if labels is None else clean_labels(labels)
+    if len(label_list) < 2:
+        from engine.zeroshot import PromptError
+
+        raise PromptError("a softmax over one label always gives 1: give at least two labels")
+    ask = resolve_ask_model(model)
+    # volume 0 is what the model encodes of a multi-volume scan anyway: keep its cache key (the whole scan's hash)
+    target = scan if scan.is_2d or not volume else scan.volume(int(volume))
+    ranked = ask.label(target, list(label_list))
+    return {
+        "labels": [{"label": r["label"], "probability": round(float(r["probability"]), 6), "score": round(float(r["score"]), 6)}
+                   for r in ranked],
+        "mode": "softmax",
+        "aggregation": None,
+        "model": ask.name,
+        "inference_path": "Q-Former, whole " + ("image" if scan.is_2d else "volume"),
+        "prompt_set": pset.key,
+        "logit_scale": round(float(ask.qformer.logit_scale.exp()), 6),
+        "modality": scan.modality.value,
+        "n_slices": 0,
+        "per_slice": [],
+        "scope": SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME,
+    }
+
+
+# --------------------------------------------------------------------------- evidence for a viewer
+@dataclass
+class EvidenceView:
+    """An answer's evidence as a viewer shows it.
+
+    axial: (n, rows, cols) float16 in [0, 1], axial slice i in slice space (render_view's overlay),
+    shrunk in-plane; for a 2D image, (1, rows, cols) of the image.
+    slice_weights: attention per display axial slice (sums to 1); None for a 2D image.
+    """
+
+    axial: np.ndarray
+    slice_weights: np.ndarray | None
+    scan_hash: str
+
+    @property
+    def is_2d(self) -> bool:
+        return self.slice_weights is None
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.axial.shape[0])
+
+    @property
+    def top_slice(self) -> int:
+        """The display axial slice the queries attended to most (0 for a 2D image)."""
+        return 0 if self.slice_weights is None else int(np.argmax(self.slice_weights))
+
+    def overlay(self, index: int = 0) -> np.ndarray:
+        """float32 (rows, cols) heat in [0, 1] of display axial slice `index` (clamped), for render_view(overlay=...)."""
+        i = min(max(int(index), 0), self.n_slices - 1)
+        return self.axial[i].astype(np.float32)
+
+
+def _shrink(plane: np.ndarray, max_side: int) -> np.ndarray:
+    from PIL import Image
+
+    rows, cols = plane.shape
+    scale = max_side / max(rows, cols)
+    if scale >= 1:
+        return np.asarray(plane, dtype=np.float32)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F").resize(size, Image.Resampling.BILINEAR))
+
+
+def evidence_view(scan: Scan, evidence, *, max_side: int = EVIDENCE_MAX_SIDE) -> EvidenceView:
+    """`Evidence` of an answer about `scan` -> EvidenceView (display axial slices, per-slice attention)."""
+    from engine.views import extract_slice, plane_sizes
+
+    heat = np.nan_to_num(np.asarray(evidence.volume_map, dtype=np.float32))
+    if scan.is_2d:
+        if heat.ndim == 3:  # a colour image's map may carry a channel axis
+            heat = heat.max(axis=-1)
+        plane = np.clip(_shrink(heat, max_side), 0.0, 1.0)
+        return EvidenceView(plane[None].astype(np.float16), None, scan.content_hash)
+    if heat.shape != tuple(scan.volume_shape):
+        raise MedLensError(f"the evidence map has shape {heat.shape}, the scan {tuple(scan.volume_shape)}: they do not belong together")
+    # the map on the scan's grid, as a one-volume scan with its geometry: extract_slice orients it as the views do
+    as_scan = replace(scan, voxels=heat, metadata={}, _content_hash="")
+    n = plane_sizes(as_scan)["axial"][0]
+    planes, sums = [], []
+    for i in range(n):
+        plane, _ = extract_slice(as_scan, "axial", i)
+        sums.append(float(plane.mean()))
+        planes.append(_shrink(plane, max_side))
+    stack = np.clip(np.stack(planes), 0.0, 1.0)
+    peak = float(stack.max())
+    if peak > 0:
+        stack = stack / peak
+    weights = np.asarray(sums, dtype=np.float64)
+    weights = weights / weights.sum() if weights.sum() > 0 else np.full(n, 1.0 / n)
+    return EvidenceView(stack.astype(np.float16), weights.astype(np.float32), scan.content_hash)
