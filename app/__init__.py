@@ -38,11 +38,12 @@ LAUNCH_OPTIONS = dict(
 )
 
 
-def build_demo(engine=None, model: str | None = None) -> gr.Blocks:
+def build_demo(engine=None, model: str | None = None, ask_model: str | None = None) -> gr.Blocks:
     """The MedLens UI. `engine` is reserved for the model engine (later); None is fine.
 
     model: model source for zero-shot labels (shipped name, hf-hub:, local-dir:),
     e.g. from MEDLENS_MODEL; None offers the shipped default when installed.
+    ask_model: question-answering (Q-Former) model source, e.g. from MEDLENS_ASK_MODEL.
     The app starts and the viewer works without any model.
     """
     del engine
@@ -53,7 +54,7 @@ def build_demo(engine=None, model: str | None = None) -> gr.Blocks:
         )
         with gr.Tabs() as tabs:  # explicit, so opening a library hit can select the Scan tab
             with gr.Tab("Scan", id="scan"):
-                scan = build_scan_tab(model=model)
+                scan = build_scan_tab(model=model, ask_model=ask_model)
             build_library_tab(scan, tabs, model=model)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -179,3 +179,22 @@ def test_lm_batch_marks_only_the_answer_and_keeps_it_when_the_question_is_long()
     assert batch.ids.shape[1] <= 32
     assert flags.tolist()[-4:] == [True] * 4 and flags.sum() == 4  # "yes" + [SEP]
     random.seed(0)
+
+
+def test_cached_greedy_decoding_equals_the_full_recomputation():
+    model = tiny(decoder_vocab=list(range(2, 60))).eval()
+    memory = memory_of(model, torch.randn(1, 4, 24))
+    prompt = [1, 10, 11, 12]
+    fast, fast_logps = model.greedy_decode(memory, prompt, max_new_tokens=6, stop_id=2)
+    ids, slow, slow_logps = list(prompt), [], []
+    for _ in range(7):
+        t = torch.tensor([ids])
+        logp = model.lm_logits(memory, None, t, torch.ones_like(t))[0, -1].log_softmax(-1)
+        token = int(model.decoder_ids[int(logp.argmax())])
+        slow_logps.append(float(logp.max()))
+        if token == 2 or len(slow) >= 6:
+            break
+        slow.append(token)
+        ids.append(token)
+    assert fast == slow
+    assert torch.allclose(torch.tensor(fast_logps), torch.tensor(slow_logps), atol=1e-4)

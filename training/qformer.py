@@ -52,6 +52,9 @@ from training.qformer_cache import TokenCache
 from training.qformer_losses import Stage1Batch, stage1_losses
 
 
+TEXT_FFN = [r"layer\.\d+\.intermediate\..*", r"layer\.\d+\.output\..*"]  # the text tokens' FFN (MiniLM's)
+
+
 class Stage1(nn.Module):
     """The loss as a module's forward, so DDP sees one call per step."""
 
@@ -155,6 +158,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--layers", type=int, default=4, help="num_hidden_layers (the first N MiniLM layers)")
     p.add_argument("--cross-attention-frequency", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (BLIP-2: 0.1)")
     p.add_argument("--num-query-tokens", type=int, default=32)
     p.add_argument("--image-size", type=int, default=128, help="2D images: side in pixels (128 -> 4x4 tokens)")
     p.add_argument("--encoder", default="i3resnet152", choices=["i3resnet152", "i3resnet-tiny"],
@@ -167,6 +171,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-image-rows", type=int, default=0, help="cap on 2D train rows (0 = all), drawn per dataset evenly")
     p.add_argument("--freeze-text-ffn", action="store_true", help="keep MiniLM's text FFN frozen (not saved: smaller checkpoint)")
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--init", default=None, help="start from a saved Q-Former folder (its trainable weights; same architecture)")
     p.add_argument("--cache-only", action="store_true", help="fill the token cache (train, val and test rows) and stop")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -242,10 +247,20 @@ def main(argv=None) -> int:
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
     width = (pools["image"] or pools["volume"])[0].tokens.shape[-1]
     cfg = QFormerConfig(num_hidden_layers=args.layers, encoder_hidden_size=int(width), cross_attention_frequency=args.cross_attention_frequency,
-                        num_query_tokens=args.num_query_tokens, decoder_vocab=decoder_vocabulary(tokenizer, train + val))
+                        num_query_tokens=args.num_query_tokens, decoder_vocab=decoder_vocabulary(tokenizer, train + val),
+                        hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    if args.init:  # the continued model keeps its decoder vocabulary (and thus its head's shape)
+        cfg.decoder_vocab = json.loads((Path(args.init) / "config.json").read_text())["qformer"]["decoder_vocab"]
     if args.freeze_text_ffn:
-        cfg.frozen = cfg.frozen + ["layer.*.intermediate.*", "layer.*.output.*"]
+        cfg.frozen = cfg.frozen + TEXT_FFN
     model = build_qformer(cfg, read_text_encoder_state(cfg.text_encoder))
+    if args.init:  # continue from an earlier run (e.g. more steps on volumes); frozen parts come from the package again
+        from safetensors.torch import load_file
+
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(args.init) / "model.safetensors")).items()}
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys or [k for k in result.missing_keys if not model.is_frozen(k)]:
+            raise SystemExit(f"--init {args.init} does not fit this architecture")
     stage1 = Stage1(model).to(env.device)
     if env.distributed:
         stage1 = nn.parallel.DistributedDataParallel(stage1, find_unused_parameters=True)
@@ -271,7 +286,7 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        history.append({"step": step, "kind": kind, **{k: round(float(v), 4) for k, v in losses.items()}})
+        history.append({"step": step, "kind": kind, **{k: round(float(v.detach()), 4) for k, v in losses.items()}})
         if step % 20 == 0:
             log(f"step {step} {kind}: " + " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()) + f" ({time.time() - start:.0f} s)")
         if env.is_master and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):

@@ -153,7 +153,7 @@ def medpix(model: AskModel, root: str) -> dict:
     items = medpix_items(root)
     rows, exact, start = [], 0, time.time()
     for it in items:
-        scan, _ = load_one([str(it.path)])
+        scan, _ = load_one([str(it.image)])
         ans = model.ask(scan, it.question, with_evidence=False)
         hit = normalise_answer(ans.answer) == normalise_answer(it.answer)
         exact += hit
@@ -185,6 +185,9 @@ def main(argv=None) -> int:
         c.fill(rows, args.data_root)
     results: dict = {"model": args.model, "split": "test"}
 
+    def save(partial: dict) -> None:  # after each section, so a late failure loses nothing
+        (out / "results.json").write_text(json.dumps(partial, indent=2, default=float))
+
     volumes = [r for r in rows if r.kind == "volume"]
     vol_items = closed_items(model, caches, volumes)
     ct = [it for it in vol_items if it["dataset"].startswith("ct_") and it["family"] == "organ_presence"]
@@ -196,6 +199,7 @@ def main(argv=None) -> int:
     }
     ct_rows = [r for r in volumes if r.dataset.startswith("ct_")]
     results["3d"]["organ_auc"] = organ_aucs(model, caches, ct_rows, args.data_root, args.clip_model or None)
+    save(results)
 
     images = [r for r in rows if r.kind == "image"]
     img_items = closed_items(model, caches, images)
@@ -210,11 +214,13 @@ def main(argv=None) -> int:
     baseline = Path(args.clip_baseline)
     if baseline.is_file():
         results["2d"]["clip_baseline"] = json.loads(baseline.read_text())
+    save(results)
     opens = open_items(model, caches, images + volumes, args.open_limit)
     results["open"] = {f"{d}/{f}": {"n": len(v), "exact_match": _mean(i["exact"] for i in v)}
                        for (d, f), v in _group(opens, ("dataset", "family")).items()}
+    save(results)
     results["medpix"] = medpix(model, args.data_root)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    save(results)
     print(json.dumps({k: v for k, v in results.items() if k != "medpix"}, indent=1, default=float)[:6000])
     print("medpix exact match", results["medpix"]["exact_match"])
     return 0

@@ -201,22 +201,9 @@ class AskModel:
         return ll.numpy()
 
     def _generate(self, enc: Encoded, prompt: str) -> tuple[str, float]:
-        ids = prompting.prompt_ids(self.tokenizer, prompt)
-        start = len(ids)
-        logps = []
-        sep = self.tokenizer.sep_token_id
-        with torch.inference_mode():
-            for _ in range(MAX_ANSWER_TOKENS):
-                t = torch.tensor([ids])
-                logits = self.qformer.lm_logits(enc.memory, enc.token_mask, t, torch.ones_like(t))[0, -1]
-                logp = logits.log_softmax(-1)
-                pos = int(logp.argmax())
-                token = int(self.qformer.decoder_ids[pos])
-                logps.append(float(logp[pos]))
-                if token == sep:
-                    break
-                ids.append(token)
-        text = self.tokenizer.decode(ids[start:], skip_special_tokens=True).strip()
+        new, logps = self.qformer.greedy_decode(enc.memory, prompting.prompt_ids(self.tokenizer, prompt), MAX_ANSWER_TOKENS,
+                                                self.tokenizer.sep_token_id, enc.token_mask)
+        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         return text, float(np.exp(np.mean(logps))) if logps else 0.0
 
     def ask(self, scan: Scan, question: str, *, with_evidence: bool = True) -> Answer:

@@ -33,8 +33,8 @@ Design decisions
 
 from __future__ import annotations
 
-import fnmatch
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -71,8 +71,9 @@ class QFormerConfig:
     decoder_vocab: list[int] | None = None
     text_encoder: str = MINILM_REF  # where init weights, tokenizer and frozen parts come from
     init_from_text_encoder: bool = True  # False: random init, everything saved (tiny test configs)
-    # fnmatch patterns of parameters that are neither trained nor saved (they come from text_encoder)
-    frozen: list[str] = field(default_factory=lambda: ["embeddings.word_embeddings.*", "embeddings.position_embeddings.*", "embeddings.token_type_embeddings.*"])
+    # regular expressions (whole-name match) of parameters that are neither trained nor saved: they come from
+    # text_encoder at load time. Regexes, not globs: "layer.*.output.*" would also catch attention.output.
+    frozen: list[str] = field(default_factory=lambda: [r"embeddings\.(word|position|token_type)_embeddings\..*"])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -355,6 +356,49 @@ class QFormer(nn.Module):
         text = self.lm_transform(states[:, self.config.num_query_tokens:])
         return text @ self.embeddings.word_embeddings.weight[self.decoder_ids].T + self.lm_bias
 
+    @torch.inference_mode()
+    def greedy_decode(self, memory: EncoderMemory, prompt: list[int], max_new_tokens: int, stop_id: int,
+                      encoder_mask: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+        """Greedy continuation of `prompt` (token ids, [CLS] first) for one image: (new token ids, their log-probs).
+
+        Keys/values of every earlier position are kept per layer, so each new token costs one
+        position's pass instead of the whole sequence's (the queries never read the text in
+        the causal view, so their keys/values are fixed): an open answer on a CPU then costs
+        tens of milliseconds, not a second."""
+        q = self.config.num_query_tokens
+        ids = torch.tensor([prompt])
+        x = self._embed(ids, True, 1)
+        n = ids.shape[1]
+        mask = torch.ones(1, q + n, q + n, dtype=torch.bool)
+        mask[:, :q, q:] = False
+        mask[:, q:, q:] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        emask = self._encoder_mask(encoder_mask, 1, q, memory.tokens)
+        caches = []
+        for i, layer in enumerate(self.layer):
+            caches.append(layer.attention.keys_values(x))
+            x, _ = layer(x, mask, q, memory.kv[i], emask)
+        out, logps = [], []
+        position = n
+        while True:
+            logits = self.lm_transform(x[:, -1]) @ self.embeddings.word_embeddings.weight[self.decoder_ids].T + self.lm_bias
+            logp = logits[0].log_softmax(-1)
+            best = int(logp.argmax())
+            token = int(self.decoder_ids[best])
+            logps.append(float(logp[best]))
+            if token == stop_id or len(out) >= max_new_tokens or position >= self.config.max_position_embeddings:
+                break
+            out.append(token)
+            e = self.embeddings
+            x = e.LayerNorm(e.word_embeddings.weight[token] + e.position_embeddings.weight[position] + e.token_type_embeddings.weight[0])[None, None]
+            position += 1
+            for i, layer in enumerate(self.layer):
+                k_new, v_new = layer.attention.keys_values(x)
+                k, v = torch.cat([caches[i][0], k_new], dim=2), torch.cat([caches[i][1], v_new], dim=2)
+                caches[i] = (k, v)
+                x, _ = layer.attention(x, None, kv=(k, v))
+                x = layer.text_ffn(x)
+        return out, logps
+
     def lm_targets(self, ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """Decoder positions of the next tokens to predict, -100 where nothing is predicted. [B, L-1]."""
         targets = self.decoder_index[ids[:, 1:]]
@@ -373,7 +417,7 @@ class QFormer(nn.Module):
 
     # --- saving --------------------------------------------------------------
     def is_frozen(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.config.frozen)
+        return any(re.fullmatch(pattern, name) for pattern in self.config.frozen)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything but the frozen parts (which come from the text encoder's package)."""
