@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -57,7 +59,9 @@ def test_trainer_caches_trains_saves_and_the_checkpoint_answers(tmp_path):
     assert {"itc", "itm", "itg"} <= set(history[0]) and any("val" in h for h in history)
     model = load_ask_folder(tmp_path / "run" / "best")
     assert model.qformer.config.num_hidden_layers == 1 and model.qformer.config.encoder_hidden_size == 32
-    assert not any(".intermediate." in k or ".output." in k for k in model.qformer.trainable_state())  # frozen, not saved
+    saved = model.qformer.trainable_state()
+    assert not any(re.fullmatch(r"layer\.\d+\.(intermediate|output)\..*", k) for k in saved)  # the text FFN: frozen, not saved
+    assert "layer.0.crossattention.output.dense.weight" in saved and "layer.0.attention.output.dense.weight" in saved
     image, _ = load_one([str(tmp_path / "x1.png")])
     answer = model.ask(image, "Is there pneumonia?")
     assert answer.closed and answer.answer in ("yes", "no") and abs(sum(p for _, p in answer.candidates) - 1) < 1e-4
@@ -84,3 +88,33 @@ def test_per_sample_grids_match_single_grid_encoding():
     assert mask.tolist() == [[True] * 4, [True, True, False, False]]
     with pytest.raises(Exception):
         QFormerConfig.from_dict({"no_such_knob": 1})
+
+
+def test_a_saved_checkpoint_reloads_to_identical_outputs(tmp_path):
+    """Frozen parts come back from the text encoder, everything else from the file: same logits after a round trip."""
+    from transformers import BertConfig, BertModel
+
+    from engine.ask.model import save_ask_model
+    from engine.models.qformer import text_encoder_dir
+    from training.qformer import TEXT_FFN
+
+    text = tmp_path / "text"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).save_pretrained(text)
+    minilm = text_encoder_dir(QFormerConfig().text_encoder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(f"{minilm}/{name}", text / name)
+    cfg = QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32,
+                        num_query_tokens=4, text_encoder=str(text), decoder_vocab=list(range(100, 400)))
+    cfg.frozen = cfg.frozen + TEXT_FFN
+    torch.manual_seed(3)
+    model = build_qformer(cfg).eval()
+    torch.nn.init.normal_(model.layer[0].crossattention.output.dense.weight)  # "trained" away from any init
+    save_ask_model(model, tmp_path / "ckpt", {"encoder": {"type": "i3resnet-tiny", "widths": [4, 8, 8, 8]}})
+    torch.manual_seed(99)  # a different RNG state at load must not matter
+    loaded = load_ask_folder(tmp_path / "ckpt").qformer
+    tokens, ids = torch.randn(1, 6, 32), torch.tensor([[101, 150, 160, 102]])
+    outs = []
+    for m in (model, loaded):
+        memory = m.encoder_memory(m.prepare_encoder(tokens, (1, 2, 3)))
+        outs.append(m.lm_logits(memory, None, ids, torch.ones_like(ids)))
+    assert torch.allclose(outs[0], outs[1], atol=2e-2)  # fp16 storage
