@@ -36,7 +36,7 @@ INPUTS = {
 
 
 def first_file(path: Path) -> Path:
-    return next(p for p in sorted(path.iterdir()) if p.suffix == ".png") if path.is_dir() and "xray" in str(path) else path
+    return next(p for p in sorted(path.rglob("*.png"))) if path.is_dir() and "xray" in str(path) else path
 
 
 def main() -> int:

@@ -60,7 +60,9 @@ def main(argv=None) -> int:
     config.update({"licence": "CC BY-NC 4.0 (trained on HAM10000); research use, not for diagnosis",
                    "note": "Q-Former over the frozen Astra I3ResNet-152 (3D) and its deflated 2D kernels; answers questions, 3D labels"})
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-    write(model_dir, out / "eval" / "results.json", command=COMMAND, minutes=(time.time() - t0) / 60)
+    notes = Path(recipe["card_notes"]) if recipe.get("card_notes") else None
+    write(model_dir, out / "eval" / "results.json", command=COMMAND, minutes=(time.time() - t0) / 60,
+          notes_md=notes.read_text() if notes is not None and notes.is_file() else "")
     shutil.copy2(out / "eval" / "results.json", model_dir / "metrics.json")
     if args.export:
         dest = Path(args.export)
