@@ -76,7 +76,9 @@ def stage1_losses(model: QFormer, batch: Stage1Batch, generator: torch.Generator
     img_rows = [idx]
     txt_rows = [idx]
     labels = [torch.ones(b, dtype=torch.long)]
-    ok_t, ok_i = neg_text >= 0, neg_image >= 0
+    # one negative per pair (a hard text for even rows, a hard image for odd ones), not BLIP-2's two:
+    # the joint pass is the costliest part of a CPU step and this keeps positives:negatives at 1:1
+    ok_t, ok_i = (neg_text >= 0) & (idx % 2 == 0), (neg_image >= 0) & (idx % 2 == 1)
     img_rows += [idx[ok_t], neg_image[ok_i]]
     txt_rows += [neg_text[ok_t], idx[ok_i]]
     labels += [torch.zeros(int(ok_t.sum()), dtype=torch.long), torch.zeros(int(ok_i.sum()), dtype=torch.long)]
