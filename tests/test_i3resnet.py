@@ -103,6 +103,9 @@ def test_strict_load_from_a_synthetic_file(tmp_path):
     result = model.load_state_dict(i3resnet._cast_state(loaded, torch.float32), strict=True)  # nothing missing/unexpected
     assert not result.missing_keys and not result.unexpected_keys
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+    wrapper = torch.nn.Sequential(model, torch.nn.Linear(2, 2))
+    wrapper.train()  # a Q-Former training around the frozen encoder
+    assert wrapper[1].training and not model.training and not model.layer1[0].bn1.training
     assert model.conv1.weight.dtype == torch.float32
     torch.testing.assert_close(model.layer2[0].conv2.weight, state["layer2.0.conv2.weight"].float())
     assert model.out_dim == 4 * TINY_WIDTHS[-1]

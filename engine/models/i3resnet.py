@@ -33,13 +33,19 @@ Design decisions
 - Built on the meta device and filled with `assign=True`: no random init
   is spent on 117 M parameters; loading is the bf16 -> fp32 cast (0.5-1 s
   on the 2-core Ice Lake of bench/results/encoder3d.md; 470 MB in fp32).
-- Contiguous activations by default: channels_last_3d gave the same time
-  here (1-thread CPU time 2.24 vs 2.36 s at 128x128x64, interleaved), and a
-  little less on an AVX2 EPYC; `set_channels_last()` switches per machine.
+- The loaded Astra encoder runs channels_last_3d (same features to 1e-5):
+  a little faster on an AVX2 EPYC (the issue's measurement) and here at
+  the default 128x128x64 on 2 quiet threads 1.27 vs 1.68 s (min of 3;
+  the same 2.45 s of CPU on one thread; bench/results/encoder3d.md).
+  `load_astra_i3resnet(..., channels_last=False)` or
+  `set_channels_last(False)` switches it off.
 - 2D images take the deflated 2D trunk (engine.models.astra: kernels summed
   over depth, timm resnet152): a 2D image read as a depth-constant volume
   gives the same features away from the depth border, at a fraction of the
   cost, and its tokens have the same 2048 width (grid (1, h, w)).
+- Loaded encoders are frozen: no gradients, and `.train()` leaves them in
+  eval mode (BatchNorm keeps its running statistics while a Q-Former
+  around them trains).
 - Both encoders load lazily and are cached per process (they are frozen
   and shared; do not modify a cached model in place -- pass cache=False
   for a private copy).
@@ -53,6 +59,7 @@ import os
 import re
 import threading
 import time
+import types
 from pathlib import Path
 from typing import Sequence
 
@@ -172,10 +179,17 @@ def build_i3resnet152(device: str | torch.device = "meta") -> I3ResNet:
         return I3ResNet(RESNET152_LAYERS, RESNET_WIDTHS)
 
 
+def _eval_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
 def _freeze(model: nn.Module) -> nn.Module:
+    """No gradients, and eval mode for good: a parent's .train() (a Q-Former being trained) must not switch
+    the frozen BatchNorms to batch statistics. (A bound method, so deepcopy rebinds it to the copy.)"""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    model.train = types.MethodType(_eval_only_train, model)  # type: ignore[method-assign]
     return model
 
 
@@ -218,9 +232,10 @@ _cache: dict[tuple, nn.Module] = {}
 _cache_lock = threading.Lock()
 
 
-def load_astra_i3resnet(path: str | Path | None = None, dtype: torch.dtype = torch.float32, *, cache: bool = True) -> I3ResNet:
+def load_astra_i3resnet(path: str | Path | None = None, dtype: torch.dtype = torch.float32, *, cache: bool = True,
+                        channels_last: bool = True) -> I3ResNet:
     """The Astra I3ResNet-152 (frozen, eval mode) from the package's file or `path`; cached per process."""
-    key = ("i3resnet", str(path) if path is not None else None, dtype)
+    key = ("i3resnet", str(path) if path is not None else None, dtype, channels_last)
     with _cache_lock:
         if cache and key in _cache:
             return _cache[key]  # type: ignore[return-value]
@@ -230,7 +245,7 @@ def load_astra_i3resnet(path: str | Path | None = None, dtype: torch.dtype = tor
         state = astra.load_state(path)
         if state_layout(state)["layers"] != RESNET152_LAYERS:
             raise ValueError(f"expected ResNet-152 blocks {RESNET152_LAYERS} in the Astra checkpoint")
-        model = i3resnet_from_state(state, dtype)
+        model = i3resnet_from_state(state, dtype).set_channels_last(channels_last)
         log.info("Astra I3ResNet-152 loaded (%s) in %.1f s", dtype, time.perf_counter() - start)
         if cache:
             _cache[key] = model

@@ -34,12 +34,14 @@ Design decisions
   20-slice CT needs 16, not 48 or 64, slices); the token count then varies.
 - Defaults for a 2-core CPU (measured in bench/results/encoder3d.md): 3 mm
   isotropic and (X, Y, Z) = (128, 128, 64) = 384 x 384 x 192 mm: the body's
-  width in-plane (a 500 mm CT field of view keeps the ~350 mm body after
-  the air is cropped), a whole brain (~180 mm with skull) or a ~19 cm chest
-  slab in Z, 4 x 4 x 4 = 64 tokens. The Astra encoder needs 2.2-2.7 s of
-  CPU time on one thread for it, ~1.5 s on 2 free cores (160 x 160 x 96:
-  6 s / ~3.5 s, too slow for a 5 s first answer; 96 x 96 x 48: 1.0-1.35 s
-  of CPU but a 288 mm field that crops a torso). Merlin uses
+  width in-plane (a 500 mm CT field of view keeps the ~350 mm trunk after
+  the air is cropped; arms at the sides may lose their outer part), a whole brain (~180 mm with skull) or a ~19 cm chest
+  slab in Z, 4 x 4 x 4 = 64 tokens. The Astra encoder needs 2.1-2.9 s of
+  CPU time on one thread for it; on 2 free cores that is ~1.5 s (estimate:
+  2 threads ran 1.5x faster than one whenever the shared cores were free;
+  2.3 s in the one quiet 2-thread run caught). 160 x 160 x 96 costs ~6 s of
+  CPU: too slow for a 5 s first answer; 96 x 96 x 48 ~1.2 s but its 288 mm
+  field crops a torso. Merlin uses
   1.5 x 1.5 x 3 mm and 224 x 224 x 160: raise both in the model config on a
   GPU.
 - The mapping: tensor index t along tensor axis a is scan index
@@ -62,7 +64,7 @@ from engine.scan import Modality, Scan, ScanError
 
 DEFAULT_SPACING_MM = (3.0, 3.0, 3.0)  # (x, y, z)
 DEFAULT_SIZE = (128, 128, 64)  # (X, Y, Z)
-# 2D: 7 x 7 tokens, ~0.3-0.45 s through the deflated trunk on 2 cores (448 px: 196 tokens, ~0.7-1 s). A chest
+# 2D: 7 x 7 tokens, 0.33-0.44 s of CPU on one thread through the deflated trunk (448 px: 196 tokens, 1.05-1.2 s). A chest
 # film (~350 mm) at 224 px has ~1.6 mm pixels, near the in-plane spacing the Astra net was trained at.
 DEFAULT_IMAGE_SIZE = 224
 _MAX_SAMPLES = 1_000_000
