@@ -117,6 +117,11 @@ def _model(source: str | None, allowed: set[str]):
     if not source:
         raise gr.Error("No model chosen: " + NO_MODEL_MESSAGE.replace("**", ""), print_exception=False)
     if source not in allowed:
+        from app.ask_panel import QFORMER_PREFIX
+
+        if source.startswith(QFORMER_PREFIX):  # a Q-Former scores labels but has no shared embedding space to search in
+            raise gr.Error("The library searches with a CLIP model, and the model picked in the Scan tab's zero-shot labels is a "
+                           "Q-Former (questions and 3D labels). Pick a CLIP model there to index and search.", print_exception=False)
         raise gr.Error("Choose a model from the list (Scan tab, zero-shot labels).", print_exception=False)
     return resolve_model(source)
 

@@ -244,3 +244,15 @@ def test_clicking_a_thumbnail_opens_it(tmp_path, library, tiny):
     assert len(out["state"].scans) == 1
     with pytest.raises(gr.Error, match="Search first"):
         library_select([scan_id], SimpleNamespace(index=3))
+
+
+def test_a_qformer_picked_for_labels_gets_told_the_library_needs_clip():
+    import gradio as gr
+
+    from app.ask_panel import QFORMER_PREFIX
+    from app.library_tab import _model
+
+    with pytest.raises(gr.Error, match="searches with a CLIP model.*Q-Former"):
+        _model(QFORMER_PREFIX + "shipped:medlens-qformer", {"shipped:medlens-clip"})
+    with pytest.raises(gr.Error, match="Choose a model from the list"):
+        _model("local-dir:/elsewhere", {"shipped:medlens-clip"})

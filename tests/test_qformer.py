@@ -132,6 +132,50 @@ def test_the_three_stage1_losses_decrease_on_a_toy_batch():
         assert last[k] < first[k] * factor, (k, first[k], last[k])
 
 
+def _closed_toy(tok: CharTokenizer, n: int = 8):
+    """Half the images say "ct", half "mri"; the question is the same, so only the image can tell."""
+    from training.qformer_losses import ClosedBatch
+
+    prompts, targets, owner, question = [], [], [], []
+    for i in range(n):
+        for cand in ("ct", "mri"):
+            prompts.append(prompting.qa_prompt("modality?"))
+            targets.append(cand)
+            owner.append(i)
+            question.append(i)
+    answer = torch.tensor([0 if i % 2 else 1 for i in range(n)])
+    return ClosedBatch(prompting.lm_batch(tok, prompts, targets), torch.tensor(owner), torch.tensor(question), answer)
+
+
+def test_closed_loss_is_the_cross_entropy_over_candidate_likelihoods_and_learns_the_image():
+    from training.qformer_losses import closed_loss
+
+    model = tiny().train()
+    tok = CharTokenizer()
+    batch = _toy_batch(model, tok)
+    closed = _closed_toy(tok)
+    memory = model.encoder_memory(model.prepare_encoder(batch.tokens, batch.grid))
+    loss = closed_loss(model, memory, batch.token_mask, closed)
+    ll = model.answer_log_likelihood(memory.select(closed.owner), batch.token_mask[closed.owner], closed.lm.ids,
+                                     closed.lm.attention_mask, closed.lm.target_mask).view(-1, 2)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(ll, closed.answer))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(30):
+        memory = model.encoder_memory(model.prepare_encoder(batch.tokens, batch.grid))
+        step = closed_loss(model, memory, batch.token_mask, closed)
+        opt.zero_grad()
+        step.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        memory = model.encoder_memory(model.prepare_encoder(batch.tokens, batch.grid))
+        ll = model.answer_log_likelihood(memory.select(closed.owner), batch.token_mask[closed.owner], closed.lm.ids,
+                                         closed.lm.attention_mask, closed.lm.target_mask).view(-1, 2)
+        last = closed_loss(model, memory, batch.token_mask, closed)
+    assert float(last) < 0.5 * float(loss)
+    assert torch.equal(ll.argmax(1), closed.answer)  # each image's own answer ranks first: read from the image, not a prior
+
+
 def test_itc_counts_identical_captions_as_positives():
     sim = torch.tensor([[5.0, 5.0, -5.0], [5.0, 5.0, -5.0], [-5.0, -5.0, 5.0]])
     same = itc_loss(sim, torch.tensor([0, 0, 1]))

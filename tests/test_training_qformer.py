@@ -53,10 +53,11 @@ def test_trainer_caches_trains_saves_and_the_checkpoint_answers(tmp_path):
     manifest = _manifest(tmp_path)
     code = qformer.main(["--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--out", str(tmp_path / "run"),
                          "--encoder", "i3resnet-tiny", "--layers", "1", "--steps", "3", "--batch-size", "3", "--eval-every", "3",
-                         "--image-size", "64", "--volume-size", "32", "32", "16", "--warmup", "1", "--freeze-text-ffn"])
+                         "--image-size", "64", "--volume-size", "32", "32", "16", "--warmup", "1", "--freeze-text-ffn",
+                         "--balance", "0.5", "--finding-weight", "3", "--closed-weight", "1"])
     assert code == 0
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert {"itc", "itm", "itg"} <= set(history[0]) and any("val" in h for h in history)
+    assert {"itc", "itm", "itg", "closed"} <= set(history[0]) and any("val" in h for h in history)
     model = load_ask_folder(tmp_path / "run" / "best")
     assert model.qformer.config.num_hidden_layers == 1 and model.qformer.config.encoder_hidden_size == 32
     saved = model.qformer.trainable_state()
@@ -118,3 +119,48 @@ def test_a_saved_checkpoint_reloads_to_identical_outputs(tmp_path):
         memory = m.encoder_memory(m.prepare_encoder(tokens, (1, 2, 3)))
         outs.append(m.lm_logits(memory, None, ids, torch.ones_like(ids)))
     assert torch.allclose(outs[0], outs[1], atol=2e-2)  # fp16 storage
+
+
+def _example(dataset, caption, qa=()):
+    from training.qformer import Example
+
+    row = QARow(id=f"{dataset}/{caption}", dataset=dataset, split="train", subject="s", modality="xray", kind="image",
+                path="x.png", body_region="chest", caption=caption, qa=list(qa))
+    return Example(row, torch.zeros(4, 8), (1, 2, 2))
+
+
+def test_row_weights_give_datasets_equal_shares_and_flatten_classes():
+    from training.qformer import row_weights
+
+    examples = [_example("a", "normal")] * 90 + [_example("a", "pneumonia")] * 10 + [_example("b", "benign")] * 20
+    assert row_weights(examples, 0.0) == [1.0] * 120
+    for balance, share in ((1.0, 0.5), (0.5, 0.25)):  # pneumonia's share of dataset a: even, square-root (sqrt 10 / (sqrt 90 + sqrt 10))
+        w = row_weights(examples, balance)
+        assert sum(w[:100]) == pytest.approx(0.5) and sum(w[100:]) == pytest.approx(0.5)
+        assert sum(w[90:100]) / sum(w[:100]) == pytest.approx(share)
+
+
+def test_closed_batch_scores_every_candidate_and_favours_findings():
+    import random
+
+    from transformers import AutoTokenizer
+
+    from engine.models.qformer import text_encoder_dir
+    from training.qformer import closed_batch
+
+    tok = AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
+    qa = [_qa("Which part of the body is this?", "chest", "body_region", ["head", "chest", "abdomen"]),
+          _qa("Is there pneumonia?", "no", "finding_yes_no", ["yes", "no"]),
+          _qa("Which organs?", "lungs", "organs_in_view")]  # open: never in the closed batch
+    examples = [_example("a", "normal", qa) for _ in range(400)] + [_example("a", "empty")]
+    batch = closed_batch(examples, tok, random.Random(0), finding_weight=3.0)
+    assert len(batch.answer) == 400 and int(batch.owner.max()) == 399  # the image without closed questions is skipped
+    sizes = torch.bincount(batch.question)
+    assert set(sizes.tolist()) == {2, 3}
+    share = float((sizes == 2).float().mean())
+    assert 0.68 < share < 0.82  # finding questions 3:1 -> 0.75
+    for q in range(len(batch.answer)):  # the right candidate's row continues with the right answer
+        rows = (batch.question == q).nonzero()[:, 0]
+        right = rows[int(batch.answer[q])]
+        text = tok.decode(batch.lm.ids[right][batch.lm.target_mask[right]], skip_special_tokens=True)
+        assert text == ("no" if len(rows) == 2 else "chest")

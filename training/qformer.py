@@ -17,6 +17,19 @@ Design decisions
   (ITG): a question drawn from its QA items, re-phrased with another
   template of its family each time (`questions.render_question`), or, with
   probability `--caption-share`, its caption after "findings:".
+  `--finding-weight` makes image-specific questions (findings, diagnoses,
+  organs, counts, sides) likelier than modality/region/plane ones, which
+  every image of a dataset answers alike and which otherwise fill most
+  decoder targets.
+- `--closed-weight` adds the discriminative closed-question loss
+  (training/qformer_losses.py): one closed question per image, every
+  candidate scored as at inference. The shipped model's first run, on
+  ITC/ITM/ITG alone, learned each question's prior ("yes" to every
+  pneumonia question); this term is what makes it read the image.
+- `--balance` samples 2D rows with equal shares per dataset and flattened
+  class frequencies (0.5: square-root), with replacement: PneumoniaMNIST's train
+  split has ~3 pneumonia images per normal one: the prior the first run
+  fell back on.
 - The decoder's vocabulary is every token of the training answers,
   captions and of every closed family's candidates (so any candidate can be
   scored), stored in the config.
@@ -49,7 +62,7 @@ from engine.models.volume_prep import VolumePrep
 from training.distributed import cleanup, init_distributed
 from training.qa_data import QARow, read_qa_manifest
 from training.qformer_cache import TokenCache
-from training.qformer_losses import Stage1Batch, stage1_losses
+from training.qformer_losses import ClosedBatch, Stage1Batch, stage1_losses
 
 
 TEXT_FFN = [r"layer\.\d+\.intermediate\..*", r"layer\.\d+\.output\..*"]  # the text tokens' FFN (MiniLM's)
@@ -91,6 +104,36 @@ def decoder_vocabulary(tokenizer, rows: list[QARow]) -> list[int]:
     return sorted(ids)
 
 
+# families whose answers every image of a dataset shares (modality, region, plane): easy, and the bulk of
+# the QA items; the rest (findings, diagnoses, organs, counts, sides) are what needs reading the image
+CONTEXT_FAMILIES = frozenset({"modality", "modality_check", "body_region", "plane"})
+
+
+def pick_item(items: list[dict], rng: random.Random, finding_weight: float) -> dict:
+    """One QA item, the image-specific families `finding_weight` times as likely as the context ones."""
+    weights = [1.0 if item["family"] in CONTEXT_FAMILIES else finding_weight for item in items]
+    return rng.choices(items, weights=weights)[0]
+
+
+def row_weights(examples: list["Example"], balance: float) -> list[float]:
+    """Sampling weights: each dataset (or the volume pool) an equal share, and within a dataset each
+    class (rows sharing a caption) weighted by count**(1 - balance) / count: balance 0 samples rows
+    as they come, 1 samples classes evenly, 0.5 is square-root balancing (priors kept, but flattened)."""
+    by_set: dict[str, int] = {}
+    by_class: dict[tuple[str, str], int] = {}
+    for e in examples:
+        by_set[e.row.dataset] = by_set.get(e.row.dataset, 0) + 1
+        by_class[(e.row.dataset, e.row.caption)] = by_class.get((e.row.dataset, e.row.caption), 0) + 1
+    if balance <= 0:
+        return [1.0] * len(examples)
+    mass: dict[str, float] = {}
+    for (d, _), n in by_class.items():
+        mass[d] = mass.get(d, 0.0) + n ** (1 - balance)
+    # a row's weight: its dataset's share / its class's size * its class's share of that dataset
+    return [(1.0 / len(by_set)) * (by_class[(e.row.dataset, e.row.caption)] ** (1 - balance) / mass[e.row.dataset])
+            / by_class[(e.row.dataset, e.row.caption)] for e in examples]
+
+
 def _question(item: dict, rng: random.Random) -> str:
     slots = item.get("slots") or {}
     try:
@@ -99,7 +142,28 @@ def _question(item: dict, rng: random.Random) -> str:
         return item["question"]
 
 
-def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: random.Random, caption_share: float) -> Stage1Batch:
+def closed_batch(examples: list[Example], tokenizer, rng: random.Random, finding_weight: float) -> ClosedBatch | None:
+    """For each image one closed question (re-phrased), with every candidate answer as a sequence."""
+    prompts, targets, owner, question, answer = [], [], [], [], []
+    for i, e in enumerate(examples):
+        items = [item for item in e.row.qa if item.get("closed") and item.get("candidates") and item["answer"] in item["candidates"]]
+        if not items:
+            continue
+        item = pick_item(items, rng, finding_weight)
+        prompt = prompting.qa_prompt(_question(item, rng))
+        answer.append(list(item["candidates"]).index(item["answer"]))
+        for cand in item["candidates"]:
+            prompts.append(prompt)
+            targets.append(cand)
+            owner.append(i)
+            question.append(len(answer) - 1)
+    if not answer:
+        return None
+    return ClosedBatch(prompting.lm_batch(tokenizer, prompts, targets), torch.tensor(owner), torch.tensor(question), torch.tensor(answer))
+
+
+def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: random.Random, caption_share: float,
+               finding_weight: float = 1.0, closed: bool = False) -> Stage1Batch:
     tokens, token_mask = pad_tokens([e.tokens for e in examples])
     grids = [e.grid for e in examples]
     captions = [e.row.caption for e in examples]
@@ -107,7 +171,7 @@ def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: 
     prompts, targets = [], []
     for e in examples:
         if e.row.qa and rng.random() >= caption_share:
-            item = rng.choice(e.row.qa)
+            item = pick_item(e.row.qa, rng, finding_weight)
             prompts.append(prompting.qa_prompt(_question(item, rng)))
             targets.append(item["answer"])
         else:
@@ -115,7 +179,8 @@ def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: 
             targets.append(e.row.caption)
     lm = prompting.lm_batch(tokenizer, prompts, targets)
     group = torch.tensor([groups.setdefault(c, len(groups)) for c in captions])
-    return Stage1Batch(tokens, token_mask, grids[0] if len(set(grids)) == 1 else grids, ids, mask, group, lm)
+    return Stage1Batch(tokens, token_mask, grids[0] if len(set(grids)) == 1 else grids, ids, mask, group, lm,
+                       closed_batch(examples, tokenizer, rng, finding_weight) if closed else None)
 
 
 @torch.no_grad()
@@ -168,6 +233,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--volume-pad-to-size", action="store_true", help="pad every volume to the full input size (fixed token grid)")
     p.add_argument("--volume-share", type=float, default=0.4)
     p.add_argument("--caption-share", type=float, default=0.2)
+    p.add_argument("--finding-weight", type=float, default=1.0,
+                   help="how much likelier an image-specific question (finding, diagnosis, organ, count, side) is picked "
+                        "than a modality/region/plane one")
+    p.add_argument("--balance", type=float, default=0.0,
+                   help="class balancing of 2D rows: 0 as they come, 0.5 square-root, 1 even (datasets get equal shares when > 0)")
+    p.add_argument("--closed-weight", type=float, default=0.0,
+                   help="weight of the discriminative closed-question loss (cross-entropy over candidates' likelihoods); 0 = off")
     p.add_argument("--max-image-rows", type=int, default=0, help="cap on 2D train rows (0 = all), drawn per dataset evenly")
     p.add_argument("--freeze-text-ffn", action="store_true", help="keep MiniLM's text FFN frozen (not saved: smaller checkpoint)")
     p.add_argument("--eval-every", type=int, default=200)
@@ -244,6 +316,7 @@ def main(argv=None) -> int:
 
     train_ex, val_ex = examples(train), examples(val)
     pools = {k: [e for e in train_ex if e.row.kind == k] for k in ("image", "volume")}
+    weights = {k: row_weights(v, args.balance) for k, v in pools.items()}
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
     width = (pools["image"] or pools["volume"])[0].tokens.shape[-1]
     cfg = QFormerConfig(num_hidden_layers=args.layers, encoder_hidden_size=int(width), cross_attention_frequency=args.cross_attention_frequency,
@@ -277,18 +350,20 @@ def main(argv=None) -> int:
               "label_template": "In view: {label}.", "training": vars(args)}
     for step in range(args.steps):
         kind = "volume" if pools["volume"] and (not pools["image"] or rng.random() < args.volume_share) else "image"
-        batch = make_batch(rng.sample(pools[kind], min(args.batch_size, len(pools[kind]))), tokenizer, groups, rng, args.caption_share)
+        picked = (rng.choices(pools[kind], weights=weights[kind], k=args.batch_size) if args.balance > 0
+                  else rng.sample(pools[kind], min(args.batch_size, len(pools[kind]))))
+        batch = make_batch(picked, tokenizer, groups, rng, args.caption_share, args.finding_weight, args.closed_weight > 0)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         losses = stage1(batch, generator)
-        loss = losses["itc"] + losses["itm"] + losses["itg"]
+        loss = losses["itc"] + losses["itm"] + losses["itg"] + args.closed_weight * losses.get("closed", 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         history.append({"step": step, "kind": kind, **{k: round(float(v.detach()), 4) for k, v in losses.items()}})
         if step % 20 == 0:
-            log(f"step {step} {kind}: " + " ".join(f"{k} {float(v):.3f}" for k, v in losses.items()) + f" ({time.time() - start:.0f} s)")
+            log(f"step {step} {kind}: " + " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items()) + f" ({time.time() - start:.0f} s)")
         if env.is_master and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             acc = closed_accuracy(model, tokenizer, val_ex)
             history.append({"step": step, "val": acc})

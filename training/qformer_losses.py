@@ -12,6 +12,13 @@ Design decisions
   go through the joint (bidirectional) view and a 2-way head.
 - ITG: the decoder continues "question: q answer:" with the answer, or
   "findings:" with the caption; cross-entropy on the continuation only.
+- Closed questions, discriminatively (`closed`, beside BLIP-2's three):
+  every candidate answer of one closed question per image is scored by
+  its mean token log-likelihood, exactly as engine.ask ranks them, and a
+  cross-entropy over the candidates asks the right one to win. ITG alone
+  lets the decoder reach a low loss from each question's answer prior
+  ("yes" to every pneumonia question); this term is only lowered by
+  telling images apart.
 - The encoder tokens arrive precomputed (the encoder is frozen), so a step
   costs only the Q-Former.
 """
@@ -36,6 +43,28 @@ class Stage1Batch:
     caption_mask: torch.Tensor  # [B, L]
     caption_group: torch.Tensor  # [B] equal ids = identical captions
     lm: LMBatch  # one question/answer or caption continuation per image
+    closed: "ClosedBatch | None" = None  # every candidate of one closed question per image
+
+
+@dataclass
+class ClosedBatch:
+    lm: LMBatch  # one row per (question, candidate): the question's prompt continued by that candidate
+    owner: torch.Tensor  # [S] the batch row (image) each sequence reads
+    question: torch.Tensor  # [S] which question (0..Q-1) each sequence answers
+    answer: torch.Tensor  # [Q] index, among its question's sequences in order, of the right candidate
+
+
+def closed_loss(model: QFormer, memory, emask: torch.Tensor, closed: ClosedBatch) -> torch.Tensor:
+    """Cross-entropy over each closed question's candidates, scored by mean token log-likelihood (as at inference)."""
+    ll = model.answer_log_likelihood(memory.select(closed.owner), emask[closed.owner], closed.lm.ids,
+                                     closed.lm.attention_mask, closed.lm.target_mask)
+    n_q = int(closed.answer.shape[0])
+    counts = torch.bincount(closed.question, minlength=n_q)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(closed.question)) - starts[closed.question]  # position within its question
+    logits = ll.new_full((n_q, int(counts.max())), float("-inf"))
+    logits = logits.index_put((closed.question, slot), ll)
+    return F.cross_entropy(logits, closed.answer)
 
 
 def itc_loss(sim: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -89,4 +118,6 @@ def stage1_losses(model: QFormer, batch: Stage1Batch, generator: torch.Generator
     lm_logits = model.lm_logits(memory, emask, batch.lm.ids, batch.lm.attention_mask)[:, :-1]
     targets = model.lm_targets(batch.lm.ids, batch.lm.target_mask)
     losses["itg"] = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    if batch.closed is not None:
+        losses["closed"] = closed_loss(model, memory, emask, batch.closed)
     return losses
