@@ -251,6 +251,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def init_provenance(folder: str | Path) -> dict:
+    """What a continued run started from: that checkpoint's trainer arguments and step (and its own origin)."""
+    earlier = json.loads((Path(folder) / "config.json").read_text())
+    out = {"training": earlier.get("training"), "step": earlier.get("step")}
+    if earlier.get("init_from"):
+        out["init_from"] = earlier["init_from"]
+    return out
+
+
 def cap_image_rows(rows: list[QARow], cap: int, seed: int) -> list[QARow]:
     """At most `cap` 2D rows, the same number from each dataset where it has them (small sets kept whole)."""
     if cap <= 0:
@@ -348,6 +357,8 @@ def main(argv=None) -> int:
     config = {"volume_prep": prep.to_dict(), "image_size": args.image_size, "supports_2d": bool(pools["image"]),
               "encoder": encoder,
               "label_template": "In view: {label}.", "training": vars(args)}
+    if args.init:  # provenance: the earlier phase's own arguments and step travel with the checkpoint
+        config["init_from"] = init_provenance(args.init)
     for step in range(args.steps):
         kind = "volume" if pools["volume"] and (not pools["image"] or rng.random() < args.volume_share) else "image"
         picked = (rng.choices(pools[kind], weights=weights[kind], k=args.batch_size) if args.balance > 0

@@ -24,6 +24,16 @@ def _rows(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def _phases(config: dict) -> list[str]:
+    """Earlier training phases this checkpoint continued from (newest first), as card lines."""
+    lines, origin = [], config.get("init_from")
+    while origin:
+        t = {k: v for k, v in (origin.get("training") or {}).items() if k not in ("qa_manifest", "data_root", "out", "cache", "init")}
+        lines.append(f"Continued from the step-{origin.get('step')} checkpoint of an earlier phase, trained with: `{json.dumps(t)}`")
+        origin = origin.get("init_from")
+    return lines
+
+
 def card(config: dict, results: dict, *, command: str, minutes: float | None, notes_md: str = "") -> str:
     q = config["qformer"]
     t = config.get("training", {})
@@ -57,6 +67,7 @@ def card(config: dict, results: dict, *, command: str, minutes: float | None, no
         "(ts-ct-b) and the dcm_qa_nih EPI series are never trained on; 2D splits are the sources' patient/lesion/group-disjoint splits.",
         f"Command: `{command}`" + (f" ({minutes:.0f} min on this CPU)." if minutes else "."),
         f"Trainer arguments: `{json.dumps({k: v for k, v in t.items() if k not in ('qa_manifest', 'data_root', 'out', 'cache')})}`",
+        *_phases(config),
         f"Model selection: val-split closed-question accuracy {json.dumps({k: round(v, 3) for k, v in (config.get('val_closed_accuracy') or {}).items()})} at step {config.get('step')}.",
         "",
         "## Evaluation (test split / held-out subjects; `python -m training.qformer_eval`)",
