@@ -39,6 +39,15 @@ def test_continue_phase_starts_from_the_first_phase_and_is_what_gets_evaluated(t
     assert calls[4][1][0] == str(tmp_path / "work" / "qformer_continue" / "best")
 
 
+def test_several_continued_phases_chain(tmp_path, monkeypatch):
+    calls = _calls(tmp_path, monkeypatch, {"qformer": ["--steps", "5"], "qformer_continue": [["--steps", "7"], ["--steps", "9"]]})
+    assert [n for n, _ in calls][2:] == ["qformer", "qformer continue", "qformer continue", "evaluate"]
+    second, third = calls[3][1], calls[4][1]
+    assert third[third.index("--init") + 1] == str(tmp_path / "work" / "qformer_continue" / "best")
+    assert second[second.index("--seed") + 1] != third[third.index("--seed") + 1]  # each phase draws its own batches
+    assert calls[5][1][0] == str(tmp_path / "work" / "qformer_continue2" / "best")
+
+
 def test_one_phase_recipe_evaluates_the_first_run(tmp_path, monkeypatch):
     calls = _calls(tmp_path, monkeypatch, {"qformer": ["--steps", "5"]})
     assert [n for n, _ in calls] == ["qa recipe", "clip baseline", "qformer", "evaluate"]

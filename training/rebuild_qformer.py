@@ -4,8 +4,9 @@
 
 Steps, each a module that also runs on its own: the QA recipe
 (`training.recipes.qa`), the frozen-encoder token cache and stage-1
-training (`training.qformer`; a second phase, `qformer_continue` in the
-recipe, continues from the first's best checkpoint with other flags),
+training (`training.qformer`; later phases, `qformer_continue` in the recipe,
+each continue from the previous phase's best checkpoint with their own
+flags and seed),
 held-out evaluation
 (`training.qformer_eval`), the model card (`training.qformer_card`), copy
 into assets/. The recipe is data (training/shipped_qformer.json), as for
@@ -53,11 +54,15 @@ def main(argv=None) -> int:
     _run("qformer", qformer.main, ["--qa-manifest", manifest, "--data-root", data, "--out", str(out / "qformer"),
                                    "--cache", str(out / "cache"), "--seed", str(args.seed), *threads, *recipe["qformer"]])
     model_dir = out / "qformer" / "best"
-    if recipe.get("qformer_continue"):  # phase 2: same data and cache, the first phase's best weights, new objective/flags
-        _run("qformer continue", qformer.main, ["--qa-manifest", manifest, "--data-root", data, "--out", str(out / "qformer_continue"),
-                                                "--cache", str(out / "cache"), "--init", str(model_dir), "--seed", str(args.seed),
-                                                *threads, *recipe["qformer_continue"]])
-        model_dir = out / "qformer_continue" / "best"
+    phases = recipe.get("qformer_continue") or []
+    if phases and isinstance(phases[0], str):  # one continued phase, written as a flat argument list
+        phases = [phases]
+    for i, phase in enumerate(phases):  # same data and cache, the previous phase's best weights, new flags
+        folder = out / ("qformer_continue" if i == 0 else f"qformer_continue{i + 1}")
+        _run("qformer continue", qformer.main, ["--qa-manifest", manifest, "--data-root", data, "--out", str(folder),
+                                                "--cache", str(out / "cache"), "--init", str(model_dir), "--seed", str(args.seed + i),
+                                                *threads, *phase])
+        model_dir = folder / "best"
     _run("evaluate", qformer_eval.main, [str(model_dir), "--qa-manifest", manifest, "--data-root", data, "--out", str(out / "eval"),
                                          "--cache", str(out / "cache"), "--clip-baseline", str(out / "clip_baseline.json"), *threads,
                                          *recipe.get("evaluate", [])])
