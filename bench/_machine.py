@@ -42,11 +42,21 @@ def wait_quiet(limit_s: float) -> bool:
     return False
 
 
-def rss_mb() -> float:
+def _status_mb(field: str) -> float:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MB)."""
+    return _status_mb("VmRSS:")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    return _status_mb("VmHWM:")

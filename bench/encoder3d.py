@@ -35,17 +35,7 @@ SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "da
 CT_SERIES = SHARED / "volumes" / "totalsegmentator" / "ct_dicom_series"
 BRAIN_MRI = SHARED / "volumes" / "mricron_atlas" / "ch2.nii.gz"
 
-from _machine import cpu_name, loadavg, rss_mb, wait_quiet  # noqa: E402
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+from _machine import cpu_name, loadavg, peak_rss_mb, rss_mb, wait_quiet  # noqa: E402
 
 
 def cpu_timed(fn, repeats: int, threads: int = 1) -> float:

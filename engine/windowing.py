@@ -83,7 +83,8 @@ def apply_window(array: np.ndarray, center: float, width: float) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _sample(voxels: np.ndarray, max_samples: int = _MAX_SAMPLES) -> np.ndarray:
+def sample_values(voxels: np.ndarray, max_samples: int = _MAX_SAMPLES) -> np.ndarray:
+    """Finite values of an evenly strided subsample (percentiles of ~1 M values match the whole volume's)."""
     flat = voxels.reshape(-1)
     step = max(1, flat.size // max_samples)
     sample = flat[::step]
@@ -100,7 +101,7 @@ def _foreground(sample: np.ndarray) -> np.ndarray:
 
 def auto_window(voxels: np.ndarray, low: float = _AUTO_LOW, high: float = _AUTO_HIGH) -> tuple[float, float]:
     """(center, width) spanning the `low`-`high` percentiles of the values."""
-    sample = _foreground(_sample(voxels))
+    sample = _foreground(sample_values(voxels))
     if sample.size == 0:
         return 0.5, 1.0
     lo, hi = (float(v) for v in np.percentile(sample, [low, high]))
@@ -111,7 +112,7 @@ def auto_window(voxels: np.ndarray, low: float = _AUTO_LOW, high: float = _AUTO_
 
 def full_range(voxels: np.ndarray) -> tuple[float, float]:
     """(center, width) from the minimum to the maximum value."""
-    sample = _sample(voxels, max_samples=4 * _MAX_SAMPLES)
+    sample = sample_values(voxels, max_samples=4 * _MAX_SAMPLES)
     if sample.size == 0:
         return 0.5, 1.0
     lo, hi = float(sample.min()), float(sample.max())
@@ -120,13 +121,16 @@ def full_range(voxels: np.ndarray) -> tuple[float, float]:
     return (lo + hi) / 2.0, hi - lo
 
 
-def _looks_like_hu(voxels: np.ndarray) -> bool:
-    """Whether a CT's values overlap the HU range of tissue at all."""
-    sample = _sample(voxels, max_samples=200_000)
+def overlaps_tissue_hu(sample: np.ndarray) -> bool:
+    """Whether sampled CT values overlap the HU range of tissue at all (else they are not in HU)."""
     if sample.size == 0:
         return False
     lo, hi = np.percentile(sample, [5, 95])
     return hi > -500 and lo < 500 and hi - lo > 50
+
+
+def _looks_like_hu(voxels: np.ndarray) -> bool:
+    return overlaps_tissue_hu(sample_values(voxels, max_samples=200_000))
 
 
 def resolve_window(scan: Scan, name: str) -> tuple[float, float]:
@@ -159,7 +163,7 @@ def slider_range(scan: Scan) -> tuple[float, float, float]:
     The centre slider spans the data range; the width slider spans 0..2x it.
     CT ranges always include the whole preset span so every preset is reachable.
     """
-    sample = _sample(scan.voxels, max_samples=4 * _MAX_SAMPLES)
+    sample = sample_values(scan.voxels, max_samples=4 * _MAX_SAMPLES)
     lo, hi = (float(sample.min()), float(sample.max())) if sample.size else (0.0, 1.0)
     if scan.modality == Modality.CT:
         lo, hi = min(lo, -1024.0), max(hi, 3071.0)

@@ -38,6 +38,6 @@ def test_card_names_the_earlier_phase_a_checkpoint_continued_from(tmp_path):
     (first / "config.json").write_text(json.dumps({"training": {"steps": 500, "out": "x", "closed_weight": 0.0}, "step": 375}))
     config = {"qformer": {"num_query_tokens": 32, "num_hidden_layers": 4, "hidden_size": 384, "cross_attention_frequency": 2,
                           "encoder_hidden_size": 2048, "decoder_vocab": [1], "frozen": []}, "volume_prep": {}, "image_size": 128,
-              "training": {"steps": 650, "closed_weight": 1.0, "init": str(first)}, "init_from": init_provenance(first)}
+              "training": {"steps": 650, "closed_weight": 1.0, "init": str(first)}, "init_from": init_provenance(json.loads((first / "config.json").read_text()))}
     text = card(config, _results(0.8, 0.7), command="c", minutes=None)
     assert 'Continued from the step-375 checkpoint of an earlier phase, trained with: `{"steps": 500, "closed_weight": 0.0}`' in text

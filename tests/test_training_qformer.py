@@ -164,3 +164,22 @@ def test_closed_batch_scores_every_candidate_and_favours_findings():
         right = rows[int(batch.answer[q])]
         text = tok.decode(batch.lm.ids[right][batch.lm.target_mask[right]], skip_special_tokens=True)
         assert text == ("no" if len(rows) == 2 else "chest")
+
+
+def test_a_continued_run_starts_from_the_earlier_weights_and_records_them(tmp_path):
+    from safetensors.torch import load_file
+
+    from training import qformer
+
+    manifest = _manifest(tmp_path)
+    base = ["--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--encoder", "i3resnet-tiny", "--layers", "1",
+            "--batch-size", "3", "--image-size", "64", "--volume-size", "32", "32", "16", "--warmup", "1", "--freeze-text-ffn"]
+    assert qformer.main([*base, "--out", str(tmp_path / "a"), "--steps", "2", "--eval-every", "2"]) == 0
+    assert qformer.main([*base, "--out", str(tmp_path / "b"), "--steps", "0", "--init", str(tmp_path / "a" / "best"),
+                         "--closed-weight", "1", "--balance", "0.5"]) == 0
+    first = json.loads((tmp_path / "a" / "best" / "config.json").read_text())
+    second = json.loads((tmp_path / "b" / "last" / "config.json").read_text())
+    assert second["init_from"] == {"training": first["training"], "step": first["step"]}
+    assert second["qformer"]["decoder_vocab"] == first["qformer"]["decoder_vocab"]
+    before, after = load_file(str(tmp_path / "a" / "best" / "model.safetensors")), load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)  # zero steps: the same weights

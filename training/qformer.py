@@ -119,19 +119,17 @@ def row_weights(examples: list["Example"], balance: float) -> list[float]:
     """Sampling weights: each dataset (or the volume pool) an equal share, and within a dataset each
     class (rows sharing a caption) weighted by count**(1 - balance) / count: balance 0 samples rows
     as they come, 1 samples classes evenly, 0.5 is square-root balancing (priors kept, but flattened)."""
-    by_set: dict[str, int] = {}
+    datasets = {e.row.dataset for e in examples}
     by_class: dict[tuple[str, str], int] = {}
     for e in examples:
-        by_set[e.row.dataset] = by_set.get(e.row.dataset, 0) + 1
         by_class[(e.row.dataset, e.row.caption)] = by_class.get((e.row.dataset, e.row.caption), 0) + 1
     if balance <= 0:
         return [1.0] * len(examples)
     mass: dict[str, float] = {}
     for (d, _), n in by_class.items():
         mass[d] = mass.get(d, 0.0) + n ** (1 - balance)
-    # a row's weight: its dataset's share / its class's size * its class's share of that dataset
-    return [(1.0 / len(by_set)) * (by_class[(e.row.dataset, e.row.caption)] ** (1 - balance) / mass[e.row.dataset])
-            / by_class[(e.row.dataset, e.row.caption)] for e in examples]
+    # a row's weight: its dataset's share x its class's share of that dataset / its class's size
+    return [by_class[(e.row.dataset, e.row.caption)] ** -balance / mass[e.row.dataset] / len(datasets) for e in examples]
 
 
 def _question(item: dict, rng: random.Random) -> str:
@@ -251,9 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def init_provenance(folder: str | Path) -> dict:
-    """What a continued run started from: that checkpoint's trainer arguments and step (and its own origin)."""
-    earlier = json.loads((Path(folder) / "config.json").read_text())
+def init_provenance(earlier: dict) -> dict:
+    """What a continued run started from (that checkpoint's config): its trainer arguments and step (and its own origin)."""
     out = {"training": earlier.get("training"), "step": earlier.get("step")}
     if earlier.get("init_from"):
         out["init_from"] = earlier["init_from"]
@@ -331,8 +328,9 @@ def main(argv=None) -> int:
     cfg = QFormerConfig(num_hidden_layers=args.layers, encoder_hidden_size=int(width), cross_attention_frequency=args.cross_attention_frequency,
                         num_query_tokens=args.num_query_tokens, decoder_vocab=decoder_vocabulary(tokenizer, train + val),
                         hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
-    if args.init:  # the continued model keeps its decoder vocabulary (and thus its head's shape)
-        cfg.decoder_vocab = json.loads((Path(args.init) / "config.json").read_text())["qformer"]["decoder_vocab"]
+    init_config = json.loads((Path(args.init) / "config.json").read_text()) if args.init else None
+    if init_config:  # the continued model keeps its decoder vocabulary (and thus its head's shape)
+        cfg.decoder_vocab = init_config["qformer"]["decoder_vocab"]
     if args.freeze_text_ffn:
         cfg.frozen = cfg.frozen + TEXT_FFN
     model = build_qformer(cfg, read_text_encoder_state(cfg.text_encoder))
@@ -357,8 +355,8 @@ def main(argv=None) -> int:
     config = {"volume_prep": prep.to_dict(), "image_size": args.image_size, "supports_2d": bool(pools["image"]),
               "encoder": encoder,
               "label_template": "In view: {label}.", "training": vars(args)}
-    if args.init:  # provenance: the earlier phase's own arguments and step travel with the checkpoint
-        config["init_from"] = init_provenance(args.init)
+    if init_config:  # provenance: the earlier phase's own arguments and step travel with the checkpoint
+        config["init_from"] = init_provenance(init_config)
     for step in range(args.steps):
         kind = "volume" if pools["volume"] and (not pools["image"] or rng.random() < args.volume_share) else "image"
         picked = (rng.choices(pools[kind], weights=weights[kind], k=args.batch_size) if args.balance > 0

@@ -198,9 +198,8 @@ def _cast_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str,
 
 
 def state_layout(state: dict[str, torch.Tensor]) -> dict:
-    """Blocks per layer, widths, stem width/channels/kernel of a checkpoint-named bottleneck state dict.
-
-    (training/towers/astra2d.resnet_layout does the same for training; the engine may not import training.)"""
+    """Blocks per layer, widths, stem width/channels/kernel of a checkpoint-named bottleneck state dict
+    (3D here; training/towers/astra2d reads its 2D trunk's arguments with it too)."""
     blocks = [0, 0, 0, 0]
     for key in state:
         m = re.match(r"layer([1-4])\.(\d+)\.", key)

@@ -260,8 +260,9 @@ class QFormer(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     # --- building blocks -------------------------------------------------
-    def _text_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
+    def _text_embeddings(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Word + position (from `start`: a decoding step continues a sequence) + token-type embeddings."""
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
         e = self.embeddings
         return e.word_embeddings(ids) + e.position_embeddings(pos)[None] + e.token_type_embeddings.weight[0]
 
@@ -353,8 +354,11 @@ class QFormer(nn.Module):
     def lm_logits(self, memory, encoder_mask, ids, attention_mask) -> torch.Tensor:
         """Next-token logits over the decoder vocabulary (positions, not token ids: see decoder_ids)."""
         states = self.joint_output(memory, encoder_mask, ids, attention_mask, causal=True)
-        text = self.lm_transform(states[:, self.config.num_query_tokens:])
-        return text @ self.embeddings.word_embeddings.weight[self.decoder_ids].T + self.lm_bias
+        return self._lm_head(states[:, self.config.num_query_tokens:])
+
+    def _lm_head(self, text_states: torch.Tensor) -> torch.Tensor:
+        """Text states -> logits over the decoder vocabulary (the tied word embeddings of those tokens)."""
+        return self.lm_transform(text_states) @ self.embeddings.word_embeddings.weight[self.decoder_ids].T + self.lm_bias
 
     @torch.inference_mode()
     def greedy_decode(self, memory: EncoderMemory, prompt: list[int], max_new_tokens: int, stop_id: int,
@@ -380,16 +384,14 @@ class QFormer(nn.Module):
         out, logps = [], []
         position = n
         while True:
-            logits = self.lm_transform(x[:, -1]) @ self.embeddings.word_embeddings.weight[self.decoder_ids].T + self.lm_bias
-            logp = logits[0].log_softmax(-1)
+            logp = self._lm_head(x[:, -1])[0].log_softmax(-1)
             best = int(logp.argmax())
             token = int(self.decoder_ids[best])
             logps.append(float(logp[best]))
             if token == stop_id or len(out) >= max_new_tokens or position >= self.config.max_position_embeddings:
                 break
             out.append(token)
-            e = self.embeddings
-            x = e.LayerNorm(e.word_embeddings.weight[token] + e.position_embeddings.weight[position] + e.token_type_embeddings.weight[0])[None, None]
+            x = self.embeddings.LayerNorm(self._text_embeddings(torch.tensor([[token]]), start=position))
             position += 1
             for i, layer in enumerate(self.layer):
                 k_new, v_new = layer.attention.keys_values(x)

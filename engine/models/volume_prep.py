@@ -61,13 +61,13 @@ import torch
 import torch.nn.functional as F
 
 from engine.scan import Modality, Scan, ScanError
+from engine.windowing import overlaps_tissue_hu, sample_values
 
 DEFAULT_SPACING_MM = (3.0, 3.0, 3.0)  # (x, y, z)
 DEFAULT_SIZE = (128, 128, 64)  # (X, Y, Z)
 # 2D: 7 x 7 tokens, 0.33-0.44 s of CPU on one thread through the deflated trunk (448 px: 196 tokens, 1.05-1.2 s). A chest
 # film (~350 mm) at 224 px has ~1.6 mm pixels, near the in-plane spacing the Astra net was trained at.
 DEFAULT_IMAGE_SIZE = 224
-_MAX_SAMPLES = 1_000_000
 I3RESNET_STRIDE_XYZ = (32, 32, 16)  # grid stride of engine.models.i3resnet along (X, Y, Z)
 
 
@@ -221,24 +221,10 @@ class PreparedVolume:
 
 
 # --------------------------------------------------------------------------- intensities
-def _sample(voxels: np.ndarray) -> np.ndarray:
-    flat = voxels.reshape(-1)
-    sample = flat[:: max(1, flat.size // _MAX_SAMPLES)]
-    return sample[np.isfinite(sample)]
-
-
-def _looks_like_hu(sample: np.ndarray) -> bool:
-    """Same test as engine.windowing: the values overlap tissue HU at all."""
-    if sample.size == 0:
-        return False
-    lo, hi = np.percentile(sample, [5, 95])
-    return hi > -500 and lo < 500 and hi - lo > 50
-
-
 def intensity_range(voxels: np.ndarray, modality: Modality, prep: VolumePrep) -> tuple[float, float, float, str]:
     """(low, high, body threshold in 0..1, description): values map linearly low -> 0, high -> 1, clipped."""
-    sample = _sample(voxels)
-    if modality == Modality.CT and _looks_like_hu(sample):
+    sample = sample_values(voxels)
+    if modality == Modality.CT and overlaps_tissue_hu(sample):  # the viewer's test (engine.windowing)
         lo, hi = prep.ct_clip_hu
         return float(lo), float(hi), (prep.ct_body_hu - lo) / (hi - lo), f"CT: HU clipped to [{lo:g}, {hi:g}] -> [0, 1]"
     if sample.size == 0:

@@ -79,7 +79,6 @@ channels_last is not faster here, so it is off by default.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -88,9 +87,9 @@ import torch
 from torch import nn
 
 from engine.models import astra
+from engine.models.i3resnet import RESNET152_LAYERS, state_layout  # one layout reader, shared with the 3D encoder
 
 ASTRA_PREPROCESS = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
-RESNET152_LAYERS = (3, 8, 36, 3)
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -110,22 +109,8 @@ deflate_state_dict = astra.deflate_state_dict
 
 
 def resnet_layout(state: Mapping[str, torch.Tensor]) -> dict:
-    """Infer timm ResNet arguments (bottleneck blocks) from a torchvision-named state dict."""
-    blocks = [0, 0, 0, 0]
-    for key in state:
-        m = re.match(r"layer([1-4])\.(\d+)\.", key)
-        if m:
-            i = int(m.group(1)) - 1
-            blocks[i] = max(blocks[i], int(m.group(2)) + 1)
-    if "layer1.0.conv3.weight" not in state:
-        raise ValueError("only bottleneck ResNets are supported (no layer1.0.conv3)")
-    return {
-        "layers": tuple(blocks),
-        "channels": tuple(int(state[f"layer{i}.0.conv1.weight"].shape[0]) for i in range(1, 5)),
-        "stem_width": int(state["conv1.weight"].shape[0]),
-        "in_chans": int(state["conv1.weight"].shape[1]),
-        "stem_kernel": tuple(state["conv1.weight"].shape[2:]),
-    }
+    """Infer timm ResNet arguments (bottleneck blocks) from a torchvision-named state dict: the engine's reading."""
+    return state_layout(dict(state))
 
 
 def build_resnet2d(layout: Mapping, *, meta: bool = False) -> nn.Module:
