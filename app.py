@@ -6,8 +6,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from app import build_demo, launch_kwargs  # noqa: E402  (the package app/, not this file)
+from engine import settings  # noqa: E402
 
-demo = build_demo(model=os.environ.get("MEDLENS_MODEL") or None)  # zero-shot model; the viewer works without one
+demo = build_demo(model=settings.MODEL.get())  # zero-shot model; the viewer works without one
 
 if __name__ == "__main__":
     demo.launch(**launch_kwargs())

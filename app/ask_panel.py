@@ -34,13 +34,13 @@ Design decisions
 from __future__ import annotations
 
 import html
-import os
 from typing import Any, Callable
 
 import gradio as gr
 
 from app import handlers
 from app.display import view_html
+from engine import settings
 from engine.views import render_view
 
 QFORMER_PREFIX = "qformer:"  # labels-panel model values that score labels with a Q-Former (app.labels_panel)
@@ -55,7 +55,7 @@ OUTPUTS = ("answer", "candidates", "slices", "evidence_view", "evidence", "resul
 # --- choices ------------------------------------------------------------------
 def ask_model_from_env() -> str | None:
     """The question-answering model source named by MEDLENS_ASK_MODEL, if any."""
-    return (os.environ.get("MEDLENS_ASK_MODEL") or "").strip() or None
+    return settings.ASK_MODEL.get()
 
 
 def ask_model_choices(ask_model: str | None = None) -> tuple[list[tuple[str, str]], str | None]:

@@ -33,7 +33,6 @@ Design decisions
 from __future__ import annotations
 
 import html
-import os
 from typing import Any, Callable
 
 import gradio as gr
@@ -41,6 +40,7 @@ import gradio as gr
 from app import handlers
 from app.ask_panel import QFORMER_PREFIX, is_qformer, qformer_label_choices
 from app.display import view_html
+from engine import settings
 from engine.views import plane_sizes, render_view
 
 AUTO = "auto"
@@ -393,4 +393,4 @@ def _wire(c: dict[str, Any], allowed: set[str], heavy: str) -> None:
 
 def default_model_from_env() -> str | None:
     """The model source named by MEDLENS_MODEL, if any (what app.py passes to build_demo)."""
-    return (os.environ.get("MEDLENS_MODEL") or "").strip() or None
+    return settings.MODEL.get()

@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Sequence
 
+from engine import settings
 from engine.errors import MedLensError
 
 EXIT_BAD_INPUT = 2
@@ -74,7 +75,6 @@ def cmd_convert(args) -> int:
 
 def cmd_label(args) -> int:
     """Zero-shot labels for each PATH with one model load; a bad PATH never stops the others."""
-    import os
 
     from engine.io import load_one
     from engine.zeroshot import PRESENT_ABSENT, SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
@@ -88,7 +88,7 @@ def cmd_label(args) -> int:
     if args.slices < 1:
         raise MedLensError(f"--slices must be at least 1 (got {args.slices})")
     fixed_prompts = load_prompt_set(args.modality) if args.modality else None
-    model = resolve_model(args.model or os.environ.get("MEDLENS_MODEL") or None)
+    model = resolve_model(args.model or settings.MODEL.get())
     labelled = 0
     for path in args.paths:
         try:
@@ -128,9 +128,8 @@ def cmd_label(args) -> int:
 
 
 def _ask_source(args) -> str | None:
-    import os
 
-    return args.model or (os.environ.get("MEDLENS_ASK_MODEL") or "").strip() or None
+    return args.model or settings.ASK_MODEL.get()
 
 
 def _ask_failed(args, path: str, message: str, question: str | None = None) -> None:
@@ -261,11 +260,10 @@ def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 # --------------------------------------------------------------------------- library (index / search / teach)
 def _library_model(args):
-    import os
 
     from engine.zeroshot import resolve_model
 
-    return resolve_model(args.model or os.environ.get("MEDLENS_MODEL") or None)
+    return resolve_model(args.model or settings.MODEL.get())
 
 
 def cmd_index(args) -> int:

@@ -25,8 +25,9 @@ import hmac
 import os
 import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from engine import settings
 
 # Technical attributes kept (not in Annex E Table E.1-1, or kept by it).
 # Values are converted to plain JSON types.
@@ -98,11 +99,11 @@ def _salt() -> bytes:
     global _salt_cache
     if _salt_cache is not None:
         return _salt_cache
-    env = os.environ.get("MEDLENS_UID_SALT")
+    env = settings.UID_SALT.get()
     if env:
         _salt_cache = env.encode()
         return _salt_cache
-    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "medlens"
+    base = settings.user_config_dir()
     path = base / "uid_salt"
     try:
         if path.is_file():

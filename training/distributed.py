@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from engine import settings
+
 
 @dataclass
 class DistEnv:
@@ -65,7 +67,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if not use_cuda:
         local_world = _env_int("LOCAL_WORLD_SIZE", default=world)
         threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
-        torch.set_num_threads(int(os.environ.get("MEDLENS_THREADS", threads)))
+        torch.set_num_threads(settings.THREADS.get() or threads)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=dev)
 
 

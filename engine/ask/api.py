@@ -47,10 +47,10 @@ def resolve_ask_model(source: Any = None):
         return source
     text = (source or "").strip() or ask_model.DEFAULT_ASK_MODEL
     if text == ask_model.DEFAULT_ASK_MODEL and text not in ask_model.ask_models():
-        from engine.models.registry import ASSETS
+        from engine.settings import assets_dir
 
         raise ModelError(
-            f"the question-answering model '{text}' is not installed (expected {ASSETS / 'models' / text}); "
+            f"the question-answering model '{text}' is not installed (expected {assets_dir() / 'models' / text}); "
             "pass --model local-dir:/path/to/qformer-checkpoint (see `medlens models`), or set MEDLENS_ASK_MODEL for the app"
         )
     try:

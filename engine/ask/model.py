@@ -347,9 +347,9 @@ DEFAULT_ASK_MODEL = "medlens-qformer"
 
 def ask_models() -> dict[str, Path]:
     """Shipped Q-Former checkpoints by name."""
-    from engine.models.registry import ASSETS
+    from engine.settings import assets_dir
 
-    root = ASSETS / "models"
+    root = assets_dir() / "models"
     return {p.name: p for p in sorted(root.iterdir()) if is_ask_folder(p)} if root.is_dir() else {}
 
 

@@ -44,7 +44,6 @@ Design decisions
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import unicodedata
@@ -53,9 +52,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from engine import settings
 from engine.errors import MedLensError
 
-ASSET = Path(__file__).resolve().parents[2] / "assets" / "qa" / "question_families.json"
+ASSET = settings.REPO_ROOT / "assets" / "qa" / "question_families.json"
 DEFAULT_MAX_CHARS = 500
 
 __all__ = [
@@ -96,9 +96,9 @@ class QuestionMatch:
 # --------------------------------------------------------------------------- loading
 def asset_path() -> Path:
     """$MEDLENS_ASSETS/qa/question_families.json when present, else the repository's asset."""
-    env = os.environ.get("MEDLENS_ASSETS")
-    if env and (Path(env) / "qa" / "question_families.json").is_file():
-        return Path(env) / "qa" / "question_families.json"
+    env = settings.ASSETS.get()
+    if env and (env / "qa" / "question_families.json").is_file():
+        return env / "qa" / "question_families.json"
     return ASSET
 
 

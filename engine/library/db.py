@@ -42,16 +42,16 @@ import contextlib
 import datetime
 import os
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import sqlite_utils
 
+from engine import settings
 from engine.errors import MedLensError
 
 BUSY_TIMEOUT_S = 10.0
-ENV_LIBRARY = "MEDLENS_LIBRARY"
+ENV_LIBRARY = settings.LIBRARY.env
 
 
 class LibraryError(MedLensError):
@@ -61,24 +61,14 @@ class LibraryError(MedLensError):
 # --------------------------------------------------------------------------- where the file lives
 def default_library_path() -> Path:
     """The per-user default: <user data dir>/medlens/library.db (platformdirs' user_data_dir rule)."""
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        xdg = os.environ.get("XDG_DATA_HOME", "").strip()
-        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
-    return base / "medlens" / "library.db"
+    return settings.user_data_dir() / "library.db"
 
 
 def library_path(path: str | os.PathLike | None = None) -> Path:
     """The library file to use: `path` (the --library flag), else $MEDLENS_LIBRARY, else the default."""
     if path is not None and str(path).strip():
         return Path(path).expanduser()
-    env = os.environ.get(ENV_LIBRARY, "").strip()
-    if env:
-        return Path(env).expanduser()
-    return default_library_path()
+    return settings.LIBRARY.get() or default_library_path()
 
 
 def now() -> str:

@@ -66,6 +66,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine import settings
 from engine.models.clip import ClipModel, InferencePath
 from engine.models.cpu import CpuProfile, cpu_profile
 
@@ -172,12 +173,13 @@ def _onnx_available() -> bool:
 
 def configure_threads(profile: CpuProfile) -> int:
     """torch threads = physical cores this process may use (MEDLENS_THREADS overrides)."""
-    env = os.environ.get("MEDLENS_THREADS", "").strip()
-    if env:
-        try:
-            torch.set_num_threads(max(1, int(env)))
-        except ValueError:
-            log.warning("MEDLENS_THREADS=%r is not a number; ignored", env)
+    try:
+        threads = settings.THREADS.get()
+    except settings.SettingsError as exc:
+        log.warning("%s; ignored", exc)
+        threads = None
+    if threads:
+        torch.set_num_threads(threads)
     elif torch.get_num_threads() > profile.cores:
         torch.set_num_threads(profile.cores)
     return torch.get_num_threads()
@@ -185,13 +187,12 @@ def configure_threads(profile: CpuProfile) -> int:
 
 def cache_dir() -> Path | None:
     """Where exported models and decisions are kept; None when MEDLENS_FASTPATH_CACHE=off."""
-    env = os.environ.get("MEDLENS_FASTPATH_CACHE", "").strip()
+    env = settings.FASTPATH_CACHE.get() or ""
     if env.lower() in ("off", "0", "none", "false"):
         return None
     if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "medlens" / "fastpath"
+        return Path(env).expanduser()
+    return settings.user_cache_dir() / "fastpath"
 
 
 def _versions() -> dict[str, str]:
@@ -476,7 +477,7 @@ def apply_best(clip_model: ClipModel, *, probe: bool = True, force: str | None =
 def _apply(clip: ClipModel, *, probe_enabled: bool, force: str | None, min_image_params: int) -> InferencePath:
     profile = cpu_profile()
     threads = configure_threads(profile)
-    mode = (force or os.environ.get("MEDLENS_INFERENCE", "auto") or "auto").strip().lower()
+    mode = (force or settings.INFERENCE.get() or "auto").strip().lower()
     if mode not in PATHS + ("auto",):
         log.warning("MEDLENS_INFERENCE=%r unknown (auto, %s); using auto", mode, ", ".join(PATHS))
         mode = "auto"

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import re
 import threading
 import time
@@ -66,6 +65,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine import settings
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ def choose_dtype(model: nn.Module, example: torch.Tensor, *, profile=None, repea
     from engine.models.cpu import cpu_profile
 
     profile = profile if profile is not None else cpu_profile()
-    forced = os.environ.get("MEDLENS_INFERENCE", "").strip().lower()
+    forced = (settings.INFERENCE.raw() or "").lower()
     if forced == "fp32":
         return torch.float32, "fp32: forced by MEDLENS_INFERENCE=fp32"
     if forced == "bf16":

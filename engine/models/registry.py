@@ -9,11 +9,11 @@ the first time (then huggingface_hub's cache).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = Path(os.environ.get("MEDLENS_ASSETS", Path(__file__).resolve().parents[2] / "assets"))
+from engine.settings import assets_dir
+
 DEFAULT_MODEL = "medlens-clip"  # trained by `python -m training.clip` (shipped in assets/models)
 
 
@@ -53,7 +53,7 @@ class ModelEntry:
 
 
 def shipped_models() -> dict[str, Path]:
-    root = ASSETS / "models"
+    root = assets_dir() / "models"
     if not root.is_dir():
         return {}
     # Q-Former checkpoints (engine.ask) live beside the CLIP models but are not CLIP models.

@@ -126,12 +126,13 @@ def resolve_model(model: Any = None):
     if model is not None and not isinstance(model, str):
         return model
     from engine.models import DEFAULT_MODEL, load_model
-    from engine.models.registry import ASSETS, shipped_models
+    from engine.models.registry import shipped_models
+    from engine.settings import assets_dir
 
     if model is None or not str(model).strip():
         if DEFAULT_MODEL not in shipped_models():
             raise ModelError(
-                f"no default model installed (expected {ASSETS / 'models' / DEFAULT_MODEL}); choose one: "
+                f"no default model installed (expected {assets_dir() / 'models' / DEFAULT_MODEL}); choose one: "
                 "pass --model NAME (see `medlens models`) or local-dir:/path/to/checkpoint, or set MEDLENS_MODEL for the app"
             )
         model = DEFAULT_MODEL

@@ -22,7 +22,6 @@ Design decisions
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,10 +30,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from engine import settings
 from engine.errors import MedLensError
 from engine.scan import Modality
 
-REPO_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "prompts"
+REPO_PROMPTS = settings.REPO_ROOT / "assets" / "prompts"
 
 # prompt-set key per scan modality (file assets/prompts/<key>.json)
 MODALITY_KEYS: dict[Modality, str] = {
@@ -158,10 +158,10 @@ def clean_labels(labels: Sequence[str] | str | None) -> list[str]:
 def prompt_dirs() -> list[Path]:
     """Where prompt files are looked for: $MEDLENS_PROMPTS, $MEDLENS_ASSETS/prompts, the repository's assets/prompts."""
     dirs = []
-    if os.environ.get("MEDLENS_PROMPTS"):
-        dirs.append(Path(os.environ["MEDLENS_PROMPTS"]))
-    if os.environ.get("MEDLENS_ASSETS"):
-        dirs.append(Path(os.environ["MEDLENS_ASSETS"]) / "prompts")
+    if settings.PROMPTS.get():
+        dirs.append(settings.PROMPTS.get())
+    if settings.ASSETS.get():
+        dirs.append(settings.ASSETS.get() / "prompts")
     dirs.append(REPO_PROMPTS)
     return dirs
 
