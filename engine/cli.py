@@ -211,11 +211,12 @@ def cmd_ask(args) -> int:
 def cmd_models(args) -> int:
     from dataclasses import asdict
 
-    from engine.ask.model import DEFAULT_ASK_MODEL, ask_models
-    from engine.models import DEFAULT_MODEL, list_models
+    from engine.ask.model import DEFAULT_ASK_MODEL
+    from engine.models import DEFAULT_MODEL, catalog, list_models
 
     entries = list_models()
-    asking = _ask_entries(ask_models())
+    asking = [{"name": m.name, "source": m.name, "where": str(m.folder), "available_offline": True, "licence": m.licence, "note": m.note}
+              for m in catalog.shipped(catalog.ASK).values()]
     if args.json:
         for entry in entries:
             print(json.dumps({**asdict(entry), "default": entry.name == DEFAULT_MODEL, "task": "label"}))
@@ -235,19 +236,6 @@ def cmd_models(args) -> int:
         print(f"default question-answering model '{DEFAULT_ASK_MODEL}' is not installed: pass --model local-dir:/path/to/qformer-checkpoint")
     print("also accepted: --model local-dir:/path/to/qformer-checkpoint (a MedLens Q-Former folder)")
     return 0
-
-
-def _ask_entries(folders) -> list[dict]:
-    """The shipped Q-Former checkpoints as `medlens models` rows."""
-    out = []
-    for name, folder in folders.items():
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            config = {}
-        out.append({"name": name, "source": name, "where": str(folder), "available_offline": True,
-                    "licence": str(config.get("licence", "")), "note": str(config.get("note", ""))})
-    return out
 
 
 def _print_table(rows: list[tuple[str, str, str, str]]) -> None:

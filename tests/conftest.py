@@ -36,3 +36,24 @@ def _private_uid_salt(monkeypatch, tmp_path_factory):
     import engine.deid as deid
 
     monkeypatch.setattr(deid, "_salt_cache", None)
+
+
+@pytest.fixture
+def installed_models(monkeypatch, tmp_path_factory):
+    """Set which shipped models are installed: `installed_models({"name": folder, ...})` ({} = none).
+
+    Points MEDLENS_ASSETS at a fresh folder whose models/ links to the given
+    checkpoint folders, so every listing (engine.models.catalog) sees the same."""
+
+    def install(models: dict) -> Path:
+        root = tmp_path_factory.mktemp("assets")
+        (root / "models").mkdir()
+        for name, folder in models.items():
+            (root / "models" / name).symlink_to(Path(folder), target_is_directory=True)
+        monkeypatch.setenv("MEDLENS_ASSETS", str(root))
+        from engine.models import catalog
+
+        catalog.clear_cache()
+        return root
+
+    return install

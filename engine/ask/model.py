@@ -298,30 +298,24 @@ class AskModel:
 
 # --------------------------------------------------------------------- save / load
 def save_ask_model(model: QFormer, folder: str | Path, config: dict[str, Any], card: str = "", dtype: torch.dtype = torch.float16) -> Path:
-    """config.json (format, qformer config, preprocessing, ...) + model.safetensors (trainable part, fp16) + MODEL_CARD.md."""
-    from safetensors.torch import save_file
+    """config.json (format, qformer config, preprocessing, ...) + weights (trainable part, fp16, sharded) + MODEL_CARD.md."""
+    from engine.models.weights import save_checkpoint_folder
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     full = {"format": FORMAT, **config, "qformer": model.config.to_dict()}
-    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.trainable_state().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(full, indent=2))
-    (folder / "MODEL_CARD.md").write_text(card or "# Model card\n\nNo card was written for this checkpoint.\n")
-    return folder
+    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype) for k, v in model.trainable_state().items()}
+    return save_checkpoint_folder(folder, full, state, card)
 
 
 def is_ask_folder(folder: str | Path) -> bool:
-    path = Path(folder) / "config.json"
-    try:
-        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
+    from engine.models.catalog import read_config
+
+    return str((read_config(Path(folder)) or {}).get("format", "")) == FORMAT
 
 
 def load_ask_folder(folder: str | Path, name: str | None = None) -> AskModel:
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
+
+    from engine.models import weights
 
     folder = Path(folder)
     if not is_ask_folder(folder):
@@ -329,50 +323,31 @@ def load_ask_folder(folder: str | Path, name: str | None = None) -> AskModel:
     config = json.loads((folder / "config.json").read_text())
     cfg = QFormerConfig.from_dict(config["qformer"])
     model = build_qformer(cfg)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.read_weights(folder).items()}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not model.is_frozen(k)]
     if missing or result.unexpected_keys:
         raise ModelError(f"Q-Former weights do not fit: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})")
     tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir(cfg.text_encoder))
-    revision = f"{(folder / 'model.safetensors').stat().st_size:x}-{int((folder / 'model.safetensors').stat().st_mtime)}"
-    return AskModel(model, config, tokenizer, name=name or f"local-dir:{folder}", revision=revision)
+    return AskModel(model, config, tokenizer, name=name or f"local-dir:{folder}", revision=weights.revision(folder))
 
 
-_models: dict[str, AskModel] = {}
-_models_lock = threading.Lock()
 DEFAULT_ASK_MODEL = "medlens-qformer"
 
 
 def ask_models() -> dict[str, Path]:
     """Shipped Q-Former checkpoints by name."""
-    from engine.settings import assets_dir
+    from engine.models import catalog
 
-    root = assets_dir() / "models"
-    return {p.name: p for p in sorted(root.iterdir()) if is_ask_folder(p)} if root.is_dir() else {}
+    return {name: entry.folder for name, entry in catalog.shipped(catalog.ASK).items()}
 
 
 def load_ask_model(source: str | None = None) -> AskModel:
-    """A shipped name or local-dir:/path; one model cached per process."""
-    from engine.models.source import LOCAL_DIR, parse_source
+    """A shipped name or local-dir:/path; one model cached per process (engine.models.catalog)."""
+    from engine.models import catalog
 
-    parsed = parse_source(source or DEFAULT_ASK_MODEL)
-    key = str(parsed)
-    with _models_lock:
-        if key in _models:
-            return _models[key]
-        if parsed.kind == LOCAL_DIR:
-            model = load_ask_folder(parsed.identifier, name=key)
-        else:
-            shipped = ask_models()
-            if parsed.identifier not in shipped:
-                known = ", ".join(shipped) or "none installed"
-                raise ModelError(f"unknown question-answering model '{parsed.identifier}' (known: {known}; or local-dir:/path)")
-            model = load_ask_folder(shipped[parsed.identifier], name=parsed.identifier)
-        _models.clear()
-        _models[key] = model
-        return model
+    return catalog.load(source, catalog.ASK)
 
 
 __all__ = ["AskError", "AskModel", "Answer", "Evidence", "QuestionError", "load_ask_model", "save_ask_model", "ask_models", "is_ask_folder"]

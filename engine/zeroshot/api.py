@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.errors import MedLensError, ModelError
+from engine.errors import MedLensError
 from engine.scan import Scan
 from engine.zeroshot.imaging import DEFAULT_SLICES, ModelImage, heat_to_slice, model_image, scan_images
 from engine.zeroshot.prompts import (
@@ -123,25 +123,9 @@ def resolve_model(model: Any = None):
     Raises ModelError with a message saying what to do (no default installed,
     unknown name, missing folder).
     """
-    if model is not None and not isinstance(model, str):
-        return model
-    from engine.models import DEFAULT_MODEL, load_model
-    from engine.models.registry import shipped_models
-    from engine.settings import assets_dir
+    from engine.models import catalog
 
-    if model is None or not str(model).strip():
-        if DEFAULT_MODEL not in shipped_models():
-            raise ModelError(
-                f"no default model installed (expected {assets_dir() / 'models' / DEFAULT_MODEL}); choose one: "
-                "pass --model NAME (see `medlens models`) or local-dir:/path/to/checkpoint, or set MEDLENS_MODEL for the app"
-            )
-        model = DEFAULT_MODEL
-    try:
-        return load_model(str(model))
-    except MedLensError:
-        raise
-    except Exception as exc:  # a broken checkpoint must read as a model problem, not a crash
-        raise ModelError(f"cannot load model '{model}': {type(exc).__name__}: {str(exc)[:300]}") from None
+    return catalog.resolve(model, catalog.CLIP)
 
 
 # --------------------------------------------------------------------------- scoring core
