@@ -36,6 +36,7 @@ import torch
 from engine.ask import prompting
 from engine.ask.questions import QuestionError, match_question, suggested_questions, validate_question
 from engine.errors import MedLensError, ModelError
+from engine.models.preprocess import IDENTITY_MEAN, IDENTITY_STD, ImagePreprocess
 from engine.models.qformer import EncoderMemory, QFormer, QFormerConfig, build_qformer, text_encoder_dir
 from engine.scan import Scan
 
@@ -83,15 +84,11 @@ class Encoded:
     scan_shape: tuple[int, ...]
 
 
-def image_tensor(pixels448: np.ndarray, size: int) -> torch.Tensor:
-    """The engine's 448 px uint8 RGB model image -> [1, 3, size, size] in 0..1, resized with PIL
-    bicubic as the CLIP models' own transform does (training.manifest.PixelLoader does the same)."""
-    from PIL import Image
-
-    image = np.asarray(pixels448)
-    if image.shape[0] != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div_(255.0)
+def qformer_preprocess(config: dict[str, Any]) -> ImagePreprocess:
+    """A Q-Former checkpoint's 2D preprocessing: the engine's model image resized to `image_size`, in 0..1
+    (the frozen Astra encoder takes unstandardised pixels). Training's token cache uses the same object."""
+    return ImagePreprocess.from_config(config.get("preprocess_cfg"), size=int(config.get("image_size", 128)),
+                                       mean=IDENTITY_MEAN, std=IDENTITY_STD)
 
 
 class FrozenEncoders:
@@ -145,7 +142,8 @@ class AskModel:
         from engine.models.volume_prep import VolumePrep
 
         self.prep = VolumePrep.from_dict(config.get("volume_prep", {}))
-        self.image_size = int(config.get("image_size", 128))
+        self.preprocess = qformer_preprocess(config)
+        self.image_size = self.preprocess.size
         self.encoders = FrozenEncoders(config.get("encoder"))
         self._cache: OrderedDict[str, Encoded] = OrderedDict()
         self._lock = threading.Lock()
@@ -162,7 +160,7 @@ class AskModel:
             from engine.zeroshot.imaging import MODEL_IMAGE_SIZE, model_image
 
             prepared = volume_prep.prepare_image(scan, self.image_size)  # its mapping; pixels as in training:
-            tokens, grid = self.encoders.image_tokens(image_tensor(model_image(scan, size=MODEL_IMAGE_SIZE).pixels, self.image_size))
+            tokens, grid = self.encoders.image_tokens(self.preprocess([model_image(scan, size=MODEL_IMAGE_SIZE).pixels]))
         else:
             prepared = volume_prep.prepare_volume(scan.volume(0), self.prep)
             tokens, grid = self.encoders.volume_tokens(prepared.tensor)

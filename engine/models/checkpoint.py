@@ -34,6 +34,7 @@ import torch
 from engine.errors import ModelError
 from engine.models import weights
 from engine.models.clip import ClipModel
+from engine.models.preprocess import ImagePreprocess
 
 FORMAT = "medlens-clip/1"
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -111,22 +112,20 @@ def make_tokenizer(model_cfg: dict[str, Any], text_dir: str | None):
 
 
 def wrap(model, model_cfg: dict, preprocess_cfg: dict, text_dir: str | None, *, name: str, revision: str, config: dict | None = None) -> ClipModel:
-    vision = model_cfg.get("vision_cfg", {})
-    size = vision.get("image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
     return ClipModel(
         model,
         make_tokenizer(model_cfg, text_dir),
         name=name,
         revision=revision,
-        image_size=int(size),
         embed_dim=int(model_cfg["embed_dim"]),
-        mean=preprocess_cfg.get("mean", OPENAI_DATASET_MEAN),
-        std=preprocess_cfg.get("std", OPENAI_DATASET_STD),
+        preprocess=image_preprocess(model_cfg, preprocess_cfg),
         config=config,
     )
+
+
+def image_preprocess(model_cfg: dict, preprocess_cfg: dict | None) -> ImagePreprocess:
+    """A CLIP checkpoint's preprocessing: its preprocess_cfg, sized by the architecture when older configs lack a size."""
+    return ImagePreprocess.from_config(preprocess_cfg, size=model_cfg.get("vision_cfg", {}).get("image_size", 224))
 
 
 # --------------------------------------------------------------------------- weights
@@ -171,7 +170,8 @@ def save_checkpoint(
     """Write a checkpoint folder. `text_tower`: a package:<module> reference or a folder to copy
     its config/tokenizer from; `text_weights`: a package:<module> whose weights the text
     transformer keeps (they are then left out of model.safetensors)."""
-    config: dict[str, Any] = {"format": FORMAT, "model_cfg": copy.deepcopy(model_cfg), "preprocess_cfg": preprocess_cfg or {}}
+    preprocess = image_preprocess(model_cfg, preprocess_cfg).to_config()  # stored whole: what the model was trained on
+    config: dict[str, Any] = {"format": FORMAT, "model_cfg": copy.deepcopy(model_cfg), "preprocess_cfg": preprocess}
     text_cfg = config["model_cfg"].get("text_cfg", {})
     text_source: Path | None = None
     if text_cfg.get("hf_model_name"):

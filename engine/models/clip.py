@@ -2,8 +2,8 @@
 
 Design decisions
 - open_clip builds and runs the network; this wrapper owns what the engine
-  needs around it: preprocessing exactly as open_clip does (PIL resize +
-  centre crop + normalise), batching, L2-normalised float32 outputs, a text
+  needs around it: the model's one preprocessing (engine.models.preprocess,
+  from its checkpoint config; the same object training uses), batching, L2-normalised float32 outputs, a text
   embedding cache (label sets are embedded once per process), and the
   inference path (fp32 by default; engine.models.fastpath may swap in bf16 or
   int8 forwards after checking they keep the answer).
@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from engine.models.preprocess import ImagePreprocess
 
 TEXT_CACHE_SIZE = 4096
 
@@ -41,31 +43,28 @@ class ClipModel:
         *,
         name: str,
         revision: str,
-        image_size: int,
         embed_dim: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        preprocess: ImagePreprocess,
         config: dict | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.revision = revision
-        self.image_size = int(image_size)
         self.embed_dim = int(embed_dim)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.preprocess = preprocess
         self.config = config or {}
         self.path = InferencePath()
         self._image_forward: Callable[[torch.Tensor], torch.Tensor] = model.encode_image
         self._text_forward: Callable[[torch.Tensor], torch.Tensor] = model.encode_text
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
-        from open_clip.transform import image_transform
-
-        self._transform = image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
 
     # --- properties --------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.size
+
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp().clamp(max=100.0))
@@ -90,17 +89,7 @@ class ClipModel:
     # --- images --------------------------------------------------------------
     def image_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 (or 0-255 float) arrays, grey HxW or RGB HxWx3 -> normalised (N, 3, S, S)."""
-        from PIL import Image
-
-        batch = []
-        for img in images:
-            arr = np.asarray(img)
-            if arr.dtype != np.uint8:
-                arr = np.clip(arr, 0, 255).astype(np.uint8)
-            if arr.ndim == 2:
-                arr = np.repeat(arr[..., None], 3, axis=2)
-            batch.append(self._transform(Image.fromarray(arr[..., :3])))
-        return torch.stack(batch)
+        return self.preprocess(images)
 
     def encode_image_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels -> L2-normalised embeddings (autograd kept, fp32 model)."""
