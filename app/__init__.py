@@ -24,12 +24,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from engine import settings  # noqa: E402
-
 from app.display import CSS  # noqa: E402
 from app.library_tab import build_library_tab  # noqa: E402
 from app.scan_tab import build_scan_tab  # noqa: E402
 from app.sessions import on_unload  # noqa: E402
+from app.uploads import claim_upload_folder  # noqa: E402
+from engine import settings  # noqa: E402
 
 __all__ = ["build_demo", "LAUNCH_OPTIONS", "DELETE_CACHE"]
 
@@ -54,6 +54,9 @@ def build_demo(engine=None, model: str | None = None, ask_model: str | None = No
     The app starts and the viewer works without any model.
     """
     del engine
+    # Before any component exists: each one keeps the upload folder it saw when built (GRADIO_CACHE)
+    # and copies uploads from elsewhere into it.
+    claim_upload_folder()
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(
             "# MedLens\nDrop a scan (DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF). "
@@ -78,7 +81,7 @@ def launch_kwargs(**overrides) -> dict:
     from starlette.middleware import Middleware
 
     from app.housekeeping import lifespan
-    from app.uploads import UploadPrivacyMiddleware, claim_upload_folder
+    from app.uploads import UploadPrivacyMiddleware
 
     claim_upload_folder()
     app_kwargs = {"middleware": [Middleware(UploadPrivacyMiddleware)], "lifespan": lifespan}

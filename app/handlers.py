@@ -27,7 +27,7 @@ import logging
 import os
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -37,7 +37,13 @@ from app.sessions import ScanSession
 from engine.errors import MedLensError
 from engine.scan import Scan, ScanError
 from engine.views import PLANES, plane_sizes, render_view
-from engine.windowing import CUSTOM, default_window, resolve_window, slider_range, window_names
+from engine.windowing import (
+    CUSTOM,
+    default_window,
+    resolve_window,
+    slider_range,
+    window_names,
+)
 
 log = logging.getLogger("medlens.app")
 

@@ -10,6 +10,9 @@ a Space) gets it, and it stops when the server stops.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import threading
 
@@ -28,11 +31,30 @@ class Housekeeper:
         self._thread: threading.Thread | None = None
 
     def run_once(self, startup: bool = False) -> None:
+        released = 0
         for name, job in (("uploads", lambda: uploads.sweep(self.blocks, startup=startup)), ("sessions", sessions.REGISTRY.sweep)):
             try:
-                job()
+                count = job()
+                released += count if name == "sessions" else 0
             except Exception as exc:  # housekeeping must never stop: log the type only (messages can quote paths)
                 log.error("housekeeping of %s failed: %s", name, type(exc).__name__)
+        if released:
+            return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """After scans were released: collect cycles, then ask glibc to hand free heap pages back to the OS.
+
+    Big voxel arrays are memory-mapped and go back at once; the many
+    sub-megabyte buffers of decoding (file bytes, frames) come from malloc's
+    heaps and arenas, which otherwise keep the pages (RSS stays high although
+    the memory is free). No-op where malloc_trim does not exist (musl, macOS).
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
     def start(self) -> None:
         self.run_once(startup=True)

@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 import _machine  # noqa: E402
+from load import rss_mb, start_server  # noqa: E402
 
 WORK = REPO / "bench" / "work"
 PY = sys.executable
@@ -99,36 +100,6 @@ def size_mb(path: Path) -> float:
 
 
 # --------------------------------------------------------------------------- the server scenario
-def server_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def start_server(port: int, idle_min: float, cache: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "GRADIO_TEMP_DIR": str(cache), "MEDLENS_SESSION_IDLE_MIN": str(idle_min),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    code = (
-        "import app, sys; demo = app.build_demo(); "
-        f"demo.launch(server_name='127.0.0.1', server_port={port}, quiet=True, **app.launch_kwargs())"
-    )
-    proc = subprocess.Popen([PY, "-c", code], env=env, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    import urllib.request
-
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-            return proc
-        except Exception:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the app did not start: " + proc.stderr.read().decode()[-2000:])
-
-
 def load_file(url: str, path: Path) -> tuple[float, str]:
     """(seconds, error or '') of one /load_files call in a new client session."""
     from gradio_client import Client, handle_file
@@ -148,19 +119,18 @@ def server_scenario(data: dict[str, Path], clients: int, idle_min: float) -> dic
     from _app import free_port
 
     port = free_port()
-    cache = Path(tempfile.mkdtemp(prefix="gradio-", dir=WORK))
-    proc = start_server(port, idle_min, cache)
+    proc = start_server(port, {"MEDLENS_SESSION_IDLE_MIN": str(idle_min)})
     url = f"http://127.0.0.1:{port}/"
     out: dict = {"clients": clients, "idle_min": idle_min}
     try:
         time.sleep(2)
-        out["baseline_mb"] = server_rss_mb(proc.pid)
+        out["baseline_mb"] = rss_mb(proc.pid)
         peak = [out["baseline_mb"]]
         stop = threading.Event()
 
         def watch():
             while not stop.is_set():
-                peak.append(server_rss_mb(proc.pid))
+                peak.append(rss_mb(proc.pid))
                 time.sleep(0.2)
 
         threading.Thread(target=watch, daemon=True).start()
@@ -171,7 +141,7 @@ def server_scenario(data: dict[str, Path], clients: int, idle_min: float) -> dic
         for t in threads:
             t.join()
         out["big_loads"] = results
-        out["loaded_mb"] = server_rss_mb(proc.pid)
+        out["loaded_mb"] = rss_mb(proc.pid)
         # one more user uploads a series over the cap while another keeps loading a small file
         small = Path(get_testdata_file("CT_small.dcm"))
         small_times: list[float] = []
@@ -190,11 +160,11 @@ def server_scenario(data: dict[str, Path], clients: int, idle_min: float) -> dic
             small_times.append(load_file(url, small)[0])
         out["big_during_small"] = refusal[-1]
         out["small_during_big_load_s"] = small_times
-        out["after_all_loads_mb"] = server_rss_mb(proc.pid)
+        out["after_all_loads_mb"] = rss_mb(proc.pid)
         wait = idle_min * 60 + 45
         print(f"waiting {wait:.0f} s for the idle sessions to be released", flush=True)
         time.sleep(wait)
-        out["released_mb"] = server_rss_mb(proc.pid)
+        out["released_mb"] = rss_mb(proc.pid)
         stop.set()
         out["peak_mb"] = max(peak)
     finally:

@@ -282,3 +282,21 @@ def test_idle_and_closed_sessions_are_released_by_the_registry(monkeypatch):
     registry.close_owner("tab-1", now=t0)
     busy.last_used = t0 + 5
     assert registry.sweep(now=t0 + sessions.CLOSE_GRACE_S) == 1 and closed.released == sessions.CLOSED_MESSAGE
+
+
+def test_every_component_uses_the_upload_folder_medlens_claims(tmp_path, monkeypatch):
+    """Each Gradio component keeps the upload folder it saw when built and copies uploads from
+    elsewhere into it: the app must claim its folder before building any (else uploads land,
+    and stay, in Gradio's shared <tmp>/gradio)."""
+    import tempfile
+
+    import app
+    from app import uploads
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "")  # restored afterwards; empty = unset for Gradio and MedLens
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    demo = app.build_demo()
+    caches = {b.GRADIO_CACHE for b in demo.blocks.values() if hasattr(b, "GRADIO_CACHE")}
+    claimed = tmp_path / f"medlens-uploads-{os.getuid()}" / str(os.getpid())
+    assert caches == {str(claimed)} and uploads.upload_folder() == claimed.resolve()
