@@ -41,6 +41,20 @@ class Housekeeper:
         if released:
             return_freed_memory()
 
+    def start(self) -> None:
+        self.run_once(startup=True)
+        self._thread = threading.Thread(target=self._loop, name="medlens-housekeeping", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.run_once()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
 
 def return_freed_memory() -> None:
     """After scans were released: collect cycles, then ask glibc to hand free heap pages back to the OS.
@@ -55,20 +69,6 @@ def return_freed_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-    def start(self) -> None:
-        self.run_once(startup=True)
-        self._thread = threading.Thread(target=self._loop, name="medlens-housekeeping", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.run_once()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
 
 @contextlib.asynccontextmanager
