@@ -40,6 +40,7 @@ import gradio as gr
 
 from app import handlers
 from app.display import view_html
+from app.sessions import idle_seconds
 from engine import settings
 from engine.views import render_view
 
@@ -322,7 +323,8 @@ def build_ask_panel(c: dict[str, Any], ask_choices: tuple[list[tuple[str, str]],
                 )
                 c["ask_goto"] = gr.Button("Go to the most attended slice", size="sm", elem_id="ml-ask-goto")
                 c["ask_slices"] = gr.Plot(label="Attention per axial slice", visible=False, elem_id="ml-ask-slices")
-        c["ask_evidence"] = gr.State(None, time_to_live=4 * 3600)
+        # evidence is only shown over its scan, which is released after the idle timeout (app.sessions)
+        c["ask_evidence"] = gr.State(None, time_to_live=idle_seconds())
     return {v for _, v in choices}
 
 

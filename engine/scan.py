@@ -1,10 +1,18 @@
 """The `Scan`: one study the user looks at, whatever file it came from.
 
 Design decisions
-- Voxels are float32 in physical units where the modality has them (CT in
+- Voxels hold physical values where the modality has them (CT in
   Hounsfield units after the modality LUT), in array order (z, y, x) for a
   volume, (t, z, y, x) for a time series / multi-volume NIfTI, (y, x) for a
   grey 2D image and (y, x, 3) for colour.
+- Their dtype is float32, or int16 when every value is an integer that fits
+  (CT in HU, most MR, label maps): half the memory, and exactly the same
+  values, so `np.asarray(part, np.float32)` of any part equals what float32
+  storage would hold. Readers choose int16 from the headers (integral
+  rescale, stored range inside int16). Consumers convert the part they use
+  (a slice, a slab, a sample) to float32, never the whole volume;
+  `engine.views.extract_slice` returns float32 slices; the content hash is
+  computed over float32 values, so it does not depend on the storage.
 - Every volume is stored in closest-canonical RAS+ order: array axis x
   increases towards the patient's Right, y towards Anterior, z towards
   Superior (nibabel's `as_closest_canonical`). Display code flips for the
@@ -26,6 +34,10 @@ from typing import Any
 import numpy as np
 
 from engine.errors import MedLensError
+
+
+STORAGE_DTYPES = (np.dtype(np.float32), np.dtype(np.int16))  # see "Their dtype" above
+_HASH_CHUNK = 1 << 22  # voxels converted to float32 at a time while hashing (16 MB)
 
 
 class ScanError(MedLensError):
@@ -87,7 +99,8 @@ class Scan:
     _content_hash: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
-        self.voxels = np.ascontiguousarray(self.voxels, dtype=np.float32)
+        voxels = np.asarray(self.voxels)
+        self.voxels = np.ascontiguousarray(voxels, dtype=voxels.dtype if voxels.dtype in STORAGE_DTYPES else np.float32)
         self.affine = np.asarray(self.affine, dtype=np.float64)
         self.spacing = tuple(float(s) for s in self.spacing)
 
@@ -174,6 +187,11 @@ def hash_voxels(voxels: np.ndarray, affine: np.ndarray) -> str:
     """Content hash of pixels + geometry: the same image de-identified twice hashes the same."""
     h = hashlib.sha256()
     h.update(str(voxels.shape).encode())
-    h.update(np.ascontiguousarray(voxels, dtype=np.float32).tobytes())
+    # float32 bytes of the values, in chunks: the same hash for int16 and float32 storage,
+    # without a whole-volume copy (tobytes of a 2,000-slice CT would be 2 GB more)
+    flat = np.ascontiguousarray(voxels).reshape(-1)
+    for start in range(0, flat.size, _HASH_CHUNK):
+        chunk = flat[start : start + _HASH_CHUNK]
+        h.update(memoryview(chunk if chunk.dtype == np.float32 else chunk.astype(np.float32)))
     h.update(np.round(np.asarray(affine, dtype=np.float64), 4).tobytes())
     return h.hexdigest()

@@ -95,6 +95,20 @@ INFERENCE = Setting("MEDLENS_INFERENCE", _text, "auto", "force a CPU inference p
 THREADS = Setting("MEDLENS_THREADS", _positive_int, None, "torch threads (default: the physical cores this process may use)", "physical cores")
 FASTPATH_CACHE = Setting("MEDLENS_FASTPATH_CACHE", _text, None, "folder for exported fast-path models and probe decisions, or `off`", "<user cache dir>/medlens/fastpath")
 UID_SALT = Setting("MEDLENS_UID_SALT", _text, None, "secret salt of the de-identifying UID mapping (keep it stable to keep UIDs stable)", "a random per-user file")
+MAX_SERIES_VOXELS = Setting(
+    "MEDLENS_MAX_SERIES_VOXELS", _positive_int, 600_000_000,
+    "largest series, volume or image loaded, in voxels (slices x rows x columns x volumes), checked from headers before any decoding",
+    "`600000000` (a 2,290-slice 512x512 CT; 1.2 GB as int16)",
+)
+MEMORY_BUDGET_MB = Setting(
+    "MEDLENS_MEMORY_BUDGET_MB", _positive_int, None,
+    "memory for loaded scans across all sessions of a server (or one CLI process): a load that does not fit is refused, and one upload may hold at most half",
+    "a quarter of the memory this process may use",
+)
+SESSION_IDLE_MIN = Setting(
+    "MEDLENS_SESSION_IDLE_MIN", _positive_float, 15.0,
+    "minutes without use after which a session's loaded scans are released (browser and API sessions; a closed tab's after one minute)",
+)
 
 SETTINGS: tuple[Setting, ...] = (
     MODEL,
@@ -106,6 +120,9 @@ SETTINGS: tuple[Setting, ...] = (
     THREADS,
     FASTPATH_CACHE,
     UID_SALT,
+    MAX_SERIES_VOXELS,
+    MEMORY_BUDGET_MB,
+    SESSION_IDLE_MIN,
 )
 
 

@@ -18,6 +18,7 @@ from engine.io.dicom import looks_like_dicom, read_dicom
 from engine.io.image2d import looks_like_image, read_image
 from engine.io.nifti import looks_like_nifti, read_nifti
 from engine.io.sources import DEFAULT_LIMITS, Limits, Skipped, Source, gather_sources
+from engine.memory import LoadGuard, MemoryBudget
 from engine.scan import Scan, ScanError
 
 __all__ = ["load", "load_one", "LoadResult", "Skipped", "Limits", "ScanError"]
@@ -66,8 +67,16 @@ def _summarise_failure(skipped: list[Skipped], n_sources: int) -> str:
     return f"no scan could be loaded from {len(skipped)} files: {detail}"
 
 
-def load(paths: Iterable[str | os.PathLike] | str | os.PathLike, limits: Limits = DEFAULT_LIMITS) -> LoadResult:
-    """Every scan (series, volume or image) found under `paths`."""
+def load(
+    paths: Iterable[str | os.PathLike] | str | os.PathLike, limits: Limits = DEFAULT_LIMITS, *, budget: MemoryBudget | None = None
+) -> LoadResult:
+    """Every scan (series, volume or image) found under `paths`.
+
+    Each scan is checked against the memory bounds before it is decoded
+    (engine.memory: MEDLENS_MAX_SERIES_VOXELS, and `budget`, by default this
+    process's ledger); one over a bound is skipped with a message naming it.
+    """
+    guard = LoadGuard(budget)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = list(paths)
@@ -82,9 +91,9 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike, limits: Limits 
             if kind == "dicom":
                 dicom.append(source)
             elif kind == "nifti":
-                scans.append(read_nifti(source))
+                scans.append(read_nifti(source, guard=guard))
             elif kind == "image":
-                scans.append(read_image(source))
+                scans.append(read_image(source, guard=guard))
             elif kind == "empty":
                 skipped.append(Skipped(source.name, "empty file"))
             elif kind == "bad-dicom":
@@ -100,7 +109,7 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike, limits: Limits 
         except Exception as exc:  # last line of defence: one bad file never stops the batch
             skipped.append(Skipped(source.name, f"could not be read ({type(exc).__name__}: {str(exc)[:160]})"))
     if dicom:
-        dicom_scans, dicom_skipped = read_dicom(dicom)
+        dicom_scans, dicom_skipped = read_dicom(dicom, guard)
         scans.extend(dicom_scans)
         skipped.extend(dicom_skipped)
     if not scans:
@@ -118,9 +127,9 @@ def _scan_sort_key(scan: Scan):
     return (number, -scan.voxels.size, scan.label)
 
 
-def load_one(paths, series: int | None = None, limits: Limits = DEFAULT_LIMITS) -> tuple[Scan, LoadResult]:
+def load_one(paths, series: int | None = None, limits: Limits = DEFAULT_LIMITS, *, budget: MemoryBudget | None = None) -> tuple[Scan, LoadResult]:
     """The single scan under `paths`; with several, `series` (0-based) picks one."""
-    result = load(paths, limits)
+    result = load(paths, limits, budget=budget)
     if series is None:
         if len(result.scans) > 1:
             listing = "; ".join(f"[{i}] {s.label}" for i, s in enumerate(result.scans))

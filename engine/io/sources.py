@@ -162,7 +162,8 @@ def _zip_sources(path: Path, display: str, limits: Limits, skipped: list[Skipped
 
 def _member_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str):
     def opener():
-        return io.BufferedReader(_BoundedReader(zf.open(info), info.file_size, label), buffer_size=1 << 20)
+        # a small buffer: sniffing a format or reading a DICOM header must not inflate the whole member
+        return io.BufferedReader(_BoundedReader(zf.open(info), info.file_size, label), buffer_size=64 << 10)
 
     return opener
 
