@@ -8,6 +8,10 @@ Design decisions
   any deployment launch the same way: `LAUNCH_OPTIONS` (no run history, a
   file-size cap, no stack traces) and `delete_cache` on the Blocks as a
   backstop to the handlers, which delete each upload as soon as it is read.
+- Login (app.login) is part of the launch options too: `launch_kwargs()`
+  adds Gradio's password login when users are configured and refuses to
+  serve beyond loopback without login; `serve(demo)` (what app.py runs)
+  turns that refusal into one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import sys  # noqa: E402
+
 import gradio as gr  # noqa: E402
 
 from app.display import CSS  # noqa: E402
 from app.library_tab import build_library_tab  # noqa: E402
 from app.scan_tab import build_scan_tab  # noqa: E402
 
-__all__ = ["build_demo", "LAUNCH_OPTIONS", "DELETE_CACHE"]
+__all__ = ["build_demo", "launch_kwargs", "serve", "LAUNCH_OPTIONS", "DELETE_CACHE"]
 
 TITLE = "MedLens"
 # (frequency, age) in seconds: sweep Gradio's cache of this app every 10 min
@@ -47,7 +53,10 @@ def build_demo(engine=None, model: str | None = None, ask_model: str | None = No
     The app starts and the viewer works without any model.
     """
     del engine
+    from app.login import add_login_header
+
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
+        add_login_header()
         gr.Markdown(
             "# MedLens\nDrop a scan (DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF). "
             "Uploads are read, then deleted from the server; nothing identifying is kept."
@@ -61,5 +70,22 @@ def build_demo(engine=None, model: str | None = None, ask_model: str | None = No
 
 
 def launch_kwargs(**overrides) -> dict:
-    """Launch options with the privacy settings, plus theme/CSS (Gradio 6 takes them at launch)."""
-    return {**LAUNCH_OPTIONS, "css": CSS, **overrides}
+    """Launch options with the privacy and login settings, plus theme/CSS (Gradio 6 takes them at launch).
+
+    Raises MedLensError when the server must not start (beyond loopback without login; bad credentials file).
+    """
+    from app.login import login_kwargs
+
+    return {**LAUNCH_OPTIONS, "css": CSS, **login_kwargs(overrides), **overrides}
+
+
+def serve(demo: gr.Blocks, **overrides) -> None:
+    """Launch `demo` as app.py does; a server that must not start says why in one line and exits with status 2."""
+    from engine.errors import MedLensError
+
+    try:
+        kwargs = launch_kwargs(**overrides)
+    except MedLensError as exc:
+        print(f"medlens: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    demo.launch(**kwargs)
