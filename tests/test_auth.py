@@ -217,6 +217,8 @@ def test_plan_on_a_space(monkeypatch):
     plan = server.plan_login("127.0.0.1")  # a Space is shared wherever Gradio binds
     assert plan.refusal() is not None
     monkeypatch.setenv("OAUTH_CLIENT_ID", "abc")
+    assert server.plan_login("0.0.0.0").mode == server.NONE  # not SYSTEM=spaces: Gradio would mock the sign-in
+    monkeypatch.setenv("SYSTEM", "spaces")
     plan = server.plan_login("0.0.0.0")
     assert plan.mode == server.OAUTH and plan.refusal() is None and "Sign in with Hugging Face" in plan.line()
 

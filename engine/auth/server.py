@@ -52,8 +52,12 @@ def on_space() -> bool:
 
 
 def space_oauth() -> bool:
-    """A Space with `hf_oauth: true` in its README (the Space then sets OAUTH_CLIENT_ID)."""
-    return on_space() and bool(os.environ.get("OAUTH_CLIENT_ID", "").strip())
+    """A Space with `hf_oauth: true` in its README (the Space then sets OAUTH_CLIENT_ID).
+
+    SYSTEM=spaces as well, as Gradio requires: elsewhere Gradio replaces the sign-in with a mock that
+    needs the machine's own Hugging Face token, which a server must not act as.
+    """
+    return on_space() and os.environ.get("SYSTEM") == "spaces" and bool(os.environ.get("OAUTH_CLIENT_ID", "").strip())
 
 
 def login_mode() -> str:
