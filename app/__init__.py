@@ -59,7 +59,8 @@ def build_demo(engine=None, model: str | None = None, ask_model: str | None = No
         add_login_header()
         gr.Markdown(
             "# MedLens\nDrop a scan (DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF). "
-            "Uploads are read, then deleted from the server; nothing identifying is kept."
+            "Uploads are read, then deleted from the server; the library keeps only the de-identified scans you add "
+            "(a summary, a thumbnail unless the image may carry burned-in text, embeddings, your tags)."
         )
         with gr.Tabs() as tabs:  # explicit, so opening a library hit can select the Scan tab
             with gr.Tab("Scan", id="scan"):

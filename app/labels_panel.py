@@ -40,7 +40,8 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import handlers
-from app.access import acting, entry
+from app.access import acting
+from app.access import entry as audit_line
 from app.ask_panel import QFORMER_PREFIX, is_qformer, qformer_label_choices
 from app.display import view_html
 from engine import settings
@@ -184,7 +185,7 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             raise gr.Error("No model chosen: " + NO_MODEL_MESSAGE.replace("**", ""), print_exception=False)
         if model not in allowed_models:
             raise gr.Error("Choose a model from the list.", print_exception=False)
-        entry().scan(scan).model = model
+        audit_line().scan(scan).model = model
         if labels is not None and str(labels).strip():
             label_list = clean_labels(str(labels))
         else:
@@ -202,7 +203,7 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             n_slices=int(n_slices or 12),
             volume=int(volume or 0),
         )
-        entry().model = result.model_id  # name@revision
+        audit_line().model = result.model_id  # name@revision
         data = result.to_dict()
         names = [r["label"] for r in data["labels"]]
         top = data["labels"][0]

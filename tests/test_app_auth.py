@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _app import running_app, tiny  # noqa: E402,F401  (shared fixtures, used by name)
+from test_app_library import library  # noqa: E402,F401  (a library file per test, used by name)
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22"}
@@ -42,16 +43,6 @@ def auth_server(tmp_path_factory, tiny):
         mp.setenv("MEDLENS_USERS", users)
         with running_app(tmp_path_factory.mktemp("gradio_cache"), model=tiny) as (url, demo):
             yield url, demo
-
-
-@pytest.fixture
-def library(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "lib" / "library.db"
-    monkeypatch.setenv("MEDLENS_LIBRARY", str(path))
-    from engine.library.vectors import clear_cache
-
-    clear_cache()
-    return path
 
 
 @pytest.fixture

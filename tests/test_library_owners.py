@@ -35,20 +35,12 @@ from engine.library import (
 )
 from engine.library import db as dbm
 from engine.library import store
-from engine.library.vectors import clear_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_library import FakeModel, make_pngs  # noqa: E402
+from test_library import FakeModel, _fresh_index_cache, make_pngs  # noqa: F401  (an autouse fixture)
 
 A, B = "alice", "bob"
 CT_SMALL = pydicom.data.get_testdata_file("CT_small.dcm")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_index_cache():
-    clear_cache()
-    yield
-    clear_cache()
 
 
 def _scan(path):
