@@ -226,3 +226,26 @@ def test_app_events_leave_no_phi_in_the_audit_log(server, tiny, log_file, tmp_pa
     for word in ("Doe", "nodule", "John", ".dcm", str(tmp_path)):
         assert word.lower() not in text.lower()
 
+
+
+def test_app_ask_lines_carry_the_signed_in_user_also_through_a_suggestion(log_file, tmp_path):
+    """ask_suggested calls the ask handler inside its own event: the line must name the same user, once."""
+    from types import SimpleNamespace
+
+    from _ask import tiny_ask_folder
+
+    from app.ask_panel import make_ask, make_ask_suggested
+    from app.handlers import ScanSession
+    from engine.io import load
+
+    model = f"local-dir:{tiny_ask_folder(tmp_path / 'ask')}"
+    path = _pngs(tmp_path / "in", 1)[0]
+    session = ScanSession(scans=load([str(path)]).scans)
+    carol = SimpleNamespace(username="carol")
+    args = (session, 0, 0, model, "Is the liver visible?", 0, 40.0, 400.0, False, 20)
+    make_ask({model})(*args, request=carol)
+    make_ask_suggested({model})(*args, request=carol)
+    records = lines(log_file)
+    assert [(r["user"], r["action"], r["outcome"]) for r in records] == [("carol", "ask", "ok")] * 2
+    assert all(r["scans"] == [session.scans[0].content_hash] and r["model"] for r in records)
+    assert "liver" not in log_file.read_text()  # the question is free text: never recorded
