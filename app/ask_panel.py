@@ -26,6 +26,9 @@ Design decisions
 - Suggested questions follow the scan shown: the metadata panel changes on
   every new scan/series (its .change event), which also clears the previous
   scan's answer and evidence. Picking a suggestion fills the box and asks.
+- Asking runs under app.access.acting("ask"): refused to visitors without
+  login on a shared server, one audit line (scan hash, model; never the
+  question, which is free text).
 - Errors (no scan, empty or too long question, a 2D image for a 3D-only
   model, a model that is not installed) are engine MedLensErrors or
   gr.Errors: app.handlers.guarded shows their message, never a trace.
@@ -39,6 +42,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import handlers
+from app.access import acting, entry
 from app.display import view_html
 from app.sessions import idle_seconds
 from engine import settings
@@ -202,14 +206,17 @@ def _evidence_for(view, scan):
 # --- handlers -----------------------------------------------------------------
 def make_ask(allowed: set[str]) -> Callable:
     @handlers.guarded(title="Cannot answer this question")
+    @acting("ask")
     def ask_question(session, series, volume, model, question, axial, center, width, mip, mip_mm) -> dict[str, Any]:
         """Answer a question about the scan shown: answer text, candidates chart, per-slice chart, evidence view, JSON."""
         from engine.ask.api import evidence_view
         from engine.ask.questions import validate_question
 
         scan = _current_scan(session, series)
+        entry().scan(scan)
         cleaned = validate_question("" if question is None else question)  # before any model is loaded
         ask = _model(model, allowed)
+        entry().model = ask
         answer = ask.ask(scan, cleaned)
         view = evidence_view(scan, answer.evidence) if answer.evidence is not None else None
         out: dict[str, Any] = {
@@ -236,6 +243,7 @@ def make_ask(allowed: set[str]) -> Callable:
 def make_ask_suggested(allowed: set[str]) -> Callable:
     inner = make_ask(allowed)
 
+    @acting(None)  # the inner ask records the line, as this user
     def ask_suggested(session, series, volume, model, suggestion, axial, center, width, mip, mip_mm) -> dict[str, Any]:
         """A suggested question was picked: it goes into the question box and is asked."""
         if not suggestion:

@@ -17,6 +17,10 @@ Design decisions
   only: messages can quote file names) and shown as a generic message. Never
   a stack trace in the browser. Messages are HTML-escaped because Gradio
   renders them as HTML and they can quote user-chosen file names.
+- Who may load (issue 16): `load_files` runs under app.access.acting("load"):
+  a visitor without login on a shared server is refused (their upload is
+  deleted all the same), and each load is one audit line with the content
+  hashes of the series read, never their names.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import uploads
+from app.access import acting, entry
 from app.display import view_html
 from app.sessions import ScanSession
 from engine.errors import MedLensError
@@ -105,7 +110,14 @@ def _uploads(files: Any) -> list[tuple[str, str | None]]:
     return out
 
 
+def _discard_refused(arguments: dict[str, Any]) -> None:
+    """A refused load still takes its uploads out of Gradio's cache; nothing is read."""
+    with uploads.private_copies(_uploads(arguments.get("files"))):
+        pass
+
+
 @guarded
+@acting("load", on_denied=_discard_refused)
 def load_files(files: list[str] | None) -> dict[str, Any]:
     """Read uploaded files / folder contents / zips; show the first series found."""
     # After a failed upload the widget still lists the (already deleted) files and a new
@@ -117,6 +129,7 @@ def load_files(files: list[str] | None) -> dict[str, Any]:
 
         result = load(paths)  # checked against engine.memory's bounds before anything is decoded
     skipped = [f"{s.name}: {s.reason}" for s in result.skipped]
+    entry().scan(*result.scans).detail.update(series=len(result.scans), skipped=len(skipped))
     session = ScanSession(scans=list(result.scans), skipped=skipped)
     out = show_series(session, 0, toasts=True)
     out["files"] = None  # the uploaded files are gone: clear the upload widget

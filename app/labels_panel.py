@@ -25,6 +25,8 @@ Design decisions
   so there is no per-slice chart and no per-label evidence map for them
   (the Ask panel shows where a Q-Former looked); the status line says so.
   Everything else (the CLIP path) is unchanged.
+- Labelling runs under app.access.acting("label"): refused to visitors
+  without login on a shared server, one audit line (scan hash, model).
 - Engine errors (MedLensError: model, prompts, scan, heat maps) become
   gr.Error with their message, HTML-escaped; anything else is handled by
   app.handlers.guarded (logged, generic message, never a trace).
@@ -38,6 +40,8 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import handlers
+from app.access import acting
+from app.access import entry as audit_line
 from app.ask_panel import QFORMER_PREFIX, is_qformer, qformer_label_choices
 from app.display import view_html
 from engine import settings
@@ -169,6 +173,7 @@ def fill_preset(preset: str | None) -> tuple[str, str]:
 
 def make_label_scan(allowed_models: set[str]) -> Callable:
     @handlers.guarded(title="Cannot label this scan")
+    @acting("label")
     def label_scan(session, series, volume, model, prompt_set, labels, mode, aggregation, planes, n_slices):
         """Zero-shot labels for the scan shown: bar chart, per-slice chart, result JSON, evidence choices, status."""
         from engine.zeroshot import clean_labels, label_scan as engine_label_scan
@@ -180,6 +185,7 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             raise gr.Error("No model chosen: " + NO_MODEL_MESSAGE.replace("**", ""), print_exception=False)
         if model not in allowed_models:
             raise gr.Error("Choose a model from the list.", print_exception=False)
+        audit_line().scan(scan).model = model
         if labels is not None and str(labels).strip():
             label_list = clean_labels(str(labels))
         else:
@@ -197,6 +203,7 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             n_slices=int(n_slices or 12),
             volume=int(volume or 0),
         )
+        audit_line().model = result.model_id  # name@revision
         data = result.to_dict()
         names = [r["label"] for r in data["labels"]]
         top = data["labels"][0]

@@ -5,6 +5,10 @@ as one line each; exit status 0 when something useful was produced, 2 on bad
 input (nothing loadable, bad arguments); `ask` exits 2 as soon as any
 question about any PATH went unanswered (each failure is reported). Never a
 stack trace: unexpected errors become a one-line message as well.
+
+The CLI is the single local user: no login, the library's `local` owner,
+and `local` in the audit log (one line per scan labelled or asked about,
+per index run, search and teach; engine.audit.recorded around each).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import json
 import sys
 from typing import Sequence
 
-from engine import settings
+from engine import audit, settings
+from engine.auth.users import LOCAL
 from engine.errors import MedLensError
 
 EXIT_BAD_INPUT = 2
@@ -92,18 +97,20 @@ def cmd_label(args) -> int:
     labelled = 0
     for path in args.paths:
         try:
-            scan, result = load_one([path], series=args.series)
-            _print_skipped(result)
-            out = label_scan(
-                scan,
-                labels,
-                model,
-                prompt_set=fixed_prompts,
-                mode=args.mode,
-                aggregation=args.aggregate,
-                planes=tuple(args.planes),
-                n_slices=args.slices,
-            )
+            with audit.recorded("label", user=LOCAL, model=model) as entry:
+                scan, result = load_one([path], series=args.series)
+                _print_skipped(result)
+                entry.scan(scan)
+                out = label_scan(
+                    scan,
+                    labels,
+                    model,
+                    prompt_set=fixed_prompts,
+                    mode=args.mode,
+                    aggregation=args.aggregate,
+                    planes=tuple(args.planes),
+                    n_slices=args.slices,
+                )
         except MedLensError as exc:
             message = _one_line(str(exc))
             if args.json:
@@ -172,6 +179,7 @@ def cmd_ask(args) -> int:
             _print_skipped(result)
             model.encode(scan)  # once per scan; every question reuses it (and a scan the model cannot read fails here)
         except MedLensError as exc:
+            audit.record("ask", user=LOCAL, model=model, outcome=audit.outcome_of(exc))  # the questions about it were not asked
             failed += 1
             _ask_failed(args, path, str(exc))
             continue
@@ -184,7 +192,9 @@ def cmd_ask(args) -> int:
                 _ask_failed(args, path, error or "this question cannot be asked", question)
                 continue
             try:
-                answer = model.ask(scan, cleaned, with_evidence=False)
+                with audit.recorded("ask", user=LOCAL, model=model) as entry:
+                    entry.scan(scan)
+                    answer = model.ask(scan, cleaned, with_evidence=False)
             except MedLensError as exc:
                 failed += 1
                 _ask_failed(args, path, str(exc), question)
@@ -271,7 +281,16 @@ def cmd_index(args) -> int:
         bar.refresh()
 
     try:
-        report = index_paths(args.paths, args.library, model, progress=progress)
+        with audit.recorded("index", user=LOCAL, model=model) as entry:
+            report = index_paths(args.paths, args.library, model, progress=progress, shared=args.shared)
+            entry.detail = {"added": report.added, "present": report.present, "embedded": report.embedded,
+                            "failed": len(report.failed), "shared": bool(args.shared)}
+            if report.scan_ids:
+                from engine.library import connect
+                from engine.library.store import content_hashes
+
+                with connect(args.library, create=False) as db:
+                    entry.scan(*content_hashes(db, report.scan_ids))
     finally:
         if bar is not None:
             bar.close()
@@ -303,7 +322,8 @@ def _like_scan(value: str, series: int | None):
 
 
 def cmd_search(args) -> int:
-    from engine.library import connect, search
+    from engine.library import connect, counts, search
+    from engine.library.store import content_hashes
 
     if not (args.query and args.query.strip()) and args.like is None:
         raise MedLensError('give a text QUERY, --like PATH, or both (e.g. medlens search "pleural effusion")')
@@ -311,11 +331,14 @@ def cmd_search(args) -> int:
         raise MedLensError(f"--k must be at least 1 (got {args.k})")
     like = _like_scan(args.like, args.series) if args.like is not None else None
     model = _library_model(args)
-    with connect(args.library, create=False) as db:
+    with audit.recorded("search", user=LOCAL, model=model) as entry, connect(args.library, create=False) as db:
+        if like is not None:
+            entry.scan(*(content_hashes(db, [like]) if isinstance(like, int) else [like]))
         hits = search(db, model, args.query, like=like, k=args.k, modality=args.modality, body_part=args.body_part,
                       label=args.label, ensemble=args.ensemble)
+        entry.results = [h.content_hash for h in hits if h.content_hash]
         if not hits:
-            n = db.execute("SELECT count(*) FROM embeddings WHERE model_id = ?", [model.model_id]).fetchone()[0]
+            n = counts(db)["embeddings"].get(model.model_id, 0)
             if n == 0:
                 print(f"medlens: no scan in the library is indexed with model {model.model_id}; run medlens index PATH --model ...", file=sys.stderr)
             else:
@@ -369,9 +392,10 @@ def cmd_teach(args) -> int:
     from engine.library import connect, teach
 
     model = _library_model(args)
-    with connect(args.library) as db:
+    with audit.recorded("teach", user=LOCAL, model=model) as entry, connect(args.library) as db:
         positives = _resolve_examples(db, model, args.positive)
         negatives = _resolve_examples(db, model, args.negative)
+        entry.detail = {"positives": len(positives), "negatives": len(negatives)}
         probe = teach(db, args.label, positives, negatives, model.model_id)
     if args.json:
         print(json.dumps(probe.summary()))
@@ -447,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--json", action="store_true", help='print the summary as one JSON object {"added", "present", "embedded", "failed", ...}')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shared", action="store_true", help="share the scans with every user of a shared server's app (a teaching collection)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="find library scans by text, by example scan, or both")
@@ -471,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--json", action="store_true", help="print the probe summary as JSON")
     p.set_defaults(func=cmd_teach)
+
+    from engine.audit.cli import register as register_audit
+    from engine.auth.cli import register as register_user
+
+    register_audit(sub)
+    register_user(sub)
     return parser
 
 

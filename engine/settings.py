@@ -50,6 +50,15 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _flag(raw: str) -> bool:
+    word = raw.lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a yes/no word")
+
+
 def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
@@ -57,7 +66,10 @@ def _positive_float(raw: str) -> float:
     return value
 
 
-_EXPECTS = {_text: "text", _path: "a path", _positive_int: "a whole number >= 1", _positive_float: "a number > 0"}
+_EXPECTS = {
+    _text: "text", _path: "a path", _positive_int: "a whole number >= 1", _positive_float: "a number > 0",
+    _flag: "1/0, true/false, yes/no or on/off",
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,10 @@ SESSION_IDLE_MIN = Setting(
     "MEDLENS_SESSION_IDLE_MIN", _positive_float, 15.0,
     "minutes without use after which a session's loaded scans are released (browser and API sessions; a closed tab's after one minute)",
 )
+AUTH_FILE = Setting("MEDLENS_AUTH_FILE", _path, None, "login file of the app: one `NAME:scrypt$...` line per user, written by `medlens user add NAME` (setting it turns login on)", "unset: no login")
+USERS = Setting("MEDLENS_USERS", _text, None, "login users as `NAME:HASH` pairs separated by commas or spaces, hashes from `medlens user hash NAME` (setting it turns login on)", "unset: no login")
+ALLOW_ANONYMOUS = Setting("MEDLENS_ALLOW_ANONYMOUS", _flag, False, "let a server listening beyond loopback (or a Space) run without login: visitors may view, label and ask, never use the library; when off such a server refuses to start", "off")
+AUDIT_LOG = Setting("MEDLENS_AUDIT_LOG", _text, None, "append-only JSON Lines audit log (who, when, action, model, de-identified scan hash, outcome), or `off`", "<user data dir>/medlens/audit.jsonl")
 
 SETTINGS: tuple[Setting, ...] = (
     MODEL,
@@ -123,6 +139,10 @@ SETTINGS: tuple[Setting, ...] = (
     MAX_SERIES_VOXELS,
     MEMORY_BUDGET_MB,
     SESSION_IDLE_MIN,
+    AUTH_FILE,
+    USERS,
+    ALLOW_ANONYMOUS,
+    AUDIT_LOG,
 )
 
 

@@ -57,3 +57,12 @@ def installed_models(monkeypatch, tmp_path_factory):
         return root
 
     return install
+
+
+@pytest.fixture(autouse=True)
+def _private_audit_log_and_no_login(monkeypatch, tmp_path_factory):
+    """Audit lines go to a throwaway file (never the user's data folder); a login configured in the
+    developer's shell never leaks into a test (tests that need login set it themselves)."""
+    monkeypatch.setenv("MEDLENS_AUDIT_LOG", str(tmp_path_factory.mktemp("audit") / "audit.jsonl"))
+    for name in ("MEDLENS_AUTH_FILE", "MEDLENS_USERS", "MEDLENS_ALLOW_ANONYMOUS"):
+        monkeypatch.delenv(name, raising=False)

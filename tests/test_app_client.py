@@ -79,6 +79,9 @@ EXPECTED_API = {
     "/library_tag_negative",
     "/library_teach",
     "/library_refresh",
+    # sharing a library scan (issue 16; tested in test_app_auth.py)
+    "/library_share",
+    "/library_unshare",
 }
 
 
