@@ -57,7 +57,23 @@ def _positive_float(raw: str) -> float:
     return value
 
 
-_EXPECTS = {_text: "text", _path: "a path", _positive_int: "a whole number >= 1", _positive_float: "a number > 0"}
+REDACT_MODES = ("auto", "off", "always")
+
+
+def _redact_mode(raw: str) -> str:
+    value = raw.lower()
+    if value not in REDACT_MODES:
+        raise ValueError(f"{raw!r} is not one of them")
+    return value
+
+
+_EXPECTS = {
+    _text: "text",
+    _path: "a path",
+    _positive_int: "a whole number >= 1",
+    _positive_float: "a number > 0",
+    _redact_mode: "auto, off or always",
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,12 @@ INFERENCE = Setting("MEDLENS_INFERENCE", _text, "auto", "force a CPU inference p
 THREADS = Setting("MEDLENS_THREADS", _positive_int, None, "torch threads (default: the physical cores this process may use)", "physical cores")
 FASTPATH_CACHE = Setting("MEDLENS_FASTPATH_CACHE", _text, None, "folder for exported fast-path models and probe decisions, or `off`", "<user cache dir>/medlens/fastpath")
 UID_SALT = Setting("MEDLENS_UID_SALT", _text, None, "secret salt of the de-identifying UID mapping (keep it stable to keep UIDs stable)", "a random per-user file")
+REDACT = Setting(
+    "MEDLENS_REDACT", _redact_mode, "auto",
+    "burned-in text removal on load: auto (OCR and blank text in US, SC, XA, RF and images flagged for burned-in text), "
+    "always (every scan), off (never: flagged scans stay flagged, unredacted)",
+)
+TESSERACT = Setting("MEDLENS_TESSERACT", _text, "tesseract", "the Tesseract OCR program used for burned-in text removal (a name on PATH or a path)")
 
 SETTINGS: tuple[Setting, ...] = (
     MODEL,
@@ -106,6 +128,8 @@ SETTINGS: tuple[Setting, ...] = (
     THREADS,
     FASTPATH_CACHE,
     UID_SALT,
+    REDACT,
+    TESSERACT,
 )
 
 

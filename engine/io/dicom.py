@@ -372,6 +372,7 @@ def _stack_without_geometry(frames: list[_Frame]) -> Scan:
         voxels = _invert(voxels)
     affine = np.diag([spacing2[1], spacing2[0], step, 1.0])
     metadata, prov = _provenance(ds, "dicom-multiframe", 1, warn)
+    prov.frames_as_stored = True  # burned-in text is read on the frames as they were acquired (engine.redact)
     return Scan(voxels, (step, spacing2[0], spacing2[1]), affine, _modality(ds), metadata, prov)
 
 
