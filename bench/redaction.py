@@ -18,6 +18,7 @@ Writes bench/results/redaction.md:
 - load time with and without redaction.
 
     python bench/redaction.py            # ~5-10 min on 2 busy cores
+    python bench/redaction.py --presidio-python V/bin/python   # also Presidio (its own venv V: see bench/_presidio_redact.py)
 """
 
 from __future__ import annotations
@@ -258,6 +259,34 @@ def evaluate_textless(per_folder: int) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- Presidio, for comparison
+def evaluate_presidio(python: str, phi_list: dict) -> list[str]:
+    """Run bench/_presidio_redact.py in Presidio's own venv and score it like engine.redact (first frame)."""
+    import subprocess
+    import tempfile
+
+    out = ["| image | Presidio | PHI strings readable after / in pixels | pixels changed | s |", "|---|---|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory() as work:
+        done = subprocess.run([python, str(ROOT / "bench" / "_presidio_redact.py"), work], capture_output=True, text=True, check=True)
+        rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        for row in rows:
+            path = next(p for p in deid_files() if p.name == row["name"])
+            if not row["ok"]:
+                out.append(f"| {row['name']} | failed: {row['error']} | - | - | {row['seconds']} |")
+                continue
+            raw = load_pair(path)[0]
+            arr = np.load(Path(work) / f"{row['name']}.npy").astype(np.float32)
+            first = raw.voxels if raw.is_2d else raw.voxels[0]
+            before = "".join(norm(w[0]) for w in strong_reader(_gray8(first)))
+            phi = phi_tokens(phi_list.get(row["name"], [])) | {t for t in header_phi(header_of(path)) if t in before}
+            gray = _gray8(arr)
+            text = "".join(norm(w[0]) for w in redactor_reader(gray) + strong_reader(gray))
+            changed = np.any(arr != first, axis=-1) if arr.ndim == 3 else arr != first
+            out.append(f"| {row['name']} | redacted | {sum(t in text for t in phi)}/{len(phi)} | {100 * changed.mean():.1f}% | {row['seconds']} |")
+    out += ["", f"- Presidio's default analyzer offline: {rows[0]['default_analyzer'] if rows else 'not run'}."]
+    return out
+
+
 # --------------------------------------------------------------------------- report
 def versions() -> str:
     import pydicom
@@ -303,6 +332,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-folder", type=int, default=10, help="images taken from each ../shared/data 2D folder")
+    parser.add_argument("--presidio-python", help="python of a venv with presidio-image-redactor, pydicom and deid-data: compare with Presidio")
     args = parser.parse_args(argv)
     if find_tesseract() is None:
         print("tesseract is not installed: nothing to measure", file=sys.stderr)
@@ -314,13 +344,16 @@ def main(argv=None) -> int:
     lines = [
         "# Burned-in text removal (engine.redact)", "",
         f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Command: `python bench/redaction.py --per-folder {args.per_folder}`",
+        f"- Command: `python bench/redaction.py --per-folder {args.per_folder}" + (" --presidio-python V/bin/python" if args.presidio_python else "") + "`",
         f"- CPU: {cpu_name()}, {os.cpu_count()} cores; load average before / after: {load_before} / {loadavg()}",
         f"- Versions: {versions()}",
         "- Redactor: MEDLENS_REDACT=auto (images with burned-in PHI) and =always (images without text).", "",
         "## deid-data ultrasound images with burned-in PHI", "", *text_table(text_rows), "",
         "## False redactions on images without text (MEDLENS_REDACT=always)", "", *textless_table(textless), "",
     ]
+    if args.presidio_python:
+        lines += ["## Presidio's DICOM image redactor on the same images (blank spaCy pipeline: no English model installs offline)", "",
+                  *evaluate_presidio(args.presidio_python, phi_list), ""]
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
