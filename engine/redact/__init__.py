@@ -46,7 +46,7 @@ from engine.scan import (
     Scan,
 )
 
-__all__ = ["redact_scan", "why_read", "redaction_message", "find_tesseract"]
+__all__ = ["redact_scan", "why_read", "redaction_message", "find_tesseract", "gray8"]
 
 _TEXT_MODALITIES = {"US": "ultrasound", "XA": "angiography (XA)", "RF": "fluoroscopy (RF)"}
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -70,7 +70,7 @@ def why_read(scan: Scan, mode: str) -> str | None:
     return None
 
 
-def _gray8(image: np.ndarray) -> np.ndarray | None:
+def gray8(image: np.ndarray) -> np.ndarray | None:
     """uint8 grey of a frame over its full range; colour by its brightest channel (coloured text stays bright)."""
     img = image.max(axis=-1) if image.ndim == 3 else image
     lo, hi = float(np.min(img)), float(np.max(img))
@@ -94,7 +94,7 @@ def read_frame(ocr: Tesseract, gray: np.ndarray) -> list[Box]:
 
 
 def _frame_boxes(ocr: Tesseract, frame: Frame, ultrasound: bool) -> list[Box]:
-    gray = _gray8(frame.image)
+    gray = gray8(frame.image)
     if gray is None:
         return []
     boxes = read_frame(ocr, gray)
