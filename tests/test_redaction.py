@@ -282,3 +282,16 @@ def test_the_setting_is_checked(monkeypatch):
         settings.REDACT.get()
     monkeypatch.setenv("MEDLENS_REDACT", "ALWAYS")
     assert settings.REDACT.get() == "always"
+
+
+def test_label_json_says_what_was_redacted(ocr, tmp_path, capsys):
+    from _models import tiny_clip_folder
+
+    path = tmp_path / "image.dcm"
+    _us_with_text(path, "DOE JOHN 12345678")
+    model = f"local-dir:{tiny_clip_folder(tmp_path / 'model')}"
+    code = main(["label", str(path), "--labels", "a", "b", "--model", model, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["redaction"]["status"] == REDACTED and row["redaction"]["n_boxes"] >= 1 and "DOE" not in out
