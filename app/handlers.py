@@ -40,6 +40,7 @@ from app.access import acting, entry
 from app.display import view_html
 from app.sessions import ScanSession
 from engine.errors import MedLensError
+from engine.redact import redaction_message
 from engine.scan import Scan, ScanError
 from engine.views import PLANES, plane_sizes, render_view
 from engine.windowing import (
@@ -153,11 +154,9 @@ def series_choices(session: ScanSession) -> list[tuple[str, int]]:
 def scan_warnings(scan: Scan, skipped: list[str]) -> list[str]:
     """Messages a reader should see next to the views."""
     out = list(scan.provenance.warnings)
-    if scan.provenance.burned_in_text_risk:
-        out.append(
-            "The pixels may contain burned-in text (names, dates): this kind of image often has it, "
-            "and de-identification cannot remove text drawn into the image."
-        )
+    burned_in = redaction_message(scan)  # removed, checked, or why not (engine.redact)
+    if burned_in:
+        out.append(burned_in)
     if skipped:
         n = len(skipped)
         out.append(f"{n} file{'s' if n > 1 else ''} could not be read and {'were' if n > 1 else 'was'} skipped (see the list under Scan information).")

@@ -41,8 +41,15 @@ def _print_skipped(result) -> None:
         print(f"medlens: skipped {message}", file=sys.stderr)
 
 
+def _redaction(scan) -> dict:
+    """What burned-in text removal did (engine.redact), for JSON rows: boxes and status, never text."""
+    record = scan.provenance.redaction
+    return {"redaction": record.to_dict() if record else None}
+
+
 def cmd_info(args) -> int:
     from engine.io import load
+    from engine.redact import redaction_message
 
     result = load(args.paths)
     _print_skipped(result)
@@ -60,6 +67,8 @@ def cmd_info(args) -> int:
             print(f"    reader       {summary['reader']}" + (f" ({summary['transfer_syntax']})" if summary["transfer_syntax"] else ""))
             for w in summary["warnings"]:
                 print(f"    warning      {w}")
+            if redaction_message(scan):
+                print(f"    burned-in    {redaction_message(scan)}")
     if not args.json:
         print(f"{len(result.scans)} series found" + (f", {len(result.skipped)} file(s) skipped" if result.skipped else ""))
     return 0
@@ -120,7 +129,7 @@ def cmd_label(args) -> int:
             continue
         labelled += 1
         if args.json:
-            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice)}), flush=True)
+            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice), **_redaction(scan)}), flush=True)
             continue
         where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
         kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
@@ -201,7 +210,7 @@ def cmd_ask(args) -> int:
                 continue
             answered += 1
             if args.json:
-                row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4)}
+                row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4), **_redaction(scan)}
                 if answer.closed:
                     row["candidates"] = [{"answer": a, "probability": round(float(p), 4)} for a, p in answer.candidates]
                 print(json.dumps(row, ensure_ascii=False), flush=True)

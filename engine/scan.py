@@ -22,6 +22,9 @@ Design decisions
   voxels.T, affine)` is the volume on disk.
 - `metadata` holds only de-identified values (see engine.deid); nothing
   identifying, not even the source file name, is kept on a Scan.
+- `Provenance.redaction` says what burned-in text removal (engine.redact)
+  did to the pixels: where it blanked them, with which OCR, or why it did
+  not run. It never holds the text that was read.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -76,6 +79,62 @@ _DICOM_MODALITY = {
 }
 
 
+class RedactedBox(NamedTuple):
+    """A rectangle of pixels blanked because OCR read text there (never the text itself).
+
+    2D scans: rows/cols of the image. Volumes and frame stacks: the box lies in
+    the plane of the two array axes other than `axis` (in array order) and is
+    blanked through every slice along `axis`, as burned-in text sits at the
+    same place on every frame.
+    """
+
+    axis: int | None  # array axis the box extends through (None for a 2D image)
+    row0: int
+    col0: int
+    row1: int  # exclusive
+    col1: int  # exclusive
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"axis": self.axis, "rows": [self.row0, self.row1], "cols": [self.col0, self.col1]}
+
+
+# Redaction.status values
+REDACTED = "redacted"
+NO_TEXT_FOUND = "no text found"
+NOT_CHECKED = "not checked"  # auto mode, and nothing about the scan suggests burned-in text
+OCR_UNAVAILABLE = "not redacted: OCR unavailable"
+REDACTION_OFF = "not redacted: turned off"
+OCR_FAILED = "not redacted: OCR failed"
+
+
+@dataclass
+class Redaction:
+    """What burned-in text removal did to the pixels, for the user and the CLI JSON."""
+
+    status: str  # one of the status values above
+    why: str = ""  # why the scan was checked (or not): a reason, never a value from the scan
+    ocr: str | None = None  # OCR program and version, e.g. "tesseract 5.3.0"
+    frames_read: int = 0  # 2D frames OCR read (sampled frames of a stack, slices of a volume)
+    boxes: list[RedactedBox] = field(default_factory=list)
+    blanked_fraction: float = 0.0  # share of the scan's pixels blanked
+
+    @property
+    def ran(self) -> bool:
+        """OCR read the pixels (whether or not it found text)."""
+        return self.status in (REDACTED, NO_TEXT_FOUND)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "why": self.why,
+            "ocr": self.ocr,
+            "frames_read": self.frames_read,
+            "n_boxes": len(self.boxes),
+            "blanked_fraction": round(self.blanked_fraction, 6),
+            "boxes": [b.to_dict() for b in self.boxes],
+        }
+
+
 @dataclass
 class Provenance:
     """How a scan was read. Holds no identifying value (no paths, no names)."""
@@ -86,6 +145,13 @@ class Provenance:
     warnings: list[str] = field(default_factory=list)
     removed_attributes: list[str] = field(default_factory=list)  # de-identification: keywords dropped
     burned_in_text_risk: bool = False  # pixels may show identifying text (US, secondary capture, ...)
+    frames_as_stored: bool = False  # a stack of frames without patient geometry: axis-0 slices are the frames as acquired
+    redaction: Redaction | None = None  # burned-in text removal on load (engine.redact)
+
+    @property
+    def unredacted_text_risk(self) -> bool:
+        """The pixels may show burned-in text that no OCR has read and blanked."""
+        return self.burned_in_text_risk and not (self.redaction is not None and self.redaction.ran)
 
 
 @dataclass
@@ -176,6 +242,8 @@ class Scan:
             "n_files": self.provenance.n_files,
             "warnings": list(self.provenance.warnings),
             "burned_in_text_risk": self.provenance.burned_in_text_risk,
+            # Burned-in text removal: status, OCR, blanked boxes (never the text read).
+            "redaction": self.provenance.redaction.to_dict() if self.provenance.redaction else None,
             "content_hash": self.content_hash,
             "metadata": dict(self.metadata),
             # Names of what de-identification dropped (never the values).

@@ -66,9 +66,19 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+REDACT_MODES = ("auto", "off", "always")
+
+
+def _redact_mode(raw: str) -> str:
+    value = raw.lower()
+    if value not in REDACT_MODES:
+        raise ValueError(f"{raw!r} is not one of them")
+    return value
+
+
 _EXPECTS = {
     _text: "text", _path: "a path", _positive_int: "a whole number >= 1", _positive_float: "a number > 0",
-    _flag: "1/0, true/false, yes/no or on/off",
+    _flag: "1/0, true/false, yes/no or on/off", _redact_mode: "auto, off or always",
 }
 
 
@@ -125,6 +135,12 @@ AUTH_FILE = Setting("MEDLENS_AUTH_FILE", _path, None, "login file of the app: on
 USERS = Setting("MEDLENS_USERS", _text, None, "login users as `NAME:HASH` pairs separated by commas or spaces, hashes from `medlens user hash NAME` (setting it turns login on)", "unset: no login")
 ALLOW_ANONYMOUS = Setting("MEDLENS_ALLOW_ANONYMOUS", _flag, False, "let a server listening beyond loopback (or a Space) run without login: visitors may view, label and ask, never use the library; when off such a server refuses to start", "off")
 AUDIT_LOG = Setting("MEDLENS_AUDIT_LOG", _text, None, "append-only JSON Lines audit log (who, when, action, model, de-identified scan hash, outcome), or `off`", "<user data dir>/medlens/audit.jsonl")
+REDACT = Setting(
+    "MEDLENS_REDACT", _redact_mode, "auto",
+    "burned-in text removal on load: auto (OCR and blank text in US, SC, XA, RF and images flagged for burned-in text), "
+    "always (every scan), off (never: flagged scans stay flagged, unredacted)",
+)
+TESSERACT = Setting("MEDLENS_TESSERACT", _text, "tesseract", "the Tesseract OCR program used for burned-in text removal (a name on PATH or a path)")
 
 SETTINGS: tuple[Setting, ...] = (
     MODEL,
@@ -143,6 +159,8 @@ SETTINGS: tuple[Setting, ...] = (
     USERS,
     ALLOW_ANONYMOUS,
     AUDIT_LOG,
+    REDACT,
+    TESSERACT,
 )
 
 

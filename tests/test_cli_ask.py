@@ -69,12 +69,12 @@ def test_json_one_object_per_question_one_model_load_one_encoding(capsys, tiny, 
         assert row["path"] == ct_zip and isinstance(row["answer"], str) and row["answer"]
         assert 0.0 <= row["confidence"] <= 1.0
     closed, modality, open_ = got
-    assert set(closed) == {"path", "question", "answer", "confidence", "candidates"}
+    assert set(closed) == {"path", "question", "answer", "confidence", "candidates", "redaction"}
     assert sorted(c["answer"] for c in closed["candidates"]) == ["no", "yes"]
     assert sum(c["probability"] for c in closed["candidates"]) == pytest.approx(1.0, abs=1e-3)
     assert closed["answer"] == closed["candidates"][0]["answer"] and closed["confidence"] == closed["candidates"][0]["probability"]
     assert "ct" in [c["answer"] for c in modality["candidates"]]
-    assert set(open_) == {"path", "question", "answer", "confidence"}  # open question: no candidates
+    assert set(open_) == {"path", "question", "answer", "confidence", "redaction"}  # open question: no candidates
     assert len(loads) == 1 and len(encodings) == 1  # one model load, the scan encoded once for three questions
     assert "Traceback" not in err
 

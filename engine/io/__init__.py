@@ -6,6 +6,10 @@ to the series reader as one batch (so a series split over many files is
 assembled) and everything else to its own reader. A bad file is reported in
 `LoadResult.skipped` and never spoils the rest; `ScanError` is raised only
 when nothing at all could be loaded.
+
+Every scan leaves `load` through engine.redact: burned-in text is blanked
+here, right after reading, so no viewer, model, library row or CLI output
+ever gets the unredacted pixels (MEDLENS_REDACT, engine.redact).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from engine.io.image2d import looks_like_image, read_image
 from engine.io.nifti import looks_like_nifti, read_nifti
 from engine.io.sources import DEFAULT_LIMITS, Limits, Skipped, Source, gather_sources
 from engine.memory import LoadGuard, MemoryBudget
+from engine.redact import redact_scan
 from engine.scan import Scan, ScanError
 
 __all__ = ["load", "load_one", "LoadResult", "Skipped", "Limits", "ScanError"]
@@ -114,6 +119,8 @@ def load(
         skipped.extend(dicom_skipped)
     if not scans:
         raise ScanError(_summarise_failure(skipped, len(sources)))
+    for scan in scans:
+        redact_scan(scan)  # before anything else sees the pixels
     scans.sort(key=_scan_sort_key)
     return LoadResult(scans, skipped)
 

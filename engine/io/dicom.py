@@ -443,7 +443,9 @@ def _stack_without_geometry(frames: list[Frame], guard: LoadGuard, skipped: list
         if bad:
             raise ScanError(next(iter(bad.values())))
         affine = np.diag([spacing2[1], spacing2[0], step, 1.0])
-        return _scan(voxels, affine, ds, "dicom-multiframe", 1, warn, spacing=(step, spacing2[0], spacing2[1]))
+        scan = _scan(voxels, affine, ds, "dicom-multiframe", 1, warn, spacing=(step, spacing2[0], spacing2[1]))
+        scan.provenance.frames_as_stored = True  # burned-in text is read on the frames as acquired (engine.redact)
+        return scan
 
     return _with_float_retry(fill, assembly.storage_dtype(frames))
 

@@ -18,12 +18,20 @@ Design decisions
   embedding, or two rows for one image.
 - Thumbnails: the middle of the non-empty axial extent (volumes) or the
   image (2D), default window, longer side 128 px, PNG. Scans flagged with a
-  burned-in-text risk (ultrasound, secondary capture, BurnedInAnnotation =
-  YES) get *no* thumbnail: their pixels may show a name, a date of birth or
-  an accession number, which de-identifying the header cannot remove, and a
-  thumbnail would copy that text into the library file and every screen
-  that lists it. The row says why (`thumbnail_note`). The embedding is kept:
-  a 512-number vector is not readable text.
+  burned-in-text risk (ultrasound, secondary capture, XA/RF,
+  BurnedInAnnotation = YES) get a thumbnail only once OCR has read their
+  pixels and blanked the text it found (engine.redact, run on load):
+  the thumbnail is then drawn from the same redacted pixels the viewer
+  shows. When OCR did not run (no tesseract, MEDLENS_REDACT=off, OCR
+  failed) they get *no* thumbnail: their pixels may show a name, a date of
+  birth or an accession number, and a thumbnail would copy that text into
+  the library file and every screen that lists it. The row says why
+  (`thumbnail_note`). Why allowing it after redaction is safe enough:
+  bench/results/redaction.md finds no PHI readable after redaction on any
+  frame of deid-data's images, and none readable by OCR even on 128 px
+  thumbnails of the *unredacted* images (a 1024 px frame's 15 px caption
+  becomes 2 px). The embedding is kept either way: a 512-number vector is
+  not readable text.
 - Owners (see engine.library.db): every function that reads or writes
   scans takes `owner`, the library user acting (default `local`: the CLI
   and the single local user). Reads select only what that user may see,
@@ -51,7 +59,10 @@ VOLUME_SLICES = 12
 KIND_IMAGE = "image"
 KIND_VOLUME_MEAN = "volume-mean"
 VISIBLE = "(scans.owner = ? OR scans.shared = 1)"  # one parameter: the viewer
-NO_THUMBNAIL_BURNED_IN = "not stored: the pixels may carry burned-in identifying text (ultrasound, screen capture or BurnedInAnnotation)"
+NO_THUMBNAIL_BURNED_IN = (
+    "not stored: the pixels may carry burned-in identifying text (ultrasound, screen capture, XA/RF or BurnedInAnnotation) "
+    "that OCR did not read and remove"
+)
 
 
 class ImageEncoder(Protocol):
@@ -95,7 +106,7 @@ def embed_scan(scan: Scan, model: ImageEncoder, n_slices: int = VOLUME_SLICES) -
 
 def thumbnail_png(scan: Scan, size: int = THUMBNAIL_SIZE) -> tuple[bytes | None, str | None]:
     """(PNG bytes, None), or (None, why there is none)."""
-    if scan.provenance.burned_in_text_risk:
+    if scan.provenance.unredacted_text_risk:
         return None, NO_THUMBNAIL_BURNED_IN
     try:
         from PIL import Image
