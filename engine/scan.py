@@ -14,6 +14,10 @@ Design decisions
   voxels.T, affine)` is the volume on disk.
 - `metadata` holds only de-identified values (see engine.deid); nothing
   identifying, not even the source file name, is kept on a Scan.
+- `origin` is the one exception, and only for scans read from a PACS: an
+  engine.pacs.PacsOrigin (real UIDs, patient and study attributes), held in
+  memory to write results back into that study on that PACS. It is not in
+  `summary()`, refuses to be pickled, and nothing stores it (engine.pacs).
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class Scan:
     metadata: dict[str, Any] = field(default_factory=dict)
     provenance: Provenance = field(default_factory=lambda: Provenance(reader="unknown"))
     _content_hash: str = field(default="", repr=False)
+    origin: Any = field(default=None, repr=False, compare=False)  # engine.pacs.PacsOrigin for PACS scans, else None
 
     def __post_init__(self) -> None:
         self.voxels = np.ascontiguousarray(self.voxels, dtype=np.float32)

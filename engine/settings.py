@@ -57,7 +57,16 @@ def _positive_float(raw: str) -> float:
     return value
 
 
-_EXPECTS = {_text: "text", _path: "a path", _positive_int: "a whole number >= 1", _positive_float: "a number > 0"}
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use 1/0, true/false, yes/no or on/off")
+
+
+_EXPECTS = {_text: "text", _path: "a path", _positive_int: "a whole number >= 1", _positive_float: "a number > 0", _flag: "on or off"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,14 @@ INFERENCE = Setting("MEDLENS_INFERENCE", _text, "auto", "force a CPU inference p
 THREADS = Setting("MEDLENS_THREADS", _positive_int, None, "torch threads (default: the physical cores this process may use)", "physical cores")
 FASTPATH_CACHE = Setting("MEDLENS_FASTPATH_CACHE", _text, None, "folder for exported fast-path models and probe decisions, or `off`", "<user cache dir>/medlens/fastpath")
 UID_SALT = Setting("MEDLENS_UID_SALT", _text, None, "secret salt of the de-identifying UID mapping (keep it stable to keep UIDs stable)", "a random per-user file")
+# The PACS (engine.pacs). Credentials come from here only: never from the command line, never logged.
+PACS_URL = Setting("MEDLENS_PACS_URL", _text, None, "DICOMweb root of the PACS, e.g. https://pacs.example.org/dicom-web (unset: no PACS)")
+PACS_USER = Setting("MEDLENS_PACS_USER", _text, None, "PACS user name (HTTP basic authentication, with MEDLENS_PACS_PASSWORD)")
+PACS_PASSWORD = Setting("MEDLENS_PACS_PASSWORD", _text, None, "PACS password (never put it on a command line; it is never logged)")
+PACS_TOKEN = Setting("MEDLENS_PACS_TOKEN", _text, None, "PACS bearer token (OAuth/OIDC), instead of user and password")
+PACS_CA_BUNDLE = Setting("MEDLENS_PACS_CA_BUNDLE", _path, None, "CA certificate file that signs the PACS's TLS certificate (verification is always on)", "the system's CAs")
+PACS_ALLOW_HTTP = Setting("MEDLENS_PACS_ALLOW_HTTP", _flag, False, "allow plain http:// to a PACS that is not on this machine (images and credentials travel unencrypted)", "off")
+PACS_TIMEOUT = Setting("MEDLENS_PACS_TIMEOUT", _positive_float, 120.0, "seconds to wait for one PACS request (a large series takes one request)")
 
 SETTINGS: tuple[Setting, ...] = (
     MODEL,
@@ -106,6 +123,13 @@ SETTINGS: tuple[Setting, ...] = (
     THREADS,
     FASTPATH_CACHE,
     UID_SALT,
+    PACS_URL,
+    PACS_USER,
+    PACS_PASSWORD,
+    PACS_TOKEN,
+    PACS_CA_BUNDLE,
+    PACS_ALLOW_HTTP,
+    PACS_TIMEOUT,
 )
 
 

@@ -6,6 +6,10 @@ to the series reader as one batch (so a series split over many files is
 assembled) and everything else to its own reader. A bad file is reported in
 `LoadResult.skipped` and never spoils the rest; `ScanError` is raised only
 when nothing at all could be loaded.
+
+A `dicomweb:STUDY/SERIES` (or `dicomweb:STUDY`) path is a PACS series: it is
+retrieved over DICOMweb by engine.pacs and read by the same DICOM reader,
+in memory; a PACS failure is reported like a bad file.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from engine.io.dicom import looks_like_dicom, read_dicom
 from engine.io.image2d import looks_like_image, read_image
 from engine.io.nifti import looks_like_nifti, read_nifti
 from engine.io.sources import DEFAULT_LIMITS, Limits, Skipped, Source, gather_sources
+from engine.pacs.locator import is_locator
 from engine.scan import Scan, ScanError
 
 __all__ = ["load", "load_one", "LoadResult", "Skipped", "Limits", "ScanError"]
@@ -73,9 +78,17 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike, limits: Limits 
     paths = list(paths)
     if not paths:
         raise ScanError("nothing to load: give at least one file, folder or zip")
-    sources, skipped = gather_sources(paths, limits)
-    dicom: list[Source] = []
     scans: list[Scan] = []
+    skipped: list[Skipped] = []
+    remote = [str(p) for p in paths if is_locator(p)]
+    if remote:
+        from engine.pacs.retrieve import load_locators
+
+        scans, skipped = load_locators(remote)
+        paths = [p for p in paths if not is_locator(p)]
+    sources, local_skipped = gather_sources(paths, limits)
+    skipped.extend(local_skipped)
+    dicom: list[Source] = []
     for source in sources:
         try:
             kind = _classify(source)

@@ -109,6 +109,8 @@ class _Read:
 # --------------------------------------------------------------------------- reading
 def _dcmread(source: Source):
     """Parse a file; preamble-less files (sniffed as DICOM already) are read with force."""
+    if source.dataset is not None:  # parsed already (a DICOMweb instance)
+        return source.dataset
     import pydicom
     from pydicom.errors import InvalidDicomError
 
