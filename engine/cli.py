@@ -351,6 +351,7 @@ def _resolve_examples(db, model, items: list[str]) -> list[int]:
     from engine.io import load
     from engine.library.indexing import add_scan
     from engine.library.store import get_scan, has_embedding, scan_ids_by_source
+    from engine.pacs.locator import is_locator
 
     ids: list[int] = []
     for item in items:
@@ -369,7 +370,7 @@ def _resolve_examples(db, model, items: list[str]) -> list[int]:
         if known and all(has_embedding(db, sid, model.model_id) for sid in known):
             ids.extend(known)
             continue
-        if not os.path.exists(text):
+        if not os.path.exists(text) and not is_locator(text):
             raise MedLensError(f"{text}: not a library scan id and no such file or folder")
         result = load([text])  # not indexed yet (or not with this model): index it now
         _print_skipped(result)

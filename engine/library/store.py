@@ -37,6 +37,7 @@ import numpy as np
 import sqlite_utils
 
 from engine.library.db import LibraryError, now, write
+from engine.pacs.locator import storable
 from engine.scan import Scan
 
 THUMBNAIL_SIZE = 128
@@ -141,7 +142,7 @@ def prepare(scan: Scan, model: ImageEncoder, source: str | None, *, with_row: bo
             "summary": json.dumps(scan.summary(), default=str, ensure_ascii=False),
             "thumbnail": thumb,
             "thumbnail_note": note,
-            "source": None if source is None else str(source),
+            "source": None if source is None else storable(str(source)),  # a dicomweb: path is stored sealed
             "added_at": now(),
         }
     return Prepared(scan.content_hash, row, vector, kind, model.model_id)
@@ -191,7 +192,8 @@ def has_embedding(db: sqlite_utils.Database, scan_id: int, model_id: str) -> boo
 
 
 def scan_ids_by_source(db: sqlite_utils.Database, source: str) -> list[int]:
-    return [int(r[0]) for r in db.execute("SELECT id FROM scans WHERE source = ? ORDER BY id", [str(source)]).fetchall()]
+    stored = storable(str(source))
+    return [int(r[0]) for r in db.execute("SELECT id FROM scans WHERE source = ? ORDER BY id", [stored]).fetchall()]
 
 
 def get_scan(db: sqlite_utils.Database, scan_id: int, *, thumbnail: bool = False) -> dict[str, Any] | None:
