@@ -3,8 +3,12 @@
 Conventions: results on stdout (JSON Lines with --json), problems on stderr
 as one line each; exit status 0 when something useful was produced, 2 on bad
 input (nothing loadable, bad arguments); `ask` exits 2 as soon as any
-question about any PATH went unanswered (each failure is reported). Never a
-stack trace: unexpected errors become a one-line message as well.
+question about any PATH went unanswered (each failure is reported); with
+--export/--push, `label` and `ask` exit 2 when any scan's results could not
+be written or stored. Never a stack trace: unexpected errors become a
+one-line message as well. New subcommands live in their own module with a
+`register(subparsers)` (engine.pacs.cli); the results flags of `label` and
+`ask` come from engine.results.cli.
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def cmd_label(args) -> int:
     """Zero-shot labels for each PATH with one model load; a bad PATH never stops the others."""
 
     from engine.io import load_one
+    from engine.results.cli import ResultSink, describe, progress, query_paths, report_errors
     from engine.zeroshot import PRESENT_ABSENT, SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
 
     # everything that can be checked without a model or a scan is checked first
@@ -88,9 +93,13 @@ def cmd_label(args) -> int:
     if args.slices < 1:
         raise MedLensError(f"--slices must be at least 1 (got {args.slices})")
     fixed_prompts = load_prompt_set(args.modality) if args.modality else None
+    sink = ResultSink.from_args(args)
+    paths = list(args.paths) + (query_paths(args.pacs_query) if args.pacs_query else [])
+    if not paths:
+        raise MedLensError("give at least one PATH, or --pacs-query to label what a PACS search returns")
     model = resolve_model(args.model or settings.MODEL.get())
     labelled = 0
-    for path in args.paths:
+    for path in progress(paths, bool(args.pacs_query)):
         try:
             scan, result = load_one([path], series=args.series)
             _print_skipped(result)
@@ -112,8 +121,10 @@ def cmd_label(args) -> int:
                 print(f"medlens: {message if message.startswith(path) else f'{path}: {message}'}", file=sys.stderr)
             continue
         labelled += 1
+        done = sink.label_done(path, scan, out, model, fixed_prompts) if sink else {}
+        report_errors(path, done)
         if args.json:
-            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice)}), flush=True)
+            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice), **done}), flush=True)
             continue
         where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
         kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
@@ -121,10 +132,14 @@ def cmd_label(args) -> int:
         width = max(len(s.label) for s in out.labels)
         for s in out.labels:
             print(f"  {100 * s.probability:6.2f}%  {s.label:<{width}}  cosine {s.score:+.4f}")
+        for line in describe(path, done):
+            print(line)
+    if sink:
+        sink.close()
     if labelled == 0:
-        print(f"medlens: no PATH could be labelled ({len(args.paths)} given)", file=sys.stderr)
+        print(f"medlens: no PATH could be labelled ({len(paths)} given)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    return EXIT_BAD_INPUT if sink and sink.failures else 0
 
 
 def _ask_source(args) -> str | None:
@@ -152,6 +167,7 @@ def cmd_ask(args) -> int:
     from engine.ask.api import resolve_ask_model
     from engine.ask.questions import QuestionError, validate_question
     from engine.io import load_one
+    from engine.results.cli import ResultSink, describe, report_errors
 
     # questions are checked before any model or scan is loaded
     asked = [args.question, *(args.questions or [])]
@@ -164,9 +180,11 @@ def cmd_ask(args) -> int:
     if all(cleaned is None for _, cleaned, _ in checked):
         first = checked[0][2]
         raise MedLensError(first if len(checked) == 1 else f"no question can be asked: {first}")
+    sink = ResultSink.from_args(args)
     model = resolve_ask_model(_ask_source(args))
     answered = failed = 0
     for path in args.paths:
+        answers = []
         try:
             scan, result = load_one([path], series=args.series)
             _print_skipped(result)
@@ -184,12 +202,13 @@ def cmd_ask(args) -> int:
                 _ask_failed(args, path, error or "this question cannot be asked", question)
                 continue
             try:
-                answer = model.ask(scan, cleaned, with_evidence=False)
+                answer = model.ask(scan, cleaned, with_evidence=sink is not None)  # evidence only for the SEG
             except MedLensError as exc:
                 failed += 1
                 _ask_failed(args, path, str(exc), question)
                 continue
             answered += 1
+            answers.append(answer)
             if args.json:
                 row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4)}
                 if answer.closed:
@@ -201,6 +220,17 @@ def cmd_ask(args) -> int:
             if answer.closed and answer.candidates:
                 for candidate, probability in answer.candidates:
                     print(f"     {100 * probability:6.2f}%  {candidate}")
+        if sink and answers:
+            done = sink.ask_done(path, scan, answers, model)
+            report_errors(path, done)
+            if args.json:
+                print(json.dumps({"path": path, **done}, ensure_ascii=False), flush=True)
+            else:
+                for line in describe(path, done):
+                    print(line)
+            failed += 1 if any(k.endswith("_error") for k in done) else 0
+    if sink:
+        sink.close()
     if failed:
         if answered == 0:
             print(f"medlens: no question could be answered ({len(args.paths)} PATH(s), {len(checked)} question(s))", file=sys.stderr)
@@ -398,6 +428,8 @@ def cmd_teach(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.results.cli import add_output_args
+
     parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -414,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("label", help="zero-shot labels for scans (one model load for all PATHs)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="a file, a folder or zip holding one series, or dicomweb:STUDY/SERIES")
     p.add_argument(
         "--labels", nargs="+", metavar="LABEL", default=None,
         help="labels to rank (quote multi-word labels; commas also separate labels); default: the preset label set of the scan's modality",
@@ -428,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
     p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "score"}, ...], ...} or {"path", "error"} per PATH')
     p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
+    add_output_args(p, query=True)
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser(
@@ -445,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
                         'or {"path", "error"} / {"path", "question", "error"}')
+    add_output_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
