@@ -22,6 +22,7 @@ import gradio as gr  # noqa: E402
 
 from app.display import CSS  # noqa: E402
 from app.library_tab import build_library_tab  # noqa: E402
+from app.pacs_panel import build_pacs_tab  # noqa: E402
 from app.scan_tab import build_scan_tab  # noqa: E402
 
 __all__ = ["build_demo", "LAUNCH_OPTIONS", "DELETE_CACHE"]
@@ -56,6 +57,7 @@ def build_demo(engine=None, model: str | None = None, ask_model: str | None = No
             with gr.Tab("Scan", id="scan"):
                 scan = build_scan_tab(model=model, ask_model=ask_model)
             build_library_tab(scan, tabs, model=model)
+            build_pacs_tab(scan, tabs, model=model)
     demo.queue(default_concurrency_limit=1)
     return demo
 

@@ -79,6 +79,13 @@ EXPECTED_API = {
     "/library_tag_negative",
     "/library_teach",
     "/library_refresh",
+    # PACS tab (app/pacs_panel.py; tested in test_app_pacs.py)
+    "/pacs_status",
+    "/pacs_status_on_open",
+    "/pacs_search",
+    "/pacs_select_row",
+    "/pacs_open",
+    "/pacs_send",
 }
 
 

@@ -93,16 +93,25 @@ def build_outputs(scan: Scan, record: ResultRecord, subject: Subject | None, hea
     if not where:
         out.notes.append("no SEG or overlay: the source instances are not plain slices of this scan (a 4D or multi-frame series)")
         return out
-    heat_models = [record.labels.model] if heats[0].kind == "label" and record.labels else [a.model for a in record.answers[:1]]
-    model = heat_models[0] if heat_models else models[0]
-    out.seg = build_seg(scan, heats, subject, where, uids.seg_series, uids.seg, model)
+    heat_models = [_model_of(record, heat) for heat in heats]
+    out.seg = build_seg(scan, heats, subject, where, uids.seg_series, uids.seg, heat_models)
     if out.seg is None:
         out.notes.append("no SEG: the evidence touches none of the source instances")
     else:
-        stamp(out.seg, [model], "seg", deidentified)
+        stamp(out.seg, list(dict.fromkeys(heat_models)), "seg", deidentified)
     out.sc = [build_sc(scan, heats[0], subject, where, uids.sc_series, uids.sc)]
-    stamp(out.sc[0], [model], "sc", deidentified)
+    stamp(out.sc[0], [heat_models[0]], "sc", deidentified)
     return out
+
+
+def _model_of(record: ResultRecord, heat: Heat):
+    """The model whose evidence `heat` is: the labels' model, or the model that answered its question."""
+    if heat.kind == "label" and record.labels is not None:
+        return record.labels.model
+    for answer in record.answers:
+        if heat.target == f"question '{answer.question}'":
+            return answer.model
+    return record.models[0]
 
 
 def write_files(folder: str | Path, record: ResultRecord, outputs: Outputs) -> Path:

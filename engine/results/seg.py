@@ -34,8 +34,8 @@ def placements(scan: Scan, instances) -> list[Placement]:
     return sorted(found, key=lambda p: (p.axis or 0, p.index))
 
 
-def build_seg(scan: Scan, heats: list[Heat], subject, where: list[Placement], series_uid: str, sop_uid: str, model: ModelRef):
-    """The fractional SEG of `heats` on the instances `where`, or None when no instance carries evidence."""
+def build_seg(scan: Scan, heats: list[Heat], subject, where: list[Placement], series_uid: str, sop_uid: str, models: list[ModelRef]):
+    """The fractional SEG of `heats` (one segment each, made by `models[i]`) on the instances `where`, or None without evidence."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -62,7 +62,7 @@ def build_seg(scan: Scan, heats: list[Heat], subject, where: list[Placement], se
                 parameters={"evidence": heat.method, "for": heat.target[:64]},
             ),
         )
-        for n, heat in enumerate(heats, start=1)
+        for n, (heat, model) in enumerate(zip(heats, models), start=1)
     ]
     pixels = np.clip(np.stack(frames), 0.0, 1.0)
     if pixels.shape[-1] == 1:
@@ -77,7 +77,7 @@ def build_seg(scan: Scan, heats: list[Heat], subject, where: list[Placement], se
         sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer="MedLens",
-        manufacturer_model_name=model.name[:64],
+        manufacturer_model_name=" + ".join(dict.fromkeys(m.name for m in models))[:64],
         software_versions=software_version()[:64],
         device_serial_number="none",
         fractional_type="PROBABILITY",
