@@ -227,3 +227,25 @@ def test_credentials_and_identifiers_never_reach_the_logs(pacs_env, stored, capl
     text = "\n".join(r.getMessage() for r in caplog.records)
     for secret in (PASSWORD, USER + ":", datasets[0].StudyInstanceUID, datasets[0].SeriesInstanceUID, *PHI_STRINGS):
         assert secret not in text
+
+
+def test_the_example_orthanc_configuration_runs_with_authentication_on(tmp_path):
+    """examples/orthanc/orthanc.json, as the README points hospital IT to it: DICOMweb answers, only with credentials."""
+    import json
+
+    import requests
+    from _orthanc import Orthanc, free_port, require_orthanc
+
+    require_orthanc()
+    base = json.loads((Path(__file__).resolve().parents[1] / "examples" / "orthanc" / "orthanc.json").read_text())
+    assert base["AuthenticationEnabled"] is True and base["RemoteAccessAllowed"] is False and base["DicomServerEnabled"] is False
+    [(user, password)] = base["RegisteredUsers"].items()
+    server = Orthanc(tmp_path, free_port(), base=base)
+    server.start()
+    try:
+        url = f"{server.dicomweb}/studies"
+        assert requests.get(url, timeout=10).status_code == 401
+        assert requests.get(url, auth=(user, "wrong"), timeout=10).status_code == 401
+        assert requests.get(url, auth=(user, password), timeout=10).json() == []
+    finally:
+        server.stop()

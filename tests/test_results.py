@@ -167,3 +167,24 @@ def _tiny_png(folder: Path) -> Path:
     path = folder / "x.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
     return path
+
+
+def test_an_identified_subject_without_birth_date_or_sex_still_builds_every_object(tmp_path, tiny):
+    """PACS headers often lack type 2 attributes (birth date, sex, referring physician): they are written empty."""
+    from pydicom.dataset import Dataset
+
+    from engine.pacs.origin import InstanceRef
+    from engine.results import OutputUIDs, Subject, build_outputs
+
+    files = tmp_path / "files"
+    write_series(files, SeriesSpec(modality="CT"))
+    scan = load([files]).scans[0]
+    datasets = [pydicom.dcmread(f) for f in files.iterdir()]
+    header = Dataset()
+    header.PatientID, header.PatientName = "ONLY-AN-ID", "Only^Name"
+    subject = Subject(header, datasets[0].StudyInstanceUID, tuple(InstanceRef.from_dataset(d) for d in datasets), identified=True)
+    record = record_for(scan, labels={"labels": [{"label": "a", "probability": 0.7}, {"label": "b", "probability": 0.3}]})
+    heat = Heat("label 'a'", "label", "gradcam", 0, {3: np.ones(scan.voxels.shape[1:], np.float32)})
+    outputs = build_outputs(scan, record, subject, [heat], OutputUIDs.new())
+    assert outputs.kinds() == ["SR", "SEG", "SC"]
+    assert outputs.sr.PatientID == "ONLY-AN-ID" and outputs.sr.PatientBirthDate == ""

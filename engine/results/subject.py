@@ -56,6 +56,9 @@ class Subject:
         from copy import deepcopy
 
         ds = deepcopy(self.header)
+        for keyword in _EMPTY_WHEN_DEIDENTIFIED:  # type 2: present even when the source lacks them (highdicom reads them)
+            if keyword not in ds:
+                setattr(ds, keyword, "")
         ds.StudyInstanceUID = self.study_uid
         ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = ref.sop_class_uid, ref.sop_instance_uid, ref.series_uid
         ds.Modality, ds.Rows, ds.Columns = ref.modality, ref.rows, ref.cols
