@@ -46,10 +46,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 OUT = REPO / "bench" / "results" / "pacs.md"
-ROWS = COLS = 512
-N_SLICES = 300
-PIXEL_MM, SLICE_MM = 0.75, 1.0
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+sys.path.insert(0, str(REPO / "bench"))
+from load_series import COLS, N_SLICES, PIXEL_MM, ROWS, SLICE_MM  # noqa: E402  (the same grid as the loading benchmark)
 
 
 def phantom_slice(k: int, rng: np.random.Generator) -> np.ndarray:
@@ -69,32 +67,19 @@ def phantom_slice(k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_series(folder: Path) -> list:
-    """Write the 300 files; return them as pydicom datasets (for STOW)."""
+    """Write the 300 files (load_series.py's CT slices, a synthetic phantom); return them as pydicom datasets (for STOW)."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
+
+    from load_series import ct_slice
 
     rng = np.random.default_rng(0)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    uids = (generate_uid(), generate_uid(), generate_uid())
     names = rng.permutation(N_SLICES)
     for k in range(N_SLICES):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, k + 1
-        ds.PatientName, ds.PatientID, ds.StudyDate, ds.AccessionNumber = "Bench^Phantom", "BENCH0001", "20260101", "BENCH1"
-        ds.StudyTime, ds.ReferringPhysicianName, ds.StudyID = "120000", "", "1"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-COLS * PIXEL_MM / 2, -ROWS * PIXEL_MM / 2, k * SLICE_MM]
-        ds.PixelSpacing, ds.SliceThickness = [PIXEL_MM, PIXEL_MM], SLICE_MM
-        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = ROWS, COLS, 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.PixelData = phantom_slice(k, rng).tobytes()
+        position = [-COLS * PIXEL_MM / 2, -ROWS * PIXEL_MM / 2, k * SLICE_MM]
+        ds = ct_slice(k, uids, position, phantom_slice(k, rng))
+        ds.AccessionNumber, ds.StudyTime, ds.ReferringPhysicianName, ds.StudyID = "BENCH1", "120000", "", "1"
         ds.save_as(folder / f"{names[k]:04d}.dcm", enforce_file_format=True)
     return [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
 

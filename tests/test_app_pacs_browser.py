@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _app import running_app  # noqa: E402
 from _orthanc import PHI, PHI_STRINGS, running_orthanc, synthetic_datasets, with_phi  # noqa: E402
-from test_app_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _require_browser  # noqa: E402
+from test_app_browser import _require_browser, page  # noqa: E402,F401  (page: a chromium page for this module's server)
 
 pytestmark = pytest.mark.browser
 N_SLICES = 6
@@ -40,20 +40,6 @@ def server(tmp_path_factory):
                 yield url, cache, pacs
         finally:
             patch.undo()
-
-
-@pytest.fixture
-def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1100})
-            page.set_default_timeout(TIMEOUT_MS)
-            yield page
-        finally:
-            browser.close()
 
 
 def test_search_the_pacs_and_open_a_series_in_the_viewer(server, page, tmp_path):

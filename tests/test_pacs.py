@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _orthanc import PASSWORD, PHI, PHI_STRINGS, USER, running_orthanc, synthetic_datasets, with_phi  # noqa: E402
+from _orthanc import PASSWORD, PHI, PHI_STRINGS, USER, orthanc, running_orthanc, save_series, synthetic_datasets, with_phi  # noqa: E402,F401
 
 from engine.io import load  # noqa: E402
 from engine.pacs import (  # noqa: E402
@@ -31,20 +31,11 @@ from engine.pacs import (  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def stored(orthanc, tmp_path_factory):
     """A synthetic CT series with made-up PHI, stored in Orthanc; (datasets, folder of the same files)."""
     folder = tmp_path_factory.mktemp("series")
     datasets = with_phi(synthetic_datasets(folder / "raw", 8))
-    files = folder / "files"
-    files.mkdir()
-    for i, ds in enumerate(datasets):
-        ds.save_as(files / f"{i:03d}.dcm", enforce_file_format=True)
+    files = save_series(datasets, folder / "files")
     orthanc.store(datasets)
     return datasets, files
 

@@ -12,24 +12,19 @@ import logging
 import sys
 from pathlib import Path
 
-import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _app import tiny  # noqa: E402,F401  (fixture)
 from _dciodvfy import dciodvfy_errors  # noqa: E402
-from _orthanc import PHI, PHI_STRINGS, running_orthanc, shared_ct_datasets, synthetic_datasets, with_phi  # noqa: E402
+from _orthanc import (  # noqa: E402,F401  (orthanc: fixture)
+    PHI, PHI_STRINGS, orthanc, running_orthanc, save_series, shared_ct_datasets, synthetic_datasets, with_phi,
+)
 from conftest import SHARED_DATA  # noqa: E402
 
 from engine.cli import main  # noqa: E402
 
 RESEARCH = "research use, not for diagnosis"
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +37,7 @@ def study(orthanc, tmp_path_factory):
         datasets = with_phi(shared_ct_datasets(SHARED_DATA))
     else:
         datasets = with_phi(synthetic_datasets(folder / "raw", 8))
-    files = folder / "files"
-    files.mkdir()
-    for i, ds in enumerate(datasets):
-        ds.save_as(files / f"{i:03d}.dcm", enforce_file_format=True)
+    files = save_series(datasets, folder / "files")
     orthanc.store(datasets)
     return datasets, files
 
