@@ -157,8 +157,8 @@ def test_non_image_series_is_refused_before_download(pacs_env, stored):
 def test_partial_retrieve_is_an_error_not_a_volume_with_holes(pacs_env, stored, monkeypatch):
     from engine.pacs.client import PacsClient as Client
 
-    real = Client.retrieve_series
-    monkeypatch.setattr(Client, "retrieve_series", lambda self, st, se: real(self, st, se)[:-1])  # one instance lost in transit
+    real = Client.iter_series
+    monkeypatch.setattr(Client, "iter_series", lambda self, st, se: iter(list(real(self, st, se))[:-1]))  # one lost in transit
     with pytest.raises(Exception) as info:
         load([_path(stored[0][0])])
     assert "only 7 of the 8 instances" in str(info.value)

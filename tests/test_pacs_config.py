@@ -148,3 +148,4 @@ def test_query_words_become_exact_filters():
 def test_queries_that_orthanc_would_misread_are_refused(text, message):
     with pytest.raises((QueryError, LocatorError), match=message):
         parse_query(text)
+

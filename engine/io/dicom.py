@@ -30,7 +30,7 @@ import io
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -550,8 +550,8 @@ def _split_by_geometry(frames: list[_Frame]) -> list[list[_Frame]]:
     return [members for _, _, members in groups]
 
 
-def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
-    """All scans found in DICOM sources; unreadable files become `Skipped`."""
+def read_dicom(sources: Iterable[Source]) -> tuple[list[Scan], list[Skipped]]:
+    """All scans found in DICOM sources (read once, in order: a stream works); unreadable files become `Skipped`."""
     skipped: list[Skipped] = []
     by_series: dict[str, _Read] = defaultdict(_Read)
     multiframe_files: list[tuple[str, list[_Frame]]] = []

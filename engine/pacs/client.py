@@ -158,10 +158,14 @@ class PacsClient:
         return [s for s in studies if s.series or not (query.modality or query.series_uid)]
 
     # ----------------------------------------------------------------------- WADO-RS
+    def iter_series(self, study_uid: str, series_uid: str) -> Iterator:
+        """Each instance of a series as a pydicom Dataset as soon as it has arrived (streamed, as stored)."""
+        with self._request("retrieving a series", not_found="this series is not on the PACS (deleted, or a mistyped UID)"):
+            yield from self._web.iter_series(study_uid, series_uid, media_types=AS_STORED)
+
     def retrieve_series(self, study_uid: str, series_uid: str) -> list:
         """Every instance of a series as pydicom Datasets, in memory, as stored (no transcoding)."""
-        with self._request("retrieving a series", not_found="this series is not on the PACS (deleted, or a mistyped UID)"):
-            return list(self._web.iter_series(study_uid, series_uid, media_types=AS_STORED))
+        return list(self.iter_series(study_uid, series_uid))
 
     # ----------------------------------------------------------------------- STOW-RS
     def store(self, datasets: Sequence, study_uid: str) -> StoreReport:
