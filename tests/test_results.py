@@ -188,3 +188,23 @@ def test_an_identified_subject_without_birth_date_or_sex_still_builds_every_obje
     outputs = build_outputs(scan, record, subject, [heat], OutputUIDs.new())
     assert outputs.kinds() == ["SR", "SEG", "SC"]
     assert outputs.sr.PatientID == "ONLY-AN-ID" and outputs.sr.PatientBirthDate == ""
+
+
+def test_a_single_image_exports_valid_objects_on_its_own_grid(tmp_path, tiny):
+    """A 2D scan (one DICOM image): the SEG has one frame, the image's own; everything validates."""
+    from engine.zeroshot import label_scan, resolve_model
+
+    [ds] = with_phi(synthetic_datasets(tmp_path / "raw", 1))
+    ds.save_as(tmp_path / "one.dcm", enforce_file_format=True)
+    scan = load([tmp_path / "one.dcm"]).scans[0]
+    assert scan.is_2d
+    model = resolve_model(tiny)
+    result = label_scan(scan, ["liver", "lung"], model)
+    record = record_for(scan, labels=result.to_dict())
+    heat = label_heat(scan, record.labels.top.label, model)
+    outputs = export_scan(scan, record, [heat], tmp_path / "out", paths=[tmp_path / "one.dcm"])
+    assert outputs.kinds() == ["SR", "SEG", "SC"], outputs.notes
+    seg = pydicom.dcmread(tmp_path / "out" / "seg.dcm")
+    assert int(seg.NumberOfFrames) == 1 and (seg.Rows, seg.Columns) == (ds.Rows, ds.Columns)
+    for name in ("sr.dcm", "seg.dcm", "sc.dcm"):
+        assert dciodvfy_errors(tmp_path / "out" / name) == [], name
