@@ -135,7 +135,7 @@ def stage_times(folder: Path, study: str, series: str, repeats: int) -> dict[str
             datasets = timed("WADO-RS streamed and parsed into datasets (dicomweb-client)",
                              lambda: list(pacs._web.iter_series(study, series, media_types=AS_STORED)))
             timed("reader on the parsed datasets (engine.io.dicom.read_dicom)",
-                  lambda: read_dicom(Source("x", 0, None, dataset=d) for d in datasets))
+                  lambda parsed=datasets: read_dicom(Source("x", 0, None, dataset=d) for d in parsed))
             del datasets
             timed("disk: pydicom.dcmread of the 300 files", lambda: [pydicom.dcmread(f) for f in sorted(folder.iterdir())])
     return out
@@ -179,26 +179,18 @@ def _row(name: str, values: list[float]) -> str:
     return f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args(argv)
-    from _orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc
+def measure(repeats: int) -> dict:
+    """Build the series, start Orthanc, STOW it, time everything; the numbers the report needs."""
     from _app import free_port
+    from _machine import wait_quiet
+    from _orthanc import Orthanc
 
-    if not ORTHANC.exists() or not DICOMWEB_PLUGIN.exists():
-        print("bench/pacs.py needs Debian's orthanc and orthanc-dicomweb (apt-get install orthanc orthanc-dicomweb)", file=sys.stderr)
-        return 2
-    from _machine import cpu_name, loadavg, wait_quiet
-
-    started = dt.datetime.now(dt.timezone.utc)
-    up_before = uptime()
+    m: dict = {"started": dt.datetime.now(dt.timezone.utc), "up_before": uptime()}
     with tempfile.TemporaryDirectory(prefix="medlens-bench-pacs-") as tmp:
         folder = Path(tmp) / "series"
         folder.mkdir()
         datasets = build_series(folder)
-        size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+        m["size_mb"] = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
         server = Orthanc(Path(tmp) / "orthanc", free_port())
         server.folder.mkdir()
         server.start()
@@ -206,29 +198,42 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             for start in range(0, len(datasets), 50):
                 server.store(datasets[start:start + 50])
-            stow_series_s = time.perf_counter() - t0
+            m["stow_series_s"] = time.perf_counter() - t0
             path = f"dicomweb:{datasets[0].StudyInstanceUID}/{datasets[0].SeriesInstanceUID}"
             del datasets
             os.environ["MEDLENS_PACS_URL"] = server.dicomweb
             os.environ["MEDLENS_PACS_USER"], os.environ["MEDLENS_PACS_PASSWORD"] = "medlens-test", "correct-horse-battery"
-            quiet = wait_quiet(120)  # a shared machine: wait (up to 2 min) until no other job is runnable
-            loads = time_loads(folder, path, args.repeats)
-            stages = stage_times(folder, *path[len("dicomweb:"):].split("/"), repeats=args.repeats)
-            push_build, push_stow, kinds = time_push(path, args.repeats, dense=False)
-            dense_build, dense_stow, _ = time_push(path, max(2, args.repeats // 2), dense=True)
+            m["quiet"] = wait_quiet(120)  # a shared machine: wait (up to 2 min) until no other job is runnable
+            m["loads"] = time_loads(folder, path, repeats)
+            m["stages"] = stage_times(folder, *path[len("dicomweb:"):].split("/"), repeats=repeats)
+            push_build, push_stow, m["kinds"] = time_push(path, repeats, dense=False)
+            dense_build, dense_stow, _ = time_push(path, max(2, repeats // 2), dense=True)
         finally:
             server.stop()
-    up_after = uptime()
-    ratio = statistics.median(loads["PACS"]) / statistics.median(loads["disk"])
-    push_total = [b + s for b, s in zip(push_build, push_stow)]
-    dense_total = [b + s for b, s in zip(dense_build, dense_stow)]
+    m["up_after"] = uptime()
+    m["push_build"], m["push_stow"] = push_build, push_stow
+    m["push_total"] = [b + s for b, s in zip(push_build, push_stow)]
+    m["dense_total"] = [b + s for b, s in zip(dense_build, dense_stow)]
+    return m
+
+
+def report(m: dict, repeats: int) -> list[str]:
+    """The Markdown table of bench/results/pacs.md."""
     from importlib.metadata import version
+
+    from _machine import cpu_name, loadavg
+
+    loads, stages, kinds = m["loads"], m["stages"], m["kinds"]
+    started, up_before, up_after, quiet = m["started"], m["up_before"], m["up_after"], m["quiet"]
+    size_mb, stow_series_s = m["size_mb"], m["stow_series_s"]
+    push_build, push_stow, push_total, dense_total = m["push_build"], m["push_stow"], m["push_total"], m["dense_total"]
+    ratio = statistics.median(loads["PACS"]) / statistics.median(loads["disk"])
 
     lines = [
         "# PACS in, DICOM out: DICOMweb retrieval vs disk, and the push of results",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Command: `python bench/pacs.py --repeats {args.repeats}`",
+        f"- Command: `python bench/pacs.py --repeats {repeats}`",
         f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; python {platform.python_version()}, pydicom {version('pydicom')}, "
         f"dicomweb-client {version('dicomweb-client')}, highdicom {version('highdicom')}, Orthanc 1.10.1 + DICOMweb plugin (Debian)",
         f"- Series: {N_SLICES} axial CT slices, {ROWS}x{COLS}, 16-bit, Explicit VR Little Endian, {size_mb:.0f} MB, synthetic "
@@ -283,6 +288,21 @@ def main(argv=None) -> int:
         "  other engineers' jobs make single repeats jump to 1 s and more: compare minima.",
         "",
     ]
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    from _orthanc import DICOMWEB_PLUGIN, ORTHANC
+
+    if not ORTHANC.exists() or not DICOMWEB_PLUGIN.exists():
+        print("bench/pacs.py needs Debian's orthanc and orthanc-dicomweb (apt-get install orthanc orthanc-dicomweb)", file=sys.stderr)
+        return 2
+    m = measure(args.repeats)
+    lines = report(m, args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
