@@ -32,6 +32,7 @@ import gradio as gr  # noqa: E402
 
 from app.display import CSS  # noqa: E402
 from app.library_tab import build_library_tab  # noqa: E402
+from app.pacs_panel import build_pacs_tab  # noqa: E402
 from app.scan_tab import build_scan_tab  # noqa: E402
 from app.sessions import on_unload  # noqa: E402
 from app.uploads import claim_upload_folder  # noqa: E402
@@ -77,6 +78,7 @@ def build_demo(engine=None, model: str | None = None, ask_model: str | None = No
             with gr.Tab("Scan", id="scan"):
                 scan = build_scan_tab(model=model, ask_model=ask_model)
             build_library_tab(scan, tabs, model=model)
+            build_pacs_tab(scan, tabs, model=model)
         demo.unload(_release_on_close)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -145,15 +145,8 @@ def acting(
             identity = identify(bound.arguments.pop("request", None))
             token = _identity.set(identity)
             try:
-                if identity.anonymous and (library or not settings.ALLOW_ANONYMOUS.get()):
-                    if on_denied is not None:
-                        on_denied(dict(bound.arguments))
-                    if action is not None:
-                        audit.record(action, user=identity.name, outcome=audit.DENIED)
-                    raise gr.Error(SIGN_IN_LIBRARY if library else SIGN_IN, print_exception=False)
-                if action is None:
-                    return fn(*bound.args, **bound.kwargs)
-                return _recorded(action, identity, fn, bound)
+                with audit.acting_as(identity.name):  # records written deep inside (exports, pushes) name this user
+                    return _act(identity, action, library, on_denied, fn, bound)
             finally:
                 _identity.reset(token)
 
@@ -162,6 +155,20 @@ def acting(
         return wrapper
 
     return decorate
+
+
+def _act(identity: Identity, action: str | None, library: bool, on_denied: Callable[[dict[str, Any]], None] | None,
+         fn: Callable, bound: inspect.BoundArguments) -> Any:
+    """The anonymous rule, then the handler (with its audit line unless `action` is None)."""
+    if identity.anonymous and (library or not settings.ALLOW_ANONYMOUS.get()):
+        if on_denied is not None:
+            on_denied(dict(bound.arguments))
+        if action is not None:
+            audit.record(action, user=identity.name, outcome=audit.DENIED)
+        raise gr.Error(SIGN_IN_LIBRARY if library else SIGN_IN, print_exception=False)
+    if action is None:
+        return fn(*bound.args, **bound.kwargs)
+    return _recorded(action, identity, fn, bound)
 
 
 def _recorded(action: str, identity: Identity, fn: Callable, bound: inspect.BoundArguments) -> Any:

@@ -45,6 +45,7 @@ from app import handlers
 from app.access import acting, entry
 from app.display import view_html
 from app.sessions import idle_seconds
+from app.outcomes import AskOutcome
 from engine import settings
 from engine.views import render_view
 
@@ -54,7 +55,7 @@ NO_ASK_MODEL_MESSAGE = (
     "`MEDLENS_ASK_MODEL=local-dir:/path/to/qformer-checkpoint` (see `medlens models`). The viewer works without one."
 )
 EVIDENCE_PLACEHOLDER = "ask a question: where the model looked is shown here"
-OUTPUTS = ("answer", "candidates", "slices", "evidence_view", "evidence", "result")
+OUTPUTS = ("answer", "candidates", "slices", "evidence_view", "evidence", "result", "record")
 
 
 # --- choices ------------------------------------------------------------------
@@ -227,6 +228,7 @@ def make_ask(allowed: set[str]) -> Callable:
             "result": {**answer.to_dict(), "model": ask.name,
                        "most_attended_axial_slice": None if view is None or view.is_2d else view.top_slice},
         }
+        out["record"] = AskOutcome(scan.content_hash, out["result"], ask.name, getattr(ask, "revision", ""))
         if view is None:
             out["slices"] = gr.update(value=None, visible=False)
             out["evidence_view"] = view_html(None, "Evidence", "no evidence for this answer")
@@ -268,6 +270,7 @@ def ask_suggestions(session, series, model) -> dict[str, Any]:
         "evidence_view": view_html(None, "Evidence", EVIDENCE_PLACEHOLDER),
         "evidence": None,
         "result": None,
+        "record": None,
     }
 
 
@@ -333,6 +336,7 @@ def build_ask_panel(c: dict[str, Any], ask_choices: tuple[list[tuple[str, str]],
                 c["ask_slices"] = gr.Plot(label="Attention per axial slice", visible=False, elem_id="ml-ask-slices")
         # evidence is only shown over its scan, which is released after the idle timeout (app.sessions)
         c["ask_evidence"] = gr.State(None, time_to_live=idle_seconds())
+        c["ask_record"] = gr.State(None, time_to_live=idle_seconds())  # the last answer, server-side (app.outcomes)
     return {v for _, v in choices}
 
 

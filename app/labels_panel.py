@@ -44,6 +44,7 @@ from app.access import acting
 from app.access import entry as audit_line
 from app.ask_panel import QFORMER_PREFIX, is_qformer, qformer_label_choices
 from app.display import view_html
+from app.outcomes import LabelOutcome
 from engine import settings
 from engine.views import plane_sizes, render_view
 
@@ -191,7 +192,8 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
         else:
             label_list = None  # the modality's preset
         if is_qformer(model):
-            return _label_with_qformer(scan, label_list, model, prompt_set, mode, volume)
+            outputs = _label_with_qformer(scan, label_list, model, prompt_set, mode, volume)
+            return (*outputs, LabelOutcome(scan.content_hash, outputs[2], model, prompt_set))
         result = engine_label_scan(
             scan,
             label_list,
@@ -219,6 +221,7 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             data,
             gr.update(choices=names, value=names[0]),
             status,
+            LabelOutcome(scan.content_hash, data, model, prompt_set),  # server-side, for "send results to PACS"
         )
 
     return label_scan
@@ -361,6 +364,7 @@ def build_labels_panel(
                 c["lp_slices_plot"] = gr.Plot(label="Per-slice probabilities", visible=False, elem_id="ml-lp-slices-plot")
                 with gr.Accordion("Result as JSON (ranked labels, per-slice scores, model)", open=False):
                     c["lp_result"] = gr.JSON(label="Zero-shot result", elem_id="ml-lp-result")
+    c["lp_outcome"] = gr.State(None, time_to_live=4 * 3600)  # the last result, server-side (app.outcomes)
     _wire(c, allowed, heavy)
     return c
 
@@ -379,7 +383,7 @@ def _wire(c: dict[str, Any], allowed: set[str], heavy: str) -> None:
             c["state"], c["series"], c["volume"], c["lp_model"], c["lp_prompt_set"], c["lp_labels"],
             c["lp_mode"], c["lp_aggregation"], c["lp_planes"], c["lp_slices"],
         ],
-        outputs=[c["lp_bar"], c["lp_slices_plot"], c["lp_result"], c["lp_evidence_label"], c["lp_status"]],
+        outputs=[c["lp_bar"], c["lp_slices_plot"], c["lp_result"], c["lp_evidence_label"], c["lp_status"], c["lp_outcome"]],
         api_name="label_scan",
         concurrency_limit=1,
         concurrency_id=heavy,

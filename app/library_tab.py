@@ -19,7 +19,8 @@ Design decisions
   matches the library row is shown in the Scan tab (its gr.State and views
   are outputs of the event, through handlers.show_series) and that tab is
   selected. The path comes from the database, never from the browser: the
-  user only gives a scan id. Scans added from the app have no source (the
+  user only gives a scan id. A PACS series (a sealed `dicomweb:` source) is
+  retrieved again from the PACS. Scans added from the app have no source (the
   upload is deleted after reading), so they cannot be reopened; the
   message says so. Source paths are not shown in the tab: on a shared
   server they are another user's folder names, which often carry patient
@@ -266,6 +267,7 @@ def _open(scan_id: Any) -> dict[str, Any]:
     from engine.io import load
     from engine.library import connect
     from engine.library.store import get_scan
+    from engine.pacs.locator import is_locator
 
     sid = _scan_id(scan_id)
     if not _library_exists():
@@ -282,7 +284,7 @@ def _open(scan_id: Any) -> dict[str, Any]:
             "Upload the file again to view it.",
             print_exception=False,
         )
-    if not os.path.exists(source):
+    if not is_locator(source) and not os.path.exists(source):
         raise gr.Error(
             f"The file or folder scan #{sid} was indexed from is no longer there (moved or deleted). "
             "Index it again from its new place (medlens index PATH).",

@@ -3,8 +3,12 @@
 Conventions: results on stdout (JSON Lines with --json), problems on stderr
 as one line each; exit status 0 when something useful was produced, 2 on bad
 input (nothing loadable, bad arguments); `ask` exits 2 as soon as any
-question about any PATH went unanswered (each failure is reported). Never a
-stack trace: unexpected errors become a one-line message as well.
+question about any PATH went unanswered (each failure is reported); with
+--export/--push, `label` and `ask` exit 2 when any scan's results could not
+be written or stored. Never a stack trace: unexpected errors become a
+one-line message as well. New subcommands live in their own module with a
+`register(subparsers)` (engine.pacs.cli, engine.audit.cli, engine.auth.cli);
+the results flags of `label` and `ask` come from engine.results.cli.
 
 The CLI is the single local user: no login, the library's `local` owner,
 and `local` in the audit log (one line per scan labelled or asked about,
@@ -91,6 +95,7 @@ def cmd_label(args) -> int:
     """Zero-shot labels for each PATH with one model load; a bad PATH never stops the others."""
 
     from engine.io import load_one
+    from engine.results.cli import ResultSink, describe, progress, query_paths, report_errors
     from engine.zeroshot import PRESENT_ABSENT, SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
 
     # everything that can be checked without a model or a scan is checked first
@@ -102,9 +107,13 @@ def cmd_label(args) -> int:
     if args.slices < 1:
         raise MedLensError(f"--slices must be at least 1 (got {args.slices})")
     fixed_prompts = load_prompt_set(args.modality) if args.modality else None
+    sink = ResultSink.from_args(args)
+    paths = list(args.paths) + (query_paths(args.pacs_query) if args.pacs_query else [])
+    if not paths:
+        raise MedLensError("give at least one PATH, or --pacs-query to label what a PACS search returns")
     model = resolve_model(args.model or settings.MODEL.get())
     labelled = 0
-    for path in args.paths:
+    for path in progress(paths, bool(args.pacs_query)):
         try:
             with audit.recorded("label", user=LOCAL, model=model) as entry:
                 scan, result = load_one([path], series=args.series)
@@ -128,8 +137,10 @@ def cmd_label(args) -> int:
                 print(f"medlens: {message if message.startswith(path) else f'{path}: {message}'}", file=sys.stderr)
             continue
         labelled += 1
+        done = sink.label_done(path, scan, out, model, fixed_prompts) if sink else {}
+        report_errors(path, done)
         if args.json:
-            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice), **_redaction(scan)}), flush=True)
+            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice), **_redaction(scan), **done}), flush=True)
             continue
         where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
         kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
@@ -137,10 +148,14 @@ def cmd_label(args) -> int:
         width = max(len(s.label) for s in out.labels)
         for s in out.labels:
             print(f"  {100 * s.probability:6.2f}%  {s.label:<{width}}  cosine {s.score:+.4f}")
+        for line in describe(path, done):
+            print(line)
+    if sink:
+        sink.close()
     if labelled == 0:
-        print(f"medlens: no PATH could be labelled ({len(args.paths)} given)", file=sys.stderr)
+        print(f"medlens: no PATH could be labelled ({len(paths)} given)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    return EXIT_BAD_INPUT if sink and sink.failures else 0
 
 
 def _ask_source(args) -> str | None:
@@ -168,6 +183,7 @@ def cmd_ask(args) -> int:
     from engine.ask.api import resolve_ask_model
     from engine.ask.questions import QuestionError, validate_question
     from engine.io import load_one
+    from engine.results.cli import ResultSink, describe, report_errors
 
     # questions are checked before any model or scan is loaded
     asked = [args.question, *(args.questions or [])]
@@ -180,9 +196,11 @@ def cmd_ask(args) -> int:
     if all(cleaned is None for _, cleaned, _ in checked):
         first = checked[0][2]
         raise MedLensError(first if len(checked) == 1 else f"no question can be asked: {first}")
+    sink = ResultSink.from_args(args)
     model = resolve_ask_model(_ask_source(args))
     answered = failed = 0
     for path in args.paths:
+        answers = []
         try:
             scan, result = load_one([path], series=args.series)
             _print_skipped(result)
@@ -203,12 +221,13 @@ def cmd_ask(args) -> int:
             try:
                 with audit.recorded("ask", user=LOCAL, model=model) as entry:
                     entry.scan(scan)
-                    answer = model.ask(scan, cleaned, with_evidence=False)
+                    answer = model.ask(scan, cleaned, with_evidence=sink is not None)  # evidence only for the SEG
             except MedLensError as exc:
                 failed += 1
                 _ask_failed(args, path, str(exc), question)
                 continue
             answered += 1
+            answers.append(answer)
             if args.json:
                 row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4), **_redaction(scan)}
                 if answer.closed:
@@ -220,6 +239,17 @@ def cmd_ask(args) -> int:
             if answer.closed and answer.candidates:
                 for candidate, probability in answer.candidates:
                     print(f"     {100 * probability:6.2f}%  {candidate}")
+        if sink and answers:
+            done = sink.ask_done(path, scan, answers, model)
+            report_errors(path, done)
+            if args.json:
+                print(json.dumps({"path": path, **done}, ensure_ascii=False), flush=True)
+            else:
+                for line in describe(path, done):
+                    print(line)
+            failed += 1 if any(k.endswith("_error") for k in done) else 0
+    if sink:
+        sink.close()
     if failed:
         if answered == 0:
             print(f"medlens: no question could be answered ({len(args.paths)} PATH(s), {len(checked)} question(s))", file=sys.stderr)
@@ -371,6 +401,7 @@ def _resolve_examples(db, model, items: list[str]) -> list[int]:
     from engine.io import load
     from engine.library.indexing import add_scan
     from engine.library.store import get_scan, has_embedding, scan_ids_by_source
+    from engine.pacs.locator import is_locator
 
     ids: list[int] = []
     for item in items:
@@ -389,7 +420,7 @@ def _resolve_examples(db, model, items: list[str]) -> list[int]:
         if known and all(has_embedding(db, sid, model.model_id) for sid in known):
             ids.extend(known)
             continue
-        if not os.path.exists(text):
+        if not os.path.exists(text) and not is_locator(text):
             raise MedLensError(f"{text}: not a library scan id and no such file or folder")
         result = load([text])  # not indexed yet (or not with this model): index it now
         _print_skipped(result)
@@ -418,6 +449,8 @@ def cmd_teach(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.results.cli import add_output_args
+
     parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -434,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("label", help="zero-shot labels for scans (one model load for all PATHs)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="a file, a folder or zip holding one series, or dicomweb:STUDY/SERIES")
     p.add_argument(
         "--labels", nargs="+", metavar="LABEL", default=None,
         help="labels to rank (quote multi-word labels; commas also separate labels); default: the preset label set of the scan's modality",
@@ -448,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
     p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "score"}, ...], ...} or {"path", "error"} per PATH')
     p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
+    add_output_args(p, query=True)
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser(
@@ -465,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
                         'or {"path", "error"} / {"path", "question", "error"}')
+    add_output_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
@@ -511,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_audit(sub)
     register_user(sub)
+
+    from engine.pacs.cli import register as register_pacs
+
+    register_pacs(sub)
     return parser
 
 

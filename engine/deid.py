@@ -128,6 +128,14 @@ def map_uid(uid: str) -> str:
     return "2.25." + str(int.from_bytes(digest[:16], "big"))
 
 
+def derived_key(context: bytes) -> bytes:
+    """A 64-byte secret for another purpose (`context` names it), derived from the same salt (HMAC-SHA512).
+
+    engine.pacs.locator seals dicomweb: paths with it: one secret guards both the UID mapping and the sealed paths.
+    """
+    return hmac.new(_salt(), context, hashlib.sha512).digest()
+
+
 def _plain(value: Any) -> Any:
     """pydicom value -> JSON-friendly value."""
     from pydicom.multival import MultiValue

@@ -25,6 +25,10 @@ Design decisions
 - `Provenance.redaction` says what burned-in text removal (engine.redact)
   did to the pixels: where it blanked them, with which OCR, or why it did
   not run. It never holds the text that was read.
+- `origin` is the one exception, and only for scans read from a PACS: an
+  engine.pacs.PacsOrigin (real UIDs, patient and study attributes), held in
+  memory to write results back into that study on that PACS. It is not in
+  `summary()`, refuses to be pickled, and nothing stores it (engine.pacs).
 """
 
 from __future__ import annotations
@@ -163,6 +167,7 @@ class Scan:
     metadata: dict[str, Any] = field(default_factory=dict)
     provenance: Provenance = field(default_factory=lambda: Provenance(reader="unknown"))
     _content_hash: str = field(default="", repr=False)
+    origin: Any = field(default=None, repr=False, compare=False)  # engine.pacs.PacsOrigin for PACS scans, else None
 
     def __post_init__(self) -> None:
         voxels = np.asarray(self.voxels)

@@ -141,6 +141,14 @@ REDACT = Setting(
     "always (every scan), off (never: flagged scans stay flagged, unredacted)",
 )
 TESSERACT = Setting("MEDLENS_TESSERACT", _text, "tesseract", "the Tesseract OCR program used for burned-in text removal (a name on PATH or a path)")
+# The PACS (engine.pacs). Credentials come from here only: never from the command line, never logged.
+PACS_URL = Setting("MEDLENS_PACS_URL", _text, None, "DICOMweb root of the PACS, e.g. https://pacs.example.org/dicom-web (unset: no PACS)")
+PACS_USER = Setting("MEDLENS_PACS_USER", _text, None, "PACS user name (HTTP basic authentication, with MEDLENS_PACS_PASSWORD)")
+PACS_PASSWORD = Setting("MEDLENS_PACS_PASSWORD", _text, None, "PACS password (never put it on a command line; it is never logged)")
+PACS_TOKEN = Setting("MEDLENS_PACS_TOKEN", _text, None, "PACS bearer token (OAuth/OIDC), instead of user and password")
+PACS_CA_BUNDLE = Setting("MEDLENS_PACS_CA_BUNDLE", _path, None, "CA certificate file that signs the PACS's TLS certificate (verification is always on)", "the system's CAs")
+PACS_ALLOW_HTTP = Setting("MEDLENS_PACS_ALLOW_HTTP", _flag, False, "allow plain http:// to a PACS that is not on this machine (images and credentials travel unencrypted)", "off")
+PACS_TIMEOUT = Setting("MEDLENS_PACS_TIMEOUT", _positive_float, 120.0, "seconds to wait for one PACS request (a large series takes one request)")
 
 SETTINGS: tuple[Setting, ...] = (
     MODEL,
@@ -161,6 +169,13 @@ SETTINGS: tuple[Setting, ...] = (
     AUDIT_LOG,
     REDACT,
     TESSERACT,
+    PACS_URL,
+    PACS_USER,
+    PACS_PASSWORD,
+    PACS_TOKEN,
+    PACS_CA_BUNDLE,
+    PACS_ALLOW_HTTP,
+    PACS_TIMEOUT,
 )
 
 

@@ -82,6 +82,13 @@ EXPECTED_API = {
     # sharing a library scan (issue 16; tested in test_app_auth.py)
     "/library_share",
     "/library_unshare",
+    # PACS tab (app/pacs_panel.py; tested in test_app_pacs.py)
+    "/pacs_status",
+    "/pacs_status_on_open",
+    "/pacs_search",
+    "/pacs_select_row",
+    "/pacs_open",
+    "/pacs_send",
 }
 
 

@@ -15,6 +15,8 @@ from engine.audit.log import (
     REFUSED,
     AuditRecord,
     Entry,
+    acting_as,
+    current_user,
     log_path,
     outcome_of,
     parse_since,
@@ -23,4 +25,4 @@ from engine.audit.log import (
     recorded,
 )
 
-__all__ = ["DENIED", "OK", "REFUSED", "AuditRecord", "Entry", "log_path", "outcome_of", "parse_since", "read", "record", "recorded"]
+__all__ = ["DENIED", "OK", "REFUSED", "AuditRecord", "Entry", "acting_as", "current_user", "log_path", "outcome_of", "parse_since", "read", "record", "recorded"]

@@ -34,6 +34,7 @@ Design decisions
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime
 import json
 import logging
@@ -194,6 +195,25 @@ class Entry:
         """Add the scans acted on (Scan objects or content hashes)."""
         self.scans.extend(str(getattr(s, "content_hash", s)) for s in scans)
         return self
+
+
+# Who is acting, for records written deep inside an action (exports, pushes) by code that is not told:
+# the app sets it per event (app.access.acting), the CLI leaves the default, the single local user.
+_acting_user: contextvars.ContextVar[str] = contextvars.ContextVar("medlens_audit_user", default="local")
+
+
+def current_user() -> str:
+    return _acting_user.get()
+
+
+@contextlib.contextmanager
+def acting_as(user: str) -> Iterator[None]:
+    """Records written inside the block without a user of their own name `user`."""
+    token = _acting_user.set(str(user))
+    try:
+        yield
+    finally:
+        _acting_user.reset(token)
 
 
 def outcome_of(exc: BaseException | None) -> str:

@@ -10,6 +10,10 @@ when nothing at all could be loaded.
 Every scan leaves `load` through engine.redact: burned-in text is blanked
 here, right after reading, so no viewer, model, library row or CLI output
 ever gets the unredacted pixels (MEDLENS_REDACT, engine.redact).
+
+A `dicomweb:STUDY/SERIES` (or `dicomweb:STUDY`) path is a PACS series: it is
+retrieved over DICOMweb by engine.pacs and read by the same DICOM reader,
+in memory; a PACS failure is reported like a bad file.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from engine.io.nifti import looks_like_nifti, read_nifti
 from engine.io.sources import DEFAULT_LIMITS, Limits, Skipped, Source, gather_sources
 from engine.memory import LoadGuard, MemoryBudget
 from engine.redact import redact_scan
+from engine.pacs.locator import is_locator
 from engine.scan import Scan, ScanError
 
 __all__ = ["load", "load_one", "LoadResult", "Skipped", "Limits", "ScanError"]
@@ -87,9 +92,17 @@ def load(
     paths = list(paths)
     if not paths:
         raise ScanError("nothing to load: give at least one file, folder or zip")
-    sources, skipped = gather_sources(paths, limits)
-    dicom: list[Source] = []
     scans: list[Scan] = []
+    skipped: list[Skipped] = []
+    remote = [str(p) for p in paths if is_locator(p)]
+    if remote:
+        from engine.pacs.retrieve import load_locators
+
+        scans, skipped = load_locators(remote)
+        paths = [p for p in paths if not is_locator(p)]
+    sources, local_skipped = gather_sources(paths, limits)
+    skipped.extend(local_skipped)
+    dicom: list[Source] = []
     for source in sources:
         try:
             kind = _classify(source)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -133,6 +133,8 @@ def _dcmread(source: Source, stop_before_pixels: bool = False) -> tuple[Any, boo
     """
     from pydicom.errors import InvalidDicomError
 
+    if source.dataset is not None:  # parsed already, pixels included (a DICOMweb instance: engine.pacs)
+        return source.dataset, any(k in source.dataset for k in _PIXEL_KEYWORDS)
     if source.path:
         fh = open(source.path, "rb")
     elif stop_before_pixels:
@@ -539,7 +541,7 @@ def _split_by_geometry(frames: list[Frame]) -> list[list[Frame]]:
     return [members for _, _, members in groups]
 
 
-def _header_pass(sources: list[Source], skipped: list[Skipped]) -> tuple[dict[str, list[DicomFile]], list[DicomFile]]:
+def _header_pass(sources: Iterable[Source], skipped: list[Skipped]) -> tuple[dict[str, list[DicomFile]], list[DicomFile]]:
     """({series key: single-frame and mosaic files}, multi-frame files); unreadable headers become `Skipped`."""
     by_series: dict[str, list[DicomFile]] = defaultdict(list)
     multiframe: list[DicomFile] = []
@@ -562,8 +564,8 @@ def _header_pass(sources: list[Source], skipped: list[Skipped]) -> tuple[dict[st
     return by_series, multiframe
 
 
-def read_dicom(sources: list[Source], guard: LoadGuard | None = None) -> tuple[list[Scan], list[Skipped]]:
-    """All scans found in DICOM sources; unreadable files and scans over a memory bound become `Skipped`."""
+def read_dicom(sources: Iterable[Source], guard: LoadGuard | None = None) -> tuple[list[Scan], list[Skipped]]:
+    """All scans found in DICOM sources (iterated once: a stream works); unreadable files and scans over a memory bound become `Skipped`."""
     guard = guard or LoadGuard()
     skipped: list[Skipped] = []
     by_series, multiframe = _header_pass(sources, skipped)

@@ -20,7 +20,7 @@ import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from engine.scan import ScanError
 
@@ -52,6 +52,7 @@ class Source:
     size: int
     _opener: Callable[[], io.BufferedIOBase]
     path: str | None = None  # set for plain files so readers may use memory maps
+    dataset: Any = None  # an already parsed pydicom Dataset (DICOMweb delivers parsed instances: engine.pacs)
 
     def open(self) -> io.BufferedIOBase:
         return self._opener()

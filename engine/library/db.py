@@ -50,7 +50,8 @@ Design decisions
   attributes, mapped UIDs) and the *names* of what was removed. No DICOM
   header string is stored anywhere else. `source` is the path the user
   indexed from (the issue asks for it; it is the user's own path, not read
-  from the file).
+  from the file). A `dicomweb:` source (a PACS series) is stored sealed
+  (engine.pacs.locator), never as the real study and series UIDs.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ Design decisions
   unit goes through engine.io.load, so files, folders and zips are read,
   sniffed and de-identified exactly as in the viewer.
 - `source` is the path the scan was indexed from: the file, the zip, or the
-  directory holding a DICOM series.
+  directory holding a DICOM series; a `dicomweb:` path (a PACS series or
+  study) is one unit and is stored sealed (engine.pacs.locator: the library
+  never holds a real study or series UID).
 - Idempotent by content hash (pixels + geometry): a scan already in the
   library is not embedded again; re-running an interrupted run skips what
   is in and finishes the rest. A scan indexed earlier with another model
@@ -38,6 +40,7 @@ import sqlite_utils
 from engine.auth.users import LOCAL
 from engine.library.db import LibraryError, connect
 from engine.library.store import VOLUME_SLICES, ImageEncoder, has_embedding, insert_prepared, prepare, scan_id_by_hash, share
+from engine.pacs.locator import is_locator
 from engine.scan import Scan, ScanError
 
 Progress = Callable[[int, int], None]  # (units done, units in all)
@@ -91,6 +94,9 @@ def plan(paths: Iterable[str | os.PathLike]) -> tuple[list[Unit], list[tuple[str
     units: list[Unit] = []
     failed: list[tuple[str, str]] = []
     for raw in paths:
+        if is_locator(raw):
+            units.append(Unit(str(raw).strip(), [str(raw).strip()]))
+            continue
         path = Path(raw)
         if not path.exists():
             failed.append((str(raw), "no such file or folder"))
@@ -117,6 +123,8 @@ def plan(paths: Iterable[str | os.PathLike]) -> tuple[list[Unit], list[tuple[str
 
 def _failure_path(unit: Unit, name: str) -> str:
     """A readable path for a file engine.io skipped (its names are display names, not paths)."""
+    if is_locator(unit.source):
+        return name  # engine.pacs names a failure by the dicomweb: path itself
     base = unit.source if unit.is_dir else os.path.dirname(unit.source)
     if not unit.is_dir and name == os.path.basename(unit.source):
         return unit.source

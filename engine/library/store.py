@@ -52,6 +52,7 @@ import sqlite_utils
 
 from engine.auth.users import LOCAL
 from engine.library.db import LibraryError, now, write
+from engine.pacs.locator import storable
 from engine.scan import Scan
 
 THUMBNAIL_SIZE = 128
@@ -164,7 +165,7 @@ def prepare(
             "summary": json.dumps(scan.summary(), default=str, ensure_ascii=False),
             "thumbnail": thumb,
             "thumbnail_note": note,
-            "source": None if source is None else str(source),
+            "source": None if source is None else storable(str(source)),  # a dicomweb: path is stored sealed
             "added_at": now(),
             "owner": owner,
             "shared": int(bool(shared)),
@@ -218,7 +219,8 @@ def has_embedding(db: sqlite_utils.Database, scan_id: int, model_id: str) -> boo
 
 
 def scan_ids_by_source(db: sqlite_utils.Database, source: str, *, owner: str = LOCAL) -> list[int]:
-    rows = db.execute("SELECT id FROM scans WHERE source = ? AND owner = ? ORDER BY id", [str(source), owner]).fetchall()
+    stored = storable(str(source))
+    rows = db.execute("SELECT id FROM scans WHERE source = ? AND owner = ? ORDER BY id", [stored, owner]).fetchall()
     return [int(r[0]) for r in rows]
 
 
