@@ -483,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--json", action="store_true", help="print the probe summary as JSON")
     p.set_defaults(func=cmd_teach)
+
+    from engine.batch.cli import register as register_batch
+
+    register_batch(sub)
     return parser
 
 

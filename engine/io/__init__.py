@@ -20,7 +20,7 @@ from engine.io.nifti import looks_like_nifti, read_nifti
 from engine.io.sources import DEFAULT_LIMITS, Limits, Skipped, Source, gather_sources
 from engine.scan import Scan, ScanError
 
-__all__ = ["load", "load_one", "LoadResult", "Skipped", "Limits", "ScanError"]
+__all__ = ["load", "load_one", "load_sources", "classify", "LoadResult", "Skipped", "Limits", "Source", "ScanError"]
 
 
 @dataclass
@@ -32,7 +32,12 @@ class LoadResult:
         return [f"{s.name}: {s.reason}" for s in self.skipped]
 
 
-def _classify(source: Source) -> str:
+def classify(source: Source) -> str:
+    """What a source holds, from its first bytes (its name only as a hint).
+
+    One of "dicom", "nifti", "image", "empty", "bad-dicom" (named like DICOM,
+    no DICOM header) or "unknown". Raises ScanError when it cannot be read.
+    """
     try:
         head = source.head(352)
     except ScanError:
@@ -74,11 +79,21 @@ def load(paths: Iterable[str | os.PathLike] | str | os.PathLike, limits: Limits 
     if not paths:
         raise ScanError("nothing to load: give at least one file, folder or zip")
     sources, skipped = gather_sources(paths, limits)
+    return load_sources(sources, skipped)
+
+
+def load_sources(sources: list[Source], skipped: list[Skipped] | None = None) -> LoadResult:
+    """Every scan in `sources` (DICOM files read together as series); `skipped` holds earlier problems.
+
+    The batch runner feeds this with sources it has read into memory already;
+    `load` feeds it with what gather_sources found under the user's paths.
+    """
+    skipped = list(skipped or [])
     dicom: list[Source] = []
     scans: list[Scan] = []
     for source in sources:
         try:
-            kind = _classify(source)
+            kind = classify(source)
             if kind == "dicom":
                 dicom.append(source)
             elif kind == "nifti":

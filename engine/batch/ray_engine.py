@@ -1,0 +1,227 @@
+"""`--engine ray`: the same workers as Ray Data actors, on a local Ray started here or on a cluster (`--ray-address`).
+
+Design decisions
+- The plan's batches are the dataset (`ray.data.from_items`, one block per
+  batch, each a pickled list of units: a few KB), mapped by a pool of
+  model-holding actors (`map_batches` with a callable class,
+  `ActorPoolStrategy`, one plan batch per call). Each actor reads its
+  units itself, so there is no separate read stage whose tasks the actors
+  could starve. The runner pulls outputs one batch at a time
+  (`iter_rows`, streaming with backpressure): results cross the object
+  store one batch at a time and are never materialised.
+- CPU per actor: (cluster CPUs - 0.25) / workers, capped at the largest
+  node's CPUs - 0.25, so actors can always be placed and a quarter CPU
+  stays free for Ray Data's own tasks (two actors of num_cpus=1 on a
+  2-CPU node were measured to hang a job whose read stage got no CPU).
+  torch threads per actor follow that share. Where the cluster has GPUs,
+  each actor gets `--gpus-per-worker` (default 1) and runs the model there.
+- Lost workers: actors restart (max_restarts=-1) and a batch whose actor
+  died is retried (max_task_retries=3). A batch that kills its worker
+  every time (a file crashing a native decoder) is given up after that,
+  without stopping the job; its units have no row, the summary counts
+  them as missing, and a rerun tries them again.
+- A local Ray started here listens on loopback only (Ray's own
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 switch; `_node_ip_address` alone is
+  resolved back to the machine's address and its gRPC ports then bind every
+  interface, checked), without a dashboard, with usage statistics off (no
+  traffic leaves the machine), and with its session files and auth token
+  in a private temporary folder that is removed afterwards (Ray 2.60 would
+  otherwise write the token to ~/.ray). Joining a cluster uses the
+  cluster's own settings; MEDLENS_* settings set here are passed to its
+  workers, and every node needs MedLens installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import secrets
+import shutil
+import sys
+import tempfile
+from typing import Any, Iterator, Sequence
+
+from engine import settings
+from engine.batch.errors import BatchError
+from engine.batch.tasks import TaskSpec
+from engine.batch.units import Unit
+from engine.batch.worker import BatchOutput, HashSet
+
+INSTALL_HINT = "--engine ray needs Ray Data: pip install -e \".[scale]\" (or pip install \"ray[data]\")"
+RESERVED_CPUS = 0.25  # kept free of actors for Ray Data's own tasks
+MAX_TASK_RETRIES = 3  # a batch whose actor died is retried this often, then given up (its units stay to do)
+OBJECT_STORE_BYTES = 512 << 20  # local Ray: outputs are small and consumed batch by batch
+_LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address = loopback: every port on 127.0.0.1
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage report to the internet
+    "RAY_AUTH_MODE": "token",
+}
+
+
+def ray_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.data") is not None
+
+
+def require_ray() -> None:
+    if not ray_available():
+        raise BatchError(INSTALL_HINT)
+
+
+def _actor_class(spec: TaskSpec, threads: int, skip_hashes: HashSet):
+    """A callable class holding one Worker (its closure carries the job, so no constructor arguments go through the object store)."""
+
+    class MedLensBatchWorker:
+        def __init__(self) -> None:
+            from engine.batch.worker import Worker
+
+            self.worker = Worker(spec, threads=threads, skip_hashes=skip_hashes)
+
+        def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+            return {"out": [pickle.dumps(self.worker.process(pickle.loads(item))) for item in batch["batch"]]}
+
+    return MedLensBatchWorker
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, address: str | None = None, gpus_per_worker: float | None = None):
+        if workers is not None and workers < 1:
+            raise BatchError(f"--workers must be at least 1 (got {workers})")
+        self.requested, self.address, self.gpus_per_worker = workers, address, gpus_per_worker
+        self.workers = workers or 0
+        self.cpus_per_worker = self.gpus = 0.0
+        self.threads = 1
+        self._tmp: str | None = None
+        self._saved_env: dict[str, str | None] = {}
+        self._saved_cluster_switch: bool | None = None
+        self._started = False
+
+    # ----------------------------------------------------------------- the cluster
+    def start(self) -> None:
+        if self._started:
+            return
+        import ray
+
+        try:
+            if self.address:
+                ray.init(address=self.address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+                         runtime_env={"env_vars": _medlens_env()})
+            else:
+                self._start_local(ray)
+        except Exception as exc:
+            self.close()
+            where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
+            raise BatchError(f"could not start or join {where} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
+        self._started = True
+        self._size(ray)
+
+    def _start_local(self, ray) -> None:
+        self._tmp = tempfile.mkdtemp(prefix="medlens-ray-")  # short: Ray's socket paths must stay under ~100 characters
+        token = os.path.join(self._tmp, "auth_token")
+        with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
+            fh.write(secrets.token_hex(32))
+        for key, value in {**_LOCAL_ENV, "RAY_AUTH_TOKEN_PATH": token}.items():
+            self._saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None:  # Ray read its switches at import already: apply the loopback one now
+            self._saved_cluster_switch = constants.ENABLE_RAY_CLUSTER
+            constants.ENABLE_RAY_CLUSTER = False
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=self._tmp,
+                 object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.ERROR, log_to_driver=False)
+
+    def _size(self, ray) -> None:
+        resources = ray.cluster_resources()
+        cpus, gpus = float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
+        node_cpus = max([float(n.get("Resources", {}).get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")] or [cpus])
+        if gpus >= 1 and self.gpus_per_worker != 0:
+            self.gpus = float(self.gpus_per_worker or 1.0)
+            self.workers = self.requested or max(1, int(gpus // self.gpus))
+        else:
+            self.gpus = 0.0
+            self.workers = self.requested or max(1, int(cpus // 2))  # two torch threads per actor by default
+        share = min((cpus - RESERVED_CPUS) / self.workers, node_cpus - RESERVED_CPUS)
+        self.cpus_per_worker = round(max(0.05, share), 3)
+        self.threads = max(1, round(self.cpus_per_worker))
+
+    def describe(self) -> str:
+        where = f"Ray cluster at {self.address}" if self.address else "a local Ray (loopback only)"
+        if not self._started:
+            return f"ray, {where}, {self.requested or 'one actor per 2 CPUs (or per GPU)'} worker(s)"
+        gpu = f", {self.gpus:g} GPU" if self.gpus else ""
+        return f"ray, {where}, {self.workers} actor(s) of {self.cpus_per_worker:g} CPU{gpu} with {self.threads} torch thread(s) each"
+
+    # ----------------------------------------------------------------- the job
+    def run(self, spec: TaskSpec, batches: Sequence[list[Unit]], skip_hashes: HashSet) -> Iterator[BatchOutput]:
+        if not batches:
+            return
+        self.start()
+        import ray
+        import ray.data
+
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the runner shows one bar for the whole run
+        context.print_on_execution_start = False
+        context.enable_auto_log_stats = False
+        context.max_errored_blocks = -1  # a batch given up after its retries must not stop the others
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        dataset = ray.data.from_items([{"batch": pickle.dumps(list(b))} for b in batches], override_num_blocks=len(batches))
+        mapped = dataset.map_batches(
+            _actor_class(spec, self.threads, skip_hashes),
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus or None,
+            max_restarts=-1,
+            max_task_retries=MAX_TASK_RETRIES,
+        )
+        try:
+            for row in mapped.iter_rows():
+                yield pickle.loads(row["out"])
+        except BatchError:
+            raise
+        except Exception as exc:
+            raise BatchError(f"the Ray job failed: {_root_cause(exc)}") from None
+
+    def close(self) -> None:
+        try:
+            import ray
+
+            if self._started or ray.is_initialized():
+                ray.shutdown()
+        except Exception:
+            pass
+        self._started = False
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
+        constants = sys.modules.get("ray._private.ray_constants")
+        if constants is not None and self._saved_cluster_switch is not None:
+            constants.ENABLE_RAY_CLUSTER = self._saved_cluster_switch
+            self._saved_cluster_switch = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _medlens_env() -> dict[str, str]:
+    """MEDLENS_* settings set here, for workers on other machines (the same model, prompts and UID salt everywhere)."""
+    return {s.env: s.raw() for s in settings.SETTINGS if s.raw()}
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last 'SomethingError: message' line of a Ray error (its text holds the worker's traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head:
+            return " ".join(line.split())[:400]
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
