@@ -40,6 +40,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import warnings
 from typing import Any, Iterator, Sequence
 
 from engine import settings
@@ -55,7 +56,6 @@ OBJECT_STORE_BYTES = 512 << 20  # local Ray: outputs are small and consumed batc
 _LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address = loopback: every port on 127.0.0.1
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage report to the internet
-    "RAY_AUTH_MODE": "token",
 }
 
 
@@ -131,6 +131,8 @@ class RayEngine:
         if constants is not None:  # Ray read its switches at import already: apply the loopback one now
             self._saved_cluster_switch = constants.ENABLE_RAY_CLUSTER
             constants.ENABLE_RAY_CLUSTER = False
+        # Ray turns token authentication on for a new local cluster and says so; the token is ours, in _tmp
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=self._tmp,
                  object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.ERROR, log_to_driver=False)
 
@@ -169,17 +171,16 @@ class RayEngine:
         context.enable_auto_log_stats = False
         context.max_errored_blocks = -1  # a batch given up after its retries must not stop the others
         logging.getLogger("ray.data").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")  # e.g. "fewer inputs than actors"
+        warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
         dataset = ray.data.from_items([{"batch": pickle.dumps(list(b))} for b in batches], override_num_blocks=len(batches))
-        mapped = dataset.map_batches(
-            _actor_class(spec, self.threads, skip_hashes),
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=self.workers),
-            num_cpus=self.cpus_per_worker,
-            num_gpus=self.gpus or None,
-            max_restarts=-1,
-            max_task_retries=MAX_TASK_RETRIES,
-        )
+        arguments = dict(batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.workers),
+                         num_cpus=self.cpus_per_worker, num_gpus=self.gpus or None)
+        worker_class = _actor_class(spec, self.threads, skip_hashes)
+        try:  # bounded retries go through Ray's generic remote arguments, deprecated in 2.60 but with no named successor
+            mapped = dataset.map_batches(worker_class, **arguments, max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)
+        except TypeError:  # a Ray without them: its defaults (actors restart, batches retried without limit)
+            mapped = dataset.map_batches(worker_class, **arguments)
         try:
             for row in mapped.iter_rows():
                 yield pickle.loads(row["out"])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import secrets
 import sys
 import time
 from collections import Counter
@@ -200,7 +201,8 @@ def run_batch(
 
 
 def _execute(spec, plan: Plan, done: DoneIndex, engine: Engine, out: OutputDir, options: RunOptions, on_batch) -> dict[str, Any]:
-    run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{os.getpid()}"
+    # unique per run (two runs in one second in one process must not share shard names): time, pid, random
+    run_id = f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S}-{os.getpid()}-{secrets.token_hex(3)}"
     tally = Tally()
     library = None
     if spec.task == "index":
@@ -226,11 +228,13 @@ def _execute(spec, plan: Plan, done: DoneIndex, engine: Engine, out: OutputDir, 
         state = "finished"
     finally:
         bar.close()
-        sink.flush()
-        summary = summarise(spec, plan, done, tally, engine, out, library, started_at, state)
-        out.write_summary(summary)
-        if library is not None:
-            library.close()
+        try:
+            sink.flush()
+            summary = summarise(spec, plan, done, tally, engine, out, library, started_at, state)
+            out.write_summary(summary)
+        finally:
+            if library is not None:
+                library.close()
     return summary
 
 
