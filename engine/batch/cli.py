@@ -85,7 +85,8 @@ def cmd_batch(args) -> int:
         _check_model(args.task, spec.model)
     from engine.batch.engines import make_engine
 
-    engine = make_engine(args.engine, workers=args.workers, ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker)
+    engine = make_engine(args.engine, workers=args.workers, threads=args.threads, ray_address=args.ray_address,
+                         gpus_per_worker=args.gpus_per_worker)
     options = RunOptions(out=args.out, fmt=args.format, batch_units=args.batch_size, limit=args.limit, dry_run=args.dry_run,
                          shard_rows=args.shard_rows, shard_seconds=args.shard_seconds,
                          library=spec.options.get("library"), progress=not args.quiet)
@@ -157,6 +158,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; one job per folder; rerun to resume)")
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default: this process) or ray (pip install -e \".[scale]\")")
     p.add_argument("--workers", type=int, default=None, help="local: worker processes (default 1, in this process); ray: actors (default: one per 2 CPUs, or per GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: the cores it has; pin it to get bit-identical rows on any engine)")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="join this Ray cluster (e.g. 10.0.0.5:6379) instead of starting a local Ray")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="ray: GPUs per actor where the cluster has GPUs (default 1; 0 keeps actors on CPUs)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="do at most N units still to do in this run")

@@ -7,7 +7,10 @@
 Design decisions
 - Every engine runs the same `Worker` (engine.batch.worker) on the same
   batches, so rows do not depend on the engine; engines only differ in
-  where workers live and how batches reach them.
+  where workers live and how batches reach them. Rows are bit-identical
+  when workers also use the same number of torch threads (`--threads`):
+  the encoder's float sums are ordered by thread, so probabilities made
+  with 1 and with 2 threads can differ in the sixth decimal (measured).
 - local, 1 worker (the default): the model loads in this process, torch
   uses the physical cores. Measured on 2 cores (bench/results/batch.md)
   this is the fastest choice there; `--workers N` starts N spawned
@@ -66,22 +69,24 @@ def _pool_process(units: list[Unit]) -> BatchOutput:
 class LocalEngine:
     name = "local"
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, threads: int | None = None):
         if workers < 1:
             raise BatchError(f"--workers must be at least 1 (got {workers})")
+        if threads is not None and threads < 1:
+            raise BatchError(f"--threads must be at least 1 (got {threads})")
         self.workers = workers
-        self.threads = max(1, _cores() // workers) if workers > 1 else None
+        self.threads = threads or (max(1, _cores() // workers) if workers > 1 else None)
 
     def describe(self) -> str:
         if self.workers == 1:
-            return "local, in this process"
+            return "local, in this process" + (f" with {self.threads} torch thread(s)" if self.threads else "")
         return f"local, {self.workers} worker processes with {self.threads} torch thread(s) each"
 
     def run(self, spec: TaskSpec, batches: Sequence[list[Unit]], skip_hashes: HashSet) -> Iterator[BatchOutput]:
         if not batches:
             return
         if self.workers == 1:
-            worker = Worker(spec, skip_hashes=skip_hashes)
+            worker = Worker(spec, threads=self.threads, skip_hashes=skip_hashes)
             for batch in batches:
                 yield worker.process(batch)
             return
@@ -112,14 +117,15 @@ class LocalEngine:
         pass
 
 
-def make_engine(name: str, *, workers: int | None = None, ray_address: str | None = None, gpus_per_worker: float | None = None) -> Engine:
+def make_engine(name: str, *, workers: int | None = None, threads: int | None = None, ray_address: str | None = None,
+                gpus_per_worker: float | None = None) -> Engine:
     if name == "local":
         if ray_address:
             raise BatchError("--ray-address is for --engine ray")
-        return LocalEngine(workers or 1)
+        return LocalEngine(workers or 1, threads)
     if name == "ray":
         from engine.batch.ray_engine import RayEngine, require_ray
 
         require_ray()
-        return RayEngine(workers=workers, address=ray_address, gpus_per_worker=gpus_per_worker)
+        return RayEngine(workers=workers, threads=threads, address=ray_address, gpus_per_worker=gpus_per_worker)
     raise BatchError(f"unknown engine '{name}' (choose {' or '.join(ENGINES)})")

@@ -59,6 +59,15 @@ _LOCAL_ENV = {
 }
 
 
+_TOKEN: list[str] = []
+
+
+def _process_token() -> str:
+    if not _TOKEN:
+        _TOKEN.append(secrets.token_hex(32))
+    return _TOKEN[0]
+
+
 def ray_available() -> bool:
     import importlib.util
 
@@ -88,13 +97,17 @@ def _actor_class(spec: TaskSpec, threads: int, skip_hashes: HashSet):
 class RayEngine:
     name = "ray"
 
-    def __init__(self, workers: int | None = None, address: str | None = None, gpus_per_worker: float | None = None):
+    def __init__(self, workers: int | None = None, address: str | None = None, gpus_per_worker: float | None = None,
+                 temp_dir: str | None = None, threads: int | None = None):
         if workers is not None and workers < 1:
             raise BatchError(f"--workers must be at least 1 (got {workers})")
-        self.requested, self.address, self.gpus_per_worker = workers, address, gpus_per_worker
+        if threads is not None and threads < 1:
+            raise BatchError(f"--threads must be at least 1 (got {threads})")
+        self.requested, self.address, self.gpus_per_worker, self.requested_threads = workers, address, gpus_per_worker, threads
         self.workers = workers or 0
         self.cpus_per_worker = self.gpus = 0.0
         self.threads = 1
+        self.temp_dir = temp_dir  # a local Ray's session folder (kept); None: a private one under $TMPDIR, removed after
         self._tmp: str | None = None
         self._saved_env: dict[str, str | None] = {}
         self._saved_cluster_switch: bool | None = None
@@ -120,11 +133,19 @@ class RayEngine:
         self._size(ray)
 
     def _start_local(self, ray) -> None:
-        self._tmp = tempfile.mkdtemp(prefix="medlens-ray-")  # short: Ray's socket paths must stay under ~100 characters
-        token = os.path.join(self._tmp, "auth_token")
-        with open(os.open(token, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
-            fh.write(secrets.token_hex(32))
-        for key, value in {**_LOCAL_ENV, "RAY_AUTH_TOKEN_PATH": token}.items():
+        # short: Ray's socket paths under it must stay within 107 characters
+        folder = self.temp_dir or tempfile.mkdtemp(prefix="medlens-ray-")
+        self._tmp = None if self.temp_dir else folder
+        os.makedirs(folder, exist_ok=True)
+        settings_env = dict(_LOCAL_ENV)
+        if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+            # no token configured: ours, in the session folder (Ray would write one to ~/.ray). One value per
+            # process: Ray's C++ side keeps the first token it reads, so a second local Ray must get the same one.
+            token = os.path.join(folder, "auth_token")
+            with open(os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+                fh.write(_process_token())
+            settings_env["RAY_AUTH_TOKEN_PATH"] = token
+        for key, value in settings_env.items():
             self._saved_env[key] = os.environ.get(key)
             os.environ[key] = value
         constants = sys.modules.get("ray._private.ray_constants")
@@ -133,7 +154,7 @@ class RayEngine:
             constants.ENABLE_RAY_CLUSTER = False
         # Ray turns token authentication on for a new local cluster and says so; the token is ours, in _tmp
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=self._tmp,
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=folder,
                  object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.ERROR, log_to_driver=False)
 
     def _size(self, ray) -> None:
@@ -148,7 +169,7 @@ class RayEngine:
             self.workers = self.requested or max(1, int(cpus // 2))  # two torch threads per actor by default
         share = min((cpus - RESERVED_CPUS) / self.workers, node_cpus - RESERVED_CPUS)
         self.cpus_per_worker = round(max(0.05, share), 3)
-        self.threads = max(1, round(self.cpus_per_worker))
+        self.threads = self.requested_threads or max(1, round(self.cpus_per_worker))
 
     def describe(self) -> str:
         where = f"Ray cluster at {self.address}" if self.address else "a local Ray (loopback only)"
