@@ -89,6 +89,7 @@ class Tally:
     images: int = 0
     workers: set[str] = field(default_factory=set)
     nodes: set[str] = field(default_factory=set)
+    inference: set[str] = field(default_factory=set)
     model_id: str = ""
     started: float = field(default_factory=time.monotonic)
     first_output: float | None = None  # when the first batch came back (workers started, model loaded)
@@ -163,6 +164,8 @@ class _Sink:
         tally.images += output.n_images
         tally.workers.add(output.worker)
         tally.nodes.add(output.node)
+        if output.inference:
+            tally.inference.add(output.inference)
         if len(self.writer.buffer) >= self.options.shard_rows or time.monotonic() - self.last_flush >= self.options.shard_seconds:
             self.flush()
         return len(output.rows)
@@ -274,6 +277,7 @@ def summarise(spec, plan: Plan, done: DoneIndex, tally: Tally, engine: Engine, o
             "images_encoded": tally.images,
             "workers": len(tally.workers),
             "nodes": len(tally.nodes),
+            "inference_paths": sorted(tally.inference),
         },
         "totals": {
             "rows": done.rows,

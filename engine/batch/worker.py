@@ -47,6 +47,7 @@ class BatchOutput:
     model_id: str = ""
     worker: str = ""  # host:pid, for the summary's count of workers
     node: str = ""  # Ray node id (or the host name)
+    inference: str = ""  # the worker's inference path (engine.models.fastpath: fp32, bf16, int8, onnx-int8, cuda-fp32)
     n_images: int = 0
 
 
@@ -129,12 +130,13 @@ class Worker:
         self.task = make_task(spec, device)
         self.task.load()
         self.model_id = self.task.model_id
+        self.inference = getattr(getattr(self.task.model, "path", None), "name", "")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.node = _node_id()
 
     def process(self, units: list[Unit]) -> BatchOutput:
         timer = Timer()
-        out = BatchOutput([], [], model_id=self.model_id, worker=self.name, node=self.node)
+        out = BatchOutput([], [], model_id=self.model_id, worker=self.name, node=self.node, inference=self.inference)
         pending: list[tuple[dict[str, Any], list[ScanWork | str]]] = []  # row, then per scan: work or an error message
         for unit in units:
             self._prepare_unit(unit, timer, pending)
