@@ -264,3 +264,49 @@ def test_failure_reasons_group_files_with_the_same_problem():
     assert failure_reason("/a/b.dcm: named like DICOM but has no DICOM header (no 'DICM' marker)", "/a/b.dcm") == "named like DICOM but has no DICOM header"
     assert failure_reason("no scan could be loaded from 3 files: empty file (3 files)") == "no scan could be loaded from 3 files: empty file"
     assert failure_reason("x/y/slice1.dcm: cannot read file (truncated)", "x/y") == "cannot read file"
+
+
+class _FakeRay:
+    """What RayEngine._size asks of Ray: the cluster's resources and its nodes."""
+
+    def __init__(self, nodes: list[float], gpus: float = 0.0):
+        self._nodes, self._gpus = nodes, gpus
+
+    def cluster_resources(self) -> dict:
+        return {"CPU": float(sum(self._nodes)), **({"GPU": self._gpus} if self._gpus else {})}
+
+    def nodes(self) -> list[dict]:
+        return [{"Alive": True, "Resources": {"CPU": c}} for c in self._nodes]
+
+
+def test_ray_actors_leave_cpu_for_ray_data_fit_a_node_and_take_gpus():
+    from engine.batch.ray_engine import RESERVED_CPUS, RayEngine
+
+    two = RayEngine(workers=2)
+    two._size(_FakeRay([2]))  # two actors of num_cpus=1 on 2 CPUs hung a job (the issue): never the whole node
+    assert two.cpus_per_worker == 0.875 and two.threads == 1 and 2 * two.cpus_per_worker <= 2 - RESERVED_CPUS
+    default = RayEngine()
+    default._size(_FakeRay([2]))
+    assert (default.workers, default.cpus_per_worker, default.threads) == (1, 1.75, 2)
+    one = RayEngine(workers=1)
+    one._size(_FakeRay([16, 16]))  # one actor asking for the cluster's 31.75 CPUs could be placed nowhere
+    assert one.cpus_per_worker == 16 - RESERVED_CPUS
+    gpu = RayEngine()
+    gpu._size(_FakeRay([16] * 4, gpus=8))
+    assert (gpu.workers, gpu.gpus) == (8, 1.0) and gpu.cpus_per_worker == (64 - RESERVED_CPUS) / 8
+    cpu_only = RayEngine(gpus_per_worker=0)
+    cpu_only._size(_FakeRay([16] * 4, gpus=8))
+    assert cpu_only.gpus == 0 and cpu_only.workers == 32
+
+
+def test_a_model_moved_to_a_device_encodes_the_same(tiny):
+    from engine.batch.tasks import _on_device
+    from engine.models.checkpoint import load_folder
+
+    model = load_folder(tiny.split(":", 1)[1])  # its own copy: the process's cached model stays as it is
+    images = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(3)]
+    before, text_before = model.encode_images(images), model.encode_texts(["chest", "head"])
+    _on_device(model, "cpu")
+    assert model.path.name == "cpu-fp32"
+    assert np.allclose(model.encode_images(images), before, atol=1e-6)
+    assert np.allclose(model.encode_texts(["chest", "head"]), text_before, atol=1e-6)
