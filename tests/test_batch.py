@@ -293,7 +293,7 @@ def test_ray_actors_leave_cpu_for_ray_data_fit_a_node_and_take_gpus():
     assert one.cpus_per_worker == 16 - RESERVED_CPUS
     gpu = RayEngine()
     gpu._size(_FakeRay([16] * 4, gpus=8))
-    assert (gpu.workers, gpu.gpus) == (8, 1.0) and gpu.cpus_per_worker == (64 - RESERVED_CPUS) / 8
+    assert (gpu.workers, gpu.gpus) == (8, 1.0) and gpu.cpus_per_worker == round((64 - RESERVED_CPUS) / 8, 3)
     cpu_only = RayEngine(gpus_per_worker=0)
     cpu_only._size(_FakeRay([16] * 4, gpus=8))
     assert cpu_only.gpus == 0 and cpu_only.workers == 32
@@ -310,3 +310,21 @@ def test_a_model_moved_to_a_device_encodes_the_same(tiny):
     assert model.path.name == "cpu-fp32"
     assert np.allclose(model.encode_images(images), before, atol=1e-6)
     assert np.allclose(model.encode_texts(["chest", "head"]), text_before, atol=1e-6)
+
+
+def test_ask_answers_every_question_about_every_scan(capsys, tree, tmp_path):
+    from _ask import tiny_ask_folder
+
+    model = f"local-dir:{tiny_ask_folder(tmp_path / 'qformer')}"
+    out = tmp_path / "out"
+    questions = ["Is the liver visible?", "What is the imaging modality?"]
+    code, _out, err = run(capsys, "ask", tree / "nifti", tree / "dicom" / "CT_small.dcm", tree / "bad" / "zeros.dcm", "--out", out,
+                          "--model", model, "--question", questions[0], "--question", questions[1], "--quiet")
+    assert code == 0, err
+    rows = {Path(r["source"]).name: r for r in all_rows(out)}
+    assert rows["zeros.dcm"]["status"] == "error"
+    for name in ("example4d.nii.gz", "anatomical.nii", "CT_small.dcm"):
+        answers = rows[name]["result"]["scans"][0]["answers"]
+        assert [a["question"] for a in answers] == questions and all(a["answer"] and 0 <= a["confidence"] <= 1 for a in answers)
+    code, _out, err = run(capsys, "ask", tree / "nifti", "--out", tmp_path / "o2", "--model", model, "--question", " ")
+    assert code == 2 and err.count("\n") == 1
