@@ -15,6 +15,9 @@ Design decisions
   2-CPU node were measured to hang a job whose read stage got no CPU).
   torch threads per actor follow that share. Where the cluster has GPUs,
   each actor gets `--gpus-per-worker` (default 1) and runs the model there.
+- Every actor is started (its model loaded) before the first batch, within
+  10 minutes, else the job stops with "not enough resources" rather than
+  waiting forever for actors the cluster cannot place.
 - Lost workers: actors restart (max_restarts=-1) and a batch whose actor
   died is retried (max_task_retries=3). A batch that kills its worker
   every time (a file crashing a native decoder) is given up after that,
@@ -52,6 +55,7 @@ from engine.batch.worker import BatchOutput, HashSet
 INSTALL_HINT = "--engine ray needs Ray Data: pip install -e \".[scale]\" (or pip install \"ray[data]\")"
 RESERVED_CPUS = 0.25  # kept free of actors for Ray Data's own tasks
 MAX_TASK_RETRIES = 3  # a batch whose actor died is retried this often, then given up (its units stay to do)
+ACTOR_START_S = 600  # every actor must be up (model loaded) within this, else the job stops saying resources are short
 OBJECT_STORE_BYTES = 512 << 20  # local Ray: outputs are small and consumed batch by batch
 _LOCAL_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address = loopback: every port on 127.0.0.1
@@ -191,6 +195,9 @@ class RayEngine:
         context.print_on_execution_start = False
         context.enable_auto_log_stats = False
         context.max_errored_blocks = -1  # a batch given up after its retries must not stop the others
+        # start every actor before the first batch: work spreads over all of them (the first one up would otherwise take
+        # a short job alone), and a pool the cluster cannot place fails with a message instead of waiting forever
+        context.wait_for_min_actors_s = ACTOR_START_S
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")  # e.g. "fewer inputs than actors"
         warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
