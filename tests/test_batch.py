@@ -328,3 +328,20 @@ def test_ask_answers_every_question_about_every_scan(capsys, tree, tmp_path):
         assert [a["question"] for a in answers] == questions and all(a["answer"] and 0 <= a["confidence"] <= 1 for a in answers)
     code, _out, err = run(capsys, "ask", tree / "nifti", "--out", tmp_path / "o2", "--model", model, "--question", " ")
     assert code == 2 and err.count("\n") == 1
+
+
+def test_dicom_files_without_a_series_uid_are_one_series_per_folder(tmp_path):
+    import pydicom
+
+    from _series import synthetic_ct_series
+
+    files = synthetic_ct_series(tmp_path / "blank", n_slices=4, marker=False)
+    for file in files:  # de-identified exports often blank the UID; engine.io reads such a folder as one series
+        ds = pydicom.dcmread(file)
+        ds.SeriesInstanceUID = ""
+        ds.save_as(file)
+    (tmp_path / "other").mkdir()
+    shutil.copy(files[0], tmp_path / "other" / "alone.dcm")
+    units = {u.source: u for u in plan_units([str(tmp_path)])}
+    assert units[str(tmp_path / "blank")].kind == "dicom-series" and len(units[str(tmp_path / "blank")].members) == 4
+    assert units[str(tmp_path / "other" / "alone.dcm")].kind == "file"

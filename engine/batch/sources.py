@@ -44,6 +44,7 @@ from engine.batch.units import (
     group,
     make_unit,
     merge_series,
+    series_key,
     sniff,
 )
 from engine.io.sources import DEFAULT_LIMITS, Limits, zip_sources
@@ -81,7 +82,7 @@ def _sniff_file(path: Path) -> Found:
     except OSError:
         return Found(member, str(path), str(path.parent), None)  # its read reports why
     _kind, key = sniff(lambda: open(path, "rb"), path.name, head)
-    return Found(member, str(path), str(path.parent), key)
+    return Found(member, str(path), str(path.parent), series_key(key, str(path.parent)))
 
 
 def _zip_found(path: Path, limits: Limits) -> tuple[list[Found], list[Unit]]:
@@ -100,7 +101,8 @@ def _zip_found(path: Path, limits: Limits) -> tuple[list[Found], list[Unit]]:
     for source in sources:
         member = Member(SCHEME_ZIP, display, source.member or "", source.version or version, source.name)
         _kind, key = sniff(source.open, source.name)
-        found.append(Found(member, source.name, os.path.dirname(source.name), key))
+        folder = os.path.dirname(source.name)
+        found.append(Found(member, source.name, folder, series_key(key, folder)))
     return found, problems
 
 

@@ -3,8 +3,8 @@
 Design decisions
 - A `Unit` is what gets one output row: a DICOM series (every file with the
   same SeriesInstanceUID, wherever in the tree it lies), or any other file
-  (a PNG, a NIfTI volume, a lone DICOM file without a series UID, a file that
-  is not a scan at all: that one becomes an error row). Zip members are
+  (a PNG, a NIfTI volume, a DICOM file whose header cannot be parsed, a
+  file that is not a scan at all: that one becomes an error row). Zip members are
   units exactly like files.
 - A `Member` is one byte stream of a unit, named by a `scheme` and a
   `location` (a file path; for zip members the zip's path plus the member
@@ -15,7 +15,9 @@ Design decisions
   file is DICOM (engine.io.classify, the viewer's own sniffing), and pydicom
   reads the header up to the pixel data keeping only SeriesInstanceUID. The
   UID itself is never stored or shown (it identifies a patient's study): a
-  unit keeps its SHA-256 as `series_key`, used only to group.
+  unit keeps its SHA-256 as `series_key`, used only to group. DICOM files
+  whose SeriesInstanceUID is blank (de-identified exports) are grouped by
+  folder, which is how engine.io reads such a folder: as one series.
 - `fingerprint` names a unit's inputs as they are on disk (scheme,
   location, member name, size and modification time; a zip member's CRC and
   size). A rerun skips a unit whose fingerprint already has a row without
@@ -95,7 +97,7 @@ HEADER_PREFIX = 1 << 16  # bytes read to find the series UID (group 0020 comes e
 
 
 def _series_key(opener, head: bytes) -> str | None:
-    """sha256 of the SeriesInstanceUID read from the header only, or None when there is none.
+    """sha256 of the SeriesInstanceUID read from the header only; "" when it has none; None when the header is damaged.
 
     Reads a 64 KB prefix into memory (zip members are not seekable, and one read is the fastest
     way through a network file system); a header longer than that is read whole.
@@ -119,12 +121,13 @@ def _series_key(opener, head: bytes) -> str | None:
                 continue
             return None
         if uid or limit is None or len(data) < limit:
-            return hashlib.sha256(uid.encode()).hexdigest() if uid else None
-    return None
+            return hashlib.sha256(uid.encode()).hexdigest() if uid else ""
+    return ""
 
 
 def sniff(opener, name: str, head: bytes | None = None) -> tuple[str, str | None]:
-    """(kind, series key) of a byte stream: kind as engine.io.classify says; the key for DICOM only.
+    """(kind, series key) of a byte stream: kind as engine.io.classify says; the key for DICOM only
+    ("" for DICOM without a SeriesInstanceUID: see `series_key`).
 
     `head`: its first 352 bytes when the caller has read them already.
     """
@@ -140,6 +143,14 @@ def sniff(opener, name: str, head: bytes | None = None) -> tuple[str, str | None
     except Exception:
         return "unreadable", None
     return kind, (_series_key(opener, head) if kind == "dicom" else None)
+
+
+def series_key(key: str | None, folder: str) -> str | None:
+    """The grouping key of a sniffed member: DICOM files without a SeriesInstanceUID (de-identified exports
+    often blank it) are taken as one series per folder, as engine.io reads a folder of them as one series."""
+    if key == "":
+        return hashlib.sha256(f"folder without series UID\0{folder}".encode("utf-8", "surrogateescape")).hexdigest()
+    return key
 
 
 # --------------------------------------------------------------------------- grouping
