@@ -251,6 +251,11 @@ def test_bad_arguments_are_one_line(capsys, tiny, tree, tmp_path, monkeypatch):
     assert code == 2 and "another job" in err and err.count("\n") == 1
     code, _out, err = run(capsys, "label", tmp_path / "nowhere", "--out", tmp_path / "o2", "--model", tiny)
     assert code == 2 and "no such file or folder" in err
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"format": "medlens-clip/1"}')
+    code, _out, err = run(capsys, "label", tree / "dicom", "--out", tmp_path / "o5", "--model", f"local-dir:{broken}")
+    assert code == 2 and "cannot load model" in err and err.count("\n") == 1
     code, _out, err = run(capsys, "label", "pacs:query", "--out", tmp_path / "o3", "--model", tiny)
     assert code == 2 and "unknown kind of SOURCE" in err
     import engine.batch.ray_engine as ray_engine

@@ -32,6 +32,12 @@ Design decisions
   otherwise write the token to ~/.ray). Joining a cluster uses the
   cluster's own settings; MEDLENS_* settings set here are passed to its
   workers, and every node needs MedLens installed.
+- Actor constructors and calls never raise: a model that cannot load
+  comes back as BatchOutput.fatal and the run stops with one line (a
+  raising constructor would be retried by Ray, printing tracebacks).
+  Ray itself still prints one line per run about the pool's constructor
+  arguments living in the object store (core_worker.cc): harmless, Ray
+  Data keeps them.
 """
 
 from __future__ import annotations
@@ -87,13 +93,27 @@ def _actor_class(spec: TaskSpec, threads: int, skip_hashes: HashSet):
     """A callable class holding one Worker (its closure carries the job, so no constructor arguments go through the object store)."""
 
     class MedLensBatchWorker:
+        # Neither method raises: a failed constructor or call would make Ray retry it and print the worker's traceback
+        # to the user's terminal; the runner stops with one line instead (BatchOutput.fatal).
         def __init__(self) -> None:
             from engine.batch.worker import Worker
 
-            self.worker = Worker(spec, threads=threads, skip_hashes=skip_hashes)
+            self.worker, self.fatal = None, ""
+            try:
+                self.worker = Worker(spec, threads=threads, skip_hashes=skip_hashes)
+            except Exception as exc:
+                self.fatal = _message(exc)
 
         def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-            return {"out": [pickle.dumps(self.worker.process(pickle.loads(item))) for item in batch["batch"]]}
+            outputs = []
+            for item in batch["batch"]:
+                try:
+                    if self.worker is None:
+                        raise RuntimeError(self.fatal)
+                    outputs.append(self.worker.process(pickle.loads(item)))
+                except Exception as exc:
+                    outputs.append(BatchOutput([], [], fatal=self.fatal or _message(exc)))
+            return {"out": [pickle.dumps(o) for o in outputs]}
 
     return MedLensBatchWorker
 
@@ -239,6 +259,13 @@ class RayEngine:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def _message(exc: BaseException) -> str:
+    from engine.errors import MedLensError
+
+    text = " ".join(str(exc).split())[:400]
+    return text if isinstance(exc, MedLensError) else f"{type(exc).__name__}: {text}"
 
 
 def _medlens_env() -> dict[str, str]:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from engine.batch.engines import Engine
+from engine.batch.errors import BatchError
 from engine.batch.output import DoneIndex, OutputDir, ShardWriter, now
 from engine.batch.sources import plan_units
 from engine.batch.tasks import TaskSpec
@@ -142,6 +143,8 @@ class _Sink:
     def accept(self, output: BatchOutput) -> int:
         """Take one batch's rows; returns how many units it accounts for."""
         tally = self.tally
+        if output.fatal:
+            raise BatchError(f"a worker could not work: {output.fatal}")
         if tally.first_output is None:
             tally.first_output, tally.first_rows = time.monotonic(), len(output.rows)
         if output.model_id and output.model_id != tally.model_id:

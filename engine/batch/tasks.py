@@ -95,9 +95,21 @@ class ClipTask:
         self.spec, self.device, self.model = spec, device, None
 
     def load(self) -> None:
-        from engine.models import load_model
+        from engine.zeroshot import resolve_model
 
-        self.model = load_model(self.spec.model, fast=self.device == "cpu")
+        if self.device == "cpu":
+            self.model = resolve_model(self.spec.model)  # a broken checkpoint becomes a ModelError that says so
+        else:
+            from engine.models import load_model
+
+            try:
+                self.model = load_model(self.spec.model, fast=False)  # no CPU fast path for a model that runs on a GPU
+            except Exception as exc:
+                from engine.errors import MedLensError, ModelError
+
+                if isinstance(exc, MedLensError):
+                    raise
+                raise ModelError(f"cannot load model '{self.spec.model}': {type(exc).__name__}: {str(exc)[:300]}") from None
         if self.device != "cpu":
             _on_device(self.model, self.device)
 

@@ -47,6 +47,7 @@ class BatchOutput:
     model_id: str = ""
     worker: str = ""  # host:pid, for the summary's count of workers
     node: str = ""  # Ray node id (or the host name)
+    fatal: str = ""  # set when the worker cannot work at all (its model did not load): the run stops with this message
     inference: str = ""  # the worker's inference path (engine.models.fastpath: fp32, bf16, int8, onnx-int8, cuda-fp32)
     n_images: int = 0
 
