@@ -33,16 +33,7 @@ WORK = REPO / "bench" / "work"
 XRAY_LABELS = ["pneumonia", "pleural effusion", "cardiomegaly", "no finding"]
 CT_LABELS = ["liver", "lung", "kidney", "spleen"]
 
-from _machine import cpu_name  # noqa: E402
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni") if f in flags]
-    return ", ".join(keep) or "none of avx2/avx512/amx"
+from _machine import cpu_flags, cpu_name  # noqa: E402
 
 
 def model_folder() -> Path:

@@ -550,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.pacs.cli import register as register_pacs
 
     register_pacs(sub)
+
+    from engine.batch.cli import register as register_batch
+
+    register_batch(sub)
     return parser
 
 

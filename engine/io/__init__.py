@@ -31,7 +31,7 @@ from engine.redact import redact_scan
 from engine.pacs.locator import is_locator
 from engine.scan import Scan, ScanError
 
-__all__ = ["load", "load_one", "LoadResult", "Skipped", "Limits", "ScanError"]
+__all__ = ["load", "load_one", "load_sources", "classify", "LoadResult", "Skipped", "Limits", "Source", "ScanError"]
 
 
 @dataclass
@@ -43,7 +43,12 @@ class LoadResult:
         return [f"{s.name}: {s.reason}" for s in self.skipped]
 
 
-def _classify(source: Source) -> str:
+def classify(source: Source) -> str:
+    """What a source holds, from its first bytes (its name only as a hint).
+
+    One of "dicom", "nifti", "image", "empty", "bad-dicom" (named like DICOM,
+    no DICOM header) or "unknown". Raises ScanError when it cannot be read.
+    """
     try:
         head = source.head(352)
     except ScanError:
@@ -101,11 +106,25 @@ def load(
         scans, skipped = load_locators(remote)
         paths = [p for p in paths if not is_locator(p)]
     sources, local_skipped = gather_sources(paths, limits)
-    skipped.extend(local_skipped)
+    return load_sources(sources, skipped + local_skipped, guard=guard, scans=scans)
+
+
+def load_sources(
+    sources: list[Source], skipped: list[Skipped] | None = None, *, guard: LoadGuard | None = None, scans: list[Scan] | None = None
+) -> LoadResult:
+    """Every scan in `sources` (DICOM files read together as series), plus `scans` read elsewhere (a PACS);
+    `skipped` holds earlier problems. Every scan is redacted before it is returned.
+
+    The batch runner feeds this with sources it has read into memory already;
+    `load` feeds it with what gather_sources found under the user's paths.
+    """
+    guard = guard or LoadGuard()
+    scans = list(scans or [])
+    skipped = list(skipped or [])
     dicom: list[Source] = []
     for source in sources:
         try:
-            kind = _classify(source)
+            kind = classify(source)
             if kind == "dicom":
                 dicom.append(source)
             elif kind == "nifti":

@@ -53,6 +53,8 @@ class Source:
     _opener: Callable[[], io.BufferedIOBase]
     path: str | None = None  # set for plain files so readers may use memory maps
     dataset: Any = None  # an already parsed pydicom Dataset (DICOMweb delivers parsed instances: engine.pacs)
+    member: str | None = None  # set for zip members: the (checked, relative) member name inside the archive
+    version: str = ""  # set for zip members: "crc32:size", which changes when the member's bytes do
 
     def open(self) -> io.BufferedIOBase:
         return self._opener()
@@ -156,9 +158,23 @@ def _zip_sources(path: Path, display: str, limits: Limits, skipped: list[Skipped
                 name=label,
                 size=info.file_size,
                 _opener=_member_opener(zf, info, label),
+                member=name,
+                version=f"{info.CRC:08x}:{info.file_size}",
             )
         )
     return out
+
+
+def zip_sources(path: str | os.PathLike, display: str | None = None, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Source], list[Skipped]]:
+    """The members of one zip that pass the safety checks (as Sources, read in place), and the refused ones.
+
+    Raises ScanError when the archive as a whole is refused (unreadable, too
+    many members, would unpack beyond the limit).
+    """
+    path = Path(path)
+    skipped: list[Skipped] = []
+    sources = _zip_sources(path, display or path.name, limits, skipped)
+    return sources, skipped
 
 
 def _member_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str):

@@ -96,11 +96,21 @@ def normalise(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- what gets stored
 def embed_scan(scan: Scan, model: ImageEncoder, n_slices: int = VOLUME_SLICES) -> tuple[np.ndarray, str]:
     """(D,) L2-normalised float32 embedding of a scan, and its kind ('image' or 'volume-mean')."""
+    images = embedding_images(scan, n_slices)
+    return pool_embeddings(model.encode_images(images), scan.is_2d)
+
+
+def embedding_images(scan: Scan, n_slices: int = VOLUME_SLICES) -> list[np.ndarray]:
+    """The model images whose embeddings make a scan's stored embedding (one for 2D, axial slices for volumes)."""
     from engine.zeroshot.imaging import scan_images
 
-    images = scan_images(scan, planes=("axial",), n_slices=n_slices)
-    emb = np.asarray(model.encode_images([im.pixels for im in images]), dtype=np.float32)
-    if scan.is_2d:
+    return [im.pixels for im in scan_images(scan, planes=("axial",), n_slices=n_slices)]
+
+
+def pool_embeddings(embeddings: np.ndarray, is_2d: bool) -> tuple[np.ndarray, str]:
+    """The stored embedding from the embeddings of `embedding_images` (the batch runner encodes many scans at once)."""
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if is_2d:
         return normalise(emb[0]), KIND_IMAGE
     return normalise(normalise(emb).mean(axis=0)), KIND_VOLUME_MEAN
 
@@ -152,25 +162,28 @@ def prepare(
     owner: str = LOCAL, shared: bool = False,
 ) -> Prepared:
     vector, kind = embed_scan(scan, model, n_slices=n_slices)
-    row: dict[str, Any] = {}
-    if with_row:
-        thumb, note = thumbnail_png(scan)
-        row = {
-            "content_hash": scan.content_hash,
-            "modality": scan.modality.value,
-            "body_part": body_part(scan),
-            "shape": json.dumps(list(scan.voxels.shape)),
-            "spacing": json.dumps([round(s, 6) for s in scan.spacing]),
-            # Scan.summary(): de-identified metadata only (engine.deid's allow-list)
-            "summary": json.dumps(scan.summary(), default=str, ensure_ascii=False),
-            "thumbnail": thumb,
-            "thumbnail_note": note,
-            "source": None if source is None else storable(str(source)),  # a dicomweb: path is stored sealed
-            "added_at": now(),
-            "owner": owner,
-            "shared": int(bool(shared)),
-        }
+    row = scan_row(scan, source, owner=owner, shared=shared) if with_row else {}
     return Prepared(scan.content_hash, row, vector, kind, model.model_id, owner)
+
+
+def scan_row(scan: Scan, source: str | None, *, owner: str = LOCAL, shared: bool = False) -> dict[str, Any]:
+    """The scans row (without id) of a scan: de-identified summary, thumbnail (or why none), where it came from, whose."""
+    thumb, note = thumbnail_png(scan)
+    return {
+        "content_hash": scan.content_hash,
+        "modality": scan.modality.value,
+        "body_part": body_part(scan),
+        "shape": json.dumps(list(scan.voxels.shape)),
+        "spacing": json.dumps([round(s, 6) for s in scan.spacing]),
+        # Scan.summary(): de-identified metadata only (engine.deid's allow-list)
+        "summary": json.dumps(scan.summary(), default=str, ensure_ascii=False),
+        "thumbnail": thumb,
+        "thumbnail_note": note,
+        "source": None if source is None else storable(str(source)),  # a dicomweb: path is stored sealed
+        "added_at": now(),
+        "owner": owner,
+        "shared": int(bool(shared)),
+    }
 
 
 # --------------------------------------------------------------------------- writes

@@ -139,7 +139,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # stable for large |x|
 
 
-def _check_mode(mode: str, aggregation: str | None, n_labels: int) -> None:
+def check_mode(mode: str, aggregation: str | None, n_labels: int) -> None:
     if mode not in MODES:
         raise PromptError(f"unknown mode {mode!r}; choose {' or '.join(MODES)}")
     if aggregation is not None and aggregation not in AGGREGATIONS:
@@ -239,19 +239,33 @@ def label_images(
     labels = pset.default_labels if labels is None else clean_labels(labels)
     if not images:
         raise MedLensError("no image to label")
-    _check_mode(mode, aggregation, len(labels))
+    check_mode(mode, aggregation, len(labels))
     clip = resolve_model(model)
     pixels = [im.pixels if isinstance(im, ModelImage) else np.asarray(im) for im in images]
-    emb = clip.encode_images(pixels)
+    return label_from_embeddings(clip.encode_images(pixels), images, labels, clip, pset, mode=mode, aggregation=aggregation)
+
+
+def label_from_embeddings(
+    embeddings: np.ndarray,
+    images: Sequence[np.ndarray] | Sequence[ModelImage],
+    labels: Sequence[str],
+    clip: Any,
+    prompt_set: PromptSet,
+    *,
+    mode: str = SOFTMAX,
+    aggregation: str | None = "mean",
+) -> LabelResult:
+    """Labels from image embeddings already computed by `clip` (one row per image; the batch runner
+    encodes the images of many scans in one call). `labels` are cleaned and checked by the caller."""
     # several images are slices of one study; a single ModelImage of a volume is one slice too
     is_volume = len(images) > 1 or (isinstance(images[0], ModelImage) and images[0].plane != "image")
     slices = None
     if is_volume:
         slices = [(im.plane, im.index) if isinstance(im, ModelImage) else ("image", n) for n, im in enumerate(images)]
     ranked, per_slice = score_embeddings(
-        emb,
+        embeddings,
         labels,
-        text_embeddings(clip, labels, pset, mode),
+        text_embeddings(clip, labels, prompt_set, mode),
         clip.logit_scale,
         mode=mode,
         aggregation=aggregation if is_volume else None,
@@ -264,7 +278,7 @@ def label_images(
         per_slice=per_slice,
         model_id=clip.model_id,
         inference_path=getattr(getattr(clip, "path", None), "name", "fp32"),
-        prompt_set=pset.key,
+        prompt_set=prompt_set.key,
         logit_scale=float(clip.logit_scale),
     )
 
@@ -293,7 +307,7 @@ def label_scan(
     """
     pset = prompt_set if isinstance(prompt_set, PromptSet) else load_prompt_set(prompt_set or scan.modality)
     labels = pset.default_labels if labels is None else clean_labels(labels)
-    _check_mode(mode, aggregation, len(labels))
+    check_mode(mode, aggregation, len(labels))
     clip = resolve_model(model)
     images = scan_images(scan, planes=tuple(planes), n_slices=n_slices, volume=volume)
     result = label_images(images, labels, clip, prompt_set=pset, mode=mode, aggregation=aggregation)
@@ -342,6 +356,7 @@ __all__ = [
     "LabelScore",
     "SliceScores",
     "evidence_map",
+    "label_from_embeddings",
     "label_images",
     "label_scan",
     "resolve_model",
