@@ -241,7 +241,7 @@ def test_anonymous_visitors_get_no_library_and_by_default_nothing(tmp_path, libr
 
     stranger = _request("0.0.0.0")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
-    upload = _png(upload_folder() / "abc123" / "x.png", seed=9)
+    upload = _png(upload_folder() / "0123456789abcdef0123456789abcdef" / "x.png", seed=9)  # a private upload path (app.uploads)
     with pytest.raises(gr.Error, match="Sign in first"):
         load_files([str(upload)], request=stranger)
     assert not upload.exists()  # the refused upload is deleted all the same

@@ -45,6 +45,7 @@ from training import augment
 from training import clip_model as cm
 from training.distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from training.manifest import Row, read_manifest
+from training.config import to_dict
 from training.params import parse_clip_args
 
 
@@ -281,7 +282,7 @@ def main(argv=None) -> int:
         if env.is_master:
             tmp = out / "last.pt.tmp"
             torch.save({"model": train.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
-                        "history": history, "args": vars(args)}, tmp)
+                        "history": history, "args": to_dict(args)}, tmp)
             tmp.replace(out / "last.pt")
 
     def run_eval() -> None:
@@ -380,7 +381,7 @@ def main(argv=None) -> int:
             best = {"mean": float("nan"), "step": step}
         cm.export(model, out / "final", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0, image_weights=image_weights)
         summary = {
-            "args": vars(args), "model_cfg": model_cfg, "preprocess_cfg": preprocess, "steps": step,
+            "args": to_dict(args), "model_cfg": model_cfg, "preprocess_cfg": preprocess, "steps": step,
             "epochs": step / sampler.steps_per_epoch, "train_rows": len(train_rows), "val_rows": len(val_rows),
             "best": best, "history": history, "final_loss_ema": final_loss, "wall_s": round(time.time() - t_start, 1),
             "cpu": cpu_profile().model, "threads": torch.get_num_threads(), "world_size": env.world_size, "bf16": bf16,
@@ -400,4 +401,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.config import run_main
+
+    sys.exit(run_main(main))

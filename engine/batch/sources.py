@@ -26,7 +26,6 @@ Design decisions
 
 from __future__ import annotations
 
-import io
 import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
