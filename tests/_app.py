@@ -38,22 +38,15 @@ def running_app(cache: Path, **build_kwargs) -> Iterator[tuple[str, object]]:
             os.environ["GRADIO_TEMP_DIR"] = old
 
 
-# Fixtures shared by the test files that drive the app with a tiny model (imported by name there).
-import pytest  # noqa: E402
+def plain_value(update):
+    """A component update's value (Gradio sends {"__type__": "update", "value": ...} or the bare value)."""
+    return update["value"] if isinstance(update, dict) and "__type__" in update else update
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    """A tiny random CLIP checkpoint (tests/_models.py) as a model source."""
-    from _models import tiny_clip_folder
+def plotly_figure(update) -> dict:
+    """The Plotly figure JSON inside a gr.Plot update."""
+    import json
 
-    folder = tiny_clip_folder(tmp_path_factory.mktemp("tiny_clip") / "model")
-    return f"local-dir:{folder}"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny):
-    """(url, gradio cache dir, demo): the app with the tiny model, on a free port."""
-    cache = tmp_path_factory.mktemp("gradio_cache")
-    with running_app(cache, model=tiny) as (url, demo):
-        yield url, cache, demo
+    value = plain_value(update)
+    assert value["type"] == "plotly"
+    return json.loads(value["plot"])

@@ -628,7 +628,6 @@ def _worker(args) -> int:
                                   "message": message[:500], "traceback": tb, "n_scans": n,
                                   "message_problems": problems, "internal": internal,
                                   "n_swallowed": len(probe.swallowed)}) + "\n")
-        import resource
 
         out.write(json.dumps({"event": "end", "maxrss_kb": _vm_hwm_kb()}) + "\n")
     return 0

@@ -215,13 +215,6 @@ def shared_ct_datasets(shared_data: Path) -> list:
     return [pydicom.dcmread(p) for p in sorted((shared_data / CT_SERIES_REL).iterdir()) if p.is_file()]
 
 
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    """A private Orthanc for the test module (import this fixture by name)."""
-    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        yield server
-
-
 def save_series(datasets, folder: Path) -> Path:
     """Write `datasets` as files into `folder` (the same series on disk, to compare with the PACS)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -66,3 +66,81 @@ def _private_audit_log_and_no_login(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("MEDLENS_AUDIT_LOG", str(tmp_path_factory.mktemp("audit") / "audit.jsonl"))
     for name in ("MEDLENS_AUTH_FILE", "MEDLENS_USERS", "MEDLENS_ALLOW_ANONYMOUS"):
         monkeypatch.delenv(name, raising=False)
+
+
+# --------------------------------------------------------------------------- shared fixtures (used by name)
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    """A tiny random CLIP checkpoint (tests/_models.py) as a model source."""
+    from _models import tiny_clip_folder
+
+    folder = tiny_clip_folder(tmp_path_factory.mktemp("tiny_clip") / "model")
+    return f"local-dir:{folder}"
+
+
+@pytest.fixture(scope="module")
+def tiny_ask(tmp_path_factory) -> str:
+    """A tiny random Q-Former checkpoint (tests/_ask.py) as a model source."""
+    from _ask import tiny_ask_folder
+
+    return f"local-dir:{tiny_ask_folder(tmp_path_factory.mktemp('tiny_ask') / 'model')}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny):
+    """(url, gradio cache dir, demo): the app with the tiny model, on a free port."""
+    from _app import running_app
+
+    cache = tmp_path_factory.mktemp("gradio_cache")
+    with running_app(cache, model=tiny) as (url, demo):
+        yield url, cache, demo
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def library(tmp_path, monkeypatch) -> Path:
+    """A library file of its own for the test (MEDLENS_LIBRARY), with the vector index cache cleared."""
+    path = tmp_path / "lib" / "library.db"
+    monkeypatch.setenv("MEDLENS_LIBRARY", str(path))
+    from engine.library.vectors import clear_cache
+
+    clear_cache()
+    return path
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A private Orthanc for the test module (tests/_orthanc.py; skipped without it unless MEDLENS_REQUIRE_ORTHANC=1)."""
+    from _orthanc import running_orthanc
+
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
+
+
+@pytest.fixture
+def page(server):
+    """A headless chromium page (tests/_browser.py) for the requesting module's `server`."""
+    from _browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1100})
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()

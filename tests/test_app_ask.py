@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,18 +13,13 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import running_app  # noqa: E402
+from _app import plain_value, plotly_figure, running_app  # noqa: E402
 from _ask import tiny_ask_folder  # noqa: E402
 from _series import decode_data_url_png, synthetic_ct_series, zip_files  # noqa: E402
 
 ASK_API = {"/ask_question", "/ask_suggested", "/ask_suggestions", "/ask_evidence", "/ask_goto_slice"}
 CLOSED = "Is the liver visible?"
 OPEN = "Which organs are in view?"
-
-
-@pytest.fixture(scope="module")
-def tiny_ask(tmp_path_factory) -> str:
-    return f"local-dir:{tiny_ask_folder(tmp_path_factory.mktemp('tiny_ask') / 'model')}"
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +42,7 @@ def client(server):
     return Client(server[0], verbose=False, download_files=False)  # a new client: a new session, no scan yet
 
 
-def _value(update):
-    return update["value"] if isinstance(update, dict) and "__type__" in update else update
-
-
-def _plot(update) -> dict:
-    value = _value(update)
-    assert value["type"] == "plotly"
-    return json.loads(value["plot"])
+_value, _plot = plain_value, plotly_figure  # shared helpers (tests/_app.py)
 
 
 def _cache_files(cache: Path) -> list[Path]:

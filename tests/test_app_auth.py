@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import running_app, tiny  # noqa: E402,F401  (shared fixtures, used by name)
-from test_app_library import library  # noqa: E402,F401  (a library file per test, used by name)
+from _app import running_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-22"}

@@ -21,44 +21,18 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _app import running_app  # noqa: E402
+from _browser import require_browser  # noqa: E402
 from _series import ct_zip  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path(os.environ.get("MEDLENS_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-TIMEOUT_MS = 60_000
-
-
-def _require_browser():
-    required = os.environ.get("MEDLENS_REQUIRE_BROWSER") == "1"
-    problem = None
-    if not CHROMIUM.exists():
-        problem = f"{CHROMIUM} is missing (apt-get install -y chromium)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            problem = "playwright is not installed (pip install playwright; no browser download needed)"
-    if problem:
-        if required:
-            pytest.fail(f"MEDLENS_REQUIRE_BROWSER=1 but {problem}")
-        pytest.skip(problem)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app with the tiny random Q-Former as its Ask model (MEDLENS_ASK_MODEL, read when the UI is built)."""
-    _require_browser()
+    require_browser()
     from _ask import tiny_ask_folder
 
     cache = tmp_path_factory.mktemp("gradio_cache_browser")
@@ -69,20 +43,6 @@ def server(tmp_path_factory):
             yield url, cache
     finally:
         patch.undo()
-
-
-@pytest.fixture
-def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1100})
-            page.set_default_timeout(TIMEOUT_MS)
-            yield page
-        finally:
-            browser.close()
 
 
 def _view_state(page, plane: str) -> dict:

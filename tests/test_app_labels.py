@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import server, tiny  # noqa: E402,F401  (shared fixtures, used by name)
+from _app import plain_value, plotly_figure  # noqa: E402
 from _series import decode_data_url_png, synthetic_ct_series, zip_files  # noqa: E402
 
 LABEL_API = {"/label_preset", "/label_scan", "/show_evidence", "/set_evidence_label", "/evidence_slice"}
@@ -31,14 +30,7 @@ def _label(client, tiny, labels="liver\nlung\nbrain", *, mode="softmax", aggrega
     return client.predict(0, 0, tiny, prompt_set, labels, mode, aggregation, list(planes), n_slices, api_name="/label_scan")
 
 
-def _value(update):
-    return update["value"] if isinstance(update, dict) and "__type__" in update else update
-
-
-def _plot(update) -> dict:
-    value = _value(update)
-    assert value["type"] == "plotly"
-    return json.loads(value["plot"])
+_value, _plot = plain_value, plotly_figure  # shared helpers (tests/_app.py)
 
 
 def _upload_ct(client, tmp_path, n_slices=8):

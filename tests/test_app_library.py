@@ -19,23 +19,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import server, tiny  # noqa: E402,F401  (shared fixtures, used by name)
 
 LIBRARY_API = {
     "/library_search", "/library_open", "/library_select", "/library_add",
     "/library_tag_positive", "/library_tag_negative", "/library_teach", "/library_refresh",
 }
 CAPTION = re.compile(r"^-?\d+\.\d{4} · [A-Z]+ · #\d+$")
-
-
-@pytest.fixture
-def library(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "lib" / "library.db"
-    monkeypatch.setenv("MEDLENS_LIBRARY", str(path))
-    from engine.library.vectors import clear_cache
-
-    clear_cache()
-    return path
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import running_app, tiny  # noqa: E402,F401  (fixture)
+from _app import running_app  # noqa: E402
 from _orthanc import PHI, PHI_STRINGS, running_orthanc, synthetic_datasets, with_phi  # noqa: E402
 
 PACS_API = {"/pacs_status", "/pacs_status_on_open", "/pacs_search", "/pacs_select_row", "/pacs_open", "/pacs_send"}

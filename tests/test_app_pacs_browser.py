@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _app import running_app  # noqa: E402
 from _orthanc import PHI, PHI_STRINGS, running_orthanc, synthetic_datasets, with_phi  # noqa: E402
-from test_app_browser import _require_browser, page  # noqa: E402,F401  (page: a chromium page for this module's server)
+from _browser import require_browser  # noqa: E402
 
 pytestmark = pytest.mark.browser
 N_SLICES = 6
@@ -28,7 +28,7 @@ N_SLICES = 6
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    _require_browser()
+    require_browser()
     with running_orthanc(tmp_path_factory.mktemp("orthanc")) as pacs:
         datasets = with_phi(synthetic_datasets(tmp_path_factory.mktemp("ct"), N_SLICES))
         pacs.store(datasets)

@@ -21,7 +21,6 @@ from engine import audit
 from engine.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import server, tiny  # noqa: E402,F401  (shared fixtures, used by name)
 
 HASH = "ab" * 32
 CT_SMALL = pydicom.data.get_testdata_file("CT_small.dcm")

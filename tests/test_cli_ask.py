@@ -21,8 +21,9 @@ MODALITY = "What is the imaging modality?"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    return f"local-dir:{tiny_ask_folder(tmp_path_factory.mktemp('tiny_ask') / 'model')}"
+def tiny(tiny_ask) -> str:
+    """This file's model is the tiny Q-Former (conftest's tiny_ask)."""
+    return tiny_ask
 
 
 @pytest.fixture(scope="module")

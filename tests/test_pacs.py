@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _orthanc import PASSWORD, PHI, PHI_STRINGS, USER, orthanc, running_orthanc, save_series, synthetic_datasets, with_phi  # noqa: E402,F401
+from _orthanc import PASSWORD, PHI, PHI_STRINGS, USER, running_orthanc, save_series, synthetic_datasets, with_phi  # noqa: E402,F401
 
 from engine.io import load  # noqa: E402
 from engine.pacs import (  # noqa: E402

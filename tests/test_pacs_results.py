@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import tiny  # noqa: E402,F401  (fixture)
 from _dciodvfy import dciodvfy_errors  # noqa: E402
-from _orthanc import (  # noqa: E402,F401  (orthanc: fixture)
-    PHI, PHI_STRINGS, orthanc, running_orthanc, save_series, shared_ct_datasets, synthetic_datasets, with_phi,
+from _orthanc import (  # noqa: E402,F401
+    PHI, PHI_STRINGS, running_orthanc, save_series, shared_ct_datasets, synthetic_datasets, with_phi,
 )
 from conftest import SHARED_DATA  # noqa: E402
 

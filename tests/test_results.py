@@ -11,7 +11,6 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import tiny  # noqa: E402,F401  (fixture)
 from _dciodvfy import dciodvfy_errors  # noqa: E402
 from _dicom_synth import AXIAL, CORONAL, SAGITTAL, SeriesSpec, rotate, rotation, write_series  # noqa: E402
 from _orthanc import PHI_STRINGS, synthetic_datasets, with_phi  # noqa: E402

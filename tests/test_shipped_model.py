@@ -9,7 +9,6 @@ modalities, through the same engine calls the app makes.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,17 +18,6 @@ from engine.settings import assets_dir
 
 FOLDER = assets_dir() / "models" / DEFAULT_MODEL
 IMAGE_TYPES = ["chest X-ray", "CT scan", "MRI scan", "ultrasound image", "histopathology slide", "fundus photograph", "dermoscopy image"]
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:2]}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
 def test_default_model_folder_is_complete_and_small():

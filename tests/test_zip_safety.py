@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import stat
 import struct
-import time
 import zipfile
 import zlib
 from pathlib import Path
@@ -195,7 +194,7 @@ def _load_bounded(paths) -> dict:
 
 
 def _bounded(out: dict, what: str) -> None:
-    assert out["secs"] < MAX_SECS, f"{what}: load took {out['secs']:.1f} s"
+    # a hang is caught by the subprocess timeout; speed is measured in bench/viewer_speed.py, not asserted here
     assert out["maxrss_mb"] < MAX_RSS_MB, f"{what}: peak RSS {out['maxrss_mb']:.0f} MB"
 
 
@@ -339,21 +338,22 @@ def test_junk_only_zip_is_refused_with_a_summary(tmp_path):
     assert not mz.message_problems(str(err.value)), str(err.value)
 
 
-def test_good_series_survives_junk_traversal_nested_and_bomb(tmp_path, bombs):
-    """The acceptance case: one upload with everything wrong in it except one series."""
-    from engine.io import load
-
+def hostile_zip(folder: Path) -> Path:
+    """One upload with everything wrong in it except one 5-slice series (also timed by bench/viewer_speed.py)."""
     good = _series_members(5, prefix="CT/")
-    inner = _write_zip(tmp_path / "inner.zip", _series_members(2))
+    inner = _write_zip(folder / "inner.zip", _series_members(2))
     members = good + JUNK + [("../evil.dcm", good[0][1]), ("nested/inner.zip", inner.read_bytes())]
     raw = [(name, _deflate(data), zlib.crc32(data), len(data), len(data)) for name, data in members]
     one_gib, crc = _zeros_deflate(1024)
-    zpath = write_raw_zip(tmp_path / "everything.zip", raw + [("bomb.dcm", one_gib, crc, 1 << 30, 1 << 30)])
+    return write_raw_zip(folder / "everything.zip", raw + [("bomb.dcm", one_gib, crc, 1 << 30, 1 << 30)])
 
-    t0 = time.perf_counter()
+
+def test_good_series_survives_junk_traversal_nested_and_bomb(tmp_path, bombs):
+    """The acceptance case: one upload with everything wrong in it except one series (its speed: bench/viewer_speed.py)."""
+    from engine.io import load
+
+    zpath = hostile_zip(tmp_path)
     result = load([zpath])
-    secs = time.perf_counter() - t0
-    assert secs < MAX_SECS
     assert len(result.scans) == 1 and result.scans[0].voxels.shape[0] == 5
     skipped = _skipped_names(result)
     print("\n".join(f"{n}: {r}" for n, r in sorted(skipped.items())))
