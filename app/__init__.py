@@ -68,17 +68,23 @@ def build_demo(engine=None, model: str | None = None, ask_model: str | None = No
 
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         add_login_header()
+        # one line: on a 768 px workstation screen every line here pushes the images and answers down
         gr.Markdown(
-            "# MedLens\nDrop a scan (DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF). "
-            "Uploads are read, then deleted from the server; loaded scans are released when you leave or after "
-            f"{settings.SESSION_IDLE_MIN.get():g} minutes without use; the library keeps only the de-identified scans you add "
-            "(a summary, a thumbnail, embeddings, your tags)."
+            "**MedLens** · drop a scan: DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF · "
+            "research use, not for diagnosis",
+            elem_id="ml-header",
         )
         with gr.Tabs() as tabs:  # explicit, so opening a library hit can select the Scan tab
             with gr.Tab("Scan", id="scan"):
                 scan = build_scan_tab(model=model, ask_model=ask_model)
             build_library_tab(scan, tabs, model=model)
             build_pacs_tab(scan, tabs, model=model)
+        gr.Markdown(  # at the foot of the page: the images and answers come first
+            "Privacy: uploads are read, then deleted from the server; loaded scans are released when you leave or after "
+            f"{settings.SESSION_IDLE_MIN.get():g} minutes without use; burned-in text is blanked on load; the library "
+            "keeps only the de-identified scans you add (a summary, a thumbnail, embeddings, your tags).",
+            elem_id="ml-privacy",
+        )
         demo.unload(_release_on_close)
     demo.queue(default_concurrency_limit=1)
     return demo

@@ -306,7 +306,7 @@ def ask_goto_slice(session, series, volume, center, width, mip, mip_mm, evidence
 def build_ask_panel(c: dict[str, Any], ask_choices: tuple[list[tuple[str, str]], str | None]) -> set[str]:
     """Create the panel inside the current Blocks context (components into `c`); returns the allowed model sources."""
     choices, value = ask_choices
-    with gr.Accordion("Ask the scan", open=True, elem_id="ml-ask"):
+    with gr.Column(elem_id="ml-ask"):  # a tab of the Scan tab's panels (app.scan_tab)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=280):
                 c["ask_model"] = gr.Dropdown(label="Ask model", choices=choices, value=value, elem_id="ml-ask-model")

@@ -46,4 +46,6 @@ CSS = """
 .ml-view .ml-empty { aspect-ratio: 1 / 1; background: #111; color: #888; display: flex;
   align-items: center; justify-content: center; }
 .ml-view .ml-caption { font-size: 0.85em; color: #888; margin-top: 2px; }
+#ml-model-view .ml-img { image-rendering: pixelated; max-width: 256px; }
+#ml-panels { margin-top: 4px; }
 """

@@ -43,6 +43,8 @@ from app import handlers
 from app.access import acting
 from app.access import entry as audit_line
 from app.ask_panel import QFORMER_PREFIX, is_qformer, qformer_label_choices
+from app.model_view import PLACEHOLDER as MODEL_VIEW_PLACEHOLDER
+from app.model_view import TITLE as MODEL_VIEW_TITLE
 from app.display import view_html
 from app.outcomes import LabelOutcome
 from engine import settings
@@ -323,7 +325,7 @@ def build_labels_panel(
     installed = value is not None
     choices = choices + qformer_label_choices(ask_choices or [])
     allowed = {v for _, v in choices}
-    with gr.Accordion("Zero-shot labels", open=True, elem_id="ml-labels"):
+    with gr.Column(elem_id="ml-labels"):  # a tab of the Scan tab's panels (app.scan_tab)
         with gr.Row(equal_height=False):
             with gr.Column(scale=1, min_width=300):
                 c["lp_model"] = gr.Dropdown(
@@ -360,7 +362,12 @@ def build_labels_panel(
                     )
             with gr.Column(scale=4):
                 c["lp_status"] = gr.Markdown("" if installed else NO_MODEL_MESSAGE, label="status", elem_id="ml-lp-status")
-                c["lp_bar"] = gr.Plot(label="Label probabilities", elem_id="ml-lp-bar")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3, min_width=280):
+                        c["lp_bar"] = gr.Plot(label="Label probabilities", elem_id="ml-lp-bar")
+                    with gr.Column(scale=1, min_width=160):
+                        c["lp_model_view"] = gr.HTML(view_html(None, MODEL_VIEW_TITLE, MODEL_VIEW_PLACEHOLDER),
+                                                     label="model input", elem_id="ml-model-view")
                 c["lp_slices_plot"] = gr.Plot(label="Per-slice probabilities", visible=False, elem_id="ml-lp-slices-plot")
                 with gr.Accordion("Result as JSON (ranked labels, per-slice scores, model)", open=False):
                     c["lp_result"] = gr.JSON(label="Zero-shot result", elem_id="ml-lp-result")

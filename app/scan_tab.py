@@ -96,9 +96,10 @@ def build_scan_tab(model: str | None = None, ask_model: str | None = None) -> di
                 label="Scan files: DICOM, NIfTI, PNG/JPEG/TIFF, or a .zip of them",
                 file_count="multiple",
                 type="filepath",
+                height=120,  # compact: the views and answers need the vertical space
                 elem_id="ml-files",
             )
-            c["folder"] = UploadFile(label="…or a whole folder", file_count="directory", type="filepath", elem_id="ml-folder")
+            c["folder"] = UploadFile(label="…or a whole folder", file_count="directory", type="filepath", height=120, elem_id="ml-folder")
             c["series"] = gr.Dropdown(label="Series", choices=[], value=None, interactive=False, elem_id="ml-series")
             c["volume"] = gr.Slider(label="Volume", minimum=0, maximum=1, step=1, value=0, visible=False, elem_id="ml-volume")
             c["preset"] = gr.Dropdown(
@@ -112,10 +113,13 @@ def build_scan_tab(model: str | None = None, ask_model: str | None = None) -> di
             with gr.Row() as c["mip_row"]:
                 c["mip"] = gr.Checkbox(label="MIP (maximum intensity projection)", value=False, elem_id="ml-mip")
                 c["mip_mm"] = gr.Slider(label="MIP slab (mm)", minimum=1, maximum=100, step=1, value=20, elem_id="ml-mip-mm")
+            # collapsed: the images and the answers come first; the header details are one click away
+            with gr.Accordion("Scan information (de-identified)", open=False, elem_id="ml-metadata-box"):
+                c["metadata"] = gr.JSON(label="Scan information (de-identified)", elem_id="ml-metadata")
         with gr.Column(scale=4):
             with gr.Row(equal_height=False):
                 for plane in PLANES:
-                    with gr.Column(min_width=220) as c[f"{plane}_column"]:
+                    with gr.Column(min_width=200) as c[f"{plane}_column"]:
                         c[f"{plane}_view"] = gr.HTML(
                             view_html(None, plane.capitalize(), "no scan loaded: upload files, a .zip or a folder"),
                             label=f"{plane} view",  # names the output in the API page
@@ -130,14 +134,34 @@ def build_scan_tab(model: str | None = None, ask_model: str | None = None) -> di
                             elem_id=f"ml-{plane}-slider",
                         )
             c["warnings"] = gr.Markdown("", label="warnings", elem_id="ml-warnings")
-            ask_allowed = build_ask_panel(c, ask_choices)  # beside the views: questions about the scan shown
-            c["metadata"] = gr.JSON(label="Scan information (de-identified)", elem_id="ml-metadata")
+            # the two main panels, directly under the views
+            with gr.Tabs(elem_id="ml-panels"):
+                with gr.Tab("Zero-shot labels", id="labels"):
+                    from app.labels_panel import build_labels_panel
+
+                    build_labels_panel(c, model=model, heavy=HEAVY, ask_choices=ask_choices[0])
+                with gr.Tab("Ask the scan", id="ask"):
+                    ask_allowed = build_ask_panel(c, ask_choices)
     _wire(c)
     wire_ask_panel(c, ask_allowed, heavy=HEAVY, render=RENDER)
-    from app.labels_panel import build_labels_panel
-
-    build_labels_panel(c, model=model, heavy=HEAVY, ask_choices=ask_choices[0])
+    _wire_model_view(c)
     return c
+
+
+def _wire_model_view(c: dict[str, Any]) -> None:
+    """After labelling, show the chosen model's input for the slice shown (app.model_view)."""
+    from app.model_view import make_model_view
+
+    allowed = {value for _, value in c["lp_model"].choices}
+    c["lp_run"].click(
+        make_model_view(allowed),
+        inputs=[c["state"], c["series"], c["lp_model"], c["axial_slider"]],
+        outputs=[c["lp_model_view"]],
+        api_name="model_view",
+        concurrency_limit=2,
+        concurrency_id=RENDER,
+        show_progress="hidden",
+    )
 
 
 def _wire(c: dict[str, Any]) -> None:

@@ -76,6 +76,7 @@ def test_upload_ct_zip_renders_three_views_and_metadata(server, page, tmp_path):
         assert state["shown"] > 150
         assert f"/{n_slices}" in state["caption"] or plane != "axial"
 
+    page.locator("#ml-metadata-box").get_by_text("Scan information").first.click()  # collapsed by default
     metadata = page.locator("#ml-metadata")
     metadata.get_by_text("dicom-series").first.wait_for()
     assert "RAS" in metadata.inner_text()
@@ -168,6 +169,7 @@ def test_ask_a_question_about_the_scan(server, page, tmp_path):
     page.set_input_files("#ml-files input[type=file]", str(archive))
     page.wait_for_function("() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }")
 
+    page.get_by_role("tab", name="Ask the scan").click()  # the second of the two main panels
     question = page.locator("#ml-ask-question textarea, #ml-ask-question input").first
     question.fill("Is the liver visible?")
     question.press("Enter")  # Enter asks (the Ask button does the same)
@@ -195,3 +197,45 @@ def test_ask_a_question_about_the_scan(server, page, tmp_path):
     assert "Traceback" not in page.locator("body").inner_text()
     assert not errors, errors
     assert [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+def test_workstation_screen_shows_views_and_labels_before_metadata(server, page, tmp_path):
+    """At 1,366x768 (a common hospital workstation) the views and the label result come first; metadata is collapsed."""
+    url, cache = server
+    archive, _kind = ct_zip(tmp_path / "data", SHARED_DATA if SHARED_DATA.is_dir() else None)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_viewport_size({"width": 1366, "height": 768})
+    page.goto(url)
+    page.wait_for_selector("#ml-files input[type=file]", state="attached")
+    page.set_input_files("#ml-files input[type=file]", str(archive))
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
+    )
+    page.locator("#ml-lp-run").click()
+    page.locator("#ml-lp-bar .js-plotly-plot").wait_for()
+    page.wait_for_function("() => { const i = document.querySelector('#ml-model-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }")
+    assert "sees" in page.locator("#ml-model-view").inner_text()  # what the model received: resolution, crop, window
+    page.evaluate("() => window.scrollTo(0, 0)")
+
+    def box(selector: str) -> dict:
+        return page.eval_on_selector(selector, "e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, left: r.left}; }")
+
+    for plane in ("axial", "coronal", "sagittal"):
+        assert box(f"#ml-{plane}-view img.ml-img")["bottom"] <= 768, f"{plane} view below the first screen"
+    assert page.locator("#ml-metadata").is_hidden()  # raw JSON collapsed by default
+    labels = box("#ml-lp-bar")
+    metadata = box("#ml-metadata-box")
+    # the label result is reached without scrolling past the metadata: it starts on the first screen, and the
+    # (collapsed) metadata is not above it in the same column
+    assert labels["top"] < 768, f"label result starts at {labels['top']:.0f} px"
+    assert metadata["left"] < labels["left"] or metadata["top"] > labels["top"]
+    shot = tmp_path / "scan_tab_1366x768.png"
+    page.screenshot(path=str(shot))  # the first screen only, as the user sees it
+    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
+        out = Path(os.environ["MEDLENS_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / shot.name)
+    assert shot.stat().st_size > 10_000
+    assert not errors, errors
+

@@ -64,8 +64,10 @@ def test_search_the_pacs_and_open_a_series_in_the_viewer(server, page, tmp_path)
     page.wait_for_function(
         "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
     )
-    assert page.get_by_role("tab", name="Scan").get_attribute("aria-selected") == "true"
+    assert page.get_by_role("tab", name="Scan", exact=True).get_attribute("aria-selected") == "true"
     assert f"/{N_SLICES}" in page.locator("#ml-axial-view").inner_text()
+    page.locator("#ml-metadata-box").get_by_text("Scan information").first.click()  # collapsed by default
+    page.locator("#ml-metadata").get_by_text("dicom-series").first.wait_for()
     metadata = page.locator("#ml-metadata").inner_text()
     assert "dicom-series" in metadata and not [s for s in PHI_STRINGS if s in metadata]
 

@@ -18,7 +18,11 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"engine", "app", "training"}
 # imported only inside a guard, with a fallback: not needed at run time
-OPTIONAL = {"faiss": "engine.library.vectors falls back to numpy without it"}
+OPTIONAL = {
+    "faiss": "engine.library.vectors falls back to numpy without it",
+    "ray": "medlens batch --engine ray only (the `scale` extra); without it the command says how to install it",
+    "pyarrow": "medlens batch's Parquet output only (the `scale` extra); JSON Lines without it",
+}
 # needed at run time but never imported by name: pydicom's decoder plugins find them
 PLUGINS = {"pylibjpeg", "pylibjpeg-openjpeg", "pyjpegls", "python-gdcm"}
 
