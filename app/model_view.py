@@ -8,7 +8,6 @@ Q-Former's prepared volume). Shown with nearest-neighbour scaling
 
 from __future__ import annotations
 
-import gradio as gr
 
 from app import handlers
 from app.ask_panel import QFORMER_PREFIX, is_qformer
