@@ -43,7 +43,7 @@ def corpus_files() -> list[Path]:
 FILES = corpus_files()
 IDS = [str(p.relative_to(DATA)) for p in FILES]
 
-# Valid images in transfer syntaxes and pixel pipelines the readers claim (DESIGN.md).
+# Valid images in transfer syntaxes and pixel pipelines the readers claim (README, "What is read, and how").
 # Refusing one of these is a bug even when the message is good.
 MUST_LOAD = {
     "test_files/CT_small.dcm": (128, 128),

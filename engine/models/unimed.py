@@ -3,7 +3,7 @@
 The released `.pt` files are training checkpoints: {'epoch', 'name',
 'state_dict', 'optimizer', ...}, keys prefixed `module.` (DDP), the text tower
 named `text_encoder.` (the fork's attribute) where upstream says `text.`.
-Facts: ../shared/anchors/clip_checkpoints.md.
+Facts: docs/clip_checkpoints.md.
 
 Loading stays `weights_only=True`: the optimizer state pickles numpy scalars,
 which are allow-listed explicitly rather than unpickling arbitrary code.
