@@ -156,7 +156,7 @@ def unit_costs(model: str, repeats: int) -> list[str]:
     lines = ["| unit | units per run | runs | read ms | preprocess ms | model ms | write ms | total ms per unit |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, (source, units) in cases.items():
         splits = []
-        for i in range(repeats):
+        for _ in range(repeats):
             folder = WORK / "units" / f"{len(splits)}-{abs(hash(name)) % 10000}"
             shutil.rmtree(folder, ignore_errors=True)
             summary = run_batch(TaskSpec("index", model, {"library": str(folder / "lib.db")}), [str(source)], LocalEngine(),

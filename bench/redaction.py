@@ -70,8 +70,8 @@ def read_text(gray: np.ndarray, scale: int, psm: int, invert: bool) -> list[tupl
         c = row.split("\t")
         if len(c) < 12 or c[0] != "5" or not c[11].strip():
             continue
-        l, t, w, h = (int(v) // scale for v in c[6:10])
-        words.append((c[11], float(c[10]), (t, l, t + max(1, h), l + max(1, w))))
+        left, t, w, h = (int(v) // scale for v in c[6:10])
+        words.append((c[11], float(c[10]), (t, left, t + max(1, h), left + max(1, w))))
     return words
 
 
@@ -155,8 +155,8 @@ def load_pair(path: Path):
 
 # --------------------------------------------------------------------------- text images
 def covered(box, blanked: np.ndarray) -> float:
-    t, l, b, r = box
-    patch = blanked[t:b, l:r]
+    t, left, b, r = box
+    patch = blanked[t:b, left:r]
     return float(patch.mean()) if patch.size else 0.0
 
 

@@ -316,7 +316,7 @@ def write_enhanced(path: str | Path, spec: SeriesSpec, shuffle_frames: bool = Fa
     ds.SharedFunctionalGroupsSequence = [shared]
 
     per_frame = []
-    for n, k in enumerate(order):
+    for k in order:
         item = Dataset()
         content = Dataset()
         content.StackID = "1"

@@ -484,7 +484,7 @@ class CatchAllProbe:
                     return __orig(exc, *a, **k)
 
                 self._undo.append((mod, "_short", orig))
-                setattr(mod, "_short", short)
+                mod._short = short
         eio = importlib.import_module("engine.io")
         for name in self._READERS:
             orig = getattr(eio, name, None)

@@ -61,7 +61,7 @@ EXPECTED_API = {
     # zero-shot labels panel (app/labels_panel.py; tested in test_app_labels.py)
     "/label_preset",
     "/label_scan",
-    "/model_view",  
+    "/model_view",
     "/show_evidence",
     "/set_evidence_label",
     "/evidence_slice",

@@ -278,7 +278,7 @@ def test_idle_and_closed_sessions_are_released_by_the_registry(monkeypatch):
     idle.last_used = t0 - 60
     assert registry.sweep(now=t0 + 1) == 1 and idle.released and not busy.released
     with pytest.raises(sessions.ScanReleased, match="released after 1 minutes without use"):
-        idle.scans
+        _ = idle.scans
     registry.close_owner("tab-1", now=t0)
     busy.last_used = t0 + 5
     assert registry.sweep(now=t0 + sessions.CLOSE_GRACE_S) == 1 and closed.released == sessions.CLOSED_MESSAGE

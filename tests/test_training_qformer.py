@@ -87,7 +87,7 @@ def test_per_sample_grids_match_single_grid_encoding():
     assert torch.allclose(batched[0], model.prepare_encoder(a[None], (1, 2, 2))[0], atol=1e-6)
     assert torch.allclose(batched[1, :2], model.prepare_encoder(b[None], (1, 1, 2))[0], atol=1e-6)
     assert mask.tolist() == [[True] * 4, [True, True, False, False]]
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="unknown Q-Former config keys"):
         QFormerConfig.from_dict({"no_such_knob": 1})
 
 

@@ -24,7 +24,7 @@ _DROP_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 def _numpy_safe_globals() -> list:
     names = [np.dtype, codecs.encode]
-    core = getattr(np, "_core", None) or getattr(np, "core")
+    core = getattr(np, "_core", None) or np.core
     names.append(core.multiarray.scalar)
     names.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
     return names
