@@ -96,7 +96,7 @@ def cmd_label(args) -> int:
 
     from engine.io import load_one
     from engine.results.cli import ResultSink, describe, progress, query_paths, report_errors
-    from engine.zeroshot import PRESENT_ABSENT, SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
+    from engine.zeroshot import SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
 
     # everything that can be checked without a model or a scan is checked first
     labels = clean_labels(args.labels) if args.labels is not None else None
@@ -128,6 +128,8 @@ def cmd_label(args) -> int:
                     aggregation=args.aggregate,
                     planes=tuple(args.planes),
                     n_slices=args.slices,
+                    fov_check=args.fov_check,
+                    volume_model=settings.ASK_MODEL.get(),
                 )
         except MedLensError as exc:
             message = _one_line(str(exc))
@@ -142,12 +144,8 @@ def cmd_label(args) -> int:
         if args.json:
             print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice), **_redaction(scan), **done}), flush=True)
             continue
-        where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
-        kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
-        print(f"{path}: {out.modality} {where}; prompts '{out.prompt_set}'; {kind}; model {out.model_id} ({out.inference_path})")
-        width = max(len(s.label) for s in out.labels)
-        for s in out.labels:
-            print(f"  {100 * s.probability:6.2f}%  {s.label:<{width}}  cosine {s.score:+.4f}")
+        for line in label_lines(path, out):
+            print(line)
         for line in describe(path, done):
             print(line)
     if sink:
@@ -156,6 +154,29 @@ def cmd_label(args) -> int:
         print(f"medlens: no PATH could be labelled ({len(paths)} given)", file=sys.stderr)
         return EXIT_BAD_INPUT
     return EXIT_BAD_INPUT if sink and sink.failures else 0
+
+
+def label_lines(path: str, out) -> list[str]:
+    """The text output of one label result: reported probability and verdict per label, reasons, warnings."""
+    from engine.zeroshot import PRESENT_ABSENT
+
+    where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
+    kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
+    lines = [f"{path}: {out.modality} {where}; prompts '{out.prompt_set}'; {kind}; model {out.model_id} ({out.inference_path})",
+             f"  {out.trust_note}"]
+    if out.field_of_view:
+        fov = out.field_of_view
+        lines.append(f"  field of view: {fov['main_region']} ({100 * fov['main_region_probability']:.0f}%): {'; '.join(fov['evidence'])}")
+    elif out.fov_note:
+        lines.append(f"  {out.fov_note}")
+    width = max(len(s.label) for s in out.labels)
+    for s in out.labels:
+        raw = "" if abs(s.shown - s.probability) < 5e-5 else f"  (model {100 * s.probability:.1f}%)"
+        lines.append(f"  {100 * s.shown:6.2f}%  {s.label:<{width}}  {s.verdict or '':<13} cosine {s.score:+.4f}{raw}")
+    lines += [f"    {reason}" for s in out.labels for reason in s.reasons]
+    if out.ood is not None and out.ood.out_of_distribution:
+        lines.append("  WARNING out of distribution: " + "; ".join(out.ood.reasons))
+    return lines
 
 
 def _ask_source(args) -> str | None:
@@ -229,16 +250,10 @@ def cmd_ask(args) -> int:
             answered += 1
             answers.append(answer)
             if args.json:
-                row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4), **_redaction(scan)}
-                if answer.closed:
-                    row["candidates"] = [{"answer": a, "probability": round(float(p), 4)} for a, p in answer.candidates]
-                print(json.dumps(row, ensure_ascii=False), flush=True)
+                print(json.dumps(answer_row(path, answer, _redaction(scan)), ensure_ascii=False), flush=True)
                 continue
-            print(f"  Q: {answer.question}")
-            print(f"  A: {answer.answer}  (confidence {100 * answer.confidence:.1f}%{'' if answer.closed else ', generated'})")
-            if answer.closed and answer.candidates:
-                for candidate, probability in answer.candidates:
-                    print(f"     {100 * probability:6.2f}%  {candidate}")
+            for line in answer_lines(answer):
+                print(line)
         if sink and answers:
             done = sink.ask_done(path, scan, answers, model)
             report_errors(path, done)
@@ -255,6 +270,32 @@ def cmd_ask(args) -> int:
             print(f"medlens: no question could be answered ({len(args.paths)} PATH(s), {len(checked)} question(s))", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def answer_row(path: str, answer, extra: dict | None = None) -> dict:
+    """One `ask --json` row: the answer with its raw and calibrated confidence, verdict and OOD flag."""
+    data = answer.to_dict()
+    row = {"path": path, **{k: data[k] for k in ("question", "answer", "confidence")}, **(extra or {})}
+    if answer.closed:
+        row["candidates"] = data["candidates"]
+    keys = ("calibrated_confidence", "verdict", "uncertain", "trust", "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons")
+    return {**row, **{k: data[k] for k in keys}}
+
+
+def answer_lines(answer) -> list[str]:
+    """The text output of one answer: the verdict with its number, the candidates, any warning."""
+    shown = answer.calibrated_confidence if answer.calibrated_confidence is not None else answer.confidence
+    kind = "calibrated" if answer.calibrated_confidence is not None else ("not calibrated" if answer.closed else "generated, not calibrated")
+    head = f"  A: {answer.answer}  (confidence {100 * shown:.1f}%, {kind})"
+    if answer.uncertain:
+        head = f"  A: uncertain (best guess {answer.answer}: {100 * shown:.1f}%, {kind})"
+    lines = [f"  Q: {answer.question}", head]
+    cal = answer.calibrated or {}
+    for candidate, probability in answer.candidates if answer.closed else []:
+        lines.append(f"     {100 * cal.get(candidate, probability):6.2f}%  {candidate}")
+    if answer.ood is not None and answer.ood.out_of_distribution:
+        lines.append("  WARNING out of distribution: " + "; ".join(answer.ood.reasons))
+    return lines
 
 
 def cmd_models(args) -> int:
@@ -479,8 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planes", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"], help="volumes: planes to sample slices from")
     p.add_argument("--slices", type=int, default=12, help="volumes: slices sampled per plane (default 12)")
     p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
-    p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "score"}, ...], ...} or {"path", "error"} per PATH')
+    p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "reported_probability", "verdict", ...}, ...], '
+                   '"out_of_distribution", "ood_reasons", "field_of_view", ...} or {"path", "error"} per PATH')
     p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
+    p.add_argument("--fov-check", choices=("auto", "physical", "off"), default=None,
+                   help="volumes: bound organ labels by the field of view: auto (the Q-Former's body region + DICOM header + the scan's size), "
+                        "physical (header and size only), off (raw 2D answers); default: $MEDLENS_FOV_CHECK, else auto")
     add_output_args(p, query=True)
     p.set_defaults(func=cmd_label)
 

@@ -186,7 +186,8 @@ def test_qformer_labels_in_the_labels_panel(server, client, tiny_ask, tmp_path):
     assert result["scope"] == "volume" and result["aggregation"] is None and result["n_slices"] == 0 and result["per_slice"] == []
     assert sorted(r["label"] for r in result["labels"]) == ["brain", "liver", "lung"]
     assert sum(r["probability"] for r in result["labels"]) == pytest.approx(1.0, abs=1e-5)
-    assert [r["probability"] for r in result["labels"]] == sorted((r["probability"] for r in result["labels"]), reverse=True)
+    shown = [r["reported_probability"] for r in result["labels"]]  # ranked by the reported probability
+    assert shown == sorted(shown, reverse=True)
     figure = _plot(bar)
     assert "whole volume (3D Q-Former)" in figure["layout"]["title"]["text"]
     assert figure["data"][0]["y"][::-1] == [r["label"] for r in result["labels"]]
