@@ -425,10 +425,13 @@ def cmd_search(args) -> int:
                 print("medlens: no match (the filters may exclude every scan)", file=sys.stderr)
     for hit in hits:
         if args.json:
-            print(json.dumps({"scan_id": hit.scan_id, "score": round(hit.score, 6), "modality": hit.modality, "source": hit.source}))
+            ood = (hit.ood.to_dict() if hit.ood is not None else {})
+            print(json.dumps({"scan_id": hit.scan_id, "score": round(hit.score, 6), "modality": hit.modality, "source": hit.source,
+                              **{k: ood.get(k) for k in ("out_of_distribution", "ood_score", "ood_threshold", "ood_reasons")}}))
         else:
             part = f" {hit.body_part}" if hit.body_part else ""
-            print(f"{hit.score:8.4f}  #{hit.scan_id:<6} {hit.modality}{part}  {hit.source or ''}")
+            warn = "  [out of distribution: " + "; ".join(hit.ood.reasons) + "]" if hit.ood is not None and hit.ood.out_of_distribution else ""
+            print(f"{hit.score:8.4f}  #{hit.scan_id:<6} {hit.modality}{part}  {hit.source or ''}{warn}")
     if hits and not args.json:
         kinds = {"cosine": "cosine similarity", "bm25": "keyword match (BM25)", "rrf": "rrf (reciprocal rank fusion of the text, scan and keyword rankings)"}
         print(f"{len(hits)} hit(s); score: {kinds.get(hits[0].ranking, hits[0].ranking)}")
@@ -574,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", action="store_true", help="embed QUERY through the modality's prompt templates too (for short, label-like queries)")
     p.add_argument("--library", default=None, help=library_help)
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--json", action="store_true", help='JSON Lines, one hit per line: {"scan_id", "score", "modality", "source"}')
+    p.add_argument("--json", action="store_true", help='JSON Lines, one hit per line: {"scan_id", "score", "modality", "source", "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons"}')
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("teach", help="teach a label from positive and negative examples (a linear probe on embeddings)")

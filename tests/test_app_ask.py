@@ -95,7 +95,10 @@ def test_ask_a_volume(server, client, tiny_ask, tmp_path):
 
     answer, candidates, slices, evidence_view, result = _ask(client, tiny_ask, CLOSED)
     assert result["closed"] is True and result["answer"] in ("yes", "no") and result["family"] == "organ_presence"
-    assert f"**Answer:** {result['answer']}" in answer and "confidence" in answer and "%" in answer
+    shown = "**Answer: uncertain** (best guess " if result["uncertain"] else "**Answer:** "
+    assert f"{shown}{result['answer']}" in answer and "%" in answer and "not calibrated" in answer
+    # the random tiny model reads the CT's modality as something else: the warning comes first, as the JSON says
+    assert answer.startswith("⚠️ **Out of distribution") == bool(result["out_of_distribution"])
     bars = _plot(candidates)["data"][0]
     assert candidates["visible"] is True and bars["type"] == "bar"
     assert bars["y"][::-1] == [c["answer"] for c in result["candidates"]]  # best on top
