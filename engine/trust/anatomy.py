@@ -35,7 +35,11 @@ Design decisions
   organ without a trunk-sized slice; the axis bound sums P(m) over the
   regions m from which a field of view of this length can reach the
   organ (the field is centred anywhere in m and reaches half its length
-  each way: generous, so adjacent regions are always reachable).
+  each way: generous, so adjacent regions are always reachable). The
+  axis bound needs to know where along the body the scan is: without a
+  header region or a volume model ("physical") only the size bound
+  applies, since a uniform guess over regions would penalise every organ
+  of a short scan.
 - The bound is applied as a Frechet bound (P(organ present) <= P(organ in
   view)): present/absent probabilities become min(p, bound); a softmax
   over labels is bounded the same way and renormalised. Nothing is
@@ -219,6 +223,7 @@ class FieldOfView:
     facts: BodyFacts
     evidence: list[str] = field(default_factory=list)  # one line per source, for the user
     volume_model: dict[str, float] | None = None  # region -> the volume model's probability (as used)
+    located: bool = False  # a header or the volume model said where along the body: the axis bound applies
 
     @property
     def main(self) -> tuple[str, float]:
@@ -234,7 +239,7 @@ class FieldOfView:
         """Upper bound on P(organ in the field of view)."""
         table = anatomy()
         half = self.facts.z_extent_mm / 2
-        axis = sum(p for m, p in self.regions.items() if _gap(table.regions[m], organ.span) <= half)
+        axis = sum(p for m, p in self.regions.items() if _gap(table.regions[m], organ.span) <= half) if self.located else 1.0
         size = 1.0
         if organ.size == "head" and self.facts.head_sized == 0:
             size = IMPOSSIBLE
@@ -325,4 +330,4 @@ def field_of_view(facts: BodyFacts, region_answer: Mapping[str, float] | None = 
     for m in REGIONS:
         posterior[m] *= size[m]
     total = sum(posterior.values())
-    return FieldOfView({m: v / total for m, v in posterior.items()}, facts, evidence, vm)
+    return FieldOfView({m: v / total for m, v in posterior.items()}, facts, evidence, vm, located=bool(named) or vm is not None)
