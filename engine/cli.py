@@ -492,23 +492,8 @@ def cmd_teach(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_label_parser(sub) -> None:
     from engine.results.cli import add_output_args
-
-    parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("info", help="describe the scans found in files, folders or zips")
-    p.add_argument("paths", nargs="+", help="DICOM files/folders/zips, NIfTI, PNG/JPEG/TIFF")
-    p.add_argument("--json", action="store_true", help="JSON Lines, one object per series")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("convert", help="write a scan as NIfTI in RAS+")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("-o", "--output", required=True, help="OUT.nii or OUT.nii.gz")
-    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when several are found")
-    p.add_argument("--volume", type=int, default=None, help="write one volume of a 4D scan (0-based)")
-    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("label", help="zero-shot labels for scans (one model load for all PATHs)")
     p.add_argument("paths", nargs="*", metavar="PATH", help="a file, a folder or zip holding one series, or dicomweb:STUDY/SERIES")
@@ -532,28 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_output_args(p, query=True)
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser(
-        "ask", help="ask questions about scans (one model load for all PATHs; each scan is encoded once)",
-        description='Ask questions about scans with the Q-Former, e.g. medlens ask chest_ct.zip "Is the liver visible?" '
-                    '--question "What is the imaging modality?". The last positional argument is the question. '
-                    'Exit status 0 when every question about every PATH was answered, else 2.',
-    )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
-    p.add_argument("question", metavar="QUESTION", help="the question (quote it); any language, at most 500 characters")
-    p.add_argument("--question", dest="questions", action="append", default=None, metavar="Q", help="one more question (repeatable)")
-    p.add_argument("--model", default=None,
-                   help="question-answering model: shipped name or local-dir:/path (default: $MEDLENS_ASK_MODEL, else the shipped medlens-qformer; see `medlens models`)")
-    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
-    p.add_argument("--json", action="store_true",
-                   help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
-                        'or {"path", "error"} / {"path", "question", "error"}')
-    add_output_args(p)
-    p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
-    p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
-    p.set_defaults(func=cmd_models)
-
+def _add_library_parsers(sub) -> None:
     library_help = "library file (default: $MEDLENS_LIBRARY, else ~/.local/share/medlens/library.db)"
     model_help = "model whose embeddings are stored and searched (default: $MEDLENS_MODEL, else the shipped default)"
 
@@ -588,6 +553,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--json", action="store_true", help="print the probe summary as JSON")
     p.set_defaults(func=cmd_teach)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.results.cli import add_output_args
+
+    parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="describe the scans found in files, folders or zips")
+    p.add_argument("paths", nargs="+", help="DICOM files/folders/zips, NIfTI, PNG/JPEG/TIFF")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per series")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="write a scan as NIfTI in RAS+")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="OUT.nii or OUT.nii.gz")
+    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when several are found")
+    p.add_argument("--volume", type=int, default=None, help="write one volume of a 4D scan (0-based)")
+    p.set_defaults(func=cmd_convert)
+
+    _add_label_parser(sub)
+
+    p = sub.add_parser(
+        "ask", help="ask questions about scans (one model load for all PATHs; each scan is encoded once)",
+        description='Ask questions about scans with the Q-Former, e.g. medlens ask chest_ct.zip "Is the liver visible?" '
+                    '--question "What is the imaging modality?". The last positional argument is the question. '
+                    'Exit status 0 when every question about every PATH was answered, else 2.',
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
+    p.add_argument("question", metavar="QUESTION", help="the question (quote it); any language, at most 500 characters")
+    p.add_argument("--question", dest="questions", action="append", default=None, metavar="Q", help="one more question (repeatable)")
+    p.add_argument("--model", default=None,
+                   help="question-answering model: shipped name or local-dir:/path (default: $MEDLENS_ASK_MODEL, else the shipped medlens-qformer; see `medlens models`)")
+    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
+    p.add_argument("--json", action="store_true",
+                   help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
+                        'or {"path", "error"} / {"path", "question", "error"}')
+    add_output_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
+    p.set_defaults(func=cmd_models)
+
+    _add_library_parsers(sub)
 
     from engine.audit.cli import register as register_audit
     from engine.auth.cli import register as register_user

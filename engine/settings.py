@@ -66,24 +66,22 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A parser accepting one of `choices` (any case)."""
+
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in choices:
+            raise ValueError(f"{raw!r} is not one of them")
+        return value
+
+    return parse
+
+
 REDACT_MODES = ("auto", "off", "always")
-
-
-def _redact_mode(raw: str) -> str:
-    value = raw.lower()
-    if value not in REDACT_MODES:
-        raise ValueError(f"{raw!r} is not one of them")
-    return value
-
-
 FOV_CHECKS = ("auto", "physical", "off")
-
-
-def _fov_check(raw: str) -> str:
-    value = raw.lower()
-    if value not in FOV_CHECKS:
-        raise ValueError(f"{raw!r} is not one of them")
-    return value
+_redact_mode = _one_of(*REDACT_MODES)
+_fov_check = _one_of(*FOV_CHECKS)
 
 
 _EXPECTS = {

@@ -32,12 +32,17 @@ def _label(capsys, path, mode, *extra):
     return out
 
 
+def _row(capsys, path, mode) -> tuple[dict, dict]:
+    """The `label --json` row of a shared volume (shipped models) and its labels by name."""
+    _shipped()
+    [row] = [json.loads(line) for line in _label(capsys, path, mode, "--json").splitlines()]
+    return row, {x["label"]: x for x in row["labels"]}
+
+
 @pytest.mark.parametrize("mode", ["present-absent", "softmax"])
 def test_no_brain_in_the_abdominal_ct_series(shared_data, capsys, mode):
-    _shipped()
     series = shared_data / "volumes" / "totalsegmentator" / "ct_dicom_series"
-    [row] = [json.loads(line) for line in _label(capsys, series, mode, "--json").splitlines()]
-    by = {x["label"]: x for x in row["labels"]}
+    row, by = _row(capsys, series, mode)
     assert by["brain"]["reported_probability"] < 0.5 and by["brain"]["verdict"] in ("absent", "less probable")
     assert by["brain"]["probability"] > by["brain"]["reported_probability"]  # the raw 2D answer is kept beside it
     assert row["field_of_view"]["main_region"] == "abdomen" and row["field_of_view"]["trunk_sized_slices"] > 0
@@ -51,10 +56,7 @@ def test_no_brain_in_the_abdominal_ct_series(shared_data, capsys, mode):
 
 @pytest.mark.parametrize("mode", ["present-absent", "softmax"])
 def test_no_trunk_organ_in_the_brain_mri(shared_data, capsys, mode):
-    _shipped()
-    ch2 = shared_data / "volumes" / "mricron_atlas" / "ch2.nii.gz"
-    [row] = [json.loads(line) for line in _label(capsys, ch2, mode, "--json").splitlines()]
-    by = {x["label"]: x for x in row["labels"]}
+    row, by = _row(capsys, shared_data / "volumes" / "mricron_atlas" / "ch2.nii.gz", mode)
     for organ in ("liver", "lung", "kidney"):
         assert by[organ]["reported_probability"] < 0.5, organ
     assert row["field_of_view"]["main_region"] == "head" and row["field_of_view"]["trunk_sized_slices"] == 0

@@ -275,20 +275,16 @@ def search(
     else:
         ranking = "rrf"
         scored = rrf([ids for _, ids in lists])[:k]
+    return _hits(db, model, scored, ranking, cosines, owner)
+
+
+def _hits(db: sqlite_utils.Database, model, scored: list[tuple[int, float]], ranking: str, cosines: dict[int, float], owner: str) -> list[Hit]:
+    """Hits of the scored ids that `owner` may still see, with their rows and OOD flags."""
     rows = scan_rows(db, [sid for sid, _ in scored], owner=owner)
     flags = hit_flags(db, model, rows, owner)
     return [
-        Hit(
-            scan_id=sid,
-            score=float(score),
-            modality=rows[sid]["modality"],
-            source=rows[sid]["source"],
-            body_part=rows[sid]["body_part"],
-            ranking=ranking,
-            cosine=cosines.get(sid),
-            content_hash=rows[sid]["content_hash"],
-            ood=flags.get(sid),
-        )
+        Hit(scan_id=sid, score=float(score), modality=rows[sid]["modality"], source=rows[sid]["source"], body_part=rows[sid]["body_part"],
+            ranking=ranking, cosine=cosines.get(sid), content_hash=rows[sid]["content_hash"], ood=flags.get(sid))
         for sid, score in scored
         if sid in rows  # a scan deleted (or unshared) between the index read and now
     ]

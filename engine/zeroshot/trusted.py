@@ -36,15 +36,15 @@ Design decisions
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from engine.settings import FOV_CHECKS  # auto, physical, off; MEDLENS_FOV_CHECK picks the default
 from engine.trust import ABSENT, PRESENT, UNCERTAIN, OodFlag
 from engine.trust.anatomy import FieldOfView
 
-from engine.settings import FOV_CHECKS  # noqa: E402  (auto, physical, off; MEDLENS_FOV_CHECK picks the default)
 MOST_PROBABLE, LESS_PROBABLE = "most probable", "less probable"
 
 
