@@ -154,6 +154,10 @@ def paths_table(rows: list[dict], vols: list[dict], qf: dict[str, dict], fov_bes
                           f"{_pct(raw['raw'][organ])}% | {_pct(chk['reported'][organ])}% {verdict} | {'n/a' if p is None else _pct(p) + '%'} |")
     summary = ["| path | correct | uncertain | wrong |", "|---|---:|---:|---:|"]
     summary += [f"| {k} | {c} | {u} | {w} |" for k, (c, u, w) in tallies.items()]
+    best = max(tallies, key=lambda k: (tallies[k][0], -tallies[k][2]))
+    summary += ["", f"Better path on these volumes: **{best}** ({tallies[best][0]} of {sum(tallies[best])} right). The engine "
+                "reports the 2D path's answers bounded by the check, and uses the volume model for the one thing it is "
+                "measured to get right on held-out volumes here, the body region (one vote among the header and the geometry)."]
     return summary + [""] + detail, tallies
 
 
