@@ -155,9 +155,10 @@ def paths_table(rows: list[dict], vols: list[dict], qf: dict[str, dict], fov_bes
     summary = ["| path | correct | uncertain | wrong |", "|---|---:|---:|---:|"]
     summary += [f"| {k} | {c} | {u} | {w} |" for k, (c, u, w) in tallies.items()]
     best = max(tallies, key=lambda k: (tallies[k][0], -tallies[k][2]))
-    summary += ["", f"Better path on these volumes: **{best}** ({tallies[best][0]} of {sum(tallies[best])} right). The engine "
-                "reports the 2D path's answers bounded by the check, and uses the volume model for the one thing it is "
-                "measured to get right on held-out volumes here, the body region (one vote among the header and the geometry)."]
+    summary += ["", f"Better path on these volumes: **{best}** ({tallies[best][0]} of {sum(tallies[best])} right). The engine reports "
+                "the 2D path's answers bounded by the field-of-view check; the volume model's body region is one vote in that "
+                "check beside the DICOM header and the slices' size (it reads the held-out EPI brain series as an abdomen: the "
+                "header and the cross-sections outvote it, see the region column above)."]
     return summary + [""] + detail, tallies
 
 
