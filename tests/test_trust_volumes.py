@@ -23,6 +23,7 @@ def _shipped():
 
     if "medlens-clip" not in catalog.shipped(catalog.CLIP) or "medlens-qformer" not in catalog.shipped(catalog.ASK):
         pytest.skip("the shipped models are not installed")
+    catalog.load("medlens-clip", catalog.CLIP, fast=False)  # warm the one-model cache: no fast-path measuring in tests
 
 
 def _label(capsys, path, mode, *extra):
