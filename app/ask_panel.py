@@ -29,6 +29,11 @@ Design decisions
 - Asking runs under app.access.acting("ask"): refused to visitors without
   login on a shared server, one audit line (scan hash, model; never the
   question, which is free text).
+- Trust (issue 14): the answer shows its calibrated confidence when the
+  model is calibrated (and says "not calibrated" when not), "uncertain"
+  instead of a confident answer when its top probability is low, and an
+  out-of-distribution warning first when the scan is flagged (AskModel.
+  assess: reference-set distance, modality vs the DICOM header).
 - Errors (no scan, empty or too long question, a 2D image for a 3D-only
   model, a model that is not installed) are engine MedLensErrors or
   gr.Errors: app.handlers.guarded shows their message, never a trace.
@@ -145,6 +150,12 @@ def slices_figure(weights, current: int | None = None):
 
 
 # --- helpers ------------------------------------------------------------------
+def _shown_candidates(answer) -> list[tuple[str, float]]:
+    """A closed answer's candidates with the probabilities shown: calibrated when the model is."""
+    cal = answer.calibrated or {}
+    return [(a, cal.get(a, p)) for a, p in answer.candidates]
+
+
 def _current_scan(session, series):
     scan = handlers._scan(session, series)
     if scan is None:
@@ -187,7 +198,18 @@ def _evidence_html(scan, view, volume, axial, center, width, mip, mip_mm) -> str
 
 def _answer_markdown(answer, model_name: str, view) -> str:
     esc = html.escape
-    text = f"**Answer:** {esc(answer.answer)} · confidence **{100 * answer.confidence:.1f}%**"
+    shown = answer.calibrated_confidence if answer.calibrated_confidence is not None else answer.confidence
+    kind = "calibrated" if answer.calibrated_confidence is not None else "not calibrated"
+    text = ""
+    if answer.ood is not None and answer.ood.out_of_distribution:
+        text += ("⚠️ **Out of distribution: this scan is unlike what the model was trained on; do not rely on this answer.** "
+                 + esc("; ".join(answer.ood.reasons)) + "\n\n")
+    if answer.uncertain:
+        text += f"**Answer: uncertain** (best guess {esc(answer.answer)}, confidence {100 * shown:.1f}%, {kind})"
+    elif answer.closed:
+        text += f"**Answer:** {esc(answer.answer)} · confidence **{100 * shown:.1f}%** ({kind})"
+    else:
+        text += f"**Answer:** {esc(answer.answer)} · confidence {100 * answer.confidence:.1f}% (generated, not calibrated)"
     if answer.closed:
         family = f" ({esc(answer.family.replace('_', ' '))})" if answer.family else ""
         text += f"\n\nClosed question{family}: the answer is the best of {len(answer.candidates)} candidates (chart below)."
@@ -195,7 +217,7 @@ def _answer_markdown(answer, model_name: str, view) -> str:
         text += "\n\nOpen question: a generated answer; its confidence is the mean probability of its words."
     if view is not None and not view.is_2d:
         text += f" The queries attended most to axial slice {view.top_slice + 1}/{view.n_slices}."
-    text += f"\n\nModel `{esc(model_name)}` · research use only, not a diagnosis."
+    text += f"\n\nModel `{esc(model_name)}` · {esc(answer.trust_note)} · research use only, not a diagnosis."
     return text
 
 
@@ -222,7 +244,7 @@ def make_ask(allowed: set[str]) -> Callable:
         view = evidence_view(scan, answer.evidence) if answer.evidence is not None else None
         out: dict[str, Any] = {
             "answer": _answer_markdown(answer, ask.name, view),
-            "candidates": gr.update(value=candidates_figure(answer.candidates), visible=True) if answer.closed and answer.candidates
+            "candidates": gr.update(value=candidates_figure(_shown_candidates(answer)), visible=True) if answer.closed and answer.candidates
             else gr.update(value=None, visible=False),
             "evidence": view,
             "result": {**answer.to_dict(), "model": ask.name,

@@ -27,6 +27,13 @@ Design decisions
   Everything else (the CLIP path) is unchanged.
 - Labelling runs under app.access.acting("label"): refused to visitors
   without login on a shared server, one audit line (scan hash, model).
+- Trust (issue 14): the bars show the reported probability (calibrated
+  when the model is, bounded by the field-of-view check for organs in
+  volumes), coloured by verdict, over a shaded uncertain band; the status
+  says "not calibrated" when the model is not, which field of view the
+  volume was read as and why, each bounded label's reason, and an
+  out-of-distribution warning first when the scan is flagged. The check
+  runs as $MEDLENS_FOV_CHECK says (default auto: the app's Q-Former).
 - Engine errors (MedLensError: model, prompts, scan, heat maps) become
   gr.Error with their message, HTML-escaped; anything else is handled by
   app.handlers.guarded (logged, generic message, never a trace).
@@ -96,31 +103,46 @@ def prompt_set_choices() -> list[tuple[str, str]]:
 
 
 # --- figures ------------------------------------------------------------------
+VERDICT_COLOURS = {"present": "#d9480f", "most probable": "#d9480f", "uncertain": "#868e96", "absent": "#1c7ed6",
+                   "less probable": "#f08c00"}
+
+
+def _shown(row: dict[str, Any]) -> float:
+    """The reported probability (calibrated, bounded by the field of view); the raw one in older results."""
+    return row.get("reported_probability", row["probability"])
+
+
 def bar_figure(result: dict[str, Any]):
-    """Horizontal bars of the ranked probabilities (best at the top)."""
+    """Horizontal bars of the reported probabilities (best at the top), coloured by verdict, the uncertain band shaded."""
     import plotly.graph_objects as go
 
     rows = result["labels"][::-1]
     present_absent = result["mode"] == "present-absent"
     fig = go.Figure(
         go.Bar(
-            x=[100 * r["probability"] for r in rows],
+            x=[100 * _shown(r) for r in rows],
             y=[r["label"] for r in rows],
             orientation="h",
-            text=[f"{100 * r['probability']:.1f}%" for r in rows],
+            text=[f"{100 * _shown(r):.1f}%" + (" uncertain" if r.get("uncertain") else "") for r in rows],
             textposition="auto",
-            customdata=[r["score"] for r in rows],
-            hovertemplate="%{y}: %{x:.1f}%<br>cosine %{customdata:.4f}<extra></extra>",
-            marker_color="#d9480f",
+            customdata=[[r["score"], 100 * r["probability"], r.get("verdict") or ""] for r in rows],
+            hovertemplate="%{y}: %{x:.1f}% (%{customdata[2]})<br>model %{customdata[1]:.1f}%, cosine %{customdata[0]:.4f}<extra></extra>",
+            marker_color=[VERDICT_COLOURS.get(r.get("verdict") or "", "#d9480f") for r in rows],
         )
     )
-    what = "P(present) per label" if present_absent else "probability (softmax over labels)"
+    what = ("P(present) per label" if present_absent else "probability (softmax over labels)")
+    what += ", calibrated" if result.get("calibrated") else ", not calibrated"
     if result.get("scope") == "volume":
         what += ", whole volume (3D Q-Former)"
     elif result.get("scope") == "image":
         what += ", whole image (Q-Former)"
     if result.get("aggregation"):
         what += f", {result['aggregation']} over {result['n_slices']} slices"
+    if present_absent:  # the uncertain band: no confident number inside it
+        fig.add_vrect(x0=35, x1=65, fillcolor="#868e96", opacity=0.15, line_width=0, annotation_text="uncertain",
+                      annotation_position="top left")
+    else:
+        fig.add_vline(x=50, line_dash="dot", line_color="#868e96", annotation_text="uncertain below", annotation_position="top left")
     fig.update_layout(
         title=dict(text=what, font=dict(size=14)),
         xaxis=dict(title="%", range=[0, 100]),
@@ -129,6 +151,36 @@ def bar_figure(result: dict[str, Any]):
         margin=dict(l=10, r=10, t=40, b=40),
     )
     return fig
+
+
+def trust_markdown(result: dict[str, Any]) -> str:
+    """What the numbers can be trusted with: OOD warning first, then calibration, field of view, bounded labels."""
+    esc = html.escape
+    lines = []
+    if result.get("out_of_distribution"):
+        lines.append("⚠️ **Out of distribution: this scan is unlike what the model was trained on; do not rely on these labels.** "
+                     + esc("; ".join(result.get("ood_reasons") or [])))
+    if result.get("trust"):
+        lines.append(esc(result["trust"]).replace("not calibrated", "**not calibrated**", 1))
+    fov = result.get("field_of_view")
+    if fov:
+        lines.append(f"Field of view: **{esc(fov['main_region'])}** ({100 * fov['main_region_probability']:.0f}%): "
+                     + esc("; ".join(fov.get("evidence") or [])))
+    elif result.get("fov_note"):
+        lines.append(esc(result["fov_note"]))
+    lines += [f"- {esc(reason)}" for row in result["labels"] for reason in row.get("reasons") or []]
+    return "\n\n".join(lines)
+
+
+def top_line(result: dict[str, Any]) -> str:
+    top = result["labels"][0]
+    if result["mode"] == "present-absent":
+        present = [r for r in result["labels"] if r.get("verdict") == "present"]
+        found = ", ".join(f"**{html.escape(r['label'])}** ({100 * _shown(r):.1f}%)" for r in present) or "none"
+        return f"Present: {found}"
+    if top.get("uncertain"):
+        return f"Top: **uncertain** (best guess {html.escape(top['label'])}, {100 * _shown(top):.1f}%)"
+    return f"Top: **{html.escape(top['label'])}** ({100 * _shown(top):.1f}%)"
 
 
 def slice_figure(result: dict[str, Any]):
@@ -206,17 +258,18 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             planes=tuple(planes or ("axial",)),
             n_slices=int(n_slices or 12),
             volume=int(volume or 0),
+            volume_model=settings.ASK_MODEL.get(),  # the field-of-view check reads the app's Q-Former
         )
         audit_line().model = result.model_id  # name@revision
         data = result.to_dict()
         names = [r["label"] for r in data["labels"]]
-        top = data["labels"][0]
         status = (
-            f"Top: **{html.escape(top['label'])}** ({100 * top['probability']:.1f}%) · model `{html.escape(result.model_id)}` "
+            f"{top_line(data)} · model `{html.escape(result.model_id)}` "
             f"({html.escape(result.inference_path)}) · prompts: {html.escape(result.prompt_set)}"
         )
         if result.aggregation:
             status += f" · {result.aggregation} over {len(result.per_slice)} slices"
+        status += "\n\n" + trust_markdown(data)
         return (
             bar_figure(data),
             gr.update(value=slice_figure(data), visible=bool(result.per_slice)),
@@ -245,12 +298,11 @@ def _label_with_qformer(scan, label_list, model, prompt_set, mode, volume):
         prompt_set=None if prompt_set in (None, "", AUTO) else prompt_set,
         volume=int(volume or 0),
     )
-    top = data["labels"][0]
     whole = "the whole image" if scan.is_2d else "the whole volume at once"
     status = (
-        f"Top: **{html.escape(top['label'])}** ({100 * top['probability']:.1f}%) · model `{html.escape(data['model'])}` "
+        f"{top_line(data)} · model `{html.escape(data['model'])}` "
         f"(Q-Former) · scored over {whole}: no per-slice chart and no per-label evidence map for this model "
-        "(the Ask panel shows where it looked)"
+        "(the Ask panel shows where it looked)\n\n" + trust_markdown(data)
     )
     return (
         bar_figure(data),

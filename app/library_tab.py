@@ -32,6 +32,9 @@ Design decisions
 - Searching "like the current scan": a scan that is already in the library
   is searched by its id (its stored embedding, and it is left out of its own
   results); otherwise it is embedded as indexing would.
+- Trust (issue 14): each hit carries its out-of-distribution flag
+  (engine.library.search); a flagged hit's caption starts with a warning
+  and the status lists why.
 - Model events (search, add, tag, fit, open) share the Scan tab's HEAVY
   concurrency id: one CPU-heavy job at a time on 2 cores.
 - Whose library (issue 16): every event is decorated with
@@ -188,6 +191,7 @@ def _hit_row(hit) -> dict[str, Any]:
         "cosine": None if hit.cosine is None else round(float(hit.cosine), 6),
         "modality": hit.modality,
         "body_part": hit.body_part,
+        **(hit.ood.to_dict() if hit.ood is not None else {"out_of_distribution": None}),
     }
 
 
@@ -235,10 +239,17 @@ def make_search(allowed: set[str]) -> Callable:
             for hit in hits:
                 row = get_scan(db, hit.scan_id, thumbnail=True, owner=user) or {}
                 caption = f"{hit.score:.4f} · {hit.modality} · #{hit.scan_id}"
+                if hit.ood is not None and hit.ood.out_of_distribution:
+                    caption = "⚠ out of distribution · " + caption
                 items.append((row.get("thumbnail") or NO_THUMBNAIL_PNG, caption))
             if hits:
                 status = f"{len(hits)} hit{'s' if len(hits) != 1 else ''} · score: {RANKING_WORDS.get(hits[0].ranking, hits[0].ranking)}"
                 status += " · click a thumbnail to open it in the viewer."
+                flagged = [h for h in hits if h.ood is not None and h.ood.out_of_distribution]
+                if flagged:
+                    status += (f"\n\n⚠️ **{len(flagged)} hit{'s' if len(flagged) != 1 else ''} out of distribution** (unlike the model's "
+                               "training data: their similarity means little): "
+                               + "; ".join(f"#{h.scan_id}: {html.escape('; '.join(h.ood.reasons))}" for h in flagged))
             elif not counts(db, owner=user)["embeddings"].get(clip.model_id):
                 status = (
                     f"No scan in the library is indexed with model `{html.escape(clip.model_id)}`: add scans with it "

@@ -96,7 +96,7 @@ def cmd_label(args) -> int:
 
     from engine.io import load_one
     from engine.results.cli import ResultSink, describe, progress, query_paths, report_errors
-    from engine.zeroshot import PRESENT_ABSENT, SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
+    from engine.zeroshot import SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
 
     # everything that can be checked without a model or a scan is checked first
     labels = clean_labels(args.labels) if args.labels is not None else None
@@ -128,6 +128,8 @@ def cmd_label(args) -> int:
                     aggregation=args.aggregate,
                     planes=tuple(args.planes),
                     n_slices=args.slices,
+                    fov_check=args.fov_check,
+                    volume_model=settings.ASK_MODEL.get(),
                 )
         except MedLensError as exc:
             message = _one_line(str(exc))
@@ -142,12 +144,8 @@ def cmd_label(args) -> int:
         if args.json:
             print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice), **_redaction(scan), **done}), flush=True)
             continue
-        where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
-        kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
-        print(f"{path}: {out.modality} {where}; prompts '{out.prompt_set}'; {kind}; model {out.model_id} ({out.inference_path})")
-        width = max(len(s.label) for s in out.labels)
-        for s in out.labels:
-            print(f"  {100 * s.probability:6.2f}%  {s.label:<{width}}  cosine {s.score:+.4f}")
+        for line in label_lines(path, out):
+            print(line)
         for line in describe(path, done):
             print(line)
     if sink:
@@ -156,6 +154,29 @@ def cmd_label(args) -> int:
         print(f"medlens: no PATH could be labelled ({len(paths)} given)", file=sys.stderr)
         return EXIT_BAD_INPUT
     return EXIT_BAD_INPUT if sink and sink.failures else 0
+
+
+def label_lines(path: str, out) -> list[str]:
+    """The text output of one label result: reported probability and verdict per label, reasons, warnings."""
+    from engine.zeroshot import PRESENT_ABSENT
+
+    where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
+    kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
+    lines = [f"{path}: {out.modality} {where}; prompts '{out.prompt_set}'; {kind}; model {out.model_id} ({out.inference_path})",
+             f"  {out.trust_note}"]
+    if out.field_of_view:
+        fov = out.field_of_view
+        lines.append(f"  field of view: {fov['main_region']} ({100 * fov['main_region_probability']:.0f}%): {'; '.join(fov['evidence'])}")
+    elif out.fov_note:
+        lines.append(f"  {out.fov_note}")
+    width = max(len(s.label) for s in out.labels)
+    for s in out.labels:
+        raw = "" if abs(s.shown - s.probability) < 5e-5 else f"  (model {100 * s.probability:.1f}%)"
+        lines.append(f"  {100 * s.shown:6.2f}%  {s.label:<{width}}  {s.verdict or '':<13} cosine {s.score:+.4f}{raw}")
+    lines += [f"    {reason}" for s in out.labels for reason in s.reasons]
+    if out.ood is not None and out.ood.out_of_distribution:
+        lines.append("  WARNING out of distribution: " + "; ".join(out.ood.reasons))
+    return lines
 
 
 def _ask_source(args) -> str | None:
@@ -229,16 +250,10 @@ def cmd_ask(args) -> int:
             answered += 1
             answers.append(answer)
             if args.json:
-                row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4), **_redaction(scan)}
-                if answer.closed:
-                    row["candidates"] = [{"answer": a, "probability": round(float(p), 4)} for a, p in answer.candidates]
-                print(json.dumps(row, ensure_ascii=False), flush=True)
+                print(json.dumps(answer_row(path, answer, _redaction(scan)), ensure_ascii=False), flush=True)
                 continue
-            print(f"  Q: {answer.question}")
-            print(f"  A: {answer.answer}  (confidence {100 * answer.confidence:.1f}%{'' if answer.closed else ', generated'})")
-            if answer.closed and answer.candidates:
-                for candidate, probability in answer.candidates:
-                    print(f"     {100 * probability:6.2f}%  {candidate}")
+            for line in answer_lines(answer):
+                print(line)
         if sink and answers:
             done = sink.ask_done(path, scan, answers, model)
             report_errors(path, done)
@@ -255,6 +270,32 @@ def cmd_ask(args) -> int:
             print(f"medlens: no question could be answered ({len(args.paths)} PATH(s), {len(checked)} question(s))", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def answer_row(path: str, answer, extra: dict | None = None) -> dict:
+    """One `ask --json` row: the answer with its raw and calibrated confidence, verdict and OOD flag."""
+    data = answer.to_dict()
+    row = {"path": path, **{k: data[k] for k in ("question", "answer", "confidence")}, **(extra or {})}
+    if answer.closed:
+        row["candidates"] = data["candidates"]
+    keys = ("calibrated_confidence", "verdict", "uncertain", "trust", "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons")
+    return {**row, **{k: data[k] for k in keys}}
+
+
+def answer_lines(answer) -> list[str]:
+    """The text output of one answer: the verdict with its number, the candidates, any warning."""
+    shown = answer.calibrated_confidence if answer.calibrated_confidence is not None else answer.confidence
+    kind = "calibrated" if answer.calibrated_confidence is not None else ("not calibrated" if answer.closed else "generated, not calibrated")
+    head = f"  A: {answer.answer}  (confidence {100 * shown:.1f}%, {kind})"
+    if answer.uncertain:
+        head = f"  A: uncertain (best guess {answer.answer}: {100 * shown:.1f}%, {kind})"
+    lines = [f"  Q: {answer.question}", head]
+    cal = answer.calibrated or {}
+    for candidate, probability in answer.candidates if answer.closed else []:
+        lines.append(f"     {100 * cal.get(candidate, probability):6.2f}%  {candidate}")
+    if answer.ood is not None and answer.ood.out_of_distribution:
+        lines.append("  WARNING out of distribution: " + "; ".join(answer.ood.reasons))
+    return lines
 
 
 def cmd_models(args) -> int:
@@ -384,10 +425,13 @@ def cmd_search(args) -> int:
                 print("medlens: no match (the filters may exclude every scan)", file=sys.stderr)
     for hit in hits:
         if args.json:
-            print(json.dumps({"scan_id": hit.scan_id, "score": round(hit.score, 6), "modality": hit.modality, "source": hit.source}))
+            ood = (hit.ood.to_dict() if hit.ood is not None else {})
+            print(json.dumps({"scan_id": hit.scan_id, "score": round(hit.score, 6), "modality": hit.modality, "source": hit.source,
+                              **{k: ood.get(k) for k in ("out_of_distribution", "ood_score", "ood_threshold", "ood_reasons")}}))
         else:
             part = f" {hit.body_part}" if hit.body_part else ""
-            print(f"{hit.score:8.4f}  #{hit.scan_id:<6} {hit.modality}{part}  {hit.source or ''}")
+            warn = "  [out of distribution: " + "; ".join(hit.ood.reasons) + "]" if hit.ood is not None and hit.ood.out_of_distribution else ""
+            print(f"{hit.score:8.4f}  #{hit.scan_id:<6} {hit.modality}{part}  {hit.source or ''}{warn}")
     if hits and not args.json:
         kinds = {"cosine": "cosine similarity", "bm25": "keyword match (BM25)", "rrf": "rrf (reciprocal rank fusion of the text, scan and keyword rankings)"}
         print(f"{len(hits)} hit(s); score: {kinds.get(hits[0].ranking, hits[0].ranking)}")
@@ -448,23 +492,8 @@ def cmd_teach(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_label_parser(sub) -> None:
     from engine.results.cli import add_output_args
-
-    parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("info", help="describe the scans found in files, folders or zips")
-    p.add_argument("paths", nargs="+", help="DICOM files/folders/zips, NIfTI, PNG/JPEG/TIFF")
-    p.add_argument("--json", action="store_true", help="JSON Lines, one object per series")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("convert", help="write a scan as NIfTI in RAS+")
-    p.add_argument("paths", nargs="+")
-    p.add_argument("-o", "--output", required=True, help="OUT.nii or OUT.nii.gz")
-    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when several are found")
-    p.add_argument("--volume", type=int, default=None, help="write one volume of a 4D scan (0-based)")
-    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("label", help="zero-shot labels for scans (one model load for all PATHs)")
     p.add_argument("paths", nargs="*", metavar="PATH", help="a file, a folder or zip holding one series, or dicomweb:STUDY/SERIES")
@@ -479,33 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planes", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"], help="volumes: planes to sample slices from")
     p.add_argument("--slices", type=int, default=12, help="volumes: slices sampled per plane (default 12)")
     p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
-    p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "score"}, ...], ...} or {"path", "error"} per PATH')
+    p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "reported_probability", "verdict", ...}, ...], '
+                   '"out_of_distribution", "ood_reasons", "field_of_view", ...} or {"path", "error"} per PATH')
     p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
+    p.add_argument("--fov-check", choices=("auto", "physical", "off"), default=None,
+                   help="volumes: bound organ labels by the field of view: auto (the Q-Former's body region + DICOM header + the scan's size), "
+                        "physical (header and size only), off (raw 2D answers); default: $MEDLENS_FOV_CHECK, else auto")
     add_output_args(p, query=True)
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser(
-        "ask", help="ask questions about scans (one model load for all PATHs; each scan is encoded once)",
-        description='Ask questions about scans with the Q-Former, e.g. medlens ask chest_ct.zip "Is the liver visible?" '
-                    '--question "What is the imaging modality?". The last positional argument is the question. '
-                    'Exit status 0 when every question about every PATH was answered, else 2.',
-    )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
-    p.add_argument("question", metavar="QUESTION", help="the question (quote it); any language, at most 500 characters")
-    p.add_argument("--question", dest="questions", action="append", default=None, metavar="Q", help="one more question (repeatable)")
-    p.add_argument("--model", default=None,
-                   help="question-answering model: shipped name or local-dir:/path (default: $MEDLENS_ASK_MODEL, else the shipped medlens-qformer; see `medlens models`)")
-    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
-    p.add_argument("--json", action="store_true",
-                   help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
-                        'or {"path", "error"} / {"path", "question", "error"}')
-    add_output_args(p)
-    p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
-    p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
-    p.set_defaults(func=cmd_models)
-
+def _add_library_parsers(sub) -> None:
     library_help = "library file (default: $MEDLENS_LIBRARY, else ~/.local/share/medlens/library.db)"
     model_help = "model whose embeddings are stored and searched (default: $MEDLENS_MODEL, else the shipped default)"
 
@@ -529,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", action="store_true", help="embed QUERY through the modality's prompt templates too (for short, label-like queries)")
     p.add_argument("--library", default=None, help=library_help)
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--json", action="store_true", help='JSON Lines, one hit per line: {"scan_id", "score", "modality", "source"}')
+    p.add_argument("--json", action="store_true", help='JSON Lines, one hit per line: {"scan_id", "score", "modality", "source", "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons"}')
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("teach", help="teach a label from positive and negative examples (a linear probe on embeddings)")
@@ -540,6 +553,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--json", action="store_true", help="print the probe summary as JSON")
     p.set_defaults(func=cmd_teach)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.results.cli import add_output_args
+
+    parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("info", help="describe the scans found in files, folders or zips")
+    p.add_argument("paths", nargs="+", help="DICOM files/folders/zips, NIfTI, PNG/JPEG/TIFF")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per series")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="write a scan as NIfTI in RAS+")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="OUT.nii or OUT.nii.gz")
+    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when several are found")
+    p.add_argument("--volume", type=int, default=None, help="write one volume of a 4D scan (0-based)")
+    p.set_defaults(func=cmd_convert)
+
+    _add_label_parser(sub)
+
+    p = sub.add_parser(
+        "ask", help="ask questions about scans (one model load for all PATHs; each scan is encoded once)",
+        description='Ask questions about scans with the Q-Former, e.g. medlens ask chest_ct.zip "Is the liver visible?" '
+                    '--question "What is the imaging modality?". The last positional argument is the question. '
+                    'Exit status 0 when every question about every PATH was answered, else 2.',
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
+    p.add_argument("question", metavar="QUESTION", help="the question (quote it); any language, at most 500 characters")
+    p.add_argument("--question", dest="questions", action="append", default=None, metavar="Q", help="one more question (repeatable)")
+    p.add_argument("--model", default=None,
+                   help="question-answering model: shipped name or local-dir:/path (default: $MEDLENS_ASK_MODEL, else the shipped medlens-qformer; see `medlens models`)")
+    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
+    p.add_argument("--json", action="store_true",
+                   help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
+                        'or {"path", "error"} / {"path", "question", "error"}')
+    add_output_args(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
+    p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
+    p.set_defaults(func=cmd_models)
+
+    _add_library_parsers(sub)
 
     from engine.audit.cli import register as register_audit
     from engine.auth.cli import register as register_user

@@ -66,19 +66,28 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A parser accepting one of `choices` (any case)."""
+
+    def parse(raw: str) -> str:
+        value = raw.lower()
+        if value not in choices:
+            raise ValueError(f"{raw!r} is not one of them")
+        return value
+
+    return parse
+
+
 REDACT_MODES = ("auto", "off", "always")
-
-
-def _redact_mode(raw: str) -> str:
-    value = raw.lower()
-    if value not in REDACT_MODES:
-        raise ValueError(f"{raw!r} is not one of them")
-    return value
+FOV_CHECKS = ("auto", "physical", "off")
+_redact_mode = _one_of(*REDACT_MODES)
+_fov_check = _one_of(*FOV_CHECKS)
 
 
 _EXPECTS = {
     _text: "text", _path: "a path", _positive_int: "a whole number >= 1", _positive_float: "a number > 0",
     _flag: "1/0, true/false, yes/no or on/off", _redact_mode: "auto, off or always",
+    _fov_check: "auto, physical or off",
 }
 
 
@@ -110,6 +119,11 @@ class Setting(Generic[T]):
 # --------------------------------------------------------------------------- the settings
 MODEL = Setting("MEDLENS_MODEL", _text, None, "zero-shot (CLIP) model of the app and the CLI: a shipped name, hf-hub:org/repo or local-dir:/path", "the shipped default")
 ASK_MODEL = Setting("MEDLENS_ASK_MODEL", _text, None, "question-answering (Q-Former) model of the app and `medlens ask`", "the shipped Q-Former")
+FOV_CHECK = Setting(
+    "MEDLENS_FOV_CHECK", _fov_check, "auto",
+    "field-of-view check of organ labels on volumes: auto (the Q-Former's body region + the DICOM header + the scan's size), "
+    "physical (header and size only: no second model), off (raw 2D answers)",
+)
 ASSETS = Setting("MEDLENS_ASSETS", _path, None, "folder holding models/, prompts/ and qa/ (replaces the repository's assets/)", "<repository>/assets")
 PROMPTS = Setting("MEDLENS_PROMPTS", _path, None, "extra folder of prompt-set JSON files, searched before the assets' prompts/")
 LIBRARY = Setting("MEDLENS_LIBRARY", _path, None, "the scan library's SQLite file (the CLI's --library wins)", "<user data dir>/medlens/library.db")
@@ -153,6 +167,7 @@ PACS_TIMEOUT = Setting("MEDLENS_PACS_TIMEOUT", _positive_float, 120.0, "seconds 
 SETTINGS: tuple[Setting, ...] = (
     MODEL,
     ASK_MODEL,
+    FOV_CHECK,
     ASSETS,
     PROMPTS,
     LIBRARY,

@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Labelling a volume consults the shipped Q-Former by default (the field-of-view check, engine.zeroshot.trusted):
+# tests with tiny models use the physical evidence only; tests of the volume model ask for "auto" themselves.
+os.environ.setdefault("MEDLENS_FOV_CHECK", "physical")
 # Inference-path decisions and ONNX exports go to a throwaway folder, never the user's cache.
 if "MEDLENS_FASTPATH_CACHE" not in os.environ:
     import tempfile

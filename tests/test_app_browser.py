@@ -177,6 +177,9 @@ def test_ask_a_question_about_the_scan(server, page, tmp_path):
     answer.get_by_text("Answer:").wait_for()
     text = answer.inner_text()
     assert "confidence" in text and ("yes" in text or "no" in text)
+    # trust, as a user sees it (issue 14): the tiny model has no calibration and says so; a flagged scan is warned about first
+    assert "not calibrated" in text
+    assert ("Out of distribution" in text) == text.lstrip().startswith("⚠")
     # the evidence: the current axial slice with the heat map, and the per-slice chart
     page.wait_for_function("() => { const i = document.querySelector('#ml-ask-evidence img.ml-img'); return i && i.complete && i.naturalWidth === 512; }")
     assert "where the model looked" in page.locator("#ml-ask-evidence").inner_text()

@@ -24,7 +24,7 @@ LIBRARY_API = {
     "/library_search", "/library_open", "/library_select", "/library_add",
     "/library_tag_positive", "/library_tag_negative", "/library_teach", "/library_refresh",
 }
-CAPTION = re.compile(r"^-?\d+\.\d{4} · [A-Z]+ · #\d+$")
+CAPTION = re.compile(r"^(⚠ out of distribution · )?-?\d+\.\d{4} · [A-Z]+ · #\d+$")
 
 
 @pytest.fixture
@@ -112,6 +112,10 @@ def test_add_search_filter_and_open(server, client, tiny, tmp_path, library):
     gallery, hits, status = _search(client, tiny)
     assert len(gallery) == len(hits) == 4 and "4 hits" in status and "cosine similarity" in status
     assert all(CAPTION.match(item["caption"]) for item in gallery)
+    # a hit flagged out of distribution says so in its caption and in the status (the random tiny model misreads the DICOM)
+    flagged = {h["scan_id"] for h in hits if h["out_of_distribution"]}
+    assert {int(item["caption"].rsplit("#", 1)[1]) for item in gallery if item["caption"].startswith("⚠")} == flagged
+    assert ("out of distribution" in status) == bool(flagged)
     assert all(item["image"]["url"].startswith("data:image/png;base64,") and item["image"]["path"] is None for item in gallery)
     scores = [h["score"] for h in hits]
     assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)

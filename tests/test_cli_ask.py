@@ -70,12 +70,16 @@ def test_json_one_object_per_question_one_model_load_one_encoding(capsys, tiny, 
         assert row["path"] == ct_zip and isinstance(row["answer"], str) and row["answer"]
         assert 0.0 <= row["confidence"] <= 1.0
     closed, modality, open_ = got
-    assert set(closed) == {"path", "question", "answer", "confidence", "candidates", "redaction"}
+    trust = {"calibrated_confidence", "verdict", "uncertain", "trust", "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons"}
+    assert set(closed) == {"path", "question", "answer", "confidence", "candidates", "redaction"} | trust
+    assert closed["calibrated_confidence"] is None and closed["trust"].startswith("not calibrated")  # no trust block
+    assert closed["verdict"] in (closed["answer"], "uncertain") and isinstance(closed["uncertain"], bool)
     assert sorted(c["answer"] for c in closed["candidates"]) == ["no", "yes"]
     assert sum(c["probability"] for c in closed["candidates"]) == pytest.approx(1.0, abs=1e-3)
     assert closed["answer"] == closed["candidates"][0]["answer"] and closed["confidence"] == closed["candidates"][0]["probability"]
     assert "ct" in [c["answer"] for c in modality["candidates"]]
-    assert set(open_) == {"path", "question", "answer", "confidence", "redaction"}  # open question: no candidates
+    assert set(open_) == {"path", "question", "answer", "confidence", "redaction"} | trust  # open question: no candidates
+    assert open_["uncertain"] is None and "not a calibrated" in open_["trust"]  # a generated answer is never called calibrated
     assert len(loads) == 1 and len(encodings) == 1  # one model load, the scan encoded once for three questions
     assert "Traceback" not in err
 

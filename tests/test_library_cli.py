@@ -84,7 +84,9 @@ def test_search_json_lines_filters_and_like(capsys, tiny, tmp_path, pngs):
     code, out, err = run(capsys, "search", "a chest CT", "--library", lib, "--model", tiny, "--json", "--k", "3")
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
-    assert len(rows) == 3 and all(set(r) == {"scan_id", "score", "modality", "source"} for r in rows)
+    ood = {"out_of_distribution", "ood_score", "ood_threshold", "ood_reasons"}  # the hit's trust flag (issue 14)
+    assert len(rows) == 3 and all(set(r) == {"scan_id", "score", "modality", "source"} | ood for r in rows)
+    assert all(r["out_of_distribution"] is None for r in rows)  # PNGs (no header) and a model without a reference set: not assessed
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     code, out, _ = run(capsys, "search", "anything", "--modality", "ct", "--library", lib, "--model", tiny, "--json")
     assert code == 0 and [json.loads(line)["source"] for line in out.splitlines()] == [CT_SMALL]

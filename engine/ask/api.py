@@ -11,7 +11,9 @@ Design decisions
   returns the same dict shape as `LabelResult.to_dict()` (engine.zeroshot),
   so the labels panel's bar chart and the CLI's JSON read it unchanged:
   `aggregation` None, `n_slices` 0, `per_slice` [], plus `scope` ("volume"
-  or "image"). Labels default to the modality's preset, as label_scan.
+  or "image"). Labels default to the modality's preset, as label_scan. It
+  is built as a LabelResult, so it carries the same trust fields
+  (field-of-view bounds, verdicts, the OOD flag; "not calibrated").
 - `evidence_view` turns an answer's `Evidence.volume_map` (the scan's own
   voxel grid) into what a viewer shows: the axial slices in slice space
   (engine.views.extract_slice: display orientation), shrunk in-plane to at
@@ -48,13 +50,16 @@ def resolve_ask_model(source: Any = None):
 
 # --------------------------------------------------------------------------- 3D zero-shot labels
 def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
-                 volume: int = 0) -> dict[str, Any]:
+                 volume: int = 0, fov_check: str | None = None) -> dict[str, Any]:
     """Zero-shot labels from the Q-Former over the whole volume (2D: the image), as LabelResult.to_dict() shapes them.
 
     labels: list or comma/newline-separated string; None = the default preset of the prompt set
-    (`prompt_set`, else the scan's modality). A softmax needs at least two labels.
+    (`prompt_set`, else the scan's modality). A softmax needs at least two labels. Trust: the
+    field-of-view check ("auto": the same Q-Former's region answer, the header and the geometry),
+    verdicts, and the scan's OOD flag (AskModel.assess); the 3D labels have no calibration.
     """
-    from engine.zeroshot import clean_labels, load_prompt_set
+    from engine.zeroshot import LabelResult, LabelScore, clean_labels, load_prompt_set
+    from engine.zeroshot.trusted import bound_labels, check_fov_mode, scan_context
 
     pset = load_prompt_set(prompt_set or scan.modality)
     label_list = pset.default_labels if labels is None else clean_labels(labels)
@@ -62,24 +67,22 @@ def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: A
         from engine.zeroshot import PromptError
 
         raise PromptError("a softmax over one label always gives 1: give at least two labels")
+    fov_check = check_fov_mode(fov_check)
     ask = resolve_ask_model(model)
     # volume 0 is what the model encodes of a multi-volume scan anyway: keep its cache key (the whole scan's hash)
     target = scan if scan.is_2d or not volume else scan.volume(int(volume))
-    ranked = ask.label(target, list(label_list))
-    return {
-        "labels": [{"label": r["label"], "probability": round(float(r["probability"]), 6), "score": round(float(r["score"]), 6)}
-                   for r in ranked],
-        "mode": "softmax",
-        "aggregation": None,
-        "model": ask.name,
-        "inference_path": "Q-Former, whole " + ("image" if scan.is_2d else "volume"),
-        "prompt_set": pset.key,
-        "logit_scale": round(float(ask.qformer.logit_scale.exp()), 6),
-        "modality": scan.modality.value,
-        "n_slices": 0,
-        "per_slice": [],
-        "scope": SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME,
-    }
+    ranked = [LabelScore(r["label"], float(r["probability"]), float(r["score"])) for r in ask.label(target, list(label_list))]
+    context = scan_context(scan, fov_check, ask, volume)
+    bound_labels(ranked, "softmax", context, ask.trust.closed)
+    result = LabelResult(
+        labels=ranked, mode="softmax", aggregation=None, per_slice=[], model_id=ask.name,
+        inference_path="Q-Former, whole " + ("image" if scan.is_2d else "volume"), prompt_set=pset.key,
+        logit_scale=float(ask.qformer.logit_scale.detach().exp()), modality=scan.modality.value,
+        trust_note="not calibrated: the Q-Former's 3D labels are raw image-text similarities",
+        field_of_view=None if context.fov is None else context.fov.to_dict(), fov_note=context.fov_note,
+        ood=ask.assess(ask.encode(target), scan),
+    )
+    return {**result.to_dict(), "scope": SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME}
 
 
 # --------------------------------------------------------------------------- evidence for a viewer

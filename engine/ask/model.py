@@ -19,6 +19,16 @@ Design decisions
 - Evidence is the cross-attention of the 32 queries over the encoder's
   token grid (mean over queries, heads and cross-attention layers), mapped
   back to the scan's voxels through the preprocessing's mapping.
+- Trust (issue 14): closed answers carry the checkpoint's calibrated
+  probabilities (temperature per question family, `trust.closed`, applied
+  to the candidates' scores) when it has them, and a verdict: the answer,
+  or "uncertain" when its top probability is low (Calibration.
+  choice_uncertain); generated answers are never called calibrated. Each
+  scan gets an out-of-distribution flag (`assess`): the kNN distance of its
+  `trust_embedding` (the mean of the 32 queries' normalised ITC image
+  embeddings, re-normalised: what training's reference set holds) to the
+  checkpoint's reference set, and the model's own modality answer against
+  the DICOM header's. Both are cached with the scan's encoding.
 """
 
 from __future__ import annotations
@@ -39,8 +49,13 @@ from engine.errors import MedLensError, ModelError
 from engine.models.preprocess import IDENTITY_MEAN, IDENTITY_STD, ImagePreprocess
 from engine.models.qformer import EncoderMemory, QFormer, QFormerConfig, build_qformer, text_encoder_dir
 from engine.scan import Scan
+from engine.trust import UNCERTAIN, OodFlag
+from engine.trust.model import ModelTrust
 
 FORMAT = "medlens-qformer/1"
+REGION_QUESTION = "What body region is shown?"
+MODALITY_QUESTION = "What is the imaging modality?"
+GENERATED_NOTE = "generated answer: its confidence is the mean probability of its words, not a calibrated probability"
 CACHE_SIZE = 8  # encoded scans kept per process (a few MB each)
 MAX_ANSWER_TOKENS = 24
 
@@ -60,16 +75,34 @@ class Evidence:
 class Answer:
     question: str
     answer: str
-    confidence: float
+    confidence: float  # the model's own probability of `answer` (closed: softmax of candidate scores; open: mean token probability)
     closed: bool
     family: str | None = None
-    candidates: list[tuple[str, float]] = field(default_factory=list)  # closed: every candidate, ranked
+    candidates: list[tuple[str, float]] = field(default_factory=list)  # closed: every candidate, ranked by raw probability
     evidence: Evidence | None = None
+    calibrated: dict[str, float] | None = None  # closed, calibrated model: candidate -> calibrated probability
+    uncertain: bool | None = None  # closed: the top answer is not sure enough (None for generated answers)
+    ood: OodFlag | None = None  # the scan is unlike the model's training data (set by AskModel.ask / assess)
+    trust_note: str = ""  # "not calibrated: ..." or what the calibration was fitted on
+
+    @property
+    def calibrated_confidence(self) -> float | None:
+        return None if self.calibrated is None else float(self.calibrated.get(self.answer, 0.0))
+
+    @property
+    def verdict(self) -> str:
+        """The answer, or "uncertain" (closed questions whose top answer is not sure enough)."""
+        return UNCERTAIN if self.uncertain else self.answer
 
     def to_dict(self) -> dict[str, Any]:
+        cal = self.calibrated or {}
         return {"question": self.question, "answer": self.answer, "confidence": round(float(self.confidence), 4),
                 "closed": self.closed, "family": self.family,
-                "candidates": [{"answer": a, "probability": round(float(p), 4)} for a, p in self.candidates]}
+                "candidates": [{"answer": a, "probability": round(float(p), 4),
+                                **({"calibrated_probability": round(float(cal[a]), 4)} if a in cal else {})} for a, p in self.candidates],
+                "calibrated_confidence": None if self.calibrated_confidence is None else round(self.calibrated_confidence, 4),
+                "verdict": self.verdict, "uncertain": self.uncertain, "trust": self.trust_note,
+                **(self.ood.to_dict() if self.ood is not None else OodFlag.unknown().to_dict())}
 
 
 @dataclass
@@ -82,6 +115,7 @@ class Encoded:
     mapping: Any  # volume_prep mapping (token grid -> scan voxels)
     is_2d: bool
     scan_shape: tuple[int, ...]
+    memo: dict[str, Any] = field(default_factory=dict)  # per-scan answers the engine reuses (OOD flag, region, modality)
 
 
 def qformer_preprocess(config: dict[str, Any]) -> ImagePreprocess:
@@ -132,8 +166,10 @@ class FrozenEncoders:
 
 
 class AskModel:
-    def __init__(self, qformer: QFormer, config: dict[str, Any], tokenizer, *, name: str, revision: str = ""):
+    def __init__(self, qformer: QFormer, config: dict[str, Any], tokenizer, *, name: str, revision: str = "",
+                 trust: ModelTrust | None = None):
         self.qformer = qformer.eval()
+        self.trust = trust or ModelTrust.none()
         self.config = config
         self.tokenizer = tokenizer
         self.name = name
@@ -204,10 +240,13 @@ class AskModel:
         text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         return text, float(np.exp(np.mean(logps))) if logps else 0.0
 
-    def ask(self, scan: Scan, question: str, *, with_evidence: bool = True) -> Answer:
+    def ask(self, scan: Scan, question: str, *, with_evidence: bool = True, assess: bool = True) -> Answer:
+        """Answer a question about `scan`; `assess`: attach the scan's out-of-distribution flag."""
         question = validate_question(question)
         enc = self.encode(scan)
         answer = self.answer_encoded(enc, question, scan.modality.value)
+        if assess:
+            answer.ood = self.assess(enc, scan)
         if with_evidence:
             answer.evidence = self.evidence(enc)
         return answer
@@ -222,16 +261,71 @@ class AskModel:
             match = QuestionMatch(match.family if match else "given", dict(match.slots) if match else {}, tuple(candidates), True, "given", None)
         if match is not None and match.closed and match.candidates:
             candidates = list(match.candidates)
-            scores = self._candidate_scores(enc, prompt, candidates)
-            probs = np.exp(scores - scores.max())
-            probs = probs / probs.sum()
-            order = np.argsort(-probs)
-            ranked = [(candidates[i], float(probs[i])) for i in order]
-            answer = Answer(question, ranked[0][0], ranked[0][1], True, match.family, ranked)
-        else:
-            text, confidence = self._generate(enc, prompt)
-            answer = Answer(question, text or "(no answer)", confidence, False, match.family if match else None)
-        return answer
+            return self._closed_answer(question, match.family, candidates, self._candidate_scores(enc, prompt, candidates))
+        text, confidence = self._generate(enc, prompt)
+        return Answer(question, text or "(no answer)", confidence, False, match.family if match else None,
+                      trust_note=GENERATED_NOTE)
+
+    def _closed_answer(self, question: str, family: str, candidates: list[str], scores: np.ndarray) -> Answer:
+        """Rank candidates by their scores; calibrated probabilities and the verdict from trust.closed."""
+        probs = np.exp(scores - scores.max())
+        probs = probs / probs.sum()
+        order = np.argsort(-probs)
+        ranked = [(candidates[i], float(probs[i])) for i in order]
+        calibration = self.trust.closed
+        calibrated = None
+        top = ranked[0][1]
+        if calibration.fitted:
+            cal = calibration.get(family).choices(scores)
+            calibrated = {candidates[i]: float(cal[i]) for i in order}
+            top = calibrated[ranked[0][0]]
+        return Answer(question, ranked[0][0], ranked[0][1], True, family, ranked, calibrated=calibrated,
+                      uncertain=calibration.choice_uncertain(top, len(candidates)), trust_note=self.trust.note)
+
+    # ----------------------------------------------------------------- trust
+    def closed_probabilities(self, enc: Encoded, question: str) -> tuple[dict[str, float], bool]:
+        """candidate -> probability (calibrated when the checkpoint is) for a closed question, and whether calibrated.
+        Memoised on the encoding: the field-of-view and OOD checks ask the same questions of every scan."""
+        key = "closed:" + question
+        if key not in enc.memo:
+            answer = self.answer_encoded(enc, question)
+            enc.memo[key] = (dict(answer.calibrated or dict(answer.candidates)), answer.calibrated is not None)
+        return enc.memo[key]
+
+    def region_answer(self, enc: Encoded) -> tuple[dict[str, float], bool]:
+        """The model's answer to "What body region is shown?": candidate region -> probability, calibrated?"""
+        return self.closed_probabilities(enc, REGION_QUESTION)
+
+    def modality_probabilities(self, enc: Encoded) -> dict[Any, float]:
+        """Modality -> probability from the model's answer to "What is the imaging modality?"."""
+        from engine.ask.questions import vocabulary
+        from engine.zeroshot.prompts import MODALITY_KEYS
+
+        by_key = {key: m for m, key in MODALITY_KEYS.items()}
+        by_candidate = {candidate: by_key[key] for key, candidate in vocabulary().get("manifest_modality", {}).items() if key in by_key}
+        probs, _ = self.closed_probabilities(enc, MODALITY_QUESTION)
+        return {by_candidate[c]: p for c, p in probs.items() if c in by_candidate}
+
+    def trust_embedding(self, enc: Encoded) -> np.ndarray:
+        """(D,) float32: the mean of the queries' normalised ITC image embeddings, re-normalised (the OOD space)."""
+        with torch.inference_mode():
+            mean = self.qformer.image_embeddings(enc.query_states)[0].float().mean(dim=0)
+            return torch.nn.functional.normalize(mean, dim=-1).numpy().astype(np.float32)
+
+    def assess(self, enc: Encoded, scan: Scan) -> OodFlag:
+        """The scan's out-of-distribution flag: reference-set distance and modality vs the DICOM header (memoised)."""
+        if "ood" not in enc.memo:
+            from engine.trust import modality
+
+            header = modality.header_modality(scan)
+            reasons, checks = [], []
+            if header is not None:
+                checks.append("header modality")
+                reason = modality.conflict(self.modality_probabilities(enc), header, f"the model {self.name}")
+                reasons += [reason] if reason else []
+            reference = self.trust.reference
+            enc.memo["ood"] = OodFlag.assess(reference, self.trust_embedding(enc) if reference is not None else None, reasons, checks)
+        return enc.memo["ood"]
 
     def caption(self, scan: Scan) -> Answer:
         enc = self.encode(scan)
@@ -328,7 +422,10 @@ def load_ask_folder(folder: str | Path, name: str | None = None) -> AskModel:
         raise ModelError(f"Q-Former weights do not fit: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})")
     tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir(cfg.text_encoder))
-    return AskModel(model, config, tokenizer, name=name or f"local-dir:{folder}", revision=weights.revision(folder))
+    from engine.trust.model import load_trust
+
+    return AskModel(model, config, tokenizer, name=name or f"local-dir:{folder}", revision=weights.revision(folder),
+                    trust=load_trust(config, folder))
 
 
 DEFAULT_ASK_MODEL = "medlens-qformer"

@@ -66,8 +66,11 @@ def _task_options(args) -> dict[str, Any]:
             raise BatchError("a softmax over one label always gives 1: give at least two labels, or --mode present-absent")
         if args.slices < 1:
             raise BatchError(f"--slices must be at least 1 (got {args.slices})")
+        from engine import settings
+
         return {"labels": labels, "modality": args.modality, "mode": args.mode, "aggregate": args.aggregate,
-                "planes": list(args.planes), "slices": args.slices, "per_slice": args.per_slice}
+                "planes": list(args.planes), "slices": args.slices, "per_slice": args.per_slice,
+                "fov_check": args.fov_check or settings.FOV_CHECK.get(), "volume_model": settings.ASK_MODEL.get()}
     if args.task == "ask":
         from engine.ask.questions import validate_question
 
@@ -181,6 +184,8 @@ def _label_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--planes", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"])
     p.add_argument("--slices", type=int, default=12, help="volumes: slices sampled per plane (default 12)")
     p.add_argument("--per-slice", action="store_true", help="keep per-slice scores of volumes in the rows")
+    p.add_argument("--fov-check", choices=("auto", "physical", "off"), default=None,
+                   help="field-of-view check of organ labels on volumes (as medlens label; default: $MEDLENS_FOV_CHECK, else auto)")
 
 
 def _ask_options(p: argparse.ArgumentParser) -> None:

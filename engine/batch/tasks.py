@@ -12,7 +12,10 @@ Design decisions
   batch sizes its fast path likes, and volumes' slices are batched
   together; each scan is dropped as soon as its images are made.
 - label: the same prompt sets, slice sampling, aggregation and scoring as
-  `medlens label` (engine.zeroshot.label_from_embeddings). index: the same
+  `medlens label` (engine.zeroshot.label_from_embeddings), and the same
+  trust: the scan's ScanContext (header modality, field of view; with
+  "auto" the worker loads the volume model once, lazily, for the first
+  volume) is made in prepare while the scan is loaded. index: the same
   embedding and library row as `medlens index` (engine.library.store), the
   row carried back to the one library writer as the task's payload. ask:
   the Q-Former encodes each scan once for all questions (it has no batched
@@ -36,7 +39,7 @@ from engine.batch.errors import BatchError
 from engine.scan import Scan
 
 TASKS = ("label", "ask", "index")
-ROW_FORMAT = 1  # bump when rows change meaning: a new key, so old rows are not taken as done
+ROW_FORMAT = 2  # bump when rows change meaning: a new key, so old rows are not taken as done (2: trust fields, issue 14)
 
 
 @dataclass
@@ -134,6 +137,8 @@ class LabelTask(ClipTask):
         self.planes = tuple(opts.get("planes", ("axial",)))
         self.n_slices = int(opts.get("slices", 12))
         self.per_slice = bool(opts.get("per_slice", False))
+        self.fov_check = opts.get("fov_check")
+        self.volume_model = opts.get("volume_model")
 
     def prepare(self, scan: Scan, source: str, timer) -> ScanWork:
         from engine.zeroshot import check_mode, load_prompt_set, scan_images
@@ -141,14 +146,18 @@ class LabelTask(ClipTask):
         pset = self.fixed_prompts or load_prompt_set(scan.modality)
         labels = pset.default_labels if self.labels is None else self.labels
         check_mode(self.mode, self.aggregation, len(labels))
+        from engine.zeroshot.trusted import scan_context
+
         images = scan_images(scan, planes=self.planes, n_slices=self.n_slices)
-        return ScanWork(scan_info(scan), [im.pixels for im in images], (images, labels, pset))
+        context = scan_context(scan, self.fov_check, self.volume_model)
+        return ScanWork(scan_info(scan), [im.pixels for im in images], (images, labels, pset, context))
 
     def finish(self, work: ScanWork, embeddings: np.ndarray) -> tuple[dict[str, Any], Any]:
         from engine.zeroshot import label_from_embeddings
 
-        images, labels, pset = work.context
-        result = label_from_embeddings(embeddings, images, labels, self.model, pset, mode=self.mode, aggregation=self.aggregation)
+        images, labels, pset, context = work.context
+        result = label_from_embeddings(embeddings, images, labels, self.model, pset, mode=self.mode, aggregation=self.aggregation,
+                                       context=context)
         result.modality = work.info["modality"]
         return {**work.info, **result.to_dict(per_slice=self.per_slice)}, None
 
@@ -199,6 +208,7 @@ class AskTask:
         from engine.errors import MedLensError
 
         encoded = self.model.encode(scan)  # once for every question; a scan the model cannot read fails here
+        ood = self.model.assess(encoded, scan).to_dict()
         answers = []
         for question in self.questions:
             try:
@@ -206,12 +216,13 @@ class AskTask:
             except MedLensError as exc:
                 answers.append({"question": question, "error": " ".join(str(exc).split())[:500]})
                 continue
-            row = {"question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4)}
+            data = answer.to_dict()
+            row = {k: data[k] for k in ("question", "answer", "confidence", "calibrated_confidence", "verdict", "uncertain", "trust")}
             if answer.closed:
-                row["candidates"] = [{"answer": a, "probability": round(float(p), 4)} for a, p in answer.candidates]
+                row["candidates"] = data["candidates"]
             answers.append(row)
         info = scan_info(scan)
-        return ScanWork(info, [], result={**info, "model": self.model_id, "answers": answers})
+        return ScanWork(info, [], result={**info, "model": self.model_id, "answers": answers, **ood})
 
     def finish(self, work: ScanWork, embeddings: np.ndarray) -> tuple[dict[str, Any], Any]:
         return work.result or {}, None

@@ -36,6 +36,14 @@ Design decisions
   hits are joined to that rule in SQL, taught-label filters use their own
   tags and probes only, and a `like` id they may not see is "not in the
   library". The final rows are read through the same rule once more.
+- Trust (issue 14): every hit carries an out-of-distribution flag from its
+  stored embedding, computed at search time against the model's reference
+  set (a checkpoint without one: not assessed) and, when the scan's
+  modality came from a DICOM header, the model's modality guess from the
+  same vector (engine.trust.modality). A volume's stored embedding is the
+  mean of its slices', so its distance is an average slice's (slightly
+  optimistic). Flags are not stored: a recalibrated model re-judges every
+  hit.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from engine.errors import MedLensError
 from engine.library.store import VISIBLE, embed_scan, embeddings, normalise, scan_rows, visible_ids
 from engine.library.vectors import index_for
 from engine.scan import Modality, Scan
+from engine.trust import OodFlag
 
 RRF_K = 60
 CANDIDATES = 100  # depth of each list before fusion
@@ -71,9 +80,12 @@ class Hit:
     ranking: str = "cosine"  # "cosine" (vector only), "bm25" (keyword only, -BM25: higher is better) or "rrf" (fused)
     cosine: float | None = None  # similarity to the (first) vector query, when the scan was in a vector list
     content_hash: str | None = None  # the scan's de-identified content hash (what the audit log records)
+    ood: OodFlag | None = None  # the hit is unlike the model's training data (None: not assessed)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("ood")
+        return {**out, **(self.ood or OodFlag.unknown()).to_dict()}
 
 
 # --------------------------------------------------------------------------- pieces
@@ -263,18 +275,39 @@ def search(
     else:
         ranking = "rrf"
         scored = rrf([ids for _, ids in lists])[:k]
+    return _hits(db, model, scored, ranking, cosines, owner)
+
+
+def _hits(db: sqlite_utils.Database, model, scored: list[tuple[int, float]], ranking: str, cosines: dict[int, float], owner: str) -> list[Hit]:
+    """Hits of the scored ids that `owner` may still see, with their rows and OOD flags."""
     rows = scan_rows(db, [sid for sid, _ in scored], owner=owner)
+    flags = hit_flags(db, model, rows, owner)
     return [
-        Hit(
-            scan_id=sid,
-            score=float(score),
-            modality=rows[sid]["modality"],
-            source=rows[sid]["source"],
-            body_part=rows[sid]["body_part"],
-            ranking=ranking,
-            cosine=cosines.get(sid),
-            content_hash=rows[sid]["content_hash"],
-        )
+        Hit(scan_id=sid, score=float(score), modality=rows[sid]["modality"], source=rows[sid]["source"], body_part=rows[sid]["body_part"],
+            ranking=ranking, cosine=cosines.get(sid), content_hash=rows[sid]["content_hash"], ood=flags.get(sid))
         for sid, score in scored
         if sid in rows  # a scan deleted (or unshared) between the index read and now
     ]
+
+
+def hit_flags(db: sqlite_utils.Database, model, rows: dict[int, dict[str, Any]], owner: str = LOCAL) -> dict[int, OodFlag]:
+    """scan id -> OodFlag from its stored embedding (module docstring: Trust)."""
+    from engine.trust import modality as modalities
+
+    if not rows:
+        return {}
+    ids, vectors = embeddings(db, model.model_id, list(rows), owner=owner)
+    trust = getattr(model, "trust", None)
+    reference = None if trust is None else trust.reference
+    can_guess = getattr(model, "logit_scale", None) is not None
+    out = {}
+    for sid, vector in zip(ids.tolist(), vectors):
+        row = rows[int(sid)]
+        reasons, checks = [], []
+        header = Modality(row["modality"]) if str(row.get("reader") or "").startswith("dicom") and row["modality"] != Modality.OTHER.value else None
+        if header is not None and can_guess:
+            checks.append("header modality")
+            reason = modalities.conflict(modalities.clip_modality(model, vector[None]), header, f"the model {model.model_id}")
+            reasons += [reason] if reason else []
+        out[int(sid)] = OodFlag.assess(reference, vector if reference is not None else None, reasons, checks)
+    return out

@@ -260,18 +260,27 @@ def get_scan(db: sqlite_utils.Database, scan_id: int, *, thumbnail: bool = False
     return out
 
 
+def _reader(summary: str | None) -> str | None:
+    """The reader of a stored summary ("dicom-series", "nifti", ...): whether its modality came from a DICOM header."""
+    try:
+        return json.loads(summary or "{}").get("reader")
+    except (ValueError, AttributeError):
+        return None
+
+
 def scan_rows(db: sqlite_utils.Database, scan_ids: Sequence[int], *, owner: str = LOCAL) -> dict[int, dict[str, Any]]:
-    """id -> {modality, body_part, source, content_hash} for the scans among `scan_ids` that `owner` may see."""
+    """id -> {modality, body_part, source, content_hash, reader} for the scans among `scan_ids` that `owner` may see."""
     out: dict[int, dict[str, Any]] = {}
     ids = [int(i) for i in scan_ids]
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         cursor = db.execute(
-            f"SELECT id, modality, body_part, source, content_hash FROM scans WHERE id IN ({', '.join('?' for _ in chunk)}) AND {VISIBLE}",
+            f"SELECT id, modality, body_part, source, content_hash, summary FROM scans WHERE id IN ({', '.join('?' for _ in chunk)}) AND {VISIBLE}",
             chunk + [owner],
         )
-        for sid, modality, part, source, content_hash in cursor.fetchall():
-            out[int(sid)] = {"modality": modality, "body_part": part, "source": source, "content_hash": content_hash}
+        for sid, modality, part, source, content_hash, summary in cursor.fetchall():
+            out[int(sid)] = {"modality": modality, "body_part": part, "source": source, "content_hash": content_hash,
+                             "reader": _reader(summary)}
     return out
 
 

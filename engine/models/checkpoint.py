@@ -239,7 +239,11 @@ def _load_medlens(folder: Path, name: str) -> ClipModel:
         _load_package_trunk(model, image_weights)
         skip += ("visual.trunk.",)
     load_weights(model, weights.read_weights(folder), skip_prefixes=skip)
-    return wrap(model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=weights.revision(folder), config=config)
+    from engine.trust.model import load_trust
+
+    clip = wrap(model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=weights.revision(folder), config=config)
+    clip.trust = load_trust(config, folder)  # issue 14: the "trust" block training/ fitted (none: "not calibrated")
+    return clip
 
 
 def _load_package_trunk(model: torch.nn.Module, ref: str) -> None:

@@ -6,7 +6,9 @@ Design decisions
   from its checkpoint config; the same object training uses), batching, L2-normalised float32 outputs, a text
   embedding cache (label sets are embedded once per process), and the
   inference path (fp32 by default; engine.models.fastpath may swap in bf16 or
-  int8 forwards after checking they keep the answer).
+  int8 forwards after checking they keep the answer), and what the checkpoint
+  knows of its own reliability (`trust`: calibrations and the OOD reference
+  set of its "trust" block; `ModelTrust.none()` for checkpoints without one).
 - `encode_image_tensor` keeps autograd available (heatmaps need gradients);
   the numpy encoders run under `torch.inference_mode`.
 """
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from engine.models.preprocess import ImagePreprocess
+from engine.trust.model import ModelTrust
 
 TEXT_CACHE_SIZE = 4096
 
@@ -46,8 +49,10 @@ class ClipModel:
         embed_dim: int,
         preprocess: ImagePreprocess,
         config: dict | None = None,
+        trust: ModelTrust | None = None,
     ):
         self.model = model.eval()
+        self.trust = trust or ModelTrust.none()  # calibrations + OOD reference set from the checkpoint (engine.trust.model)
         self.tokenizer = tokenizer
         self.name = name
         self.revision = revision

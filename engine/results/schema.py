@@ -7,20 +7,31 @@ Schema `medlens.result/1` (docs/results.md; JSON Schema in docs/result.schema.js
      "source": {"kind": "dicomweb" | "file", "modality", "shape", "spacing_mm", "content_hash",
                 "study_uid", "series_uid"},                     # de-identified UIDs (the library's mapping)
      "labels": null | {"model": {"name", "revision"}, "mode", "aggregation", "prompt_set", "inference_path",
-                "scope": "slices" | "volume" | "image", "out_of_distribution": null,
-                "findings": [{"label", "rank", "probability", "score", "absent_score",
-                              "calibrated_probability": null, "uncertain": null, "abstain": null}],
+                "scope": "slices" | "volume" | "image", "calibrated", "trust",
+                "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons", "field_of_view",
+                "findings": [{"label", "rank", "probability", "score", "absent_score", "calibrated_probability",
+                              "reported_probability", "verdict", "uncertain", "abstain", "fov_bound", "reasons"}],
                 "per_slice": [{"plane", "index", "probabilities": {label: p}, "scores": {label: cosine}}]},
-     "answers": [{"question", "answer", "confidence", "closed", "family", "candidates": [{"answer", "probability"}],
-                  "model": {"name", "revision"}, "most_attended_slice", "uncertain": null, "abstain": null}],
+     "answers": [{"question", "answer", "confidence", "closed", "family",
+                  "candidates": [{"answer", "probability", "calibrated_probability"?}],
+                  "model": {"name", "revision"}, "most_attended_slice", "calibrated_confidence", "verdict",
+                  "uncertain", "abstain", "trust", "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons"}],
      "evidence": [{"for", "kind": "label" | "answer", "method", "plane", "slices": [index, ...]}],
      "dicom": {"sr", "seg", "sc": [file names], "notes": [why an object was not written]}}
 
 Design decisions
-- Calibrated probabilities, "uncertain" and "abstain / out of distribution"
-  (DESIGN.md, Trust) are fields of the schema today, null until the
-  calibration work fills them, so readers of version 1 need no change. The
-  DICOM SR reports an uncertain finding as "Indeterminate" and an
+- Trust (DESIGN.md; issue 14, engine.zeroshot.trusted and engine.ask):
+  `probability` / `confidence` stay the model's raw numbers;
+  `calibrated_probability` / `calibrated_confidence` are the checkpoint's
+  calibration applied (null for an uncalibrated model, which `trust` says);
+  `reported_probability` is what MedLens reports and its `verdict` rests
+  on: calibrated, then bounded by the field-of-view check (`fov_bound`,
+  `reasons`). `abstain` is true on every finding and answer of a scan
+  flagged out of distribution (`out_of_distribution`, `ood_reasons`): the
+  model does not stand behind them. null means "not assessed". The
+  fields were reserved (null) in the first version of this schema and are
+  filled now; the added ones are additive. The DICOM SR reports the
+  reported probability, an uncertain finding as "Indeterminate" and an
   abstention without a Present/Absent claim (engine.results.sr).
 - Only de-identified values: source UIDs are those of the library's mapping
   (engine.deid.map_uid), model names never carry a local folder path.
@@ -77,13 +88,24 @@ class ModelRef:
 @dataclass
 class Finding:
     label: str
-    rank: int  # 1 = most probable
-    probability: float
+    rank: int  # 1 = most probable (by the reported probability)
+    probability: float  # the model's raw probability
     score: float | None = None  # cosine (CLIP) or similarity (Q-Former)
     absent_score: float | None = None  # present/absent mode
-    calibrated_probability: float | None = None  # issue 14: calibrated P; null until a calibration exists
-    uncertain: bool | None = None  # issue 14: inside the "uncertain" band
-    abstain: bool | None = None  # issue 14: the model abstains (out of distribution)
+    calibrated_probability: float | None = None  # the checkpoint's calibration applied; null when uncalibrated
+    uncertain: bool | None = None  # the verdict is "uncertain" (inside the band, or a low softmax top)
+    abstain: bool | None = None  # the scan is out of distribution: the model does not stand behind this
+    reported_probability: float | None = None  # calibrated (when it is), then bounded by the field-of-view check
+    verdict: str | None = None  # present / absent / uncertain; softmax: most probable / uncertain / less probable
+    fov_bound: float | None = None  # at most this likely to be in the field of view (organs in volumes)
+    reasons: list[str] = field(default_factory=list)  # why the reported probability is below the model's
+
+    @property
+    def shown(self) -> float:
+        return self.probability if self.reported_probability is None else self.reported_probability
+
+
+_OOD_KEYS = ("out_of_distribution", "ood_score", "ood_threshold", "ood_reasons")
 
 
 @dataclass
@@ -96,18 +118,27 @@ class LabelBlock:
     scope: str  # "slices" (2D model over sampled slices), "volume" (Q-Former, whole volume) or "image" (2D scan)
     findings: list[Finding]
     per_slice: list[dict[str, Any]] = field(default_factory=list)
-    out_of_distribution: bool | None = None  # issue 14: the image is unlike the training data
+    out_of_distribution: bool | None = None  # the image is unlike the training data (null: not assessed)
+    ood_score: float | None = None  # kNN distance to the model's reference set (null without one)
+    ood_threshold: float | None = None
+    ood_reasons: list[str] = field(default_factory=list)
+    calibrated: bool | None = None  # the reported probabilities are calibrated
+    trust: str = ""  # "not calibrated: ..." or what the calibration was fitted on
+    field_of_view: dict[str, Any] | None = None  # engine.trust.anatomy.FieldOfView.to_dict() (volumes)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], is_2d: bool = False) -> "LabelBlock":
         """From `LabelResult.to_dict()` or `engine.ask.api.label_volume` (the same shape)."""
         scope = data.get("scope") or ("image" if is_2d or not data.get("aggregation") else "slices")
+        abstain = data.get("out_of_distribution")
         findings = [
             Finding(
                 label=str(item["label"]), rank=rank, probability=_r(item["probability"]), score=_r(item.get("score")),
                 absent_score=_r(item.get("absent_score")),
                 calibrated_probability=_r(item.get("calibrated_probability")),
-                uncertain=item.get("uncertain"), abstain=item.get("abstain"),
+                uncertain=item.get("uncertain"), abstain=abstain,
+                reported_probability=_r(item.get("reported_probability")), verdict=item.get("verdict"),
+                fov_bound=_r(item.get("fov_bound")), reasons=list(item.get("reasons") or []),
             )
             for rank, item in enumerate(data["labels"], start=1)
         ]
@@ -120,7 +151,10 @@ class LabelBlock:
             scope=scope,
             findings=findings,
             per_slice=list(data.get("per_slice") or []),
-            out_of_distribution=data.get("out_of_distribution"),
+            **_ood(data),
+            calibrated=data.get("calibrated"),
+            trust=str(data.get("trust") or ""),
+            field_of_view=data.get("field_of_view"),
         )
 
     @property
@@ -128,18 +162,30 @@ class LabelBlock:
         return self.findings[0]
 
 
+def _ood(data: dict[str, Any]) -> dict[str, Any]:
+    return {"out_of_distribution": data.get("out_of_distribution"), "ood_score": _r(data.get("ood_score")),
+            "ood_threshold": _r(data.get("ood_threshold")), "ood_reasons": list(data.get("ood_reasons") or [])}
+
+
 @dataclass
 class AnswerBlock:
     question: str
     answer: str
-    confidence: float
+    confidence: float  # the model's raw probability of the answer (generated: mean word probability)
     closed: bool
     model: ModelRef
     family: str | None = None
-    candidates: list[dict[str, Any]] = field(default_factory=list)  # [{"answer", "probability"}], closed questions
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # [{"answer", "probability"(, "calibrated_probability")}]
     most_attended_slice: int | None = None  # axial slice index the queries attended to most (volumes)
-    uncertain: bool | None = None  # issue 14
-    abstain: bool | None = None  # issue 14
+    uncertain: bool | None = None  # closed: the top answer is not sure enough (null for generated answers)
+    abstain: bool | None = None  # the scan is out of distribution for this model
+    calibrated_confidence: float | None = None  # closed, calibrated model
+    verdict: str | None = None  # the answer, or "uncertain"
+    trust: str = ""  # "not calibrated: ...", what the calibration was fitted on, or why a generated answer is not
+    out_of_distribution: bool | None = None
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    ood_reasons: list[str] = field(default_factory=list)
 
     @classmethod
     def from_answer(cls, answer, model_name: str, revision: str = "", most_attended_slice: int | None = None) -> "AnswerBlock":
@@ -156,13 +202,24 @@ class AnswerBlock:
             candidates=[_candidate(c) for c in candidates],
             most_attended_slice=most_attended_slice if most_attended_slice is not None else data.get("most_attended_axial_slice"),
             uncertain=data.get("uncertain"),
-            abstain=data.get("abstain"),
+            abstain=data.get("out_of_distribution"),
+            calibrated_confidence=_r(data.get("calibrated_confidence")),
+            verdict=data.get("verdict"),
+            trust=str(data.get("trust") or ""),
+            **_ood(data),
         )
+
+    @property
+    def shown(self) -> float:
+        return self.confidence if self.calibrated_confidence is None else self.calibrated_confidence
 
 
 def _candidate(item: Any) -> dict[str, Any]:
     if isinstance(item, dict):
-        return {"answer": str(item["answer"]), "probability": _r(item["probability"])}
+        out = {"answer": str(item["answer"]), "probability": _r(item["probability"])}
+        if item.get("calibrated_probability") is not None:
+            out["calibrated_probability"] = _r(item["calibrated_probability"])
+        return out
     answer, probability = item
     return {"answer": str(answer), "probability": _r(probability)}
 

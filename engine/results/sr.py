@@ -6,8 +6,10 @@ One measurement group (TID 1501) per label and per answer:
   "Most probable of the labels" / "Less probable than the top label"
   (softmax over labels); question -> the answer; "Indeterminate" when the
   result is flagged uncertain, "Not assessed" when the model abstains;
-- a measurement DCM "Probability" (UCUM "1"): the label's probability or
-  the answer's confidence, as in the JSON result;
+- a measurement DCM "Probability" (UCUM "1"): the label's reported
+  probability (calibrated when the model is, bounded by the field-of-view
+  check) or the answer's calibrated confidence (its raw one when the model
+  is uncalibrated), as in the JSON result's reported numbers;
 - the algorithm identification (model name, revision, parameters) on the
   group and on the measurement.
 The report's evidence (Current Requested Procedure Evidence Sequence) lists
@@ -37,7 +39,8 @@ def finding_value(finding: Finding, mode: str):
     if finding.uncertain:
         return codes.SCT.Indeterminate
     if mode == "present-absent":
-        return codes.SCT.Present if finding.probability >= 0.5 else codes.SCT.Absent
+        present = finding.verdict == "present" if finding.verdict else finding.shown >= 0.5
+        return codes.SCT.Present if present else codes.SCT.Absent
     return _concept("TOPRANKED", "Most probable of the labels") if finding.rank == 1 else _concept("LOWERRANKED", "Less probable than the top label")
 
 
@@ -64,7 +67,7 @@ def label_groups(labels: LabelBlock, report_uid: str) -> list:
     algorithm = _algorithm(labels.model, parameters(mode=labels.mode, aggregation=labels.aggregation, prompt_set=labels.prompt_set, scope=labels.scope))
     return [
         _group(f"MedLens label {f.rank}: {f.label}", derived_uid(report_uid, "label", str(f.rank)), text_concept(f.label, "L"),
-               finding_value(f, labels.mode), f.probability, algorithm)
+               finding_value(f, labels.mode), f.shown, algorithm)
         for f in labels.findings
     ]
 
@@ -74,11 +77,11 @@ def answer_groups(answers: list[AnswerBlock], report_uid: str) -> list:
 
     groups = []
     for n, a in enumerate(answers, start=1):
-        value = codes.SCT.Indeterminate if a.uncertain else (
-            _concept("NOTASSESSED", "Not assessed: the model abstained") if a.abstain else text_concept(a.answer, "A"))
+        value = _concept("NOTASSESSED", "Not assessed: the model abstained") if a.abstain else (
+            codes.SCT.Indeterminate if a.uncertain else text_concept(a.answer, "A"))
         algorithm = _algorithm(a.model, parameters(question="closed" if a.closed else "generated", family=a.family))
         groups.append(_group(f"MedLens answer {n}: {a.question}", derived_uid(report_uid, "answer", str(n)),
-                             text_concept(a.question, "Q"), value, a.confidence, algorithm))
+                             text_concept(a.question, "Q"), value, a.shown, algorithm))
     return groups
 
 

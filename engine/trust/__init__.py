@@ -13,7 +13,23 @@ An answer shown to a radiologist carries, besides its value:
 Modules: calibration (fit, apply, ECE, reliability table), ood (reference
 set, kNN distance, thresholds, flags). Both are pure numpy, small and
 shared by the engine (apply) and training (fit), so a model is calibrated
-with exactly the arithmetic it is used with.
+with exactly the arithmetic it is used with. model (ModelTrust: what a
+loaded checkpoint's "trust" block and reference file hold; ClipModel.trust,
+AskModel.trust), modality (the model's modality guess against a DICOM
+header), anatomy (the field-of-view check of organ labels on volumes,
+assets/anatomy.json). Applying them to results: engine.zeroshot.trusted
+(labels), engine.ask.model (answers), engine.library.search (hits).
+
+The contract with training/ (a checkpoint folder):
+- config.json "trust": {"present_absent", "softmax", "closed": Calibration.to_config(),
+  "fitted_on": text, "ood": {"method": "knn", "k", "quantile", "file": "trust_reference.safetensors"}};
+  present_absent: Platt per prompt-set key ("default" too) on scale * (cos_present - cos_absent);
+  softmax: temperature per prompt-set key on scale * cosines; closed: temperature per question
+  family on the candidates' scores (AskModel ranks mean token log-likelihoods).
+- trust_reference.safetensors (ReferenceSet.save): float16 training embeddings in the model's
+  own space. CLIP: image embeddings of training images and volume slices (ClipModel.encode_images,
+  as the engine scores a volume slice by slice). Q-Former: AskModel.trust_embedding(encoded),
+  the mean of the queries' normalised ITC image embeddings, re-normalised.
 """
 
 from engine.trust.calibration import (

@@ -17,8 +17,10 @@ Design decisions
   degenerate validation set cannot produce an absurd map).
 - The uncertain band: a binary probability inside [low, high] (default
   0.35-0.65) is reported as "uncertain"; a softmax top answer below
-  `min_top` (default 0.5) likewise. These are properties of the model's
-  calibration, stored with it.
+  `min_top` (default 0.5) likewise, and a two-way choice (yes/no) whose top
+  answer is inside the band. These are properties of the model's
+  calibration, stored with it; an uncalibrated model uses the defaults on
+  its raw probabilities (and its results say "not calibrated").
 - ECE: equal-width bins over the predicted probability of the chosen class
   (binary: of the positive class, as reliability diagrams draw it), the
   weighted mean |accuracy - confidence|.
@@ -91,6 +93,11 @@ class Calibration:
 
     def verdict(self, probability: float) -> str:
         return verdict(probability, self.band)
+
+    def choice_uncertain(self, top: float, n_choices: int) -> bool:
+        """A choice among `n_choices` is uncertain when its top probability is low: inside the band's upper
+        edge for two choices (a yes/no is a binary finding), below `min_top` for more."""
+        return bool(top <= self.band[1]) if n_choices == 2 else bool(top < self.min_top)
 
     def to_config(self) -> dict[str, Any]:
         return {"calibrators": {k: asdict(c) for k, c in self.calibrators.items()}, "band": list(self.band),

@@ -13,8 +13,14 @@ Design decisions
   and stored with the set: by construction about 1% of in-distribution
   images are flagged, and the card reports the flag rate on the OOD set.
 - A second, independent signal for DICOM: the model's modality guess
-  contradicts the header's Modality (`modality_conflict`). Either signal
-  raises the flag; the reasons are listed for the user.
+  contradicts the header's Modality (engine.trust.modality.conflict, with
+  a confidence rule; `modality_conflict` here is the bare comparison).
+  Either signal raises the flag; the reasons are listed for the user.
+- A volume is scored slice by slice (the 2D model saw slices in training)
+  and its median slice distance counts: one odd slice (the table, the
+  vertex) does not flag a scan, a scan of odd slices does. A stored
+  library embedding of a volume is the mean of its slices': its score is
+  that of an average slice (slightly optimistic, said where it is used).
 """
 
 from __future__ import annotations
@@ -31,16 +37,37 @@ DEFAULT_QUANTILE = 0.99
 
 @dataclass
 class OodFlag:
-    """What the engine says about one image or scan."""
+    """What the engine says about one image or scan.
 
-    out_of_distribution: bool
+    out_of_distribution: True with reasons; False when checks ran and none fired; None when nothing
+    could be checked (no reference set in the checkpoint and no DICOM header modality)."""
+
+    out_of_distribution: bool | None
     score: float | None  # kNN cosine distance (higher: further from the training data); None when unknown
     threshold: float | None
     reasons: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # what was checked: "reference set", "header modality"
+
+    @classmethod
+    def unknown(cls) -> "OodFlag":
+        return cls(None, None, None, [], [])
+
+    @classmethod
+    def assess(cls, reference: "ReferenceSet | None", query: np.ndarray | None, reasons: list[str] | None = None,
+               checks: list[str] | None = None) -> "OodFlag":
+        """The flag from a reference set (when the checkpoint has one) and other checks' reasons."""
+        checks = list(checks or [])
+        if reference is not None and query is not None:
+            flag = reference.flag(query, reasons)
+            flag.checks = ["reference set", *checks]
+            return flag
+        reasons = list(reasons or [])
+        return cls(True if reasons else (False if checks else None), None, None, reasons, checks)
 
     def to_dict(self) -> dict:
         return {"out_of_distribution": self.out_of_distribution, "ood_score": None if self.score is None else round(self.score, 4),
-                "ood_threshold": None if self.threshold is None else round(self.threshold, 4), "ood_reasons": list(self.reasons)}
+                "ood_threshold": None if self.threshold is None else round(self.threshold, 4), "ood_reasons": list(self.reasons),
+                "ood_checks": list(self.checks)}
 
 
 @dataclass
@@ -62,7 +89,8 @@ class ReferenceSet:
         return 1.0 - top.mean(axis=1)
 
     def flag(self, query: np.ndarray, extra_reasons: list[str] | None = None) -> OodFlag:
-        score = float(self.scores(np.atleast_2d(query))[0])
+        """Query [D] (one image), or [M, D] (the slices of one scan: their median score counts)."""
+        score = float(np.median(self.scores(np.atleast_2d(query))))
         reasons = list(extra_reasons or [])
         if score > self.threshold:
             reasons.insert(0, f"unlike the images this model was trained on (distance {score:.3f} > {self.threshold:.3f})")

@@ -17,17 +17,26 @@ Design decisions
   margin is the one reported. Per-slice probabilities and cosines are kept.
 - Ranking is by probability, ties broken by label, so it is deterministic.
 - The result is a typed dataclass with `to_dict()` for JSON (CLI, app).
+- Trust (issue 14, engine.zeroshot.trusted): every result carries the
+  calibrated probability (when the checkpoint is calibrated), the reported
+  probability (calibrated, then bounded by the field-of-view check for
+  organs in volumes) with its verdict (present / absent / uncertain, or
+  most probable / uncertain / less probable), the reasons a label was
+  bounded, and the scan's out-of-distribution flag. `probability` and
+  `score` stay the model's raw outputs; labels are ranked by the reported
+  probability (the raw one when nothing changed it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from engine.errors import MedLensError
 from engine.scan import Scan
+from engine.trust import OodFlag
 from engine.zeroshot.imaging import DEFAULT_SLICES, ModelImage, heat_to_slice, model_image, scan_images
 from engine.zeroshot.prompts import (
     PromptError,
@@ -51,9 +60,20 @@ class HeatmapUnavailable(MedLensError):
 @dataclass
 class LabelScore:
     label: str  # as the user typed it
-    probability: float  # softmax over labels, or P(present) in present/absent mode
+    probability: float  # the model's raw probability: softmax over labels, or P(present) in present/absent mode
     score: float  # cosine with the label's ensembled embedding ("present" ensemble in present/absent mode); aggregated over slices for volumes
     absent_score: float | None = None  # present/absent mode: cosine with the "absent" ensemble
+    calibrated_probability: float | None = None  # the checkpoint's calibration applied; None when it has none
+    reported_probability: float | None = None  # what is shown: calibrated (when it is), bounded by the field of view
+    verdict: str | None = None  # present / absent / uncertain; softmax: most probable / uncertain / less probable
+    uncertain: bool | None = None
+    fov_bound: float | None = None  # at most this likely to be in the field of view (organs in volumes)
+    reasons: list[str] = field(default_factory=list)  # why the reported probability is lower than the model's
+
+    @property
+    def shown(self) -> float:
+        """The probability to show: the reported one, the raw one before trust was applied."""
+        return self.probability if self.reported_probability is None else self.reported_probability
 
 
 @dataclass
@@ -75,6 +95,11 @@ class LabelResult:
     prompt_set: str  # prompt-set key used ("xray", "ct", ...)
     logit_scale: float  # the scale the probabilities were computed with
     modality: str = ""  # the scan's modality, when labelling a scan
+    calibrated: bool = False  # the reported probabilities are calibrated
+    trust_note: str = ""  # "not calibrated: ..." or what the calibration was fitted on
+    field_of_view: dict[str, Any] | None = None  # engine.trust.anatomy.FieldOfView.to_dict() (volumes, check on)
+    fov_note: str = ""  # why there is no field-of-view check, or which evidence was missing
+    ood: Any = None  # engine.trust.OodFlag of the image or scan
 
     @property
     def top(self) -> LabelScore:
@@ -91,7 +116,10 @@ class LabelResult:
 
         out: dict[str, Any] = {
             "labels": [
-                {"label": s.label, "probability": r(s.probability), "score": r(s.score), **({"absent_score": r(s.absent_score)} if s.absent_score is not None else {})}
+                {"label": s.label, "probability": r(s.probability), "score": r(s.score),
+                 **({"absent_score": r(s.absent_score)} if s.absent_score is not None else {}),
+                 "calibrated_probability": r(s.calibrated_probability), "reported_probability": r(s.shown),
+                 "verdict": s.verdict, "uncertain": s.uncertain, "fov_bound": r(s.fov_bound), "reasons": list(s.reasons)}
                 for s in self.labels
             ],
             "mode": self.mode,
@@ -102,6 +130,11 @@ class LabelResult:
             "logit_scale": r(self.logit_scale),
             "modality": self.modality,
             "n_slices": len(self.per_slice),
+            "calibrated": self.calibrated,
+            "trust": self.trust_note,
+            "field_of_view": self.field_of_view,
+            "fov_note": self.fov_note,
+            **(self.ood.to_dict() if self.ood is not None else OodFlag.unknown().to_dict()),
         }
         if per_slice:
             out["per_slice"] = [
@@ -233,8 +266,11 @@ def label_images(
     prompt_set: str | PromptSet = "other",
     mode: str = SOFTMAX,
     aggregation: str | None = "mean",
+    context: Any = None,
 ) -> LabelResult:
-    """Label uint8 images (grey HxW or RGB HxWx3) or ModelImages; several images are aggregated as slices."""
+    """Label uint8 images (grey HxW or RGB HxWx3) or ModelImages; several images are aggregated as slices.
+
+    context: an engine.zeroshot.trusted.ScanContext (header modality, field of view) when the images come from a scan."""
     pset = prompt_set if isinstance(prompt_set, PromptSet) else load_prompt_set(prompt_set)
     labels = pset.default_labels if labels is None else clean_labels(labels)
     if not images:
@@ -242,7 +278,8 @@ def label_images(
     check_mode(mode, aggregation, len(labels))
     clip = resolve_model(model)
     pixels = [im.pixels if isinstance(im, ModelImage) else np.asarray(im) for im in images]
-    return label_from_embeddings(clip.encode_images(pixels), images, labels, clip, pset, mode=mode, aggregation=aggregation)
+    return label_from_embeddings(clip.encode_images(pixels), images, labels, clip, pset, mode=mode, aggregation=aggregation,
+                                 context=context)
 
 
 def label_from_embeddings(
@@ -254,9 +291,13 @@ def label_from_embeddings(
     *,
     mode: str = SOFTMAX,
     aggregation: str | None = "mean",
+    context: Any = None,
 ) -> LabelResult:
     """Labels from image embeddings already computed by `clip` (one row per image; the batch runner
-    encodes the images of many scans in one call). `labels` are cleaned and checked by the caller."""
+    encodes the images of many scans in one call). `labels` are cleaned and checked by the caller.
+    Trust (calibration, field-of-view bounds from `context`, OOD flag) is applied (engine.zeroshot.trusted)."""
+    from engine.zeroshot import trusted
+
     # several images are slices of one study; a single ModelImage of a volume is one slice too
     is_volume = len(images) > 1 or (isinstance(images[0], ModelImage) and images[0].plane != "image")
     slices = None
@@ -271,7 +312,7 @@ def label_from_embeddings(
         aggregation=aggregation if is_volume else None,
         slices=slices,
     )
-    return LabelResult(
+    result = LabelResult(
         labels=ranked,
         mode=mode,
         aggregation=(aggregation or "mean") if is_volume else None,
@@ -281,6 +322,8 @@ def label_from_embeddings(
         prompt_set=prompt_set.key,
         logit_scale=float(clip.logit_scale),
     )
+    trusted.apply(result, clip, embeddings, context)
+    return result
 
 
 def label_scan(
@@ -294,6 +337,8 @@ def label_scan(
     planes: Sequence[str] = ("axial",),
     n_slices: int = DEFAULT_SLICES,
     volume: int = 0,
+    fov_check: str | None = None,
+    volume_model: Any = None,
 ) -> LabelResult:
     """Zero-shot labels for a scan.
 
@@ -304,13 +349,20 @@ def label_scan(
     prompt_set: modality key ("xray", "ct", ...); None = from scan.modality.
     Volumes: `n_slices` sampled slices per plane in `planes`, aggregated by
     `aggregation` ("mean" or "max"); per-slice scores in the result.
+    fov_check: "auto" (volume model + header + geometry), "physical" or "off"
+    (engine.zeroshot.trusted); volume_model: the Q-Former source for "auto"
+    (None: the shipped default).
     """
+    from engine.zeroshot.trusted import check_fov_mode, scan_context
+
     pset = prompt_set if isinstance(prompt_set, PromptSet) else load_prompt_set(prompt_set or scan.modality)
     labels = pset.default_labels if labels is None else clean_labels(labels)
     check_mode(mode, aggregation, len(labels))
+    fov_check = check_fov_mode(fov_check)
     clip = resolve_model(model)
     images = scan_images(scan, planes=tuple(planes), n_slices=n_slices, volume=volume)
-    result = label_images(images, labels, clip, prompt_set=pset, mode=mode, aggregation=aggregation)
+    context = scan_context(scan, fov_check, volume_model, volume)
+    result = label_images(images, labels, clip, prompt_set=pset, mode=mode, aggregation=aggregation, context=context)
     result.modality = scan.modality.value
     return result
 
