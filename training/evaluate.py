@@ -68,6 +68,7 @@ import numpy as np
 
 from engine.models.cpu import cpu_profile
 from training import metrics, probe
+from training.config import UsageError  # a problem with the command line or its inputs: exit code 2, one line
 from training import tasks as tasks_mod
 from training.manifest import PixelLoader, Row, read_manifest
 from training.tasks import BINARY, MULTICLASS, MULTILABEL, MODALITY_LABELS, Task, task_rows
@@ -87,10 +88,6 @@ TOTALSEG_PATTERNS = {
 }
 MASK_ID_KEYS = ("mask_ids", "organ_ids", "label_ids", "totalseg_ids")  # recipes/slices.py writes "mask_ids"
 GRID_TOL_MM = 1e-3  # label map and image affines must agree this well (as recipes/slices.check_same_grid)
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs: exit code 2, one line."""
 
 
 def _log(msg: str) -> None:
@@ -734,6 +731,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-per-task", type=int, default=None, help="stratified cap on each task's test rows (smoke runs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--exact", action="store_true", help="fp32 forwards (skip the engine's fast inference path)")
+    p.add_argument("--ood", action="store_true", help="the out-of-distribution evaluation (training.ood) instead of the manifest's splits")
     args = p.parse_args(argv)
     if args.tasks:
         args.tasks = [t for item in args.tasks for t in item.split(",") if t.strip()]
@@ -781,7 +779,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        _res, md = run(args)
+        if args.ood:
+            from training import ood
+
+            _res, md = ood.run(args.model, data_root=args.data_root, out=args.out or Path("runs/ood") / _default_name(args.model),
+                               exact=args.exact)
+        else:
+            _res, md = run(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
