@@ -32,6 +32,14 @@ class ClipConfig:
     trunk: str | None = field(default=None, metadata=arg("a pretrained trunk built in code", choices=[None, "astra-deflated"]))
     frozen_trunk: bool = field(default=False, metadata=arg("keep the trunk fixed; train only the image head"))
     drop_path: float = field(default=0.05, metadata=arg("stochastic depth of a trained trunk"))
+    # domain randomisation (training.randomise) of a frozen trunk's cached views
+    views: int = field(default=1, metadata=arg("frozen trunk: cached views per training image (1 clean + views-1 randomised)"))
+    randomise: list[str] | None = field(default=None, metadata=arg("augmentation families of the randomised views (default: all)"))
+    randomise_p: float = field(default=0.5, metadata=arg("probability that each family fires on a randomised view"))
+    cache_precision: str = field(default="fp32", metadata=arg(
+        "frozen-trunk feature cache arithmetic (auto: bf16 where the CPU computes it natively; bench/clip_trunk.py)",
+        choices=["auto", "fp32", "bf16"]))
+    trust: bool = field(default=True, metadata=arg("fit calibration and the OOD reference set into the exported model"))
     # optimisation
     epochs: float = field(default=10.0, metadata=arg("passes over samples_per_epoch rows"))
     samples_per_epoch: int = field(default=0, metadata=arg("0: the number of training rows"))
