@@ -1,15 +1,16 @@
 """Frozen-trunk features of K views per image: view 0 the clean model image, views 1..K-1 domain-randomised.
 
     feats = build_view_features(rows, data_root, preprocess, trunk, "runs/clip/cache/train_views.npy", views=3)
-    feats[k, i]  # float16 (F,): trunk features of view k of rows[i]
+    feats[k, i]  # float32 (F,): trunk features of view k of rows[i]
 
 Design decisions
 - Each row is decoded once (PixelLoader.pixels448, the engine's 448 px model
   image), randomised K-1 times (training.randomise, generator seeded by
   (seed, row index, view)), resized by the model's own ImagePreprocess and
   run through the frozen trunk. Only the pooled features are kept (F=2048
-  for the ResNet-152), float16: 12k images x 3 views is ~150 MB, not the
-  GBs a pixel cache of 448 px views would be.
+  for the ResNet-152), float32 (so view 0 of a 1-view cache is exactly the
+  fp32 features the shipped recipe trained on): 12k images x 3 views is
+  ~300 MB, not the GBs a pixel cache of 448 px views would be.
 - The trunk runs in bf16 autocast where the CPU computes bf16 natively (AMX):
   3-4x faster than fp32 there, with features at cosine >= 0.998 to fp32
   (bench/clip_trunk.py measures both); fp32 elsewhere.
@@ -34,7 +35,7 @@ from engine.models.preprocess import ImagePreprocess
 from training.manifest import PixelLoader, Row
 from training.randomise import FAMILIES, check_families, randomise
 
-VERSION = 1
+VERSION = 1  # bump when training.randomise changes what a view looks like
 
 
 def views_key(rows: Sequence[Row], preprocess: ImagePreprocess, views: int, families: Sequence[str], p: float, seed: int,
@@ -78,15 +79,15 @@ class _Batcher:
         else:
             f = self.trunk(x).float()
         for (v, r, _), vec in zip(self.items, f.numpy()):
-            self.out[v, r] = vec.astype(np.float16)
+            self.out[v, r] = vec
         self.items = []
 
 
 def build_view_features(rows: Sequence[Row], data_root: str | Path, preprocess: ImagePreprocess, trunk: torch.nn.Module,
                         path: str | Path, *, views: int = 1, families: Sequence[str] = FAMILIES, p: float = 0.5, seed: int = 0,
-                        trunk_name: str = "trunk", bf16: bool = False, batch: int = 32,
+                        trunk_name: str = "trunk", bf16: bool = False, batch: int = 64,
                         log: Callable[[str], None] | None = None) -> np.ndarray:
-    """(views, N, F) float16 features (memory-mapped, read-only); built once per key."""
+    """(views, N, F) float32 features (memory-mapped, read-only); built once per key."""
     path = Path(path)
     families = check_families(families)
     key = views_key(rows, preprocess, views, families, p, seed, trunk_name, bf16)
@@ -98,7 +99,7 @@ def build_view_features(rows: Sequence[Row], data_root: str | Path, preprocess: 
         dim = int(trunk(preprocess.standardise(preprocess.scale(np.zeros((1, preprocess.size, preprocess.size, 3), np.uint8)))).shape[-1])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(views, len(rows), dim))
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(views, len(rows), dim))
     loader = PixelLoader(data_root, preprocess)
     batcher = _Batcher(trunk, preprocess, out, batch, bf16)
     order = sorted(range(len(rows)), key=lambda i: rows[i].path)  # slices of a volume together (PixelLoader keeps it open)
