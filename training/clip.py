@@ -337,7 +337,7 @@ class Trainer:
         return pre.standardise(x).contiguous(memory_format=self.memory_format)
 
     def _micro_loss(self, x: torch.Tensor, cap: np.ndarray, gkeys: torch.Tensor, m: int) -> torch.Tensor:
-        d, env, a = self.data, self.env, self.args
+        d, env = self.data, self.env
         with self.autocast():
             if d.tokens_all is not None:
                 img, txt, scale = self.net(x.to(env.device), tokens=d.tokens_all[torch.as_tensor(cap)].to(env.device))

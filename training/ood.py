@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from training.config import UsageError
+from training.config import UsageError, run_main
 from training.tasks import MODALITY_LABELS
 
 MANIFEST = Path(__file__).with_name("data") / "ood_manifest.jsonl"
@@ -328,7 +328,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     s = res["summary"]
     m = s["modality"]
     f3 = lambda x: "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"  # noqa: E731
-    lines = [f"## Out-of-distribution evaluation (`python -m training.evaluate MODEL --ood`)", "",
+    lines = ["## Out-of-distribution evaluation (`python -m training.evaluate MODEL --ood`)", "",
              f"Model `{res.get('model', '')}`; {len(res['items'])} real files at native resolution through `engine.io.load` "
              f"(manifest `training/data/ood_manifest.jsonl`, sha256 `{res.get('manifest_sha256', '')[:12]}`), "
              f"{len(res['skipped'])} skipped; {res.get('date', '')}.", "",
@@ -390,14 +390,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--manifest", default=str(MANIFEST))
     p.add_argument("--fast", action="store_true", help="the engine's fast inference path (default: exact fp32)")
     args = p.parse_args(argv)
-    try:
+
+    def go(_argv) -> int:
         _res, md = run(args.model, data_root=args.data_root, out=args.out or Path("runs/ood") / Path(args.model).name,
                        manifest=args.manifest, exact=not args.fast)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(md)
-    return 0
+        print(md)
+        return 0
+
+    return run_main(go)
 
 
 if __name__ == "__main__":
