@@ -223,3 +223,27 @@ def trust_of(config: dict[str, Any]):
     if not block:
         return None
     return Calibration.from_config(block.get("softmax")), Calibration.from_config(block.get("present_absent"))
+
+
+def calibration_markdown(cal: dict[str, Any], title: str) -> list[str]:
+    """The card's calibration section: ECE per prompt set before/after, and the pooled present/absent reliability table."""
+    f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [title, "", "Expected calibration error (15 equal-width bins): present/absent per prompt set (Platt) and the "
+             "softmax top answer (temperature).", "", "| scores | prompt set | n | ECE raw | ECE calibrated |", "|---|---|---|---|---|"]
+    for part, name in (("present_absent", "present/absent"), ("softmax", "softmax")):
+        for key, r in cal.get(part, {}).items():
+            lines.append(f"| {name} | {key} | {r['n']} | {f(r['ece_before'])} | {f(r['ece_after'])} |")
+    pooled = cal.get("present_absent", {}).get("all")
+    if pooled:
+        lines += ["", "Reliability of present/absent, all prompt sets pooled (the data of a reliability plot: "
+                  "a calibrated model has accuracy = confidence in every bin):", "",
+                  "| P(present) bin | n | mean P raw | fraction present | n | mean P calibrated | fraction present |",
+                  "|---|---|---|---|---|---|---|"]
+        before = {(r["low"], r["high"]): r for r in pooled["reliability_before"]}
+        after = {(r["low"], r["high"]): r for r in pooled["reliability_after"]}
+        for edge in sorted(set(before) | set(after)):
+            b, a = before.get(edge), after.get(edge)
+            cells = [f"{b['count']} | {b['confidence']:.2f} | {b['accuracy']:.2f}" if b else "0 | | ",
+                     f"{a['count']} | {a['confidence']:.2f} | {a['accuracy']:.2f}" if a else "0 | | "]
+            lines.append(f"| {edge[0]:.1f}-{edge[1]:.1f} | {cells[0]} | {cells[1]} |")
+    return lines + [""]

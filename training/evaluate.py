@@ -559,9 +559,24 @@ def evaluate(
             if task.kind != MULTILABEL or name not in kept_rows:
                 continue
             out["pointing"][name] = pointing_game(task, kept_rows[name][0], model, loader, max_pairs=pointing_max, tolerance=pointing_tolerance, log=log)
+    calibration = calibration_on(model, test, cache)
+    if calibration is not None:
+        out["calibration"] = calibration
     out["embedding"] = {"images": len(cache.vectors), "seconds": cache.seconds, "image_size": IMAGE_SIZE, "batch_size": batch_size,
                         "errors": len(cache.errors), "error_examples": dict(list(cache.errors.items())[:10])}
     return out
+
+
+def calibration_on(model, rows: Sequence[Row], cache: EmbeddingCache) -> dict[str, Any] | None:
+    """ECE before/after the checkpoint's own calibration on these rows (None for a model without a "trust" block)."""
+    from training import calibrate
+
+    trust = calibrate.trust_of(getattr(model, "config", None) or {})
+    kept = [r for r in rows if r.id in cache.vectors]
+    if trust is None or not kept:
+        return None
+    emb = np.stack([cache.vectors[r.id] for r in kept])
+    return calibrate.evaluate_calibration(calibrate.collect(model, emb, kept), *trust)
 
 
 # --------------------------------------------------------------------------- output
@@ -694,6 +709,10 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
             rows = [[o, d["n"], d["hits"], _f(d["rate"]), _f(d["chance"])] for o, d in r["per_organ"].items()]
             rows.append(["**all**", r["n"], r["hits"], _f(r["rate"]), _f(r["chance"])])
             lines += _table(["organ", "pairs", "hits", "rate", "chance"], rows)
+    if res.get("calibration"):
+        from training.calibrate import calibration_markdown
+
+        lines += calibration_markdown(res["calibration"], f"{h2} Calibration on the {res.get('split', 'test')} split (fitted on val)")
     return "\n".join(lines).rstrip() + "\n"
 
 
