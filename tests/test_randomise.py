@@ -87,3 +87,23 @@ def test_view_cache_holds_the_clean_view_first_and_reuses_its_file(tmp_path):
     assert (tmp_path / "c" / "v.npy").stat().st_mtime_ns == mtime, "same key: reused, not rebuilt"
     build_view_features(rows, tmp_path, pre, _TinyTrunk(), tmp_path / "c" / "v.npy", views=3, p=1.0, seed=1, batch=4)
     assert (tmp_path / "c" / "v.npy").stat().st_mtime_ns != mtime, "another seed: rebuilt"
+
+
+def test_ablation_replays_which_families_fired_on_each_cached_view():
+    from training.ablation import condition_features, fired
+
+    img = _image()
+    fire = fired(3, 3, p=0.5, seed=7)
+    assert not fire[:, 0].any(), "view 0 is the clean one"
+    for i in range(3):
+        for k in (1, 2):
+            for f, family in enumerate(rz.FAMILIES):
+                out = rz.randomise(img, np.random.default_rng([7, i, k]), families=[family], p=0.5, modality="us")
+                assert np.array_equal(out, img) == (not fire[i, k, f]), (i, k, family)
+    feats = torch.arange(3 * 3, dtype=torch.float32).view(3, 3, 1)  # (views, rows, F)
+    no_geo = condition_features(feats, fire, "no-geometry")
+    g = rz.FAMILIES.index("geometry")
+    for k in (1, 2):
+        for i in range(3):
+            assert float(no_geo[k, i]) == float(feats[0, i] if fire[i, k, g] else feats[k, i])
+    assert condition_features(feats, fire, "none").shape[0] == 1
