@@ -47,3 +47,14 @@ def test_views_without_a_frozen_trunk_is_a_usage_error(tmp_path):
 
     with pytest.raises(UsageError, match="--frozen-trunk"):
         main(["--manifest", "m", "--data-root", "d", "--out", str(tmp_path / "run"), "--views", "2"])
+
+
+def test_rows_capped_per_dataset_keep_order_and_are_seeded():
+    from training.clip import _cap_per_dataset
+    from training.manifest import Row
+
+    rows = [Row(id=f"{d}/{i}", dataset=d, modality="xray", path="x", split="train", subject=str(i)) for d in ("a", "b") for i in range(10)]
+    kept = _cap_per_dataset(rows, 3, seed=0)
+    assert [r.dataset for r in kept].count("a") == 3 and [r.dataset for r in kept].count("b") == 3
+    assert kept == sorted(kept, key=rows.index) and kept == _cap_per_dataset(rows, 3, seed=0)
+    assert _cap_per_dataset(rows, 0, seed=0) == rows

@@ -23,6 +23,19 @@ Design decisions
   (AMX, AVX512-BF16); fp32 elsewhere, where bf16 runs several times slower.
 - The best checkpoint by validation accuracy (val split, never test) is the
   one exported; `last.pt` holds everything needed to resume.
+- A frozen trunk trains on K cached views per image (`--views K`,
+  training.view_cache): view 0 the clean model image, views 1..K-1 domain-
+  randomised (training.randomise) on the 448 px model image before the
+  model's ImagePreprocess. Each step draws which view each image uses from
+  its own generator (seed, step, salt 1), so `--views 1` draws the batches,
+  captions and augmentations it always did. Validation uses the clean view.
+- The exported model carries its "trust" block (`--trust`, training.calibrate):
+  calibration per prompt set fitted on the val split and the OOD reference set,
+  both from the exported head's own embeddings.
+- Structure: `build_model` (tower, trunk, preprocessing, tokenizer),
+  `build_data` (rows, captions, pixel or feature caches), `Trainer`
+  (`train_step`, `run_eval` = validate + export of the best, `save_last`),
+  `finish` (final export, trust, summary); `main` only strings them together.
 """
 
 from __future__ import annotations
@@ -227,10 +240,22 @@ def _master_first(env: DistEnv, make):
     return value if env.is_master else make()
 
 
+def _cap_per_dataset(rows: list[Row], cap: int, seed: int) -> list[Row]:
+    """At most `cap` rows of each dataset (a seeded choice, manifest order kept); all rows when cap is 0."""
+    if not cap:
+        return rows
+    by_set: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_set.setdefault(r.dataset, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep = sorted(i for idx in by_set.values() for i in (idx if len(idx) <= cap else rng.choice(idx, cap, replace=False)))
+    return [rows[i] for i in keep]
+
+
 def _read_rows(args: ClipConfig, env: DistEnv) -> tuple[list[Row], list[Row]]:
     rows = read_manifest(args.manifest, datasets=args.datasets)
-    train_rows = [r for r in rows if r.split == "train"]
-    val_rows = [r for r in rows if r.split == "val" and r.labels]
+    train_rows = _cap_per_dataset([r for r in rows if r.split == "train"], args.max_rows_per_dataset, args.seed)
+    val_rows = _cap_per_dataset([r for r in rows if r.split == "val" and r.labels], args.max_rows_per_dataset, args.seed)
     if not train_rows:
         raise UsageError(f"{args.manifest}: no training rows")
     log_line(env, f"{len(train_rows)} training rows, {len(val_rows)} validation rows, world size {env.world_size}")

@@ -21,6 +21,7 @@ class ClipConfig:
     data_root: str = field(default="", metadata=arg("folder the manifest's paths are relative to", required=True))
     out: str = field(default="", metadata=arg("run folder: checkpoints, logs, the exported model", required=True))
     datasets: list[str] | None = field(default=None, metadata=arg("train only on these manifest datasets"))
+    max_rows_per_dataset: int = field(default=0, metadata=arg("seeded subsample of at most N train and N val rows per dataset (0: all)"))
     # model
     tower: str = field(default="convnext_atto", metadata=arg("timm image tower name"))
     image_size: int = field(default=96, metadata=arg("model input side in pixels (the model image is resized to it)"))
