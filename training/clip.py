@@ -23,6 +23,19 @@ Design decisions
   (AMX, AVX512-BF16); fp32 elsewhere, where bf16 runs several times slower.
 - The best checkpoint by validation accuracy (val split, never test) is the
   one exported; `last.pt` holds everything needed to resume.
+- A frozen trunk trains on K cached views per image (`--views K`,
+  training.view_cache): view 0 the clean model image, views 1..K-1 domain-
+  randomised (training.randomise) on the 448 px model image before the
+  model's ImagePreprocess. Each step draws which view each image uses from
+  its own generator (seed, step, salt 1), so `--views 1` draws the batches,
+  captions and augmentations it always did. Validation uses the clean view.
+- The exported model carries its "trust" block (`--trust`, training.calibrate):
+  calibration per prompt set fitted on the val split and the OOD reference set,
+  both from the exported head's own embeddings.
+- Structure: `build_model` (tower, trunk, preprocessing, tokenizer),
+  `build_data` (rows, captions, pixel or feature caches), `Trainer`
+  (`train_step`, `run_eval` = validate + export of the best, `save_last`),
+  `finish` (final export, trust, summary); `main` only strings them together.
 """
 
 from __future__ import annotations
@@ -33,7 +46,9 @@ import random
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +60,8 @@ from training import augment
 from training import clip_model as cm
 from training.distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
 from training.manifest import Row, read_manifest
-from training.config import to_dict
-from training.params import parse_clip_args
+from training.config import UsageError, to_dict
+from training.params import ClipConfig, parse_clip_args
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
@@ -154,36 +169,29 @@ def validate(train: cm.TrainableClip, preprocess: ImagePreprocess, images: np.nd
     return result
 
 
-# --------------------------------------------------------------------------- main
-def main(argv=None) -> int:
-    args = parse_clip_args(argv)
-    env = init_distributed(args.device)
-    out = Path(args.out)
-    if env.is_master:
-        out.mkdir(parents=True, exist_ok=True)
-    barrier(env)
-    if args.batch_size % (env.world_size * args.accum):
-        raise SystemExit(f"--batch-size {args.batch_size} must divide by world size x accum ({env.world_size} x {args.accum})")
-    seed_everything(args.seed)
-    t_start = time.time()
+# --------------------------------------------------------------------------- build-model
+@dataclass
+class Built:
+    """The model and everything that describes it in the checkpoint."""
 
-    rows = read_manifest(args.manifest, datasets=args.datasets)
-    train_rows = [r for r in rows if r.split == "train"]
-    val_rows = [r for r in rows if r.split == "val" and r.labels]
-    if not train_rows:
-        raise SystemExit(f"{args.manifest}: no training rows")
-    log_line(env, f"{len(train_rows)} training rows, {len(val_rows)} validation rows, world size {env.world_size}")
+    model: nn.Module
+    model_cfg: dict
+    preprocess: ImagePreprocess  # the model's one preprocessing (engine.models.preprocess)
+    tokenizer: Any
+    tower: str
+    image_weights: str | None  # a frozen packaged trunk is rebuilt by the engine, not stored
 
-    # model ---------------------------------------------------------------
+
+def build_model(args: ClipConfig, env: DistEnv) -> Built:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     # open_clip's defaults, which training.ssl also uses: a pretrained trunk keeps its input statistics
-    preprocess = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}
+    stats = {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}
     tower = args.tower
     if args.trunk == "astra-deflated":
         from training.towers.astra2d import ASTRA_PREPROCESS
 
-        tower, preprocess = "resnet152", dict(ASTRA_PREPROCESS)
+        tower, stats = "resnet152", dict(ASTRA_PREPROCESS)
     model_cfg = cm.model_config(tower, args.image_size, args.embed_dim, args.text_proj, proj=args.image_proj,
                                 drop_path=args.drop_path if not args.frozen_trunk else None)
     model = cm.build(model_cfg)
@@ -199,203 +207,334 @@ def main(argv=None) -> int:
         state = {k[len("visual.trunk."):] if k.startswith("visual.trunk.") else k: v for k, v in state.items()}
         model.visual.trunk.load_state_dict(state)
         log_line(env, f"image trunk initialised from {args.init_trunk}")
-    # a frozen packaged trunk is not copied into the checkpoint: the engine rebuilds it from the package
     image_weights = None
     if args.trunk == "astra-deflated" and args.frozen_trunk:
         from engine.models.astra import DEFLATED_REF as image_weights
-    # the model's one preprocessing: stored in its checkpoint, run by the engine at inference
-    image_preprocess = ImagePreprocess(args.image_size, preprocess["mean"], preprocess["std"])
-    preprocess = image_preprocess.to_config()
     from engine.models.checkpoint import make_tokenizer
 
-    tokenizer = make_tokenizer(model_cfg, cm.text_dir())
+    preprocess = ImagePreprocess(args.image_size, stats["mean"], stats["std"])
+    return Built(model, model_cfg, preprocess, make_tokenizer(model_cfg, cm.text_dir()), tower, image_weights)
 
-    # captions and text features (locked text tower: once, cached) ------------------
+
+# --------------------------------------------------------------------------- build-data
+@dataclass
+class Data:
+    train_rows: list[Row]
+    val_rows: list[Row]
+    vocab: list[str]
+    pools: list[np.ndarray]  # caption ids per training row
+    pooled: torch.Tensor | None  # locked text tower: pooled MiniLM outputs of the vocabulary
+    tokens_all: torch.Tensor | None  # unlocked text layers: the vocabulary's tokens
+    images: np.ndarray | None  # (N, S, S, 3) uint8 model-size pixels (trained trunk)
+    val_images: np.ndarray | None
+    feats: torch.Tensor | None  # frozen trunk: (views, N, F) cached features
+    val_feats: torch.Tensor | None  # frozen trunk: (N_val, F), clean view
+    flip_ok: torch.Tensor
+    row_keys: torch.Tensor
+
+
+def _master_first(env: DistEnv, make):
+    """The master builds a cache; the other ranks then open the same files."""
+    value = make() if env.is_master else None
+    barrier(env)
+    return value if env.is_master else make()
+
+
+def _cap_per_dataset(rows: list[Row], cap: int, seed: int) -> list[Row]:
+    """At most `cap` rows of each dataset (a seeded choice, manifest order kept); all rows when cap is 0."""
+    if not cap:
+        return rows
+    by_set: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_set.setdefault(r.dataset, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep = sorted(i for idx in by_set.values() for i in (idx if len(idx) <= cap else rng.choice(idx, cap, replace=False)))
+    return [rows[i] for i in keep]
+
+
+def _read_rows(args: ClipConfig, env: DistEnv) -> tuple[list[Row], list[Row]]:
+    rows = read_manifest(args.manifest, datasets=args.datasets)
+    train_rows = _cap_per_dataset([r for r in rows if r.split == "train"], args.max_rows_per_dataset, args.seed)
+    val_rows = _cap_per_dataset([r for r in rows if r.split == "val" and r.labels], args.max_rows_per_dataset, args.seed)
+    if not train_rows:
+        raise UsageError(f"{args.manifest}: no training rows")
+    log_line(env, f"{len(train_rows)} training rows, {len(val_rows)} validation rows, world size {env.world_size}")
+    return train_rows, val_rows
+
+
+def _frozen_features(args: ClipConfig, env: DistEnv, built: Built, rows: list[Row], val_rows: list[Row], cache: Path):
+    from training.randomise import FAMILIES
+    from training.view_cache import build_view_features
+
+    families = FAMILIES if args.randomise is None else tuple(args.randomise)
+    bf16 = use_bf16(args.cache_precision, torch.device("cpu"))
+    log_line(env, f"frozen-trunk features: {args.views} view(s) per training image ({', '.join(families) if args.views > 1 else 'clean only'})"
+             f", {'bf16' if bf16 else 'fp32'} trunk")
+    common = dict(trunk=built.model.visual.trunk, preprocess=built.preprocess, trunk_name=built.tower + (args.init_trunk or args.trunk or ""),
+                  bf16=bf16, log=lambda m: log_line(env, m))
+    train = _master_first(env, lambda: build_view_features(rows, args.data_root, path=cache / f"train_views_{args.image_size}.npy",
+                                                           views=args.views, families=families, p=args.randomise_p, seed=args.seed, **common))
+    val = None
+    if val_rows:
+        val = _master_first(env, lambda: build_view_features(val_rows, args.data_root, path=cache / f"val_views_{args.image_size}.npy", **common))
+    return torch.from_numpy(np.asarray(train, dtype=np.float32)), (torch.from_numpy(np.asarray(val[0], dtype=np.float32)) if val is not None else None)
+
+
+def build_data(args: ClipConfig, env: DistEnv, built: Built, out: Path) -> Data:
+    train_rows, val_rows = _read_rows(args, env)
     vocab, pools = caption_tables(train_rows)
     pooled = None
-    if args.unlock_text_layers == 0:
-        if env.is_master:
-            pooled = cm.cached_pooled_text(model, vocab, tokenizer, out / "cache", log=lambda m: log_line(env, m))
-        barrier(env)
-        if pooled is None:
-            pooled = cm.cached_pooled_text(model, vocab, tokenizer, out / "cache")
-    tokens_all = tokenizer(vocab) if args.unlock_text_layers > 0 else None
+    if args.unlock_text_layers == 0:  # locked text tower: pooled outputs once, cached
+        pooled = _master_first(env, lambda: cm.cached_pooled_text(built.model, vocab, built.tokenizer, out / "cache",
+                                                                   log=lambda m: log_line(env, m)))
+    tokens_all = built.tokenizer(vocab) if args.unlock_text_layers > 0 else None
+    images = val_images = feats = val_feats = None
+    if args.frozen_trunk:
+        feats, val_feats = _frozen_features(args, env, built, train_rows, val_rows, out / "cache")
+    else:
+        from training.image_cache import build_cache
 
-    # images --------------------------------------------------------------
-    from training.image_cache import build_cache
-
-    cache_dir = out / "cache"
-    def caches():  # the master decodes; the other ranks then open the same files (memory-mapped)
-        train_c = build_cache(train_rows, args.data_root, args.image_size, cache_dir / f"train_{args.image_size}.npy")
-        val_c = build_cache(val_rows, args.data_root, args.image_size, cache_dir / f"val_{args.image_size}.npy") if val_rows else None
-        return train_c, val_c
-
-    if env.is_master:
-        images, val_images = caches()
-    barrier(env)
-    if not env.is_master:
-        images, val_images = caches()
-    flip_ok = torch.tensor([r.modality in augment.FLIP_OK for r in train_rows])
+        cache = out / "cache"
+        images = _master_first(env, lambda: build_cache(train_rows, args.data_root, args.image_size, cache / f"train_{args.image_size}.npy"))
+        if val_rows:
+            val_images = _master_first(env, lambda: build_cache(val_rows, args.data_root, args.image_size, cache / f"val_{args.image_size}.npy"))
     keys = {k: i for i, k in enumerate(sorted({label_key(r) for r in train_rows}))}
-    row_keys = torch.tensor([keys[label_key(r)] for r in train_rows])
+    return Data(train_rows, val_rows, vocab, pools, pooled, tokens_all, images, val_images, feats, val_feats,
+                torch.tensor([r.modality in augment.FLIP_OK for r in train_rows]), torch.tensor([keys[label_key(r)] for r in train_rows]))
 
-    feats = val_feats = None
-    if args.frozen_trunk:
-        log_line(env, "computing frozen-trunk features once (no augmentation)")
-        feats = trunk_features(model.visual.trunk, images, image_preprocess)
-        val_feats = trunk_features(model.visual.trunk, val_images, image_preprocess) if val_images is not None else None
 
-    train = cm.TrainableClip(model, frozen_trunk=args.frozen_trunk, unlocked_text_layers=args.unlock_text_layers).to(env.device)
-    memory_format = torch.channels_last if args.channels_last and not args.frozen_trunk else torch.contiguous_format
-    if args.channels_last:
-        train.visual.to(memory_format=memory_format)
-    n_trainable = sum(p.numel() for p in train.parameters() if p.requires_grad)
-    log_line(env, f"model {tower} @ {args.image_size}px, {n_trainable / 1e6:.2f}M trainable parameters")
-    net: nn.Module = train
-    if env.distributed:
-        net = nn.parallel.DistributedDataParallel(train, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(cm.param_groups(train, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
-    bf16 = use_bf16(args.precision, env.device)
-    autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+# --------------------------------------------------------------------------- step / validate / export
+class Trainer:
+    """The training state of one run: model, optimiser, sampler, progress and the best checkpoint."""
 
-    per_epoch = args.samples_per_epoch or len(train_rows)
-    sampler = Sampler(train_rows, args.batch_size, per_epoch, args.balance, args.seed)
-    total_steps = max(1, int(round(args.epochs * sampler.steps_per_epoch)))
-    if args.max_steps:
-        total_steps = min(total_steps, args.max_steps)
+    def __init__(self, args: ClipConfig, env: DistEnv, built: Built, data: Data, out: Path):
+        self.args, self.env, self.built, self.data, self.out = args, env, built, data, out
+        self.t_start = time.time()
+        self.train = cm.TrainableClip(built.model, frozen_trunk=args.frozen_trunk, unlocked_text_layers=args.unlock_text_layers).to(env.device)
+        self.memory_format = torch.channels_last if args.channels_last and not args.frozen_trunk else torch.contiguous_format
+        if args.channels_last:
+            self.train.visual.to(memory_format=self.memory_format)
+        self.n_trainable = sum(p.numel() for p in self.train.parameters() if p.requires_grad)
+        log_line(env, f"model {built.tower} @ {args.image_size}px, {self.n_trainable / 1e6:.2f}M trainable parameters")
+        self.net: nn.Module = self.train
+        if env.distributed:
+            self.net = nn.parallel.DistributedDataParallel(self.train, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(cm.param_groups(self.train, args.wd), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+        self.bf16 = use_bf16(args.precision, env.device)
+        self.sampler = Sampler(data.train_rows, args.batch_size, args.samples_per_epoch or len(data.train_rows), args.balance, args.seed)
+        self.total_steps = max(1, int(round(args.epochs * self.sampler.steps_per_epoch)))
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self.step, self.best, self.history, self.ema = 0, {"mean": -1.0, "step": -1}, [], None
+        self.local = args.batch_size // env.world_size
+        self.micro = self.local // args.accum
 
-    step, best, history = 0, {"mean": -1.0, "step": -1}, []
-    resume = out / "last.pt" if args.resume == "auto" else (None if args.resume == "none" else Path(args.resume))
-    if resume is not None and resume.is_file():
-        state = torch.load(resume, map_location="cpu", weights_only=False)
-        train.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best, history = state["step"], state["best"], state.get("history", [])
-        log_line(env, f"resumed from {resume} at step {step}")
+    def autocast(self):
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
-    local = args.batch_size // env.world_size
-    micro = local // args.accum
-    log_line(env, f"{total_steps} steps of global batch {args.batch_size} ({sampler.steps_per_epoch} per epoch), "
-             f"{'bf16 autocast' if bf16 else 'fp32'}, {torch.get_num_threads()} threads, CPU: {cpu_profile().model}")
+    def resume(self) -> None:
+        a = self.args
+        path = self.out / "last.pt" if a.resume == "auto" else (None if a.resume == "none" else Path(a.resume))
+        if path is not None and path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            self.train.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.best, self.history = state["step"], state["best"], state.get("history", [])
+            log_line(self.env, f"resumed from {path} at step {self.step}")
 
-    def save_last() -> None:
-        if env.is_master:
-            tmp = out / "last.pt.tmp"
-            torch.save({"model": train.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "best": best,
-                        "history": history, "args": to_dict(args)}, tmp)
-            tmp.replace(out / "last.pt")
+    def save_last(self) -> None:
+        if self.env.is_master:
+            tmp = self.out / "last.pt.tmp"
+            torch.save({"model": self.train.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step, "best": self.best,
+                        "history": self.history, "args": to_dict(self.args)}, tmp)
+            tmp.replace(self.out / "last.pt")
 
-    def run_eval() -> None:
-        nonlocal best
-        if env.is_master and val_rows:
-            res = validate(train, image_preprocess, val_images, val_feats, val_rows, pooled if pooled is not None else _pool_now(),
-                           train_rows, pools)
-            history.append({"step": step, "val": res, "elapsed_s": round(time.time() - t_start, 1)})
-            log_line(env, f"step {step}: val balanced accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
-            if res["mean"] > best["mean"]:
-                best = {"mean": res["mean"], "step": step, "val": res}
-                cm.export(model, out / "best", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0, image_weights=image_weights)
-        barrier(env)
+    def export(self, folder: Path) -> None:
+        b = self.built
+        cm.export(b.model, folder, b.model_cfg, b.preprocess.to_config(), "", {"train_config": to_dict(self.args)},
+                  text_from_package=self.args.unlock_text_layers == 0, image_weights=b.image_weights)
 
-    def _pool_now() -> torch.Tensor:  # unlocked text: pooled outputs at the current weights
-        return cm.pooled_text(model, vocab, tokenizer)
+    def _inputs(self, idx: np.ndarray, params: dict, mine: slice, views: np.ndarray | None) -> torch.Tensor:
+        d, pre = self.data, self.built.preprocess
+        if d.feats is not None:
+            return d.feats[torch.as_tensor(views), torch.as_tensor(idx)]
+        x = augment.apply(pre.scale(d.images[idx]), augment.take(params, mine))
+        return pre.standardise(x).contiguous(memory_format=self.memory_format)
 
-    progress = None
-    if env.is_master and not args.quiet:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=step, desc="clip", unit="step", dynamic_ncols=True, file=sys.stderr)
-    ema, t_last, seen = None, time.time(), 0
-    train.train()
-    if args.frozen_trunk:
-        model.visual.trunk.eval()
-    while step < total_steps:
-        lr = cm.lr_at(step, total_steps, args.warmup, args.lr)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        gidx = sampler.indices(step)
-        gen = augment.step_generator(args.seed, step)
-        choice = torch.rand(len(gidx), generator=gen).numpy()
-        cap_ids = np.array([pools[i][int(c * len(pools[i]))] for i, c in zip(gidx, choice)])
-        params = augment.draw_params(len(gidx), flip_ok[gidx], gen, args.aug_strength)
-        gkeys = row_keys[gidx] if args.label_aware else torch.arange(len(gidx))
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for m in range(args.accum):
-            lo = env.rank * local + m * micro
-            mine = slice(lo, lo + micro)
-            idx = gidx[mine]
-            if feats is not None:
-                x = feats[torch.as_tensor(idx)]
+    def _micro_loss(self, x: torch.Tensor, cap: np.ndarray, gkeys: torch.Tensor, m: int) -> torch.Tensor:
+        d, env = self.data, self.env
+        with self.autocast():
+            if d.tokens_all is not None:
+                img, txt, scale = self.net(x.to(env.device), tokens=d.tokens_all[torch.as_tensor(cap)].to(env.device))
             else:
-                x = image_preprocess.standardise(augment.apply(image_preprocess.scale(images[idx]), augment.take(params, mine))).contiguous(
-                    memory_format=memory_format)
-            ctx = net.no_sync if (env.distributed and m < args.accum - 1) else nullcontext
-            with ctx():
-                with autocast():
-                    if tokens_all is not None:
-                        img, txt, scale = net(x.to(env.device), tokens=tokens_all[torch.as_tensor(cap_ids[mine])].to(env.device))
-                    else:
-                        img, txt, scale = net(x.to(env.device), pooled=pooled[torch.as_tensor(cap_ids[mine])].to(env.device))
-                img, txt = img.float(), txt.float()
-                # the micro-batch's global view: this rank's slice with its graph, the others' without
-                if env.distributed:
-                    gi = [torch.zeros_like(img) for _ in range(env.world_size)]
-                    gt = [torch.zeros_like(txt) for _ in range(env.world_size)]
-                    torch.distributed.all_gather(gi, img.detach())
-                    torch.distributed.all_gather(gt, txt.detach())
-                    gi[env.rank], gt[env.rank] = img, txt
-                    all_img, all_txt = torch.cat(gi), torch.cat(gt)
-                    kk = torch.cat([gkeys[r * local + m * micro : r * local + (m + 1) * micro] for r in range(env.world_size)])
-                else:
-                    all_img, all_txt, kk = img, txt, gkeys[m * micro : (m + 1) * micro]
-                loss = cm.soft_clip_loss(all_img, all_txt, scale.float(), kk)
-                (loss * env.world_size / args.accum).backward()
-            step_loss += float(loss.detach()) / args.accum
-        if args.grad_clip:
-            nn.utils.clip_grad_norm_(train.parameters(), args.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            train.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        seen += args.batch_size
-        ema = step_loss if ema is None else 0.95 * ema + 0.05 * step_loss
-        if progress is not None:
-            rate = seen / max(1e-6, time.time() - t_last)
-            progress.set_postfix(loss=f"{ema:.3f}", lr=f"{lr:.1e}", T=f"{1 / train.logit_scale.exp().item():.3f}", img_s=f"{rate:.0f}")
-            progress.update(1)
-        elif step % 20 == 0:  # no bar (--quiet, logs to a file): a line now and then
-            log_line(env, f"step {step}/{total_steps} loss {ema:.3f} lr {lr:.1e} {seen / max(1e-6, time.time() - t_last):.0f} img/s")
-        if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-            run_eval()
-        if args.save_every and step % args.save_every == 0:
-            save_last()
-    if progress is not None:
-        progress.close()
-    final_loss = all_reduce_mean(ema if ema is not None else float("nan"), env)
-    run_eval()
-    save_last()
-    if env.is_master:
-        if not val_rows or best["step"] < 0:
-            cm.export(model, out / "best", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0, image_weights=image_weights)
-            best = {"mean": float("nan"), "step": step}
-        cm.export(model, out / "final", model_cfg, preprocess, "", {}, text_from_package=args.unlock_text_layers == 0, image_weights=image_weights)
-        summary = {
-            "args": to_dict(args), "model_cfg": model_cfg, "preprocess_cfg": preprocess, "steps": step,
-            "epochs": step / sampler.steps_per_epoch, "train_rows": len(train_rows), "val_rows": len(val_rows),
-            "best": best, "history": history, "final_loss_ema": final_loss, "wall_s": round(time.time() - t_start, 1),
-            "cpu": cpu_profile().model, "threads": torch.get_num_threads(), "world_size": env.world_size, "bf16": bf16,
-            "torch": torch.__version__, "caption_vocabulary": len(vocab), "trainable_params": n_trainable,
-        }
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        if args.export:
-            import shutil
+                img, txt, scale = self.net(x.to(env.device), pooled=self._pooled()[torch.as_tensor(cap)].to(env.device))
+        img, txt = img.float(), txt.float()
+        if not env.distributed:
+            return cm.soft_clip_loss(img, txt, scale.float(), gkeys[m * self.micro : (m + 1) * self.micro])
+        # the micro-batch's global view: this rank's slice with its graph, the others' without
+        gi = [torch.zeros_like(img) for _ in range(env.world_size)]
+        gt = [torch.zeros_like(txt) for _ in range(env.world_size)]
+        torch.distributed.all_gather(gi, img.detach())
+        torch.distributed.all_gather(gt, txt.detach())
+        gi[env.rank], gt[env.rank] = img, txt
+        kk = torch.cat([gkeys[r * self.local + m * self.micro : r * self.local + (m + 1) * self.micro] for r in range(env.world_size)])
+        return cm.soft_clip_loss(torch.cat(gi), torch.cat(gt), scale.float(), kk)
 
-            dest = Path(args.export)
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(out / "best", dest)
-        log_line(env, f"done: {step} steps in {summary['wall_s']} s; best val {best['mean']:.3f} at step {best['step']}; model in {out / 'best'}")
+    def _pooled(self) -> torch.Tensor:  # unlocked text: pooled outputs at the current weights
+        d = self.data
+        return d.pooled if d.pooled is not None else cm.pooled_text(self.built.model, d.vocab, self.built.tokenizer)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimiser step over the global batch; returns (loss, lr)."""
+        a, d, env, step = self.args, self.data, self.env, self.step
+        lr = cm.lr_at(step, self.total_steps, a.warmup, a.lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        gidx = self.sampler.indices(step)
+        gen = augment.step_generator(a.seed, step)
+        choice = torch.rand(len(gidx), generator=gen).numpy()
+        cap_ids = np.array([d.pools[i][int(c * len(d.pools[i]))] for i, c in zip(gidx, choice)])
+        params = augment.draw_params(len(gidx), d.flip_ok[gidx], gen, a.aug_strength)
+        views = None
+        if d.feats is not None:  # which cached view each image of the global batch uses (its own stream: views=1 changes nothing)
+            views = torch.randint(0, d.feats.shape[0], (len(gidx),), generator=augment.step_generator(a.seed, step, salt=1)).numpy()
+        gkeys = d.row_keys[gidx] if a.label_aware else torch.arange(len(gidx))
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for m in range(a.accum):
+            mine = slice(env.rank * self.local + m * self.micro, env.rank * self.local + (m + 1) * self.micro)
+            x = self._inputs(gidx[mine], params, mine, None if views is None else views[mine])
+            ctx = self.net.no_sync if (env.distributed and m < a.accum - 1) else nullcontext
+            with ctx():
+                loss = self._micro_loss(x, cap_ids[mine], gkeys, m)
+                (loss * env.world_size / a.accum).backward()
+            step_loss += float(loss.detach()) / a.accum
+        if a.grad_clip:
+            nn.utils.clip_grad_norm_(self.train.parameters(), a.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            self.train.logit_scale.clamp_(0, math.log(100))
+        self.step += 1
+        return step_loss, lr
+
+    def run_eval(self) -> None:
+        d = self.data
+        if self.env.is_master and d.val_rows:
+            res = validate(self.train, self.built.preprocess, d.val_images, d.val_feats, d.val_rows, self._pooled(), d.train_rows, d.pools)
+            self.history.append({"step": self.step, "val": res, "elapsed_s": round(time.time() - self.t_start, 1)})
+            log_line(self.env, f"step {self.step}: val balanced accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+            if res["mean"] > self.best["mean"]:
+                self.best = {"mean": res["mean"], "step": self.step, "val": res}
+                self.export(self.out / "best")
+        barrier(self.env)
+
+    def loop(self) -> None:
+        a, env = self.args, self.env
+        progress = None
+        if env.is_master and not a.quiet:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="clip", unit="step", dynamic_ncols=True, file=sys.stderr)
+        t_last, seen = time.time(), 0
+        self.train.train()
+        if a.frozen_trunk:
+            self.built.model.visual.trunk.eval()
+        while self.step < self.total_steps:
+            loss, lr = self.train_step()
+            seen += a.batch_size
+            self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
+            if progress is not None:
+                rate = seen / max(1e-6, time.time() - t_last)
+                progress.set_postfix(loss=f"{self.ema:.3f}", lr=f"{lr:.1e}", T=f"{1 / self.train.logit_scale.exp().item():.3f}", img_s=f"{rate:.0f}")
+                progress.update(1)
+            elif self.step % 20 == 0:  # no bar (--quiet, logs to a file): a line now and then
+                log_line(env, f"step {self.step}/{self.total_steps} loss {self.ema:.3f} lr {lr:.1e} {seen / max(1e-6, time.time() - t_last):.0f} img/s")
+            if a.eval_every and self.step % a.eval_every == 0 and self.step < self.total_steps:
+                self.run_eval()
+            if a.save_every and self.step % a.save_every == 0:
+                self.save_last()
+        if progress is not None:
+            progress.close()
+
+
+def fit_trust_into(folder: Path, args: ClipConfig, data: Data, env: DistEnv) -> None:
+    """Calibration on the val split and the OOD reference set from the exported model's own embeddings."""
+    from engine.models import load_model
+    from training.calibrate import fit_trust, write_trust
+
+    clip = load_model(f"local-dir:{folder}", fast=False)
+
+    def embed(feats: torch.Tensor | None, images: np.ndarray | None) -> np.ndarray:
+        with torch.inference_mode():
+            if feats is not None:  # clean view through the exported head (the trunk is the frozen one)
+                e = torch.cat([clip.model.visual.head(feats[s : s + 512]) for s in range(0, len(feats), 512)])
+            else:
+                e = torch.cat([clip.encode_image_tensor(clip.preprocess.standardise(clip.preprocess.scale(images[s : s + 64])))
+                               for s in range(0, len(images), 64)])
+        return nn.functional.normalize(torch.as_tensor(e).float(), dim=-1).numpy()
+
+    train_emb = embed(data.feats[0] if data.feats is not None else None, data.images)
+    val_emb = embed(data.val_feats, data.val_images)
+    block, reference = fit_trust(clip, val_emb, data.val_rows, train_emb, data.train_rows, seed=args.seed)
+    write_trust(folder, block, reference)
+    pa = block["present_absent"]["metrics"]["per_key"].get("default", {})
+    log_line(env, f"trust: present/absent ECE on val {pa.get('ece_before', float('nan')):.3f} -> {pa.get('ece_after', float('nan')):.3f}; "
+             f"OOD threshold {reference.threshold:.3f} over {len(reference.vectors)} reference vectors")
+
+
+def finish(tr: Trainer) -> None:
+    """Final validation, the exported folders (best with its trust block, final) and the run summary."""
+    a, env, out = tr.args, tr.env, tr.out
+    final_loss = all_reduce_mean(tr.ema if tr.ema is not None else float("nan"), env)
+    tr.run_eval()
+    tr.save_last()
+    if not env.is_master:
+        return
+    if not tr.data.val_rows or tr.best["step"] < 0:
+        tr.export(out / "best")
+        tr.best = {"mean": float("nan"), "step": tr.step}
+    tr.export(out / "final")
+    if a.trust and tr.data.val_rows:
+        fit_trust_into(out / "best", a, tr.data, env)
+    summary = {
+        "args": to_dict(a), "model_cfg": tr.built.model_cfg, "preprocess_cfg": tr.built.preprocess.to_config(), "steps": tr.step,
+        "epochs": tr.step / tr.sampler.steps_per_epoch, "train_rows": len(tr.data.train_rows), "val_rows": len(tr.data.val_rows),
+        "best": tr.best, "history": tr.history, "final_loss_ema": final_loss, "wall_s": round(time.time() - tr.t_start, 1),
+        "cpu": cpu_profile().model, "threads": torch.get_num_threads(), "world_size": env.world_size, "bf16": tr.bf16,
+        "torch": torch.__version__, "caption_vocabulary": len(tr.data.vocab), "trainable_params": tr.n_trainable,
+    }
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if a.export:
+        import shutil
+
+        dest = Path(a.export)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(out / "best", dest)
+    log_line(env, f"done: {tr.step} steps in {summary['wall_s']} s; best val {tr.best['mean']:.3f} at step {tr.best['step']}; model in {out / 'best'}")
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_clip_args(argv)
+    env = init_distributed(args.device)
+    out = Path(args.out)
+    if env.is_master:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(env)
+    if args.batch_size % (env.world_size * args.accum):
+        raise UsageError(f"--batch-size {args.batch_size} must divide by world size x accum ({env.world_size} x {args.accum})")
+    if args.views < 1 or (args.views > 1 and not args.frozen_trunk):
+        raise UsageError("--views N > 1 caches randomised views of a frozen trunk: add --frozen-trunk (a trained trunk augments on the fly)")
+    seed_everything(args.seed)
+    built = build_model(args, env)
+    data = build_data(args, env, built, out)
+    tr = Trainer(args, env, built, data, out)
+    tr.resume()
+    log_line(env, f"{tr.total_steps} steps of global batch {args.batch_size} ({tr.sampler.steps_per_epoch} per epoch), "
+             f"{'bf16 autocast' if tr.bf16 else 'fp32'}, {torch.get_num_threads()} threads, CPU: {cpu_profile().model}")
+    tr.loop()
+    finish(tr)
     cleanup(env)
     return 0
 

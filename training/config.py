@@ -13,8 +13,8 @@ Design decisions
   message instead of argparse's SystemExit, so the rebuild pipeline and
   tests can report them like any other user error; `main()` functions turn
   it into exit status 2 (`run_main`).
-- Types understood: bool (False default: `--flag`; True default:
-  `--flag/--no-flag`), int, float, str, Path, `X | None`, `list[X]`
+- Types understood: bool (False default: `--flag`; True or None
+  default: `--flag/--no-flag`), int, float, str, Path, `X | None`, `list[X]`
   (`nargs="*"`). Anything else is a programming error, raised at parse time.
 """
 
@@ -68,9 +68,9 @@ def _add(parser: argparse.ArgumentParser, field: dataclasses.Field, tp: Any) -> 
         kwargs["required"] = True
     if meta.get("choices") is not None:
         kwargs["choices"] = list(meta["choices"])
-    base, _optional = _unwrap_optional(tp)
-    if base is bool:
-        kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+    base, optional = _unwrap_optional(tp)
+    if base is bool:  # True or None (undecided) defaults need the --no- form too
+        kwargs["action"] = argparse.BooleanOptionalAction if default or optional else "store_true"
     elif typing.get_origin(base) is list:
         (item,) = typing.get_args(base)
         kwargs.update(nargs="*", type=item)
@@ -158,3 +158,16 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+# --------------------------------------------------------------------------- the rebuild commands' arguments
+@dataclasses.dataclass
+class RebuildConfig:
+    """Rebuild a shipped model from ../shared/data, end to end (the arguments every training.rebuild* command takes)."""
+
+    data_root: str = dataclasses.field(default="../shared/data", metadata=arg("folder holding the sources (the shared data)"))
+    out: str = dataclasses.field(default="runs/rebuild", metadata=arg("work folder (manifest, caches, checkpoints, evaluation)"))
+    export: str = dataclasses.field(default="", metadata=arg("where the finished model folder goes ('' to skip)"))
+    seed: int = dataclasses.field(default=0, metadata=arg("random seed of the whole run"))
+    recipe: str = dataclasses.field(default="", metadata=arg("the recipe JSON (trainer arguments); default: the shipped model's"))
+    threads: int = dataclasses.field(default=0, metadata=arg("torch threads (0: torch's choice)"))

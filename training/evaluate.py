@@ -68,6 +68,7 @@ import numpy as np
 
 from engine.models.cpu import cpu_profile
 from training import metrics, probe
+from training.config import UsageError  # a problem with the command line or its inputs: exit code 2, one line
 from training import tasks as tasks_mod
 from training.manifest import PixelLoader, Row, read_manifest
 from training.tasks import BINARY, MULTICLASS, MULTILABEL, MODALITY_LABELS, Task, task_rows
@@ -87,10 +88,6 @@ TOTALSEG_PATTERNS = {
 }
 MASK_ID_KEYS = ("mask_ids", "organ_ids", "label_ids", "totalseg_ids")  # recipes/slices.py writes "mask_ids"
 GRID_TOL_MM = 1e-3  # label map and image affines must agree this well (as recipes/slices.check_same_grid)
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs: exit code 2, one line."""
 
 
 def _log(msg: str) -> None:
@@ -562,9 +559,24 @@ def evaluate(
             if task.kind != MULTILABEL or name not in kept_rows:
                 continue
             out["pointing"][name] = pointing_game(task, kept_rows[name][0], model, loader, max_pairs=pointing_max, tolerance=pointing_tolerance, log=log)
+    calibration = calibration_on(model, test, cache)
+    if calibration is not None:
+        out["calibration"] = calibration
     out["embedding"] = {"images": len(cache.vectors), "seconds": cache.seconds, "image_size": IMAGE_SIZE, "batch_size": batch_size,
                         "errors": len(cache.errors), "error_examples": dict(list(cache.errors.items())[:10])}
     return out
+
+
+def calibration_on(model, rows: Sequence[Row], cache: EmbeddingCache) -> dict[str, Any] | None:
+    """ECE before/after the checkpoint's own calibration on these rows (None for a model without a "trust" block)."""
+    from training import calibrate
+
+    trust = calibrate.trust_of(getattr(model, "config", None) or {})
+    kept = [r for r in rows if r.id in cache.vectors]
+    if trust is None or not kept:
+        return None
+    emb = np.stack([cache.vectors[r.id] for r in kept])
+    return calibrate.evaluate_calibration(calibrate.collect(model, emb, kept), *trust)
 
 
 # --------------------------------------------------------------------------- output
@@ -697,6 +709,10 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
             rows = [[o, d["n"], d["hits"], _f(d["rate"]), _f(d["chance"])] for o, d in r["per_organ"].items()]
             rows.append(["**all**", r["n"], r["hits"], _f(r["rate"]), _f(r["chance"])])
             lines += _table(["organ", "pairs", "hits", "rate", "chance"], rows)
+    if res.get("calibration"):
+        from training.calibrate import calibration_markdown
+
+        lines += calibration_markdown(res["calibration"], f"{h2} Calibration on the {res.get('split', 'test')} split (fitted on val)")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -734,6 +750,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-per-task", type=int, default=None, help="stratified cap on each task's test rows (smoke runs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--exact", action="store_true", help="fp32 forwards (skip the engine's fast inference path)")
+    p.add_argument("--ood", action="store_true", help="the out-of-distribution evaluation (training.ood) instead of the manifest's splits")
     args = p.parse_args(argv)
     if args.tasks:
         args.tasks = [t for item in args.tasks for t in item.split(",") if t.strip()]
@@ -781,7 +798,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        _res, md = run(args)
+        if args.ood:
+            from training import ood
+
+            _res, md = ood.run(args.model, data_root=args.data_root, out=args.out or Path("runs/ood") / _default_name(args.model),
+                               exact=args.exact)
+        else:
+            _res, md = run(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -80,6 +80,7 @@ import numpy as np
 
 from training import metrics, probe
 from training.evaluate import _cap, _clean, _f, _table, file_sha256, image_label_task, zero_shot
+from training.config import UsageError  # exit status 2 and one line on stderr
 from training.manifest import ENGINE_MODALITY, PixelLoader, Row, read_manifest
 from training.tasks import BINARY, TASKS, Task, task_rows
 
@@ -89,10 +90,6 @@ SEEDS = 5
 TEACH_TASKS = ("busi_malignant", "pneumonia", "ham_melanoma")
 SKIP_DATASETS = frozenset({"breastmnist"})  # BUSI's images again at 28 px: a second copy would pair with itself
 TEST_DB, TEACH_DB = "test.db", "teach.db"
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs: exit code 2, one line."""
 
 
 def _log(msg: str) -> None:

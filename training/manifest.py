@@ -175,9 +175,11 @@ class PixelLoader:
     def __call__(self, row: Row) -> np.ndarray:
         """The engine's 448 px model image resized by the model's own preprocessing (the object the engine
         runs at inference), so training sees inference's pixels."""
-        return self.preprocess.resize(self._pixels448(row))
+        return self.preprocess.resize(self.pixels448(row))
 
-    def _pixels448(self, row: Row) -> np.ndarray:
+    def pixels448(self, row: Row) -> np.ndarray:
+        """The engine's 448 px uint8 RGB model image of a row (before the model's preprocessing; the
+        domain randomisation of training.randomise acts on it)."""
         from engine.zeroshot.imaging import MODEL_IMAGE_SIZE
 
         if row.array is not None:

@@ -21,6 +21,7 @@ class ClipConfig:
     data_root: str = field(default="", metadata=arg("folder the manifest's paths are relative to", required=True))
     out: str = field(default="", metadata=arg("run folder: checkpoints, logs, the exported model", required=True))
     datasets: list[str] | None = field(default=None, metadata=arg("train only on these manifest datasets"))
+    max_rows_per_dataset: int = field(default=0, metadata=arg("seeded subsample of at most N train and N val rows per dataset (0: all)"))
     # model
     tower: str = field(default="convnext_atto", metadata=arg("timm image tower name"))
     image_size: int = field(default=96, metadata=arg("model input side in pixels (the model image is resized to it)"))
@@ -32,6 +33,14 @@ class ClipConfig:
     trunk: str | None = field(default=None, metadata=arg("a pretrained trunk built in code", choices=[None, "astra-deflated"]))
     frozen_trunk: bool = field(default=False, metadata=arg("keep the trunk fixed; train only the image head"))
     drop_path: float = field(default=0.05, metadata=arg("stochastic depth of a trained trunk"))
+    # domain randomisation (training.randomise) of a frozen trunk's cached views
+    views: int = field(default=1, metadata=arg("frozen trunk: cached views per training image (1 clean + views-1 randomised)"))
+    randomise: list[str] | None = field(default=None, metadata=arg("augmentation families of the randomised views (default: all)"))
+    randomise_p: float = field(default=0.5, metadata=arg("probability that each family fires on a randomised view"))
+    cache_precision: str = field(default="fp32", metadata=arg(
+        "frozen-trunk feature cache arithmetic (auto: bf16 where the CPU computes it natively; bench/clip_trunk.py)",
+        choices=["auto", "fp32", "bf16"]))
+    trust: bool = field(default=True, metadata=arg("fit calibration and the OOD reference set into the exported model"))
     # optimisation
     epochs: float = field(default=10.0, metadata=arg("passes over samples_per_epoch rows"))
     samples_per_epoch: int = field(default=0, metadata=arg("0: the number of training rows"))

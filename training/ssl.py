@@ -67,7 +67,6 @@ img/s the progress bar shows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -83,6 +82,8 @@ import torch.nn.functional as F
 
 from engine.models.cpu import cpu_profile
 from torch import nn
+
+from training.config import arg, parse
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip.constants.OPENAI_DATASET_STD
@@ -106,30 +107,72 @@ class AugmentConfig:
 
 @dataclass
 class SSLConfig:
-    manifest: str = "runs/manifest.jsonl"  # JSONL manifest (training/manifest.py); split == "train" rows are used
-    data_root: str = "../shared/data"  # root that manifest paths are relative to
-    out: str = "runs/ssl"  # output folder: trunk.safetensors, ssl_config.json, last.pt
-    cache: str | None = None  # image cache .npy (default <out>/images_<C>px.npy)
-    tower: str = "convnext_atto"  # timm model name, created with pretrained=False, num_classes=0
-    image_size: int = 96  # training resolution (views are image_size squares)
-    epochs: int = 2  # passes over the train rows (2 x 16k images fit ~10-15 min on 2 cores, see above)
-    batch_size: int = 128  # images per step (2x views go through the trunk)
-    lr: float = 1e-3  # peak AdamW learning rate
-    weight_decay: float = 0.05  # AdamW decoupled weight decay (not on biases/norms)
-    warmup: float = 0.1  # fraction of all steps spent in linear warmup
+    manifest: str = field(
+        default="runs/manifest.jsonl", metadata=arg('JSONL manifest (training/manifest.py); split == "train" rows are used')
+    )
+    data_root: str = field(
+        default="../shared/data", metadata=arg('root that manifest paths are relative to')
+    )
+    out: str = field(
+        default="runs/ssl", metadata=arg('output folder: trunk.safetensors, ssl_config.json, last.pt')
+    )
+    cache: str | None = field(
+        default=None, metadata=arg('image cache .npy (default <out>/images_<C>px.npy)')
+    )
+    tower: str = field(
+        default="convnext_atto", metadata=arg('timm model name, created with pretrained=False, num_classes=0')
+    )
+    image_size: int = field(
+        default=96, metadata=arg('training resolution (views are image_size squares)')
+    )
+    epochs: int = field(
+        default=2, metadata=arg('passes over the train rows (2 x 16k images fit ~10-15 min on 2 cores, see above)')
+    )
+    batch_size: int = field(
+        default=128, metadata=arg('images per step (2x views go through the trunk)')
+    )
+    lr: float = field(
+        default=1e-3, metadata=arg('peak AdamW learning rate')
+    )
+    weight_decay: float = field(
+        default=0.05, metadata=arg('AdamW decoupled weight decay (not on biases/norms)')
+    )
+    warmup: float = field(
+        default=0.1, metadata=arg('fraction of all steps spent in linear warmup')
+    )
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of the peak
-    temperature: float = 0.2  # NT-Xent temperature
+    temperature: float = field(
+        default=0.2, metadata=arg('NT-Xent temperature')
+    )
     proj_hidden: int = 512  # projection head hidden width
     proj_dim: int = 128  # projection head output width
-    seed: int = 0  # seeds init, image order and augmentation
-    max_steps: int | None = None  # stop after this many steps (tests, smoke runs); schedule still spans all epochs
-    limit: int | None = None  # use only the first N train rows (development)
-    save_every: int = 50  # steps between last.pt checkpoints (also saved at the end)
-    threads: int | None = None  # torch intra-op threads (default: torch's choice; 1 is faster on a shared CPU)
-    channels_last: bool | None = None  # NHWC tensors; None = on except for ConvNeXt towers (measured, see above)
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
-    fresh: bool = False  # ignore an existing last.pt instead of resuming
-    progress: bool = True  # tqdm bars
+    seed: int = field(
+        default=0, metadata=arg('seeds init, image order and augmentation')
+    )
+    max_steps: int | None = field(
+        default=None, metadata=arg('stop after this many steps (tests, smoke runs); schedule still spans all epochs')
+    )
+    limit: int | None = field(
+        default=None, metadata=arg('use only the first N train rows (development)')
+    )
+    save_every: int = field(
+        default=50, metadata=arg('steps between last.pt checkpoints (also saved at the end)')
+    )
+    threads: int | None = field(
+        default=None, metadata=arg("torch intra-op threads (default: torch's choice; 1 is faster on a shared CPU)")
+    )
+    channels_last: bool | None = field(
+        default=None, metadata=arg('NHWC tensors; None = on except for ConvNeXt towers (measured, see above)')
+    )
+    device: str = field(
+        default="auto", metadata=arg('"auto" (cuda if available), "cpu", "cuda"', choices=["auto", "cpu", "cuda"])
+    )
+    fresh: bool = field(
+        default=False, metadata=arg('ignore an existing last.pt instead of resuming')
+    )
+    progress: bool = field(
+        default=True, metadata=arg('tqdm bars')
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # view augmentations
 
 
@@ -448,38 +491,7 @@ def _train(cfg: SSLConfig) -> dict:
 
 # --------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str] | None = None) -> SSLConfig:
-    d = SSLConfig()
-    p = argparse.ArgumentParser(prog="python -m training.ssl", description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", default=d.manifest)
-    p.add_argument("--data-root", default=d.data_root)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--cache", default=d.cache, help="image cache .npy (default <out>/images_<C>px.npy)")
-    p.add_argument("--tower", default=d.tower, help="timm model name")
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup", type=float, default=d.warmup, help="fraction of steps")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--limit", type=int, default=d.limit, help="first N train rows only")
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
-    p.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
-                   help="NHWC memory format (default: on except ConvNeXt towers)")
-    p.add_argument("--fresh", action="store_true", help="ignore <out>/last.pt")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    return SSLConfig(
-        manifest=a.manifest, data_root=a.data_root, out=a.out, cache=a.cache, tower=a.tower,
-        image_size=a.image_size, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-        weight_decay=a.weight_decay, warmup=a.warmup, temperature=a.temperature, seed=a.seed,
-        max_steps=a.max_steps, limit=a.limit, save_every=a.save_every, threads=a.threads,
-        device=a.device, channels_last=a.channels_last, fresh=a.fresh, progress=not a.no_progress,
-    )
+    return parse(SSLConfig, argv, prog="python -m training.ssl")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -490,4 +502,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from training.config import run_main
+
+    raise SystemExit(run_main(main))
