@@ -6,12 +6,13 @@ Design decisions
   (the CLI and the app read it), the engine's default is the shipped
   "medlens-qformer". A missing default, an unknown name and a broken folder
   all become a ModelError that says what to do; nothing else escapes.
-- `label_volume` scores a label list with the Q-Former's image-text
+- `volume_labels` scores a label list with the Q-Former's image-text
   similarity over the whole volume (one encoding, no slice sampling) and
-  returns the same dict shape as `LabelResult.to_dict()` (engine.zeroshot),
-  so the labels panel's bar chart and the CLI's JSON read it unchanged:
-  `aggregation` None, `n_slices` 0, `per_slice` [], plus `scope` ("volume"
-  or "image"). Labels default to the modality's preset, as label_scan.
+  returns a `LabelResult` (engine.zeroshot), the CLIP path's typed result:
+  `aggregation` None, no per-slice scores, `scope` "volume" (or "image" for
+  a 2D image). `label_volume` is its `to_dict()`, so the labels panel's bar
+  chart and the CLI's JSON read both paths alike. Labels default to the
+  modality's preset, as label_scan.
 - `evidence_view` turns an answer's `Evidence.volume_map` (the scan's own
   voxel grid) into what a viewer shows: the axial slices in slice space
   (engine.views.extract_slice: display orientation), shrunk in-plane to at
@@ -35,7 +36,7 @@ EVIDENCE_MAX_SIDE = 128  # in-plane pixels kept of an evidence map (overlays are
 SCOPE_VOLUME = "volume"
 SCOPE_IMAGE = "image"
 
-__all__ = ["resolve_ask_model", "label_volume", "EvidenceView", "evidence_view", "EVIDENCE_MAX_SIDE"]
+__all__ = ["resolve_ask_model", "label_volume", "volume_labels", "EvidenceView", "evidence_view", "EVIDENCE_MAX_SIDE"]
 
 
 # --------------------------------------------------------------------------- the model
@@ -47,14 +48,14 @@ def resolve_ask_model(source: Any = None):
 
 
 # --------------------------------------------------------------------------- 3D zero-shot labels
-def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
-                 volume: int = 0) -> dict[str, Any]:
-    """Zero-shot labels from the Q-Former over the whole volume (2D: the image), as LabelResult.to_dict() shapes them.
+def volume_labels(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
+                  volume: int = 0):
+    """Zero-shot labels from the Q-Former over the whole volume (2D: the image), as a LabelResult (scope "volume"/"image").
 
     labels: list or comma/newline-separated string; None = the default preset of the prompt set
     (`prompt_set`, else the scan's modality). A softmax needs at least two labels.
     """
-    from engine.zeroshot import clean_labels, load_prompt_set
+    from engine.zeroshot import LabelResult, LabelScore, clean_labels, load_prompt_set
 
     pset = load_prompt_set(prompt_set or scan.modality)
     label_list = pset.default_labels if labels is None else clean_labels(labels)
@@ -66,20 +67,19 @@ def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: A
     # volume 0 is what the model encodes of a multi-volume scan anyway: keep its cache key (the whole scan's hash)
     target = scan if scan.is_2d or not volume else scan.volume(int(volume))
     ranked = ask.label(target, list(label_list))
-    return {
-        "labels": [{"label": r["label"], "probability": round(float(r["probability"]), 6), "score": round(float(r["score"]), 6)}
-                   for r in ranked],
-        "mode": "softmax",
-        "aggregation": None,
-        "model": ask.name,
-        "inference_path": "Q-Former, whole " + ("image" if scan.is_2d else "volume"),
-        "prompt_set": pset.key,
-        "logit_scale": round(float(ask.qformer.logit_scale.exp()), 6),
-        "modality": scan.modality.value,
-        "n_slices": 0,
-        "per_slice": [],
-        "scope": SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME,
-    }
+    return LabelResult(
+        labels=[LabelScore(r["label"], float(r["probability"]), float(r["score"])) for r in ranked],
+        mode="softmax", aggregation=None, per_slice=[], model_id=ask.name,
+        inference_path="Q-Former, whole " + ("image" if scan.is_2d else "volume"), prompt_set=pset.key,
+        logit_scale=float(ask.qformer.logit_scale.detach().exp()), modality=scan.modality.value,
+        scope=SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME,
+    )
+
+
+def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
+                 volume: int = 0) -> dict[str, Any]:
+    """`volume_labels(...).to_dict()`: the JSON shape of the CLIP path's labels, with `scope`."""
+    return volume_labels(scan, labels, model, prompt_set=prompt_set, volume=volume).to_dict()
 
 
 # --------------------------------------------------------------------------- evidence for a viewer

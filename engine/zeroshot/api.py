@@ -75,6 +75,7 @@ class LabelResult:
     prompt_set: str  # prompt-set key used ("xray", "ct", ...)
     logit_scale: float  # the scale the probabilities were computed with
     modality: str = ""  # the scan's modality, when labelling a scan
+    scope: str | None = None  # what one score describes: "volume" / "image" (the Q-Former's whole-scan labels); None: not stated
 
     @property
     def top(self) -> LabelScore:
@@ -103,6 +104,8 @@ class LabelResult:
             "modality": self.modality,
             "n_slices": len(self.per_slice),
         }
+        if self.scope is not None:
+            out["scope"] = self.scope
         if per_slice:
             out["per_slice"] = [
                 {
