@@ -62,3 +62,19 @@ def test_trust_is_written_into_the_checkpoint_and_reads_back(tmp_path):
     qformer_trust.add_test_metrics(tmp_path, {"calibration": {"all": {"n": 9, "ece_before": 0.3, "ece_after": 0.1, "reliability_after": []}}})
     metrics = json.loads((tmp_path / "config.json").read_text())["trust"]["closed"]["metrics"]
     assert metrics["test"] == {"n": 9, "ece_before": 0.3, "ece_after": 0.1} and "val" in metrics
+
+
+def test_compare_pairs_questions_and_calls_worse_only_beyond_the_interval():
+    from training.qformer_compare import compare
+
+    def items(correct_share: float, n: int, seed: int) -> list[dict]:
+        rng = np.random.default_rng(seed)
+        return [{"id": f"r{i}", "family": "finding_yes_no", "slots": {"finding": "x"}, "kind": "image", "dataset": "busi",
+                 "group": "busi: malignant?", "correct": bool(rng.random() < correct_share)} for i in range(n)]
+
+    old = items(0.8, 400, 0)
+    same = compare(old, [dict(x) for x in old])["dataset busi"]
+    assert same["difference"] == 0 and same["verdict"] == "same within CI" and same["n"] == 400
+    worse = compare(old, items(0.5, 400, 1))
+    assert worse["dataset busi"]["verdict"] == "worse" and worse["group busi: malignant?"]["ci95"][1] < 0
+    assert compare(old, items(0.5, 400, 1)[:10])["dataset busi"]["n"] == 10  # only questions both scored are paired

@@ -305,7 +305,7 @@ def _whole_volumes(model: AskModel, caches, volumes: list[QARow]) -> list[dict]:
 def write_items(path: Path, items: list[dict]) -> None:
     from training.config import write_jsonl
 
-    write_jsonl(path, ({k: v for k, v in it.items() if k != "slots"} for it in items))
+    write_jsonl(path, items)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
