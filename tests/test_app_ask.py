@@ -270,5 +270,12 @@ def test_label_volume_has_the_label_result_shape(tiny_ask):
     assert {"labels", "mode", "aggregation", "model", "inference_path", "prompt_set", "logit_scale", "modality", "n_slices"} <= set(result)
     assert sorted(r["label"] for r in result["labels"]) == sorted(load_prompt_set("ct").default_labels)
     assert result["prompt_set"] == "ct" and result["scope"] == "volume" and result["mode"] == "softmax"
+    assert result["per_slice"] == [] and result["n_slices"] == 0 and result["aggregation"] is None
+    from engine.ask.api import volume_labels
+    from engine.zeroshot import LabelResult
+
+    typed = volume_labels(scan, None, tiny_ask)  # the typed result the dict comes from
+    assert isinstance(typed, LabelResult) and typed.scope == "volume" and typed.to_dict() == result
+    assert typed.top.label == result["labels"][0]["label"]
     with pytest.raises(PromptError, match="at least two labels"):
         label_volume(scan, "liver", tiny_ask)

@@ -281,7 +281,7 @@ def test_recipe_on_shared_data(shared_data, tmp_path):
     for r in rows:
         if r.dataset in ("ct_organs_3d", "mr_organs_3d", "brain_mri_3d", "mr_organs", "brain_mri"):
             split_of.setdefault(r.subject, set()).add(r.split)
-    assert split_of["ts-ct-b"] == {"test"} and split_of["ts-ct-a"] == {"train"}
+    assert split_of["ts-ct-a"] == {"test"} and split_of["ts-ct-b"] == {"train"}  # test: the subject with real reformats
     assert split_of["ts-mr-a"] == {"train"} and split_of["colin27"] == {"train"}
     epi = [s for s in split_of if s.startswith("20180918")]
     assert len(epi) == 8 and all(split_of[s] == {"test"} for s in epi)

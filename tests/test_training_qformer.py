@@ -183,3 +183,46 @@ def test_a_continued_run_starts_from_the_earlier_weights_and_records_them(tmp_pa
     assert second["qformer"]["decoder_vocab"] == first["qformer"]["decoder_vocab"]
     before, after = read_weights(tmp_path / "a" / "best"), read_weights(tmp_path / "b" / "last")
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)  # zero steps: the same weights
+
+
+def test_trainer_settings_are_one_dataclass_saved_verbatim_and_bad_ones_exit_2(tmp_path, capsys):
+    from training import qformer
+    from training.config import to_argv, to_dict
+    from training.qformer_params import QFormerTrainConfig, parse_qformer_args
+
+    manifest = _manifest(tmp_path)
+    argv = ["--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--encoder", "i3resnet-tiny",
+            "--layers", "1", "--steps", "1", "--batch-size", "3", "--eval-every", "1", "--image-size", "64",
+            "--volume-size", "32", "32", "16", "--warmup", "1"]
+    assert qformer.main(argv) == 0
+    saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["training"]
+    cfg = parse_qformer_args(argv)
+    assert saved == to_dict(cfg) and saved["volume_size"] == [32, 32, 16]
+    assert parse_qformer_args(to_argv(QFormerTrainConfig, saved)) == cfg  # the saved settings rebuild the same run
+    assert qformer.main([*argv, "--volume-size", "32", "32"]) == 2
+    assert "--volume-size takes three numbers" in capsys.readouterr().err
+    assert qformer.main([*argv, "--encoder", "resnet9000"]) == 2
+
+
+def test_trust_step_calibrates_and_writes_the_reference_set_of_a_trained_checkpoint(tmp_path):
+    from engine.ask.model import ood_embedding
+    from engine.trust import Calibration, ReferenceSet
+    from training import qformer, qformer_trust
+
+    manifest = _manifest(tmp_path)
+    assert qformer.main(["--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--out", str(tmp_path / "run"),
+                         "--encoder", "i3resnet-tiny", "--layers", "1", "--steps", "2", "--batch-size", "3", "--eval-every", "2",
+                         "--image-size", "64", "--volume-size", "32", "32", "16", "--warmup", "1"]) == 0
+    folder = tmp_path / "run" / "best"
+    assert qformer_trust.main([str(folder), "--qa-manifest", str(manifest), "--data-root", str(tmp_path),
+                               "--cache", str(tmp_path / "qformer_cache")]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    calibration = Calibration.from_config(config["trust"]["closed"])
+    assert calibration.fitted and set(calibration.calibrators) == {"default"}  # two val questions: no family of its own
+    assert config["trust"]["closed"]["metrics"]["val"]["all"]["n"] == 2
+    reference = ReferenceSet.load(folder)
+    assert reference is not None and len(reference.vectors) == 7  # every cached training row: 4 images + 3 crops
+    model = load_ask_folder(folder)  # the trust files do not disturb loading
+    volume, _ = load_one([str(tmp_path / "ct.nii.gz")])
+    vector = ood_embedding(model.encode(volume))
+    assert vector.shape == (model.qformer.config.hidden_size,) and np.isfinite(reference.scores(vector[None])).all()

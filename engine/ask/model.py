@@ -38,7 +38,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -118,11 +118,42 @@ class Encoded:
     memo: dict[str, Any] = field(default_factory=dict)  # per-scan answers the engine reuses (OOD flag, region, modality)
 
 
+OOD_EMBEDDING = "mean_query_output"  # what a Q-Former's trust_reference.safetensors holds (config trust.ood.embedding)
+
+
+def ood_embedding(enc: Encoded) -> np.ndarray:
+    """The vector a Q-Former's out-of-distribution reference set holds for one scan: its query outputs
+    averaged over the queries, float32 [hidden] (ReferenceSet normalises). Every encoding computes the
+    query outputs anyway, so flagging a scan costs no extra pass; training builds the reference set with
+    this same function (training/qformer_trust.py)."""
+    return enc.query_states[0].float().mean(dim=0).numpy().astype(np.float32)
+
+
 def qformer_preprocess(config: dict[str, Any]) -> ImagePreprocess:
     """A Q-Former checkpoint's 2D preprocessing: the engine's model image resized to `image_size`, in 0..1
     (the frozen Astra encoder takes unstandardised pixels). Training's token cache uses the same object."""
     return ImagePreprocess.from_config(config.get("preprocess_cfg"), size=int(config.get("image_size", 128)),
                                        mean=IDENTITY_MEAN, std=IDENTITY_STD)
+
+
+class Tokens(NamedTuple):
+    """A frozen encoder's output: tokens [B, N, C] (fp32) and their grid (Z', X', Y'); 2D images have Z' = 1."""
+
+    tokens: torch.Tensor
+    grid: tuple[int, int, int]
+
+
+class EncoderTokens(NamedTuple):
+    """One scan's frozen-encoder tokens [1, N, C], their grid, and the voxel mapping of its preprocessing."""
+
+    tokens: torch.Tensor
+    grid: tuple[int, int, int]
+    mapping: Any  # volume_prep mapping (token grid -> scan voxels)
+
+
+class Generated(NamedTuple):
+    text: str
+    confidence: float  # mean probability of the generated tokens
 
 
 class FrozenEncoders:
@@ -150,19 +181,19 @@ class FrozenEncoders:
             raise ModelError(f"unknown frozen encoder type {self.kind!r} (known: i3resnet152, i3resnet-tiny)")
 
     @torch.inference_mode()
-    def volume_tokens(self, volume: torch.Tensor):
+    def volume_tokens(self, volume: torch.Tensor) -> Tokens:
         from engine.models import i3resnet
 
-        return i3resnet.encode_volume_tokens(volume, self._tiny)
+        return Tokens(*i3resnet.encode_volume_tokens(volume, self._tiny))
 
     @torch.inference_mode()
-    def image_tokens(self, image: torch.Tensor):
+    def image_tokens(self, image: torch.Tensor) -> Tokens:
         from engine.models import i3resnet
 
         if self._tiny is not None:
             tokens, grid = self._tiny.tokens(image.mean(dim=1, keepdim=True)[..., None])
-            return tokens.float(), grid
-        return i3resnet.encode_2d_tokens(image)
+            return Tokens(tokens.float(), grid)
+        return Tokens(*i3resnet.encode_2d_tokens(image))
 
 
 class AskModel:
@@ -186,7 +217,7 @@ class AskModel:
         self._label_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     # ----------------------------------------------------------------- encoding
-    def encoder_tokens(self, scan: Scan) -> tuple[torch.Tensor, tuple[int, int, int], Any]:
+    def encoder_tokens(self, scan: Scan) -> EncoderTokens:
         """Frozen encoder tokens [1, N, C], their grid and the voxel mapping for one scan."""
         from engine.models import volume_prep
 
@@ -200,7 +231,7 @@ class AskModel:
         else:
             prepared = volume_prep.prepare_volume(scan.volume(0), self.prep)
             tokens, grid = self.encoders.volume_tokens(prepared.tensor)
-        return tokens, tuple(int(g) for g in grid), prepared.mapping
+        return EncoderTokens(tokens, tuple(int(g) for g in grid), prepared.mapping)
 
     def encode(self, scan: Scan) -> Encoded:
         key = scan.content_hash
@@ -222,9 +253,10 @@ class AskModel:
         with torch.inference_mode():
             memory = self.qformer.encoder_memory(self.qformer.prepare_encoder(tokens.float(), grid))
             mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
-            states, weights = self.qformer.query_output(memory, mask, keep_weights=True)
+            out = self.qformer.query_output(memory, mask, keep_weights=True)
+            weights = out.cross_weights
             cross = torch.stack([w.mean(dim=(1, 2)) for w in weights]).mean(0)[0] if weights else torch.full((tokens.shape[1],), 1 / tokens.shape[1])
-        return Encoded(memory, mask, grid, states, cross, mapping, is_2d, scan_shape)
+        return Encoded(memory, mask, grid, out.states, cross, mapping, is_2d, scan_shape)
 
     # ----------------------------------------------------------------- answers
     def _candidate_scores(self, enc: Encoded, prompt: str, candidates: list[str]) -> np.ndarray:
@@ -234,11 +266,11 @@ class AskModel:
                                                     batch.ids, batch.attention_mask, batch.target_mask)
         return ll.numpy()
 
-    def _generate(self, enc: Encoded, prompt: str) -> tuple[str, float]:
-        new, logps = self.qformer.greedy_decode(enc.memory, prompting.prompt_ids(self.tokenizer, prompt), MAX_ANSWER_TOKENS,
-                                                self.tokenizer.sep_token_id, enc.token_mask)
-        text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-        return text, float(np.exp(np.mean(logps))) if logps else 0.0
+    def _generate(self, enc: Encoded, prompt: str) -> Generated:
+        decoded = self.qformer.greedy_decode(enc.memory, prompting.prompt_ids(self.tokenizer, prompt), MAX_ANSWER_TOKENS,
+                                             self.tokenizer.sep_token_id, enc.token_mask)
+        text = self.tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
+        return Generated(text, float(np.exp(np.mean(decoded.log_probs))) if decoded.log_probs else 0.0)
 
     def ask(self, scan: Scan, question: str, *, with_evidence: bool = True, assess: bool = True) -> Answer:
         """Answer a question about `scan`; `assess`: attach the scan's out-of-distribution flag."""

@@ -29,6 +29,10 @@ Design decisions
 - Attention weights of the cross-attention are kept when asked: they are
   the evidence (which tokens, hence which slices and regions, the queries
   read).
+- Internal results that travel between functions are NamedTuples
+  (`KeyValues`, `AttentionOutput`, `LayerOutput`, `QueryOutput`, `Decoded`,
+  `PaddedTokens`): fields with names at every call site, and still plain
+  tuples, so `states, weights = model.query_output(...)` keeps working.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +91,38 @@ class QFormerConfig:
         return cls(**data)
 
 
+class KeyValues(NamedTuple):
+    """Keys and values of one attention layer, [B, heads, N, head_dim] each."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+class AttentionOutput(NamedTuple):
+    hidden: torch.Tensor  # [B, Lq, H]
+    weights: torch.Tensor | None  # [B, heads, Lq, Lk] when asked for, else None
+
+
+class LayerOutput(NamedTuple):
+    hidden: torch.Tensor  # [B, L, H]
+    cross_weights: torch.Tensor | None  # the queries' cross-attention weights (cross-attention layers, when asked)
+
+
+class QueryOutput(NamedTuple):
+    states: torch.Tensor  # [B, Q, H] (or [B, Q + L, H] for a joint pass)
+    cross_weights: list[torch.Tensor]  # one [B, heads, Q, N] per cross-attention layer (empty unless asked)
+
+
+class Decoded(NamedTuple):
+    tokens: list[int]  # the new token ids (stop token excluded)
+    log_probs: list[float]  # log-probability of each chosen token (the stop token's included)
+
+
+class PaddedTokens(NamedTuple):
+    tokens: torch.Tensor  # [B, N_max, C] zero-padded
+    mask: torch.Tensor  # [B, N_max] True where a token exists
+
+
 class Attention(nn.Module):
     """BERT attention block (HF names: attention.{query,key,value}, output.{dense,LayerNorm})."""
 
@@ -109,13 +145,11 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
-    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._split(self.attention.key(context)), self._split(self.attention.value(context))
+    def keys_values(self, context: torch.Tensor) -> KeyValues:
+        return KeyValues(self._split(self.attention.key(context)), self._split(self.attention.value(context)))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None = None, keep_weights: bool = False):
-        """mask: boolean [B, 1 or Lq, Lk], True = may attend; kv: precomputed keys/values (cross-attention).
-
-        Returns (output, weights or None)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: KeyValues | None = None, keep_weights: bool = False) -> AttentionOutput:
+        """mask: boolean [B, 1 or Lq, Lk], True = may attend; kv: precomputed keys/values (cross-attention)."""
         q = self._split(self.attention.query(x))
         k, v = kv if kv is not None else self.keys_values(x)
         attn_mask = mask[:, None] if mask is not None else None
@@ -129,7 +163,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(x.shape)
-        return self.output.LayerNorm(self.hidden_dropout(self.output.dense(out)) + x), weights
+        return AttentionOutput(self.output.LayerNorm(self.hidden_dropout(self.output.dense(out)) + x), weights)
 
 
 class Intermediate(nn.Module):
@@ -168,21 +202,21 @@ class Layer(nn.Module):
     def query_ffn(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_query(self.intermediate_query(x), x)
 
-    def forward(self, x, mask, query_length, memory, encoder_mask, keep_weights=False):
+    def forward(self, x, mask, query_length, memory, encoder_mask, keep_weights=False) -> LayerOutput:
         x, _ = self.attention(x, mask)
         weights = None
         if query_length == 0:
-            return self.text_ffn(x), None
+            return LayerOutput(self.text_ffn(x), None)
         queries = x[:, :query_length]
         if self.has_cross_attention:
             queries, weights = self.crossattention(queries, encoder_mask, kv=memory, keep_weights=keep_weights)
         out = self.query_ffn(queries)
         if x.shape[1] > query_length:
             out = torch.cat([out, self.text_ffn(x[:, query_length:])], dim=1)
-        return out, weights
+        return LayerOutput(out, weights)
 
 
-def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_tokens(tokens: list[torch.Tensor]) -> PaddedTokens:
     """Token sets of different lengths [N_i, C] -> zero-padded [B, N_max, C] and a mask (True = real token)."""
     n = max(t.shape[0] for t in tokens)
     out = torch.zeros(len(tokens), n, tokens[0].shape[1], dtype=torch.float32)
@@ -190,7 +224,7 @@ def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, t in enumerate(tokens):
         out[i, : t.shape[0]] = t.float()
         mask[i, : t.shape[0]] = True
-    return out, mask
+    return PaddedTokens(out, mask)
 
 
 def grid_positions(grid: tuple[int, int, int], frequencies: int, device=None) -> torch.Tensor:
@@ -206,11 +240,11 @@ def grid_positions(grid: tuple[int, int, int], frequencies: int, device=None) ->
 class EncoderMemory:
     """Per-layer cross-attention (keys, values) [B, heads, N, head_dim]; None for layers without cross-attention."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    kv: list[KeyValues | None]
 
     @property
     def _first(self) -> torch.Tensor:
-        return next(k for k in self.kv if k is not None)[0]
+        return next(k for k in self.kv if k is not None).key
 
     @property
     def batch(self) -> int:
@@ -221,7 +255,7 @@ class EncoderMemory:
         return self._first.shape[2]
 
     def select(self, index: torch.Tensor) -> "EncoderMemory":
-        return EncoderMemory([(k[index], v[index]) if k is not None else None for k, v in ((x if x is not None else (None, None)) for x in self.kv)])
+        return EncoderMemory([KeyValues(kv.key[index], kv.value[index]) if kv is not None else None for kv in self.kv])
 
     def repeat(self, n: int) -> "EncoderMemory":
         """One image's memory repeated for n texts (candidate answers)."""
@@ -298,13 +332,13 @@ class QFormer(nn.Module):
         pairs, ITG) redid it; at inference, further questions on a scan reuse it."""
         return EncoderMemory([layer.crossattention.keys_values(encoder) if layer.has_cross_attention else None for layer in self.layer])
 
-    def _run(self, x, mask, query_length, memory: "EncoderMemory | None" = None, encoder_mask=None, keep_weights=False):
+    def _run(self, x, mask, query_length, memory: "EncoderMemory | None" = None, encoder_mask=None, keep_weights=False) -> QueryOutput:
         weights = []
         for i, layer in enumerate(self.layer):
             x, w = layer(x, mask, query_length, memory.kv[i] if memory is not None else None, encoder_mask, keep_weights)
             if w is not None:
                 weights.append(w)
-        return x, weights
+        return QueryOutput(x, weights)
 
     @staticmethod
     def _encoder_mask(encoder_mask: torch.Tensor | None, batch: int, n_queries: int, n_tokens: int) -> torch.Tensor | None:
@@ -313,7 +347,7 @@ class QFormer(nn.Module):
         return encoder_mask.bool()[:, None, :].expand(batch, n_queries, n_tokens)
 
     # --- the three views of one sequence ------------------------------------
-    def query_output(self, memory: "EncoderMemory", encoder_mask: torch.Tensor | None = None, keep_weights: bool = False):
+    def query_output(self, memory: "EncoderMemory", encoder_mask: torch.Tensor | None = None, keep_weights: bool = False) -> QueryOutput:
         """Queries alone reading the image: [B, Q, H] (+ cross-attention weights per cross layer)."""
         b, n, q = memory.batch, memory.tokens, self.config.num_query_tokens
         x = self._embed(None, True, b)
@@ -362,7 +396,7 @@ class QFormer(nn.Module):
 
     @torch.inference_mode()
     def greedy_decode(self, memory: EncoderMemory, prompt: list[int], max_new_tokens: int, stop_id: int,
-                      encoder_mask: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
+                      encoder_mask: torch.Tensor | None = None) -> Decoded:
         """Greedy continuation of `prompt` (token ids, [CLS] first) for one image: (new token ids, their log-probs).
 
         Keys/values of every earlier position are kept per layer, so each new token costs one
@@ -394,12 +428,11 @@ class QFormer(nn.Module):
             x = self.embeddings.LayerNorm(self._text_embeddings(torch.tensor([[token]]), start=position))
             position += 1
             for i, layer in enumerate(self.layer):
-                k_new, v_new = layer.attention.keys_values(x)
-                k, v = torch.cat([caches[i][0], k_new], dim=2), torch.cat([caches[i][1], v_new], dim=2)
-                caches[i] = (k, v)
-                x, _ = layer.attention(x, None, kv=(k, v))
+                new = layer.attention.keys_values(x)
+                caches[i] = KeyValues(torch.cat([caches[i].key, new.key], dim=2), torch.cat([caches[i].value, new.value], dim=2))
+                x, _ = layer.attention(x, None, kv=caches[i])
                 x = layer.text_ffn(x)
-        return out, logps
+        return Decoded(out, logps)
 
     def lm_targets(self, ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """Decoder positions of the next tokens to predict, -100 where nothing is predicted. [B, L-1]."""

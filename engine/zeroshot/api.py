@@ -100,6 +100,7 @@ class LabelResult:
     field_of_view: dict[str, Any] | None = None  # engine.trust.anatomy.FieldOfView.to_dict() (volumes, check on)
     fov_note: str = ""  # why there is no field-of-view check, or which evidence was missing
     ood: Any = None  # engine.trust.OodFlag of the image or scan
+    scope: str | None = None  # what one score describes: "volume" / "image" (the Q-Former's whole-scan labels); None: not stated
 
     @property
     def top(self) -> LabelScore:
@@ -136,6 +137,8 @@ class LabelResult:
             "fov_note": self.fov_note,
             **(self.ood.to_dict() if self.ood is not None else OodFlag.unknown().to_dict()),
         }
+        if self.scope is not None:
+            out["scope"] = self.scope
         if per_slice:
             out["per_slice"] = [
                 {

@@ -11,9 +11,17 @@ Design decisions
 - CLI: its own module (`python -m training.recipes.qa`) rather than a flag
   on `python -m training.recipes`: the output is another format (QARow, not
   Row) and the QA recipe runs the 2D recipes itself, in-process.
-- Volumes, split by subject. ct_organs_3d: "ts-ct-a" (example_ct_sm +
-  example_seg) train, "ts-ct-b" (the DICOM series + example_seg_dicom)
-  test, never trained on. mr_organs_3d: "ts-mr-a" (example_mr_sm +
+- Volumes, split by subject. ct_organs_3d: "ts-ct-b" (the DICOM series +
+  example_seg_dicom) train, "ts-ct-a" (example_ct_sm + example_seg) test,
+  never trained on. The test subject is the one whose reformats are real
+  images: ts-ct-b has 20 axial slices of 2 mm, so its coronal/sagittal
+  slices are 40 mm strips and a crop of it holds at most 14 slices at the
+  model's 3 mm; ts-ct-a's 30 slices of 3 mm (90 mm) give crops that span
+  organs in all three axes. (Until issue 14 the split was the other way
+  round, and the held-out figures measured crops of the thin slab.) The
+  2D CLIP manifest (training/recipes/totalsegmentator.py) keeps its own
+  split; the QA manifest's SUBJECT_SPLIT below overrides it for the QA rows
+  of the slices. mr_organs_3d: "ts-mr-a" (example_mr_sm +
   example_seg_mr) TRAIN: it is the only abdominal MR subject, and without
   it the model would never see abdominal MR; the price is that no abdominal
   MR is left to test on (MR testing = the brain EPI series). brain_mri_3d:
@@ -99,7 +107,7 @@ IMAGE_DATASETS = ("nih_cxr14", "pneumoniamnist", "busi", "lc25000_lung", "fundus
                   "ct_organs", "mr_organs", "brain_mri")
 DEFAULT = VOLUME_DATASETS + IMAGE_DATASETS
 # Split of each volume subject in the QA manifest (2D slices of the subject follow it).
-SUBJECT_SPLIT = {"ts-ct-a": "train", "ts-ct-b": "test", "ts-mr-a": "train", "colin27": "train"}
+SUBJECT_SPLIT = {"ts-ct-a": "test", "ts-ct-b": "train", "ts-mr-a": "train", "colin27": "train"}
 EPI_SPLIT = "test"
 MOD_WORD = {"ct": "CT", "mr": "MRI", "xray": "X-ray", "us": "ultrasound", "pathology": "histopathology",
             "fundus": "fundus photograph", "dermoscopy": "dermoscopy"}
