@@ -179,7 +179,7 @@ def _evidence_html(scan, view, volume, axial, center, width, mip, mip_mm) -> str
     return view_html(image, "Evidence", caption)
 
 
-def _answer_markdown(answer, model_name: str, view) -> str:
+def _answer_markdown(answer, model_name: str, view, encoder_path: str = "") -> str:
     esc = html.escape
     text = f"**Answer:** {esc(answer.answer)} · confidence **{100 * answer.confidence:.1f}%**"
     if answer.closed:
@@ -189,7 +189,8 @@ def _answer_markdown(answer, model_name: str, view) -> str:
         text += "\n\nOpen question: a generated answer; its confidence is the mean probability of its words."
     if view is not None and not view.is_2d:
         text += f" The queries attended most to axial slice {view.top_slice + 1}/{view.n_slices}."
-    text += f"\n\nModel `{esc(model_name)}` · research use only, not a diagnosis."
+    encoder = f" · image encoder on {esc(encoder_path)}" if encoder_path else ""
+    text += f"\n\nModel `{esc(model_name)}`{encoder} · research use only, not a diagnosis."
     return text
 
 
@@ -212,11 +213,11 @@ def make_ask(allowed: set[str]) -> Callable:
         answer = ask.ask(scan, cleaned)
         view = evidence_view(scan, answer.evidence) if answer.evidence is not None else None
         out: dict[str, Any] = {
-            "answer": _answer_markdown(answer, ask.name, view),
+            "answer": _answer_markdown(answer, ask.name, view, ask.encoders.path_label(scan.is_2d)),
             "candidates": gr.update(value=candidates_figure(answer.candidates), visible=True) if answer.closed and answer.candidates
             else gr.update(value=None, visible=False),
             "evidence": view,
-            "result": {**answer.to_dict(), "model": ask.name,
+            "result": {**answer.to_dict(), "model": ask.name, "encoder_path": ask.encoders.path_label(scan.is_2d),
                        "most_attended_axial_slice": None if view is None or view.is_2d else view.top_slice},
         }
         if view is None:

@@ -214,6 +214,10 @@ def cmd_models(args) -> int:
     from engine.ask.model import DEFAULT_ASK_MODEL, ask_models
     from engine.models import DEFAULT_MODEL, list_models
 
+    if args.speed:
+        from engine.models.speed_report import print_speed
+
+        return print_speed(as_json=args.json)
     entries = list_models()
     asking = _ask_entries(ask_models())
     if args.json:
@@ -448,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
+    p.add_argument("--speed", action="store_true", help="the CPU inference path chosen and measured for each model on this machine (cached decisions)")
     p.set_defaults(func=cmd_models)
 
     library_help = "library file (default: $MEDLENS_LIBRARY, else ~/.local/share/medlens/library.db)"

@@ -87,7 +87,7 @@ def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: A
         "mode": "softmax",
         "aggregation": None,
         "model": ask.name,
-        "inference_path": "Q-Former, whole " + ("image" if scan.is_2d else "volume"),
+        "inference_path": "Q-Former, whole " + ("image" if scan.is_2d else "volume") + f"; encoder {ask.encoders.path_label(scan.is_2d)}",
         "prompt_set": pset.key,
         "logit_scale": round(float(ask.qformer.logit_scale.exp()), 6),
         "modality": scan.modality.value,

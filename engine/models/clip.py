@@ -5,8 +5,9 @@ Design decisions
   needs around it: preprocessing exactly as open_clip does (PIL resize +
   centre crop + normalise), batching, L2-normalised float32 outputs, a text
   embedding cache (label sets are embedded once per process), and the
-  inference path (fp32 by default; engine.models.fastpath may swap in bf16 or
-  int8 forwards after checking they keep the answer).
+  inference path (fp32 by default; engine.models.fastpath may swap in bf16,
+  int8 or OpenVINO forwards, per batch-size class, after checking they keep
+  the answer).
 - `encode_image_tensor` keeps autograd available (heatmaps need gradients);
   the numpy encoders run under `torch.inference_mode`.
 """
@@ -26,11 +27,27 @@ TEXT_CACHE_SIZE = 4096
 
 @dataclass
 class InferencePath:
-    """Which forward the encoders use, and why (shown to the user)."""
+    """Which forward the encoders use, and why (shown to the user).
+
+    `by_batch` maps a batch-size class to the path that runs it (engine.models.
+    fastpath chooses per class: a 2D image goes alone, a volume's slices and
+    an index run go in batches, and the fastest path differs between them).
+    Empty means `name` runs every batch size."""
 
     name: str = "fp32"
     reason: str = "default"
     details: dict = field(default_factory=dict)
+    by_batch: dict[int, str] = field(default_factory=dict)
+
+    def name_for(self, n_images: int, batch_size: int = 16) -> str:
+        """The path(s) that encode `n_images` images in chunks of `batch_size`, e.g. "openvino-bf16"."""
+        if not self.by_batch or n_images < 1:
+            return self.name
+        from engine.models.fastpath import batch_class
+
+        sizes = [min(batch_size, n_images - start) for start in range(0, n_images, batch_size)]
+        names = [self.by_batch[batch_class(b, tuple(self.by_batch))] for b in sizes]
+        return " + ".join(dict.fromkeys(names))
 
 
 class ClipModel:
@@ -64,6 +81,7 @@ class ClipModel:
         from open_clip.transform import image_transform
 
         self._transform = image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
+        self._pil_steps, self._norm = _split_transform(self._transform)
 
     # --- properties --------------------------------------------------------------
     @property
@@ -99,8 +117,15 @@ class ClipModel:
                 arr = np.clip(arr, 0, 255).astype(np.uint8)
             if arr.ndim == 2:
                 arr = np.repeat(arr[..., None], 3, axis=2)
-            batch.append(self._transform(Image.fromarray(arr[..., :3])))
-        return torch.stack(batch)
+            pil = Image.fromarray(arr[..., :3])
+            batch.append(np.asarray(self._pil_steps(pil)) if self._norm is not None else self._transform(pil))
+        if self._norm is None:
+            return torch.stack(batch)
+        # ToTensor + Normalize in numpy, the same float32 operations in the same order (bit-identical);
+        # torch's per-operator thread pool made these small ops cost ~20 ms each on a busy 2-core machine.
+        mean, std = self._norm
+        pixels = (np.stack(batch).astype(np.float32) / np.float32(255.0) - mean) / std
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
 
     def encode_image_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels -> L2-normalised embeddings (autograd kept, fp32 model)."""
@@ -134,3 +159,16 @@ class ClipModel:
                             while len(self._text_cache) > TEXT_CACHE_SIZE:
                                 self._text_cache.popitem(last=False)
         return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.embed_dim), np.float32)
+
+
+def _split_transform(transform) -> tuple[Callable, tuple[np.ndarray, np.ndarray] | None]:
+    """(the PIL steps, (mean, std) as float32) when `transform` is open_clip's eval transform ending in
+    ToTensor + Normalize; else (transform, None) and image_tensor runs it as it is."""
+    from torchvision.transforms import Compose, Normalize
+
+    steps = list(getattr(transform, "transforms", []))
+    if len(steps) >= 2 and type(steps[-2]).__name__ in ("ToTensor", "MaybeToTensor") and isinstance(steps[-1], Normalize):
+        mean = np.asarray(steps[-1].mean, dtype=np.float32).reshape(1, 1, 1, -1)
+        std = np.asarray(steps[-1].std, dtype=np.float32).reshape(1, 1, 1, -1)
+        return Compose(steps[:-2]), (mean, std)
+    return transform, None
