@@ -16,6 +16,9 @@ if "MEDLENS_FASTPATH_CACHE" not in os.environ:
     import tempfile
 
     os.environ["MEDLENS_FASTPATH_CACHE"] = tempfile.mkdtemp(prefix="medlens-fastpath-")
+# Tests run the fp32 reference path unless they are about choosing one (those unset this): a first-load probe
+# exports and measures every candidate (30-70 s for the shipped models), and answers must not depend on it.
+os.environ.setdefault("MEDLENS_INFERENCE", "fp32")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -129,18 +129,20 @@ def names(profile, **kw):
 def test_candidates_follow_the_hardware():
     spr = profile_of(SAPPHIRE_RAPIDS, capability="AVX512")
     # AMX with OpenVINO: its bf16 and int8 paths and torch bf16; dynamic int8 never won there (measured), not probed
-    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True) == ["openvino-bf16", "bf16", "openvino-int8"]
-    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=False) == ["openvino-bf16", "bf16"]
-    assert names(spr, onnx_available=True, openvino_available=False, nncf_available=False) == ["bf16", "int8", "onnx-int8"]
-    assert dict(fastpath.candidates(spr, onnx_available=True, openvino_available=True, nncf_available=True))["openvino-int8"].endswith("AMX-INT8")
+    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True) == ["openvino-bf16", "bf16", "openvino-int8", "onnx-fp32"]
+    # static int8 only on calibration images like the user's: not on the generic bundled ones
+    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True) == ["openvino-bf16", "bf16", "onnx-fp32"]
+    assert names(spr, onnx_available=False, openvino_available=True, nncf_available=False) == ["openvino-bf16", "bf16"]
+    assert names(spr, onnx_available=True, openvino_available=False, nncf_available=False) == ["bf16", "onnx-fp32", "int8", "onnx-int8"]
+    assert dict(fastpath.candidates(spr, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True))["openvino-int8"].endswith("AMX-INT8")
     epyc = profile_of(EPYC_AVX2)
-    got = names(epyc, onnx_available=True, openvino_available=True, nncf_available=True)
+    got = names(epyc, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True)
     assert "bf16" not in got and "openvino-bf16" not in got, "an AVX2-only CPU emulates bf16 (10x slower on EPYC): never a candidate"
-    assert got == ["openvino-fp32", "openvino-int8", "int8", "onnx-int8"]
+    assert got == ["openvino-fp32", "openvino-int8", "onnx-fp32", "int8", "onnx-int8"]
     assert names(epyc, onnx_available=False, openvino_available=False, nncf_available=False) == ["int8"]
     icl = profile_of(ICE_LAKE, capability="AVX512")
     assert dict(fastpath.candidates(icl, onnx_available=False, openvino_available=False, nncf_available=False)) == {"int8": "AVX-512 VNNI"}
-    assert names(icl, onnx_available=True, openvino_available=True, nncf_available=True) == ["openvino-fp32", "openvino-int8", "int8", "onnx-int8"]
+    assert names(icl, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True) == ["openvino-fp32", "openvino-int8", "onnx-fp32", "int8", "onnx-int8"]
     arm = profile_of(GRAVITON3, machine="aarch64", capability="SVE256")
     assert names(arm, onnx_available=False, openvino_available=True, nncf_available=True) == ["bf16", "int8"]  # OpenVINO: x86 only here
     old = CpuProfile(model="old", machine="x86_64", flags=frozenset(), capability="DEFAULT")
@@ -257,7 +259,7 @@ def test_text_padding_is_cut_without_changing_embeddings(tiny):
 
 def test_probe_runs_and_keeps_fp32_model_intact(tiny, monkeypatch):
     # the cheap torch paths only (the OpenVINO ones have their own test): the probe's logic is what is tested here
-    monkeypatch.setattr(fastpath, "candidates", lambda profile: [("int8", "test"), ("bf16", "test")])
+    monkeypatch.setattr(fastpath, "candidates", lambda profile, **kw: [("int8", "test"), ("bf16", "test")])
     state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     images = [np.full((80, 80), 40 * i, np.uint8) for i in range(3)]
     reference = tiny.encode_images(images)
@@ -289,7 +291,7 @@ def test_decisions_are_listed_for_models_speed(tiny, monkeypatch, capsys):
     from engine.cli import main
     from engine.models.decisions import remembered
 
-    monkeypatch.setattr(fastpath, "candidates", lambda profile: [("int8", "test")])
+    monkeypatch.setattr(fastpath, "candidates", lambda profile, **kw: [("int8", "test")])
     path = fastpath.apply_best(tiny, min_image_params=0)
     [entry] = remembered()
     assert entry.model == tiny.model_id and entry.kind == "CLIP image tower" and entry.current
@@ -305,18 +307,18 @@ def test_decisions_are_listed_for_models_speed(tiny, monkeypatch, capsys):
 
 
 def test_a_changed_path_construction_is_probed_again(tiny, monkeypatch):
-    monkeypatch.setattr(fastpath, "candidates", lambda profile: [])
+    monkeypatch.setattr(fastpath, "candidates", lambda profile, **kw: [])
     fastpath.apply_best(tiny, min_image_params=0)
     assert "earlier load" in fastpath.apply_best(tiny, min_image_params=0).reason
     monkeypatch.setattr(fastpath, "FASTPATH_VERSION", fastpath.FASTPATH_VERSION + 1)
     assert "earlier load" not in fastpath.apply_best(tiny, min_image_params=0).reason
 
 
-@pytest.mark.parametrize("mode", ["int8", "bf16", "fp32", "onnx-int8", "openvino-bf16", "openvino-fp32", "openvino-int8"])
+@pytest.mark.parametrize("mode", ["int8", "bf16", "fp32", "onnx-fp32", "onnx-int8", "openvino-bf16", "openvino-fp32", "openvino-int8"])
 def test_forced_paths(tiny, monkeypatch, mode):
     from engine.models import openvino_path
 
-    if mode == "onnx-int8" and not fastpath._onnx_available():
+    if mode.startswith("onnx") and not fastpath._onnx_available():
         pytest.skip("onnxruntime/onnx not installed")
     if mode.startswith("openvino") and not (openvino_path.int8_available() if mode.endswith("int8") else openvino_path.available()):
         pytest.skip("openvino (and nncf) not installed: pip install 'medlens[fast]'")
@@ -465,12 +467,18 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("mode", ["int8", "onnx-int8", "bf16"])
+@pytest.mark.parametrize("mode", ["int8", "onnx-int8", "onnx-fp32", "bf16", "openvino-bf16", "openvino-fp32"])
 def test_parity_on_real_images(vitb, mode):
-    if mode == "onnx-int8" and not fastpath._onnx_available():
+    from engine.models import openvino_path
+
+    if mode.startswith("onnx") and not fastpath._onnx_available():
         pytest.skip("onnxruntime/onnx not installed")
+    if mode.startswith("openvino") and not openvino_path.available():
+        pytest.skip("openvino not installed: pip install 'medlens[fast]'")
     clip, images, names, reference, ref_text = vitb
     profile = cpu_profile()
+    if mode == "openvino-bf16" and not profile.native_bf16:
+        pytest.skip("no bf16 hardware: OpenVINO would emulate it")
     path = fastpath.build_path(clip, mode, profile, why="parity test")
     try:
         clip.set_inference(InferencePath(mode, "parity test"), path.image_forward, fastpath.trimmed_text_forward(clip))
@@ -500,17 +508,22 @@ def test_parity_on_real_images(vitb, mode):
 
 @pytest.mark.shared
 def test_auto_choice_on_vit_b_is_never_slower(vitb, monkeypatch):
+    """The full probe on a real-size model: per batch class, the path that runs beat fp32 there and keeps
+    the answer on real images the probe never saw (../shared/data's, not the bundled calibration set)."""
     clip, images, names, reference, _ = vitb
     monkeypatch.delenv("MEDLENS_INFERENCE", raising=False)
     try:
         path = fastpath.apply_best(clip)
         probe = path.details["probe"]
-        assert "bf16" in probe if cpu_profile().native_bf16 else "bf16" not in probe
-        if path.name != "fp32":
-            assert all(s >= fastpath.MIN_SPEEDUP for s in probe[path.name]["speedup"].values())
-            emb = clip.encode_images(images)
-            assert (emb * reference).sum(1).min() >= fastpath.MIN_COSINE[path.name]
-        text = fastpath.describe(clip)
-        assert text.startswith(fastpath.LABELS[path.name])
+        assert ("bf16" in probe) == cpu_profile().native_bf16
+        for b, chosen in path.details["by_batch"].items():
+            name = chosen["path"]
+            if name != "fp32":
+                assert probe[name]["speedup"][b] >= fastpath.MIN_SPEEDUP
+            batch = images[: int(b)]
+            emb = clip.encode_images(batch, batch_size=int(b))
+            assert clip.path.name_for(len(batch)) == name
+            assert (emb * reference[: len(batch)]).sum(1).min() >= fastpath.MIN_COSINE[name], (b, name)
+        assert fastpath.describe(clip)
     finally:
         clip.set_inference(InferencePath())

@@ -228,7 +228,7 @@ def _forced(name: str, profile: CpuProfile, load_module, example, forward: str, 
     if name in ("bf16", "openvino-bf16") and not profile.native_bf16:
         reason += f" ({profile.isa} has no bf16 hardware: expect it to be much slower)"
     try:
-        trial = build(name, module, forward, example(), dynamic_axes, ir_key, profile, reason)
+        trial = build(name, module, forward, None if name == "fp32" else example(), dynamic_axes, ir_key, profile, reason)
     except Exception as exc:
         trial, reason = build("fp32", module, forward, None, dynamic_axes, ir_key, profile), f"fp32: {name} failed ({type(exc).__name__}: {str(exc)[:120]})"
     return FastEncoder(trial.forward, EncoderPath(trial.name, reason, {"cpu": profile.model, "isa": profile.isa}), keep=module)
