@@ -207,6 +207,23 @@ def test_order_flips_counts_only_separated_labels():
     assert fastpath.order_flips(ref, ref[:, ::-1].copy()) == 5
 
 
+def test_static_int8_is_judged_on_images_it_was_not_calibrated_on():
+    pixels = torch.randn(6, 4)
+    exact = lambda x: x  # noqa: E731
+
+    def wrong_on(parity):  # flips the sign of the rows with index % 2 == parity
+        return lambda x: torch.stack([-row if i % 2 == parity else row for i, row in enumerate(x)])
+
+    def cosine(name, forward):
+        paths = [fastpath.Built("fp32", "ref"), fastpath.Built(name, "test")]
+        fastpath._check_parity(paths, {"fp32": exact, name: forward}, pixels, None, chunk=6)
+        return paths[1].cos_image
+
+    # openvino-int8 was calibrated on the even rows: only the odd (held-out) ones count
+    assert cosine("openvino-int8", wrong_on(0)) > 0.999 and cosine("openvino-int8", wrong_on(1)) < 0
+    assert cosine("bf16", wrong_on(0)) < 0 and cosine("bf16", wrong_on(1)) < 0  # other paths: every row
+
+
 def test_dispatch_runs_each_batch_on_its_class_path():
     calls = []
     forward = fastpath.BatchDispatch({1: lambda x: calls.append(("a", len(x))) or x, 12: lambda x: calls.append(("b", len(x))) or x})
