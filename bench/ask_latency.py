@@ -51,15 +51,16 @@ def first_file(path: Path) -> Path:
 
 def load_models(name: str) -> tuple[dict, dict]:
     """{mode: AskModel} with their encoders built (fp32 forced for one), and {mode: seconds to build the encoders}."""
-    from engine.ask.model import load_ask_model
+    from engine.ask.model import ask_models, load_ask_folder
 
+    folder = ask_models().get(name) or Path(name.removeprefix("local-dir:"))
     models, build_s = {}, {}
     for mode in MODES:
         if mode == "fp32":
             os.environ["MEDLENS_INFERENCE"] = "fp32"
         else:
             os.environ.pop("MEDLENS_INFERENCE", None)
-        model = load_ask_model(name)
+        model = load_ask_folder(folder, name=name)  # two separate models (load_ask_model keeps one per process)
         t = time.perf_counter()
         model.encoders.encoder(3), model.encoders.encoder(2)  # chosen now, with this setting
         build_s[mode] = time.perf_counter() - t

@@ -279,11 +279,6 @@ def configure_threads(profile: CpuProfile) -> int:
     return torch.get_num_threads()
 
 
-def cache_dir():
-    """Kept for callers of the first version; see engine.models.decisions.cache_dir."""
-    return decisions.cache_dir()
-
-
 def _decision_key(clip: ClipModel, profile: CpuProfile, threads: int) -> str:
     return decisions.key(FASTPATH_VERSION, clip.model_id, profile.to_dict(), decisions.versions(), threads)
 

@@ -177,22 +177,16 @@ class VoxelMapping:
         squeeze = [g for g in range(len(self.grid_axes)) if self.grid_axes[g] < 0]
         vals = vals.permute(*squeeze, *order).reshape(tuple(int(grid[g]) for g in order)).numpy()
         n_axes = len(self.tensor_shape)
-        # scan index along scan axis axes[a] -> fractional grid index along tensor axis a
-        coords = []
-        inside = []
+        # Separable: per tensor axis, linear interpolation from the token grid to that axis' scan voxels, then
+        # zero where that axis was cropped away (the crop mask is a product of per-axis masks). float32 and the
+        # mask folded into each axis: 5M-voxel CT maps took 140 ms in float64 with a full-size mask, ~3x less now.
+        out = vals.astype(np.float32)
         for a in range(n_axes):
             s = np.arange(self.scan_shape[self.axes[a]], dtype=np.float64)
             t = (s - self.offset[a]) / self.scale[a]
             stride = self.tensor_shape[a] / vals.shape[a]
-            coords.append((t + 0.5) / stride - 0.5)
-            inside.append((t > -0.5) & (t < self.tensor_shape[a] - 0.5))
-        out = vals
-        for a in range(n_axes):
-            out = _lerp_axis(out, a, coords[a])
-        mask = inside[0].reshape([-1] + [1] * (n_axes - 1))
-        for a in range(1, n_axes):
-            mask = mask & inside[a].reshape([1] * a + [-1] + [1] * (n_axes - a - 1))
-        out = np.where(mask, out, 0.0)
+            inside = ((t > -0.5) & (t < self.tensor_shape[a] - 0.5)).astype(np.float32)
+            out = _lerp_axis(out, a, (t + 0.5) / stride - 0.5, inside)
         # tensor axis order -> scan array order
         perm = [0] * n_axes
         for a in range(n_axes):
@@ -200,13 +194,16 @@ class VoxelMapping:
         return np.ascontiguousarray(out.transpose(perm), dtype=np.float32)
 
 
-def _lerp_axis(arr: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
+def _lerp_axis(arr: np.ndarray, axis: int, coords: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """arr resampled along `axis` at fractional `coords` (clamped to the ends), times `keep` (same length)."""
     n = arr.shape[axis]
     c = np.clip(coords, 0.0, n - 1)
     lo = np.floor(c).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
-    w = (c - lo).reshape([-1 if i == axis else 1 for i in range(arr.ndim)])
-    return np.take(arr, lo, axis=axis) * (1 - w) + np.take(arr, hi, axis=axis) * w
+    shape = [-1 if i == axis else 1 for i in range(arr.ndim)]
+    w = (c - lo).astype(np.float32)
+    w_lo, w_hi = ((1 - w) * keep).reshape(shape), (w * keep).reshape(shape)
+    return np.take(arr, lo, axis=axis) * w_lo + np.take(arr, hi, axis=axis) * w_hi
 
 
 @dataclass
