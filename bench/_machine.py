@@ -103,3 +103,11 @@ def uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"load average {loadavg()}"
+
+
+def write_result(out, lines: list[str], echo: bool = False) -> None:
+    """Write a result table (Markdown lines) to `out`, creating its folder; print it too when asked."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print("\n".join(lines) if echo else f"wrote {path}")

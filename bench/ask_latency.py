@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
-from _machine import SHIPPED_GATE, cpu_class, machine_lines, rss_mb, uptime, wait_quiet  # noqa: E402
+from _machine import write_result, SHIPPED_GATE, cpu_class, machine_lines, rss_mb, uptime, wait_quiet  # noqa: E402
 
 INPUTS = {
     "CT series 512x512x20 (DICOM, JPEG 2000)": ("volumes/totalsegmentator/ct_dicom_series", ["Is the liver visible?", "Which modality is this?", "Is the left kidney visible?", "Which organs are in view?"]),
@@ -164,9 +164,7 @@ def main() -> int:
             lines.append(f"| {name} | {a.question} | {describe(a)} | {describe(b)} |")
     if verdicts:
         lines += ["", f"## Gate for this CPU class ({cpu_class()})", "", "| gate | measured | verdict |", "|---|---:|---|"] + verdicts
-    lines.append("")
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_result(args.out, lines + [""], echo=True)
     cache.cleanup()
     return 0
 

@@ -40,7 +40,7 @@ SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "da
 CT_SERIES = SHARED / "volumes" / "totalsegmentator" / "ct_dicom_series"
 BRAIN_MRI = SHARED / "volumes" / "mricron_atlas" / "ch2.nii.gz"
 
-from _machine import machine_lines, peak_rss_mb, uptime  # noqa: E402
+from _machine import write_result, machine_lines, peak_rss_mb, uptime  # noqa: E402
 
 
 def shipped_prep():
@@ -219,9 +219,7 @@ def main() -> int:
         "thread of the process, so it stays comparable when other jobs share the cores.",
         "",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
-    print(f"written {args.out}")
+    write_result(args.out, lines)
     cache.cleanup()
     return 0
 

@@ -32,7 +32,7 @@ FOLDERS = [("xray/nih_cxr14_1000/images", "*.png"), ("ultrasound/busi/images", "
            ("dermatology/ham10000/images", "*.jpg"), ("fundus/dr_maculopathy", "**/*.jpg")]
 VOLUMES = ["volumes/totalsegmentator/ct_dicom_series", "volumes/mricron_atlas/ch2.nii.gz"]
 
-from _machine import machine_lines, uptime  # noqa: E402
+from _machine import write_result, machine_lines, uptime  # noqa: E402
 
 
 def picks(n_images: int) -> dict[str, list[Path]]:
@@ -122,8 +122,7 @@ def main() -> int:
                      f"{r['auto_rate'] / r['fp32_rate']:.2f}x | {r['fp32_cpu']:.1f} / {r['auto_cpu']:.1f} | {r['cos']:.6f} |")
     lines += ["", "Each pass indexes into a new library (reading, de-identifying, thumbnails, embedding, SQLite writes): the rate is what "
               "`medlens index` achieves, not the model alone.", ""]
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_result(args.out, lines, echo=True)
     cache.cleanup()
     return 0
 

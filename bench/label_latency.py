@@ -43,7 +43,7 @@ WORK = REPO / "bench" / "work"
 XRAY_LABELS = ["pneumonia", "pleural effusion", "cardiomegaly", "no finding"]
 CT_LABELS = ["liver", "lung", "kidney", "spleen"]
 
-from _machine import machine_lines, uptime  # noqa: E402
+from _machine import write_result, machine_lines, uptime  # noqa: E402
 
 
 def biomedclip_folder() -> Path:
@@ -163,9 +163,7 @@ def main() -> None:
     lines += ["", *notes, f"- load: before `{load_before}`; after `{uptime()}`", "",
               "cold = a new `medlens label --json` process (imports, model load, inference path from the decision cache, read, label);",
               "warm = model already loaded in the process: read + preprocess + encode + score, fp32 and auto alternating.", ""]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
-    print(f"written {args.out}")
+    write_result(args.out, lines)
     cache.cleanup()
 
 

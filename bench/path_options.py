@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from _machine import machine_lines, uptime  # noqa: E402
 
 CL = torch.channels_last
+FAILED: dict[str, str] = {}  # options that could not be built or run, with the reason (reported per model)
 
 
 def torch_options(visual: torch.nn.Module, example: torch.Tensor, native_bf16: bool, compile_: bool, is_vit: bool) -> dict:
@@ -54,10 +55,14 @@ def torch_options(visual: torch.nn.Module, example: torch.Tensor, native_bf16: b
         opts["fp32 channels_last"] = lambda x, _m=cl: _m(x.contiguous(memory_format=CL))
     half = copy.deepcopy(visual).half()
     opts["fp16 weights"] = lambda x, _m=half: _m(x.half()).float()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opts["TorchScript freeze + optimize_for_inference"] = torch.jit.optimize_for_inference(
-            torch.jit.freeze(torch.jit.trace(copy.deepcopy(visual), example, check_trace=False)))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(copy.deepcopy(visual), example, check_trace=False)))
+            frozen(example)
+        opts["TorchScript freeze + optimize_for_inference"] = frozen
+    except Exception as exc:  # the ViT's traced graph trips TorchScript's optimiser (torch 2.14.1)
+        FAILED["TorchScript freeze + optimize_for_inference"] = f"{type(exc).__name__}: {str(exc)[:100]}"
 
     def fpmath(x, _m=visual):
         with torch.backends.mkldnn.flags(enabled=True, fp32_precision="bf16"):
@@ -95,6 +100,7 @@ def onednn_graph(visual, example) -> dict:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.freeze(torch.jit.trace(copy.deepcopy(visual), example, check_trace=False))
+            traced(example)
 
         def run(x, _m=traced):
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -102,8 +108,10 @@ def onednn_graph(visual, example) -> dict:
 
         return {"oneDNN Graph (TorchScript, autocast bf16)": run}
     except Exception as exc:
-        print(f"oneDNN Graph unavailable: {exc}", flush=True)
+        FAILED["oneDNN Graph (TorchScript, autocast bf16)"] = f"{type(exc).__name__}: {str(exc)[:100]}"
         return {}
+    finally:
+        torch.jit.enable_onednn_fusion(False)
 
 
 def explicit_attention(bf16_visual) -> dict:
@@ -166,10 +174,15 @@ def measure(name: str, clip, images, args, native_bf16: bool) -> list[str]:
         rows = []
         with torch.inference_mode():
             reference = visual(pixels).float()
-            for option, forward in opts.items():
+            for option, forward in list(opts.items()):
                 t = time.perf_counter()
-                out = forward(pixels).float()  # the first call: compilation / kernel creation for batch 16
-                forward(pixels[:1])
+                try:
+                    out = forward(pixels).float()  # the first call: compilation / kernel creation for batch 16
+                    forward(pixels[:1])
+                except Exception as exc:
+                    FAILED[option] = f"{type(exc).__name__}: {str(exc)[:100]}"
+                    del opts[option]
+                    continue
                 build[option] = time.perf_counter() - t
                 cos = float(torch.nn.functional.cosine_similarity(reference, out).min())
                 rows.append((option, cos))
@@ -183,6 +196,8 @@ def measure(name: str, clip, images, args, native_bf16: bool) -> list[str]:
         w, c = wall[option], cpu[option]
         lines.append(f"| {option} | {w[1] * 1000:.1f} | {w[16] * 1000 / 16:.1f} | {base[1] / w[1]:.2f} / {base[16] / w[16]:.2f} | "
                      f"{c[1] * 1000:.1f} / {c[16] * 1000 / 16:.1f} | {cos:.5f} | {build[option]:.1f} |")
+    lines += [f"| {option} | failed: {why} | | | | | |" for option, why in FAILED.items()]
+    FAILED.clear()
     return lines + [""]
 
 

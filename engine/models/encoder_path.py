@@ -30,12 +30,21 @@ Design decisions
   cheaper, not only the encode.
 - MEDLENS_INFERENCE=fp32|bf16|openvino-bf16|openvino-fp32 forces a path
   (other values mean auto here). Any failure falls back to fp32 and says why.
-- Measured on the AMX Xeon of bench/results/encoder3d.md (2 threads, a
-  busy shared machine, so CPU seconds are the fair figure), 128x128x64:
-  torch fp32 9.8 s wall / 4.1 s CPU, torch bf16 channels_last_3d 6.6 / 2.2,
-  bf16 contiguous 18.3 / 5.3, torch.compile bf16 1.9 / 0.74 after 89 s of
-  compilation (per shape and process: not a path), OpenVINO bf16 0.86 / 0.27
-  (cosine 0.9998, every token >= 0.9997).
+- Measured on the AMX Xeon of bench/results/encoder3d.md (2 threads, quiet
+  moments of a shared machine; minimum seconds): the 3D encoder at
+  128x128x64: torch fp32 (channels_last_3d) 0.82, contiguous 0.90, torch bf16
+  channels_last_3d 0.25, bf16 contiguous 0.69, autocast bf16 0.30, OpenVINO
+  bf16 0.115 (cosine 0.99984, every token >= 0.9998); the CT series as the
+  shipped Q-Former prepares it (128x128x16): fp32 0.31, OpenVINO bf16 0.036
+  (8.8x); the brain MRI (64x96x64): 0.34 against 0.061 (5.6x). The 2D trunk
+  at 128 px: 65 ms against 12 (5.3x). torch.compile bf16 ran 128x128x64 in
+  0.74 CPU-s against OpenVINO's 0.27 on a busy machine, after 89 s of
+  compilation per shape and process: not a path.
+- The first answer on a scan is read + prepare + encode + answer + evidence:
+  with the encoder 9x faster the CT series' first answer goes from 0.87 to
+  0.62 s (1.4x; decoding its 20 JPEG 2000 slices is ~0.4 s of it, serial in
+  pydicom/openjpeg, which holds the GIL), the brain MRI's 2.05x
+  (bench/results/ask_latency.md).
 """
 
 from __future__ import annotations
@@ -107,17 +116,10 @@ class FastEncoder:
 
 # --------------------------------------------------------------------------- decisions (pure)
 def candidates(profile: CpuProfile, *, openvino_available: bool | None = None) -> list[tuple[str, str]]:
-    """Paths worth probing besides fp32 on this CPU, each with the reason."""
-    openvino_available = openvino_path.available() if openvino_available is None else openvino_available
-    x86_simd = profile.is_x86 and ("avx2" in profile.flags or "avx512f" in profile.flags or profile.capability in ("AVX2", "AVX512"))
-    out = []
-    if profile.native_bf16:
-        if x86_simd and openvino_available:
-            out.append(("openvino-bf16", f"OpenVINO on {profile.isa}: bf16 in hardware"))
-        out.append(("bf16", f"{profile.isa} computes bf16 in hardware"))
-    elif x86_simd and openvino_available:
-        out.append(("openvino-fp32", f"OpenVINO on {profile.isa}"))
-    return out
+    """Paths worth probing besides fp32 on this CPU, each with the reason (the 2D chooser's float paths)."""
+    from engine.models.fastpath import float_candidates
+
+    return float_candidates(profile, openvino_path.available() if openvino_available is None else openvino_available)
 
 
 def choose(trials: list[Trial], min_speedup: float = MIN_SPEEDUP) -> tuple[str, str]:

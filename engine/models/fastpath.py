@@ -63,18 +63,29 @@ Other decisions
   moves or disables the disk cache; MEDLENS_CALIBRATION_IMAGES=<folder>
   calibrates and checks on the user's own scans.
 - `apply_best` never raises: any failure leaves fp32 and says why.
-- Measured (2 threads, torch 2.14.1; bench/results/clip_throughput*.md has
-  the tables and the commands):
+- Measured (2 threads, torch 2.14.1; bench/results/clip_throughput*.md and
+  path_options.md have the tables and the commands):
   - Ice Lake, AVX-512 VNNI without BF16, BiomedCLIP-shaped ViT-B/16: fp32
     210/154 ms/img at batch 1/16, ONNX Runtime int8 97/95 (cosine 0.999),
     torch int8 ~145/95 (cosine 0.997).
-  - Xeon with AMX (Sapphire Rapids class), same model, idle moments of a
-    shared machine: fp32 136/119 ms/img at batch 1/16; torch bf16 weights
-    43/23; autocast 63/27; OpenVINO bf16 30/22; torch.compile bf16 (inductor,
-    freezing) 30/20 but 30 s of compilation per batch shape and process, so
-    not a path; OpenVINO int8 (NNCF) 21/16 but cosine 0.887 on random
-    weights (rejected by parity; a trained model may pass); OpenVINO fp32
-    208/106 (slower than torch at batch 1).
+  - Xeon with AMX (Sapphire Rapids class), quiet moments of a shared
+    machine, the same ViT-B/16 at batch 1/12/16 (tower alone): fp32
+    143/118/113 ms/img; OpenVINO bf16 35/26/25 (cosine 0.9999); torch bf16
+    weights 49/26/25; AOTInductor bf16 (torch.export, dynamic batch, 26 s to
+    compile once) 37/29/28; torch.compile bf16 (inductor, freezing) ~30/20 at
+    batch 1/16 but 30 s of compilation per batch shape and process, so not a
+    path; OpenVINO int8 (NNCF) 30/18/17.5 but cosine 0.81 on dermoscopy it was
+    not calibrated on; ONNX Runtime int8 49/39/38; ONNX Runtime fp32 and
+    OpenVINO fp32 within 0.9-1.3x of torch fp32.
+  - The shipped medlens-clip (ResNet-152 trunk, 96 px) on the same machine:
+    fp32 51/17.5/16.8 ms/img; ONNX Runtime fp32 25/12.5/12.4 (bit-for-bit
+    the same answers: BatchNorm folded, fused graph), the path it gets;
+    OpenVINO bf16 14/3.1/2.8 and torch bf16 46/9.7/8.7 but cosine 0.998 on
+    bundled MR slices and, with the shipped prompt sets on 200 real images,
+    label probabilities moved by up to 8 points and one fundus image of 40
+    changed its top label: below the bf16 bar, so not chosen; int8 paths
+    cosine 0.77-0.96. fp32 at batch 16 already runs near the 2 AVX-512 cores'
+    fp32 peak (~4.2 GFLOP per image), so no exact path can be much faster there.
   - With another job on the cores torch's fp32 fell to ~1600 ms/img at
     batch 1 (its OpenMP threads wait for each other at every operator) while
     ONNX Runtime stayed near 270: the probe runs on the machine as it is at load.
@@ -116,7 +127,7 @@ MIN_IMAGE_PARAMS = 5_000_000  # below this (test models) the probe costs more th
 # 1: a 2D image (labels, search by example); 12: a volume's slices (engine.zeroshot.imaging.DEFAULT_SLICES,
 # engine.library.store.VOLUME_SLICES) and an index run's batches. tests/test_fastpath.py checks they agree.
 PROBE_BATCHES = (1, 12)
-PROBE_REPEATS = 2
+PROBE_REPEATS = 3  # interleaved rounds; the minimum is kept (2 let one busy moment decide a class on a shared machine)
 STATIC_INT8 = ("openvino-int8",)  # calibrated on the probe's even images, so judged on its odd ones
 PROBE_SYNTHETIC = 8  # synthetic colour images added to the real ones (see _probe_and_install)
 LABEL_TAU = 0.01  # score gap (cosine units; 1 logit at CLIP's scale 100) above which a label order must be kept
@@ -180,20 +191,14 @@ def candidates(profile: CpuProfile, *, onnx_available: bool | None = None, openv
     onnx_available = _onnx_available() if onnx_available is None else onnx_available
     openvino_available = openvino_path.available() if openvino_available is None else openvino_available
     nncf_available = openvino_path.int8_available() if nncf_available is None else nncf_available
-    out: list[tuple[str, str]] = []
-    x86_simd = profile.is_x86 and ("avx2" in profile.flags or "avx512f" in profile.flags or profile.capability in ("AVX2", "AVX512"))
+    x86_simd = has_x86_simd(profile)
+    out = float_candidates(profile, openvino_available)
     int8_isa = None
     if x86_simd:
         int8_isa = ("AMX-INT8" if "amx_int8" in profile.flags else "AVX-512 VNNI" if "avx512_vnni" in profile.flags
                     else "AVX-VNNI" if "avx_vnni" in profile.flags else profile.isa)
     elif profile.is_arm:
         int8_isa = "ARM i8mm" if "i8mm" in profile.flags else "ARM dot product" if "asimddp" in profile.flags else "ARM NEON"
-    if profile.native_bf16:
-        if x86_simd and openvino_available:
-            out.append(("openvino-bf16", f"OpenVINO on {profile.isa}: bf16 in hardware"))
-        out.append(("bf16", f"{profile.isa} computes bf16 in hardware"))
-    elif x86_simd and openvino_available:
-        out.append(("openvino-fp32", f"OpenVINO on {profile.isa}"))
     if x86_simd and openvino_available and nncf_available and calibrated:
         out.append(("openvino-int8", f"OpenVINO + NNCF int8 on {int8_isa}"))
     if onnx_available and (x86_simd or profile.is_arm):
@@ -203,6 +208,23 @@ def candidates(profile: CpuProfile, *, onnx_available: bool | None = None, openv
         out.append(("int8", int8_isa))
         if onnx_available:
             out.append(("onnx-int8", int8_isa))
+    return out
+
+
+def has_x86_simd(profile: CpuProfile) -> bool:
+    return profile.is_x86 and ("avx2" in profile.flags or "avx512f" in profile.flags or profile.capability in ("AVX2", "AVX512"))
+
+
+def float_candidates(profile: CpuProfile, openvino_available: bool) -> list[tuple[str, str]]:
+    """The reduced- or same-precision float paths (also the Q-Former encoders' candidates): bf16 only where
+    the hardware computes it; OpenVINO on x86 with AVX2 or better."""
+    x86_simd, out = has_x86_simd(profile), []
+    if profile.native_bf16:
+        if x86_simd and openvino_available:
+            out.append(("openvino-bf16", f"OpenVINO on {profile.isa}: bf16 in hardware"))
+        out.append(("bf16", f"{profile.isa} computes bf16 in hardware"))
+    elif x86_simd and openvino_available:
+        out.append(("openvino-fp32", f"OpenVINO on {profile.isa}"))
     return out
 
 
@@ -592,13 +614,14 @@ def apply_best(clip_model: ClipModel, *, probe: bool = True, force: str | None =
 class _Installer:
     """Puts chosen paths on a ClipModel, with the text forward and the details shown to the user."""
 
-    def __init__(self, clip: ClipModel, profile: CpuProfile, threads: int):
+    def __init__(self, clip: ClipModel, profile: CpuProfile, threads: int, known_cos_text: float | None = None):
+        """known_cos_text: the text check's result from a cached decision (the check costs ~0.25 s per load)."""
         self.clip, self.profile, self.threads = clip, profile, threads
         self.text_forward = trimmed_text_forward(clip)
         self.cos_text = None
         self.text_note = "fp32"
         if self.text_forward is not None:
-            self.cos_text = _check_text(clip, self.text_forward)
+            self.cos_text = known_cos_text if known_cos_text is not None else _check_text(clip, self.text_forward)
             if self.cos_text >= TEXT_TRIM_MIN_COSINE:
                 self.text_note = "fp32, padding cut to the longest prompt"
             else:
@@ -628,7 +651,10 @@ def _apply(clip: ClipModel, *, probe_enabled: bool, force: str | None, min_image
     if mode not in PATHS + ("auto",):
         log.warning("MEDLENS_INFERENCE=%r unknown (auto, %s); using auto", mode, ", ".join(PATHS))
         mode = "auto"
-    install = _Installer(clip, profile, threads)
+    key = _decision_key(clip, profile, threads)
+    cached = decisions.read(key) if mode == "auto" and probe_enabled else None
+    usable = bool(cached) and set(cached.get("by_batch", {}).values()) <= set(PATHS)
+    install = _Installer(clip, profile, threads, (cached or {}).get("details", {}).get("cos_text") if usable else None)
 
     params = _image_params(clip)
     if mode == "auto" and params < min_image_params:
@@ -641,9 +667,7 @@ def _apply(clip: ClipModel, *, probe_enabled: bool, force: str | None, min_image
         built = build_path(clip, name, profile, reason)
         return install({b: built for b in PROBE_BATCHES}, reason, [])
 
-    key = _decision_key(clip, profile, threads)
-    cached = decisions.read(key)
-    if cached and set(cached.get("by_batch", {}).values()) <= set(PATHS):
+    if usable:
         try:
             return _apply_cached(clip, profile, cached, install)
         except Exception as exc:  # e.g. openvino uninstalled since: decide afresh
@@ -653,8 +677,11 @@ def _apply(clip: ClipModel, *, probe_enabled: bool, force: str | None, min_image
 
 def _apply_forced(clip: ClipModel, profile: CpuProfile, mode: str, install: _Installer) -> InferencePath:
     built = build_path(clip, mode, profile, why=f"forced by MEDLENS_INFERENCE={mode}")
-    results = [build_path(clip, "fp32", profile), built] if mode != "fp32" else [built]
-    probe(results, probe_images(clip, 2), classes=(1,), repeats=1)
+    if mode == "fp32":  # the reference itself: nothing to compare or time
+        built.cos_image, built.status, results = 1.0, "forced", [built]
+    else:
+        results = [build_path(clip, "fp32", profile), built]
+        probe(results, probe_images(clip, 2), classes=(1,), repeats=1)
     reason = f"forced by MEDLENS_INFERENCE={mode}"
     if mode in ("bf16", "openvino-bf16") and not profile.native_bf16:
         reason += f" (this CPU, {profile.isa}, has no bf16 hardware: expect it to be slower)"
