@@ -39,3 +39,15 @@ def _private_uid_salt(monkeypatch, tmp_path_factory):
     import engine.deid as deid
 
     monkeypatch.setattr(deid, "_salt_cache", None)
+
+
+def require_openvino(int8: bool = False) -> None:
+    """Skip a test of the OpenVINO paths when the `fast` extra is not installed, unless MEDLENS_REQUIRE_OPENVINO=1 (CI)."""
+    from engine.models import openvino_path
+
+    if openvino_path.int8_available() if int8 else openvino_path.available():
+        return
+    problem = f"openvino{' and nncf' if int8 else ''} not installed: pip install -e '.[fast]'"
+    if os.environ.get("MEDLENS_REQUIRE_OPENVINO") == "1":
+        pytest.fail(f"MEDLENS_REQUIRE_OPENVINO=1 but {problem}")
+    pytest.skip(problem)

@@ -13,6 +13,7 @@ import torch
 
 from engine.models import encoder_path
 from engine.models.cpu import CpuProfile
+from conftest import require_openvino
 from test_i3resnet import tiny_net
 
 
@@ -98,10 +99,7 @@ def test_forced_path_and_its_warning(cache, monkeypatch):
 
 @pytest.mark.parametrize("name", ["openvino-bf16", "openvino-fp32"])
 def test_openvino_encoder_keeps_features_at_other_sizes(cache, monkeypatch, name):
-    from engine.models import openvino_path
-
-    if not openvino_path.available():
-        pytest.skip("openvino not installed: pip install 'medlens[fast]'")
+    require_openvino()
     monkeypatch.setenv("MEDLENS_INFERENCE", name)
     net = tiny_net()
     enc = encoder_path.fast_encoder("tiny@4", "test", lambda: net, lambda: torch.rand(1, 1, 32, 32, 16), dynamic_axes=(0, 2, 3, 4))

@@ -29,6 +29,7 @@ import torch
 
 from engine.models import fastpath
 from engine.models.clip import InferencePath
+from conftest import require_openvino
 from engine.models.cpu import CpuProfile, cpu_profile, parse_cpuinfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -333,12 +334,11 @@ def test_a_changed_path_construction_is_probed_again(tiny, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["int8", "bf16", "fp32", "onnx-fp32", "onnx-int8", "openvino-bf16", "openvino-fp32", "openvino-int8"])
 def test_forced_paths(tiny, monkeypatch, mode):
-    from engine.models import openvino_path
 
     if mode.startswith("onnx") and not fastpath._onnx_available():
         pytest.skip("onnxruntime/onnx not installed")
-    if mode.startswith("openvino") and not (openvino_path.int8_available() if mode.endswith("int8") else openvino_path.available()):
-        pytest.skip("openvino (and nncf) not installed: pip install 'medlens[fast]'")
+    if mode.startswith("openvino"):
+        require_openvino(int8=mode.endswith("int8"))
     monkeypatch.setenv("MEDLENS_INFERENCE", mode)
     path = fastpath.apply_best(tiny)
     assert path.name == mode and "forced by MEDLENS_INFERENCE" in path.reason
@@ -397,10 +397,8 @@ def test_openvino_telemetry_stays_off(tmp_path):
     """Importing NNCF through openvino_path writes nothing under HOME (its telemetry would) and leaves CI alone."""
     import subprocess
 
-    from engine.models import openvino_path
 
-    if not openvino_path.int8_available():
-        pytest.skip("openvino/nncf not installed")
+    require_openvino(int8=True)
     code = ("import os; from engine.models import openvino_path as o\n"
             "with o.quiet_nncf() as nncf: import nncf.telemetry.wrapper as w; print(type(w.telemetry).__name__)\n"
             "print(os.environ.get('CI'), os.environ.get('NNCF_CI'))")
@@ -486,12 +484,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.shared
 @pytest.mark.parametrize("mode", ["int8", "onnx-int8", "onnx-fp32", "bf16", "openvino-bf16", "openvino-fp32"])
 def test_parity_on_real_images(vitb, mode):
-    from engine.models import openvino_path
 
     if mode.startswith("onnx") and not fastpath._onnx_available():
         pytest.skip("onnxruntime/onnx not installed")
-    if mode.startswith("openvino") and not openvino_path.available():
-        pytest.skip("openvino not installed: pip install 'medlens[fast]'")
+    if mode.startswith("openvino"):
+        require_openvino()
     clip, images, names, reference, ref_text = vitb
     profile = cpu_profile()
     if mode == "openvino-bf16" and not profile.native_bf16:

@@ -302,7 +302,9 @@ def configure_threads(profile: CpuProfile) -> int:
 
 
 def _decision_key(clip: ClipModel, profile: CpuProfile, threads: int) -> str:
-    return decisions.key(FASTPATH_VERSION, clip.model_id, profile.to_dict(), decisions.versions(), threads)
+    # the user's calibration folder decides whether static int8 is tried: pointing it elsewhere means a new probe
+    return decisions.key(FASTPATH_VERSION, clip.model_id, profile.to_dict(), decisions.versions(), threads,
+                         str(settings.CALIBRATION_IMAGES.get() or ""))
 
 
 # --------------------------------------------------------------------------- building paths
