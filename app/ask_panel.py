@@ -26,6 +26,9 @@ Design decisions
 - Suggested questions follow the scan shown: the metadata panel changes on
   every new scan/series (its .change event), which also clears the previous
   scan's answer and evidence. Picking a suggestion fills the box and asks.
+- Asking runs under app.access.acting("ask"): refused to visitors without
+  login on a shared server, one audit line (scan hash, model; never the
+  question, which is free text).
 - Errors (no scan, empty or too long question, a 2D image for a 3D-only
   model, a model that is not installed) are engine MedLensErrors or
   gr.Errors: app.handlers.guarded shows their message, never a trace.
@@ -39,7 +42,10 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import handlers
+from app.access import acting, entry
 from app.display import view_html
+from app.sessions import idle_seconds
+from app.outcomes import AskOutcome
 from engine import settings
 from engine.views import render_view
 
@@ -49,7 +55,7 @@ NO_ASK_MODEL_MESSAGE = (
     "`MEDLENS_ASK_MODEL=local-dir:/path/to/qformer-checkpoint` (see `medlens models`). The viewer works without one."
 )
 EVIDENCE_PLACEHOLDER = "ask a question: where the model looked is shown here"
-OUTPUTS = ("answer", "candidates", "slices", "evidence_view", "evidence", "result")
+OUTPUTS = ("answer", "candidates", "slices", "evidence_view", "evidence", "result", "record")
 
 
 # --- choices ------------------------------------------------------------------
@@ -202,14 +208,17 @@ def _evidence_for(view, scan):
 # --- handlers -----------------------------------------------------------------
 def make_ask(allowed: set[str]) -> Callable:
     @handlers.guarded(title="Cannot answer this question")
+    @acting("ask")
     def ask_question(session, series, volume, model, question, axial, center, width, mip, mip_mm) -> dict[str, Any]:
         """Answer a question about the scan shown: answer text, candidates chart, per-slice chart, evidence view, JSON."""
         from engine.ask.api import evidence_view
         from engine.ask.questions import validate_question
 
         scan = _current_scan(session, series)
+        entry().scan(scan)
         cleaned = validate_question("" if question is None else question)  # before any model is loaded
         ask = _model(model, allowed)
+        entry().model = ask
         answer = ask.ask(scan, cleaned)
         view = evidence_view(scan, answer.evidence) if answer.evidence is not None else None
         out: dict[str, Any] = {
@@ -220,6 +229,7 @@ def make_ask(allowed: set[str]) -> Callable:
             "result": {**answer.to_dict(), "model": ask.name, "encoder_path": ask.encoders.path_label(scan.is_2d),
                        "most_attended_axial_slice": None if view is None or view.is_2d else view.top_slice},
         }
+        out["record"] = AskOutcome(scan.content_hash, out["result"], ask.name, getattr(ask, "revision", ""))
         if view is None:
             out["slices"] = gr.update(value=None, visible=False)
             out["evidence_view"] = view_html(None, "Evidence", "no evidence for this answer")
@@ -236,6 +246,7 @@ def make_ask(allowed: set[str]) -> Callable:
 def make_ask_suggested(allowed: set[str]) -> Callable:
     inner = make_ask(allowed)
 
+    @acting(None)  # the inner ask records the line, as this user
     def ask_suggested(session, series, volume, model, suggestion, axial, center, width, mip, mip_mm) -> dict[str, Any]:
         """A suggested question was picked: it goes into the question box and is asked."""
         if not suggestion:
@@ -260,6 +271,7 @@ def ask_suggestions(session, series, model) -> dict[str, Any]:
         "evidence_view": view_html(None, "Evidence", EVIDENCE_PLACEHOLDER),
         "evidence": None,
         "result": None,
+        "record": None,
     }
 
 
@@ -323,7 +335,9 @@ def build_ask_panel(c: dict[str, Any], ask_choices: tuple[list[tuple[str, str]],
                 )
                 c["ask_goto"] = gr.Button("Go to the most attended slice", size="sm", elem_id="ml-ask-goto")
                 c["ask_slices"] = gr.Plot(label="Attention per axial slice", visible=False, elem_id="ml-ask-slices")
-        c["ask_evidence"] = gr.State(None, time_to_live=4 * 3600)
+        # evidence is only shown over its scan, which is released after the idle timeout (app.sessions)
+        c["ask_evidence"] = gr.State(None, time_to_live=idle_seconds())
+        c["ask_record"] = gr.State(None, time_to_live=idle_seconds())  # the last answer, server-side (app.outcomes)
     return {v for _, v in choices}
 
 

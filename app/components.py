@@ -5,7 +5,9 @@
 `NamedTemporaryFile(delete=False)` in the cache for every uploaded file,
 never writes, uses or deletes it, so each upload left an empty, untracked
 file behind (even `delete_cache` does not sweep it). This subclass returns
-the uploaded path directly. `is_template = True` is Gradio's own mechanism
+the uploaded path directly, carrying the user's file name as `orig_name`
+(the handler names its private copy after it, for messages; the path on
+disk is neutral, see app.uploads). `is_template = True` is Gradio's own mechanism
 (ClearButton, DuplicateButton) for a subclass that reuses its parent's
 frontend, so the browser still renders it as a File.
 """
@@ -23,4 +25,6 @@ class UploadFile(gr.File):
     def _process_single_file(self, f: FileData) -> NamedString | bytes:
         if self.type != "filepath" or self.file_types:
             return super()._process_single_file(f)
-        return NamedString(f.path)
+        path = NamedString(f.path)
+        path.orig_name = f.orig_name  # type: ignore[attr-defined]
+        return path

@@ -5,14 +5,22 @@ Design decisions
   per-user `ScanSession` held in a gr.State); the wiring to components lives
   in `scan_tab`. Multi-output handlers return a dict keyed by output *name*
   so their order is written down once, in `scan_tab`.
-- Uploads are deleted from Gradio's cache as soon as they are read, whether
-  reading worked or not: any file there can be fetched by URL by anyone.
-  Only files inside Gradio's upload folder are ever deleted.
+- Uploads leave Gradio's cache before they are read (any file there can be
+  fetched by URL): each request reads private hard links of its own uploads,
+  named as the user named the files, deleted when reading ends, whether it
+  worked or not (app.uploads). Only files inside Gradio's upload folder are
+  ever deleted there.
+- The loaded scans live in a `ScanSession` (app.sessions), released when
+  idle or when the tab closes; loads are bounded by engine.memory.
 - Errors: a `MedLensError` (the engine's user-facing errors) becomes a gr.Error
   with its message; anything else is logged (exception type and traceback
   only: messages can quote file names) and shown as a generic message. Never
   a stack trace in the browser. Messages are HTML-escaped because Gradio
   renders them as HTML and they can quote user-chosen file names.
+- Who may load (issue 16): `load_files` runs under app.access.acting("load"):
+  a visitor without login on a shared server is refused (their upload is
+  deleted all the same), and each load is one audit line with the content
+  hashes of the series read, never their names.
 """
 
 from __future__ import annotations
@@ -22,30 +30,31 @@ import html
 import logging
 import os
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import gradio as gr
 
+from app import uploads
+from app.access import acting, entry
 from app.display import view_html
+from app.sessions import ScanSession
 from engine.errors import MedLensError
+from engine.redact import redaction_message
 from engine.scan import Scan, ScanError
 from engine.views import PLANES, plane_sizes, render_view
-from engine.windowing import CUSTOM, default_window, resolve_window, slider_range, window_names
+from engine.windowing import (
+    CUSTOM,
+    default_window,
+    resolve_window,
+    slider_range,
+    window_names,
+)
 
 log = logging.getLogger("medlens.app")
 
 VIEW_SIZE = 512  # pixels on the long side of each rendered view
 MAX_TOASTS = 3  # warnings shown as pop-ups; all of them stay in the warnings panel
-
-
-@dataclass
-class ScanSession:
-    """What one user has loaded: every series found, and the files that were skipped."""
-
-    scans: list[Scan] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # "name: reason", shown only to this user
 
 
 # --- errors -----------------------------------------------------------------
@@ -86,62 +95,42 @@ def guarded(fn: Callable | None = None, *, title: str = "Cannot show this scan")
 # --- uploads ----------------------------------------------------------------
 def upload_folder() -> Path:
     """Gradio's upload cache folder (GRADIO_TEMP_DIR or <tmp>/gradio)."""
-    from gradio.utils import get_upload_folder
-
-    return Path(get_upload_folder()).resolve()
+    return uploads.upload_folder()
 
 
-def discard_uploads(paths: Iterable[str | os.PathLike]) -> None:
-    """Delete uploaded files (and their per-upload folders once empty) from Gradio's cache."""
-    root = upload_folder()
-    for raw in paths:
-        try:
-            path = Path(raw).resolve()
-        except (OSError, RuntimeError):
-            continue
-        if root not in path.parents:
-            continue  # never delete anything outside the upload cache
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:
-            log.warning("could not delete an uploaded file from the cache")
-            continue
-        parent = path.parent
-        while parent != root and root in parent.parents:
-            try:
-                parent.rmdir()  # only succeeds when empty
-            except OSError:
-                break
-            parent = parent.parent
-
-
-def _paths(files: Any) -> list[str]:
+def _uploads(files: Any) -> list[tuple[str, str | None]]:
+    """(path, the user's file name if Gradio sent it) of each uploaded file."""
     if files is None:
         return []
     if isinstance(files, (str, os.PathLike)):
-        return [str(files)]
+        files = [files]
     out = []
     for f in files:
         path = getattr(f, "name", f) if not isinstance(f, (str, os.PathLike)) else f
-        out.append(str(path))
+        out.append((str(path), getattr(f, "orig_name", None)))
     return out
 
 
+def _discard_refused(arguments: dict[str, Any]) -> None:
+    """A refused load still takes its uploads out of Gradio's cache; nothing is read."""
+    with uploads.private_copies(_uploads(arguments.get("files"))):
+        pass
+
+
 @guarded
+@acting("load", on_denied=_discard_refused)
 def load_files(files: list[str] | None) -> dict[str, Any]:
     """Read uploaded files / folder contents / zips; show the first series found."""
     # After a failed upload the widget still lists the (already deleted) files and a new
     # upload is added to that list: read only what is still there.
-    paths = [p for p in _paths(files) if os.path.exists(p)]
-    if not paths:
-        raise gr.Error("Choose one or more files, a .zip or a folder to upload.", print_exception=False)
-    from engine.io import load
+    with uploads.private_copies(_uploads(files)) as paths:
+        if not paths:
+            raise gr.Error("Choose one or more files, a .zip or a folder to upload.", print_exception=False)
+        from engine.io import load
 
-    try:
-        result = load(paths)
-    finally:
-        discard_uploads(paths)
+        result = load(paths)  # checked against engine.memory's bounds before anything is decoded
     skipped = [f"{s.name}: {s.reason}" for s in result.skipped]
+    entry().scan(*result.scans).detail.update(series=len(result.scans), skipped=len(skipped))
     session = ScanSession(scans=list(result.scans), skipped=skipped)
     out = show_series(session, 0, toasts=True)
     out["files"] = None  # the uploaded files are gone: clear the upload widget
@@ -165,11 +154,9 @@ def series_choices(session: ScanSession) -> list[tuple[str, int]]:
 def scan_warnings(scan: Scan, skipped: list[str]) -> list[str]:
     """Messages a reader should see next to the views."""
     out = list(scan.provenance.warnings)
-    if scan.provenance.burned_in_text_risk:
-        out.append(
-            "The pixels may contain burned-in text (names, dates): this kind of image often has it, "
-            "and de-identification cannot remove text drawn into the image."
-        )
+    burned_in = redaction_message(scan)  # removed, checked, or why not (engine.redact)
+    if burned_in:
+        out.append(burned_in)
     if skipped:
         n = len(skipped)
         out.append(f"{n} file{'s' if n > 1 else ''} could not be read and {'were' if n > 1 else 'was'} skipped (see the list under Scan information).")

@@ -25,6 +25,8 @@ Design decisions
   so there is no per-slice chart and no per-label evidence map for them
   (the Ask panel shows where a Q-Former looked); the status line says so.
   Everything else (the CLIP path) is unchanged.
+- Labelling runs under app.access.acting("label"): refused to visitors
+  without login on a shared server, one audit line (scan hash, model).
 - Engine errors (MedLensError: model, prompts, scan, heat maps) become
   gr.Error with their message, HTML-escaped; anything else is handled by
   app.handlers.guarded (logged, generic message, never a trace).
@@ -38,8 +40,11 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import handlers
+from app.access import acting
+from app.access import entry as audit_line
 from app.ask_panel import QFORMER_PREFIX, is_qformer, qformer_label_choices
 from app.display import view_html
+from app.outcomes import LabelOutcome
 from engine import settings
 from engine.views import plane_sizes, render_view
 
@@ -169,6 +174,7 @@ def fill_preset(preset: str | None) -> tuple[str, str]:
 
 def make_label_scan(allowed_models: set[str]) -> Callable:
     @handlers.guarded(title="Cannot label this scan")
+    @acting("label")
     def label_scan(session, series, volume, model, prompt_set, labels, mode, aggregation, planes, n_slices):
         """Zero-shot labels for the scan shown: bar chart, per-slice chart, result JSON, evidence choices, status."""
         from engine.zeroshot import clean_labels, label_scan as engine_label_scan
@@ -180,12 +186,14 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             raise gr.Error("No model chosen: " + NO_MODEL_MESSAGE.replace("**", ""), print_exception=False)
         if model not in allowed_models:
             raise gr.Error("Choose a model from the list.", print_exception=False)
+        audit_line().scan(scan).model = model
         if labels is not None and str(labels).strip():
             label_list = clean_labels(str(labels))
         else:
             label_list = None  # the modality's preset
         if is_qformer(model):
-            return _label_with_qformer(scan, label_list, model, prompt_set, mode, volume)
+            outputs = _label_with_qformer(scan, label_list, model, prompt_set, mode, volume)
+            return (*outputs, LabelOutcome(scan.content_hash, outputs[2], model, prompt_set))
         result = engine_label_scan(
             scan,
             label_list,
@@ -197,6 +205,7 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             n_slices=int(n_slices or 12),
             volume=int(volume or 0),
         )
+        audit_line().model = result.model_id  # name@revision
         data = result.to_dict()
         names = [r["label"] for r in data["labels"]]
         top = data["labels"][0]
@@ -212,6 +221,7 @@ def make_label_scan(allowed_models: set[str]) -> Callable:
             data,
             gr.update(choices=names, value=names[0]),
             status,
+            LabelOutcome(scan.content_hash, data, model, prompt_set),  # server-side, for "send results to PACS"
         )
 
     return label_scan
@@ -354,6 +364,7 @@ def build_labels_panel(
                 c["lp_slices_plot"] = gr.Plot(label="Per-slice probabilities", visible=False, elem_id="ml-lp-slices-plot")
                 with gr.Accordion("Result as JSON (ranked labels, per-slice scores, model)", open=False):
                     c["lp_result"] = gr.JSON(label="Zero-shot result", elem_id="ml-lp-result")
+    c["lp_outcome"] = gr.State(None, time_to_live=4 * 3600)  # the last result, server-side (app.outcomes)
     _wire(c, allowed, heavy)
     return c
 
@@ -372,7 +383,7 @@ def _wire(c: dict[str, Any], allowed: set[str], heavy: str) -> None:
             c["state"], c["series"], c["volume"], c["lp_model"], c["lp_prompt_set"], c["lp_labels"],
             c["lp_mode"], c["lp_aggregation"], c["lp_planes"], c["lp_slices"],
         ],
-        outputs=[c["lp_bar"], c["lp_slices_plot"], c["lp_result"], c["lp_evidence_label"], c["lp_status"]],
+        outputs=[c["lp_bar"], c["lp_slices_plot"], c["lp_result"], c["lp_evidence_label"], c["lp_status"], c["lp_outcome"]],
         api_name="label_scan",
         concurrency_limit=1,
         concurrency_id=heavy,

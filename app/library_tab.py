@@ -19,7 +19,8 @@ Design decisions
   matches the library row is shown in the Scan tab (its gr.State and views
   are outputs of the event, through handlers.show_series) and that tab is
   selected. The path comes from the database, never from the browser: the
-  user only gives a scan id. Scans added from the app have no source (the
+  user only gives a scan id. A PACS series (a sealed `dicomweb:` source) is
+  retrieved again from the PACS. Scans added from the app have no source (the
   upload is deleted after reading), so they cannot be reopened; the
   message says so. Source paths are not shown in the tab: on a shared
   server they are another user's folder names, which often carry patient
@@ -33,6 +34,17 @@ Design decisions
   results); otherwise it is embedded as indexing would.
 - Model events (search, add, tag, fit, open) share the Scan tab's HEAVY
   concurrency id: one CPU-heavy job at a time on 2 cores.
+- Whose library (issue 16): every event is decorated with
+  `app.access.acting(..., library=True)` and passes `owner()`, the signed-in
+  user (`local` without login on loopback), to every engine.library call,
+  which selects in SQL only what that user may see: their own scans and
+  those shared with everyone. Visitors without login get no library. An id
+  typed or clicked is never trusted: opening, tagging, sharing and
+  searching "like" a scan all go through the same rule, and a scan the user
+  may not see is reported exactly like one that does not exist. Its owner
+  can share a scan (or stop sharing it) by id; tags are per user (a tag on
+  a shared scan is the tagger's own). Each event writes one audit line
+  (app.access; the scan's content hash, never a name).
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from app import handlers
+from app.access import acting, entry, owner
 from engine.scan import Modality
 
 ANY = "any"
@@ -148,25 +161,18 @@ def _filter(value: Any) -> str | None:
     return None if not text or text.lower() == ANY else text
 
 
-def _choices(db) -> tuple[list[str], list[str]]:
-    """(body parts, taught labels) present in the library, for the filter dropdowns."""
-    parts = [r[0] for r in db.execute("SELECT DISTINCT body_part FROM scans WHERE body_part IS NOT NULL ORDER BY 1").fetchall()]
-    labels = [
-        r[0]
-        for r in db.execute("SELECT label FROM labels UNION SELECT label FROM probes ORDER BY 1").fetchall()
-    ]
-    return parts, labels
-
-
 def _filter_updates(db) -> tuple[Any, Any]:
-    parts, labels = _choices(db)
+    """The filter dropdowns' choices: body parts of the scans this user may see, labels they taught."""
+    from engine.library.store import facets
+
+    parts, labels = facets(db, owner=owner())
     return gr.update(choices=[ANY] + parts), gr.update(choices=[ANY] + labels)
 
 
 def _counts_line(db, model_id: str | None = None) -> str:
     from engine.library import counts
 
-    n = counts(db)
+    n = counts(db, owner=owner())
     line = f"Library: {n['scans']} scan{'s' if n['scans'] != 1 else ''}"
     if model_id is not None:
         line += f", {n['embeddings'].get(model_id, 0)} searchable with model `{html.escape(model_id)}`"
@@ -188,9 +194,10 @@ def _hit_row(hit) -> dict[str, Any]:
 # --------------------------------------------------------------------------- handlers
 def make_search(allowed: set[str]) -> Callable:
     @handlers.guarded(title="Cannot search the library")
+    @acting("search", library=True)
     def library_search(query, like, session, series, model, modality, body_part, label, k):
         """Hits for a text query and/or the current scan: gallery, hits (JSON), status, filter choices."""
-        from engine.library import connect, search
+        from engine.library import connect, counts, search
         from engine.library.store import get_scan, has_embedding, scan_id_by_hash
 
         query = (query or "").strip() or None
@@ -209,24 +216,30 @@ def make_search(allowed: set[str]) -> Callable:
         if not _library_exists():
             return [], [], [], EMPTY_LIBRARY, gr.update(), gr.update()
         clip = _model(model, allowed)
+        user, line = owner(), entry()
+        line.model = clip
+        if like_scan is not None:
+            line.scan(like_scan)
         with connect(create=False) as db:
             like_arg: Any = like_scan
             if like_scan is not None:
-                known = scan_id_by_hash(db, like_scan.content_hash)
+                known = scan_id_by_hash(db, like_scan.content_hash, owner=user)
                 if known is not None and has_embedding(db, known, clip.model_id):
                     like_arg = known  # its stored embedding; left out of its own results
             hits = search(
-                db, clip, query, like=like_arg, k=k, modality=_filter(modality), body_part=_filter(body_part), label=_filter(label)
+                db, clip, query, like=like_arg, k=k, modality=_filter(modality), body_part=_filter(body_part), label=_filter(label),
+                owner=user,
             )
+            line.results = [h.content_hash for h in hits if h.content_hash]
             items = []
             for hit in hits:
-                row = get_scan(db, hit.scan_id, thumbnail=True) or {}
+                row = get_scan(db, hit.scan_id, thumbnail=True, owner=user) or {}
                 caption = f"{hit.score:.4f} · {hit.modality} · #{hit.scan_id}"
                 items.append((row.get("thumbnail") or NO_THUMBNAIL_PNG, caption))
             if hits:
                 status = f"{len(hits)} hit{'s' if len(hits) != 1 else ''} · score: {RANKING_WORDS.get(hits[0].ranking, hits[0].ranking)}"
                 status += " · click a thumbnail to open it in the viewer."
-            elif not db.execute("SELECT 1 FROM embeddings WHERE model_id = ? LIMIT 1", [clip.model_id]).fetchone():
+            elif not counts(db, owner=user)["embeddings"].get(clip.model_id):
                 status = (
                     f"No scan in the library is indexed with model `{html.escape(clip.model_id)}`: add scans with it "
                     "(**Add current scan to library**, or `medlens index PATH --model ...`)."
@@ -240,6 +253,13 @@ def make_search(allowed: set[str]) -> Callable:
     return library_search
 
 
+def _scan_id(value: Any) -> int:
+    try:
+        return int(str(value).strip().lstrip("#"))
+    except (TypeError, ValueError):
+        raise gr.Error("Give a library scan id (a whole number, as in '#12').", print_exception=False) from None
+
+
 def _open(scan_id: Any) -> dict[str, Any]:
     """Every Scan-tab output for library scan `scan_id`, read again from its source."""
     import os
@@ -247,17 +267,16 @@ def _open(scan_id: Any) -> dict[str, Any]:
     from engine.io import load
     from engine.library import connect
     from engine.library.store import get_scan
+    from engine.pacs.locator import is_locator
 
-    try:
-        sid = int(str(scan_id).strip().lstrip("#"))
-    except (TypeError, ValueError):
-        raise gr.Error("Give a library scan id (a whole number, as in '#12').", print_exception=False) from None
+    sid = _scan_id(scan_id)
     if not _library_exists():
         raise gr.Error(EMPTY_LIBRARY.replace("**", ""), print_exception=False)
     with connect(create=False) as db:
-        row = get_scan(db, sid)
+        row = get_scan(db, sid, owner=owner())  # None too for a scan of someone else's that is not shared
     if row is None:
         raise gr.Error(f"There is no scan #{sid} in the library.", print_exception=False)
+    entry().scan(row["content_hash"])
     source = row.get("source")
     if not source:
         raise gr.Error(
@@ -265,7 +284,7 @@ def _open(scan_id: Any) -> dict[str, Any]:
             "Upload the file again to view it.",
             print_exception=False,
         )
-    if not os.path.exists(source):
+    if not is_locator(source) and not os.path.exists(source):
         raise gr.Error(
             f"The file or folder scan #{sid} was indexed from is no longer there (moved or deleted). "
             "Index it again from its new place (medlens index PATH).",
@@ -286,12 +305,14 @@ def _open(scan_id: Any) -> dict[str, Any]:
 
 
 @handlers.guarded(title="Cannot open this scan")
+@acting("open", library=True)
 def library_open(scan_id):
     """Open library scan `scan_id` in the Scan tab (read again from where it was indexed)."""
     return _open(scan_id)
 
 
 @handlers.guarded(title="Cannot open this scan")
+@acting("open", library=True)
 def library_select(hit_ids, evt: gr.SelectData):
     """A gallery thumbnail was clicked: open that hit in the Scan tab."""
     index = getattr(evt, "index", None)
@@ -306,14 +327,17 @@ def library_select(hit_ids, evt: gr.SelectData):
 
 def make_add(allowed: set[str]) -> Callable:
     @handlers.guarded(title="Cannot add this scan")
+    @acting("add", library=True)
     def library_add(session, series, model):
         """Add the scan on the Scan tab to the library (embedded with the chosen model)."""
         from engine.library import add_scan, connect
 
         scan = _current_scan(session, series, "add it")
         clip = _model(model, allowed)
+        entry().scan(scan).model = clip
         with connect() as db:
-            scan_id, status = add_scan(db, scan, clip, source=None)
+            scan_id, status = add_scan(db, scan, clip, source=None, owner=owner())
+            entry().detail["status"] = status
             counts = _counts_line(db, clip.model_id)
             parts, labels = _filter_updates(db)
         what = {
@@ -328,6 +352,7 @@ def make_add(allowed: set[str]) -> Callable:
 
 def make_tag(allowed: set[str], positive: bool) -> Callable:
     @handlers.guarded(title="Cannot tag this scan")
+    @acting("tag", library=True)
     def library_tag(session, series, model, label):
         """Tag the scan on the Scan tab for `label` (adding it to the library first when needed)."""
         from engine.library import add_scan, connect, tag, tags
@@ -335,10 +360,13 @@ def make_tag(allowed: set[str], positive: bool) -> Callable:
         label = _label_text(label)
         scan = _current_scan(session, series, "tag it")
         clip = _model(model, allowed)
+        user = owner()
+        entry().scan(scan).model = clip
+        entry().detail["positive"] = bool(positive)
         with connect() as db:
-            scan_id, _status = add_scan(db, scan, clip, source=None)
-            tag(db, [scan_id], label, positive)
-            pos, neg = tags(db, label)
+            scan_id, _status = add_scan(db, scan, clip, source=None, owner=user)
+            tag(db, [scan_id], label, positive, owner=user)
+            pos, neg = tags(db, label, owner=user)
             parts, labels = _filter_updates(db)
         from engine.library.teach import MIN_PER_CLASS
 
@@ -359,6 +387,7 @@ def make_tag(allowed: set[str], positive: bool) -> Callable:
 
 def make_teach(allowed: set[str]) -> Callable:
     @handlers.guarded(title="Cannot teach this label")
+    @acting("teach", library=True)
     def library_teach(session, series, model, label):
         """Fit the label's linear probe on the tagged scans; show its summary (and P for the scan on screen)."""
         from engine.library import apply_probe, connect, embed_scan, fit_probe
@@ -366,11 +395,15 @@ def make_teach(allowed: set[str]) -> Callable:
         label = _label_text(label)
         clip = _model(model, allowed)
         scan = handlers._scan(session, series)
+        user, line = owner(), entry()
+        line.model = clip
         with connect() as db:
-            probe = fit_probe(db, label, clip.model_id)
+            probe = fit_probe(db, label, clip.model_id, owner=user)
+            line.detail.update(positives=probe.n_pos, negatives=probe.n_neg)
             p_current = None
             if scan is not None:
-                p_current = float(apply_probe(db, label, embed_scan(scan, clip)[0][None, :], clip.model_id)[0])
+                line.scan(scan)
+                p_current = float(apply_probe(db, label, embed_scan(scan, clip)[0][None, :], clip.model_id, owner=user)[0])
             parts, labels = _filter_updates(db)
         m = probe.metrics
         status = (
@@ -387,7 +420,34 @@ def make_teach(allowed: set[str]) -> Callable:
     return library_teach
 
 
+def make_share(shared: bool) -> Callable:
+    @handlers.guarded(title="Cannot change who sees this scan")
+    @acting("share", library=True)
+    def library_share(scan_id):
+        """Share library scan `scan_id` (one of yours) with every signed-in user, or make it private again."""
+        from engine.library import connect
+        from engine.library.store import get_scan, share
+
+        sid, user = _scan_id(scan_id), owner()
+        missing = gr.Error(f"There is no scan #{sid} in the library.", print_exception=False)
+        if not _library_exists():
+            raise missing
+        with connect(create=False) as db:
+            row = get_scan(db, sid, owner=user)
+            if row is None:
+                raise missing
+            entry().scan(row["content_hash"]).detail["shared"] = shared
+            share(db, [sid], shared, owner=user)  # LibraryError (shown) when the scan is someone else's
+        if shared:
+            return f"Scan #{sid} is shared: every signed-in user can now find, open and tag it (their tags stay theirs)."
+        return f"Scan #{sid} is private again: only you can find or open it."
+
+    library_share.__name__ = "library_share" if shared else "library_unshare"
+    return library_share
+
+
 @handlers.guarded(title="Cannot read the library")
+@acting(None, library=True)
 def library_refresh():
     """The tab was opened: library size and the filter choices (body parts, taught labels)."""
     from engine.library import connect
@@ -448,6 +508,9 @@ def build_library_tab(scan: dict[str, Any], tabs: gr.Tabs | None = None, model: 
                 with gr.Row():
                     c["open_id"] = gr.Number(label="Scan id", precision=0, value=None, elem_id="ml-lib-open-id")
                     c["open"] = gr.Button("Open in viewer", elem_id="ml-lib-open")
+                with gr.Row():
+                    c["share"] = gr.Button("Share with all users", size="sm", elem_id="ml-lib-share")
+                    c["unshare"] = gr.Button("Make private", size="sm", elem_id="ml-lib-unshare")
                 c["add"] = gr.Button("Add current scan to library", elem_id="ml-lib-add")
                 with gr.Accordion("Teach a label", open=False, elem_id="ml-lib-teach"):
                     c["teach_label"] = gr.Textbox(label="Label", placeholder="e.g. pleural effusion", elem_id="ml-lib-teach-label")
@@ -525,4 +588,7 @@ def _wire(c, scan, tabs, allowed, heavy, series_outputs) -> None:
         api_name="library_teach",
         **heavy_kwargs,
     )
+    for shared, button in ((True, c["share"]), (False, c["unshare"])):
+        fn = make_share(shared)
+        button.click(fn, inputs=[c["open_id"]], outputs=[c["lib_status"]], api_name=fn.__name__, show_progress="hidden")
     c["tab"].select(library_refresh, outputs=[c["lib_status"], *filters], api_name="library_refresh", show_progress="hidden")

@@ -5,9 +5,13 @@ Design decisions
   global. Slice, window and MIP changes re-render from that state.
 - Views are gr.HTML holding PNG `data:` URLs (see app.display): nothing
   derived from the scan is written to Gradio's cache.
-- Loading is the heavy event: it shares the HEAVY concurrency id with
-  limit 1 (2 cores; later model events join the same queue). Rendering is a
-  few ms per view and gets its own small pool.
+- Model events share the HEAVY concurrency id with limit 1 (2 cores).
+  Loading has its own queue (LOAD, two at a time): a 2,000-slice series
+  being read must not hold up other users' labels and answers, and its
+  memory is reserved against the server's budget before decoding
+  (engine.memory). Rendering is a few ms per view and gets its own pool.
+- Loaded scans live in a ScanSession (app.sessions): released after
+  MEDLENS_SESSION_IDLE_MIN without use or a minute after the tab closes.
 - Slider events use `.input` (user moves only, so a programmatic update
   after loading does not render twice) with trigger_mode "always_last":
   while dragging, renders never pile up; the last position always renders.
@@ -30,8 +34,13 @@ from engine.views import PLANES
 from engine.windowing import CT_DEFAULT, CUSTOM, PRESETS, window_names
 
 HEAVY = "heavy"  # concurrency id of CPU-heavy events (one at a time on 2 cores)
+LOAD = "load"  # uploads have their own queue: a big series being read does not hold up others' labels and answers
+LOAD_CONCURRENCY = 2  # loads at once; their memory is bounded by engine.memory's budget, reserved before decoding
 RENDER = "render"
-STATE_TTL_S = 4 * 3600  # a loaded scan is dropped after 4 h idle (also when the tab closes)
+# Gradio's own expiry of the State (counted from its last write, not its last use): only a backstop
+# for the empty shell. The scans themselves are released after MEDLENS_SESSION_IDLE_MIN without use,
+# or a minute after the tab closes (app.sessions).
+STATE_TTL_S = 4 * 3600
 
 # order of the outputs of load_files / select_series
 SERIES_OUTPUTS = (
@@ -140,8 +149,8 @@ def _wire(c: dict[str, Any]) -> None:
             inputs=[source],
             outputs=series_outputs + [source],
             api_name=api_name,
-            concurrency_limit=1,
-            concurrency_id=HEAVY,
+            concurrency_limit=LOAD_CONCURRENCY,
+            concurrency_id=LOAD,
             # progress (and, on failure, the error badge) on the upload widget only: a failed
             # upload must not cover the views of the scan already shown
             show_progress="full",

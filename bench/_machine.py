@@ -16,6 +16,16 @@ def cpu_name() -> str:
     return cpu_profile().model
 
 
+def cpu_flags() -> str:
+    """The vector extensions that decide CPU inference speed (AVX2, AVX-512, VNNI, BF16, AMX)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    keep = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni") if f in flags]
+    return ", ".join(keep) or "none of avx2/avx512/amx"
+
+
 def loadavg() -> str:
     try:
         return " / ".join(f"{x:.2f}" for x in os.getloadavg())

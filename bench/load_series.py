@@ -117,11 +117,40 @@ def resample(src_path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(out), -1024, 3071).astype(np.int16), tgt
 
 
-def build_series(folder: Path, src_path: Path) -> np.ndarray:
-    """Write the 300-file series; return the HU volume (col, row, slice) that was written."""
-    import pydicom
+def ct_slice(k: int, uids: tuple[str, str, str], position: list[float], stored: np.ndarray):
+    """Slice k of an axial 12-bit CT series (Explicit VR Little Endian, RescaleIntercept -1024); also bench/pacs.py's."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uids
+    ds.Modality = "CT"
+    ds.PatientName, ds.PatientID = "Bench^Phantom", "BENCH0001"
+    ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20240101", 1, k + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.BodyPartExamined, ds.PatientPosition, ds.KVP = "ABDOMEN", "HFS", 120
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = position
+    ds.SliceLocation = position[2]
+    ds.PixelSpacing = [PIXEL_MM, PIXEL_MM]
+    ds.SliceThickness = SLICE_MM
+    ds.Rows, ds.Columns = ROWS, COLS
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def build_series(folder: Path, src_path: Path) -> np.ndarray:
+    """Write the 300-file series; return the HU volume (col, row, slice) that was written."""
+    from pydicom.uid import generate_uid
 
     hu, tgt = resample(src_path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,30 +158,9 @@ def build_series(folder: Path, src_path: Path) -> np.ndarray:
         old.unlink()
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     for k in range(N_SLICES):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPInstanceUID = sop = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality = "CT"
-        ds.PatientName, ds.PatientID = "Bench^Phantom", "BENCH0001"
-        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20240101", 1, k + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.BodyPartExamined, ds.PatientPosition, ds.KVP = "ABDOMEN", "HFS", 120
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [float(v) for v in (tgt @ [0, 0, k, 1])[:3]]
-        ds.SliceLocation = float((tgt @ [0, 0, k, 1])[2])
-        ds.PixelSpacing = [PIXEL_MM, PIXEL_MM]
-        ds.SliceThickness = SLICE_MM
-        ds.Rows, ds.Columns = ROWS, COLS
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.WindowCenter, ds.WindowWidth = 40, 400
+        position = [float(v) for v in (tgt @ [0, 0, k, 1])[:3]]
         stored = (hu[:, :, k].T.astype(np.int32) + 1024).astype(np.uint16)  # (row, col)
-        ds.PixelData = stored.tobytes()
+        ds = ct_slice(k, (study, series, frame), position, stored)
         # shuffled names: neither readdir order nor names tell the slice order
         name = hashlib.sha1(f"{series}-{k}".encode()).hexdigest()[:16] + ".dcm"
         ds.save_as(folder / name, enforce_file_format=True)

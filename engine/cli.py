@@ -3,8 +3,16 @@
 Conventions: results on stdout (JSON Lines with --json), problems on stderr
 as one line each; exit status 0 when something useful was produced, 2 on bad
 input (nothing loadable, bad arguments); `ask` exits 2 as soon as any
-question about any PATH went unanswered (each failure is reported). Never a
-stack trace: unexpected errors become a one-line message as well.
+question about any PATH went unanswered (each failure is reported); with
+--export/--push, `label` and `ask` exit 2 when any scan's results could not
+be written or stored. Never a stack trace: unexpected errors become a
+one-line message as well. New subcommands live in their own module with a
+`register(subparsers)` (engine.pacs.cli, engine.audit.cli, engine.auth.cli);
+the results flags of `label` and `ask` come from engine.results.cli.
+
+The CLI is the single local user: no login, the library's `local` owner,
+and `local` in the audit log (one line per scan labelled or asked about,
+per index run, search and teach; engine.audit.recorded around each).
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ import json
 import sys
 from typing import Sequence
 
-from engine import settings
+from engine import audit, settings
+from engine.auth.users import LOCAL
 from engine.errors import MedLensError
 
 EXIT_BAD_INPUT = 2
@@ -36,8 +45,15 @@ def _print_skipped(result) -> None:
         print(f"medlens: skipped {message}", file=sys.stderr)
 
 
+def _redaction(scan) -> dict:
+    """What burned-in text removal did (engine.redact), for JSON rows: boxes and status, never text."""
+    record = scan.provenance.redaction
+    return {"redaction": record.to_dict() if record else None}
+
+
 def cmd_info(args) -> int:
     from engine.io import load
+    from engine.redact import redaction_message
 
     result = load(args.paths)
     _print_skipped(result)
@@ -55,6 +71,8 @@ def cmd_info(args) -> int:
             print(f"    reader       {summary['reader']}" + (f" ({summary['transfer_syntax']})" if summary["transfer_syntax"] else ""))
             for w in summary["warnings"]:
                 print(f"    warning      {w}")
+            if redaction_message(scan):
+                print(f"    burned-in    {redaction_message(scan)}")
     if not args.json:
         print(f"{len(result.scans)} series found" + (f", {len(result.skipped)} file(s) skipped" if result.skipped else ""))
     return 0
@@ -77,6 +95,7 @@ def cmd_label(args) -> int:
     """Zero-shot labels for each PATH with one model load; a bad PATH never stops the others."""
 
     from engine.io import load_one
+    from engine.results.cli import ResultSink, describe, progress, query_paths, report_errors
     from engine.zeroshot import PRESENT_ABSENT, SOFTMAX, clean_labels, label_scan, load_prompt_set, resolve_model
 
     # everything that can be checked without a model or a scan is checked first
@@ -88,22 +107,28 @@ def cmd_label(args) -> int:
     if args.slices < 1:
         raise MedLensError(f"--slices must be at least 1 (got {args.slices})")
     fixed_prompts = load_prompt_set(args.modality) if args.modality else None
+    sink = ResultSink.from_args(args)
+    paths = list(args.paths) + (query_paths(args.pacs_query) if args.pacs_query else [])
+    if not paths:
+        raise MedLensError("give at least one PATH, or --pacs-query to label what a PACS search returns")
     model = resolve_model(args.model or settings.MODEL.get())
     labelled = 0
-    for path in args.paths:
+    for path in progress(paths, bool(args.pacs_query)):
         try:
-            scan, result = load_one([path], series=args.series)
-            _print_skipped(result)
-            out = label_scan(
-                scan,
-                labels,
-                model,
-                prompt_set=fixed_prompts,
-                mode=args.mode,
-                aggregation=args.aggregate,
-                planes=tuple(args.planes),
-                n_slices=args.slices,
-            )
+            with audit.recorded("label", user=LOCAL, model=model) as entry:
+                scan, result = load_one([path], series=args.series)
+                _print_skipped(result)
+                entry.scan(scan)
+                out = label_scan(
+                    scan,
+                    labels,
+                    model,
+                    prompt_set=fixed_prompts,
+                    mode=args.mode,
+                    aggregation=args.aggregate,
+                    planes=tuple(args.planes),
+                    n_slices=args.slices,
+                )
         except MedLensError as exc:
             message = _one_line(str(exc))
             if args.json:
@@ -112,8 +137,10 @@ def cmd_label(args) -> int:
                 print(f"medlens: {message if message.startswith(path) else f'{path}: {message}'}", file=sys.stderr)
             continue
         labelled += 1
+        done = sink.label_done(path, scan, out, model, fixed_prompts) if sink else {}
+        report_errors(path, done)
         if args.json:
-            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice)}), flush=True)
+            print(json.dumps({"path": path, **out.to_dict(per_slice=args.per_slice), **_redaction(scan), **done}), flush=True)
             continue
         where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
         kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
@@ -121,10 +148,14 @@ def cmd_label(args) -> int:
         width = max(len(s.label) for s in out.labels)
         for s in out.labels:
             print(f"  {100 * s.probability:6.2f}%  {s.label:<{width}}  cosine {s.score:+.4f}")
+        for line in describe(path, done):
+            print(line)
+    if sink:
+        sink.close()
     if labelled == 0:
-        print(f"medlens: no PATH could be labelled ({len(args.paths)} given)", file=sys.stderr)
+        print(f"medlens: no PATH could be labelled ({len(paths)} given)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    return 0
+    return EXIT_BAD_INPUT if sink and sink.failures else 0
 
 
 def _ask_source(args) -> str | None:
@@ -152,6 +183,7 @@ def cmd_ask(args) -> int:
     from engine.ask.api import resolve_ask_model
     from engine.ask.questions import QuestionError, validate_question
     from engine.io import load_one
+    from engine.results.cli import ResultSink, describe, report_errors
 
     # questions are checked before any model or scan is loaded
     asked = [args.question, *(args.questions or [])]
@@ -164,14 +196,17 @@ def cmd_ask(args) -> int:
     if all(cleaned is None for _, cleaned, _ in checked):
         first = checked[0][2]
         raise MedLensError(first if len(checked) == 1 else f"no question can be asked: {first}")
+    sink = ResultSink.from_args(args)
     model = resolve_ask_model(_ask_source(args))
     answered = failed = 0
     for path in args.paths:
+        answers = []
         try:
             scan, result = load_one([path], series=args.series)
             _print_skipped(result)
             model.encode(scan)  # once per scan; every question reuses it (and a scan the model cannot read fails here)
         except MedLensError as exc:
+            audit.record("ask", user=LOCAL, model=model, outcome=audit.outcome_of(exc))  # the questions about it were not asked
             failed += 1
             _ask_failed(args, path, str(exc))
             continue
@@ -184,14 +219,17 @@ def cmd_ask(args) -> int:
                 _ask_failed(args, path, error or "this question cannot be asked", question)
                 continue
             try:
-                answer = model.ask(scan, cleaned, with_evidence=False)
+                with audit.recorded("ask", user=LOCAL, model=model) as entry:
+                    entry.scan(scan)
+                    answer = model.ask(scan, cleaned, with_evidence=sink is not None)  # evidence only for the SEG
             except MedLensError as exc:
                 failed += 1
                 _ask_failed(args, path, str(exc), question)
                 continue
             answered += 1
+            answers.append(answer)
             if args.json:
-                row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4)}
+                row = {"path": path, "question": answer.question, "answer": answer.answer, "confidence": round(float(answer.confidence), 4), **_redaction(scan)}
                 if answer.closed:
                     row["candidates"] = [{"answer": a, "probability": round(float(p), 4)} for a, p in answer.candidates]
                 print(json.dumps(row, ensure_ascii=False), flush=True)
@@ -201,6 +239,17 @@ def cmd_ask(args) -> int:
             if answer.closed and answer.candidates:
                 for candidate, probability in answer.candidates:
                     print(f"     {100 * probability:6.2f}%  {candidate}")
+        if sink and answers:
+            done = sink.ask_done(path, scan, answers, model)
+            report_errors(path, done)
+            if args.json:
+                print(json.dumps({"path": path, **done}, ensure_ascii=False), flush=True)
+            else:
+                for line in describe(path, done):
+                    print(line)
+            failed += 1 if any(k.endswith("_error") for k in done) else 0
+    if sink:
+        sink.close()
     if failed:
         if answered == 0:
             print(f"medlens: no question could be answered ({len(args.paths)} PATH(s), {len(checked)} question(s))", file=sys.stderr)
@@ -211,15 +260,16 @@ def cmd_ask(args) -> int:
 def cmd_models(args) -> int:
     from dataclasses import asdict
 
-    from engine.ask.model import DEFAULT_ASK_MODEL, ask_models
-    from engine.models import DEFAULT_MODEL, list_models
+    from engine.ask.model import DEFAULT_ASK_MODEL
+    from engine.models import DEFAULT_MODEL, catalog, list_models
 
     if args.speed:
         from engine.models.speed_report import print_speed
 
         return print_speed(as_json=args.json)
     entries = list_models()
-    asking = _ask_entries(ask_models())
+    asking = [{"name": m.name, "source": m.name, "where": str(m.folder), "available_offline": True, "licence": m.licence, "note": m.note}
+              for m in catalog.shipped(catalog.ASK).values()]
     if args.json:
         for entry in entries:
             print(json.dumps({**asdict(entry), "default": entry.name == DEFAULT_MODEL, "task": "label"}))
@@ -239,19 +289,6 @@ def cmd_models(args) -> int:
         print(f"default question-answering model '{DEFAULT_ASK_MODEL}' is not installed: pass --model local-dir:/path/to/qformer-checkpoint")
     print("also accepted: --model local-dir:/path/to/qformer-checkpoint (a MedLens Q-Former folder)")
     return 0
-
-
-def _ask_entries(folders) -> list[dict]:
-    """The shipped Q-Former checkpoints as `medlens models` rows."""
-    out = []
-    for name, folder in folders.items():
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            config = {}
-        out.append({"name": name, "source": name, "where": str(folder), "available_offline": True,
-                    "licence": str(config.get("licence", "")), "note": str(config.get("note", ""))})
-    return out
 
 
 def _print_table(rows: list[tuple[str, str, str, str]]) -> None:
@@ -287,7 +324,16 @@ def cmd_index(args) -> int:
         bar.refresh()
 
     try:
-        report = index_paths(args.paths, args.library, model, progress=progress)
+        with audit.recorded("index", user=LOCAL, model=model) as entry:
+            report = index_paths(args.paths, args.library, model, progress=progress, shared=args.shared)
+            entry.detail = {"added": report.added, "present": report.present, "embedded": report.embedded,
+                            "failed": len(report.failed), "shared": bool(args.shared)}
+            if report.scan_ids:
+                from engine.library import connect
+                from engine.library.store import content_hashes
+
+                with connect(args.library, create=False) as db:
+                    entry.scan(*content_hashes(db, report.scan_ids))
     finally:
         if bar is not None:
             bar.close()
@@ -319,7 +365,8 @@ def _like_scan(value: str, series: int | None):
 
 
 def cmd_search(args) -> int:
-    from engine.library import connect, search
+    from engine.library import connect, counts, search
+    from engine.library.store import content_hashes
 
     if not (args.query and args.query.strip()) and args.like is None:
         raise MedLensError('give a text QUERY, --like PATH, or both (e.g. medlens search "pleural effusion")')
@@ -327,11 +374,14 @@ def cmd_search(args) -> int:
         raise MedLensError(f"--k must be at least 1 (got {args.k})")
     like = _like_scan(args.like, args.series) if args.like is not None else None
     model = _library_model(args)
-    with connect(args.library, create=False) as db:
+    with audit.recorded("search", user=LOCAL, model=model) as entry, connect(args.library, create=False) as db:
+        if like is not None:
+            entry.scan(*(content_hashes(db, [like]) if isinstance(like, int) else [like]))
         hits = search(db, model, args.query, like=like, k=args.k, modality=args.modality, body_part=args.body_part,
                       label=args.label, ensemble=args.ensemble)
+        entry.results = [h.content_hash for h in hits if h.content_hash]
         if not hits:
-            n = db.execute("SELECT count(*) FROM embeddings WHERE model_id = ?", [model.model_id]).fetchone()[0]
+            n = counts(db)["embeddings"].get(model.model_id, 0)
             if n == 0:
                 print(f"medlens: no scan in the library is indexed with model {model.model_id}; run medlens index PATH --model ...", file=sys.stderr)
             else:
@@ -355,6 +405,7 @@ def _resolve_examples(db, model, items: list[str]) -> list[int]:
     from engine.io import load
     from engine.library.indexing import add_scan
     from engine.library.store import get_scan, has_embedding, scan_ids_by_source
+    from engine.pacs.locator import is_locator
 
     ids: list[int] = []
     for item in items:
@@ -373,7 +424,7 @@ def _resolve_examples(db, model, items: list[str]) -> list[int]:
         if known and all(has_embedding(db, sid, model.model_id) for sid in known):
             ids.extend(known)
             continue
-        if not os.path.exists(text):
+        if not os.path.exists(text) and not is_locator(text):
             raise MedLensError(f"{text}: not a library scan id and no such file or folder")
         result = load([text])  # not indexed yet (or not with this model): index it now
         _print_skipped(result)
@@ -385,9 +436,10 @@ def cmd_teach(args) -> int:
     from engine.library import connect, teach
 
     model = _library_model(args)
-    with connect(args.library) as db:
+    with audit.recorded("teach", user=LOCAL, model=model) as entry, connect(args.library) as db:
         positives = _resolve_examples(db, model, args.positive)
         negatives = _resolve_examples(db, model, args.negative)
+        entry.detail = {"positives": len(positives), "negatives": len(negatives)}
         probe = teach(db, args.label, positives, negatives, model.model_id)
     if args.json:
         print(json.dumps(probe.summary()))
@@ -401,6 +453,8 @@ def cmd_teach(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.results.cli import add_output_args
+
     parser = _Parser(prog="medlens", description="MedLens: medical scans in, shown right, labelled zero-shot.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -417,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("label", help="zero-shot labels for scans (one model load for all PATHs)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="a file, a folder or zip holding one series, or dicomweb:STUDY/SERIES")
     p.add_argument(
         "--labels", nargs="+", metavar="LABEL", default=None,
         help="labels to rank (quote multi-word labels; commas also separate labels); default: the preset label set of the scan's modality",
@@ -431,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
     p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "score"}, ...], ...} or {"path", "error"} per PATH')
     p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
+    add_output_args(p, query=True)
     p.set_defaults(func=cmd_label)
 
     p = sub.add_parser(
@@ -448,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
                         'or {"path", "error"} / {"path", "question", "error"}')
+    add_output_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
@@ -464,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--json", action="store_true", help='print the summary as one JSON object {"added", "present", "embedded", "failed", ...}')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--shared", action="store_true", help="share the scans with every user of a shared server's app (a teaching collection)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="find library scans by text, by example scan, or both")
@@ -488,6 +545,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--json", action="store_true", help="print the probe summary as JSON")
     p.set_defaults(func=cmd_teach)
+
+    from engine.audit.cli import register as register_audit
+    from engine.auth.cli import register as register_user
+
+    register_audit(sub)
+    register_user(sub)
+
+    from engine.pacs.cli import register as register_pacs
+
+    register_pacs(sub)
+
+    from engine.batch.cli import register as register_batch
+
+    register_batch(sub)
     return parser
 
 

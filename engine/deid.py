@@ -14,8 +14,9 @@ Design decisions
 - Dates, times, ages, sex, names, IDs, institutions, device serials,
   descriptions and comments are all removed (the basic profile removes or
   blanks each of them; no retain options are applied).
-- Pixels are not altered; scans whose pixels may carry burned-in text are
-  flagged so the UI can warn.
+- Pixels are not altered here; scans whose pixels may carry burned-in text
+  are flagged, and engine.redact (run by engine.io.load) reads those pixels
+  with OCR and blanks the text before anything shows or stores them.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ MAP_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID")
 
 # SOP classes whose pixels are often screenshots (Secondary Capture family).
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
-# Modalities whose images usually carry burned-in annotations.
-_BURN_IN_MODALITIES = {"US", "OT", "SC", "ES", "XC", "DOC", "GM", "SM"}
+# Modalities whose images usually carry burned-in annotations (XA and RF: fluoroscopy
+# and angiography runs are often exported with the patient's name drawn in).
+_BURN_IN_MODALITIES = {"US", "OT", "SC", "ES", "XC", "DOC", "GM", "SM", "XA", "RF"}
 
 _STRUCTURAL = {"PixelData", "FloatPixelData", "DoubleFloatPixelData"}
 
@@ -124,6 +126,14 @@ def map_uid(uid: str) -> str:
     """Consistent, irreversible replacement UID (2.25 form, <= 64 chars)."""
     digest = hmac.new(_salt(), str(uid).strip().encode(), hashlib.sha256).digest()
     return "2.25." + str(int.from_bytes(digest[:16], "big"))
+
+
+def derived_key(context: bytes) -> bytes:
+    """A 64-byte secret for another purpose (`context` names it), derived from the same salt (HMAC-SHA512).
+
+    engine.pacs.locator seals dicomweb: paths with it: one secret guards both the UID mapping and the sealed paths.
+    """
+    return hmac.new(_salt(), context, hashlib.sha512).digest()
 
 
 def _plain(value: Any) -> Any:

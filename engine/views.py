@@ -171,14 +171,14 @@ def extract_slice(
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """One slice in display orientation ("slice space") and its (row_mm, col_mm) pixel size.
 
-    Volumes: float32 (rows, cols) of plane `plane` at `index` (None = middle),
+    Volumes: float32 (rows, cols), whatever the storage dtype, of plane `plane` at `index` (None = middle),
     flipped to the radiological convention (top = Anterior/Superior, left =
     patient Right for axial/coronal, Anterior for sagittal), optionally a MIP
     slab. 2D scans: the image itself, (y, x) or (y, x, 3); `plane` is ignored.
     """
     if scan.is_2d:
         row_mm, col_mm = scan.spacing
-        return scan.voxels, (float(row_mm), float(col_mm))
+        return _float32(scan.voxels), (float(row_mm), float(col_mm))
     if plane not in _PLANE_AXES:
         raise ScanError(f"unknown plane {plane!r}; choose axial, coronal or sagittal")
     vol, spacing = canonical_volume(scan, volume)
@@ -189,7 +189,12 @@ def extract_slice(
     # after removing `normal`, the remaining axes keep their (z, y, x) order, so
     # rows/cols are already (row_axis, col_axis); both flips give the convention
     # (top = Anterior/Superior, left = Right for axial/coronal, Anterior for sagittal)
-    return slab[::-1, ::-1], (float(spacing[row_axis]), float(spacing[col_axis]))
+    return _float32(slab[::-1, ::-1]), (float(spacing[row_axis]), float(spacing[col_axis]))
+
+
+def _float32(part: np.ndarray) -> np.ndarray:
+    """A slice as float32: a view when stored as float32, a copy of this slice only when int16 (engine.scan)."""
+    return part if part.dtype == np.float32 else part.astype(np.float32)
 
 
 def render_view(

@@ -453,7 +453,7 @@ class CatchAllProbe:
     each swallowed exception with its traceback; it changes no behaviour.
     """
 
-    _MODULES = ("engine.io.dicom", "engine.io.nifti", "engine.io.image2d", "engine.io.geometry")
+    _MODULES = ("engine.io.dicom", "engine.io.dicom_assembly", "engine.io.nifti", "engine.io.image2d", "engine.io.geometry")
     _READERS = ("read_dicom", "read_nifti", "read_image")
 
     def __init__(self) -> None:

@@ -51,3 +51,31 @@ def require_openvino(int8: bool = False) -> None:
     if os.environ.get("MEDLENS_REQUIRE_OPENVINO") == "1":
         pytest.fail(f"MEDLENS_REQUIRE_OPENVINO=1 but {problem}")
     pytest.skip(problem)
+@pytest.fixture
+def installed_models(monkeypatch, tmp_path_factory):
+    """Set which shipped models are installed: `installed_models({"name": folder, ...})` ({} = none).
+
+    Points MEDLENS_ASSETS at a fresh folder whose models/ links to the given
+    checkpoint folders, so every listing (engine.models.catalog) sees the same."""
+
+    def install(models: dict) -> Path:
+        root = tmp_path_factory.mktemp("assets")
+        (root / "models").mkdir()
+        for name, folder in models.items():
+            (root / "models" / name).symlink_to(Path(folder), target_is_directory=True)
+        monkeypatch.setenv("MEDLENS_ASSETS", str(root))
+        from engine.models import catalog
+
+        catalog.clear_cache()
+        return root
+
+    return install
+
+
+@pytest.fixture(autouse=True)
+def _private_audit_log_and_no_login(monkeypatch, tmp_path_factory):
+    """Audit lines go to a throwaway file (never the user's data folder); a login configured in the
+    developer's shell never leaks into a test (tests that need login set it themselves)."""
+    monkeypatch.setenv("MEDLENS_AUDIT_LOG", str(tmp_path_factory.mktemp("audit") / "audit.jsonl"))
+    for name in ("MEDLENS_AUTH_FILE", "MEDLENS_USERS", "MEDLENS_ALLOW_ANONYMOUS"):
+        monkeypatch.delenv(name, raising=False)

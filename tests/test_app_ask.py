@@ -217,14 +217,13 @@ def test_2d_image_to_a_3d_only_model(tmp_path):
         make_ask({source})(ScanSession(scans=[_image_scan()]), 0, 0, source, CLOSED, 0, 128, 256, False, 20)
 
 
-def test_model_not_installed_and_no_model(monkeypatch):
+def test_model_not_installed_and_no_model(installed_models):
     import gradio as gr
 
-    import engine.ask.model as ask_model
     from app.ask_panel import NO_ASK_MODEL_MESSAGE, ask_model_choices, make_ask
     from app.handlers import ScanSession
 
-    monkeypatch.setattr(ask_model, "ask_models", lambda: {})
+    installed_models({})
     session = ScanSession(scans=[_image_scan()])
     with pytest.raises(gr.Error, match="'medlens-qformer' is not installed"):
         make_ask({"medlens-qformer"})(session, 0, 0, "medlens-qformer", CLOSED, 0, 128, 256, False, 20)
@@ -237,12 +236,11 @@ def test_model_not_installed_and_no_model(monkeypatch):
     assert "MEDLENS_ASK_MODEL" in NO_ASK_MODEL_MESSAGE
 
 
-def test_the_app_without_an_ask_model_says_so(monkeypatch):
+def test_the_app_without_an_ask_model_says_so(monkeypatch, installed_models):
     import app
-    import engine.ask.model as ask_model
 
     monkeypatch.delenv("MEDLENS_ASK_MODEL", raising=False)
-    monkeypatch.setattr(ask_model, "ask_models", lambda: {})
+    installed_models({})
     demo = app.build_demo()
     props = {c.get("props", {}).get("elem_id"): c["props"] for c in demo.config["components"]}
     assert "No question-answering model installed" in props["ml-ask-answer"]["value"]

@@ -79,6 +79,16 @@ EXPECTED_API = {
     "/library_tag_negative",
     "/library_teach",
     "/library_refresh",
+    # sharing a library scan (issue 16; tested in test_app_auth.py)
+    "/library_share",
+    "/library_unshare",
+    # PACS tab (app/pacs_panel.py; tested in test_app_pacs.py)
+    "/pacs_status",
+    "/pacs_status_on_open",
+    "/pacs_search",
+    "/pacs_select_row",
+    "/pacs_open",
+    "/pacs_send",
 }
 
 
@@ -319,18 +329,21 @@ def test_warnings_cover_burned_in_text_and_skipped_files():
     assert warnings_markdown([]) == ""
 
 
-def test_discard_uploads_deletes_only_inside_the_upload_folder(tmp_path, monkeypatch):
-    from app.handlers import discard_uploads
+def test_private_copies_take_only_uploads_and_delete_them(tmp_path, monkeypatch):
+    from app.uploads import private_copies
 
     cache = tmp_path / "cache"
-    upload = cache / "abc123" / "scan.zip"
+    upload = cache / ("ab" * 16) / "upload.zip"
     upload.parent.mkdir(parents=True)
     upload.write_bytes(b"x")
     outside = tmp_path / "elsewhere.dcm"
     outside.write_bytes(b"y")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
-    discard_uploads([str(upload), str(outside), str(cache / ".." / "elsewhere.dcm")])
-    assert not upload.exists() and not upload.parent.exists()  # file and its per-upload folder
+    with private_copies([(str(upload), "my scan.zip"), (str(outside), None), (str(cache / ".." / "elsewhere.dcm"), None)]) as paths:
+        assert [Path(p).name for p in paths] == ["my scan.zip"] and Path(paths[0]).read_bytes() == b"x"
+        assert cache not in Path(paths[0]).parents  # never a path Gradio serves
+        assert not upload.exists() and not upload.parent.exists()  # file and its per-upload folder, at once
+    assert not Path(paths[0]).exists()
     assert cache.exists() and outside.exists()
 
 

@@ -144,14 +144,13 @@ def test_errors_are_clear(server, client, tiny, tmp_path):
 
 
 # --------------------------------------------------------------------------- no model
-def test_app_without_a_model_starts_and_says_so(monkeypatch):
+def test_app_without_a_model_starts_and_says_so(monkeypatch, installed_models):
     import gradio as gr
 
     import app
-    import engine.models.registry as registry
     from app.labels_panel import NO_MODEL_MESSAGE, make_label_scan, model_choices
 
-    monkeypatch.setattr(registry, "shipped_models", lambda: {})
+    installed_models({})
     choices, value = model_choices(None)
     assert value is None and all(not v.startswith("local-dir:") for _, v in choices)
     demo = app.build_demo()

@@ -56,7 +56,9 @@ def test_json_one_object_per_question_one_model_load_one_encoding(capsys, tiny, 
 
     loads, encodings = [], []
     real_load, real_tokens = ask_model.load_ask_folder, ask_model.AskModel.encoder_tokens
-    monkeypatch.setattr(ask_model, "_models", {})  # a fresh process' cache
+    from engine.models import catalog
+
+    catalog.clear_cache()  # a fresh process' cache
     monkeypatch.setattr(ask_model, "load_ask_folder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     monkeypatch.setattr(ask_model.AskModel, "encoder_tokens", lambda self, scan: encodings.append(1) or real_tokens(self, scan))
     code, out, err = run(capsys, "ask", ct_zip, CLOSED, "--question", MODALITY, "--question", "Which organs are in view?", "--model", tiny, "--json")
@@ -67,12 +69,12 @@ def test_json_one_object_per_question_one_model_load_one_encoding(capsys, tiny, 
         assert row["path"] == ct_zip and isinstance(row["answer"], str) and row["answer"]
         assert 0.0 <= row["confidence"] <= 1.0
     closed, modality, open_ = got
-    assert set(closed) == {"path", "question", "answer", "confidence", "candidates"}
+    assert set(closed) == {"path", "question", "answer", "confidence", "candidates", "redaction"}
     assert sorted(c["answer"] for c in closed["candidates"]) == ["no", "yes"]
     assert sum(c["probability"] for c in closed["candidates"]) == pytest.approx(1.0, abs=1e-3)
     assert closed["answer"] == closed["candidates"][0]["answer"] and closed["confidence"] == closed["candidates"][0]["probability"]
     assert "ct" in [c["answer"] for c in modality["candidates"]]
-    assert set(open_) == {"path", "question", "answer", "confidence"}  # open question: no candidates
+    assert set(open_) == {"path", "question", "answer", "confidence", "redaction"}  # open question: no candidates
     assert len(loads) == 1 and len(encodings) == 1  # one model load, the scan encoded once for three questions
     assert "Traceback" not in err
 
@@ -177,10 +179,8 @@ def test_folder_and_4d_nifti(capsys, tiny, tmp_path):
         ("local-dir:/no/such/folder", "is not a MedLens Q-Former checkpoint"),
     ],
 )
-def test_model_problems_are_one_line(capsys, monkeypatch, ct_zip, model, needle):
-    import engine.ask.model as ask_model
-
-    monkeypatch.setattr(ask_model, "ask_models", lambda: {})
+def test_model_problems_are_one_line(capsys, installed_models, ct_zip, model, needle):
+    installed_models({})
     code, out, err = run(capsys, "ask", ct_zip, CLOSED, *(["--model", model] if model else []), "--json")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
@@ -200,14 +200,13 @@ def test_missing_question_is_a_usage_error(capsys, ct_zip):
     assert code == 2 and "QUESTION" in err and len(err.strip().splitlines()) == 1
 
 
-def test_models_lists_question_answering_models(capsys, monkeypatch, tiny):
-    import engine.ask.model as ask_model
-
-    monkeypatch.setattr(ask_model, "ask_models", lambda: {})
+def test_models_lists_question_answering_models(capsys, installed_models, tiny):
+    installed_models({})
     code, out, _ = run(capsys, "models")
     assert code == 0 and "question answering" in out and "'medlens-qformer' is not installed" in out
     folder = Path(tiny.split(":", 1)[1])
-    monkeypatch.setattr(ask_model, "ask_models", lambda: {"medlens-qformer": folder})
+    root = installed_models({"medlens-qformer": folder})
+    folder = root / "models" / "medlens-qformer"
     code, out, _ = run(capsys, "models")
     assert "medlens-qformer (default)" in out and str(folder) in out
     code, out, _ = run(capsys, "models", "--json")

@@ -103,10 +103,8 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
-def test_without_model_and_no_default_installed(capsys, monkeypatch):
-    import engine.models.registry as registry
-
-    monkeypatch.setattr(registry, "shipped_models", lambda: {})
+def test_without_model_and_no_default_installed(capsys, installed_models):
+    installed_models({})
     code, out, err = run(capsys, "label", CT_SMALL, "--labels", "a", "b")
     assert code == 2
     assert "no default model installed" in err and "--model" in err
@@ -122,13 +120,11 @@ def test_models_lists_entries(capsys):
     assert all({"name", "source", "where", "available_offline", "default"} <= set(r) for r in rows)
 
 
-def test_models_lists_a_shipped_checkpoint(capsys, monkeypatch, tmp_path):
-    import engine.models.registry as registry
-
+def test_models_lists_a_shipped_checkpoint(capsys, installed_models, tmp_path):
     folder = tmp_path / "medlens-clip"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"licence": "Apache-2.0", "note": "test"}))
-    monkeypatch.setattr(registry, "shipped_models", lambda: {"medlens-clip": folder})
+    (folder / "config.json").write_text(json.dumps({"format": "medlens-clip/1", "licence": "Apache-2.0", "note": "test"}))
+    installed_models({"medlens-clip": folder})
     code, out, _ = run(capsys, "models", "--json")
     rows = {r["name"]: r for r in map(json.loads, out.splitlines())}
     assert rows["medlens-clip"]["default"] is True and rows["medlens-clip"]["available_offline"] is True

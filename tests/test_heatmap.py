@@ -233,7 +233,7 @@ def test_crop_geometry_inverts_the_model_transform(base, shape):
     yy, xx = np.mgrid[0:h, 0:w]
     ramp = (40 + 150 * (0.6 * xx / w + 0.4 * yy / h)).astype(np.float32)
     pixels = base.image_tensor([ramp.astype(np.uint8)])[0, 0]
-    grey = pixels * base.std[0] + base.mean[0]  # back to 0..1 in the model's square
+    grey = pixels * base.preprocess.std[0] + base.preprocess.mean[0]  # back to 0..1 in the model's square
     back = hm.to_image(base, grey[None], h, w)[0] * 255
     top, left, ch, cw = hm.crop_box(base, h, w)
     inner = np.zeros((h, w), bool)
@@ -286,7 +286,10 @@ class _Tower(nn.Module):
 def _tower_model(visual: nn.Module, size: int) -> ClipModel:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    return ClipModel(_Tower(visual), None, name="tower", revision="0", image_size=size, embed_dim=32, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD)
+    from engine.models.preprocess import ImagePreprocess
+
+    preprocess = ImagePreprocess(size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    return ClipModel(_Tower(visual), None, name="tower", revision="0", embed_dim=32, preprocess=preprocess)
 
 
 def _towers():

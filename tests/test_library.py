@@ -506,8 +506,11 @@ def test_probe_learns_separable_embeddings_and_round_trips(tmp_path):
 
 
 # --------------------------------------------------------------------------- privacy
-def test_no_identifying_value_anywhere_in_the_library_file(tmp_path):
+def test_no_identifying_value_anywhere_in_the_library_file(tmp_path, monkeypatch):
     import test_deid as td
+
+    # without OCR, burned-in-risk scans keep no thumbnail (with OCR they are redacted first: tests/test_redaction.py)
+    monkeypatch.setenv("MEDLENS_TESSERACT", str(tmp_path / "no-tesseract"))
 
     if td.DEID_DIR is None:
         pytest.skip("deid-data is not installed")

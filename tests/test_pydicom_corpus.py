@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.scan import STORAGE_DTYPES
+
 import _mutate as mz
 
 DATA = mz.pydicom_data_dir()
@@ -87,7 +89,7 @@ def _check_scan(scan) -> None:
     from engine.scan import Modality
 
     assert scan.voxels.size > 0
-    assert scan.voxels.dtype == np.float32
+    assert scan.voxels.dtype in STORAGE_DTYPES  # float32, or int16 holding the same integers (engine.scan)
     assert np.isfinite(scan.voxels).all(), "voxels hold NaN or inf"
     assert all(s > 0 and np.isfinite(s) for s in scan.spacing), scan.spacing
     assert np.isfinite(scan.affine).all() and abs(np.linalg.det(scan.affine[:3, :3])) > 0

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.models.registry import ASSETS, DEFAULT_MODEL
+from engine.models.registry import DEFAULT_MODEL
+from engine.settings import assets_dir
 
-FOLDER = ASSETS / "models" / DEFAULT_MODEL
+FOLDER = assets_dir() / "models" / DEFAULT_MODEL
 IMAGE_TYPES = ["chest X-ray", "CT scan", "MRI scan", "ultrasound image", "histopathology slide", "fundus photograph", "dermoscopy image"]
 
 

@@ -63,7 +63,7 @@ def _hu_xyz(scan) -> np.ndarray:
 def test_loads_as_20_slices_of_512_in_hu(ct_scan):
     assert ct_scan.modality.value == "CT"
     assert ct_scan.voxels.shape == (20, 512, 512)
-    assert ct_scan.voxels.dtype == np.float32
+    assert ct_scan.voxels.dtype == np.int16  # integral HU stored as int16 (engine.scan)
     assert np.allclose(ct_scan.spacing, (2.0, 0.9765625, 0.9765625), atol=ATOL_MM), (
         f"spacing {ct_scan.spacing}: slice spacing must come from positions (2 mm), not SliceThickness (3 mm)"
     )

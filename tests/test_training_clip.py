@@ -58,9 +58,9 @@ def _train(out: Path, data, *extra: str) -> None:
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from engine.models.weights import read_weights
 
-    return load_file(str(folder / "model.safetensors"))
+    return read_weights(folder)
 
 
 def test_one_step_exports_a_model_the_engine_loads(tmp_path, tiny_data):

@@ -167,7 +167,7 @@ def test_closed_batch_scores_every_candidate_and_favours_findings():
 
 
 def test_a_continued_run_starts_from_the_earlier_weights_and_records_them(tmp_path):
-    from safetensors.torch import load_file
+    from engine.models.weights import read_weights
 
     from training import qformer
 
@@ -181,5 +181,5 @@ def test_a_continued_run_starts_from_the_earlier_weights_and_records_them(tmp_pa
     second = json.loads((tmp_path / "b" / "last" / "config.json").read_text())
     assert second["init_from"] == {"training": first["training"], "step": first["step"]}
     assert second["qformer"]["decoder_vocab"] == first["qformer"]["decoder_vocab"]
-    before, after = load_file(str(tmp_path / "a" / "best" / "model.safetensors")), load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    before, after = read_weights(tmp_path / "a" / "best"), read_weights(tmp_path / "b" / "last")
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)  # zero steps: the same weights

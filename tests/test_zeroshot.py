@@ -172,10 +172,8 @@ def test_errors_are_clear():
     assert issubclass(PromptError, MedLensError)
 
 
-def test_no_default_model_is_a_clear_error(monkeypatch):
-    import engine.models.registry as registry
-
-    monkeypatch.setattr(registry, "shipped_models", lambda: {})
+def test_no_default_model_is_a_clear_error(installed_models):
+    installed_models({})
     scan = Scan(np.zeros((8, 8), np.float32), (1.0, 1.0), np.eye(4), Modality.XRAY)
     with pytest.raises(ModelError, match="no default model installed.*--model"):
         label_scan(scan, ["a", "b"])

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from engine.models.cpu import cpu_profile
+from engine.models.preprocess import ImagePreprocess
 from training import augment
 from training import clip_model as cm
 from training.distributed import DistEnv, all_reduce_mean, barrier, cleanup, init_distributed
@@ -84,22 +85,6 @@ class Sampler:
         return self._order[offset * self.batch : (offset + 1) * self.batch]
 
 
-def normalise(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> float (B, 3, S, S) in 0..1."""
-    t = torch.from_numpy(np.array(images_uint8)) if isinstance(images_uint8, np.ndarray) else images_uint8
-    return t.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-class Standardise(nn.Module):
-    def __init__(self, mean, std):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x):
-        return (x - self.mean) / self.std
-
-
 # --------------------------------------------------------------------------- pieces
 def log_line(env: DistEnv, msg: str) -> None:
     if env.is_master:
@@ -123,17 +108,17 @@ def caption_tables(rows: list[Row]):
     return vocab, pools
 
 
-def trunk_features(trunk: nn.Module, images: np.ndarray, standardise: Standardise, batch: int = 64) -> torch.Tensor:
+def trunk_features(trunk: nn.Module, images: np.ndarray, preprocess: ImagePreprocess, batch: int = 64) -> torch.Tensor:
     trunk.eval()
     out = []
     with torch.inference_mode():
         for s in range(0, len(images), batch):
-            out.append(trunk(standardise(normalise(images[s : s + batch]))).float())
+            out.append(trunk(preprocess.standardise(preprocess.scale(images[s : s + batch]))).float())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def validate(train: cm.TrainableClip, standardise: Standardise, images: np.ndarray, feats: torch.Tensor | None,
+def validate(train: cm.TrainableClip, preprocess: ImagePreprocess, images: np.ndarray, feats: torch.Tensor | None,
              rows: list[Row], pooled: torch.Tensor, train_rows: list[Row], train_pools: list[np.ndarray]) -> dict:
     """Per-dataset accuracy of matching each val image to its label key's caption prototype.
 
@@ -145,7 +130,7 @@ def validate(train: cm.TrainableClip, standardise: Standardise, images: np.ndarr
         keys_by_set.setdefault(r.dataset, {}).setdefault(label_key(r), pool)
     emb = []
     for s in range(0, len(rows), 128):
-        x = feats[s : s + 128] if feats is not None else standardise(normalise(images[s : s + 128]))
+        x = feats[s : s + 128] if feats is not None else preprocess.standardise(preprocess.scale(images[s : s + 128]))
         emb.append(nn.functional.normalize(train.encode_image(x).float(), dim=-1))
     emb = torch.cat(emb) if emb else torch.zeros(0)
     result: dict[str, float] = {}
@@ -217,7 +202,9 @@ def main(argv=None) -> int:
     image_weights = None
     if args.trunk == "astra-deflated" and args.frozen_trunk:
         from engine.models.astra import DEFLATED_REF as image_weights
-    standardise = Standardise(preprocess["mean"], preprocess["std"])
+    # the model's one preprocessing: stored in its checkpoint, run by the engine at inference
+    image_preprocess = ImagePreprocess(args.image_size, preprocess["mean"], preprocess["std"])
+    preprocess = image_preprocess.to_config()
     from engine.models.checkpoint import make_tokenizer
 
     tokenizer = make_tokenizer(model_cfg, cm.text_dir())
@@ -254,8 +241,8 @@ def main(argv=None) -> int:
     feats = val_feats = None
     if args.frozen_trunk:
         log_line(env, "computing frozen-trunk features once (no augmentation)")
-        feats = trunk_features(model.visual.trunk, images, standardise)
-        val_feats = trunk_features(model.visual.trunk, val_images, standardise) if val_images is not None else None
+        feats = trunk_features(model.visual.trunk, images, image_preprocess)
+        val_feats = trunk_features(model.visual.trunk, val_images, image_preprocess) if val_images is not None else None
 
     train = cm.TrainableClip(model, frozen_trunk=args.frozen_trunk, unlocked_text_layers=args.unlock_text_layers).to(env.device)
     memory_format = torch.channels_last if args.channels_last and not args.frozen_trunk else torch.contiguous_format
@@ -300,7 +287,7 @@ def main(argv=None) -> int:
     def run_eval() -> None:
         nonlocal best
         if env.is_master and val_rows:
-            res = validate(train, standardise, val_images, val_feats, val_rows, pooled if pooled is not None else _pool_now(),
+            res = validate(train, image_preprocess, val_images, val_feats, val_rows, pooled if pooled is not None else _pool_now(),
                            train_rows, pools)
             history.append({"step": step, "val": res, "elapsed_s": round(time.time() - t_start, 1)})
             log_line(env, f"step {step}: val balanced accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
@@ -340,7 +327,8 @@ def main(argv=None) -> int:
             if feats is not None:
                 x = feats[torch.as_tensor(idx)]
             else:
-                x = standardise(augment.apply(normalise(images[idx]), augment.take(params, mine))).contiguous(memory_format=memory_format)
+                x = image_preprocess.standardise(augment.apply(image_preprocess.scale(images[idx]), augment.take(params, mine))).contiguous(
+                    memory_format=memory_format)
             ctx = net.no_sync if (env.distributed and m < args.accum - 1) else nullcontext
             with ctx():
                 with autocast():

@@ -30,6 +30,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from engine.models.preprocess import ImagePreprocess
+
 MODALITIES = ("xray", "ct", "mr", "us", "pathology", "fundus", "dermoscopy")
 SPLITS = ("train", "val", "test")
 # How each manifest modality is named to the engine (engine.scan.Modality values).
@@ -129,10 +131,12 @@ class PixelLoader:
     Volumes and .npz files are opened once and kept (a manifest holds many
     slices of one volume)."""
 
-    def __init__(self, root: str | Path, size: int = 448, cache_volumes: int = 4):
-        # size: side of the square __call__ returns; model_image() is always the engine's 448 px view
+    def __init__(self, root: str | Path, size: int | ImagePreprocess = 448, cache_volumes: int = 4):
+        # size: the model's preprocessing (or just its side): __call__ returns its resized uint8 image;
+        # model_image() is always the engine's 448 px view
         self.root = Path(root)
-        self.size = int(size)
+        self.preprocess = size if isinstance(size, ImagePreprocess) else ImagePreprocess(int(size))
+        self.size = self.preprocess.size
         self._scans: dict[str, Any] = {}
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self._cache_volumes = cache_volumes
@@ -169,14 +173,9 @@ class PixelLoader:
         return model_image(scan, size=MODEL_IMAGE_SIZE)
 
     def __call__(self, row: Row) -> np.ndarray:
-        """The engine's 448 px model image resized to `size` with PIL bicubic, exactly as a model's own
-        transform (open_clip Resize) does at inference, so training sees inference's pixels."""
-        image = self._pixels448(row)
-        if image.shape[0] != self.size:
-            from PIL import Image
-
-            image = np.asarray(Image.fromarray(image).resize((self.size, self.size), Image.Resampling.BICUBIC))
-        return image
+        """The engine's 448 px model image resized by the model's own preprocessing (the object the engine
+        runs at inference), so training sees inference's pixels."""
+        return self.preprocess.resize(self._pixels448(row))
 
     def _pixels448(self, row: Row) -> np.ndarray:
         from engine.zeroshot.imaging import MODEL_IMAGE_SIZE

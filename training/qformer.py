@@ -335,9 +335,9 @@ def main(argv=None) -> int:
         cfg.frozen = cfg.frozen + TEXT_FFN
     model = build_qformer(cfg, read_text_encoder_state(cfg.text_encoder))
     if args.init:  # continue from an earlier run (e.g. more steps on volumes); frozen parts come from the package again
-        from safetensors.torch import load_file
+        from engine.models.weights import read_weights
 
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(args.init) / "model.safetensors")).items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in read_weights(Path(args.init)).items()}
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys or [k for k in result.missing_keys if not model.is_frozen(k)]:
             raise SystemExit(f"--init {args.init} does not fit this architecture")

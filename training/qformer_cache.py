@@ -7,8 +7,8 @@ Design decisions
   stored fp16 (the Q-Former normalises them first; fp16 keeps 3 significant
   digits of post-ReLU features) in one file per (kind, preprocessing), keyed
   by row id, and saved every few hundred rows so an interrupted run resumes.
-- 2D rows go through the engine's own 2D path (`AskModel.image_tensor`:
-  the 448 px model image resized as the CLIP models' transform does) and
+- 2D rows go through the engine's own 2D path (`engine.ask.model.qformer_preprocess`:
+  the 448 px model image resized as the CLIP models' preprocessing does) and
   volume crops through `volume_prep.prepare_volume`, so training sees the
   tokens inference computes.
 """
@@ -23,7 +23,7 @@ from typing import Iterable
 
 import torch
 
-from engine.ask.model import FrozenEncoders, image_tensor
+from engine.ask.model import FrozenEncoders, qformer_preprocess
 from engine.models import volume_prep
 from training.qa_data import QARow, load_image, load_volume_crop
 
@@ -64,7 +64,7 @@ class TokenCache:
         for i in range(0, len(todo), step):
             chunk = todo[i:i + step]
             if self.kind == "image":
-                pixels = torch.cat([image_tensor(load_image(root, r, size=448), self.image_size) for r in chunk])
+                pixels = qformer_preprocess({"image_size": self.image_size})([load_image(root, r, size=448) for r in chunk])
                 tokens, grid = encoders.image_tokens(pixels)
             else:
                 prepared = volume_prep.prepare_volume(load_volume_crop(root, chunk[0]), self.prep)

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.errors import MedLensError, ModelError
+from engine.errors import MedLensError
 from engine.scan import Scan
 
 EVIDENCE_MAX_SIDE = 128  # in-plane pixels kept of an evidence map (overlays are resized to the view anyway)
@@ -41,24 +41,9 @@ __all__ = ["resolve_ask_model", "label_volume", "EvidenceView", "evidence_view",
 # --------------------------------------------------------------------------- the model
 def resolve_ask_model(source: Any = None):
     """An AskModel: passed through, or loaded from a source (shipped name or local-dir:/path; None = the shipped default)."""
-    from engine.ask import model as ask_model
+    from engine.models import catalog
 
-    if source is not None and not isinstance(source, str):
-        return source
-    text = (source or "").strip() or ask_model.DEFAULT_ASK_MODEL
-    if text == ask_model.DEFAULT_ASK_MODEL and text not in ask_model.ask_models():
-        from engine.settings import assets_dir
-
-        raise ModelError(
-            f"the question-answering model '{text}' is not installed (expected {assets_dir() / 'models' / text}); "
-            "pass --model local-dir:/path/to/qformer-checkpoint (see `medlens models`), or set MEDLENS_ASK_MODEL for the app"
-        )
-    try:
-        return ask_model.load_ask_model(text)
-    except MedLensError:
-        raise
-    except Exception as exc:  # a broken checkpoint reads as a model problem, not a crash
-        raise ModelError(f"cannot load question-answering model '{text}': {type(exc).__name__}: {str(exc)[:300]}") from None
+    return catalog.resolve(source, catalog.ASK)
 
 
 # --------------------------------------------------------------------------- 3D zero-shot labels

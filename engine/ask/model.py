@@ -36,6 +36,7 @@ import torch
 from engine.ask import prompting
 from engine.ask.questions import QuestionError, match_question, suggested_questions, validate_question
 from engine.errors import MedLensError, ModelError
+from engine.models.preprocess import IDENTITY_MEAN, IDENTITY_STD, ImagePreprocess
 from engine.models.qformer import EncoderMemory, QFormer, QFormerConfig, build_qformer, text_encoder_dir
 from engine.scan import Scan
 
@@ -83,15 +84,11 @@ class Encoded:
     scan_shape: tuple[int, ...]
 
 
-def image_tensor(pixels448: np.ndarray, size: int) -> torch.Tensor:
-    """The engine's 448 px uint8 RGB model image -> [1, 3, size, size] in 0..1, resized with PIL
-    bicubic as the CLIP models' own transform does (training.manifest.PixelLoader does the same)."""
-    from PIL import Image
-
-    image = np.asarray(pixels448)
-    if image.shape[0] != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None].float().div_(255.0)
+def qformer_preprocess(config: dict[str, Any]) -> ImagePreprocess:
+    """A Q-Former checkpoint's 2D preprocessing: the engine's model image resized to `image_size`, in 0..1
+    (the frozen Astra encoder takes unstandardised pixels). Training's token cache uses the same object."""
+    return ImagePreprocess.from_config(config.get("preprocess_cfg"), size=int(config.get("image_size", 128)),
+                                       mean=IDENTITY_MEAN, std=IDENTITY_STD)
 
 
 class FrozenEncoders:
@@ -103,11 +100,11 @@ class FrozenEncoders:
     "i3resnet-tiny": a small random-weight I3ResNet (seeded) for tests and smoke runs;
     a 2D image goes through it as a one-slice volume."""
 
-    def __init__(self, spec: dict[str, Any] | None, prep: Any = None, image_size: int = 128):
+    def __init__(self, spec: dict[str, Any] | None, prep: Any = None, preprocess: ImagePreprocess | None = None):
         spec = dict(spec or {"type": "i3resnet152"})
         self.kind = spec.get("type", "i3resnet152")
         self._tiny = None
-        self._prep, self._image_size = prep, int(image_size)
+        self._prep, self._preprocess = prep, preprocess or qformer_preprocess({})
         self._fast: dict[str, Any] = {}
         if self.kind == "i3resnet-tiny":
             from engine.models.i3resnet import I3ResNet
@@ -139,7 +136,7 @@ class FrozenEncoders:
             else:
                 self._fast[key] = fast_encoder(f"astra-resnet152-deflated-2d@{revision}", "Q-Former 2D encoder",
                                                i3resnet.load_astra_deflated_2d,
-                                               lambda: image_tensor(calibration.example_image(), self._image_size),
+                                               lambda: self._preprocess([calibration.example_image()]),
                                                forward="forward_features", dynamic_axes=(0, 2, 3))
         return self._fast[key]
 
@@ -180,8 +177,9 @@ class AskModel:
         from engine.models.volume_prep import VolumePrep
 
         self.prep = VolumePrep.from_dict(config.get("volume_prep", {}))
-        self.image_size = int(config.get("image_size", 128))
-        self.encoders = FrozenEncoders(config.get("encoder"), self.prep, self.image_size)
+        self.preprocess = qformer_preprocess(config)
+        self.image_size = self.preprocess.size
+        self.encoders = FrozenEncoders(config.get("encoder"), self.prep, self.preprocess)
         self._cache: OrderedDict[str, Encoded] = OrderedDict()
         self._lock = threading.Lock()
         self._label_cache: dict[tuple[str, ...], torch.Tensor] = {}
@@ -197,7 +195,7 @@ class AskModel:
             from engine.zeroshot.imaging import MODEL_IMAGE_SIZE, model_image
 
             prepared = volume_prep.prepare_image(scan, self.image_size)  # its mapping; pixels as in training:
-            tokens, grid = self.encoders.image_tokens(image_tensor(model_image(scan, size=MODEL_IMAGE_SIZE).pixels, self.image_size))
+            tokens, grid = self.encoders.image_tokens(self.preprocess([model_image(scan, size=MODEL_IMAGE_SIZE).pixels]))
         else:
             prepared = volume_prep.prepare_volume(scan.volume(0), self.prep)
             tokens, grid = self.encoders.volume_tokens(prepared.tensor)
@@ -333,30 +331,24 @@ class AskModel:
 
 # --------------------------------------------------------------------- save / load
 def save_ask_model(model: QFormer, folder: str | Path, config: dict[str, Any], card: str = "", dtype: torch.dtype = torch.float16) -> Path:
-    """config.json (format, qformer config, preprocessing, ...) + model.safetensors (trainable part, fp16) + MODEL_CARD.md."""
-    from safetensors.torch import save_file
+    """config.json (format, qformer config, preprocessing, ...) + weights (trainable part, fp16, sharded) + MODEL_CARD.md."""
+    from engine.models.weights import save_checkpoint_folder
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     full = {"format": FORMAT, **config, "qformer": model.config.to_dict()}
-    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.trainable_state().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(full, indent=2))
-    (folder / "MODEL_CARD.md").write_text(card or "# Model card\n\nNo card was written for this checkpoint.\n")
-    return folder
+    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype) for k, v in model.trainable_state().items()}
+    return save_checkpoint_folder(folder, full, state, card)
 
 
 def is_ask_folder(folder: str | Path) -> bool:
-    path = Path(folder) / "config.json"
-    try:
-        return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
+    from engine.models.catalog import read_config
+
+    return str((read_config(Path(folder)) or {}).get("format", "")) == FORMAT
 
 
 def load_ask_folder(folder: str | Path, name: str | None = None) -> AskModel:
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer
+
+    from engine.models import weights
 
     folder = Path(folder)
     if not is_ask_folder(folder):
@@ -364,50 +356,31 @@ def load_ask_folder(folder: str | Path, name: str | None = None) -> AskModel:
     config = json.loads((folder / "config.json").read_text())
     cfg = QFormerConfig.from_dict(config["qformer"])
     model = build_qformer(cfg)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.read_weights(folder).items()}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not model.is_frozen(k)]
     if missing or result.unexpected_keys:
         raise ModelError(f"Q-Former weights do not fit: {len(missing)} missing (e.g. {missing[:3]}), "
                          f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})")
     tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir(cfg.text_encoder))
-    revision = f"{(folder / 'model.safetensors').stat().st_size:x}-{int((folder / 'model.safetensors').stat().st_mtime)}"
-    return AskModel(model, config, tokenizer, name=name or f"local-dir:{folder}", revision=revision)
+    return AskModel(model, config, tokenizer, name=name or f"local-dir:{folder}", revision=weights.revision(folder))
 
 
-_models: dict[str, AskModel] = {}
-_models_lock = threading.Lock()
 DEFAULT_ASK_MODEL = "medlens-qformer"
 
 
 def ask_models() -> dict[str, Path]:
     """Shipped Q-Former checkpoints by name."""
-    from engine.settings import assets_dir
+    from engine.models import catalog
 
-    root = assets_dir() / "models"
-    return {p.name: p for p in sorted(root.iterdir()) if is_ask_folder(p)} if root.is_dir() else {}
+    return {name: entry.folder for name, entry in catalog.shipped(catalog.ASK).items()}
 
 
 def load_ask_model(source: str | None = None) -> AskModel:
-    """A shipped name or local-dir:/path; one model cached per process."""
-    from engine.models.source import LOCAL_DIR, parse_source
+    """A shipped name or local-dir:/path; one model cached per process (engine.models.catalog)."""
+    from engine.models import catalog
 
-    parsed = parse_source(source or DEFAULT_ASK_MODEL)
-    key = str(parsed)
-    with _models_lock:
-        if key in _models:
-            return _models[key]
-        if parsed.kind == LOCAL_DIR:
-            model = load_ask_folder(parsed.identifier, name=key)
-        else:
-            shipped = ask_models()
-            if parsed.identifier not in shipped:
-                known = ", ".join(shipped) or "none installed"
-                raise ModelError(f"unknown question-answering model '{parsed.identifier}' (known: {known}; or local-dir:/path)")
-            model = load_ask_folder(shipped[parsed.identifier], name=parsed.identifier)
-        _models.clear()
-        _models[key] = model
-        return model
+    return catalog.load(source, catalog.ASK)
 
 
 __all__ = ["AskError", "AskModel", "Answer", "Evidence", "QuestionError", "load_ask_model", "save_ask_model", "ask_models", "is_ask_folder"]

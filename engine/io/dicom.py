@@ -1,11 +1,16 @@
 """DICOM reader: single files, series (many files), enhanced multi-frame, Siemens mosaic.
 
 Design decisions
-- Read each file once (header + pixels) and turn it into `_Frame`s: one 2D
-  image in physical units with its own geometry. Single-frame files give one
-  frame; enhanced multi-frame files give one per frame, with geometry from the
-  functional groups. Assembly then works on frames only, so series of files
-  and multi-frame files share one code path.
+- Two passes. The first reads each file's header only (pydicom
+  `stop_before_pixels`; zip members are read up to the pixel data, not
+  inflated whole) and turns it into `Frame`s: one 2D image each, with its
+  own geometry (enhanced multi-frame files give one per frame, geometry from
+  the functional groups). Grouping, ordering and the output size are then
+  known before any pixel is decoded, and each scan-to-be is checked against
+  the memory bounds (engine.memory: the per-series voxel cap and the budget)
+  first: a series over the cap is refused in the time it takes to read its
+  headers, whatever its pixel data hold. The second pass decodes file after
+  file straight into the scan's preallocated array (engine.io.dicom_assembly).
 - Grouping: SeriesInstanceUID, then sub-groups by orientation, matrix, echo
   and image type, so a 3-plane localiser or a magnitude/phase pair become
   separate scans the user picks from (as dcm2niix splits them).
@@ -17,7 +22,10 @@ Design decisions
 - Pixel pipeline per frame: decode (pydicom 3 dispatches compressed syntaxes
   to pylibjpeg-openjpeg, pyjpegls, python-gdcm; RLE natively; YBR is converted
   to RGB) -> palette colour LUT -> modality LUT / rescale (CT in HU) ->
-  MONOCHROME1 inversion over the assembled volume.
+  MONOCHROME1 inversion over the assembled volume. Storage is int16 when the
+  headers say the values are integers inside int16 (engine.scan), else float32.
+- A file whose pixels cannot be decoded is skipped with its reason and its
+  series is assembled from the others, as when its header is unreadable.
 - Siemens mosaics (one file = a grid of slices) are unpacked with nibabel's
   CSA-aware MosaicWrapper rather than a hand-written CSA parser.
 - Files without patient geometry (radiographs, secondary captures, cine) are
@@ -29,23 +37,24 @@ from __future__ import annotations
 import io
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from nibabel import orientations
-
 from engine.deid import deidentify
-from engine.io.dicom_pixels import MAX_VOXELS, decode, pixel_header
+from engine.io import dicom_assembly as assembly
+from engine.io.dicom_assembly import Frame, NeedsFloat
+from engine.io.dicom_pixels import PixelHeader, decode, pixel_header
 from engine.io.geometry import LPS_TO_RAS, dicom_affine, slice_normal, spacing_zyx, to_canonical, xyz_to_scan_order
 from engine.io.sources import Skipped, Source
+from engine.memory import LoadGuard, SeriesSize
 from engine.scan import Modality, Provenance, Scan, ScanError
 
-__all__ = ["MAX_VOXELS", "looks_like_dicom", "read_dicom"]
-_LUMINANCE = np.float32([0.299, 0.587, 0.114])  # ITU-R BT.601 grey from RGB
-POSITION_TOLERANCE_MM = 0.01  # positions closer than this are the same slice
+__all__ = ["looks_like_dicom", "read_dicom"]
+_PIXEL_TAGS = (b"\xe0\x7f", b"\x7f\xe0")  # group 0x7FE0 (pixel data) in either byte order
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_HEADER_CHUNK = 64 << 10  # bytes read at a time from a zip member during the header pass
 
 
 def looks_like_dicom(head: bytes, name: str) -> bool:
@@ -63,64 +72,129 @@ def looks_like_dicom(head: bytes, name: str) -> bool:
     return len(head) >= 8 and (head[:2] in groups or head[1:3] in groups)
 
 
-@dataclass
-class _Frame:
-    raw: np.ndarray  # stored values (rows, cols) any dtype, or (rows, cols, 3) colour; physical = raw * slope + intercept
-    ds: Any  # the file's pydicom Dataset (shared by all frames of a multi-frame file)
-    name: str  # source name, for messages only
-    ipp: np.ndarray | None
-    iop: np.ndarray | None
-    pixel_spacing: tuple[float, float] | None
-    order: tuple  # temporal ordering key for repeated positions
-    key: tuple  # what must match within one volume: matrix, echo, image type
-    thickness: float | None = None
-    slope: float = 1.0
-    intercept: float = 0.0
-    monochrome1: bool = False
-
-    @property
-    def colour(self) -> bool:
-        return self.raw.ndim == 3
-
-    def physical(self) -> np.ndarray:
-        out = self.raw.astype(np.float32)
-        if self.slope != 1.0:
-            out *= np.float32(self.slope)
-        if self.intercept != 0.0:
-            out += np.float32(self.intercept)
-        return out
-
-
-@dataclass
-class _Mosaic:
-    data_crs: np.ndarray  # (cols, rows, slices) float32
-    affine: np.ndarray  # RAS+, voxel (col, row, slice)
-    ds: Any
-    name: str
-    order: tuple
-
-
-@dataclass
-class _Read:
-    frames: list[_Frame] = field(default_factory=list)
-    mosaics: list[_Mosaic] = field(default_factory=list)
-
-
 # --------------------------------------------------------------------------- reading
-def _dcmread(source: Source):
-    """Parse a file; preamble-less files (sniffed as DICOM already) are read with force."""
+class _Rewindable(io.RawIOBase):
+    """A forward-only stream (a zip member) made seekable by keeping what was read: pydicom
+    rewinds while parsing, and the header pass reads kilobytes, never the whole member."""
+
+    def __init__(self, raw):
+        self._raw, self._buf, self._pos, self._eof = raw, bytearray(), 0, False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def _fill(self, upto: int | None) -> None:
+        while not self._eof and (upto is None or len(self._buf) < upto):
+            chunk = self._raw.read(_HEADER_CHUNK if upto is None else max(upto - len(self._buf), _HEADER_CHUNK))
+            if not chunk:
+                self._eof = True
+            self._buf += chunk
+
+    def readinto(self, b) -> int:
+        self._fill(self._pos + len(b))
+        n = max(0, min(len(b), len(self._buf) - self._pos))
+        b[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            self._fill(None)
+            offset += len(self._buf)
+        elif whence == 1:
+            offset += self._pos
+        self._pos = max(0, offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _parse(fh, *, stop_before_pixels: bool, force: bool):
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if source.path:
-            try:
-                return pydicom.dcmread(source.path)
-            except InvalidDicomError:
-                return pydicom.dcmread(source.path, force=True)
-        data = source.read()
-        return pydicom.dcmread(io.BytesIO(data), force=not (len(data) >= 132 and data[128:132] == b"DICM"))
+        return pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels, force=force)
+
+
+def _dcmread(source: Source, stop_before_pixels: bool = False) -> tuple[Any, bool]:
+    """(dataset, pixel data follows); preamble-less files (sniffed as DICOM already) are read with force.
+
+    With `stop_before_pixels` the dataset holds the header only, and the next
+    tag in the stream says whether pixel data follow.
+    """
+    from pydicom.errors import InvalidDicomError
+
+    if source.dataset is not None:  # parsed already, pixels included (a DICOMweb instance: engine.pacs)
+        return source.dataset, any(k in source.dataset for k in _PIXEL_KEYWORDS)
+    if source.path:
+        fh = open(source.path, "rb")
+    elif stop_before_pixels:
+        fh = _Rewindable(source.open())
+    else:
+        fh = io.BytesIO(source.read())
+    with fh:
+        try:
+            ds = _parse(fh, stop_before_pixels=stop_before_pixels, force=False)
+        except InvalidDicomError:
+            fh.seek(0)
+            ds = _parse(fh, stop_before_pixels=stop_before_pixels, force=True)
+        has_pixels = True
+        if stop_before_pixels:
+            has_pixels = fh.read(2) in _PIXEL_TAGS
+    if stop_before_pixels and not has_pixels and _DEFLATED in str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")):
+        # a deflated dataset is parsed from an inflated copy, so the stream's position says nothing: read it whole (rare, small)
+        ds, _ = _dcmread(source)
+        has_pixels = any(k in ds for k in _PIXEL_KEYWORDS)
+    return ds, has_pixels
+
+
+class DicomFile:
+    """One DICOM file after the header pass; `decode` reads it again for its pixels."""
+
+    def __init__(self, source: Source, ds: Any, header: PixelHeader, mosaic: bool):
+        self.source, self.ds, self.header, self.mosaic = source, ds, header, mosaic
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    def full_dataset(self):
+        return _dcmread(self.source)[0]
+
+    def decode(self) -> np.ndarray:
+        """Pixels as stored, (frames, rows, cols[, 3]), after checking them against the header."""
+        h = self.header
+        try:
+            arr = decode(self.full_dataset(), h, self.name)
+        except ScanError as exc:
+            raise ScanError(f"{self.name}: {exc}") from None
+        arr = arr[None] if h.frames == 1 else arr
+        if arr.shape[0] != h.frames or arr.shape[1:3] != (h.rows, h.cols):
+            raise ScanError(f"{self.name}: decoded {arr.shape[:3]} but the header says {h.frames} x {h.rows} x {h.cols}")
+        return arr
+
+
+def _read_header(source: Source) -> DicomFile:
+    """The header pass of one file: no pixel is decoded (or, for a zip member, even inflated)."""
+    ds, has_pixels = _dcmread(source, stop_before_pixels=True)
+    if not has_pixels:
+        kind = getattr(_get(ds, "SOPClassUID"), "name", "") or ("DICOMDIR" if "DirectoryRecordSequence" in ds else "")
+        raise ScanError(f"{source.name}: DICOM file holds no image ({kind or 'no pixel data'})")
+    try:
+        header = pixel_header(ds, source.name)
+    except ScanError as exc:
+        raise ScanError(f"{source.name}: {exc}") from None
+    return DicomFile(source, ds, header, _is_mosaic(ds))
+
 
 
 def _float_list(value, n: int) -> np.ndarray | None:
@@ -237,41 +311,12 @@ def _is_mosaic(ds) -> bool:
     return "MOSAIC" in image_type and "SIEMENS" in str(_get(ds, "Manufacturer") or "").upper()
 
 
-def _read_mosaic(ds, name: str) -> _Mosaic:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # nibabel warns on import that its readers are experimental
-        from nibabel.nicom import dicomwrappers
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            wrapper = dicomwrappers.wrapper_from_data(ds)
-            data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (rows, cols, slices), scaled
-            affine_rcs = np.asarray(wrapper.affine, dtype=float)  # voxel (row, col, slice) -> LPS
-    except Exception as exc:
-        raise ScanError(f"{name}: Siemens mosaic could not be unpacked ({_short(exc)})") from None
-    affine_crs = affine_rcs[:, [1, 0, 2, 3]]
-    return _Mosaic(data.transpose(1, 0, 2), LPS_TO_RAS @ affine_crs, ds, name, _order_key(ds))
-
-
-def _read_file(source: Source, out: _Read) -> None:
-    ds = _dcmread(source)
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
-        kind = getattr(_get(ds, "SOPClassUID"), "name", "") or ("DICOMDIR" if "DirectoryRecordSequence" in ds else "")
-        raise ScanError(f"{source.name}: DICOM file holds no image ({kind or 'no pixel data'})")
-    if _is_mosaic(ds):
-        out.mosaics.append(_read_mosaic(ds, source.name))
-        return
-    try:
-        header = pixel_header(ds, source.name)
-        arr = decode(ds, header, source.name)
-    except ScanError as exc:
-        raise ScanError(f"{source.name}: {exc}") from None
+def _frames_of(file: DicomFile) -> list[Frame]:
+    """The file's frames, each with its geometry and rescale, from the header alone."""
+    ds, header = file.ds, file.header
     n_frames = header.frames
     colour = header.samples == 3 or header.photometric == "PALETTE COLOR"
-    frames_arr = arr[None] if n_frames == 1 else arr
-    if frames_arr.shape[0] != n_frames or frames_arr.shape[1:3] != (header.rows, header.cols):
-        raise ScanError(f"{source.name}: decoded {frames_arr.shape[:3]} but the header says {n_frames} x {header.rows} x {header.cols}")
+    shape = (header.rows, header.cols, 3) if colour else (header.rows, header.cols)
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
     file_iop = _orientation(_get(ds, "ImageOrientationPatient"))
     file_ipp = _float_list(_get(ds, "ImagePositionPatient") or [], 3)
@@ -282,6 +327,8 @@ def _read_file(source: Source, out: _Read) -> None:
     has_lut = "ModalityLUTSequence" in ds and not colour
     file_slope, file_intercept = _file_rescale(ds)
     offsets = _float_list(grid, n_frames) if (n_frames > 1 and grid is not None) else None
+    key = _frame_key(ds, shape)
+    frames = []
     for k in range(n_frames):
         iop, ipp, spacing = file_iop, file_ipp, file_spacing
         slope, intercept = (1.0, 0.0) if colour else (file_slope, file_intercept)
@@ -297,18 +344,26 @@ def _read_file(source: Source, out: _Read) -> None:
             ipp = ipp + offsets[k] * slice_normal(iop)
         elif n_frames > 1:
             ipp = None  # legacy multi-frame without per-frame positions: a cine/stack
-        raw = frames_arr[k]
-        if has_lut:
-            from pydicom.pixels import apply_modality_lut
+        frames.append(Frame(file, k, ipp, iop, spacing, _order_key(ds, k), key, thickness, slope, intercept, monochrome1, colour, has_lut))
+    return frames
 
-            try:
-                raw, slope, intercept = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32), 1.0, 0.0
-            except Exception:
-                pass  # a broken LUT: stored values are what the header can support
-        out.frames.append(
-            _Frame(raw, ds, source.name, ipp, iop, spacing, _order_key(ds, k), _frame_key(ds, raw.shape), thickness,
-                   slope, intercept, monochrome1)
-        )
+
+def _read_mosaic(file: DicomFile) -> tuple[np.ndarray, np.ndarray]:
+    """(data (cols, rows, slices) float32, affine RAS+ of voxel (col, row, slice)) of one mosaic file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nibabel warns on import that its readers are experimental
+        from nibabel.nicom import dicomwrappers
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapper = dicomwrappers.wrapper_from_data(file.full_dataset())
+            data = np.asarray(wrapper.get_data(), dtype=np.float32)  # (rows, cols, slices), scaled
+            affine_rcs = np.asarray(wrapper.affine, dtype=float)  # voxel (row, col, slice) -> LPS
+    except Exception as exc:
+        raise ScanError(f"{file.name}: Siemens mosaic could not be unpacked ({_short(exc)})") from None
+    affine_crs = affine_rcs[:, [1, 0, 2, 3]]
+    return data.transpose(1, 0, 2), LPS_TO_RAS @ affine_crs
 
 
 # --------------------------------------------------------------------------- assembly
@@ -332,193 +387,131 @@ def _modality(ds) -> Modality:
     return Modality.from_dicom(str(_get(ds, "Modality") or ""))
 
 
-def _invert(voxels: np.ndarray) -> np.ndarray:
-    """MONOCHROME1 (high = dark) -> high = bright, over the whole assembled image, in place."""
-    lo, hi = float(np.min(voxels)), float(np.max(voxels))
-    np.subtract(np.float32(lo + hi), voxels, out=voxels)
-    return voxels
+def _scan(voxels: np.ndarray, affine: np.ndarray, ds, reader: str, n_files: int, warn: list[str], spacing=None) -> Scan:
+    metadata, prov = _provenance(ds, reader, n_files, warn)
+    return Scan(voxels, spacing if spacing is not None else spacing_zyx(affine), affine, _modality(ds), metadata, prov)
 
 
-def _scan_2d(frame: _Frame, n_files: int, extra_warnings: list[str]) -> Scan:
-    ds = frame.ds
+def _with_float_retry(fill: Callable[[Any], Any], dtype) -> Any:
+    """fill(dtype); when a frame's values do not fit int16 after all, fill again in float32."""
+    try:
+        return fill(dtype)
+    except NeedsFloat:
+        pass  # leave the except block first: its traceback holds the int16 array
+    return fill(np.dtype(np.float32))
+
+
+def _scan_2d(frame: Frame, n_files: int, extra_warnings: list[str], guard: LoadGuard) -> Scan:
     warn = list(extra_warnings)
     spacing = frame.pixel_spacing
     if spacing is None:
         warn.append("no pixel spacing in the header: 1 mm assumed")
         spacing = (1.0, 1.0)
-    pixels = frame.physical()
-    if frame.monochrome1 and not frame.colour:
-        pixels = _invert(pixels)
-    affine = np.eye(4)
-    if frame.iop is not None and frame.ipp is not None:
-        affine = dicom_affine(frame.iop, spacing, frame.ipp, slice_normal(frame.iop) * (frame.thickness or 1.0))
-    else:
-        affine[0, 0], affine[1, 1] = spacing[1], spacing[0]
-    metadata, prov = _provenance(ds, "dicom-image", n_files, warn)
-    return Scan(pixels, spacing, affine, _modality(ds), metadata, prov)
+    rows, cols = frame.shape
+    size = SeriesSize(1, rows, cols, samples=3 if frame.colour else 1, unit="images")
+    h = frame.file.header
+    transient = 2 * h.frames * rows * cols * h.samples * max(1, h.bits_allocated // 8)
 
-
-def _stack_without_geometry(frames: list[_Frame]) -> Scan:
-    """A multi-frame file with no per-frame positions (cine, NM, US loops)."""
-    ds = frames[0].ds
-    frames = sorted(frames, key=lambda f: f.order)
-    voxels = np.stack([f.physical() if not f.colour else f.physical() @ _LUMINANCE for f in frames])
-    warn = ["frames have no patient positions: shown as a stack in acquisition order, geometry unknown"]
-    if frames[0].colour:
-        warn.append("colour frames shown in greyscale")
-    spacing2 = frames[0].pixel_spacing or (1.0, 1.0)
-    step = _float(_get(ds, "SpacingBetweenSlices")) or frames[0].thickness or 1.0
-    if frames[0].monochrome1 and not frames[0].colour:
-        voxels = _invert(voxels)
-    affine = np.diag([spacing2[1], spacing2[0], step, 1.0])
-    metadata, prov = _provenance(ds, "dicom-multiframe", 1, warn)
-    return Scan(voxels, (step, spacing2[0], spacing2[1]), affine, _modality(ds), metadata, prov)
-
-
-def _canonical_target(affine: np.ndarray, shape_crkt: tuple[int, int, int, int]):
-    """Allocate the final RAS+ array and a writable view of it in acquisition layout (col, row, slice, t).
-
-    Writing each slice through the view puts it straight into its canonical
-    place: one copy per voxel instead of stack -> reorient -> make contiguous.
-    """
-    ornt = orientations.io_orientation(affine)
-    n_t = shape_crkt[3]
-    canon_xyz = [0, 0, 0]
-    for i in range(3):
-        canon_xyz[int(ornt[i, 0])] = shape_crkt[i]
-    final = np.empty(((n_t,) if n_t > 1 else ()) + tuple(canon_xyz[::-1]), dtype=np.float32)
-    view_xyzt = final.transpose(tuple(range(final.ndim))[::-1])
-    if n_t == 1:
-        view_xyzt = view_xyzt[..., None]
-    inverse = np.zeros((3, 2))
-    for i in range(3):
-        inverse[int(ornt[i, 0])] = [i, ornt[i, 1]]
-    acquisition_view = orientations.apply_orientation(view_xyzt, inverse)
-    new_affine = affine @ orientations.inv_ornt_aff(ornt, shape_crkt[:3])
-    return final, acquisition_view, new_affine
-
-
-def _assemble_volume(frames: list[_Frame], n_files: int, reader: str) -> Scan:
-    """Frames sharing orientation and matrix -> one RAS+ volume (or 4D series)."""
-    ds = frames[0].ds
-    warn: list[str] = []
-    iop = frames[0].iop
-    normal = slice_normal(iop)
-    dist = np.array([float(f.ipp @ normal) for f in frames])
-    order = np.lexsort((np.arange(len(frames)), dist))
-    # Cluster equal positions (repeats over time), keeping the temporal order inside each.
-    clusters: list[list[int]] = []
-    for idx in order:
-        if clusters and abs(dist[idx] - dist[clusters[-1][0]]) <= POSITION_TOLERANCE_MM:
-            clusters[-1].append(idx)
+    def fill(dtype) -> Scan:
+        with guard.admit(size, np.float32 if frame.colour else dtype, transient_bytes=transient, what="image") as r:
+            pixels = assembly.image_pixels(frame, frame.file.decode()[frame.index], dtype, r.track)
+        affine = np.eye(4)
+        if frame.iop is not None and frame.ipp is not None:
+            affine = dicom_affine(frame.iop, spacing, frame.ipp, slice_normal(frame.iop) * (frame.thickness or 1.0))
         else:
-            clusters.append([idx])
-    if len({len(c) for c in clusters}) > 1:
-        warn.append(
-            f"slice positions repeat unevenly ({len(frames)} images at {len(clusters)} positions): "
-            "kept the first image at each position"
-        )
-        clusters = [[min(c, key=lambda i: frames[i].order)] for c in clusters]
-    n_vol = len(clusters[0])
-    for c in clusters:
-        c.sort(key=lambda i: frames[i].order)
-    if len(clusters) < 2 and n_vol == 1:
-        return _scan_2d(frames[clusters[0][0]], n_files, warn)
-    positions = np.array([frames[c[0]].ipp for c in clusters])
-    d_unique = np.array([dist[c[0]] for c in clusters])
-    n_pos = len(clusters)
-    regular_grid = None  # target positions along the normal when the slices must be resampled
-    if n_pos >= 2:
-        spacing_z = (d_unique[-1] - d_unique[0]) / (n_pos - 1)
-        steps = np.diff(d_unique)
-        step_vec = (positions[-1] - positions[0]) / (n_pos - 1)
-        if np.max(np.abs(steps - spacing_z)) > max(0.01 * abs(spacing_z), 0.02):
-            median = float(np.median(steps))
-            gap = float(np.max(steps)) > 1.5 * median
-            message = f"inconsistent slice spacing: {steps.min():.3g} to {steps.max():.3g} mm between slices" + (
-                " (gap: slices may be missing)" if gap else ""
-            )
-            n_out = int(round((d_unique[-1] - d_unique[0]) / median)) + 1
-            if n_out <= 4 * n_pos:
-                # Like dcm2niix's "_Eq" output: a regular grid at the usual step, so every
-                # slice sits where it was acquired and missing ones are interpolated.
-                regular_grid = d_unique[0] + median * np.arange(n_out)
-                step_vec = (positions[-1] - positions[0]) / (d_unique[-1] - d_unique[0]) * median
-                message += f"; resampled to a regular {median:.3g} mm grid ({n_out - n_pos:+d} slices, interpolated linearly)"
-            else:
-                message += "; spacing averaged, slices may be misplaced"
-            warn.append(message)
-        along = float(step_vec @ normal)
-        if np.linalg.norm(step_vec - along * normal) > 1e-3 * max(abs(along), 1e-6) + 1e-4:
-            warn.append("slice positions are not along the slice normal (gantry tilt or shear): sheared geometry kept")
-    else:
-        step_vec = normal * (frames[0].thickness or 1.0)
-    spacings = {f.pixel_spacing for f in frames}
-    if None in spacings:
-        warn.append("no pixel spacing in the header: 1 mm assumed")
-    ps = frames[0].pixel_spacing or (1.0, 1.0)
-    if len(spacings - {None}) > 1:
-        warn.append("pixel spacing differs between slices: the first slice's spacing is used")
-    rows, cols = frames[0].raw.shape[:2]
-    affine = dicom_affine(iop, ps, positions[0], step_vec)
-    n_k = n_pos if regular_grid is None else len(regular_grid)
-    final, view, affine = _canonical_target(affine, (cols, rows, n_k, n_vol))
-    if frames[0].colour:
-        warn.append("colour slices shown in greyscale")
-    if regular_grid is None:
-        for k, c in enumerate(clusters):
-            for t, idx in enumerate(c):
-                f = frames[idx]
-                target = view[:, :, k, t]
-                source = (f.raw if not f.colour else f.raw.astype(np.float32) @ _LUMINANCE).T
-                if f.slope == 1.0:
-                    # Cast, shift and place in one pass (the usual CT case: slope 1, intercept -1024).
-                    np.add(source, np.float32(f.intercept), out=target, casting="unsafe")
-                    continue
-                np.copyto(target, source, casting="unsafe")
-                if f.slope != 1.0 or f.intercept != 0.0:
-                    # Same memory with positive strides: numpy's in-place ufuncs are ~10x slower on reversed views.
-                    plane = target[tuple(slice(None, None, -1) if st < 0 else slice(None) for st in target.strides)]
-                    if f.slope != 1.0:
-                        plane *= np.float32(f.slope)
-                    if f.intercept != 0.0:
-                        plane += np.float32(f.intercept)
-    else:
-        stack = np.empty((n_vol, n_pos, rows, cols), dtype=np.float32)
-        for k, c in enumerate(clusters):
-            for t, idx in enumerate(c):
-                f = frames[idx]
-                stack[t, k] = f.physical() if not f.colour else f.physical() @ _LUMINANCE
-        view[...] = _resample_slices(stack, d_unique, regular_grid).transpose(3, 2, 1, 0)
-    if frames[0].monochrome1:
-        _invert(final)
-    metadata, prov = _provenance(ds, reader, n_files, warn)
-    return Scan(final, spacing_zyx(affine), affine, _modality(ds), metadata, prov)
+            affine[0, 0], affine[1, 1] = spacing[1], spacing[0]
+        return _scan(pixels, affine, frame.ds, "dicom-image", n_files, warn, spacing=spacing)
+
+    return _with_float_retry(fill, assembly.storage_dtype([frame]))
 
 
-def _resample_slices(stack: np.ndarray, positions: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Linear interpolation along the slice axis (axis 1 of (t, k, rows, cols))."""
-    upper = np.clip(np.searchsorted(positions, targets, side="left"), 1, len(positions) - 1)
-    lower = upper - 1
-    span = positions[upper] - positions[lower]
-    w = np.clip((targets - positions[lower]) / np.where(span == 0, 1, span), 0.0, 1.0).astype(np.float32)
-    w = w[None, :, None, None] if stack.ndim == 4 else w[None, :, None, None, None]
-    return (1 - w) * stack[:, lower] + w * stack[:, upper]
+def _stack_without_geometry(frames: list[Frame], guard: LoadGuard, skipped: list[Skipped]) -> Scan:
+    """A multi-frame file with no per-frame positions (cine, NM, US loops)."""
+    first = min(frames, key=lambda f: f.order)
+    ds = first.ds
+    warn = ["frames have no patient positions: shown as a stack in acquisition order, geometry unknown"]
+    if first.colour:
+        warn.append("colour frames shown in greyscale")
+    spacing2 = first.pixel_spacing or (1.0, 1.0)
+    step = _float(_get(ds, "SpacingBetweenSlices")) or first.thickness or 1.0
+    rows, cols = first.shape
+    size = SeriesSize(len(frames), rows, cols, unit="frames")
+    h = first.file.header
+    transient = 2 * h.frames * rows * cols * h.samples * max(1, h.bits_allocated // 8)
+
+    def fill(dtype) -> Scan:
+        with guard.admit(size, np.float32 if first.colour else dtype, transient_bytes=transient, what="multi-frame image") as r:
+            voxels, bad = assembly.fill_stack(frames, dtype, r.track)
+        if bad:
+            raise ScanError(next(iter(bad.values())))
+        affine = np.diag([spacing2[1], spacing2[0], step, 1.0])
+        scan = _scan(voxels, affine, ds, "dicom-multiframe", 1, warn, spacing=(step, spacing2[0], spacing2[1]))
+        scan.provenance.frames_as_stored = True  # burned-in text is read on the frames as acquired (engine.redact)
+        return scan
+
+    return _with_float_retry(fill, assembly.storage_dtype(frames))
 
 
-def _assemble_mosaics(mosaics: list[_Mosaic]) -> Scan:
-    mosaics = sorted(mosaics, key=lambda m: m.order)
-    first = mosaics[0]
-    warn: list[str] = []
-    kept = [m for m in mosaics if m.data_crs.shape == first.data_crs.shape and np.allclose(m.affine, first.affine, atol=1e-3)]
-    if len(kept) < len(mosaics):
-        warn.append(f"{len(mosaics) - len(kept)} mosaic file(s) with different geometry left out")
-    data = np.stack([m.data_crs for m in kept], axis=-1)
-    if data.shape[-1] == 1:
-        data = data[..., 0]
-    data, affine = to_canonical(data, first.affine)
-    metadata, prov = _provenance(first.ds, "dicom-mosaic", len(kept), warn)
-    return Scan(xyz_to_scan_order(data), spacing_zyx(affine), affine, _modality(first.ds), metadata, prov)
+def _assemble_volume(frames: list[Frame], n_files: int, reader: str, guard: LoadGuard, skipped: list[Skipped]) -> Scan | None:
+    """Frames sharing orientation and matrix -> one RAS+ volume (or 4D series), checked against the bounds first.
+
+    Files that fail to decode are reported in `skipped` and the volume is
+    planned again without them (at most once more: the first fill finds them all).
+    """
+    for _attempt in range(2):
+        plan = assembly.plan_volume(frames)
+        if plan.single_image:
+            return _scan_2d(frames[plan.clusters[0][0]], n_files, plan.warnings, guard)
+
+        bad: dict = {}
+
+        def fill(dtype, plan=plan) -> Scan | None:
+            with guard.admit(plan.size(), dtype, transient_bytes=plan.transient_bytes()) as r:
+                voxels, affine, failed = assembly.fill_volume(plan, dtype, r.track)
+            if failed:
+                bad.update(failed)
+                return None
+            n = len({f.name for f in plan.frames}) if n_files > 1 else n_files
+            return _scan(voxels, affine, plan.frames[0].ds, reader, n, plan.warnings)
+
+        scan = _with_float_retry(fill, assembly.storage_dtype(frames))
+        if scan is not None:
+            return scan
+        for file, reason in bad.items():
+            prefix = file.name + ": "
+            skipped.append(Skipped(file.name, reason[len(prefix):] if reason.startswith(prefix) else reason))
+        frames = [f for f in frames if f.file not in bad]
+        if not frames:
+            return None  # every file failed, and each is reported already
+    raise ScanError("the series' pixel data could not be decoded")
+
+
+def _assemble_mosaics(files: list[DicomFile], guard: LoadGuard, skipped: list[Skipped]) -> Scan:
+    files = sorted(files, key=lambda f: _order_key(f.ds))
+    h = files[0].header
+    size = SeriesSize(len(files), h.rows, h.cols, unit="mosaic images")
+    with guard.admit(size, np.float32, transient_bytes=3 * size.nbytes(np.float32), what="mosaic series") as r:
+        mosaics = []
+        for f in files:
+            try:
+                mosaics.append((f,) + _read_mosaic(f))
+            except ScanError as exc:
+                reason = str(exc)
+                skipped.append(Skipped(f.name, reason[len(f.name) + 2:] if reason.startswith(f.name + ": ") else reason))
+        if not mosaics:
+            raise ScanError("no mosaic of this series could be unpacked")
+        first = mosaics[0]
+        warn: list[str] = []
+        kept = [m for m in mosaics if m[1].shape == first[1].shape and np.allclose(m[2], first[2], atol=1e-3)]
+        if len(kept) < len(mosaics):
+            warn.append(f"{len(mosaics) - len(kept)} mosaic file(s) with different geometry left out")
+        data = np.stack([m[1] for m in kept], axis=-1)
+        del mosaics
+        if data.shape[-1] == 1:
+            data = data[..., 0]
+        data, affine = to_canonical(data, first[2])
+        voxels = r.track(xyz_to_scan_order(data))
+    return _scan(voxels, affine, first[0].ds, "dicom-mosaic", len(kept), warn)
 
 
 def _series_key(ds, name: str) -> str:
@@ -534,9 +527,9 @@ def _series_key(ds, name: str) -> str:
 IOP_TOLERANCE = 1e-3  # direction cosines closer than this are the same orientation (scanners write noisy IOPs)
 
 
-def _split_by_geometry(frames: list[_Frame]) -> list[list[_Frame]]:
+def _split_by_geometry(frames: list[Frame]) -> list[list[Frame]]:
     """Sub-series: same matrix/echo/image type and orientation within IOP_TOLERANCE."""
-    groups: list[tuple[tuple, np.ndarray, list[_Frame]]] = []
+    groups: list[tuple[tuple, np.ndarray, list[Frame]]] = []
     for f in frames:
         key = f.key
         for gkey, giop, members in groups:
@@ -548,15 +541,13 @@ def _split_by_geometry(frames: list[_Frame]) -> list[list[_Frame]]:
     return [members for _, _, members in groups]
 
 
-def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
-    """All scans found in DICOM sources; unreadable files become `Skipped`."""
-    skipped: list[Skipped] = []
-    by_series: dict[str, _Read] = defaultdict(_Read)
-    multiframe_files: list[tuple[str, list[_Frame]]] = []
+def _header_pass(sources: Iterable[Source], skipped: list[Skipped]) -> tuple[dict[str, list[DicomFile]], list[DicomFile]]:
+    """({series key: single-frame and mosaic files}, multi-frame files); unreadable headers become `Skipped`."""
+    by_series: dict[str, list[DicomFile]] = defaultdict(list)
+    multiframe: list[DicomFile] = []
     for source in sources:
-        one = _Read()
         try:
-            _read_file(source, one)
+            file = _read_header(source)
         except ScanError as exc:
             skipped.append(Skipped(source.name, str(exc).split(": ", 1)[-1] if str(exc).startswith(source.name) else str(exc)))
             continue
@@ -566,49 +557,53 @@ def read_dicom(sources: list[Source]) -> tuple[list[Scan], list[Skipped]]:
         except Exception as exc:  # pydicom raises many types on corrupt headers
             skipped.append(Skipped(source.name, f"not a readable DICOM file ({_short(exc)})"))
             continue
-        ds = (one.frames[0].ds if one.frames else one.mosaics[0].ds)
-        key = _series_key(ds, source.name)
-        if len(one.frames) > 1:
-            multiframe_files.append((key, one.frames))
-            continue
-        by_series[key].frames.extend(one.frames)
-        by_series[key].mosaics.extend(one.mosaics)
+        if file.header.frames > 1 and not file.mosaic:
+            multiframe.append(file)
+        else:
+            by_series[_series_key(file.ds, source.name)].append(file)
+    return by_series, multiframe
 
+
+def read_dicom(sources: Iterable[Source], guard: LoadGuard | None = None) -> tuple[list[Scan], list[Skipped]]:
+    """All scans found in DICOM sources (iterated once: a stream works); unreadable files and scans over a memory bound become `Skipped`."""
+    guard = guard or LoadGuard()
+    skipped: list[Skipped] = []
+    by_series, multiframe = _header_pass(sources, skipped)
     scans: list[Scan] = []
 
-    def attempt(label: str, fn, *args) -> None:
+    def attempt(label: str, build: Callable[[], Scan | None]) -> Scan | None:
         try:
-            scans.append(fn(*args))
+            scan = build()
+            if scan is not None:
+                scans.append(scan)
+            return scan
         except ScanError as exc:
             skipped.append(Skipped(label, str(exc)))
         except MemoryError:
             skipped.append(Skipped(label, "series too large to load into memory"))
         except Exception as exc:
             skipped.append(Skipped(label, f"series could not be assembled ({_short(exc)})"))
+        return None
 
-    for key, frames in multiframe_files:
-        label = frames[0].name
+    for file in multiframe:
+        frames = _frames_of(file)
         if all(f.ipp is not None and f.iop is not None for f in frames):
             for group in _split_by_geometry(frames):
-                attempt(label, _assemble_volume, group, 1, "dicom-multiframe")
+                attempt(file.name, lambda group=group: _assemble_volume(group, 1, "dicom-multiframe", guard, skipped))
         else:
-            attempt(label, _stack_without_geometry, frames)
+            attempt(file.name, lambda frames=frames: _stack_without_geometry(frames, guard, skipped))
 
-    for key, read in by_series.items():
-        if read.mosaics:
-            attempt(read.mosaics[0].name, _assemble_mosaics, read.mosaics)
-        with_geometry = [f for f in read.frames if f.ipp is not None and f.iop is not None]
-        without = [f for f in read.frames if f.ipp is None or f.iop is None]
-        for f in without:
-            attempt(f.name, _scan_2d, f, 1, [])
-        groups = _split_by_geometry(with_geometry)
-        if len(groups) > 1:
-            note = f"series split into {len(groups)} parts (different orientation, matrix, echo or image type)"
-        else:
-            note = None
+    for files in by_series.values():
+        mosaics = [f for f in files if f.mosaic]
+        if mosaics:
+            attempt(mosaics[0].name, lambda: _assemble_mosaics(mosaics, guard, skipped))
+        frames = [fr for f in files if not f.mosaic for fr in _frames_of(f)]
+        for f in (f for f in frames if f.ipp is None or f.iop is None):
+            attempt(f.name, lambda f=f: _scan_2d(f, 1, [], guard))
+        groups = _split_by_geometry([f for f in frames if f.ipp is not None and f.iop is not None])
+        note = f"series split into {len(groups)} parts (different orientation, matrix, echo or image type)" if len(groups) > 1 else None
         for group in groups:
-            before = len(scans)
-            attempt(group[0].name, _assemble_volume, group, len({f.name for f in group}), "dicom-series")
-            if note and len(scans) > before:
-                scans[-1].provenance.warnings.append(note)
+            scan = attempt(group[0].name, lambda group=group: _assemble_volume(group, len({f.name for f in group}), "dicom-series", guard, skipped))
+            if note and scan is not None:
+                scan.provenance.warnings.append(note)
     return scans, skipped

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.memory import SeriesSize, check_series
 from engine.scan import ScanError
-
-MAX_VOXELS = 600_000_000  # one decoded series; ~2.4 GB as float32
 
 _NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 _JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
@@ -87,8 +86,8 @@ def pixel_header(ds, name: str) -> PixelHeader:
         raise ScanError(f"PhotometricInterpretation {photometric} needs 1 sample per pixel, header says {samples}")
     if bits_allocated not in (1, 8, 16, 32, 64) or not 1 <= bits_stored <= bits_allocated:
         raise ScanError(f"bit depth is inconsistent (BitsAllocated={bits_allocated}, BitsStored={bits_stored})")
-    if rows * cols * frames * samples > MAX_VOXELS:
-        raise ScanError(f"image claims {rows}x{cols}x{frames} pixels, too large to load")
+    # one file over the per-series cap is over it as part of any series (engine.memory)
+    check_series(SeriesSize(frames, rows, cols, samples, unit="frames"), what="file")
     return PixelHeader(rows, cols, frames, samples, photometric, bits_allocated, bits_stored, signed, ts)
 
 

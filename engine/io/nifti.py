@@ -6,8 +6,12 @@ Design decisions
   can choose one (`Scan.volume(t)`).
 - Header text fields (descrip, aux_file, intent_name, db_name) may hold
   anything a converter put there, so none of them is carried into a Scan.
-- Headers are untrusted: the voxel count is checked before any data is read,
-  and zip members are decompressed with a hard size cap.
+- Headers are untrusted: the voxel count is checked against the per-series
+  cap (engine.memory) before any data is read, and a zipped .nii.gz is only
+  inflated as far as that checked header says.
+- Voxels are written plane by plane into the final RAS+ array (int16 when the
+  scaled values are integers that fit, else float32; engine.scan), from a
+  memory map of an uncompressed file: no float64 copy, no reorientation copy.
 - Modality is not stored in NIfTI. It is guessed from intensities (CT when
   values sit on the Hounsfield scale, air near -1000) and the guess is
   stated as a warning; callers may override it.
@@ -21,9 +25,9 @@ import warnings
 
 import numpy as np
 
-from engine.io.dicom import MAX_VOXELS
-from engine.io.geometry import spacing_zyx, xyz_to_scan_order
+from engine.io.geometry import spacing_zyx
 from engine.io.sources import Source
+from engine.memory import LoadGuard, SeriesSize, check_series
 from engine.scan import Modality, Provenance, Scan, ScanError
 
 
@@ -41,30 +45,18 @@ def looks_like_nifti(head: bytes, name: str) -> bool:
     return False
 
 
-def _gunzip_capped(data: bytes, cap: int, name: str) -> bytes:
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
-        while True:
-            chunk = gz.read(1 << 20)
-            if not chunk:
-                break
-            out.write(chunk)
-            if out.tell() > cap:
-                raise ScanError(f"{name}: compressed NIfTI unpacks to more than {cap / 2**30:.1f} GiB; refused")
-    return out.getvalue()
-
-
 def _load_image(source: Source):
+    """A nibabel image whose data are not read yet (a path is memory-mapped; a zip member's
+    .nii.gz is inflated only as far as its header says, when the data are read)."""
     import nibabel as nib
 
     if source.path:
         return nib.load(source.path)
     data = source.read()
-    if data[:2] == b"\x1f\x8b":
-        data = _gunzip_capped(data, MAX_VOXELS * 8, source.name)
     for klass in (nib.Nifti1Image, nib.Nifti2Image):
         try:
-            return klass.from_bytes(data)
+            stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else io.BytesIO(data)
+            return klass.from_stream(stream)
         except Exception:
             continue
     raise ScanError(f"{source.name}: not a valid NIfTI-1 or NIfTI-2 file")
@@ -79,9 +71,63 @@ def guess_modality(voxels: np.ndarray) -> tuple[Modality, str | None]:
     return Modality.OTHER, "modality unknown (NIfTI stores none): choose it if it matters"
 
 
-def read_nifti(source: Source, modality: Modality | None = None) -> Scan:
-    import nibabel as nib
+def _shape(img, name: str) -> tuple[int, ...]:
+    """The header's shape as (x, y, z[, t]), checked before any voxel is read."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise ScanError(f"{name}: NIfTI header gives an empty image shape {shape}")
+    if len(shape) > 4:
+        squeezed = tuple(s for i, s in enumerate(shape) if i < 3 or s > 1)
+        if len(squeezed) > 4:
+            raise ScanError(f"{name}: {len(shape)}-D NIfTI (shape {shape}) is not supported; 2D, 3D and 4D are")
+        shape = shape[:3] + (int(np.prod(shape[3:], dtype=np.int64)),)
+    if len(shape) == 2:
+        shape = shape + (1,)
+    return shape
 
+
+def _raw_and_scaling(img) -> tuple[np.ndarray, float, float]:
+    """(stored values (x, y, z[, t]) -- a memory map for an uncompressed file --, slope, intercept)."""
+    proxy = img.dataobj
+    if hasattr(proxy, "get_unscaled"):
+        raw = proxy.get_unscaled()
+        slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    else:
+        raw, slope, inter = np.asarray(proxy), 1.0, 0.0
+    slope = 1.0 if not np.isfinite(slope) or slope == 0 else slope
+    inter = 0.0 if not np.isfinite(inter) else inter
+    return raw, slope, inter
+
+
+def _storage_dtype(raw: np.ndarray, slope: float, inter: float) -> np.dtype:
+    """int16 when the scaled values are integers that fit (CT in HU, label maps), else float32 (engine.scan)."""
+    if raw.dtype.kind not in "iub" or raw.size == 0 or abs(slope - round(slope)) > 1e-9 or abs(inter - round(inter)) > 1e-9:
+        return np.dtype(np.float32)
+    lo, hi = sorted((int(raw.min()) * slope + inter, int(raw.max()) * slope + inter))
+    return np.dtype(np.int16) if -32768 <= lo and hi <= 32767 else np.dtype(np.float32)
+
+
+def _fill(view: np.ndarray, raw: np.ndarray, slope: float, inter: float) -> bool:
+    """Write raw * slope + inter plane by plane into `view` (x, y, z, t); True when non-finite values became 0."""
+    from engine.io.dicom_assembly import place
+
+    raw4 = raw.reshape(view.shape, order="F") if raw.ndim != 4 else raw
+    nonfinite = False
+    for t in range(view.shape[3]):
+        for k in range(view.shape[2]):
+            target = view[:, :, k, t]
+            place(target, raw4[:, :, k, t], slope, inter)
+            if target.dtype.kind == "f" and not np.isfinite(target).all():
+                np.copyto(target, np.nan_to_num(target, nan=0.0, posinf=0.0, neginf=0.0))
+                nonfinite = True
+    return nonfinite
+
+
+def read_nifti(source: Source, modality: Modality | None = None, guard: LoadGuard | None = None) -> Scan:
+    """One NIfTI file -> a RAS+ Scan, its size checked against the memory bounds before any voxel is read."""
+    from engine.io.dicom_assembly import canonical_target
+
+    guard = guard or LoadGuard()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -90,43 +136,33 @@ def read_nifti(source: Source, modality: Modality | None = None) -> Scan:
             raise
         except Exception as exc:
             raise ScanError(f"{source.name}: not a readable NIfTI file ({_short(exc)})") from None
-        shape = tuple(int(s) for s in img.shape)
-        if len(shape) < 2 or any(s <= 0 for s in shape):
-            raise ScanError(f"{source.name}: NIfTI header gives an empty image shape {shape}")
-        if len(shape) > 4:
-            squeezed = tuple(s for i, s in enumerate(shape) if i < 3 or s > 1)
-            if len(squeezed) > 4:
-                raise ScanError(f"{source.name}: {len(shape)}-D NIfTI (shape {shape}) is not supported; 2D, 3D and 4D are")
-        if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
-            raise ScanError(f"{source.name}: NIfTI claims {np.prod(shape, dtype=np.int64):,} voxels, too large to load")
+        shape = _shape(img, source.name)
+        size = SeriesSize(shape[2], shape[1], shape[0], volumes=shape[3] if len(shape) > 3 else 1)
+        check_series(size, "NIfTI volume")
         affine = img.affine
         if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise ScanError(f"{source.name}: NIfTI affine is missing or degenerate; cannot place the volume in space")
+        n_t = shape[3] if len(shape) > 3 else 1
+        transient = 0 if source.path and not source.path.lower().endswith(".gz") else size.voxels * img.get_data_dtype().itemsize
         try:
-            canonical = nib.as_closest_canonical(img)
-            data = np.asarray(canonical.dataobj, dtype=np.float32)
+            raw, slope, inter = _raw_and_scaling(img)
+            dtype = _storage_dtype(raw, slope, inter)
+            with guard.admit(size, dtype, transient_bytes=transient, what="NIfTI volume") as r:
+                final, view, affine = canonical_target(np.asarray(affine, dtype=float), (shape[0], shape[1], shape[2], n_t), dtype)
+                r.track(final)
+                nonfinite = _fill(view, raw, slope, inter)
+        except ScanError:
+            raise
         except Exception as exc:
             raise ScanError(f"{source.name}: NIfTI data is truncated or corrupt ({_short(exc)})") from None
-    if data.ndim > 4:
-        data = data.reshape(data.shape[:3] + (-1,))
-    if data.ndim == 2:
-        data = data[..., None]
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if not np.all(np.isfinite(data)):
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-        warn_nonfinite = ["non-finite voxel values (NaN/inf) replaced by 0"]
-    else:
-        warn_nonfinite = []
-    affine = canonical.affine
-    voxels = xyz_to_scan_order(data)
-    warn = list(warn_nonfinite)
+        del raw
+    warn = ["non-finite voxel values (NaN/inf) replaced by 0"] if nonfinite else []
     if modality is None:
-        modality, note = guess_modality(voxels)
+        modality, note = guess_modality(final)
         if note:
             warn.append(note)
     prov = Provenance(reader="nifti", n_files=1, warnings=warn)
-    return Scan(voxels, spacing_zyx(affine), affine, modality, {}, prov)
+    return Scan(final, spacing_zyx(affine), affine, modality, {}, prov)
 
 
 def _short(exc: Exception) -> str:

@@ -20,7 +20,7 @@ import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from engine.scan import ScanError
 
@@ -52,6 +52,9 @@ class Source:
     size: int
     _opener: Callable[[], io.BufferedIOBase]
     path: str | None = None  # set for plain files so readers may use memory maps
+    dataset: Any = None  # an already parsed pydicom Dataset (DICOMweb delivers parsed instances: engine.pacs)
+    member: str | None = None  # set for zip members: the (checked, relative) member name inside the archive
+    version: str = ""  # set for zip members: "crc32:size", which changes when the member's bytes do
 
     def open(self) -> io.BufferedIOBase:
         return self._opener()
@@ -155,14 +158,29 @@ def _zip_sources(path: Path, display: str, limits: Limits, skipped: list[Skipped
                 name=label,
                 size=info.file_size,
                 _opener=_member_opener(zf, info, label),
+                member=name,
+                version=f"{info.CRC:08x}:{info.file_size}",
             )
         )
     return out
 
 
+def zip_sources(path: str | os.PathLike, display: str | None = None, limits: Limits = DEFAULT_LIMITS) -> tuple[list[Source], list[Skipped]]:
+    """The members of one zip that pass the safety checks (as Sources, read in place), and the refused ones.
+
+    Raises ScanError when the archive as a whole is refused (unreadable, too
+    many members, would unpack beyond the limit).
+    """
+    path = Path(path)
+    skipped: list[Skipped] = []
+    sources = _zip_sources(path, display or path.name, limits, skipped)
+    return sources, skipped
+
+
 def _member_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str):
     def opener():
-        return io.BufferedReader(_BoundedReader(zf.open(info), info.file_size, label), buffer_size=1 << 20)
+        # a small buffer: sniffing a format or reading a DICOM header must not inflate the whole member
+        return io.BufferedReader(_BoundedReader(zf.open(info), info.file_size, label), buffer_size=64 << 10)
 
     return opener
 

@@ -28,12 +28,30 @@ Design decisions
   processes opening a new library at once cannot both create tables), and
   records each in `schema_migrations` (also mirrored in PRAGMA user_version).
   Add a migration by appending a function; never edit an applied one.
+  Foreign keys are switched off while migrations run (SQLite's documented
+  12-step table rebuild: with them on, dropping `scans` to rebuild it would
+  cascade-delete every embedding, note and tag) and `foreign_key_check`
+  must come back clean before the transaction commits.
+- Owners (migration 2, issue 16): one library file holds the scans of
+  every user of a shared server. Each scan row has an `owner` (the login;
+  `local` for the CLI and the single local user) and a `shared` flag
+  (0 unless its owner shares it). The same image added by two users is two
+  rows (UNIQUE (owner, content_hash)), so nobody's add, tag or delete ever
+  touches another user's row. Tags and probes belong to the user who made
+  them (`labels.owner`, `probes.owner`): tagging a shared scan writes the
+  tagger's own tag, never its owner's. Notes go with their scan. Every read
+  takes the viewer and selects `owner = viewer OR shared = 1` in SQL
+  (engine.library.store.VISIBLE); ids are never access control. One file
+  rather than a file per user: shared scans need no copies, the vector
+  index (a cache of all embeddings of a model) is built once, and the CLI's
+  library stays exactly where it was (its rows become `local`'s).
 - Privacy: `scans.summary` holds `Scan.summary()`, which carries only the
   de-identified metadata engine.deid kept (an allow-list of technical
   attributes, mapped UIDs) and the *names* of what was removed. No DICOM
   header string is stored anywhere else. `source` is the path the user
   indexed from (the issue asks for it; it is the user's own path, not read
-  from the file).
+  from the file). A `dicomweb:` source (a PACS series) is stored sealed
+  (engine.pacs.locator), never as the real study and series UIDs.
 """
 
 from __future__ import annotations
@@ -160,7 +178,82 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_initial]
+_SCANS_COLUMNS = "id, content_hash, modality, body_part, shape, spacing, summary, thumbnail, thumbnail_note, source, added_at"
+
+
+def _m002_owners(db: sqlite_utils.Database) -> None:
+    # Table rebuilds (SQLite cannot change a UNIQUE or PRIMARY KEY constraint in place); foreign keys are off
+    # here (migrate()), so dropping the old `scans` deletes nothing that references it.
+    db.execute(
+        """
+        CREATE TABLE scans_new (
+            id INTEGER PRIMARY KEY,
+            content_hash TEXT NOT NULL,          -- sha256 of pixels + geometry (Scan.content_hash)
+            modality TEXT NOT NULL,
+            body_part TEXT,
+            shape TEXT NOT NULL,
+            spacing TEXT NOT NULL,
+            summary TEXT NOT NULL,               -- JSON: Scan.summary() (de-identified metadata only)
+            thumbnail BLOB,
+            thumbnail_note TEXT,
+            source TEXT,
+            added_at TEXT NOT NULL,
+            owner TEXT NOT NULL DEFAULT 'local', -- the login that added it ('local': the CLI / single local user)
+            shared INTEGER NOT NULL DEFAULT 0 CHECK (shared IN (0, 1)),  -- 1: every signed-in user may see it
+            UNIQUE (owner, content_hash)
+        )
+        """
+    )
+    db.execute(f"INSERT INTO scans_new ({_SCANS_COLUMNS}) SELECT {_SCANS_COLUMNS} FROM scans")
+    db.execute("DROP TABLE scans")
+    db.execute("ALTER TABLE scans_new RENAME TO scans")
+    db.execute("CREATE INDEX scans_modality ON scans(modality)")
+    db.execute("CREATE INDEX scans_source ON scans(source)")
+    db.execute("CREATE INDEX scans_owner ON scans(owner, content_hash)")
+    db.execute("CREATE INDEX scans_shared ON scans(shared) WHERE shared = 1")
+    db.execute(
+        """
+        CREATE TABLE labels_new (
+            scan_id INTEGER NOT NULL REFERENCES scans(id) ON DELETE CASCADE,
+            label TEXT NOT NULL,
+            positive INTEGER NOT NULL CHECK (positive IN (0, 1)),
+            added_at TEXT NOT NULL,
+            owner TEXT NOT NULL DEFAULT 'local', -- who tagged (a tag on a shared scan is the tagger's own)
+            PRIMARY KEY (scan_id, label, owner)
+        )
+        """
+    )
+    db.execute("INSERT INTO labels_new (scan_id, label, positive, added_at) SELECT scan_id, label, positive, added_at FROM labels")
+    db.execute("DROP TABLE labels")
+    db.execute("ALTER TABLE labels_new RENAME TO labels")
+    db.execute("CREATE INDEX labels_label ON labels(owner, label)")
+    probe_columns = "id, label, model_id, dim, coef, intercept, n_pos, n_neg, positive_ids, negative_ids, metrics, created_at"
+    db.execute(
+        """
+        CREATE TABLE probes_new (
+            id INTEGER PRIMARY KEY,
+            label TEXT NOT NULL,
+            model_id TEXT NOT NULL,
+            dim INTEGER NOT NULL,
+            coef BLOB NOT NULL,
+            intercept REAL NOT NULL,
+            n_pos INTEGER NOT NULL,
+            n_neg INTEGER NOT NULL,
+            positive_ids TEXT NOT NULL,
+            negative_ids TEXT NOT NULL,
+            metrics TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            owner TEXT NOT NULL DEFAULT 'local', -- whose tags it was fitted on
+            UNIQUE (label, model_id, owner)
+        )
+        """
+    )
+    db.execute(f"INSERT INTO probes_new ({probe_columns}) SELECT {probe_columns} FROM probes")
+    db.execute("DROP TABLE probes")
+    db.execute("ALTER TABLE probes_new RENAME TO probes")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_initial, _m002_owners]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -175,19 +268,26 @@ def migrate(db: sqlite_utils.Database) -> int:
     """Apply pending migrations in order, in one write transaction; returns the schema version."""
     if _current_version(db) == SCHEMA_VERSION:
         return SCHEMA_VERSION  # the common case costs one read, no write lock
-    with write(db):
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
-        )
-        version = _current_version(db)  # again, under the lock: another process may have migrated
-        if version > SCHEMA_VERSION:
-            raise LibraryError(
-                f"this library was written by a newer MedLens (schema {version}, this one knows {SCHEMA_VERSION}); upgrade MedLens"
+    foreign_keys = db.execute("PRAGMA foreign_keys").fetchone()[0]
+    db.execute("PRAGMA foreign_keys = OFF")  # only outside a transaction; see the module docstring
+    try:
+        with write(db):
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
             )
-        for number, fn in enumerate(MIGRATIONS[version:], start=version + 1):
-            fn(db)
-            db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)", [number, fn.__name__, now()])
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            version = _current_version(db)  # again, under the lock: another process may have migrated
+            if version > SCHEMA_VERSION:
+                raise LibraryError(
+                    f"this library was written by a newer MedLens (schema {version}, this one knows {SCHEMA_VERSION}); upgrade MedLens"
+                )
+            for number, fn in enumerate(MIGRATIONS[version:], start=version + 1):
+                fn(db)
+                db.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)", [number, fn.__name__, now()])
+            if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+                raise LibraryError("upgrading the library would break its references between tables; nothing was changed")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    finally:
+        db.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
     return SCHEMA_VERSION
 
 

@@ -10,7 +10,9 @@ Design decisions
   unit goes through engine.io.load, so files, folders and zips are read,
   sniffed and de-identified exactly as in the viewer.
 - `source` is the path the scan was indexed from: the file, the zip, or the
-  directory holding a DICOM series.
+  directory holding a DICOM series; a `dicomweb:` path (a PACS series or
+  study) is one unit and is stored sealed (engine.pacs.locator: the library
+  never holds a real study or series UID).
 - Idempotent by content hash (pixels + geometry): a scan already in the
   library is not embedded again; re-running an interrupted run skips what
   is in and finishes the rest. A scan indexed earlier with another model
@@ -19,6 +21,10 @@ Design decisions
   embedding commit together or not at all.
 - Bad inputs never stop the run: each becomes a (path, reason) entry in
   `failed` and the rest go on.
+- Scans are indexed for one `owner` (default `local`, the CLI's user) and,
+  with `shared=True`, shared with every user of the library from the start
+  (e.g. a department's teaching collection indexed by its administrator).
+  Idempotence is per owner: the same image indexed by two users is two rows.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from typing import Callable, Iterable
 
 import sqlite_utils
 
+from engine.auth.users import LOCAL
 from engine.library.db import LibraryError, connect
-from engine.library.store import VOLUME_SLICES, ImageEncoder, has_embedding, insert_prepared, prepare, scan_id_by_hash
+from engine.library.store import VOLUME_SLICES, ImageEncoder, has_embedding, insert_prepared, prepare, scan_id_by_hash, share
+from engine.pacs.locator import is_locator
 from engine.scan import Scan, ScanError
 
 Progress = Callable[[int, int], None]  # (units done, units in all)
@@ -86,6 +94,9 @@ def plan(paths: Iterable[str | os.PathLike]) -> tuple[list[Unit], list[tuple[str
     units: list[Unit] = []
     failed: list[tuple[str, str]] = []
     for raw in paths:
+        if is_locator(raw):
+            units.append(Unit(str(raw).strip(), [str(raw).strip()]))
+            continue
         path = Path(raw)
         if not path.exists():
             failed.append((str(raw), "no such file or folder"))
@@ -112,6 +123,8 @@ def plan(paths: Iterable[str | os.PathLike]) -> tuple[list[Unit], list[tuple[str
 
 def _failure_path(unit: Unit, name: str) -> str:
     """A readable path for a file engine.io skipped (its names are display names, not paths)."""
+    if is_locator(unit.source):
+        return name  # engine.pacs names a failure by the dicomweb: path itself
     base = unit.source if unit.is_dir else os.path.dirname(unit.source)
     if not unit.is_dir and name == os.path.basename(unit.source):
         return unit.source
@@ -119,21 +132,28 @@ def _failure_path(unit: Unit, name: str) -> str:
 
 
 # --------------------------------------------------------------------------- one scan
-def _add(db: sqlite_utils.Database, scan: Scan, model: ImageEncoder, source: str | None, n_slices: int) -> tuple[int, str]:
-    existing = scan_id_by_hash(db, scan.content_hash)
+def _add(
+    db: sqlite_utils.Database, scan: Scan, model: ImageEncoder, source: str | None, n_slices: int, owner: str, shared: bool = False
+) -> tuple[int, str]:
+    existing = scan_id_by_hash(db, scan.content_hash, owner=owner)
+    if existing is not None and shared:
+        share(db, [existing], True, owner=owner)  # indexing again with shared=True shares what is already in
     if existing is not None and has_embedding(db, existing, model.model_id):
         return existing, "present"  # the common case of a re-run: no model call, no write
-    prepared = prepare(scan, model, source, with_row=existing is None, n_slices=n_slices)
+    kwargs = dict(n_slices=n_slices, owner=owner, shared=shared)
+    prepared = prepare(scan, model, source, with_row=existing is None, **kwargs)
     try:
         return insert_prepared(db, prepared)
     except ValueError:
         # the scan vanished between the check and the write (deleted meanwhile): write it whole
-        return insert_prepared(db, prepare(scan, model, source, n_slices=n_slices))
+        return insert_prepared(db, prepare(scan, model, source, **kwargs))
 
 
-def add_scan(db: sqlite_utils.Database, scan: Scan, model: ImageEncoder, source: str | None = None) -> tuple[int, str]:
-    """Add one loaded scan (the app's "add current scan") -> (scan_id, 'added' | 'present' | 'embedded')."""
-    return _add(db, scan, model, source, VOLUME_SLICES)
+def add_scan(
+    db: sqlite_utils.Database, scan: Scan, model: ImageEncoder, source: str | None = None, *, owner: str = LOCAL
+) -> tuple[int, str]:
+    """Add one loaded scan to `owner`'s library (the app's "add current scan") -> (scan_id, 'added' | 'present' | 'embedded')."""
+    return _add(db, scan, model, source, VOLUME_SLICES, owner)
 
 
 # --------------------------------------------------------------------------- many
@@ -144,21 +164,25 @@ def index_paths(
     progress: Progress | None = None,
     *,
     n_slices: int = VOLUME_SLICES,
+    owner: str = LOCAL,
+    shared: bool = False,
 ) -> IndexReport:
-    """Index every scan under `paths` into the library at `db_path` (None: $MEDLENS_LIBRARY / default)."""
+    """Index every scan under `paths` into `owner`'s part of the library at `db_path` (None: $MEDLENS_LIBRARY / default)."""
     units, failed = plan(paths)
     report = IndexReport(failed=list(failed))
     if progress is not None:
         progress(0, len(units))
     with connect(db_path) as db:
         for done, unit in enumerate(units, start=1):
-            _index_unit(db, unit, model, report, n_slices)
+            _index_unit(db, unit, model, report, n_slices, owner, shared)
             if progress is not None:
                 progress(done, len(units))
     return report
 
 
-def _index_unit(db: sqlite_utils.Database, unit: Unit, model: ImageEncoder, report: IndexReport, n_slices: int) -> None:
+def _index_unit(
+    db: sqlite_utils.Database, unit: Unit, model: ImageEncoder, report: IndexReport, n_slices: int, owner: str, shared: bool
+) -> None:
     from engine.io import load
 
     try:
@@ -176,7 +200,7 @@ def _index_unit(db: sqlite_utils.Database, unit: Unit, model: ImageEncoder, repo
         report.failed.append((_failure_path(unit, skipped.name), skipped.reason))
     for scan in result.scans:
         try:
-            scan_id, status = _add(db, scan, model, unit.source, n_slices)
+            scan_id, status = _add(db, scan, model, unit.source, n_slices, owner, shared)
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise LibraryError("the library stayed locked by another writer for 10 s; run the index again (it resumes)") from None

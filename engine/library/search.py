@@ -29,6 +29,13 @@ Design decisions
   that damps the weight of the very top ranks. With a single list there is
   nothing to fuse: `score` is then the cosine (vector) or -BM25 (keyword),
   and `Hit.ranking` says which kind of score it is.
+- Owners: every search runs for one library user (`owner`, default
+  `local`). The scans they may see (their own and shared ones, selected in
+  SQL) become the vector index's `allowed_ids` (None when they may see
+  every scan, which keeps a single user's search unrestricted), keyword
+  hits are joined to that rule in SQL, taught-label filters use their own
+  tags and probes only, and a `like` id they may not see is "not in the
+  library". The final rows are read through the same rule once more.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sqlite_utils
 
+from engine.auth.users import LOCAL
 from engine.errors import MedLensError
-from engine.library.store import embed_scan, embeddings, normalise, scan_rows
+from engine.library.store import VISIBLE, embed_scan, embeddings, normalise, scan_rows, visible_ids
 from engine.library.vectors import index_for
 from engine.scan import Modality, Scan
 
@@ -62,6 +70,7 @@ class Hit:
     body_part: str | None
     ranking: str = "cosine"  # "cosine" (vector only), "bm25" (keyword only, -BM25: higher is better) or "rrf" (fused)
     cosine: float | None = None  # similarity to the (first) vector query, when the scan was in a vector list
+    content_hash: str | None = None  # the scan's de-identified content hash (what the audit log records)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,20 +99,22 @@ def _fts_query(text: str) -> str | None:
     return " OR ".join('"' + w.replace('"', '""') + '"' for w in dict.fromkeys(words))
 
 
-def keyword_search(db: sqlite_utils.Database, query: str, *, limit: int = CANDIDATES, allowed_ids: Iterable[int] | None = None) -> list[tuple[int, float]]:
-    """Scans whose notes match `query` -> [(scan_id, -bm25)], best first (one entry per scan)."""
+def keyword_search(
+    db: sqlite_utils.Database, query: str, *, limit: int = CANDIDATES, allowed_ids: Iterable[int] | None = None, owner: str = LOCAL
+) -> list[tuple[int, float]]:
+    """Scans `owner` may see whose notes match `query` -> [(scan_id, -bm25)], best first (one entry per scan)."""
     match = _fts_query(query)
     if match is None:
         return []
     rows = db.execute(
-        """
+        f"""
         SELECT notes.scan_id, min(notes_fts.rank) AS r
-        FROM notes_fts JOIN notes ON notes.id = notes_fts.rowid
-        WHERE notes_fts MATCH ?
+        FROM notes_fts JOIN notes ON notes.id = notes_fts.rowid JOIN scans ON scans.id = notes.scan_id
+        WHERE notes_fts MATCH ? AND {VISIBLE}
         GROUP BY notes.scan_id
         ORDER BY r, notes.scan_id
         """,
-        [match],
+        [match, owner],
     ).fetchall()
     allowed = None if allowed_ids is None else {int(i) for i in allowed_ids}
     out = [(int(sid), -float(r)) for sid, r in rows if allowed is None or int(sid) in allowed]
@@ -131,38 +142,42 @@ def filter_ids(
     modality: str | None = None,
     body_part: str | None = None,
     label: str | None = None,
+    owner: str = LOCAL,
 ) -> list[int] | None:
-    """Scan ids passing the filters, or None when there is no filter."""
+    """Ids of the scans `owner` may see that pass the filters, or None when every scan passes."""
     if modality is None and body_part is None and label is None:
-        return None
-    where, params = [], []
+        return visible_ids(db, owner)
+    where, params = [VISIBLE], [owner]
     if modality is not None:
         where.append("modality = ?")
         params.append(modality_value(modality))
     if body_part is not None:
         where.append("upper(body_part) = ?")
         params.append(" ".join(str(body_part).split()).upper())
-    sql = "SELECT id FROM scans" + (" WHERE " + " AND ".join(where) if where else "")
+    sql = "SELECT id FROM scans WHERE " + " AND ".join(where)
     ids = {int(r[0]) for r in db.execute(sql, params).fetchall()}
     if label is not None:
-        ids &= labelled_ids(db, label, model_id)
+        ids &= labelled_ids(db, label, model_id, owner=owner)
     return sorted(ids)
 
 
-def labelled_ids(db: sqlite_utils.Database, label: str, model_id: str, threshold: float = 0.5) -> set[int]:
-    """Scans with a taught label: probe P >= threshold, plus tagged positives, minus tagged negatives."""
+def labelled_ids(db: sqlite_utils.Database, label: str, model_id: str, threshold: float = 0.5, *, owner: str = LOCAL) -> set[int]:
+    """Scans `owner` may see with their taught label: probe P >= threshold, plus their positive tags, minus their negative ones."""
     from engine.library.teach import load_probe, normalise_label
 
     label = normalise_label(label)
-    tags = db.execute("SELECT scan_id, positive FROM labels WHERE label = ?", [label]).fetchall()
+    tags = db.execute(
+        f"SELECT scan_id, positive FROM labels JOIN scans ON scans.id = labels.scan_id WHERE label = ? AND labels.owner = ? AND {VISIBLE}",
+        [label, owner, owner],
+    ).fetchall()
     positive = {int(s) for s, p in tags if p}
     negative = {int(s) for s, p in tags if not p}
-    probe = load_probe(db, label, model_id)
+    probe = load_probe(db, label, model_id, owner=owner)
     if probe is None:
         if not tags:
             raise SearchError(f"no scan is tagged '{label}' and no probe exists for it; teach it first (medlens teach)")
         return positive
-    ids, vectors = embeddings(db, model_id)
+    ids, vectors = embeddings(db, model_id, owner=owner)
     predicted = set(ids[probe.predict_proba(vectors) >= threshold].tolist()) if len(ids) else set()
     return (predicted | positive) - negative
 
@@ -190,6 +205,7 @@ def search(
     label: str | None = None,
     keywords: bool = True,
     ensemble: bool = False,
+    owner: str = LOCAL,
 ) -> list[Hit]:
     """Hits for a text `query` and/or a scan `like` (a Scan, or a library scan id), best first.
 
@@ -197,6 +213,7 @@ def search(
     the index). keywords: also match `query` against notes (FTS5) and fuse.
     modality / body_part / label: filters. Several lists (text vector, scan
     vector, keywords) are fused by RRF; one list keeps its own score.
+    owner: the library user searching; only scans they may see are found.
     """
     if query is not None and not str(query).strip():
         query = None
@@ -205,7 +222,7 @@ def search(
     if k < 1:
         raise SearchError(f"k must be at least 1 (got {k})")
     model_id = model.model_id
-    allowed = filter_ids(db, model_id, modality=modality, body_part=body_part, label=label)
+    allowed = filter_ids(db, model_id, modality=modality, body_part=body_part, label=label, owner=owner)
     exclude: set[int] = set()
 
     queries: list[np.ndarray] = []
@@ -215,7 +232,7 @@ def search(
         if isinstance(like, Scan):
             queries.append(embed_scan(like, model)[0])
         else:
-            ids, vectors = embeddings(db, model_id, [int(like)])
+            ids, vectors = embeddings(db, model_id, [int(like)], owner=owner)
             if not len(ids):
                 raise SearchError(f"scan #{like} has no embedding for model {model_id} (not in the library, or indexed with another model)")
             queries.append(vectors[0])
@@ -233,7 +250,7 @@ def search(
             if qi == 0:
                 cosines = {int(i): float(s) for s, i in zip(scores[qi], ids[qi])}
     if keywords and query is not None:
-        found = [(sid, s) for sid, s in keyword_search(db, str(query), limit=depth, allowed_ids=allowed) if sid not in exclude]
+        found = [(sid, s) for sid, s in keyword_search(db, str(query), limit=depth, allowed_ids=allowed, owner=owner) if sid not in exclude]
         keyword_scores = dict(found)
         lists.append(("bm25", [sid for sid, _ in found]))
     lists = [(kind, ids) for kind, ids in lists if ids]
@@ -246,7 +263,7 @@ def search(
     else:
         ranking = "rrf"
         scored = rrf([ids for _, ids in lists])[:k]
-    rows = scan_rows(db, [sid for sid, _ in scored])
+    rows = scan_rows(db, [sid for sid, _ in scored], owner=owner)
     return [
         Hit(
             scan_id=sid,
@@ -256,7 +273,8 @@ def search(
             body_part=rows[sid]["body_part"],
             ranking=ranking,
             cosine=cosines.get(sid),
+            content_hash=rows[sid]["content_hash"],
         )
         for sid, score in scored
-        if sid in rows  # a scan deleted between the index read and now
+        if sid in rows  # a scan deleted (or unshared) between the index read and now
     ]

@@ -19,6 +19,11 @@ Design decisions
   from a few examples can be trusted.
 - A probe belongs to (label, model id): embeddings of another model live in
   another space, so a probe is never applied to them.
+- Tags and probes belong to the library user who made them (`owner`,
+  default `local`): a user may tag any scan they may see (their own, or one
+  shared with them), the tag is theirs alone, and their probes are fitted
+  on their own tags of scans they can still see. Another user's tags never
+  change, and are never read, by anyone else.
 """
 
 from __future__ import annotations
@@ -30,8 +35,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import sqlite_utils
 
+from engine.auth.users import LOCAL
 from engine.errors import MedLensError
 from engine.library.db import now, write
+from engine.library.store import VISIBLE
 from engine.library.store import embeddings as stored_embeddings
 from engine.library.store import from_blob, to_blob
 
@@ -82,46 +89,51 @@ class Probe:
 
 
 # --------------------------------------------------------------------------- tags
-def tag(db: sqlite_utils.Database, scan_ids: Iterable[int], label: str, positive: bool) -> int:
-    """Tag scans positive/negative for `label` (replacing earlier tags); returns how many were tagged."""
+def tag(db: sqlite_utils.Database, scan_ids: Iterable[int], label: str, positive: bool, *, owner: str = LOCAL) -> int:
+    """`owner` tags scans they may see positive/negative for `label` (replacing their earlier tags); returns how many."""
     label = normalise_label(label)
     ids = [int(i) for i in scan_ids]
     with write(db):
-        known = {int(r[0]) for r in db.execute(f"SELECT id FROM scans WHERE id IN ({', '.join('?' for _ in ids)})", ids).fetchall()} if ids else set()
+        marks = ", ".join("?" for _ in ids)
+        known = {int(r[0]) for r in db.execute(f"SELECT id FROM scans WHERE id IN ({marks}) AND {VISIBLE}", ids + [owner]).fetchall()} if ids else set()
         missing = [i for i in ids if i not in known]
         if missing:
             raise TeachError(f"no scan #{missing[0]} in the library")
         for sid in dict.fromkeys(ids):
             db.execute(
-                "INSERT INTO labels (scan_id, label, positive, added_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (scan_id, label) DO UPDATE SET positive = excluded.positive, added_at = excluded.added_at",
-                [sid, label, int(bool(positive)), now()],
+                "INSERT INTO labels (scan_id, label, positive, added_at, owner) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (scan_id, label, owner) DO UPDATE SET positive = excluded.positive, added_at = excluded.added_at",
+                [sid, label, int(bool(positive)), now(), owner],
             )
     return len(set(ids))
 
 
-def untag(db: sqlite_utils.Database, scan_ids: Iterable[int], label: str) -> None:
+def untag(db: sqlite_utils.Database, scan_ids: Iterable[int], label: str, *, owner: str = LOCAL) -> None:
     label = normalise_label(label)
     with write(db):
         for sid in scan_ids:
-            db.execute("DELETE FROM labels WHERE scan_id = ? AND label = ?", [int(sid), label])
+            db.execute("DELETE FROM labels WHERE scan_id = ? AND label = ? AND owner = ?", [int(sid), label, owner])
 
 
-def tags(db: sqlite_utils.Database, label: str) -> tuple[list[int], list[int]]:
-    """(positive scan ids, negative scan ids) tagged for `label`."""
-    rows = db.execute("SELECT scan_id, positive FROM labels WHERE label = ? ORDER BY scan_id", [normalise_label(label)]).fetchall()
+def tags(db: sqlite_utils.Database, label: str, *, owner: str = LOCAL) -> tuple[list[int], list[int]]:
+    """(positive scan ids, negative scan ids) `owner` tagged for `label`, among the scans they may still see."""
+    rows = db.execute(
+        f"SELECT scan_id, positive FROM labels JOIN scans ON scans.id = labels.scan_id "
+        f"WHERE label = ? AND labels.owner = ? AND {VISIBLE} ORDER BY scan_id",
+        [normalise_label(label), owner, owner],
+    ).fetchall()
     return [int(s) for s, p in rows if p], [int(s) for s, p in rows if not p]
 
 
 # --------------------------------------------------------------------------- probes
-def fit_probe(db: sqlite_utils.Database, label: str, model_id: str) -> Probe:
-    """Fit and store the probe for `label` on `model_id`'s embeddings of the tagged scans."""
+def fit_probe(db: sqlite_utils.Database, label: str, model_id: str, *, owner: str = LOCAL) -> Probe:
+    """Fit and store `owner`'s probe for `label` on `model_id`'s embeddings of the scans they tagged."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     label = normalise_label(label)
-    pos_tagged, neg_tagged = tags(db, label)
-    ids, x = stored_embeddings(db, model_id, pos_tagged + neg_tagged)
+    pos_tagged, neg_tagged = tags(db, label, owner=owner)
+    ids, x = stored_embeddings(db, model_id, pos_tagged + neg_tagged, owner=owner)
     positive = set(pos_tagged)
     pos_ids = [int(i) for i in ids if int(i) in positive]
     neg_ids = [int(i) for i in ids if int(i) not in positive]
@@ -153,31 +165,31 @@ def fit_probe(db: sqlite_utils.Database, label: str, model_id: str) -> Probe:
     with write(db):
         db.execute(
             """
-            INSERT INTO probes (label, model_id, dim, coef, intercept, n_pos, n_neg, positive_ids, negative_ids, metrics, created_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT (label, model_id) DO UPDATE SET
+            INSERT INTO probes (label, model_id, dim, coef, intercept, n_pos, n_neg, positive_ids, negative_ids, metrics, created_at, owner)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            ON CONFLICT (label, model_id, owner) DO UPDATE SET
                 dim = excluded.dim, coef = excluded.coef, intercept = excluded.intercept, n_pos = excluded.n_pos,
                 n_neg = excluded.n_neg, positive_ids = excluded.positive_ids, negative_ids = excluded.negative_ids,
                 metrics = excluded.metrics, created_at = excluded.created_at
             """,
             [label, model_id, int(probe.coef.size), to_blob(probe.coef), probe.intercept, probe.n_pos, probe.n_neg,
-             json.dumps(pos_ids), json.dumps(neg_ids), json.dumps(metrics), probe.created_at],
+             json.dumps(pos_ids), json.dumps(neg_ids), json.dumps(metrics), probe.created_at, owner],
         )
     return probe
 
 
 def teach(
-    db: sqlite_utils.Database, label: str, positives: Sequence[int], negatives: Sequence[int], model_id: str
+    db: sqlite_utils.Database, label: str, positives: Sequence[int], negatives: Sequence[int], model_id: str, *, owner: str = LOCAL
 ) -> Probe:
-    """Tag `positives` / `negatives` for `label`, then fit and store its probe (raises TeachError when too few)."""
+    """`owner` tags `positives` / `negatives` for `label`, then fits and stores their probe (TeachError when too few)."""
     overlap = set(map(int, positives)) & set(map(int, negatives))
     if overlap:
         raise TeachError(f"scan #{min(overlap)} is given as both positive and negative for '{normalise_label(label)}'")
     if positives:
-        tag(db, positives, label, True)
+        tag(db, positives, label, True, owner=owner)
     if negatives:
-        tag(db, negatives, label, False)
-    return fit_probe(db, label, model_id)
+        tag(db, negatives, label, False, owner=owner)
+    return fit_probe(db, label, model_id, owner=owner)
 
 
 def _probe_from_row(row: dict[str, Any]) -> Probe:
@@ -189,23 +201,23 @@ def _probe_from_row(row: dict[str, Any]) -> Probe:
     )
 
 
-def load_probe(db: sqlite_utils.Database, label: str, model_id: str) -> Probe | None:
-    rows = list(db.query("SELECT * FROM probes WHERE label = ? AND model_id = ?", [normalise_label(label), model_id]))
+def load_probe(db: sqlite_utils.Database, label: str, model_id: str, *, owner: str = LOCAL) -> Probe | None:
+    rows = list(db.query("SELECT * FROM probes WHERE label = ? AND model_id = ? AND owner = ?", [normalise_label(label), model_id, owner]))
     return _probe_from_row(rows[0]) if rows else None
 
 
-def list_probes(db: sqlite_utils.Database, model_id: str | None = None) -> list[Probe]:
-    """Stored probes (of one model id, or all), by label."""
+def list_probes(db: sqlite_utils.Database, model_id: str | None = None, *, owner: str = LOCAL) -> list[Probe]:
+    """`owner`'s stored probes (of one model id, or all), by label."""
     if model_id is None:
-        rows = db.query("SELECT * FROM probes ORDER BY label, model_id")
+        rows = db.query("SELECT * FROM probes WHERE owner = ? ORDER BY label, model_id", [owner])
     else:
-        rows = db.query("SELECT * FROM probes WHERE model_id = ? ORDER BY label", [model_id])
+        rows = db.query("SELECT * FROM probes WHERE model_id = ? AND owner = ? ORDER BY label", [model_id, owner])
     return [_probe_from_row(r) for r in rows]
 
 
-def apply_probe(db: sqlite_utils.Database, label: str, embeddings: np.ndarray, model_id: str) -> np.ndarray:
-    """P(label) for (N, D) embeddings of `model_id` (e.g. the scan on screen) -> (N,) float32."""
-    probe = load_probe(db, label, model_id)
+def apply_probe(db: sqlite_utils.Database, label: str, embeddings: np.ndarray, model_id: str, *, owner: str = LOCAL) -> np.ndarray:
+    """P(label) by `owner`'s probe for (N, D) embeddings of `model_id` (e.g. the scan on screen) -> (N,) float32."""
+    probe = load_probe(db, label, model_id, owner=owner)
     if probe is None:
         raise TeachError(f"no probe for '{normalise_label(label)}' with model {model_id}; teach it first")
     return probe.predict_proba(embeddings)

@@ -23,7 +23,6 @@ by hub id and loads `.pt` with weights_only=True.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -33,7 +32,9 @@ from typing import Any
 import torch
 
 from engine.errors import ModelError
+from engine.models import weights
 from engine.models.clip import ClipModel
+from engine.models.preprocess import ImagePreprocess
 
 FORMAT = "medlens-clip/1"
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -111,33 +112,23 @@ def make_tokenizer(model_cfg: dict[str, Any], text_dir: str | None):
 
 
 def wrap(model, model_cfg: dict, preprocess_cfg: dict, text_dir: str | None, *, name: str, revision: str, config: dict | None = None) -> ClipModel:
-    vision = model_cfg.get("vision_cfg", {})
-    size = vision.get("image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
     return ClipModel(
         model,
         make_tokenizer(model_cfg, text_dir),
         name=name,
         revision=revision,
-        image_size=int(size),
         embed_dim=int(model_cfg["embed_dim"]),
-        mean=preprocess_cfg.get("mean", OPENAI_DATASET_MEAN),
-        std=preprocess_cfg.get("std", OPENAI_DATASET_STD),
+        preprocess=image_preprocess(model_cfg, preprocess_cfg),
         config=config,
     )
 
 
+def image_preprocess(model_cfg: dict, preprocess_cfg: dict | None) -> ImagePreprocess:
+    """A CLIP checkpoint's preprocessing: its preprocess_cfg, sized by the architecture when older configs lack a size."""
+    return ImagePreprocess.from_config(preprocess_cfg, size=model_cfg.get("vision_cfg", {}).get("image_size", 224))
+
+
 # --------------------------------------------------------------------------- weights
-def _file_revision(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -179,23 +170,17 @@ def save_checkpoint(
     """Write a checkpoint folder. `text_tower`: a package:<module> reference or a folder to copy
     its config/tokenizer from; `text_weights`: a package:<module> whose weights the text
     transformer keeps (they are then left out of model.safetensors)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config: dict[str, Any] = {"format": FORMAT, "model_cfg": copy.deepcopy(model_cfg), "preprocess_cfg": preprocess_cfg or {}}
+    preprocess = image_preprocess(model_cfg, preprocess_cfg).to_config()  # stored whole: what the model was trained on
+    config: dict[str, Any] = {"format": FORMAT, "model_cfg": copy.deepcopy(model_cfg), "preprocess_cfg": preprocess}
     text_cfg = config["model_cfg"].get("text_cfg", {})
+    text_source: Path | None = None
     if text_cfg.get("hf_model_name"):
         if text_tower and text_tower.startswith("package:"):
             ref = text_tower
         else:
-            source = Path(text_tower or text_cfg["hf_model_name"])
-            if not (source / "config.json").is_file():
-                raise ModelError(f"text tower folder {source} has no config.json to copy")
-            (folder / "text").mkdir(exist_ok=True)
-            for name in TEXT_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, folder / "text" / name)
+            text_source = Path(text_tower or text_cfg["hf_model_name"])
+            if not (text_source / "config.json").is_file():
+                raise ModelError(f"text tower folder {text_source} has no config.json to copy")
             ref = "text"
         text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = ref
         text_cfg.pop("hf_model_pretrained", None)
@@ -204,11 +189,17 @@ def save_checkpoint(
     config["image_weights"] = image_weights
     config.update(extra or {})
     skip = (("text.transformer.",) if text_weights else ()) + (("visual.trunk.",) if image_weights else ())
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if not k.startswith(skip) and not k.endswith("position_ids")}
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "MODEL_CARD.md").write_text(card or "# Model card\n\nNo card was written for this checkpoint.\n")
-    return folder
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(skip) and not k.endswith("position_ids")}
+
+    def copy_text_files(staging: Path) -> None:
+        if text_source is None:
+            return
+        (staging / "text").mkdir()
+        for name in TEXT_FILES:
+            if (text_source / name).is_file():
+                shutil.copy2(text_source / name, staging / "text" / name)
+
+    return weights.save_checkpoint_folder(folder, config, state, card, extra=copy_text_files)
 
 
 # --------------------------------------------------------------------------- load
@@ -237,8 +228,7 @@ def _load_medlens(folder: Path, name: str) -> ClipModel:
     text_ref = config.get("text_tower")
     text_dir = resolve_text_tower(text_ref, folder) if text_ref else None
     text_weights = config.get("text_weights")
-    weights_file = folder / "model.safetensors"
-    if not weights_file.is_file():
+    if not weights.has_weights(folder):
         raise ModelError(f"{folder} has config.json but no model.safetensors")
     # The text transformer starts from its package weights when the checkpoint leaves them out.
     model = build_open_clip(model_cfg, text_dir, pretrained_text=bool(text_weights))
@@ -248,8 +238,8 @@ def _load_medlens(folder: Path, name: str) -> ClipModel:
         # The image trunk is rebuilt from a package (like the text weights), not stored in the folder.
         _load_package_trunk(model, image_weights)
         skip += ("visual.trunk.",)
-    load_weights(model, _read_state_dict(weights_file), skip_prefixes=skip)
-    return wrap(model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=_file_revision(weights_file), config=config)
+    load_weights(model, weights.read_weights(folder), skip_prefixes=skip)
+    return wrap(model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=weights.revision(folder), config=config)
 
 
 def _load_package_trunk(model: torch.nn.Module, ref: str) -> None:
@@ -294,7 +284,7 @@ def _load_open_clip_folder(folder: Path, name: str) -> ClipModel:
         weights_file = found[0]
     model = build_open_clip(model_cfg, text_dir, pretrained_text=False)
     load_weights(model, _read_state_dict(weights_file))
-    return wrap(model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=_file_revision(weights_file), config=config)
+    return wrap(model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=weights.file_hash([weights_file]), config=config)
 
 
 def load_unimed(pt_file: str | Path, text_dir: str | Path | None, name: str) -> ClipModel:
@@ -307,4 +297,4 @@ def load_unimed(pt_file: str | Path, text_dir: str | Path | None, name: str) -> 
     text = str(text_dir) if text_dir is not None and (Path(text_dir) / "config.json").is_file() else model_cfg["text_cfg"]["hf_model_name"]
     model = build_open_clip(model_cfg, text, pretrained_text=False)
     load_weights(model, state)
-    return wrap(model, model_cfg, arch.get("preprocess_cfg", {}), text, name=name, revision=_file_revision(Path(pt_file)))
+    return wrap(model, model_cfg, arch.get("preprocess_cfg", {}), text, name=name, revision=weights.file_hash([Path(pt_file)]))

@@ -2,17 +2,13 @@
 
 Design decisions
 - open_clip builds and runs the network; this wrapper owns what the engine
-  needs around it: preprocessing exactly as open_clip does (PIL resize +
-  centre crop + normalise), batching, L2-normalised float32 outputs, a text
+  needs around it: the model's one preprocessing (engine.models.preprocess,
+  from its checkpoint config; the same object training uses), batching,
+  L2-normalised float32 outputs, a text
   embedding cache (label sets are embedded once per process), and the
   inference path (fp32 by default; engine.models.fastpath may swap in bf16,
   int8 or OpenVINO forwards, per batch-size class, after checking they keep
   the answer).
-- Preprocessing: open_clip's PIL resize and crop, then ToTensor + Normalize
-  done in numpy with the same float32 operations in the same order
-  (bit-identical tensors, tests/test_fastpath.py): torch's per-operator
-  thread pool made those small ops cost ~20 ms each on a busy 2-core
-  machine (124 ms/img against 1.4 ms/img now).
 - `encode_image_tensor` keeps autograd available (heatmaps need gradients);
   the numpy encoders run under `torch.inference_mode`.
 """
@@ -26,6 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from engine.models.preprocess import ImagePreprocess
 
 TEXT_CACHE_SIZE = 4096
 
@@ -63,32 +61,28 @@ class ClipModel:
         *,
         name: str,
         revision: str,
-        image_size: int,
         embed_dim: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        preprocess: ImagePreprocess,
         config: dict | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.revision = revision
-        self.image_size = int(image_size)
         self.embed_dim = int(embed_dim)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.preprocess = preprocess
         self.config = config or {}
         self.path = InferencePath()
         self._image_forward: Callable[[torch.Tensor], torch.Tensor] = model.encode_image
         self._text_forward: Callable[[torch.Tensor], torch.Tensor] = model.encode_text
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
-        from open_clip.transform import image_transform
-
-        self._transform = image_transform(self.image_size, is_train=False, mean=self.mean, std=self.std)
-        self._pil_steps, self._norm = _split_transform(self._transform)
 
     # --- properties --------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.size
+
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp().clamp(max=100.0))
@@ -113,24 +107,7 @@ class ClipModel:
     # --- images --------------------------------------------------------------
     def image_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 (or 0-255 float) arrays, grey HxW or RGB HxWx3 -> normalised (N, 3, S, S)."""
-        from PIL import Image
-
-        batch = []
-        for img in images:
-            arr = np.asarray(img)
-            if arr.dtype != np.uint8:
-                arr = np.clip(arr, 0, 255).astype(np.uint8)
-            if arr.ndim == 2:
-                arr = np.repeat(arr[..., None], 3, axis=2)
-            pil = Image.fromarray(arr[..., :3])
-            batch.append(np.asarray(self._pil_steps(pil)) if self._norm is not None else self._transform(pil))
-        if self._norm is None:
-            return torch.stack(batch)
-        # ToTensor + Normalize in numpy, the same float32 operations in the same order (bit-identical);
-        # torch's per-operator thread pool made these small ops cost ~20 ms each on a busy 2-core machine.
-        mean, std = self._norm
-        pixels = (np.stack(batch).astype(np.float32) / np.float32(255.0) - mean) / std
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+        return self.preprocess(images)
 
     def encode_image_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels -> L2-normalised embeddings (autograd kept, fp32 model)."""
@@ -165,15 +142,3 @@ class ClipModel:
                                 self._text_cache.popitem(last=False)
         return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.embed_dim), np.float32)
 
-
-def _split_transform(transform) -> tuple[Callable, tuple[np.ndarray, np.ndarray] | None]:
-    """(the PIL steps, (mean, std) as float32) when `transform` is open_clip's eval transform ending in
-    ToTensor + Normalize; else (transform, None) and image_tensor runs it as it is."""
-    from torchvision.transforms import Compose, Normalize
-
-    steps = list(getattr(transform, "transforms", []))
-    if len(steps) >= 2 and type(steps[-2]).__name__ in ("ToTensor", "MaybeToTensor") and isinstance(steps[-1], Normalize):
-        mean = np.asarray(steps[-1].mean, dtype=np.float32).reshape(1, 1, 1, -1)
-        std = np.asarray(steps[-1].std, dtype=np.float32).reshape(1, 1, 1, -1)
-        return Compose(steps[:-2]), (mean, std)
-    return transform, None

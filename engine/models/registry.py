@@ -8,11 +8,9 @@ the first time (then huggingface_hub's cache).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.settings import assets_dir
 
 DEFAULT_MODEL = "medlens-clip"  # trained by `python -m training.clip` (shipped in assets/models)
 
@@ -53,25 +51,18 @@ class ModelEntry:
 
 
 def shipped_models() -> dict[str, Path]:
-    root = assets_dir() / "models"
-    if not root.is_dir():
-        return {}
-    # Q-Former checkpoints (engine.ask) live beside the CLIP models but are not CLIP models.
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file() and not _is_qformer(p)}
+    """Shipped CLIP checkpoints by name (the Q-Formers beside them are listed by engine.ask)."""
+    from engine.models import catalog
 
-
-def _is_qformer(folder: Path) -> bool:
-    try:
-        return str(json.loads((folder / "config.json").read_text()).get("format", "")).startswith("medlens-qformer")
-    except (OSError, ValueError):
-        return False
+    return {name: entry.folder for name, entry in catalog.shipped(catalog.CLIP).items()}
 
 
 def list_models() -> list[ModelEntry]:
     entries = []
-    for name, path in shipped_models().items():
-        config = json.loads((path / "config.json").read_text())
-        entries.append(ModelEntry(name, name, str(path), True, config.get("licence", ""), config.get("note", "")))
+    from engine.models import catalog
+
+    for name, entry in catalog.shipped(catalog.CLIP).items():
+        entries.append(ModelEntry(name, name, str(entry.folder), True, entry.licence, entry.note))
     for name, hub in KNOWN_HUB.items():
         entries.append(ModelEntry(name, f"hf-hub:{hub.repo}", f"https://huggingface.co/{hub.repo}", False, hub.licence, hub.note))
     return entries

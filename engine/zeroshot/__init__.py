@@ -17,7 +17,9 @@ from engine.zeroshot.api import (
     LabelResult,
     LabelScore,
     SliceScores,
+    check_mode,
     evidence_map,
+    label_from_embeddings,
     label_images,
     label_scan,
     resolve_model,
@@ -40,7 +42,7 @@ from engine.zeroshot.prompts import (
 __all__ = [
     "AGGREGATIONS", "MODES", "PRESENT_ABSENT", "SOFTMAX", "PROMPT_SET_KEYS",
     "HeatmapUnavailable", "LabelResult", "LabelScore", "SliceScores", "ModelImage", "PromptError", "PromptSet",
-    "all_prompt_sets", "class_embeddings", "clean_labels", "evidence_map", "heat_to_slice", "label_images", "label_scan",
+    "all_prompt_sets", "check_mode", "class_embeddings", "clean_labels", "evidence_map", "heat_to_slice", "label_from_embeddings", "label_images", "label_scan",
     "load_prompt_set", "model_image", "pair_embeddings", "prompt_set_key", "resolve_model", "sample_indices",
     "scan_images", "score_embeddings", "text_embeddings",
 ]

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.errors import MedLensError, ModelError
+from engine.errors import MedLensError
 from engine.scan import Scan
 from engine.zeroshot.imaging import DEFAULT_SLICES, ModelImage, heat_to_slice, model_image, scan_images
 from engine.zeroshot.prompts import (
@@ -123,25 +123,9 @@ def resolve_model(model: Any = None):
     Raises ModelError with a message saying what to do (no default installed,
     unknown name, missing folder).
     """
-    if model is not None and not isinstance(model, str):
-        return model
-    from engine.models import DEFAULT_MODEL, load_model
-    from engine.models.registry import shipped_models
-    from engine.settings import assets_dir
+    from engine.models import catalog
 
-    if model is None or not str(model).strip():
-        if DEFAULT_MODEL not in shipped_models():
-            raise ModelError(
-                f"no default model installed (expected {assets_dir() / 'models' / DEFAULT_MODEL}); choose one: "
-                "pass --model NAME (see `medlens models`) or local-dir:/path/to/checkpoint, or set MEDLENS_MODEL for the app"
-            )
-        model = DEFAULT_MODEL
-    try:
-        return load_model(str(model))
-    except MedLensError:
-        raise
-    except Exception as exc:  # a broken checkpoint must read as a model problem, not a crash
-        raise ModelError(f"cannot load model '{model}': {type(exc).__name__}: {str(exc)[:300]}") from None
+    return catalog.resolve(model, catalog.CLIP)
 
 
 # --------------------------------------------------------------------------- scoring core
@@ -155,7 +139,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))  # stable for large |x|
 
 
-def _check_mode(mode: str, aggregation: str | None, n_labels: int) -> None:
+def check_mode(mode: str, aggregation: str | None, n_labels: int) -> None:
     if mode not in MODES:
         raise PromptError(f"unknown mode {mode!r}; choose {' or '.join(MODES)}")
     if aggregation is not None and aggregation not in AGGREGATIONS:
@@ -255,19 +239,33 @@ def label_images(
     labels = pset.default_labels if labels is None else clean_labels(labels)
     if not images:
         raise MedLensError("no image to label")
-    _check_mode(mode, aggregation, len(labels))
+    check_mode(mode, aggregation, len(labels))
     clip = resolve_model(model)
     pixels = [im.pixels if isinstance(im, ModelImage) else np.asarray(im) for im in images]
-    emb = clip.encode_images(pixels)
+    return label_from_embeddings(clip.encode_images(pixels), images, labels, clip, pset, mode=mode, aggregation=aggregation)
+
+
+def label_from_embeddings(
+    embeddings: np.ndarray,
+    images: Sequence[np.ndarray] | Sequence[ModelImage],
+    labels: Sequence[str],
+    clip: Any,
+    prompt_set: PromptSet,
+    *,
+    mode: str = SOFTMAX,
+    aggregation: str | None = "mean",
+) -> LabelResult:
+    """Labels from image embeddings already computed by `clip` (one row per image; the batch runner
+    encodes the images of many scans in one call). `labels` are cleaned and checked by the caller."""
     # several images are slices of one study; a single ModelImage of a volume is one slice too
     is_volume = len(images) > 1 or (isinstance(images[0], ModelImage) and images[0].plane != "image")
     slices = None
     if is_volume:
         slices = [(im.plane, im.index) if isinstance(im, ModelImage) else ("image", n) for n, im in enumerate(images)]
     ranked, per_slice = score_embeddings(
-        emb,
+        embeddings,
         labels,
-        text_embeddings(clip, labels, pset, mode),
+        text_embeddings(clip, labels, prompt_set, mode),
         clip.logit_scale,
         mode=mode,
         aggregation=aggregation if is_volume else None,
@@ -279,8 +277,8 @@ def label_images(
         aggregation=(aggregation or "mean") if is_volume else None,
         per_slice=per_slice,
         model_id=clip.model_id,
-        inference_path=_path_used(clip, len(pixels)),
-        prompt_set=pset.key,
+        inference_path=_path_used(clip, len(images)),
+        prompt_set=prompt_set.key,
         logit_scale=float(clip.logit_scale),
     )
 
@@ -317,7 +315,7 @@ def label_scan(
     """
     pset = prompt_set if isinstance(prompt_set, PromptSet) else load_prompt_set(prompt_set or scan.modality)
     labels = pset.default_labels if labels is None else clean_labels(labels)
-    _check_mode(mode, aggregation, len(labels))
+    check_mode(mode, aggregation, len(labels))
     clip = resolve_model(model)
     images = scan_images(scan, planes=tuple(planes), n_slices=n_slices, volume=volume)
     result = label_images(images, labels, clip, prompt_set=pset, mode=mode, aggregation=aggregation)
@@ -366,6 +364,7 @@ __all__ = [
     "LabelScore",
     "SliceScores",
     "evidence_map",
+    "label_from_embeddings",
     "label_images",
     "label_scan",
     "resolve_model",
