@@ -127,8 +127,10 @@ def export_onnx(forward: Callable[[torch.Tensor], torch.Tensor], example: torch.
 
 
 def save_ir(forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, target: Path,
-            dynamic_axes: Sequence[int] = (0,)) -> Path:
-    """Export `forward` to an OpenVINO IR at `target` (.xml, fp16 weights) through ONNX; returns target."""
+            dynamic_axes: Sequence[int] = (0,), *, precise_stem: bool = False) -> Path:
+    """Export `forward` to an OpenVINO IR at `target` (.xml, fp16 weights) through ONNX; returns target.
+
+    precise_stem: keep the first convolution out of bf16 (see `keep_out_of_bf16`)."""
     import openvino as ov
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,9 +140,46 @@ def save_ir(forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tens
         model = ov.Core().read_model(str(onnx_file))
         partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.xml")
         ov.save_model(model, str(partial), compress_to_fp16=True)
+    if precise_stem:
+        keep_out_of_bf16(partial, first_of_type="Convolution")
     partial.with_suffix(".bin").replace(target.with_suffix(".bin"))
     partial.replace(target)
     return target
+
+
+PRECISE_ATTRIBUTE = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:dynamic"}
+
+
+def keep_out_of_bf16(xml: Path, *, first_of_type: str) -> str:
+    """Mark the first layer of type `first_of_type` in an IR so the CPU plugin leaves it in its own precision
+    under a bf16 hint (OpenVINO's DisablePrecisionConversion runtime attribute, read from the IR); returns
+    the layer's name. Written into the XML because the Python API cannot create that typed attribute.
+
+    Why the stem: bf16 keeps 8 significant bits, so the input pixels themselves lose up to half a grey
+    level before the first convolution. On the shipped ResNet-152 (medlens-clip, 257 real images of 9
+    kinds) the worst cosine to fp32 went from 0.99832 to 0.99903 with only the stem convolution kept out
+    of bf16, at ~5-10% of the bf16 time (the stem is ~1% of the multiply-adds); keeping whole later stages
+    in float cost 1.5-4x the time and gained less (bench/results/path_options.md)."""
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(xml)
+    layer = next((el for el in tree.getroot().iter("layer") if el.get("type") == first_of_type), None)
+    if layer is None:
+        raise ValueError(f"no {first_of_type} layer in {xml.name}")
+    rt_info = layer.find("rt_info")
+    if rt_info is None:
+        rt_info = ET.Element("rt_info")
+        layer.insert(1 if layer.find("data") is not None else 0, rt_info)
+    if not any(a.get("name") == PRECISE_ATTRIBUTE["name"] for a in rt_info.iter("attribute")):
+        ET.SubElement(rt_info, "attribute", PRECISE_ATTRIBUTE)
+    tree.write(xml, encoding="utf-8", xml_declaration=True)
+    return str(layer.get("name"))
+
+
+def runtime_precisions(forward: "OpenVinoForward") -> dict[str, str]:
+    """{layer name: the precision the compiled model runs it in} (for tests and benchmarks)."""
+    return {op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str)
+            for op in forward.compiled.get_runtime_model().get_ordered_ops()}
 
 
 def quantize_ir(source: Path, target: Path, calibration: Sequence[torch.Tensor], *, transformer: bool) -> Path:
