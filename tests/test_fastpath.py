@@ -411,6 +411,35 @@ def test_openvino_telemetry_stays_off(tmp_path):
     assert list(tmp_path.iterdir()) == [], "nothing may be written under HOME (no ~/intel client id)"
 
 
+def test_openvino_keeps_the_stem_convolution_out_of_bf16(tmp_path):
+    """The first convolution of an IR saved with precise_stem runs in its own precision under a bf16 hint,
+    the rest in bf16 (where the CPU computes bf16); without the mark the stem is bf16 too."""
+    import xml.etree.ElementTree as ET
+
+    from engine.models import openvino_path
+    from engine.models.cpu import cpu_profile
+
+    require_openvino()
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3)).eval()
+    x = torch.rand(2, 3, 24, 24)
+    runs = {}
+    for precise in (True, False):
+        xml = openvino_path.save_ir(net, x[:1], tmp_path / f"m{precise}.xml", precise_stem=precise)
+        convs = [el for el in ET.parse(xml).getroot().iter("layer") if el.get("type") == "Convolution"]
+        marked = [any(a.get("name") == "DisablePrecisionConversion" for a in el.iter("attribute")) for el in convs]
+        assert marked == [precise, False]
+        forward = openvino_path.OpenVinoForward(xml, "bf16", 1)
+        with torch.no_grad():
+            assert torch.nn.functional.cosine_similarity(forward(x).flatten(1), net(x).flatten(1)).min() > 0.999
+        precisions = openvino_path.runtime_precisions(forward)
+        runs[precise] = ({v for k, v in precisions.items() if k.startswith("/fn/fn.0/Conv")},
+                         {v for k, v in precisions.items() if k.startswith("/fn/fn.2/Conv")})
+    if cpu_profile().native_bf16:
+        (stem, rest), (plain_stem, _) = runs[True], runs[False]
+        assert "bf16" not in stem and "bf16" in rest and "bf16" in plain_stem, runs
+
+
 # --------------------------------------------------------------------------- parity on real images (ViT-B/16 + BERT-base)
 def real_images(shared: Path) -> tuple[list[np.ndarray], list[str]]:
     from PIL import Image

@@ -249,6 +249,8 @@ def normalise(voxels: np.ndarray, low: float, high: float) -> np.ndarray:
     out = np.subtract(voxels, np.float32(low), dtype=np.float32)
     out *= np.float32(1.0 / (high - low))
     np.clip(out, 0.0, 1.0, out=out)
+    if np.issubdtype(np.asarray(voxels).dtype, np.integer):  # int16 storage (engine.memory): no NaN to clear
+        return out
     return np.nan_to_num(out, copy=False, nan=0.0)
 
 
