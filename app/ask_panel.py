@@ -196,7 +196,7 @@ def _evidence_html(scan, view, volume, axial, center, width, mip, mip_mm) -> str
     return view_html(image, "Evidence", caption)
 
 
-def _answer_markdown(answer, model_name: str, view) -> str:
+def _answer_markdown(answer, model_name: str, view, encoder_path: str = "") -> str:
     esc = html.escape
     shown = answer.calibrated_confidence if answer.calibrated_confidence is not None else answer.confidence
     kind = "calibrated" if answer.calibrated_confidence is not None else "not calibrated"
@@ -217,7 +217,8 @@ def _answer_markdown(answer, model_name: str, view) -> str:
         text += "\n\nOpen question: a generated answer; its confidence is the mean probability of its words."
     if view is not None and not view.is_2d:
         text += f" The queries attended most to axial slice {view.top_slice + 1}/{view.n_slices}."
-    text += f"\n\nModel `{esc(model_name)}` · {esc(answer.trust_note)} · research use only, not a diagnosis."
+    encoder = f" · image encoder on {esc(encoder_path)}" if encoder_path else ""
+    text += f"\n\nModel `{esc(model_name)}`{encoder} · {esc(answer.trust_note)} · research use only, not a diagnosis."
     return text
 
 
@@ -243,11 +244,11 @@ def make_ask(allowed: set[str]) -> Callable:
         answer = ask.ask(scan, cleaned)
         view = evidence_view(scan, answer.evidence) if answer.evidence is not None else None
         out: dict[str, Any] = {
-            "answer": _answer_markdown(answer, ask.name, view),
+            "answer": _answer_markdown(answer, ask.name, view, ask.encoders.path_label(scan.is_2d)),
             "candidates": gr.update(value=candidates_figure(_shown_candidates(answer)), visible=True) if answer.closed and answer.candidates
             else gr.update(value=None, visible=False),
             "evidence": view,
-            "result": {**answer.to_dict(), "model": ask.name,
+            "result": {**answer.to_dict(), "model": ask.name, "encoder_path": ask.encoders.path_label(scan.is_2d),
                        "most_attended_axial_slice": None if view is None or view.is_2d else view.top_slice},
         }
         out["record"] = AskOutcome(scan.content_hash, out["result"], ask.name, getattr(ask, "revision", ""))

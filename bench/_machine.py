@@ -70,3 +70,54 @@ def rss_mb() -> float:
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (MB)."""
     return _status_mb("VmHWM:")
+
+
+def machine_lines() -> list[str]:
+    """Markdown bullet lines naming the machine: date, CPU model, its class and flags, load."""
+    import datetime as dt
+
+    from engine.models.cpu import cpu_profile
+
+    p = cpu_profile()
+    return [
+        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- CPU: {p.model} ({p.machine}), {p.cores} physical cores usable, torch kernels {p.capability}; class **{cpu_class(p)}**",
+        f"- CPU flags of interest: {' '.join(sorted(p.flags)) or 'none read'}",
+    ]
+
+
+def cpu_class(profile=None) -> str:
+    """The CPU class the issue's gates are stated for: 'AMX / AVX512-BF16', 'AVX-512 VNNI', 'AVX2', or other."""
+    if profile is None:
+        from engine.models.cpu import cpu_profile
+
+        profile = cpu_profile()
+    if profile.is_x86 and profile.native_bf16:
+        return "AMX / AVX512-BF16"
+    if "avx512_vnni" in profile.flags:
+        return "AVX-512 VNNI"
+    if "avx2" in profile.flags:
+        return "AVX2"
+    return profile.isa
+
+
+# Speed-up gates over open_clip fp32 (issue 19), per CPU class and batch size; "everywhere never slower" is 1.0.
+VIT_GATES = {"AMX / AVX512-BF16": {1: 3.0, 16: 5.0}, "AVX-512 VNNI": {1: 2.0, 16: 2.5}, "AVX2": {16: 1.5}}
+SHIPPED_GATE = {"AMX / AVX512-BF16": 1.5}  # the shipped CLIP and the Q-Former's first answer, at equal answers
+
+
+def uptime() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"load average {loadavg()}"
+
+
+def write_result(out, lines: list[str], echo: bool = False) -> None:
+    """Write a result table (Markdown lines) to `out`, creating its folder; print it too when asked."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print("\n".join(lines) if echo else f"wrote {path}")

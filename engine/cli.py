@@ -304,6 +304,10 @@ def cmd_models(args) -> int:
     from engine.ask.model import DEFAULT_ASK_MODEL
     from engine.models import DEFAULT_MODEL, catalog, list_models
 
+    if args.speed:
+        from engine.models.speed_report import print_speed
+
+        return print_speed(as_json=args.json)
     entries = list_models()
     asking = [{"name": m.name, "source": m.name, "where": str(m.folder), "available_offline": True, "licence": m.licence, "note": m.note}
               for m in catalog.shipped(catalog.ASK).values()]
@@ -595,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
+    p.add_argument("--speed", action="store_true", help="the CPU inference path chosen and measured for each model on this machine (cached decisions)")
     p.set_defaults(func=cmd_models)
 
     _add_library_parsers(sub)

@@ -127,8 +127,9 @@ FOV_CHECK = Setting(
 ASSETS = Setting("MEDLENS_ASSETS", _path, None, "folder holding models/, prompts/ and qa/ (replaces the repository's assets/)", "<repository>/assets")
 PROMPTS = Setting("MEDLENS_PROMPTS", _path, None, "extra folder of prompt-set JSON files, searched before the assets' prompts/")
 LIBRARY = Setting("MEDLENS_LIBRARY", _path, None, "the scan library's SQLite file (the CLI's --library wins)", "<user data dir>/medlens/library.db")
-INFERENCE = Setting("MEDLENS_INFERENCE", _text, "auto", "force a CPU inference path: auto, fp32, bf16, int8, onnx-int8 (parity is still measured and reported)")
+INFERENCE = Setting("MEDLENS_INFERENCE", _text, "auto", "force a CPU inference path: auto, fp32, bf16, int8, onnx-int8, openvino-bf16, openvino-fp32, openvino-int8 (parity is still measured and reported; the Q-Former's encoders take fp32, bf16 and the openvino float paths)")
 THREADS = Setting("MEDLENS_THREADS", _positive_int, None, "torch threads (default: the physical cores this process may use)", "physical cores")
+CALIBRATION_IMAGES = Setting("MEDLENS_CALIBRATION_IMAGES", _path, None, "folder of scans (DICOM, NIfTI, PNG/JPEG) the fast-path probe calibrates int8 paths and checks parity on", "pydicom's and nibabel's bundled test images")
 FASTPATH_CACHE = Setting("MEDLENS_FASTPATH_CACHE", _text, None, "folder for exported fast-path models and probe decisions, or `off`", "<user cache dir>/medlens/fastpath")
 UID_SALT = Setting("MEDLENS_UID_SALT", _text, None, "secret salt of the de-identifying UID mapping (keep it stable to keep UIDs stable)", "a random per-user file")
 MAX_SERIES_VOXELS = Setting(
@@ -173,6 +174,7 @@ SETTINGS: tuple[Setting, ...] = (
     LIBRARY,
     INFERENCE,
     THREADS,
+    CALIBRATION_IMAGES,
     FASTPATH_CACHE,
     UID_SALT,
     MAX_SERIES_VOXELS,

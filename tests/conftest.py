@@ -19,6 +19,9 @@ if "MEDLENS_FASTPATH_CACHE" not in os.environ:
     import tempfile
 
     os.environ["MEDLENS_FASTPATH_CACHE"] = tempfile.mkdtemp(prefix="medlens-fastpath-")
+# Tests run the fp32 reference path unless they are about choosing one (those unset this): a first-load probe
+# exports and measures every candidate (30-70 s for the shipped models), and answers must not depend on it.
+os.environ.setdefault("MEDLENS_INFERENCE", "fp32")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -41,6 +44,16 @@ def _private_uid_salt(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(deid, "_salt_cache", None)
 
 
+def require_openvino(int8: bool = False) -> None:
+    """Skip a test of the OpenVINO paths when the `fast` extra is not installed, unless MEDLENS_REQUIRE_OPENVINO=1 (CI)."""
+    from engine.models import openvino_path
+
+    if openvino_path.int8_available() if int8 else openvino_path.available():
+        return
+    problem = f"openvino{' and nncf' if int8 else ''} not installed: pip install -e '.[fast]'"
+    if os.environ.get("MEDLENS_REQUIRE_OPENVINO") == "1":
+        pytest.fail(f"MEDLENS_REQUIRE_OPENVINO=1 but {problem}")
+    pytest.skip(problem)
 @pytest.fixture
 def installed_models(monkeypatch, tmp_path_factory):
     """Set which shipped models are installed: `installed_models({"name": folder, ...})` ({} = none).

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from engine.models import i3resnet
-from engine.models.cpu import CpuProfile
 
 TINY_LAYERS = (1, 1, 1, 1)
 TINY_WIDTHS = (4, 8, 8, 8)  # out_dim 32; the stem stays 64 wide (timm's single-conv stem is always 64)
@@ -217,44 +216,6 @@ def test_depth_constant_volume_matches_the_deflated_2d_trunk_in_the_middle():
     torch.testing.assert_close(tokens[0, 1 * 2 + 0], f2[0, :, 1, 0].float(), atol=1e-4, rtol=1e-4)
     grey_tokens, _ = i3resnet.encode_2d_tokens(img.float(), model=net2d.float())
     torch.testing.assert_close(grey_tokens, tokens)
-
-
-# --------------------------------------------------------------------------- fp32 or bf16
-def _profile(flags=()):
-    return CpuProfile(model="Test CPU", machine="x86_64", flags=frozenset(flags), capability="AVX512", cores=2, logical=2)
-
-
-class _Exploding(torch.nn.Module):
-    def forward(self, x):  # pragma: no cover - must never run
-        raise AssertionError("no probe may run without bf16 hardware")
-
-
-def test_choose_dtype_is_fp32_without_bf16_hardware(monkeypatch):
-    monkeypatch.delenv("MEDLENS_INFERENCE", raising=False)
-    from engine.models import cpu
-
-    monkeypatch.setattr(cpu, "cpu_profile", lambda cpuinfo=None: _profile(("avx2", "avx512f", "avx512_vnni")))
-    dtype, reason = i3resnet.choose_dtype(_Exploding(), torch.zeros(1, 1, 32, 32, 16))
-    assert dtype == torch.float32 and reason.startswith("fp32") and "no bf16 hardware" in reason
-
-
-def test_choose_dtype_probes_with_bf16_hardware(monkeypatch):
-    monkeypatch.delenv("MEDLENS_INFERENCE", raising=False)
-    model = tiny_net()
-    dtype, reason = i3resnet.choose_dtype(model, torch.rand(1, 1, 32, 32, 16), profile=_profile(("amx_bf16", "amx_tile")), repeats=1)
-    assert dtype in (torch.float32, torch.bfloat16)
-    assert "probe" in reason and "cosine" in reason
-    assert model.conv1.weight.dtype == torch.float32  # the probe works on a copy
-    # never chosen when it is not faster enough (an impossible speed-up asked for)
-    dtype, reason = i3resnet.choose_dtype(model, torch.rand(1, 1, 32, 32, 16), profile=_profile(("amx_bf16",)), repeats=1,
-                                          min_speedup=1e9)
-    assert dtype == torch.float32 and "not faster" in reason
-
-
-def test_choose_dtype_can_be_forced(monkeypatch):
-    monkeypatch.setenv("MEDLENS_INFERENCE", "bf16")
-    dtype, reason = i3resnet.choose_dtype(_Exploding(), torch.zeros(1), profile=_profile())
-    assert dtype == torch.bfloat16 and "forced" in reason and "slower" in reason
 
 
 # --------------------------------------------------------------------------- the factory

@@ -85,6 +85,17 @@ def test_matches_open_clip_eval_transform_bit_for_bit():
         assert torch.equal(reference(Image.fromarray(rgb))[None], OPENAI_LIKE([image]))
 
 
+def test_batched_call_equals_the_separate_steps():
+    """__call__ does scale + standardise in numpy (speed); training calls the torch steps: same bits."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (300, 200), dtype=np.uint8), rng.integers(0, 256, (90, 120, 3), dtype=np.uint8),
+              np.full((64, 64), 17, np.uint8), rng.uniform(-20, 300, (64, 64)).astype(np.float32)]
+    for preprocess in (OPENAI_LIKE, ASTRA_LIKE):
+        got = preprocess(images)
+        expected = preprocess.standardise(preprocess.scale(np.stack([preprocess.resize(im) for im in images])))
+        assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got, expected)
+
+
 def test_config_round_trip_and_defaults():
     assert ImagePreprocess.from_config(OPENAI_LIKE.to_config()) == OPENAI_LIKE
     # an older checkpoint: mean/std only, size from the architecture, like open_clip reads it

@@ -22,6 +22,8 @@ OPTIONAL = {
     "faiss": "engine.library.vectors falls back to numpy without it",
     "ray": "medlens batch --engine ray only (the `scale` extra); without it the command says how to install it",
     "pyarrow": "medlens batch's Parquet output only (the `scale` extra); JSON Lines without it",
+    "openvino": "the `fast` extra: engine.models.openvino_path is a candidate path only when installed",
+    "nncf": "the `fast` extra (with openvino): static int8, only with MEDLENS_CALIBRATION_IMAGES",
 }
 # needed at run time but never imported by name: pydicom's decoder plugins find them
 PLUGINS = {"pylibjpeg", "pylibjpeg-openjpeg", "pyjpegls", "python-gdcm"}

@@ -76,7 +76,8 @@ def volume_labels(scan: Scan, labels: Sequence[str] | str | None = None, model: 
     bound_labels(ranked, "softmax", context, ask.trust.closed)
     return LabelResult(
         labels=ranked, mode="softmax", aggregation=None, per_slice=[], model_id=ask.name,
-        inference_path="Q-Former, whole " + ("image" if scan.is_2d else "volume"), prompt_set=pset.key,
+        inference_path="Q-Former, whole " + ("image" if scan.is_2d else "volume") + f"; encoder {ask.encoders.path_label(scan.is_2d)}",
+        prompt_set=pset.key,
         logit_scale=float(ask.qformer.logit_scale.detach().exp()), modality=scan.modality.value,
         trust_note="not calibrated: the Q-Former's 3D labels are raw image-text similarities",
         field_of_view=None if context.fov is None else context.fov.to_dict(), fov_note=context.fov_note,

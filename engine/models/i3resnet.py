@@ -25,11 +25,12 @@ Design decisions
 - Tokens: the feature map flattened Z-major, `n = (z * X' + x) * Y' + y`,
   i.e. `features.flatten(2).transpose(1, 2)`; the grid (Z', X', Y') comes
   with them so attention maps back to voxels (volume_prep's mapping).
-- fp32 by default. Emulated bf16 (CPUs without AMX/AVX512-BF16/ARM BF16)
-  makes 3D convs ~80x slower (2-core AVX2 EPYC, torch 2.14.1; features
-  agree, cosine 0.99996), so `choose_dtype` only offers bf16 where the
-  hardware has it AND a short probe on this CPU shows it faster and
-  faithful. MEDLENS_INFERENCE=fp32|bf16 forces it (as for the 2D towers).
+- fp32 as loaded. Which path runs it (torch fp32, torch bf16, OpenVINO
+  bf16/fp32) is chosen per machine by engine.models.encoder_path: emulated
+  bf16 (CPUs without AMX/AVX512-BF16/ARM BF16) makes 3D convs ~80x slower
+  (2-core AVX2 EPYC, torch 2.14.1; features agree, cosine 0.99996), so bf16
+  is only tried where the hardware has it, and kept where a probe shows it
+  faster and faithful.
 - Built on the meta device and filled with `assign=True`: no random init
   is spent on 117 M parameters; loading is the bf16 -> fp32 cast (0.5-1 s
   on the 2-core Ice Lake of bench/results/encoder3d.md; 470 MB in fp32).
@@ -53,7 +54,6 @@ Design decisions
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import threading
@@ -66,15 +66,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import settings
 
 log = logging.getLogger(__name__)
 
 RESNET152_LAYERS = (3, 8, 36, 3)
 RESNET_WIDTHS = (64, 128, 256, 512)
 EXPANSION = 4
-BF16_MIN_COSINE = 0.999
-BF16_MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by 10% on the probe (noise margin), as in engine.models.fastpath
 
 
 # --------------------------------------------------------------------------- architecture
@@ -141,7 +138,8 @@ class I3ResNet(nn.Module):
             raise ValueError(f"expected a volume [B, 1, X, Y, Z], got shape {tuple(x.shape)}")
         weight = self.conv1.weight
         x = x.to(weight.dtype).permute(0, 1, 4, 2, 3)  # [B, C, Z, X, Y]: Z is Conv3d's depth axis
-        x = x.contiguous(memory_format=torch.channels_last_3d if self.channels_last else torch.contiguous_format)
+        if not torch.onnx.is_in_onnx_export():  # a layout hint only; the ONNX exporter cannot write it
+            x = x.contiguous(memory_format=torch.channels_last_3d if self.channels_last else torch.contiguous_format)
         if x.shape[1] == 1:  # grey copied into 3 channels == one channel through the channel-summed kernel
             weight = weight.sum(dim=1, keepdim=True)
         x = F.conv3d(x, weight, None, self.conv1.stride, self.conv1.padding)
@@ -297,55 +295,3 @@ def encode_2d_tokens(image: torch.Tensor, model: nn.Module | None = None) -> tup
     features = model.forward_features(image.to(param.dtype))
     tokens, (h, w) = feature_tokens(features)
     return tokens.float(), (1, h, w)
-
-
-# --------------------------------------------------------------------------- bf16 or fp32
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float().flatten(), b.float().flatten()
-    return float(F.cosine_similarity(a, b, dim=0))
-
-
-def choose_dtype(model: nn.Module, example: torch.Tensor, *, profile=None, repeats: int = 2,
-                 min_speedup: float = BF16_MIN_SPEEDUP) -> tuple[torch.dtype, str]:
-    """fp32 or bf16 for `model` (fp32 weights) on this CPU, with a one-line reason.
-
-    bf16 only when the hardware computes it (`cpu_profile().native_bf16`) AND a
-    probe on `example` (keep it small: it runs 2 + 2*repeats forwards per dtype)
-    shows bf16 at least `min_speedup` faster with cosine >= 0.999 to fp32.
-    Without bf16 hardware nothing is run: emulated bf16 3D convs are far slower.
-    MEDLENS_INFERENCE=fp32|bf16 forces the choice (other values mean auto)."""
-    from engine.models.cpu import cpu_profile
-
-    profile = profile if profile is not None else cpu_profile()
-    forced = (settings.INFERENCE.raw() or "").lower()
-    if forced == "fp32":
-        return torch.float32, "fp32: forced by MEDLENS_INFERENCE=fp32"
-    if forced == "bf16":
-        note = "" if profile.native_bf16 else f" ({profile.isa} has no bf16 hardware: expect it to be much slower)"
-        return torch.bfloat16, f"bf16: forced by MEDLENS_INFERENCE=bf16{note}"
-    if not profile.native_bf16:
-        return torch.float32, f"fp32: {profile.isa} has no bf16 hardware (emulated bf16 3D convs are many times slower)"
-    try:
-        twin = copy.deepcopy(model).to(torch.bfloat16).eval()
-        times = {torch.float32: [], torch.bfloat16: []}
-        outs = {}
-        with torch.inference_mode():
-            for net, dt in ((model, torch.float32), (twin, torch.bfloat16)):
-                outs[dt] = net(example.to(dt)).float()  # warm-up (oneDNN primitive creation), kept for the cosine
-            for _ in range(max(1, repeats)):  # interleaved: other load on the machine hits both alike
-                for net, dt in ((model, torch.float32), (twin, torch.bfloat16)):
-                    t = time.perf_counter()
-                    net(example.to(dt))
-                    times[dt].append(time.perf_counter() - t)
-        del twin
-    except Exception as exc:  # the probe is an optimisation: any failure means fp32
-        return torch.float32, f"fp32: the bf16 probe failed ({type(exc).__name__}: {str(exc)[:120]})"
-    fp32_s, bf16_s = min(times[torch.float32]), min(times[torch.bfloat16])
-    cos = _cosine(outs[torch.float32], outs[torch.bfloat16])
-    gain = fp32_s / bf16_s if bf16_s > 0 else 0.0
-    measured = f"probe {fp32_s * 1e3:.0f} ms fp32 vs {bf16_s * 1e3:.0f} ms bf16 ({gain:.2f}x), cosine {cos:.5f}"
-    if cos < BF16_MIN_COSINE:
-        return torch.float32, f"fp32: bf16 changed the features on {profile.isa} ({measured})"
-    if gain < min_speedup:
-        return torch.float32, f"fp32: bf16 not faster on {profile.isa} ({measured})"
-    return torch.bfloat16, f"bf16: {profile.isa} computes bf16 in hardware ({measured})"

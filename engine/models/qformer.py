@@ -392,7 +392,20 @@ class QFormer(nn.Module):
 
     def _lm_head(self, text_states: torch.Tensor) -> torch.Tensor:
         """Text states -> logits over the decoder vocabulary (the tied word embeddings of those tokens)."""
-        return self.lm_transform(text_states) @ self.embeddings.word_embeddings.weight[self.decoder_ids].T + self.lm_bias
+        return self.lm_transform(text_states) @ self._decoder_embeddings().T + self.lm_bias
+
+    def _decoder_embeddings(self) -> torch.Tensor:
+        """The word embeddings of the decoder vocabulary. Under inference mode the gathered rows are kept
+        (the same values; keyed by the weight's storage and version, so a weight change re-gathers them):
+        gathering them again for every question cost more than the matrix product on a busy 2-core CPU."""
+        weight = self.embeddings.word_embeddings.weight
+        if not torch.is_inference_mode_enabled():
+            return weight[self.decoder_ids]
+        key = (weight.data_ptr(), weight._version, self.decoder_ids.data_ptr(), self.decoder_ids.numel())
+        cached = self.__dict__.get("_decoder_rows")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_decoder_rows"] = (key, weight[self.decoder_ids])
+        return cached[1]
 
     @torch.inference_mode()
     def greedy_decode(self, memory: EncoderMemory, prompt: list[int], max_new_tokens: int, stop_id: int,

@@ -177,36 +177,38 @@ class VoxelMapping:
         squeeze = [g for g in range(len(self.grid_axes)) if self.grid_axes[g] < 0]
         vals = vals.permute(*squeeze, *order).reshape(tuple(int(grid[g]) for g in order)).numpy()
         n_axes = len(self.tensor_shape)
-        # scan index along scan axis axes[a] -> fractional grid index along tensor axis a
-        coords = []
-        inside = []
+        # Separable: per tensor axis, a (scan voxels x tokens) matrix of linear-interpolation weights with that
+        # axis' crop mask folded in (the mask is a product of per-axis masks), applied one axis at a time, the
+        # scan's slowest axis last so the largest array is written once, contiguous, in scan order. A 20 x 512
+        # x 512 CT map: 140 ms (float64, full-size mask) -> ~50 ms (float32, per-axis lerp + transpose) -> ~10 ms.
+        weights = []
         for a in range(n_axes):
             s = np.arange(self.scan_shape[self.axes[a]], dtype=np.float64)
             t = (s - self.offset[a]) / self.scale[a]
             stride = self.tensor_shape[a] / vals.shape[a]
-            coords.append((t + 0.5) / stride - 0.5)
-            inside.append((t > -0.5) & (t < self.tensor_shape[a] - 0.5))
-        out = vals
-        for a in range(n_axes):
-            out = _lerp_axis(out, a, coords[a])
-        mask = inside[0].reshape([-1] + [1] * (n_axes - 1))
-        for a in range(1, n_axes):
-            mask = mask & inside[a].reshape([1] * a + [-1] + [1] * (n_axes - a - 1))
-        out = np.where(mask, out, 0.0)
-        # tensor axis order -> scan array order
-        perm = [0] * n_axes
-        for a in range(n_axes):
-            perm[self.axes[a]] = a
-        return np.ascontiguousarray(out.transpose(perm), dtype=np.float32)
+            inside = (t > -0.5) & (t < self.tensor_shape[a] - 0.5)
+            weights.append(_lerp_matrix(vals.shape[a], (t + 0.5) / stride - 0.5, inside))
+        order = [int(a) for a in np.argsort(self.axes)]  # order[i]: the tensor axis that scan axis i comes from
+        out = vals.astype(np.float32).transpose(order)
+        for i in reversed(range(n_axes)):
+            out = np.tensordot(weights[order[i]], out, axes=([1], [i]))
+            if i:
+                out = np.moveaxis(out, 0, i)
+        return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _lerp_axis(arr: np.ndarray, axis: int, coords: np.ndarray) -> np.ndarray:
-    n = arr.shape[axis]
+def _lerp_matrix(n: int, coords: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """(len(coords), n) float32: row k interpolates n values linearly at fractional coords[k] (clamped to
+    the ends), times keep[k]."""
     c = np.clip(coords, 0.0, n - 1)
     lo = np.floor(c).astype(np.int64)
     hi = np.minimum(lo + 1, n - 1)
-    w = (c - lo).reshape([-1 if i == axis else 1 for i in range(arr.ndim)])
-    return np.take(arr, lo, axis=axis) * (1 - w) + np.take(arr, hi, axis=axis) * w
+    w = c - lo
+    rows = np.arange(len(c))
+    matrix = np.zeros((len(c), n), np.float64)
+    np.add.at(matrix, (rows, lo), (1 - w) * keep)
+    np.add.at(matrix, (rows, hi), w * keep)
+    return matrix.astype(np.float32)
 
 
 @dataclass
@@ -247,6 +249,8 @@ def normalise(voxels: np.ndarray, low: float, high: float) -> np.ndarray:
     out = np.subtract(voxels, np.float32(low), dtype=np.float32)
     out *= np.float32(1.0 / (high - low))
     np.clip(out, 0.0, 1.0, out=out)
+    if np.issubdtype(np.asarray(voxels).dtype, np.integer):  # int16 storage (engine.memory): no NaN to clear
+        return out
     return np.nan_to_num(out, copy=False, nan=0.0)
 
 

@@ -91,7 +91,7 @@ class LabelResult:
     aggregation: str | None  # "mean" / "max" for volumes; None for a single 2D image
     per_slice: list[SliceScores]  # one per model image of a volume (empty for 2D)
     model_id: str  # ClipModel.model_id (name@revision)
-    inference_path: str  # ClipModel.path.name ("fp32", "bf16", ...)
+    inference_path: str  # the path that encoded these images: ClipModel.path.name_for(n) ("fp32", "openvino-bf16", ...)
     prompt_set: str  # prompt-set key used ("xray", "ct", ...)
     logit_scale: float  # the scale the probabilities were computed with
     modality: str = ""  # the scan's modality, when labelling a scan
@@ -321,12 +321,20 @@ def label_from_embeddings(
         aggregation=(aggregation or "mean") if is_volume else None,
         per_slice=per_slice,
         model_id=clip.model_id,
-        inference_path=getattr(getattr(clip, "path", None), "name", "fp32"),
+        inference_path=_path_used(clip, len(images)),
         prompt_set=prompt_set.key,
         logit_scale=float(clip.logit_scale),
     )
     trusted.apply(result, clip, embeddings, context)
     return result
+
+
+def _path_used(clip: Any, n_images: int) -> str:
+    """The inference path that encoded these images (fast paths are chosen per batch-size class)."""
+    path = getattr(clip, "path", None)
+    if hasattr(path, "name_for"):
+        return path.name_for(n_images)
+    return getattr(path, "name", "fp32")
 
 
 def label_scan(
