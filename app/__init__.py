@@ -70,8 +70,7 @@ def build_demo(engine=None, model: str | None = None, ask_model: str | None = No
         add_login_header()
         # one line: on a 768 px workstation screen every line here pushes the images and answers down
         gr.Markdown(
-            "**MedLens** · drop a scan: DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF · "
-            "research use, not for diagnosis",
+            "**MedLens** · drop a scan: DICOM files, a folder or .zip of a series, NIfTI, PNG/JPEG/TIFF · research use, not for diagnosis",
             elem_id="ml-header",
         )
         with gr.Tabs() as tabs:  # explicit, so opening a library hit can select the Scan tab

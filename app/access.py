@@ -157,8 +157,14 @@ def acting(
     return decorate
 
 
-def _act(identity: Identity, action: str | None, library: bool, on_denied: Callable[[dict[str, Any]], None] | None,
-         fn: Callable, bound: inspect.BoundArguments) -> Any:
+def _act(
+    identity: Identity,
+    action: str | None,
+    library: bool,
+    on_denied: Callable[[dict[str, Any]], None] | None,
+    fn: Callable,
+    bound: inspect.BoundArguments,
+) -> Any:
     """The anonymous rule, then the handler (with its audit line unless `action` is None)."""
     if identity.anonymous and (library or not settings.ALLOW_ANONYMOUS.get()):
         if on_denied is not None:

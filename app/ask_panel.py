@@ -134,9 +134,7 @@ def slices_figure(weights, current: int | None = None):
 
     xs = list(range(1, len(weights) + 1))
     ys = [100 * float(w) for w in weights]
-    fig = go.Figure(
-        go.Bar(x=xs, y=ys, marker_color="#d9480f", hovertemplate="axial slice %{x}: %{y:.1f}% of the attention<extra></extra>")
-    )
+    fig = go.Figure(go.Bar(x=xs, y=ys, marker_color="#d9480f", hovertemplate="axial slice %{x}: %{y:.1f}% of the attention<extra></extra>"))
     if current is not None:
         fig.add_vline(x=current + 1, line_dash="dot", line_color="#868e96")
     fig.update_layout(
@@ -202,8 +200,11 @@ def _answer_markdown(answer, model_name: str, view, encoder_path: str = "") -> s
     kind = "calibrated" if answer.calibrated_confidence is not None else "not calibrated"
     text = ""
     if answer.ood is not None and answer.ood.out_of_distribution:
-        text += ("⚠️ **Out of distribution: this scan is unlike what the model was trained on; do not rely on this answer.** "
-                 + esc("; ".join(answer.ood.reasons)) + "\n\n")
+        text += (
+            "⚠️ **Out of distribution: this scan is unlike what the model was trained on; do not rely on this answer.** "
+            + esc("; ".join(answer.ood.reasons))
+            + "\n\n"
+        )
     if answer.uncertain:
         text += f"**Answer: uncertain** (best guess {esc(answer.answer)}, confidence {100 * shown:.1f}%, {kind})"
     elif answer.closed:
@@ -245,11 +246,16 @@ def make_ask(allowed: set[str]) -> Callable:
         view = evidence_view(scan, answer.evidence) if answer.evidence is not None else None
         out: dict[str, Any] = {
             "answer": _answer_markdown(answer, ask.name, view, ask.encoders.path_label(scan.is_2d)),
-            "candidates": gr.update(value=candidates_figure(_shown_candidates(answer)), visible=True) if answer.closed and answer.candidates
+            "candidates": gr.update(value=candidates_figure(_shown_candidates(answer)), visible=True)
+            if answer.closed and answer.candidates
             else gr.update(value=None, visible=False),
             "evidence": view,
-            "result": {**answer.to_dict(), "model": ask.name, "encoder_path": ask.encoders.path_label(scan.is_2d),
-                       "most_attended_axial_slice": None if view is None or view.is_2d else view.top_slice},
+            "result": {
+                **answer.to_dict(),
+                "model": ask.name,
+                "encoder_path": ask.encoders.path_label(scan.is_2d),
+                "most_attended_axial_slice": None if view is None or view.is_2d else view.top_slice,
+            },
         }
         out["record"] = AskOutcome(scan.content_hash, out["result"], ask.name, getattr(ask, "revision", ""))
         if view is None:
@@ -257,8 +263,11 @@ def make_ask(allowed: set[str]) -> Callable:
             out["evidence_view"] = view_html(None, "Evidence", "no evidence for this answer")
             return out
         current = None if view.is_2d else min(max(int(axial or 0), 0), view.n_slices - 1)
-        out["slices"] = gr.update(value=slices_figure(view.slice_weights, current), visible=True) if not view.is_2d \
+        out["slices"] = (
+            gr.update(value=slices_figure(view.slice_weights, current), visible=True)
+            if not view.is_2d
             else gr.update(value=None, visible=False)
+        )
         out["evidence_view"] = _evidence_html(scan, view, volume, axial, center, width, mip, mip_mm)
         return out
 
@@ -376,7 +385,18 @@ def _ordered(fn: Callable[..., dict[str, Any]], names: tuple[str, ...]) -> Calla
 
 def wire_ask_panel(c: dict[str, Any], allowed: set[str], heavy: str = "heavy", render: str = "render") -> None:
     outputs = [c[f"ask_{name}"] for name in OUTPUTS]
-    inputs = [c["state"], c["series"], c["volume"], c["ask_model"], c["ask_question"], c["axial_slider"], c["center"], c["width"], c["mip"], c["mip_mm"]]
+    inputs = [
+        c["state"],
+        c["series"],
+        c["volume"],
+        c["ask_model"],
+        c["ask_question"],
+        c["axial_slider"],
+        c["center"],
+        c["width"],
+        c["mip"],
+        c["mip_mm"],
+    ]
     heavy_kwargs = dict(concurrency_limit=1, concurrency_id=heavy)
     gr.on(
         triggers=[c["ask_run"].click, c["ask_question"].submit],

@@ -58,10 +58,7 @@ MAX_TOASTS = 3  # warnings shown as pop-ups; all of them stay in the warnings pa
 
 
 # --- errors -----------------------------------------------------------------
-GENERIC_ERROR = (
-    "Something went wrong while handling this request. The scan was not changed; "
-    "try again, or upload the files again."
-)
+GENERIC_ERROR = "Something went wrong while handling this request. The scan was not changed; try again, or upload the files again."
 
 
 def guarded(fn: Callable | None = None, *, title: str = "Cannot show this scan") -> Callable:
@@ -159,7 +156,9 @@ def scan_warnings(scan: Scan, skipped: list[str]) -> list[str]:
         out.append(burned_in)
     if skipped:
         n = len(skipped)
-        out.append(f"{n} file{'s' if n > 1 else ''} could not be read and {'were' if n > 1 else 'was'} skipped (see the list under Scan information).")
+        out.append(
+            f"{n} file{'s' if n > 1 else ''} could not be read and {'were' if n > 1 else 'was'} skipped (see the list under Scan information)."
+        )
     return out
 
 

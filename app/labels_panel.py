@@ -103,8 +103,13 @@ def prompt_set_choices() -> list[tuple[str, str]]:
 
 
 # --- figures ------------------------------------------------------------------
-VERDICT_COLOURS = {"present": "#d9480f", "most probable": "#d9480f", "uncertain": "#868e96", "absent": "#1c7ed6",
-                   "less probable": "#f08c00"}
+VERDICT_COLOURS = {
+    "present": "#d9480f",
+    "most probable": "#d9480f",
+    "uncertain": "#868e96",
+    "absent": "#1c7ed6",
+    "less probable": "#f08c00",
+}
 
 
 def _shown(row: dict[str, Any]) -> float:
@@ -130,7 +135,7 @@ def bar_figure(result: dict[str, Any]):
             marker_color=[VERDICT_COLOURS.get(r.get("verdict") or "", "#d9480f") for r in rows],
         )
     )
-    what = ("P(present) per label" if present_absent else "probability (softmax over labels)")
+    what = "P(present) per label" if present_absent else "probability (softmax over labels)"
     what += ", calibrated" if result.get("calibrated") else ", not calibrated"
     if result.get("scope") == "volume":
         what += ", whole volume (3D Q-Former)"
@@ -139,8 +144,9 @@ def bar_figure(result: dict[str, Any]):
     if result.get("aggregation"):
         what += f", {result['aggregation']} over {result['n_slices']} slices"
     if present_absent:  # the uncertain band: no confident number inside it
-        fig.add_vrect(x0=35, x1=65, fillcolor="#868e96", opacity=0.15, line_width=0, annotation_text="uncertain",
-                      annotation_position="top left")
+        fig.add_vrect(
+            x0=35, x1=65, fillcolor="#868e96", opacity=0.15, line_width=0, annotation_text="uncertain", annotation_position="top left"
+        )
     else:
         fig.add_vline(x=50, line_dash="dot", line_color="#868e96", annotation_text="uncertain below", annotation_position="top left")
     fig.update_layout(
@@ -158,14 +164,18 @@ def trust_markdown(result: dict[str, Any]) -> str:
     esc = html.escape
     lines = []
     if result.get("out_of_distribution"):
-        lines.append("⚠️ **Out of distribution: this scan is unlike what the model was trained on; do not rely on these labels.** "
-                     + esc("; ".join(result.get("ood_reasons") or [])))
+        lines.append(
+            "⚠️ **Out of distribution: this scan is unlike what the model was trained on; do not rely on these labels.** "
+            + esc("; ".join(result.get("ood_reasons") or []))
+        )
     if result.get("trust"):
         lines.append(esc(result["trust"]).replace("not calibrated", "**not calibrated**", 1))
     fov = result.get("field_of_view")
     if fov:
-        lines.append(f"Field of view: **{esc(fov['main_region'])}** ({100 * fov['main_region_probability']:.0f}%): "
-                     + esc("; ".join(fov.get("evidence") or [])))
+        lines.append(
+            f"Field of view: **{esc(fov['main_region'])}** ({100 * fov['main_region_probability']:.0f}%): "
+            + esc("; ".join(fov.get("evidence") or []))
+        )
     elif result.get("fov_note"):
         lines.append(esc(result["fov_note"]))
     lines += [f"- {esc(reason)}" for row in result["labels"] for reason in row.get("reasons") or []]
@@ -294,7 +304,7 @@ def _label_with_qformer(scan, label_list, model, prompt_set, mode, volume):
     data = label_volume(
         scan,
         label_list,
-        model[len(QFORMER_PREFIX):],
+        model[len(QFORMER_PREFIX) :],
         prompt_set=None if prompt_set in (None, "", AUTO) else prompt_set,
         volume=int(volume or 0),
     )
@@ -387,9 +397,7 @@ def build_labels_panel(
                     info="CLIP models score sampled slices; '(3D, Q-Former)' models score the whole volume at once (no per-slice chart)",
                     elem_id="ml-lp-model",
                 )
-                c["lp_preset"] = gr.Dropdown(
-                    label="Preset label set", choices=preset_choices(), value=None, elem_id="ml-lp-preset"
-                )
+                c["lp_preset"] = gr.Dropdown(label="Preset label set", choices=preset_choices(), value=None, elem_id="ml-lp-preset")
                 c["lp_labels"] = gr.Textbox(
                     label="Labels (one per line or comma-separated; empty = the modality's preset)",
                     lines=5,
@@ -418,8 +426,9 @@ def build_labels_panel(
                     with gr.Column(scale=3, min_width=280):
                         c["lp_bar"] = gr.Plot(label="Label probabilities", elem_id="ml-lp-bar")
                     with gr.Column(scale=1, min_width=160):
-                        c["lp_model_view"] = gr.HTML(view_html(None, MODEL_VIEW_TITLE, MODEL_VIEW_PLACEHOLDER),
-                                                     label="model input", elem_id="ml-model-view")
+                        c["lp_model_view"] = gr.HTML(
+                            view_html(None, MODEL_VIEW_TITLE, MODEL_VIEW_PLACEHOLDER), label="model input", elem_id="ml-model-view"
+                        )
                 c["lp_slices_plot"] = gr.Plot(label="Per-slice probabilities", visible=False, elem_id="ml-lp-slices-plot")
                 with gr.Accordion("Result as JSON (ranked labels, per-slice scores, model)", open=False):
                     c["lp_result"] = gr.JSON(label="Zero-shot result", elem_id="ml-lp-result")
@@ -439,8 +448,16 @@ def _wire(c: dict[str, Any], allowed: set[str], heavy: str) -> None:
     c["lp_run"].click(
         make_label_scan(allowed),
         inputs=[
-            c["state"], c["series"], c["volume"], c["lp_model"], c["lp_prompt_set"], c["lp_labels"],
-            c["lp_mode"], c["lp_aggregation"], c["lp_planes"], c["lp_slices"],
+            c["state"],
+            c["series"],
+            c["volume"],
+            c["lp_model"],
+            c["lp_prompt_set"],
+            c["lp_labels"],
+            c["lp_mode"],
+            c["lp_aggregation"],
+            c["lp_planes"],
+            c["lp_slices"],
         ],
         outputs=[c["lp_bar"], c["lp_slices_plot"], c["lp_result"], c["lp_evidence_label"], c["lp_status"], c["lp_outcome"]],
         api_name="label_scan",
@@ -448,8 +465,18 @@ def _wire(c: dict[str, Any], allowed: set[str], heavy: str) -> None:
         concurrency_id=heavy,
     )
     evidence_inputs = [
-        c["state"], c["series"], c["volume"], c["axial_slider"], c["center"], c["width"], c["mip"], c["mip_mm"],
-        c["lp_model"], c["lp_prompt_set"], c["lp_evidence_label"], c["lp_show"],
+        c["state"],
+        c["series"],
+        c["volume"],
+        c["axial_slider"],
+        c["center"],
+        c["width"],
+        c["mip"],
+        c["mip_mm"],
+        c["lp_model"],
+        c["lp_prompt_set"],
+        c["lp_evidence_label"],
+        c["lp_show"],
     ]
     kwargs = dict(outputs=[c["axial_view"]], concurrency_limit=1, concurrency_id=heavy, show_progress="minimal")
     c["lp_show"].input(make_show_evidence(allowed, "show_evidence"), inputs=evidence_inputs, api_name="show_evidence", **kwargs)

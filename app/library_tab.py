@@ -65,10 +65,7 @@ from engine.scan import Modality
 
 ANY = "any"
 DEFAULT_K = 12
-EMPTY_LIBRARY = (
-    "The library is empty: load a scan and press **Add current scan to library**, "
-    "or index folders with `medlens index PATH`."
-)
+EMPTY_LIBRARY = "The library is empty: load a scan and press **Add current scan to library**, or index folders with `medlens index PATH`."
 RANKING_WORDS = {
     "cosine": "cosine similarity",
     "bm25": "keyword match (BM25)",
@@ -136,8 +133,11 @@ def _model(source: str | None, allowed: set[str]):
         from app.ask_panel import QFORMER_PREFIX
 
         if source.startswith(QFORMER_PREFIX):  # a Q-Former scores labels but has no shared embedding space to search in
-            raise gr.Error("The library searches with a CLIP model, and the model picked in the Scan tab's zero-shot labels is a "
-                           "Q-Former (questions and 3D labels). Pick a CLIP model there to index and search.", print_exception=False)
+            raise gr.Error(
+                "The library searches with a CLIP model, and the model picked in the Scan tab's zero-shot labels is a "
+                "Q-Former (questions and 3D labels). Pick a CLIP model there to index and search.",
+                print_exception=False,
+            )
         raise gr.Error("Choose a model from the list (Scan tab, zero-shot labels).", print_exception=False)
     return resolve_model(source)
 
@@ -231,7 +231,14 @@ def make_search(allowed: set[str]) -> Callable:
                 if known is not None and has_embedding(db, known, clip.model_id):
                     like_arg = known  # its stored embedding; left out of its own results
             hits = search(
-                db, clip, query, like=like_arg, k=k, modality=_filter(modality), body_part=_filter(body_part), label=_filter(label),
+                db,
+                clip,
+                query,
+                like=like_arg,
+                k=k,
+                modality=_filter(modality),
+                body_part=_filter(body_part),
+                label=_filter(label),
                 owner=user,
             )
             line.results = [h.content_hash for h in hits if h.content_hash]
@@ -247,9 +254,11 @@ def make_search(allowed: set[str]) -> Callable:
                 status += " · click a thumbnail to open it in the viewer."
                 flagged = [h for h in hits if h.ood is not None and h.ood.out_of_distribution]
                 if flagged:
-                    status += (f"\n\n⚠️ **{len(flagged)} hit{'s' if len(flagged) != 1 else ''} out of distribution** (unlike the model's "
-                               "training data: their similarity means little): "
-                               + "; ".join(f"#{h.scan_id}: {html.escape('; '.join(h.ood.reasons))}" for h in flagged))
+                    status += (
+                        f"\n\n⚠️ **{len(flagged)} hit{'s' if len(flagged) != 1 else ''} out of distribution** (unlike the model's "
+                        "training data: their similarity means little): "
+                        + "; ".join(f"#{h.scan_id}: {html.escape('; '.join(h.ood.reasons))}" for h in flagged)
+                    )
             elif not counts(db, owner=user)["embeddings"].get(clip.model_id):
                 status = (
                     f"No scan in the library is indexed with model `{html.escape(clip.model_id)}`: add scans with it "
@@ -382,10 +391,7 @@ def make_tag(allowed: set[str], positive: bool) -> Callable:
         from engine.library.teach import MIN_PER_CLASS
 
         word = "positive" if positive else "negative"
-        status = (
-            f"Scan #{scan_id} tagged **{word}** for '{html.escape(label)}'. "
-            f"Tagged so far: {len(pos)} positive, {len(neg)} negative"
-        )
+        status = f"Scan #{scan_id} tagged **{word}** for '{html.escape(label)}'. Tagged so far: {len(pos)} positive, {len(neg)} negative"
         if len(pos) >= MIN_PER_CLASS and len(neg) >= MIN_PER_CLASS:
             status += "; press **Fit** to teach the label."
         else:
@@ -511,9 +517,7 @@ def build_library_tab(scan: dict[str, Any], tabs: gr.Tabs | None = None, model: 
                 c["body_part"] = gr.Dropdown(
                     label="Body part", choices=[ANY], value=ANY, allow_custom_value=True, elem_id="ml-lib-body-part"
                 )
-                c["label"] = gr.Dropdown(
-                    label="Taught label", choices=[ANY], value=ANY, allow_custom_value=True, elem_id="ml-lib-label"
-                )
+                c["label"] = gr.Dropdown(label="Taught label", choices=[ANY], value=ANY, allow_custom_value=True, elem_id="ml-lib-label")
                 c["k"] = gr.Slider(label="Results", minimum=1, maximum=50, step=1, value=DEFAULT_K, elem_id="ml-lib-k")
                 c["search"] = gr.Button("Search", variant="primary", elem_id="ml-lib-search")
                 with gr.Row():

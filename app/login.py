@@ -44,8 +44,7 @@ def make_auth(live: LiveUsers) -> Callable:
     async def check_login(username: str, password: str) -> bool:
         ok = await anyio.to_thread.run_sync(live.verify, username, password)
         known = username in (live.current() or ())
-        audit.record("login", user=username if known else ANONYMOUS, outcome=audit.OK if ok else audit.DENIED,
-                     detail={"known_user": known})
+        audit.record("login", user=username if known else ANONYMOUS, outcome=audit.OK if ok else audit.DENIED, detail={"known_user": known})
         return bool(ok)
 
     return check_login

@@ -1,4 +1,4 @@
-""""What the model sees": the exact input a model received for the slice shown, beside its answer.
+""" "What the model sees": the exact input a model received for the slice shown, beside its answer.
 
 UI only: the pixels come from engine.preview, which reproduces a model's
 input with the model's own calls (model image, then its resize; a 3D
@@ -30,7 +30,7 @@ def make_model_view(allowed_models: set[str]):
         if is_qformer(model):
             from engine.ask.api import resolve_ask_model
 
-            ask = resolve_ask_model(model[len(QFORMER_PREFIX):])
+            ask = resolve_ask_model(model[len(QFORMER_PREFIX) :])
             shown = preview.volume_input(scan, ask, index) if not scan.is_2d else preview.clip_input(scan, ask)
         else:
             from engine.zeroshot import resolve_model

@@ -71,9 +71,12 @@ def _rows(studies) -> tuple[list[list[Any]], list[str], list[tuple[str, int]]]:
             if not row.is_image:
                 continue
             number = "?" if row.series_number is None else str(row.series_number)
-            table.append([study.date, study.patient_id, study.patient_name, study.accession, row.modality, number,
-                          row.description, row.n_instances])
-            choices.append((f"{study.date} · {study.patient_id or '-'} · {row.modality} series {number} {row.description}".strip(), len(paths)))
+            table.append(
+                [study.date, study.patient_id, study.patient_name, study.accession, row.modality, number, row.description, row.n_instances]
+            )
+            choices.append(
+                (f"{study.date} · {study.patient_id or '-'} · {row.modality} series {number} {row.description}".strip(), len(paths))
+            )
             paths.append(row.path)
     return table, paths, choices
 
@@ -135,14 +138,17 @@ def make_send(allowed_models: set[str]) -> Callable:
 
         scan = handlers._scan(session, series)
         if scan is None or scan.origin is None:
-            raise gr.Error("Open a series from the PACS first (PACS tab): results go back only into the study they are about.",
-                           print_exception=False)
+            raise gr.Error(
+                "Open a series from the PACS first (PACS tab): results go back only into the study they are about.", print_exception=False
+            )
         record, heats = _record(scan, label_outcome, ask_outcome, ask_evidence, allowed_models)
         with PacsClient() as pacs:
             report, outputs = push_scan(pacs, scan, record, heats)
         kinds = ", ".join(outputs.kinds())
-        lines = [f"Stored {kinds} ({len(report.stored)} objects) into the study this series came from, on "
-                 f"`{html.escape(report.server)}`. Their series descriptions say *research use, not for diagnosis*."]
+        lines = [
+            f"Stored {kinds} ({len(report.stored)} objects) into the study this series came from, on "
+            f"`{html.escape(report.server)}`. Their series descriptions say *research use, not for diagnosis*."
+        ]
         lines += [f"- {html.escape(note)}" for note in outputs.notes]
         return "\n\n".join(lines)
 
@@ -166,8 +172,16 @@ def _record(scan, label_outcome, ask_outcome, ask_evidence, allowed_models: set[
         planes = [s["plane"] for s in per_slice]
         plane = "axial" if "axial" in planes or not planes else planes[0]
         prompt_set = None if labels.prompt_set in (None, "", "auto") else labels.prompt_set
-        heats.append(label_heat(scan, record.labels.top.label, labels.model, prompt_set, plane=plane,
-                                indices=[s["index"] for s in per_slice if s["plane"] == plane] or None))
+        heats.append(
+            label_heat(
+                scan,
+                record.labels.top.label,
+                labels.model,
+                prompt_set,
+                plane=plane,
+                indices=[s["index"] for s in per_slice if s["plane"] == plane] or None,
+            )
+        )
     if asked is not None and ask_evidence is not None and getattr(ask_evidence, "scan_hash", None) == scan.content_hash:
         heats.append(view_heat(scan, asked.answer["question"], ask_evidence))
     return record, [h for h in heats if h.planes]
@@ -196,11 +210,14 @@ def build_pacs_tab(scan: dict[str, Any], tabs: gr.Tabs | None = None, model: str
                 c["pick"] = gr.Dropdown(label="Series", choices=[], value=None, elem_id="ml-pacs-pick")
                 c["open"] = gr.Button("Open in viewer", elem_id="ml-pacs-open")
                 c["send"] = gr.Button("Send results to PACS", elem_id="ml-pacs-send")
-                gr.Markdown("Sends the last zero-shot labels and answer about the scan shown (with their evidence) into "
-                            "its own study: a DICOM SR, SEG and overlay marked research use, not for diagnosis.")
+                gr.Markdown(
+                    "Sends the last zero-shot labels and answer about the scan shown (with their evidence) into "
+                    "its own study: a DICOM SR, SEG and overlay marked research use, not for diagnosis."
+                )
             with gr.Column(scale=4):
-                c["results"] = gr.Dataframe(headers=COLUMNS, value=[], interactive=False, wrap=True, label="Studies and series",
-                                            elem_id="ml-pacs-results")
+                c["results"] = gr.Dataframe(
+                    headers=COLUMNS, value=[], interactive=False, wrap=True, label="Studies and series", elem_id="ml-pacs-results"
+                )
                 c["send_status"] = gr.Markdown("", label="sent", elem_id="ml-pacs-send-status")
     _wire(c, scan, tabs, allowed, HEAVY, SERIES_OUTPUTS)
     return c

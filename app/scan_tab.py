@@ -108,7 +108,9 @@ def build_scan_tab(model: str | None = None, ask_model: str | None = None) -> di
                 value=CT_DEFAULT,
                 elem_id="ml-preset",
             )
-            c["center"] = gr.Slider(label="Window centre (level)", minimum=-1024, maximum=3071, step=1, value=ct.center, elem_id="ml-center")
+            c["center"] = gr.Slider(
+                label="Window centre (level)", minimum=-1024, maximum=3071, step=1, value=ct.center, elem_id="ml-center"
+            )
             c["width"] = gr.Slider(label="Window width", minimum=1, maximum=4095, step=1, value=ct.width, elem_id="ml-width")
             with gr.Row() as c["mip_row"]:
                 c["mip"] = gr.Checkbox(label="MIP (maximum intensity projection)", value=False, elem_id="ml-mip")

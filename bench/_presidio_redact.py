@@ -37,8 +37,12 @@ def main(out_dir: str) -> None:
         default = f"{type(exc).__name__}: {str(exc)[:120]}"
     blank = os.path.join(out_dir, "blank_en")
     spacy.blank("en").to_disk(blank)
-    nlp = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": blank}]}).create_engine()
-    engine = DicomImageRedactorEngine(image_analyzer_engine=ImageAnalyzerEngine(analyzer_engine=AnalyzerEngine(nlp_engine=nlp, supported_languages=["en"])))
+    nlp = NlpEngineProvider(
+        nlp_configuration={"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": blank}]}
+    ).create_engine()
+    engine = DicomImageRedactorEngine(
+        image_analyzer_engine=ImageAnalyzerEngine(analyzer_engine=AnalyzerEngine(nlp_engine=nlp, supported_languages=["en"]))
+    )
     base = os.path.join(os.path.dirname(deid_data.__file__), "data", "ultrasounds")
     for path in sorted(glob.glob(base + "/*.dcm")) + sorted(glob.glob(base + "/*.zip")):
         if path.endswith(".zip"):

@@ -44,9 +44,18 @@ SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "da
 from _machine import write_result, SHIPPED_GATE, cpu_class, machine_lines, rss_mb, uptime, wait_quiet  # noqa: E402
 
 INPUTS = {
-    "CT series 512x512x20 (DICOM, JPEG 2000)": ("volumes/totalsegmentator/ct_dicom_series", ["Is the liver visible?", "Which modality is this?", "Is the left kidney visible?", "Which organs are in view?"]),
-    "brain MRI 181x217x181 (NIfTI)": ("volumes/mricron_atlas/ch2.nii.gz", ["Which body region is this?", "Is the cerebellum visible?", "Which modality is this?", "Which organs are in view?"]),
-    "chest X-ray 2D (PNG)": ("xray/nih_cxr14_1000", ["Is there pneumonia?", "Which modality is this?", "Is this image abnormal?", "Which organs are in view?"]),
+    "CT series 512x512x20 (DICOM, JPEG 2000)": (
+        "volumes/totalsegmentator/ct_dicom_series",
+        ["Is the liver visible?", "Which modality is this?", "Is the left kidney visible?", "Which organs are in view?"],
+    ),
+    "brain MRI 181x217x181 (NIfTI)": (
+        "volumes/mricron_atlas/ch2.nii.gz",
+        ["Which body region is this?", "Is the cerebellum visible?", "Which modality is this?", "Which organs are in view?"],
+    ),
+    "chest X-ray 2D (PNG)": (
+        "xray/nih_cxr14_1000",
+        ["Is there pneumonia?", "Which modality is this?", "Is this image abnormal?", "Which organs are in view?"],
+    ),
 }
 MODES = ("fp32", "auto")
 
@@ -106,8 +115,16 @@ def run_input(models: dict, path: Path, questions: list[str], repeats: int) -> d
                 cpu[mode].append(cpu_s)
                 further[mode].append(max(times))
             answers[mode] = got
-    return {"first": first, "read": read, "cpu": cpu, "further": further, "answers": answers, "shape": "x".join(map(str, scan.voxels.shape)),
-            "quiet": quiet, "passes": 2 * (repeats + 1)}
+    return {
+        "first": first,
+        "read": read,
+        "cpu": cpu,
+        "further": further,
+        "answers": answers,
+        "shape": "x".join(map(str, scan.voxels.shape)),
+        "quiet": quiet,
+        "passes": 2 * (repeats + 1),
+    }
 
 
 def describe(answer) -> str:
@@ -141,18 +158,22 @@ def main() -> int:
         f = {m: statistics.median(v) for m, v in res["first"].items()}
         print(f"{name}: first answer fp32 {f['fp32']:.2f} s, auto {f['auto']:.2f} s ({f['fp32'] / f['auto']:.2f}x)", flush=True)
     gate = SHIPPED_GATE.get(cpu_class())
-    lines = ["# Ask latency: fp32 encoders vs the engine's chosen path (bench/ask_latency.py)", ""] + machine_lines() + [
-        f"- torch {torch.__version__}, {args.threads} threads; model {args.model}; peak RSS {rss_mb():.0f} MB",
-        f"- encoders: fp32 run = {labels['fp32'][0]} (3D) / {labels['fp32'][1]} (2D); auto run = **{labels['auto'][0]}** (3D) / **{labels['auto'][1]}** (2D)",
-        f"- one-off: both models loaded in {load_s:.1f} s; choosing the auto encoders (probe + OpenVINO export, empty cache) {build_s['auto']:.1f} s, "
-        f"a later process reads the cached decision and IR",
-        f"- load: before `{load_before}`; after `{uptime()}`",
-        f"- command: `python bench/ask_latency.py --repeats {args.repeats} --threads {args.threads}`; median (min) of {args.repeats} repeats "
-        "after one warm-up per input, fp32 and auto alternating",
-        "",
-        "| input | voxels | first answer fp32 s | first answer auto s | speed-up | CPU s fp32 / auto | reading the files s | with reading fp32 / auto s (speed-up) | slowest further question fp32 / auto s | quiet passes | answers equal |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+    lines = (
+        ["# Ask latency: fp32 encoders vs the engine's chosen path (bench/ask_latency.py)", ""]
+        + machine_lines()
+        + [
+            f"- torch {torch.__version__}, {args.threads} threads; model {args.model}; peak RSS {rss_mb():.0f} MB",
+            f"- encoders: fp32 run = {labels['fp32'][0]} (3D) / {labels['fp32'][1]} (2D); auto run = **{labels['auto'][0]}** (3D) / **{labels['auto'][1]}** (2D)",
+            f"- one-off: both models loaded in {load_s:.1f} s; choosing the auto encoders (probe + OpenVINO export, empty cache) {build_s['auto']:.1f} s, "
+            f"a later process reads the cached decision and IR",
+            f"- load: before `{load_before}`; after `{uptime()}`",
+            f"- command: `python bench/ask_latency.py --repeats {args.repeats} --threads {args.threads}`; median (min) of {args.repeats} repeats "
+            "after one warm-up per input, fp32 and auto alternating",
+            "",
+            "| input | voxels | first answer fp32 s | first answer auto s | speed-up | CPU s fp32 / auto | reading the files s | with reading fp32 / auto s (speed-up) | slowest further question fp32 / auto s | quiet passes | answers equal |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+    )
     verdicts = []
     for name, res in results.items():
         f = {m: statistics.median(v) for m, v in res["first"].items()}
@@ -163,15 +184,24 @@ def main() -> int:
         speed = f["fp32"] / f["auto"]
         reading = statistics.median(res["read"]["fp32"] + res["read"]["auto"])
         total = {m: statistics.median([a + b for a, b in zip(res["first"][m], res["read"][m])]) for m in MODES}
-        lines.append(f"| {name} | {res['shape']} | {f['fp32']:.2f} ({lo['fp32']:.2f}) | {f['auto']:.2f} ({lo['auto']:.2f}) | {speed:.2f}x | "
-                     f"{c['fp32']:.2f} / {c['auto']:.2f} | {reading:.2f} | {total['fp32']:.2f} / {total['auto']:.2f} "
-                     f"({total['fp32'] / total['auto']:.2f}x) | {more['fp32']:.3f} / {more['auto']:.3f} | {res['quiet']}/{res['passes']} | "
-                     f"{sum(equal)}/{len(equal)} |")
+        lines.append(
+            f"| {name} | {res['shape']} | {f['fp32']:.2f} ({lo['fp32']:.2f}) | {f['auto']:.2f} ({lo['auto']:.2f}) | {speed:.2f}x | "
+            f"{c['fp32']:.2f} / {c['auto']:.2f} | {reading:.2f} | {total['fp32']:.2f} / {total['auto']:.2f} "
+            f"({total['fp32'] / total['auto']:.2f}x) | {more['fp32']:.3f} / {more['auto']:.3f} | {res['quiet']}/{res['passes']} | "
+            f"{sum(equal)}/{len(equal)} |"
+        )
         if gate:
-            verdicts.append(f"| {name}: first answer (scan loaded) >= {gate}x fp32 at equal answers | {speed:.2f}x, {sum(equal)}/{len(equal)} equal | "
-                            f"{'met' if speed >= gate and all(equal) else '**not met**'} |")
-    lines += ["", "Answers to every question (fp32 | auto; closed questions with the top candidate's probability):", "",
-              "| input | question | fp32 | auto |", "|---|---|---|---|"]
+            verdicts.append(
+                f"| {name}: first answer (scan loaded) >= {gate}x fp32 at equal answers | {speed:.2f}x, {sum(equal)}/{len(equal)} equal | "
+                f"{'met' if speed >= gate and all(equal) else '**not met**'} |"
+            )
+    lines += [
+        "",
+        "Answers to every question (fp32 | auto; closed questions with the top candidate's probability):",
+        "",
+        "| input | question | fp32 | auto |",
+        "|---|---|---|---|",
+    ]
     for name, res in results.items():
         for a, b in zip(res["answers"]["fp32"], res["answers"]["auto"]):
             lines.append(f"| {name} | {a.question} | {describe(a)} | {describe(b)} |")

@@ -78,8 +78,12 @@ def run_config(name: str, files: list[str], listing: Path, model: str) -> dict:
         engine = RayEngine(workers=int(name.split("-")[-1]))
     else:
         engine = LocalEngine(workers=int(name.split("-")[-1]))
-    summary = run_batch(TaskSpec("index", model, {"library": library}), [str(listing)], engine,
-                        RunOptions(out=str(folder / "out"), library=library, progress=False))
+    summary = run_batch(
+        TaskSpec("index", model, {"library": library}),
+        [str(listing)],
+        engine,
+        RunOptions(out=str(folder / "out"), library=library, progress=False),
+    )
     wall = time.perf_counter() - start
     return {"config": name, "wall_s": wall, "units": summary["run"]["rows"], "summary": summary, "before": before, "after": loadavg()}
 
@@ -153,18 +157,27 @@ def unit_costs(model: str, repeats: int) -> list[str]:
         "CT series 300 x 512x512, uncompressed (158 MB; real CT resampled, bench/load_series.py)": (ct300, 1),
         "CT series 20 x 512x512, JPEG 2000 lossless (real)": (SHARED / "volumes" / "totalsegmentator" / "ct_dicom_series", 1),
     }
-    lines = ["| unit | units per run | runs | read ms | preprocess ms | model ms | write ms | total ms per unit |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| unit | units per run | runs | read ms | preprocess ms | model ms | write ms | total ms per unit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, (source, units) in cases.items():
         splits = []
         for _ in range(repeats):
             folder = WORK / "units" / f"{len(splits)}-{abs(hash(name)) % 10000}"
             shutil.rmtree(folder, ignore_errors=True)
-            summary = run_batch(TaskSpec("index", model, {"library": str(folder / "lib.db")}), [str(source)], LocalEngine(),
-                                RunOptions(out=str(folder / "out"), library=str(folder / "lib.db"), progress=False))
+            summary = run_batch(
+                TaskSpec("index", model, {"library": str(folder / "lib.db")}),
+                [str(source)],
+                LocalEngine(),
+                RunOptions(out=str(folder / "out"), library=str(folder / "lib.db"), progress=False),
+            )
             splits.append(summary["run"]["ms_per_unit"])
         med = {p: statistics.median(s[p] for s in splits) for p in ("read", "preprocess", "model", "write")}
-        lines.append(f"| {name} | {units} | {repeats} | {med['read']:.0f} | {med['preprocess']:.0f} | {med['model']:.0f} | {med['write']:.0f} "
-                     f"| {sum(med.values()):.0f} |")
+        lines.append(
+            f"| {name} | {units} | {repeats} | {med['read']:.0f} | {med['preprocess']:.0f} | {med['model']:.0f} | {med['write']:.0f} "
+            f"| {sum(med.values()):.0f} |"
+        )
     lines += ["", "| header scan (planning) | files | s | ms per file |", "|---|---:|---:|---:|"]
     for name, source in (("CT series, 300 files of 0.5 MB", ct300), ("CR DICOM, 20 files of 10 MB", WORK / "cr")):
         start = time.perf_counter()
@@ -172,7 +185,10 @@ def unit_costs(model: str, repeats: int) -> list[str]:
         elapsed = time.perf_counter() - start
         files = sum(len(u.members) for u in units)
         lines.append(f"| {name} | {files} | {elapsed:.2f} | {1000 * elapsed / files:.2f} |")
-    lines += ["", f"The model's own resize and normalise (inside 'model'; CPU work even with a GPU): {model_side_preprocessing(model):.1f} ms per image."]
+    lines += [
+        "",
+        f"The model's own resize and normalise (inside 'model'; CPU work even with a GPU): {model_side_preprocessing(model):.1f} ms per image.",
+    ]
     return lines
 
 
@@ -200,8 +216,10 @@ def table(results: list[dict], baseline: dict | None, local: dict | None) -> lis
         compared = steady if r["config"] not in ("index", "local-1") else rate
         vs_index = f"{compared / base_rate:.2f}x" if base_rate else "—"
         vs_local = f"{compared / local_rate:.2f}x" if local_rate else "—"
-        lines.append(f"| {r['config']} | {engine} | {path} | {r['wall_s']:.1f} | {rate:.1f} | {startup} | {steady:.1f} | {vs_index} | {vs_local} "
-                     f"| {plan} | {split} | {r['before']} → {r['after']} |")
+        lines.append(
+            f"| {r['config']} | {engine} | {path} | {r['wall_s']:.1f} | {rate:.1f} | {startup} | {steady:.1f} | {vs_index} | {vs_local} "
+            f"| {plan} | {split} | {r['before']} → {r['after']} |"
+        )
     return lines
 
 
@@ -236,11 +254,17 @@ def main() -> None:
     unit_lines = []
     if args.unit_repeats:
         wait_quiet(args.quiet_wait)
-        unit_lines = ["", "## Cost of one unit by kind (local-1, model loaded; for docs/scaling.md)", "", *unit_costs(args.model, args.unit_repeats),
-                      "", "Read includes decoding (JPEG 2000 for the CT series); preprocess includes the model images "
-                      "(12 axial slices for a volume), the 128 px thumbnail and the de-identified summary; model includes "
-                      "the encoder's resize and normalise. The header scan reads each file's header up to the pixel data "
-                      "(pydicom, SeriesInstanceUID only), on the driver."]
+        unit_lines = [
+            "",
+            "## Cost of one unit by kind (local-1, model loaded; for docs/scaling.md)",
+            "",
+            *unit_costs(args.model, args.unit_repeats),
+            "",
+            "Read includes decoding (JPEG 2000 for the CT series); preprocess includes the model images "
+            "(12 axial slices for a volume), the 128 px thumbnail and the de-identified summary; model includes "
+            "the encoder's resize and normalise. The header scan reads each file's header up to the pixel data "
+            "(pydicom, SeriesInstanceUID only), on the driver.",
+        ]
     lines = [
         "# `medlens batch` throughput: local and Ray vs `medlens index`",
         "",

@@ -61,8 +61,16 @@ PICKS = [
     ("pathology/lc25000_lung/images", "*.jpeg"),
     ("dermatology/ham10000/images", "*.jpg"),
 ]
-LABELS = ["pneumonia", "a normal chest x-ray", "a benign breast mass on ultrasound", "a malignant breast tumour",
-          "lung adenocarcinoma", "benign lung tissue", "melanoma", "a melanocytic nevus"]
+LABELS = [
+    "pneumonia",
+    "a normal chest x-ray",
+    "a benign breast mass on ultrasound",
+    "a malignant breast tumour",
+    "lung adenocarcinoma",
+    "benign lung tissue",
+    "melanoma",
+    "a melanocytic nevus",
+]
 BATCHES = (1, 12, 16)
 
 from _machine import SHIPPED_GATE, VIT_GATES, cpu_class, loadavg, machine_lines, uptime, wait_quiet  # noqa: E402
@@ -92,7 +100,10 @@ def load_clip(name: str):
     from engine.models import load_model
 
     clip = load_model(name, fast=False)
-    return clip, f"{name} (shipped weights), image tower {sum(p.numel() for p in clip.model.visual.parameters()) / 1e6:.1f} M parameters at {clip.image_size} px"
+    return (
+        clip,
+        f"{name} (shipped weights), image tower {sum(p.numel() for p in clip.model.visual.parameters()) / 1e6:.1f} M parameters at {clip.image_size} px",
+    )
 
 
 def normed(x) -> np.ndarray:
@@ -149,13 +160,20 @@ def gate_rows(clip, images, text, repeats: int, quiet_wait: float) -> tuple[list
                     baseline(chunk) if side == "fp32" else clip.encode_images(chunk, batch_size=b)
                 wall[side].append((time.perf_counter() - t) * 1000 / len(images))
                 cpu[side].append((time.process_time() - c) * 1000 / len(images))
-        row = {"batch": b, "path": clip.path.name_for(b, batch_size=b),
-               **{f"{k}_med": statistics.median(v) for k, v in wall.items()}, **{f"{k}_min": min(v) for k, v in wall.items()},
-               **{f"{k}_cpu": min(v) for k, v in cpu.items()}}
+        row = {
+            "batch": b,
+            "path": clip.path.name_for(b, batch_size=b),
+            **{f"{k}_med": statistics.median(v) for k, v in wall.items()},
+            **{f"{k}_min": min(v) for k, v in wall.items()},
+            **{f"{k}_cpu": min(v) for k, v in cpu.items()},
+        }
         row["cos_min"], row["cos_med"], row["flips"] = agreement(ref, out, text)
         rows.append(row)
-        print(f"batch {b:2d}: fp32 {row['fp32_med']:.1f} ms/img (min {row['fp32_min']:.1f}), engine [{row['path']}] {row['engine_med']:.1f} "
-              f"(min {row['engine_min']:.1f}), {row['fp32_med'] / row['engine_med']:.2f}x, cosine {row['cos_min']:.5f}, flips {row['flips']}", flush=True)
+        print(
+            f"batch {b:2d}: fp32 {row['fp32_med']:.1f} ms/img (min {row['fp32_min']:.1f}), engine [{row['path']}] {row['engine_med']:.1f} "
+            f"(min {row['engine_min']:.1f}), {row['fp32_med'] / row['engine_med']:.2f}x, cosine {row['cos_min']:.5f}, flips {row['flips']}",
+            flush=True,
+        )
     return rows, passes, busy
 
 
@@ -186,14 +204,20 @@ def every_path(clip, pixels: torch.Tensor, text: np.ndarray, names: list[str], r
                 row[f"cpu{b}"] = cpu[name][b] * 1000 / b
                 row[f"x{b}"] = wall["fp32"][b] / wall[name][b]
             rows.append(row)
-            print(f"{name:14s} " + "  ".join(f"b{b} {row[f'ms{b}']:7.1f} ms/img ({row[f'x{b}']:.2f}x)" for b in BATCHES)
-                  + f"  cos {cos_min:.5f} flips {flips}", flush=True)
+            print(
+                f"{name:14s} "
+                + "  ".join(f"b{b} {row[f'ms{b}']:7.1f} ms/img ({row[f'x{b}']:.2f}x)" for b in BATCHES)
+                + f"  cos {cos_min:.5f} flips {flips}",
+                flush=True,
+            )
     return rows
 
 
 def gate_lines(model_name: str, rows: list[dict]) -> list[str]:
     klass = cpu_class()
-    gates = VIT_GATES.get(klass, {}) if model_name == "biomedclip-shape" else {b: g for g in [SHIPPED_GATE.get(klass)] if g for b in (1, 16)}
+    gates = (
+        VIT_GATES.get(klass, {}) if model_name == "biomedclip-shape" else {b: g for g in [SHIPPED_GATE.get(klass)] if g for b in (1, 16)}
+    )
     lines = ["", f"## Gates for this CPU class ({klass})", "", "| gate | measured (median) | verdict |", "|---|---:|---|"]
     for row in rows:
         b, speed = row["batch"], row["fp32_med"] / row["engine_med"]
@@ -201,8 +225,10 @@ def gate_lines(model_name: str, rows: list[dict]) -> list[str]:
         if b in gates:
             equal = row["flips"] == 0
             verdict = "met" if speed >= gates[b] and equal else "**not met**"
-            lines.append(f"| batch {b}: >= {gates[b]}x open_clip fp32{', equal answers' if model_name != 'biomedclip-shape' else ''} | "
-                         f"{speed:.2f}x, {row['flips']} label flips | {verdict} |")
+            lines.append(
+                f"| batch {b}: >= {gates[b]}x open_clip fp32{', equal answers' if model_name != 'biomedclip-shape' else ''} | "
+                f"{speed:.2f}x, {row['flips']} label flips | {verdict} |"
+            )
     if not gates:
         lines.append("| (no speed-up gate for this model on this CPU class) | | |")
     return lines
@@ -213,52 +239,80 @@ def report(args, model_note, image_note, choice, rows, passes, busy, path_rows, 
 
     path = choice["path"]
     probe = path.details.get("probe") or {}
-    lines = [f"# Image-embedding throughput: {args.model}, open_clip fp32 vs the engine", ""] + machine_lines() + [
-        f"- versions: python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in decisions.versions().items()),
-        f"- threads: {torch.get_num_threads()} (torch); model: {model_note}",
-        f"- images: {image_note}; {args.repeats} repeats alternating open_clip fp32 and the engine"
-        + (f"; {passes - busy} of {passes} timed passes started on a quiet machine (waited up to {args.quiet_wait:g} s)" if passes else ""),
-        f"- load: before `{load_before}`; after `{uptime()}`",
-        f"- command: `python bench/clip_throughput.py --model {args.model} --repeats {args.repeats} --quiet-wait {args.quiet_wait:g}"
-        + (f" --threads {args.threads}" if args.threads else "") + "`",
-        "",
-        "## The engine's choice",
-        "",
-        f"- **{path.name}**: {choice['describe']}",
-        f"- why: {path.reason}",
-        f"- probe images: {path.details.get('calibration', '-')}; load during the probe: {path.details.get('load', '-')}",
-        f"- cost of choosing at load: {choice['cold_s']:.1f} s cold (builds, exports, probe), {choice['warm_s']:.1f} s warm (cached decision)",
-        "",
-        "| path | probe ms/img b1 | b12 | CPU ms/img b1 | b12 | speed-up b1 / b12 | cosine | labels | build s | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
-    ]
+    lines = (
+        [f"# Image-embedding throughput: {args.model}, open_clip fp32 vs the engine", ""]
+        + machine_lines()
+        + [
+            f"- versions: python {platform.python_version()}, " + ", ".join(f"{k} {v}" for k, v in decisions.versions().items()),
+            f"- threads: {torch.get_num_threads()} (torch); model: {model_note}",
+            f"- images: {image_note}; {args.repeats} repeats alternating open_clip fp32 and the engine"
+            + (
+                f"; {passes - busy} of {passes} timed passes started on a quiet machine (waited up to {args.quiet_wait:g} s)"
+                if passes
+                else ""
+            ),
+            f"- load: before `{load_before}`; after `{uptime()}`",
+            f"- command: `python bench/clip_throughput.py --model {args.model} --repeats {args.repeats} --quiet-wait {args.quiet_wait:g}"
+            + (f" --threads {args.threads}" if args.threads else "")
+            + "`",
+            "",
+            "## The engine's choice",
+            "",
+            f"- **{path.name}**: {choice['describe']}",
+            f"- why: {path.reason}",
+            f"- probe images: {path.details.get('calibration', '-')}; load during the probe: {path.details.get('load', '-')}",
+            f"- cost of choosing at load: {choice['cold_s']:.1f} s cold (builds, exports, probe), {choice['warm_s']:.1f} s warm (cached decision)",
+            "",
+            "| path | probe ms/img b1 | b12 | CPU ms/img b1 | b12 | speed-up b1 / b12 | cosine | labels | build s | status |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        ]
+    )
     for name, r in probe.items():
         ms, cpu, sp = r.get("ms_per_image", {}), r.get("cpu_ms_per_image", {}), r.get("speedup", {})
-        lines.append(f"| {name} | {ms.get('1', '')} | {ms.get('12', '')} | {cpu.get('1', '')} | {cpu.get('12', '')} | "
-                     f"{sp.get('1', '')} / {sp.get('12', '')} | {r.get('cos_image', '')} | {r.get('labels') or ''} | {r.get('build_s', '')} | {r.get('status', '')} |")
-    lines += ["", "## open_clip fp32 vs the engine (preprocessing included on both sides)", "",
-              "| batch | engine path | fp32 ms/img median / min | engine ms/img median / min | speed-up median (min) | CPU ms/img fp32 / engine | min cosine | label flips |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {ms.get('1', '')} | {ms.get('12', '')} | {cpu.get('1', '')} | {cpu.get('12', '')} | "
+            f"{sp.get('1', '')} / {sp.get('12', '')} | {r.get('cos_image', '')} | {r.get('labels') or ''} | {r.get('build_s', '')} | {r.get('status', '')} |"
+        )
+    lines += [
+        "",
+        "## open_clip fp32 vs the engine (preprocessing included on both sides)",
+        "",
+        "| batch | engine path | fp32 ms/img median / min | engine ms/img median / min | speed-up median (min) | CPU ms/img fp32 / engine | min cosine | label flips |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['path']} | {r['fp32_med']:.1f} / {r['fp32_min']:.1f} | {r['engine_med']:.1f} / {r['engine_min']:.1f} | "
-                     f"{r['fp32_med'] / r['engine_med']:.2f}x ({r['fp32_min'] / r['engine_min']:.2f}x) | {r['fp32_cpu']:.1f} / {r['engine_cpu']:.1f} | "
-                     f"{r['cos_min']:.5f} | {r['flips']} |")
+        lines.append(
+            f"| {r['batch']} | {r['path']} | {r['fp32_med']:.1f} / {r['fp32_min']:.1f} | {r['engine_med']:.1f} / {r['engine_min']:.1f} | "
+            f"{r['fp32_med'] / r['engine_med']:.2f}x ({r['fp32_min'] / r['engine_min']:.2f}x) | {r['fp32_cpu']:.1f} / {r['engine_cpu']:.1f} | "
+            f"{r['cos_min']:.5f} | {r['flips']} |"
+        )
     lines += gate_lines(args.model, rows)
     if path_rows:
-        lines += ["", "## Every path, forced (image tower alone on preprocessed pixels, minimum of interleaved repeats)", "",
-                  "| path | b1 ms/img | b12 | b16 | speed-up b1 / b12 / b16 | CPU ms/img b1 / b16 | min / median cosine | label flips | build s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## Every path, forced (image tower alone on preprocessed pixels, minimum of interleaved repeats)",
+            "",
+            "| path | b1 ms/img | b12 | b16 | speed-up b1 / b12 / b16 | CPU ms/img b1 / b16 | min / median cosine | label flips | build s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in path_rows:
             if "error" in r:
                 lines.append(f"| {r['path']} | cannot build: {r['error']} | | | | | | | |")
                 continue
-            lines.append(f"| {r['path']} | {r['ms1']:.1f} | {r['ms12']:.1f} | {r['ms16']:.1f} | {r['x1']:.2f} / {r['x12']:.2f} / {r['x16']:.2f} | "
-                         f"{r['cpu1']:.1f} / {r['cpu16']:.1f} | {r['cos_min']:.5f} / {r['cos_med']:.5f} | {r['flips']} | {r['build_s']:.1f} |")
-    lines += ["", text_note, "",
-              "Label flips: pairs among 8 labels (x-ray, ultrasound, histology, dermoscopy) that fp32 separates by more than "
-              "0.01 in cosine (1 logit at CLIP's scale) and the path orders the other way, summed over the images; "
-              "equal answers means 0. A random-weight model scores all labels within ~0.03, so its flips are few by construction; "
-              "the shipped model's are the real test.", ""]
+            lines.append(
+                f"| {r['path']} | {r['ms1']:.1f} | {r['ms12']:.1f} | {r['ms16']:.1f} | {r['x1']:.2f} / {r['x12']:.2f} / {r['x16']:.2f} | "
+                f"{r['cpu1']:.1f} / {r['cpu16']:.1f} | {r['cos_min']:.5f} / {r['cos_med']:.5f} | {r['flips']} | {r['build_s']:.1f} |"
+            )
+    lines += [
+        "",
+        text_note,
+        "",
+        "Label flips: pairs among 8 labels (x-ray, ultrasound, histology, dermoscopy) that fp32 separates by more than "
+        "0.01 in cosine (1 logit at CLIP's scale) and the path orders the other way, summed over the images; "
+        "equal answers means 0. A random-weight model scores all labels within ~0.03, so its flips are few by construction; "
+        "the shipped model's are the real test.",
+        "",
+    ]
     return lines
 
 
@@ -269,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: what the engine sets)")
     p.add_argument("--no-shared", action="store_true", help="synthetic images instead of ../shared/data")
-    p.add_argument("--quiet-wait", type=float, default=10.0, help="before each timed pass of part 2, wait up to this many s for a quiet machine")
+    p.add_argument(
+        "--quiet-wait", type=float, default=10.0, help="before each timed pass of part 2, wait up to this many s for a quiet machine"
+    )
     p.add_argument("--paths", default="all", help="comma-separated paths for part 3 (all: every path this CPU runs natively; none: skip)")
     p.add_argument("--out", default=None, help="result file (default bench/results/clip_throughput[_MODEL].md)")
     args = p.parse_args(argv)
@@ -300,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         names = ["fp32"] + [n for n in names if n != "fp32"]
     path_rows = every_path(clip, clip.image_tensor(images), text, names, max(2, args.repeats // 2)) if names else []
 
-    out = Path(args.out or REPO / "bench" / "results" / ("clip_throughput.md" if args.model == "biomedclip-shape" else f"clip_throughput_{args.model}.md"))
+    out = Path(
+        args.out
+        or REPO / "bench" / "results" / ("clip_throughput.md" if args.model == "biomedclip-shape" else f"clip_throughput_{args.model}.md")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(report(args, model_note, image_note, choice, rows, passes, busy, path_rows, load_before, text_note)))
     print(f"wrote {out}")
@@ -329,9 +388,11 @@ def text_timing(clip, labels: list[str], repeats: int) -> str:
         clip.encode_texts(labels)
         times["engine"].append((time.perf_counter() - t) * 1000 / len(labels))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return (f"Text, {len(labels)} labels uncached: open_clip fp32 `encode_text` {med['fp32']:.1f} ms/label, engine {med['engine']:.1f} "
-            f"({med['fp32'] / med['engine']:.1f}x; {clip.path.details.get('text', '')}), min cosine {cos:.6f}. Repeated labels come from the "
-            f"engine's text cache. Load average at the end: {loadavg()}.")
+    return (
+        f"Text, {len(labels)} labels uncached: open_clip fp32 `encode_text` {med['fp32']:.1f} ms/label, engine {med['engine']:.1f} "
+        f"({med['fp32'] / med['engine']:.1f}x; {clip.path.details.get('text', '')}), min cosine {cos:.6f}. Repeated labels come from the "
+        f"engine's text cache. Load average at the end: {loadavg()}."
+    )
 
 
 if __name__ == "__main__":

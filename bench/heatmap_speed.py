@@ -150,8 +150,17 @@ def cosine_gradcam(model, image, text):
 def faithfulness(seeds: list[int], n: int, tmp: Path) -> list[str]:
     rows = []
     methods = {
-        "vit": [("gradient (auto)", by_name("gradient")), ("occlusion", by_name("occlusion")), ("token Grad-CAM (rejected)", _vit_token_gradcam)],
-        "cnn": [("gradcam (auto)", by_name("gradcam")), ("gradient", by_name("gradient")), ("occlusion", by_name("occlusion")), ("gradcam of raw cosine (rejected)", cosine_gradcam)],
+        "vit": [
+            ("gradient (auto)", by_name("gradient")),
+            ("occlusion", by_name("occlusion")),
+            ("token Grad-CAM (rejected)", _vit_token_gradcam),
+        ],
+        "cnn": [
+            ("gradcam (auto)", by_name("gradcam")),
+            ("gradient", by_name("gradient")),
+            ("occlusion", by_name("occlusion")),
+            ("gradcam of raw cosine (rejected)", cosine_gradcam),
+        ],
     }
     for seed in seeds:
         base = load_folder(tiny_clip_folder(tmp / f"vit{seed}", seed=seed, cfg=th.VIT_CFG))
@@ -187,8 +196,14 @@ def towers():
     from engine.models.checkpoint import architecture
 
     biomed = architecture("biomedclip-vit-b16")["model_cfg"]["vision_cfg"]
-    yield "OpenAI-style ViT-B/16 (UniMed-CLIP)", lambda: VisionTransformer(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512)
-    yield "timm ViT-B/16 (BiomedCLIP)", lambda: TimmModel(biomed["timm_model_name"], 512, image_size=224, pool=biomed["timm_pool"], proj=biomed["timm_proj"])
+    yield (
+        "OpenAI-style ViT-B/16 (UniMed-CLIP)",
+        lambda: VisionTransformer(image_size=224, patch_size=16, width=768, layers=12, heads=12, mlp_ratio=4.0, output_dim=512),
+    )
+    yield (
+        "timm ViT-B/16 (BiomedCLIP)",
+        lambda: TimmModel(biomed["timm_model_name"], 512, image_size=224, pool=biomed["timm_pool"], proj=biomed["timm_proj"]),
+    )
     yield "timm ResNet-50", lambda: TimmModel("resnet50", 512, image_size=224, pool="avg", proj="linear")
     yield "open_clip ModifiedResNet RN50", lambda: ModifiedResNet(layers=(3, 4, 6, 3), output_dim=1024, heads=32, image_size=224, width=64)
 
@@ -258,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     load_before = loadavg()
-    faith = [] if args.skip_faithfulness else faithfulness([int(s) for s in args.seeds.split(",")], args.n, Path(tempfile.mkdtemp(prefix="medlens-heatmap-")))
+    faith = (
+        []
+        if args.skip_faithfulness
+        else faithfulness([int(s) for s in args.seeds.split(",")], args.n, Path(tempfile.mkdtemp(prefix="medlens-heatmap-")))
+    )
     speed, calm, total = ([], 0, 0) if args.skip_runtime else runtime(args.repeats, args.quiet_wait, args.occlusion)
     import open_clip
     import timm
@@ -297,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     lines += [EXPLORATION, ""]
-    lines.append("Re-run: `python bench/heatmap_speed.py` (options: --seeds, --n, --repeats, --threads, --quiet-wait, --occlusion, --skip-faithfulness, --skip-runtime).")
+    lines.append(
+        "Re-run: `python bench/heatmap_speed.py` (options: --seeds, --n, --repeats, --threads, --quiet-wait, --occlusion, --skip-faithfulness, --skip-runtime)."
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.exists() and (args.skip_faithfulness or args.skip_runtime):
         print(f"partial run: not overwriting {args.out}; printing instead\n")

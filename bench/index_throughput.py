@@ -28,8 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
-FOLDERS = [("xray/nih_cxr14_1000/images", "*.png"), ("ultrasound/busi/images", "*/*.png"), ("pathology/lc25000_lung/images", "*.jpeg"),
-           ("dermatology/ham10000/images", "*.jpg"), ("fundus/dr_maculopathy", "**/*.jpg")]
+FOLDERS = [
+    ("xray/nih_cxr14_1000/images", "*.png"),
+    ("ultrasound/busi/images", "*/*.png"),
+    ("pathology/lc25000_lung/images", "*.jpeg"),
+    ("dermatology/ham10000/images", "*.jpg"),
+    ("fundus/dr_maculopathy", "**/*.jpg"),
+]
 VOLUMES = ["volumes/totalsegmentator/ct_dicom_series", "volumes/mricron_atlas/ch2.nii.gz"]
 
 from _machine import write_result, machine_lines, uptime  # noqa: E402
@@ -99,29 +104,47 @@ def main() -> int:
                 if i:  # the first pass warms kernels and caches
                     times[mode].append(wall)
                     cpus[mode].append(cpu)
-        cos = min(float(np.dot(vecs["fp32"][k], vecs["auto"][k]) / np.linalg.norm(vecs["fp32"][k]) / np.linalg.norm(vecs["auto"][k]))
-                  for k in vecs["fp32"])
+        cos = min(
+            float(np.dot(vecs["fp32"][k], vecs["auto"][k]) / np.linalg.norm(vecs["fp32"][k]) / np.linalg.norm(vecs["auto"][k]))
+            for k in vecs["fp32"]
+        )
         n = len(paths)
-        row = {"input": label, "n": n, **{f"{m}_rate": n / statistics.median(v) for m, v in times.items()},
-               **{f"{m}_best": n / min(v) for m, v in times.items()}, **{f"{m}_cpu": min(v) for m, v in cpus.items()},
-               "cos": cos, "path": auto[0].name_for(1 if "2D" in label else 12)}
+        row = {
+            "input": label,
+            "n": n,
+            **{f"{m}_rate": n / statistics.median(v) for m, v in times.items()},
+            **{f"{m}_best": n / min(v) for m, v in times.items()},
+            **{f"{m}_cpu": min(v) for m, v in cpus.items()},
+            "cos": cos,
+            "path": auto[0].name_for(1 if "2D" in label else 12),
+        }
         rows.append(row)
         print(row, flush=True)
     clip.set_inference(*auto)
-    lines = [f"# Library indexing throughput: {args.model}, fp32 vs the engine's chosen path", ""] + machine_lines() + [
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads; model load + path choice (empty cache) {load_s:.1f} s",
-        f"- engine's choice: {fastpath.describe(clip)}",
-        f"- load: before `{load_before}`; after `{uptime()}`",
-        f"- command: `python bench/index_throughput.py --model {args.model} --images {args.images} --repeats {args.repeats}`",
-        "",
-        "| input | scans | path run | fp32 scans/s median (best) | auto scans/s median (best) | speed-up | CPU s fp32 / auto | min cosine of stored embeddings |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = (
+        [f"# Library indexing throughput: {args.model}, fp32 vs the engine's chosen path", ""]
+        + machine_lines()
+        + [
+            f"- torch {torch.__version__}, {torch.get_num_threads()} threads; model load + path choice (empty cache) {load_s:.1f} s",
+            f"- engine's choice: {fastpath.describe(clip)}",
+            f"- load: before `{load_before}`; after `{uptime()}`",
+            f"- command: `python bench/index_throughput.py --model {args.model} --images {args.images} --repeats {args.repeats}`",
+            "",
+            "| input | scans | path run | fp32 scans/s median (best) | auto scans/s median (best) | speed-up | CPU s fp32 / auto | min cosine of stored embeddings |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+    )
     for r in rows:
-        lines.append(f"| {r['input']} | {r['n']} | {r['path']} | {r['fp32_rate']:.2f} ({r['fp32_best']:.2f}) | {r['auto_rate']:.2f} ({r['auto_best']:.2f}) | "
-                     f"{r['auto_rate'] / r['fp32_rate']:.2f}x | {r['fp32_cpu']:.1f} / {r['auto_cpu']:.1f} | {r['cos']:.6f} |")
-    lines += ["", "Each pass indexes into a new library (reading, de-identifying, thumbnails, embedding, SQLite writes): the rate is what "
-              "`medlens index` achieves, not the model alone.", ""]
+        lines.append(
+            f"| {r['input']} | {r['n']} | {r['path']} | {r['fp32_rate']:.2f} ({r['fp32_best']:.2f}) | {r['auto_rate']:.2f} ({r['auto_best']:.2f}) | "
+            f"{r['auto_rate'] / r['fp32_rate']:.2f}x | {r['fp32_cpu']:.1f} / {r['auto_cpu']:.1f} | {r['cos']:.6f} |"
+        )
+    lines += [
+        "",
+        "Each pass indexes into a new library (reading, de-identifying, thumbnails, embedding, SQLite writes): the rate is what "
+        "`medlens index` achieves, not the model alone.",
+        "",
+    ]
     write_result(args.out, lines, echo=True)
     cache.cleanup()
     return 0

@@ -56,8 +56,14 @@ def biomedclip_folder() -> Path:
 
     clip, text_dir = biomedclip_shaped(seed=0, text_dir=WORK / "bert_base_text")
     arch = architecture("biomedclip-vit-b16")
-    save_checkpoint(clip.model, folder, model_cfg=arch["model_cfg"], preprocess_cfg=arch["preprocess_cfg"], text_tower=text_dir,
-                    card="# BiomedCLIP-shaped, random weights\n\nFor latency benchmarks only.\n")
+    save_checkpoint(
+        clip.model,
+        folder,
+        model_cfg=arch["model_cfg"],
+        preprocess_cfg=arch["preprocess_cfg"],
+        text_tower=text_dir,
+        card="# BiomedCLIP-shaped, random weights\n\nFor latency benchmarks only.\n",
+    )
     return folder
 
 
@@ -116,8 +122,12 @@ def warm(model_source: str, items: dict, repeats: int) -> tuple[dict, str]:
                     times[mode].append(time.perf_counter() - start)
         ref, got = results["fp32"], results["auto"]
         p_ref = {s.label: s.probability for s in ref.labels}
-        out[name] = {**times, "equal": [s.label for s in ref.labels] == [s.label for s in got.labels],
-                     "max_dp": max(abs(s.probability - p_ref[s.label]) for s in got.labels), "path": got.inference_path}
+        out[name] = {
+            **times,
+            "equal": [s.label for s in ref.labels] == [s.label for s in got.labels],
+            "max_dp": max(abs(s.probability - p_ref[s.label]) for s in got.labels),
+            "path": got.inference_path,
+        }
     clip.set_inference(*auto)
     return out, described
 
@@ -135,34 +145,50 @@ def main() -> None:
     os.environ.pop("MEDLENS_INFERENCE", None)
     load_before = uptime()
     items = inputs()
-    lines = ["# `medlens label` end-to-end latency: fp32 vs the engine's chosen path", ""] + machine_lines() + [
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads",
-        f"- command: `python bench/label_latency.py --models {args.models} --repeats {args.repeats}`",
-        "- volumes: 12 axial slices sampled and aggregated (the CLI default): one batch of 12; the 2D image: batch 1",
-        "",
-        "| model | input | path run | cold CLI fp32 median (min) s | cold CLI auto median (min) s | warm fp32 median s | warm auto median s | warm speed-up | same ranking | max prob. diff |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
-    ]
+    lines = (
+        ["# `medlens label` end-to-end latency: fp32 vs the engine's chosen path", ""]
+        + machine_lines()
+        + [
+            f"- torch {torch.__version__}, {torch.get_num_threads()} threads",
+            f"- command: `python bench/label_latency.py --models {args.models} --repeats {args.repeats}`",
+            "- volumes: 12 axial slices sampled and aggregated (the CLI default): one batch of 12; the 2D image: batch 1",
+            "",
+            "| model | input | path run | cold CLI fp32 median (min) s | cold CLI auto median (min) s | warm fp32 median s | warm auto median s | warm speed-up | same ranking | max prob. diff |",
+            "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
+        ]
+    )
     notes = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         source = source_of(model_name)
         first_path, (first_input, first_labels) = next(iter(items.items()))
         first_ever = cold(first_input, first_labels, source, "auto")  # empty cache: probes and exports
-        colds = {name: {m: [cold(p, labels, source, m) for _ in range(args.repeats)] for m in ("fp32", "auto")}
-                 for name, (p, labels) in items.items()}
+        colds = {
+            name: {m: [cold(p, labels, source, m) for _ in range(args.repeats)] for m in ("fp32", "auto")}
+            for name, (p, labels) in items.items()
+        }
         warms, described = warm(source, items, args.repeats)
-        notes.append(f"- {model_name}: chosen path {described}; the first `medlens label` on this machine (empty decision cache: "
-                     f"probe + exports) took {first_ever:.1f} s")
+        notes.append(
+            f"- {model_name}: chosen path {described}; the first `medlens label` on this machine (empty decision cache: "
+            f"probe + exports) took {first_ever:.1f} s"
+        )
         for name in items:
             c, w = colds[name], warms[name]
             wf, wa = statistics.median(w["fp32"]), statistics.median(w["auto"])
-            lines.append(f"| {model_name} | {name} | {w['path']} | {statistics.median(c['fp32']):.2f} ({min(c['fp32']):.2f}) | "
-                         f"{statistics.median(c['auto']):.2f} ({min(c['auto']):.2f}) | {wf:.3f} | {wa:.3f} | {wf / wa:.2f}x | "
-                         f"{'yes' if w['equal'] else '**no**'} | {w['max_dp']:.4f} |")
+            lines.append(
+                f"| {model_name} | {name} | {w['path']} | {statistics.median(c['fp32']):.2f} ({min(c['fp32']):.2f}) | "
+                f"{statistics.median(c['auto']):.2f} ({min(c['auto']):.2f}) | {wf:.3f} | {wa:.3f} | {wf / wa:.2f}x | "
+                f"{'yes' if w['equal'] else '**no**'} | {w['max_dp']:.4f} |"
+            )
             print(lines[-1], flush=True)
-    lines += ["", *notes, f"- load: before `{load_before}`; after `{uptime()}`", "",
-              "cold = a new `medlens label --json` process (imports, model load, inference path from the decision cache, read, label);",
-              "warm = model already loaded in the process: read + preprocess + encode + score, fp32 and auto alternating.", ""]
+    lines += [
+        "",
+        *notes,
+        f"- load: before `{load_before}`; after `{uptime()}`",
+        "",
+        "cold = a new `medlens label --json` process (imports, model load, inference path from the decision cache, read, label);",
+        "warm = model already loaded in the process: read + preprocess + encode + score, fp32 and auto alternating.",
+        "",
+    ]
     write_result(args.out, lines)
     cache.cleanup()
 

@@ -126,9 +126,16 @@ def _expect(path: Path) -> UserFile:
 
 def shared_images(n: int) -> list[Path]:
     """Up to n real images of ../shared/data, round-robin over modalities."""
-    groups = [sorted((SHARED / rel).glob(pattern))[:n] for rel, pattern in (
-        ("xray/nih_cxr14_1000/images", "*.png"), ("ultrasound/busi/images", "*.png"), ("fundus/dr_maculopathy/images", "*.jp*g"),
-        ("dermatology/ham10000/images", "*.jp*g"), ("pathology/lc25000_lung/images", "*.jp*g"))]
+    groups = [
+        sorted((SHARED / rel).glob(pattern))[:n]
+        for rel, pattern in (
+            ("xray/nih_cxr14_1000/images", "*.png"),
+            ("ultrasound/busi/images", "*.png"),
+            ("fundus/dr_maculopathy/images", "*.jp*g"),
+            ("dermatology/ham10000/images", "*.jp*g"),
+            ("pathology/lc25000_lung/images", "*.jp*g"),
+        )
+    ]
     out: list[Path] = []
     while len(out) < n and any(groups):
         for g in groups:
@@ -198,10 +205,16 @@ def one_user(url: str, file: UserFile, timings: Timings, barrier: threading.Barr
             return
         axial = out[5].get("value", 0) if isinstance(out[5], dict) else 0
         center, width = out[3]["value"], out[4]["value"]
-        _call(timings, "label", lambda: client.predict(0, 0, "medlens-clip", "auto", "", "softmax", "mean", ["axial"], 12,
-                                                         api_name="/label_scan"))
-        _call(timings, "ask", lambda: client.predict(0, 0, "medlens-qformer", QUESTION, axial, center, width, False, 20,
-                                                       api_name="/ask_question"))
+        _call(
+            timings,
+            "label",
+            lambda: client.predict(0, 0, "medlens-clip", "auto", "", "softmax", "mean", ["axial"], 12, api_name="/label_scan"),
+        )
+        _call(
+            timings,
+            "ask",
+            lambda: client.predict(0, 0, "medlens-qformer", QUESTION, axial, center, width, False, 20, api_name="/ask_question"),
+        )
     finally:
         client.close()
 
@@ -217,8 +230,13 @@ def scenario(url: str, pid: int, files: list[UserFile]) -> dict:
             t.start()
         for t in threads:
             t.join()
-    return {"timings": timings, "wall_s": time.perf_counter() - start, "peak_mb": watch.peak, "uptime_before": load_before,
-            "uptime_after": uptime()}
+    return {
+        "timings": timings,
+        "wall_s": time.perf_counter() - start,
+        "peak_mb": watch.peak,
+        "uptime_before": load_before,
+        "uptime_after": uptime(),
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -257,14 +275,15 @@ def report(args, results: list[tuple[int, str, dict]], server: dict, path: Path)
         t = r["timings"]
         for e in ENDPOINTS:
             s = t.seconds[e]
-            lines.append(f"| {n} | {mode} | {e} | {len(s)} | {len(t.errors[e])} | {_pct(s, 0.5):.2f} | {_pct(s, 0.95):.2f} | "
-                         f"{max(s) if s else float('nan'):.2f} | {r['wall_s']:.0f} | {r['peak_mb']:,.0f} |")
+            lines.append(
+                f"| {n} | {mode} | {e} | {len(s)} | {len(t.errors[e])} | {_pct(s, 0.5):.2f} | {_pct(s, 0.95):.2f} | "
+                f"{max(s) if s else float('nan'):.2f} | {r['wall_s']:.0f} | {r['peak_mb']:,.0f} |"
+            )
     errors = [(n, mode, e, msg) for n, mode, r in results for e in ENDPOINTS for msg in r["timings"].errors[e]]
     lines += ["", f"Errors: {len(errors)}" + ("" if not errors else ", first ones:"), ""]
     lines += [f"- {n} users, {mode}, {e}: {msg}" for n, mode, e, msg in errors[:10]]
     lines += ["", "Machine load per scenario (`uptime` before / after):", ""]
-    lines += [f"- {n} {mode}: {_avg(r['uptime_before'])} / {_avg(r['uptime_after'])}"
-              for n, mode, r in results]
+    lines += [f"- {n} {mode}: {_avg(r['uptime_before'])} / {_avg(r['uptime_after'])}" for n, mode, r in results]
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())
 
@@ -303,8 +322,11 @@ def main() -> None:
                     files = [same] * n if mode == "same" else distinct_files(n, Path(tmp))
                     r = scenario(url, proc.pid, files)
                     errs = sum(len(v) for v in r["timings"].errors.values())
-                    print(f"{n:3d} users {mode:8s}: {r['wall_s']:.0f} s, {errs} errors, label p95 "
-                          f"{_pct(r['timings'].seconds['label'], 0.95):.2f} s, peak {r['peak_mb']:,.0f} MB", flush=True)
+                    print(
+                        f"{n:3d} users {mode:8s}: {r['wall_s']:.0f} s, {errs} errors, label p95 "
+                        f"{_pct(r['timings'].seconds['label'], 0.95):.2f} s, peak {r['peak_mb']:,.0f} MB",
+                        flush=True,
+                    )
                     results.append((n, mode, r))
             report(args, results, server, args.out)
         finally:

@@ -59,6 +59,7 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 # Machine description
 # --------------------------------------------------------------------------
 
+
 def cpu_info() -> tuple[str, str]:
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -69,8 +70,20 @@ def cpu_info() -> tuple[str, str]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    wanted = ["sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-              "amx_tile", "amx_bf16", "amx_int8"]
+    wanted = [
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "amx_int8",
+    ]
     have = [f for f in wanted if f in flags]
     return model, (", ".join(have) if have else "none of " + ", ".join(wanted))
 
@@ -90,6 +103,7 @@ def versions() -> dict[str, str]:
 # --------------------------------------------------------------------------
 # Building the series
 # --------------------------------------------------------------------------
+
 
 def target_lps_affine(src_affine: np.ndarray, src_shape) -> np.ndarray:
     """Voxel (col, row, slice) -> LPS mm for an axial grid centred on the source volume."""
@@ -112,8 +126,9 @@ def resample(src_path: Path) -> tuple[np.ndarray, np.ndarray]:
     lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
     # output index -> source index
     m = np.linalg.inv(img.affine) @ lps_to_ras @ tgt
-    out = ndimage.affine_transform(data, m[:3, :3], offset=m[:3, 3], output_shape=(COLS, ROWS, N_SLICES),
-                                   order=1, mode="constant", cval=-1024.0, prefilter=False)
+    out = ndimage.affine_transform(
+        data, m[:3, :3], offset=m[:3, 3], output_shape=(COLS, ROWS, N_SLICES), order=1, mode="constant", cval=-1024.0, prefilter=False
+    )
     return np.clip(np.rint(out), -1024, 3071).astype(np.int16), tgt
 
 
@@ -172,6 +187,7 @@ def build_series(folder: Path, src_path: Path) -> np.ndarray:
 # Readers
 # --------------------------------------------------------------------------
 
+
 def load_engine(folder: Path):
     from engine.io import load
 
@@ -229,8 +245,9 @@ def verify(folder: Path, hu: np.ndarray) -> list[str]:
             raise SystemExit(f"{label}: shape {arr.shape} != written {truth.shape}")
         diff = float(np.abs(arr.astype(np.float64) - truth).max())
         adiff = float(np.abs(aff - truth_aff).max())
-        lines.append(f"{label}: shape {arr.shape} (x, y, z in RAS+), max |voxel - written| = {diff:g} HU, "
-                     f"max |affine - written| = {adiff:.2g} mm")
+        lines.append(
+            f"{label}: shape {arr.shape} (x, y, z in RAS+), max |voxel - written| = {diff:g} HU, max |affine - written| = {adiff:.2g} mm"
+        )
         if diff > 0 or adiff > 1e-3:
             raise SystemExit(f"{label} disagrees with the written series: " + lines[-1])
     return lines
@@ -239,6 +256,7 @@ def verify(folder: Path, hu: np.ndarray) -> list[str]:
 # --------------------------------------------------------------------------
 # Timing and profile
 # --------------------------------------------------------------------------
+
 
 def time_both(folder: Path, repeats: int) -> dict[str, list[float]]:
     runners = {"engine": lambda: load_engine(folder), "SimpleITK": lambda: load_sitk(folder)}
@@ -292,9 +310,11 @@ def engine_stage_times(folder: Path) -> list[str]:
 
     hash_voxels(scan.voxels, scan.affine)
     t_hash = time.perf_counter() - t0
-    return [f"plain pydicom `dcmread` + `pixel_array` of the 300 files: {t_pydicom:.2f} s",
-            f"engine `load([folder])` end to end: {t_engine:.2f} s",
-            f"content hash of the float32 volume alone (`hash_voxels`): {t_hash:.2f} s"]
+    return [
+        f"plain pydicom `dcmread` + `pixel_array` of the 300 files: {t_pydicom:.2f} s",
+        f"engine `load([folder])` end to end: {t_engine:.2f} s",
+        f"content hash of the float32 volume alone (`hash_voxels`): {t_hash:.2f} s",
+    ]
 
 
 _RSS_SNIPPET = r"""
@@ -328,8 +348,13 @@ def peak_rss(folder: Path) -> dict[str, tuple[float, float, float]]:
             # imports happen before the baseline reading so that only the load is counted
             pre = "import SimpleITK" if name == "SimpleITK" else "import engine.io"
             code = pre + "\n" + _RSS_SNIPPET
-            proc = subprocess.run([sys.executable, "-c", code, tmp, name, str(folder)], capture_output=True,
-                                  text=True, cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+            proc = subprocess.run(
+                [sys.executable, "-c", code, tmp, name, str(folder)],
+                capture_output=True,
+                text=True,
+                cwd=str(REPO),
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
             if proc.returncode != 0:
                 raise SystemExit(f"peak-RSS run of {name} failed:\n{proc.stderr[-2000:]}")
             secs, base, peak = (float(x) for x in proc.stdout.split()[-3:])
@@ -371,18 +396,15 @@ def main(argv=None) -> int:
     times = time_both(WORK, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["engine"] / med["SimpleITK"]
-    verdict = ("engine is no slower than SimpleITK" if ratio <= 1.0
-               else f"engine is {ratio:.2f}x slower than SimpleITK (target: no slower)")
+    verdict = "engine is no slower than SimpleITK" if ratio <= 1.0 else f"engine is {ratio:.2f}x slower than SimpleITK (target: no slower)"
     for k, v in times.items():
-        print(f"  {k:10s} median {med[k]:.3f} s  min {min(v):.3f} s  runs {', '.join(f'{x:.3f}' for x in v)}",
-              file=sys.stderr)
+        print(f"  {k:10s} median {med[k]:.3f} s  min {min(v):.3f} s  runs {', '.join(f'{x:.3f}' for x in v)}", file=sys.stderr)
     print("  " + verdict, file=sys.stderr)
 
     load_after = os.getloadavg()[0]
     rss = peak_rss(WORK)
     for k, (secs, base, peak) in rss.items():
-        print(f"  {k:10s} fresh process: {secs:.2f} s, RSS after imports {base:.0f} MB, peak {peak:.0f} MB",
-              file=sys.stderr)
+        print(f"  {k:10s} fresh process: {secs:.2f} s, RSS after imports {base:.0f} MB, peak {peak:.0f} MB", file=sys.stderr)
     stages = engine_stage_times(WORK)
     prof = profile_engine(WORK) if (args.profile or ratio > 1.0) else None
 
@@ -399,8 +421,11 @@ def main(argv=None) -> int:
         f"Explicit VR Little Endian, {size_mb:.0f} MB, resampled from `{SOURCE.name}` (real CT), shuffled file names; "
         "page cache warm",
         f"- Machine load (1-min load average) before / after timing: {load_before:.2f} / {load_after:.2f}"
-        + (" (near or above the core count: other processes competed for the CPU, compare minima)"
-           if max(load_before, load_after) > 0.75 * len(os.sched_getaffinity(0)) else ""),
+        + (
+            " (near or above the core count: other processes competed for the CPU, compare minima)"
+            if max(load_before, load_after) > 0.75 * len(os.sched_getaffinity(0))
+            else ""
+        ),
         "",
         "## Result",
         "",
@@ -409,23 +434,44 @@ def main(argv=None) -> int:
     ]
     for k, v in times.items():
         lines.append(f"| {k} | {med[k]:.3f} | {min(v):.3f} | {', '.join(f'{x:.3f}' for x in v)} |")
-    lines += ["", f"**{verdict}** (median ratio engine / SimpleITK = {ratio:.2f}).", "",
-              "Memory, one load in a fresh process per reader (the float32 volume itself is "
-              f"{ROWS * COLS * N_SLICES * 4 / 2**20:.0f} MiB):", "",
-              "| reader | time, cold process s | RSS after imports MB | peak RSS MB |", "|---|---:|---:|---:|"]
+    lines += [
+        "",
+        f"**{verdict}** (median ratio engine / SimpleITK = {ratio:.2f}).",
+        "",
+        f"Memory, one load in a fresh process per reader (the float32 volume itself is {ROWS * COLS * N_SLICES * 4 / 2**20:.0f} MiB):",
+        "",
+        "| reader | time, cold process s | RSS after imports MB | peak RSS MB |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| {k} | {v[0]:.2f} | {v[1]:.0f} | {v[2]:.0f} |" for k, v in rss.items()]
-    lines += ["",
-              "What each side does: engine = `engine.io.load([folder])` (gather files, sniff, read every file with "
-              "pydicom, decode, rescale to HU, sort by position along the slice normal, check spacing/orientation, "
-              "de-identify, reorient to RAS+, float32; the content hash is listed separately below). SimpleITK = `GetGDCMSeriesFileNames` "
-              "(GDCM scans and sorts the folder) + `ImageSeriesReader.Execute()` with float32 output (rescale "
-              "applied), LPS orientation.",
-              "", "## Same volume from both", ""]
+    lines += [
+        "",
+        "What each side does: engine = `engine.io.load([folder])` (gather files, sniff, read every file with "
+        "pydicom, decode, rescale to HU, sort by position along the slice normal, check spacing/orientation, "
+        "de-identify, reorient to RAS+, float32; the content hash is listed separately below). SimpleITK = `GetGDCMSeriesFileNames` "
+        "(GDCM scans and sorts the folder) + `ImageSeriesReader.Execute()` with float32 output (rescale "
+        "applied), LPS orientation.",
+        "",
+        "## Same volume from both",
+        "",
+    ]
     lines += [f"- {c}" for c in checks]
     lines += ["", "## Where the engine's time goes", ""] + [f"- {s}" for s in stages]
     if prof:
-        lines += ["", "cProfile of one engine load, top functions by own time:", "", "```", prof[0], "```",
-                  "", "The same load, engine functions by cumulative time:", "", "```", prof[1], "```"]
+        lines += [
+            "",
+            "cProfile of one engine load, top functions by own time:",
+            "",
+            "```",
+            prof[0],
+            "```",
+            "",
+            "The same load, engine functions by cumulative time:",
+            "",
+            "```",
+            prof[1],
+            "```",
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written {args.out}", file=sys.stderr)

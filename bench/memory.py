@@ -56,8 +56,13 @@ def run_info(path: Path, pythonpath: Path, env_extra: dict | None = None) -> dic
     env = {**os.environ, "PYTHONPATH": str(pythonpath), **(env_extra or {})}
     code = "import sys; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", PY, "-c", code, "info", "--json", str(path)],
-                          env=env, cwd=str(pythonpath), capture_output=True, text=True)
+    proc = subprocess.run(
+        ["/usr/bin/time", "-f", "MAXRSS_KB %M", PY, "-c", code, "info", "--json", str(path)],
+        env=env,
+        cwd=str(pythonpath),
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - start
     err = proc.stderr.strip().splitlines()
     peak = int(err.pop().split()[1]) / 1024 if err and err[-1].startswith("MAXRSS_KB") else float("nan")
@@ -76,7 +81,9 @@ def export_ref(ref: str) -> Path:
     dest = WORK / f"ref-{ref.replace('/', '_')}"
     if not (dest / "engine").is_dir():
         dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "engine", "pyproject.toml"], check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", ref, "engine", "pyproject.toml"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest
 

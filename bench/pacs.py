@@ -130,12 +130,18 @@ def stage_times(folder: Path, study: str, series: str, repeats: int) -> dict[str
     with PacsClient() as pacs:
         url = f"{pacs.identity}/studies/{study}/series/{series}"
         for _ in range(repeats):
-            timed("bytes of the WADO-RS response, unparsed (the server's part)", lambda: sum(
-                len(c) for c in pacs._session.get(url, headers={"Accept": accept}, stream=True).iter_content(4 << 20)))
-            datasets = timed("WADO-RS streamed and parsed into datasets (dicomweb-client)",
-                             lambda: list(pacs._web.iter_series(study, series, media_types=AS_STORED)))
-            timed("reader on the parsed datasets (engine.io.dicom.read_dicom)",
-                  lambda parsed=datasets: read_dicom(Source("x", 0, None, dataset=d) for d in parsed))
+            timed(
+                "bytes of the WADO-RS response, unparsed (the server's part)",
+                lambda: sum(len(c) for c in pacs._session.get(url, headers={"Accept": accept}, stream=True).iter_content(4 << 20)),
+            )
+            datasets = timed(
+                "WADO-RS streamed and parsed into datasets (dicomweb-client)",
+                lambda: list(pacs._web.iter_series(study, series, media_types=AS_STORED)),
+            )
+            timed(
+                "reader on the parsed datasets (engine.io.dicom.read_dicom)",
+                lambda parsed=datasets: read_dicom(Source("x", 0, None, dataset=d) for d in parsed),
+            )
             del datasets
             timed("disk: pydicom.dcmread of the 300 files", lambda: [pydicom.dcmread(f) for f in sorted(folder.iterdir())])
     return out
@@ -151,8 +157,14 @@ def time_push(path: str, repeats: int, dense: bool) -> tuple[list[float], list[f
     from engine.zeroshot import sample_indices
 
     scan = load([path]).scans[0]
-    labels = {"labels": [{"label": "liver", "probability": 0.72, "score": 0.31}, {"label": "lung", "probability": 0.28, "score": 0.22}],
-              "mode": "softmax", "aggregation": "mean", "model": "medlens-clip@bench", "prompt_set": "ct", "inference_path": "fp32"}
+    labels = {
+        "labels": [{"label": "liver", "probability": 0.72, "score": 0.31}, {"label": "lung", "probability": 0.28, "score": 0.22}],
+        "mode": "softmax",
+        "aggregation": "mean",
+        "model": "medlens-clip@bench",
+        "prompt_set": "ct",
+        "inference_path": "fp32",
+    }
     record = record_for(scan, labels=labels)
     indices = range(scan.voxels.shape[0]) if dense else sample_indices(scan, "axial")
     rng = np.random.default_rng(1)
@@ -197,7 +209,7 @@ def measure(repeats: int) -> dict:
         try:
             t0 = time.perf_counter()
             for start in range(0, len(datasets), 50):
-                server.store(datasets[start:start + 50])
+                server.store(datasets[start : start + 50])
             m["stow_series_s"] = time.perf_counter() - t0
             path = f"dicomweb:{datasets[0].StudyInstanceUID}/{datasets[0].SeriesInstanceUID}"
             del datasets
@@ -205,7 +217,7 @@ def measure(repeats: int) -> dict:
             os.environ["MEDLENS_PACS_USER"], os.environ["MEDLENS_PACS_PASSWORD"] = "medlens-test", "correct-horse-battery"
             m["quiet"] = wait_quiet(120)  # a shared machine: wait (up to 2 min) until no other job is runnable
             m["loads"] = time_loads(folder, path, repeats)
-            m["stages"] = stage_times(folder, *path[len("dicomweb:"):].split("/"), repeats=repeats)
+            m["stages"] = stage_times(folder, *path[len("dicomweb:") :].split("/"), repeats=repeats)
             push_build, push_stow, m["kinds"] = time_push(path, repeats, dense=False)
             dense_build, dense_stow, _ = time_push(path, max(2, repeats // 2), dense=True)
         finally:

@@ -122,7 +122,9 @@ def explicit_attention(bf16_visual) -> dict:
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
             switched += 1
-    return {f"bf16 weights, explicit attention ({switched} blocks)": lambda x, _m=twin: _m(x.to(torch.bfloat16)).float()} if switched else {}
+    return (
+        {f"bf16 weights, explicit attention ({switched} blocks)": lambda x, _m=twin: _m(x.to(torch.bfloat16)).float()} if switched else {}
+    )
 
 
 def runtime_options(visual, example, native_bf16: bool, folder: Path) -> dict:
@@ -139,8 +141,9 @@ def runtime_options(visual, example, native_bf16: bool, folder: Path) -> dict:
             o.intra_op_num_threads, o.inter_op_num_threads = torch.get_num_threads(), 1
             o.add_session_config_entry("session.intra_op.allow_spinning", spin)
             s = ort.InferenceSession(str(onnx_file), o, providers=["CPUExecutionProvider"])
-            opts[f"ONNX Runtime fp32, spinning {'on' if spin == '1' else 'off'}"] = \
-                lambda x, _s=s: torch.from_numpy(_s.run(None, {_s.get_inputs()[0].name: x.numpy()})[0])
+            opts[f"ONNX Runtime fp32, spinning {'on' if spin == '1' else 'off'}"] = lambda x, _s=s: torch.from_numpy(
+                _s.run(None, {_s.get_inputs()[0].name: x.numpy()})[0]
+            )
     if openvino_path.available():
         import openvino as ov
 
@@ -151,11 +154,13 @@ def runtime_options(visual, example, native_bf16: bool, folder: Path) -> dict:
         if native_bf16:
             configs += [("bf16", "THROUGHPUT", torch.get_num_threads()), ("bf16", "LATENCY", 1)]
         for precision, hint, threads in configs:
-            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint,
-                                                          "INFERENCE_NUM_THREADS": threads})
+            compiled = core.compile_model(
+                model, "CPU", {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+            )
             request = compiled.create_infer_request()
-            opts[f"OpenVINO {precision}, {hint}, {threads} thread(s)"] = \
-                lambda x, _r=request: torch.from_numpy(_r.infer({0: x.numpy()})[0].copy())
+            opts[f"OpenVINO {precision}, {hint}, {threads} thread(s)"] = lambda x, _r=request: torch.from_numpy(
+                _r.infer({0: x.numpy()})[0].copy()
+            )
     return opts
 
 
@@ -189,13 +194,20 @@ def measure(name: str, clip, images, args, native_bf16: bool) -> list[str]:
                 print(f"{name}: {option}: cosine {cos:.5f}, first calls {build[option]:.1f} s", flush=True)
             wall, cpu = time_interleaved(opts, {1: pixels[:1], 16: pixels}, args.repeats)
     base = {b: wall["fp32"][b] for b in (1, 16)}
-    lines = [f"## {name}", "", f"Building every option took {build_s:.0f} s.", "",
-             "| option | b1 ms/img | b16 ms/img | speed-up b1 / b16 | CPU ms/img b1 / b16 | min cosine | first calls s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"## {name}",
+        "",
+        f"Building every option took {build_s:.0f} s.",
+        "",
+        "| option | b1 ms/img | b16 ms/img | speed-up b1 / b16 | CPU ms/img b1 / b16 | min cosine | first calls s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for option, cos in rows:
         w, c = wall[option], cpu[option]
-        lines.append(f"| {option} | {w[1] * 1000:.1f} | {w[16] * 1000 / 16:.1f} | {base[1] / w[1]:.2f} / {base[16] / w[16]:.2f} | "
-                     f"{c[1] * 1000:.1f} / {c[16] * 1000 / 16:.1f} | {cos:.5f} | {build[option]:.1f} |")
+        lines.append(
+            f"| {option} | {w[1] * 1000:.1f} | {w[16] * 1000 / 16:.1f} | {base[1] / w[1]:.2f} / {base[16] / w[16]:.2f} | "
+            f"{c[1] * 1000:.1f} / {c[16] * 1000 / 16:.1f} | {cos:.5f} | {build[option]:.1f} |"
+        )
     lines += [f"| {option} | failed: {why} | | | | | |" for option, why in FAILED.items()]
     FAILED.clear()
     return lines + [""]
@@ -217,14 +229,21 @@ def main() -> int:
     native = cpu_profile().native_bf16
     load_before = uptime()
     images, note = load_images(16, True)
-    ipex = "importable" if importlib.util.find_spec("intel_extension_for_pytorch") else \
-        "not installed: its newest wheel on PyPI (2.8.0) requires torch 2.8, and MedLens pins torch 2.14.1"
-    lines = ["# CPU inference options for the CLIP image towers: what was tried", ""] + machine_lines() + [
-        f"- torch {torch.__version__}, {torch.get_num_threads()} threads; images: {note}; {args.repeats} interleaved repeats, minimum",
-        f"- IPEX: {ipex}",
-        f"- command: `python bench/path_options.py --models {args.models} --repeats {args.repeats}{' --compile' if args.compile else ''}`",
-        "",
-    ]
+    ipex = (
+        "importable"
+        if importlib.util.find_spec("intel_extension_for_pytorch")
+        else "not installed: its newest wheel on PyPI (2.8.0) requires torch 2.8, and MedLens pins torch 2.14.1"
+    )
+    lines = (
+        ["# CPU inference options for the CLIP image towers: what was tried", ""]
+        + machine_lines()
+        + [
+            f"- torch {torch.__version__}, {torch.get_num_threads()} threads; images: {note}; {args.repeats} interleaved repeats, minimum",
+            f"- IPEX: {ipex}",
+            f"- command: `python bench/path_options.py --models {args.models} --repeats {args.repeats}{' --compile' if args.compile else ''}`",
+            "",
+        ]
+    )
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         clip, model_note = load_clip(name)
         lines += measure(f"{name} ({model_note})", clip, images, args, native)

@@ -48,8 +48,18 @@ from engine.redact.frames import blank_array  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "redaction.md"
 PHI_FILE = ROOT / "bench" / "redaction_phi.json"
-HEADER_PHI = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "AccessionNumber", "InstitutionName",
-              "ReferringPhysicianName", "OperatorsName", "PerformingPhysicianName", "StudyTime")
+HEADER_PHI = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "StudyDate",
+    "AccessionNumber",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "OperatorsName",
+    "PerformingPhysicianName",
+    "StudyTime",
+)
 
 
 # --------------------------------------------------------------------------- OCR with text (bench only)
@@ -63,8 +73,13 @@ def read_text(gray: np.ndarray, scale: int, psm: int, invert: bool) -> list[tupl
         ink = np.asarray(Image.fromarray(ink).resize((gray.shape[1] * scale, gray.shape[0] * scale), Image.Resampling.LANCZOS))
     buf = io.BytesIO()
     Image.fromarray(ink).save(buf, format="PNG", compress_level=1)
-    done = subprocess.run(["tesseract", "stdin", "stdout", "--psm", str(psm), "tsv"], input=buf.getvalue(),
-                          capture_output=True, env={**os.environ, "OMP_THREAD_LIMIT": "1"}, check=True)
+    done = subprocess.run(
+        ["tesseract", "stdin", "stdout", "--psm", str(psm), "tsv"],
+        input=buf.getvalue(),
+        capture_output=True,
+        env={**os.environ, "OMP_THREAD_LIMIT": "1"},
+        check=True,
+    )
     words = []
     for row in done.stdout.decode("utf-8", "replace").splitlines()[1:]:
         c = row.split("\t")
@@ -190,10 +205,22 @@ def evaluate_text_image(path: Path, phi_list: dict) -> dict:
         left_words |= {norm(w[0]) for w in words} & before_tokens
     r = red.provenance.redaction
     return {
-        "name": path.name, "frames": len(raw_frames), "shape": "x".join(map(str, raw.voxels.shape)),
-        "status": r.status, "boxes": len(r.boxes), "blanked": r.blanked_fraction, "frames_read": r.frames_read,
-        "ref_words": len(reference), "ref_found": sum(found), "phi": len(phi), "phi_left": len(left_phi),
-        "words_before": len(before_tokens), "words_left": len(left_words), "left_list": sorted(left_words - phi), "t_off": t_off, "t_on": t_on,
+        "name": path.name,
+        "frames": len(raw_frames),
+        "shape": "x".join(map(str, raw.voxels.shape)),
+        "status": r.status,
+        "boxes": len(r.boxes),
+        "blanked": r.blanked_fraction,
+        "frames_read": r.frames_read,
+        "ref_words": len(reference),
+        "ref_found": sum(found),
+        "phi": len(phi),
+        "phi_left": len(left_phi),
+        "words_before": len(before_tokens),
+        "words_left": len(left_words),
+        "left_list": sorted(left_words - phi),
+        "t_off": t_off,
+        "t_on": t_on,
         "thumb_phi": thumbnail_phi(raw, phi),
     }
 
@@ -253,8 +280,16 @@ def evaluate_textless(per_folder: int) -> list[dict]:
         for scan in scans:
             redact_scan(scan, mode="always")
             r = scan.provenance.redaction
-            rows.append({"group": group, "name": paths[0].name, "status": r.status, "boxes": len(r.boxes),
-                         "blanked": r.blanked_fraction, "frames": r.frames_read})
+            rows.append(
+                {
+                    "group": group,
+                    "name": paths[0].name,
+                    "status": r.status,
+                    "boxes": len(r.boxes),
+                    "blanked": r.blanked_fraction,
+                    "frames": r.frames_read,
+                }
+            )
     os.environ["MEDLENS_REDACT"] = "auto"
     return rows
 
@@ -282,7 +317,9 @@ def evaluate_presidio(python: str, phi_list: dict) -> list[str]:
             gray = gray8(arr)
             text = "".join(norm(w[0]) for w in redactor_reader(gray) + strong_reader(gray))
             changed = np.any(arr != first, axis=-1) if arr.ndim == 3 else arr != first
-            out.append(f"| {row['name']} | redacted | {sum(t in text for t in phi)}/{len(phi)} | {100 * changed.mean():.1f}% | {row['seconds']} |")
+            out.append(
+                f"| {row['name']} | redacted | {sum(t in text for t in phi)}/{len(phi)} | {100 * changed.mean():.1f}% | {row['seconds']} |"
+            )
     default = rows[0]["default_analyzer"].split(":")[0] if rows else "not run"
     out += ["", f"- Presidio's default analyzer offline: {default} (it fetches its spaCy English model at first use; none is on PyPI)."]
     return out
@@ -293,26 +330,36 @@ def versions() -> str:
     import pydicom
 
     ocr = find_tesseract()
-    return f"python {platform.python_version()}, {ocr.label if ocr else 'no tesseract'}, pydicom {pydicom.__version__}, numpy {np.__version__}"
+    return (
+        f"python {platform.python_version()}, {ocr.label if ocr else 'no tesseract'}, pydicom {pydicom.__version__}, numpy {np.__version__}"
+    )
 
 
 def text_table(rows: list[dict]) -> list[str]:
-    out = ["| image | shape | status | boxes | blanked | frames OCR read | reference words found | PHI strings readable after / in pixels | words readable after / before | PHI on 128 px thumbnail (unredacted) | load s (off / on) |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "| image | shape | status | boxes | blanked | frames OCR read | reference words found | PHI strings readable after / in pixels | words readable after / before | PHI on 128 px thumbnail (unredacted) | load s (off / on) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['name']} | {r['shape']} | {r['status']} | {r['boxes']} | {100 * r['blanked']:.1f}% | {r['frames_read']} | "
-                   f"{r['ref_found']}/{r['ref_words']} | {r['phi_left']}/{r['phi']} | {r['words_left']}/{r['words_before']} | {r['thumb_phi']} | "
-                   f"{r['t_off']:.2f} / {r['t_on']:.2f} |")
+        out.append(
+            f"| {r['name']} | {r['shape']} | {r['status']} | {r['boxes']} | {100 * r['blanked']:.1f}% | {r['frames_read']} | "
+            f"{r['ref_found']}/{r['ref_words']} | {r['phi_left']}/{r['phi']} | {r['words_left']}/{r['words_before']} | {r['thumb_phi']} | "
+            f"{r['t_off']:.2f} / {r['t_on']:.2f} |"
+        )
     ref = sum(r["ref_words"] for r in rows)
     found = sum(r["ref_found"] for r in rows)
-    out += ["", f"- **Text boxes found: {found}/{ref} = {100 * found / max(ref, 1):.1f} %** of the reference words (>= 90 % of each box blanked). "
-            "The reference is OCR's own (confidence >= 60): on a speckled image (the echocardiogram) it also holds 'words' read in the "
-            "speckle, which the redactor rightly leaves, and boxes it blanks only in part count as missed.",
-            f"- **PHI strings still readable after redaction: {sum(r['phi_left'] for r in rows)} of {sum(r['phi'] for r in rows)}** (target 0), on every frame of every image.",
-            f"- Words (>= 3 letters/digits) read before redaction still readable after: {sum(r['words_left'] for r in rows)} of {sum(r['words_before'] for r in rows)}.",
-            f"- PHI read from 128 px thumbnails of the unredacted images: {sum(r['thumb_phi'] for r in rows)}.",
-            "- Non-PHI words read before and after redaction (check by eye whether each is real text or OCR reading speckle): "
-            + ("; ".join(f"{r['name']}: {', '.join(r['left_list'])}" for r in rows if r["left_list"]) or "none") + "."]
+    out += [
+        "",
+        f"- **Text boxes found: {found}/{ref} = {100 * found / max(ref, 1):.1f} %** of the reference words (>= 90 % of each box blanked). "
+        "The reference is OCR's own (confidence >= 60): on a speckled image (the echocardiogram) it also holds 'words' read in the "
+        "speckle, which the redactor rightly leaves, and boxes it blanks only in part count as missed.",
+        f"- **PHI strings still readable after redaction: {sum(r['phi_left'] for r in rows)} of {sum(r['phi'] for r in rows)}** (target 0), on every frame of every image.",
+        f"- Words (>= 3 letters/digits) read before redaction still readable after: {sum(r['words_left'] for r in rows)} of {sum(r['words_before'] for r in rows)}.",
+        f"- PHI read from 128 px thumbnails of the unredacted images: {sum(r['thumb_phi'] for r in rows)}.",
+        "- Non-PHI words read before and after redaction (check by eye whether each is real text or OCR reading speckle): "
+        + ("; ".join(f"{r['name']}: {', '.join(r['left_list'])}" for r in rows if r["left_list"]) or "none")
+        + ".",
+    ]
     return out
 
 
@@ -320,13 +367,22 @@ def textless_table(rows: list[dict]) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
-    out = ["| images without text | scans | scans with any redaction | pixels blanked (mean / max) | frames OCR read |", "|---|---:|---:|---|---:|"]
+    out = [
+        "| images without text | scans | scans with any redaction | pixels blanked (mean / max) | frames OCR read |",
+        "|---|---:|---:|---|---:|",
+    ]
     for group, rs in groups.items():
         hit = [r for r in rs if r["boxes"]]
-        out.append(f"| {group} | {len(rs)} | {len(hit)} | {100 * np.mean([r['blanked'] for r in rs]):.2f}% / {100 * max(r['blanked'] for r in rs):.2f}% | {sum(r['frames'] for r in rs)} |")
+        out.append(
+            f"| {group} | {len(rs)} | {len(hit)} | {100 * np.mean([r['blanked'] for r in rs]):.2f}% / {100 * max(r['blanked'] for r in rs):.2f}% | {sum(r['frames'] for r in rs)} |"
+        )
     hits = [r for r in rows if r["boxes"]]
-    out += ["", f"- **False redactions: {len(hits)} of {len(rows)} text-free scans** had any pixel blanked"
-            + (": " + ", ".join(f"{r['name']} ({r['boxes']} boxes, {100 * r['blanked']:.2f}%)" for r in hits) if hits else "") + "."]
+    out += [
+        "",
+        f"- **False redactions: {len(hits)} of {len(rows)} text-free scans** had any pixel blanked"
+        + (": " + ", ".join(f"{r['name']} ({r['boxes']} boxes, {100 * r['blanked']:.2f}%)" for r in hits) if hits else "")
+        + ".",
+    ]
     return out
 
 
@@ -335,7 +391,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-folder", type=int, default=10, help="images taken from each ../shared/data 2D folder")
-    parser.add_argument("--presidio-python", help="python of a venv with presidio-image-redactor, pydicom and deid-data: compare with Presidio")
+    parser.add_argument(
+        "--presidio-python", help="python of a venv with presidio-image-redactor, pydicom and deid-data: compare with Presidio"
+    )
     args = parser.parse_args(argv)
     if find_tesseract() is None:
         print("tesseract is not installed: nothing to measure", file=sys.stderr)
@@ -345,18 +403,32 @@ def main(argv=None) -> int:
     text_rows = [evaluate_text_image(p, phi_list) for p in deid_files()]
     textless = evaluate_textless(args.per_folder)
     lines = [
-        "# Burned-in text removal (engine.redact)", "",
+        "# Burned-in text removal (engine.redact)",
+        "",
         f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Command: `python bench/redaction.py --per-folder {args.per_folder}" + (" --presidio-python V/bin/python" if args.presidio_python else "") + "`",
+        f"- Command: `python bench/redaction.py --per-folder {args.per_folder}"
+        + (" --presidio-python V/bin/python" if args.presidio_python else "")
+        + "`",
         f"- CPU: {cpu_name()}, {os.cpu_count()} cores; load average before / after: {load_before} / {loadavg()}",
         f"- Versions: {versions()}",
-        "- Redactor: MEDLENS_REDACT=auto (images with burned-in PHI) and =always (images without text).", "",
-        "## deid-data ultrasound images with burned-in PHI", "", *text_table(text_rows), "",
-        "## False redactions on images without text (MEDLENS_REDACT=always)", "", *textless_table(textless), "",
+        "- Redactor: MEDLENS_REDACT=auto (images with burned-in PHI) and =always (images without text).",
+        "",
+        "## deid-data ultrasound images with burned-in PHI",
+        "",
+        *text_table(text_rows),
+        "",
+        "## False redactions on images without text (MEDLENS_REDACT=always)",
+        "",
+        *textless_table(textless),
+        "",
     ]
     if args.presidio_python:
-        lines += ["## Presidio's DICOM image redactor on the same images (blank spaCy pipeline: no English model installs offline)", "",
-                  *evaluate_presidio(args.presidio_python, phi_list), ""]
+        lines += [
+            "## Presidio's DICOM image redactor on the same images (blank spaCy pipeline: no English model installs offline)",
+            "",
+            *evaluate_presidio(args.presidio_python, phi_list),
+            "",
+        ]
     OUT.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -141,8 +141,12 @@ def bench_size(n: int, d: int, faiss, singles: int, repeats: int, seed: int) -> 
         lat = latency(lambda q: search(obj, q), queries, singles, repeats)
         _, top = search(obj, queries)
         results[name] = np.asarray(top)
-        rows.append({"n": n, "backend": name, "build_s": build_s, "rss": rss, "retained": retained, "peak": peak, "mem_note": mem_note, **lat})
-        print(f"  {name:<34} build {build_s:6.2f} s  RSS +{rss:7.1f} MB  b1 {lat['b1_med']:8.2f} ms  b64 {lat['b64_med']:8.1f} ms", flush=True)
+        rows.append(
+            {"n": n, "backend": name, "build_s": build_s, "rss": rss, "retained": retained, "peak": peak, "mem_note": mem_note, **lat}
+        )
+        print(
+            f"  {name:<34} build {build_s:6.2f} s  RSS +{rss:7.1f} MB  b1 {lat['b1_med']:8.2f} ms  b64 {lat['b64_med']:8.1f} ms", flush=True
+        )
         obj = None  # free the index before the next backend is built
         gc.collect()
 
@@ -172,7 +176,9 @@ def bench_size(n: int, d: int, faiss, singles: int, repeats: int, seed: int) -> 
         run("faiss IndexFlatIP (direct)", raw_build, raw_search, mem_note="RSS only")
         same_set = sum(set(a) == set(b) for a, b in zip(results["VectorIndex numpy float32"], results["faiss IndexFlatIP (direct)"]))
         same_order = sum(np.array_equal(a, b) for a, b in zip(results["VectorIndex numpy float32"], results["faiss IndexFlatIP (direct)"]))
-        wrapper = sum(np.array_equal(a, b) for a, b in zip(results["VectorIndex numpy float32"], results["VectorIndex faiss (engine wrapper)"]))
+        wrapper = sum(
+            np.array_equal(a, b) for a, b in zip(results["VectorIndex numpy float32"], results["VectorIndex faiss (engine wrapper)"])
+        )
         notes.append(
             f"N = {n:,}: top-10 ids, numpy float32 vs faiss IndexFlatIP: {same_set}/{BATCH} queries the same set, "
             f"{same_order}/{BATCH} the same order; vs the engine's faiss wrapper: {wrapper}/{BATCH} identical"
@@ -282,11 +288,20 @@ def bench_indexing(model_source: str, label: str, inputs: dict[str, tuple[Path, 
             shutil.rmtree(db_dir, ignore_errors=True)
         if report.failed or report.added != count:
             raise SystemExit(f"indexing {kind} with {label}: {report.line()} {report.failed[:3]}")
-        rows.append({
-            "model": label, "model_id": model.model_id, "embed_dim": model.embed_dim, "path": model.path.name,
-            "kind": kind, "count": count, "seconds": seconds, "per_s": count / seconds, "load_s": load_s,
-            "threads": torch.get_num_threads(),
-        })
+        rows.append(
+            {
+                "model": label,
+                "model_id": model.model_id,
+                "embed_dim": model.embed_dim,
+                "path": model.path.name,
+                "kind": kind,
+                "count": count,
+                "seconds": seconds,
+                "per_s": count / seconds,
+                "load_s": load_s,
+                "threads": torch.get_num_threads(),
+            }
+        )
         print(f"  {label:<12} {kind:<36} {count:4d} in {seconds:6.2f} s = {count / seconds:7.1f} scans/s", flush=True)
     return rows
 
@@ -351,7 +366,11 @@ def main() -> int:
 
     import numpy
 
-    faiss_line = f"faiss-cpu {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)" if faiss is not None else "faiss: not importable (pip install faiss-cpu failed or was not run): faiss rows missing"
+    faiss_line = (
+        f"faiss-cpu {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)"
+        if faiss is not None
+        else "faiss: not importable (pip install faiss-cpu failed or was not run): faiss rows missing"
+    )
     lines = [
         "# Library vector search and indexing throughput",
         "",
@@ -406,7 +425,11 @@ def main() -> int:
             "Each scan: read + de-identify, embed (a 2D image: one forward; a volume: 12 sampled axial slices), "
             "PNG thumbnail, one SQLite transaction. Inputs are synthetic (generated under bench/work/vector_search_inputs).",
         ]
-    lines += ["", "Re-run: `python bench/vector_search.py` (options: --sizes, --dim, --singles, --repeats, --db-size, --images, --volumes).", ""]
+    lines += [
+        "",
+        "Re-run: `python bench/vector_search.py` (options: --sizes, --dim, --singles, --repeats, --db-size, --images, --volumes).",
+        "",
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")

@@ -50,8 +50,10 @@ def render_times(repeats: int) -> dict[str, float]:
     vol = np.random.default_rng(0).normal(0, 300, (60, 512, 512)).astype(np.float32)
     affine = np.diag([0.7, 0.7, 2.5, 1.0])
     scan = Scan(vol, (2.5, 0.7, 0.7), affine, Modality.CT)
-    return {plane: _median_ms(lambda plane=plane: render_view(scan, plane, None, 50, 400, mip_mm=10), repeats)
-            for plane in ("axial", "coronal", "sagittal")}
+    return {
+        plane: _median_ms(lambda plane=plane: render_view(scan, plane, None, 50, 400, mip_mm=10), repeats)
+        for plane in ("axial", "coronal", "sagittal")
+    }
 
 
 def auto_window_ms(repeats: int) -> float:
@@ -84,11 +86,14 @@ def main(argv=None) -> int:
     rows.append(("auto window, 200x512x512", f"{window:.0f} ms", "< 1000 ms", window < 1000))
     rows.append(("hostile zip (series + junk + bomb)", f"{zip_s:.1f} s", "< 30 s", zip_s < 30))
     lines = [
-        "# Viewer and reader speed (`python bench/viewer_speed.py`)", "",
+        "# Viewer and reader speed (`python bench/viewer_speed.py`)",
+        "",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- CPU: {cpu_name()}; flags: {cpu_flags()}",
-        f"- load average before / after: {before} / {loadavg()}; median of {args.repeats} repeats after a warm-up", "",
-        "| what | median | target | met |", "|---|---:|---|---|",
+        f"- load average before / after: {before} / {loadavg()}; median of {args.repeats} repeats after a warm-up",
+        "",
+        "| what | median | target | met |",
+        "|---|---:|---|---|",
         *[f"| {what} | {value} | {target} | {'yes' if ok else '**no**'} |" for what, value, target, ok in rows],
     ]
     OUT.write_text("\n".join(lines) + "\n")

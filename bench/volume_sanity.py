@@ -49,15 +49,46 @@ def volumes(quick: bool) -> list[dict]:
     """name, path, body ("trunk" / "head"), label map (or None), its class-name group, QF-held-out."""
     ts = SHARED / "volumes" / "totalsegmentator"
     out = [
-        dict(name="TotalSegmentator CT series (DICOM)", path=ts / "ct_dicom_series", body="trunk", seg=ts / "example_seg_dicom.nii.gz", group="total", held_out=True),
+        dict(
+            name="TotalSegmentator CT series (DICOM)",
+            path=ts / "ct_dicom_series",
+            body="trunk",
+            seg=ts / "example_seg_dicom.nii.gz",
+            group="total",
+            held_out=True,
+        ),
         dict(name="TotalSegmentator example_ct", path=ts / "example_ct.nii.gz", body="trunk", seg=None, group="total", held_out=False),
-        dict(name="TotalSegmentator example_ct_sm", path=ts / "example_ct_sm.nii.gz", body="trunk", seg=ts / "example_seg.nii.gz", group="total", held_out=False),
-        dict(name="TotalSegmentator example_mr_sm", path=ts / "example_mr_sm.nii.gz", body="trunk", seg=ts / "example_seg_mr.nii.gz", group="total_mr", held_out=False),
-        dict(name="Colin27 T1 (ch2)", path=SHARED / "volumes" / "mricron_atlas" / "ch2.nii.gz", body="head", seg=None, group=None, held_out=False),
+        dict(
+            name="TotalSegmentator example_ct_sm",
+            path=ts / "example_ct_sm.nii.gz",
+            body="trunk",
+            seg=ts / "example_seg.nii.gz",
+            group="total",
+            held_out=False,
+        ),
+        dict(
+            name="TotalSegmentator example_mr_sm",
+            path=ts / "example_mr_sm.nii.gz",
+            body="trunk",
+            seg=ts / "example_seg_mr.nii.gz",
+            group="total_mr",
+            held_out=False,
+        ),
+        dict(
+            name="Colin27 T1 (ch2)",
+            path=SHARED / "volumes" / "mricron_atlas" / "ch2.nii.gz",
+            body="head",
+            seg=None,
+            group=None,
+            held_out=False,
+        ),
     ]
     if not quick:
         epi = sorted((SHARED / "dicom_reference" / "dcm_qa_nih" / "In").glob("*/mr_*"))
-        out += [dict(name=f"dcm_qa_nih EPI {p.parent.name[-2:]}/{p.name}", path=p, body="head", seg=None, group=None, held_out=True) for p in epi]
+        out += [
+            dict(name=f"dcm_qa_nih EPI {p.parent.name[-2:]}/{p.name}", path=p, body="head", seg=None, group=None, held_out=True)
+            for p in epi
+        ]
     return out
 
 
@@ -90,12 +121,21 @@ def label_rows(volume: dict, scan, fov_modes) -> list[dict]:
             result = label_scan(scan, LABELS, mode=mode, fov_check=fov)
             seconds = time.perf_counter() - t0
             by = {s.label: s for s in result.labels}
-            rows.append({"volume": volume["name"], "fov": fov, "mode": mode, "seconds": seconds,
-                         "raw": {k: by[k].probability for k in LABELS}, "reported": {k: by[k].shown for k in LABELS},
-                         "verdict": {k: by[k].verdict for k in LABELS},
-                         "region": None if result.field_of_view is None else f"{result.field_of_view['main_region']} "
-                                                                             f"{100 * result.field_of_view['main_region_probability']:.0f}%",
-                         "ood": result.ood.out_of_distribution if result.ood is not None else None})
+            rows.append(
+                {
+                    "volume": volume["name"],
+                    "fov": fov,
+                    "mode": mode,
+                    "seconds": seconds,
+                    "raw": {k: by[k].probability for k in LABELS},
+                    "reported": {k: by[k].shown for k in LABELS},
+                    "verdict": {k: by[k].verdict for k in LABELS},
+                    "region": None
+                    if result.field_of_view is None
+                    else f"{result.field_of_view['main_region']} {100 * result.field_of_view['main_region_probability']:.0f}%",
+                    "ood": result.ood.out_of_distribution if result.ood is not None else None,
+                }
+            )
     return rows
 
 
@@ -117,8 +157,10 @@ def _pct(x: float) -> str:
 
 def gate_table(rows: list[dict], vols: list[dict], fov_modes) -> list[str]:
     body = {v["name"]: v for v in vols}
-    lines = ["| volume | mode | " + " | ".join(f"impossible organs, fov {f}" for f in fov_modes) + " | region (auto) |",
-             "|---|---|" + "---|" * len(fov_modes) + "---|"]
+    lines = [
+        "| volume | mode | " + " | ".join(f"impossible organs, fov {f}" for f in fov_modes) + " | region (auto) |",
+        "|---|---|" + "---|" * len(fov_modes) + "---|",
+    ]
     for v in vols:
         for mode in MODES:
             cells, region = [], ""
@@ -133,8 +175,11 @@ def gate_table(rows: list[dict], vols: list[dict], fov_modes) -> list[str]:
 
 def paths_table(rows: list[dict], vols: list[dict], qf: dict[str, dict], fov_best: str) -> tuple[list[str], dict]:
     """Organ presence where the truth is known: correct / uncertain / wrong per path."""
-    tallies = {"CLIP present/absent, raw (> 50 %)": [0, 0, 0], f"CLIP present/absent, fov {fov_best} (verdict)": [0, 0, 0],
-               "Q-Former 'Is the <organ> visible?' (> 50 %)": [0, 0, 0]}
+    tallies = {
+        "CLIP present/absent, raw (> 50 %)": [0, 0, 0],
+        f"CLIP present/absent, fov {fov_best} (verdict)": [0, 0, 0],
+        "Q-Former 'Is the <organ> visible?' (> 50 %)": [0, 0, 0],
+    }
     detail = ["| volume | organ | truth | CLIP raw | CLIP + check | Q-Former P(yes) |", "|---|---|---|---|---|---|"]
     for v in vols:
         t = truth(v)
@@ -150,15 +195,20 @@ def paths_table(rows: list[dict], vols: list[dict], qf: dict[str, dict], fov_bes
             p = qf[v["name"]].get(organ)
             if p is not None:
                 tallies[keys[2]][0 if (p > 0.5) == t[organ] else 2] += 1
-            detail.append(f"| {v['name']}{'' if v['held_out'] else ' (QF trained on it)'} | {organ} | {'present' if t[organ] else 'absent'} | "
-                          f"{_pct(raw['raw'][organ])}% | {_pct(chk['reported'][organ])}% {verdict} | {'n/a' if p is None else _pct(p) + '%'} |")
+            detail.append(
+                f"| {v['name']}{'' if v['held_out'] else ' (QF trained on it)'} | {organ} | {'present' if t[organ] else 'absent'} | "
+                f"{_pct(raw['raw'][organ])}% | {_pct(chk['reported'][organ])}% {verdict} | {'n/a' if p is None else _pct(p) + '%'} |"
+            )
     summary = ["| path | correct | uncertain | wrong |", "|---|---:|---:|---:|"]
     summary += [f"| {k} | {c} | {u} | {w} |" for k, (c, u, w) in tallies.items()]
     best = max(tallies, key=lambda k: (tallies[k][0], -tallies[k][2]))
-    summary += ["", f"Better path on these volumes: **{best}** ({tallies[best][0]} of {sum(tallies[best])} right). The engine reports "
-                "the 2D path's answers bounded by the field-of-view check; the volume model's body region is one vote in that "
-                "check beside the DICOM header and the slices' size (it reads the held-out EPI brain series as an abdomen: the "
-                "header and the cross-sections outvote it, see the region column above)."]
+    summary += [
+        "",
+        f"Better path on these volumes: **{best}** ({tallies[best][0]} of {sum(tallies[best])} right). The engine reports "
+        "the 2D path's answers bounded by the field-of-view check; the volume model's body region is one vote in that "
+        "check beside the DICOM header and the slices' size (it reads the held-out EPI brain series as an abdomen: the "
+        "header and the cross-sections outvote it, see the region column above).",
+    ]
     return summary + [""] + detail, tallies
 
 
@@ -180,32 +230,52 @@ def main() -> int:
         rows += label_rows(v, scan, args.fov)
         qf[v["name"]] = qformer_presence(scan)
         print(f"{v['name']}: done ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
-    gate_ok = {f: all(r["reported"][o] <= 0.5 for r in rows if r["fov"] == f for o in ORGANS
-                      if impossible(next(v for v in vols if v["name"] == r["volume"]), o)) for f in args.fov}
+    gate_ok = {
+        f: all(
+            r["reported"][o] <= 0.5
+            for r in rows
+            if r["fov"] == f
+            for o in ORGANS
+            if impossible(next(v for v in vols if v["name"] == r["volume"]), o)
+        )
+        for f in args.fov
+    }
     best = "auto" if "auto" in args.fov else args.fov[-1]
     paths, tallies = paths_table(rows, vols, qf, best) if "off" in args.fov else ([], {})
     seconds = {f: sum(r["seconds"] for r in rows if r["fov"] == f) / max(1, sum(1 for r in rows if r["fov"] == f)) for f in args.fov}
     lines = [
-        "# Impossible organs on real volumes: the field-of-view check (issue 14)", "",
+        "# Impossible organs on real volumes: the field-of-view check (issue 14)",
+        "",
         f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; command: `python bench/volume_sanity.py{' --quick' if args.quick else ''}`",
         f"- CPU: {cpu_name()}; flags: {cpu_flags()}; load average at the end {loadavg()} (a shared, busy machine: times are indicative)",
         "- Models: shipped medlens-clip (2D slice path, 12 axial slices, mean) and medlens-qformer (volume model for `auto`); "
         "neither carries a calibration yet (numbers are raw, bounded by the check)",
         "- Labels: liver, lung, brain, kidney, bone fracture (the issue's list). Impossible: brain in a trunk volume; liver, lung, "
-        "kidney in a head volume.", "",
-        "## Gate: reported probability of the impossible organs", "",
-        *gate_table(rows, vols, args.fov), "",
+        "kidney in a head volume.",
+        "",
+        "## Gate: reported probability of the impossible organs",
+        "",
+        *gate_table(rows, vols, args.fov),
+        "",
         "Gate (no impossible organ above 50 %, both modes, every volume): "
-        + ", ".join(f"fov {f}: **{'met' if ok else 'NOT met'}**" for f, ok in gate_ok.items()), "",
+        + ", ".join(f"fov {f}: **{'met' if ok else 'NOT met'}**" for f, ok in gate_ok.items()),
+        "",
         "Mean seconds per `label_scan` (read excluded; first calls include model loads): "
-        + ", ".join(f"{f} {s:.1f}" for f, s in seconds.items()), "",
+        + ", ".join(f"{f} {s:.1f}" for f, s in seconds.items()),
+        "",
     ]
     if paths:
-        lines += ["## Organ presence: 2D slice path vs the volume model (present/absent, where the truth is known)", "",
-                  "Truth: the label maps (TotalSegmentator's model outputs) for the CT series, example_ct_sm and example_mr_sm; "
-                  "brain present and trunk organs absent in the brain volumes; example_ct has no label map (brain absent only). "
-                  "The Q-Former trained on crops of example_ct(_sm), example_mr_sm and Colin27: only the CT series and the EPI "
-                  "series are held out for it, so its figures on the others are optimistic.", "", *paths, ""]
+        lines += [
+            "## Organ presence: 2D slice path vs the volume model (present/absent, where the truth is known)",
+            "",
+            "Truth: the label maps (TotalSegmentator's model outputs) for the CT series, example_ct_sm and example_mr_sm; "
+            "brain present and trunk organs absent in the brain volumes; example_ct has no label map (brain absent only). "
+            "The Q-Former trained on crops of example_ct(_sm), example_mr_sm and Colin27: only the CT series and the EPI "
+            "series are held out for it, so its figures on the others are optimistic.",
+            "",
+            *paths,
+            "",
+        ]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "volume_sanity.md").write_text("\n".join(lines) + "\n")
     (OUT / "volume_sanity.json").write_text(json.dumps({"rows": rows, "qformer": qf, "gate": gate_ok, "tallies": tallies}, indent=1) + "\n")

@@ -160,10 +160,16 @@ def label_lines(path: str, out) -> list[str]:
     """The text output of one label result: reported probability and verdict per label, reasons, warnings."""
     from engine.zeroshot import PRESENT_ABSENT
 
-    where = "2D image" if out.aggregation is None else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
+    where = (
+        "2D image"
+        if out.aggregation is None
+        else f"{len(out.per_slice)} slices ({', '.join(dict.fromkeys(s.plane for s in out.per_slice))}), {out.aggregation} over slices"
+    )
     kind = "P(present)" if out.mode == PRESENT_ABSENT else "probability"
-    lines = [f"{path}: {out.modality} {where}; prompts '{out.prompt_set}'; {kind}; model {out.model_id} ({out.inference_path})",
-             f"  {out.trust_note}"]
+    lines = [
+        f"{path}: {out.modality} {where}; prompts '{out.prompt_set}'; {kind}; model {out.model_id} ({out.inference_path})",
+        f"  {out.trust_note}",
+    ]
     if out.field_of_view:
         fov = out.field_of_view
         lines.append(f"  field of view: {fov['main_region']} ({100 * fov['main_region_probability']:.0f}%): {'; '.join(fov['evidence'])}")
@@ -232,7 +238,13 @@ def cmd_ask(args) -> int:
             _ask_failed(args, path, str(exc))
             continue
         if not args.json:
-            kind = "2D image" if scan.is_2d else "volume" if scan.n_volumes == 1 else f"series of {scan.n_volumes} volumes (the first is asked about)"
+            kind = (
+                "2D image"
+                if scan.is_2d
+                else "volume"
+                if scan.n_volumes == 1
+                else f"series of {scan.n_volumes} volumes (the first is asked about)"
+            )
             print(f"{path}: {scan.modality.value} {kind} {'x'.join(map(str, scan.volume_shape))}; model {model.name}")
         for question, cleaned, error in checked:
             if cleaned is None:
@@ -285,7 +297,9 @@ def answer_row(path: str, answer, extra: dict | None = None) -> dict:
 def answer_lines(answer) -> list[str]:
     """The text output of one answer: the verdict with its number, the candidates, any warning."""
     shown = answer.calibrated_confidence if answer.calibrated_confidence is not None else answer.confidence
-    kind = "calibrated" if answer.calibrated_confidence is not None else ("not calibrated" if answer.closed else "generated, not calibrated")
+    kind = (
+        "calibrated" if answer.calibrated_confidence is not None else ("not calibrated" if answer.closed else "generated, not calibrated")
+    )
     head = f"  A: {answer.answer}  (confidence {100 * shown:.1f}%, {kind})"
     if answer.uncertain:
         head = f"  A: uncertain (best guess {answer.answer}: {100 * shown:.1f}%, {kind})"
@@ -309,15 +323,20 @@ def cmd_models(args) -> int:
 
         return print_speed(as_json=args.json)
     entries = list_models()
-    asking = [{"name": m.name, "source": m.name, "where": str(m.folder), "available_offline": True, "licence": m.licence, "note": m.note}
-              for m in catalog.shipped(catalog.ASK).values()]
+    asking = [
+        {"name": m.name, "source": m.name, "where": str(m.folder), "available_offline": True, "licence": m.licence, "note": m.note}
+        for m in catalog.shipped(catalog.ASK).values()
+    ]
     if args.json:
         for entry in entries:
             print(json.dumps({**asdict(entry), "default": entry.name == DEFAULT_MODEL, "task": "label"}))
         for entry in asking:
             print(json.dumps({**entry, "default": entry["name"] == DEFAULT_ASK_MODEL, "task": "ask"}))
         return 0
-    rows = [(e.name + (" (default)" if e.name == DEFAULT_MODEL else ""), e.source, "yes" if e.available_offline else "no (downloads)", e.where) for e in entries]
+    rows = [
+        (e.name + (" (default)" if e.name == DEFAULT_MODEL else ""), e.source, "yes" if e.available_offline else "no (downloads)", e.where)
+        for e in entries
+    ]
     _print_table(rows)
     if not any(e.name == DEFAULT_MODEL for e in entries):
         print(f"default model '{DEFAULT_MODEL}' is not installed: pass --model NAME, hf-hub:org/repo or local-dir:/path/to/checkpoint")
@@ -325,9 +344,13 @@ def cmd_models(args) -> int:
     print()
     print("question answering (medlens ask --model; the app reads MEDLENS_ASK_MODEL):")
     if asking:
-        _print_table([(e["name"] + (" (default)" if e["name"] == DEFAULT_ASK_MODEL else ""), e["source"], "yes", e["where"]) for e in asking])
+        _print_table(
+            [(e["name"] + (" (default)" if e["name"] == DEFAULT_ASK_MODEL else ""), e["source"], "yes", e["where"]) for e in asking]
+        )
     if not any(e["name"] == DEFAULT_ASK_MODEL for e in asking):
-        print(f"default question-answering model '{DEFAULT_ASK_MODEL}' is not installed: pass --model local-dir:/path/to/qformer-checkpoint")
+        print(
+            f"default question-answering model '{DEFAULT_ASK_MODEL}' is not installed: pass --model local-dir:/path/to/qformer-checkpoint"
+        )
     print("also accepted: --model local-dir:/path/to/qformer-checkpoint (a MedLens Q-Former folder)")
     return 0
 
@@ -367,8 +390,13 @@ def cmd_index(args) -> int:
     try:
         with audit.recorded("index", user=LOCAL, model=model) as entry:
             report = index_paths(args.paths, args.library, model, progress=progress, shared=args.shared)
-            entry.detail = {"added": report.added, "present": report.present, "embedded": report.embedded,
-                            "failed": len(report.failed), "shared": bool(args.shared)}
+            entry.detail = {
+                "added": report.added,
+                "present": report.present,
+                "embedded": report.embedded,
+                "failed": len(report.failed),
+                "shared": bool(args.shared),
+            }
             if report.scan_ids:
                 from engine.library import connect
                 from engine.library.store import content_hashes
@@ -382,8 +410,18 @@ def cmd_index(args) -> int:
         print(f"medlens: skipped {_one_line(path)}: {_one_line(reason)}", file=sys.stderr)
     where = library_path(args.library)
     if args.json:
-        print(json.dumps({"added": report.added, "present": report.present, "embedded": report.embedded,
-                          "failed": len(report.failed), "library": str(where), "model_id": model.model_id}))
+        print(
+            json.dumps(
+                {
+                    "added": report.added,
+                    "present": report.present,
+                    "embedded": report.embedded,
+                    "failed": len(report.failed),
+                    "library": str(where),
+                    "model_id": model.model_id,
+                }
+            )
+        )
     else:
         print(f"{report.line()} (library {where}, model {model.model_id})")
     if report.indexed == 0:
@@ -418,26 +456,53 @@ def cmd_search(args) -> int:
     with audit.recorded("search", user=LOCAL, model=model) as entry, connect(args.library, create=False) as db:
         if like is not None:
             entry.scan(*(content_hashes(db, [like]) if isinstance(like, int) else [like]))
-        hits = search(db, model, args.query, like=like, k=args.k, modality=args.modality, body_part=args.body_part,
-                      label=args.label, ensemble=args.ensemble)
+        hits = search(
+            db,
+            model,
+            args.query,
+            like=like,
+            k=args.k,
+            modality=args.modality,
+            body_part=args.body_part,
+            label=args.label,
+            ensemble=args.ensemble,
+        )
         entry.results = [h.content_hash for h in hits if h.content_hash]
         if not hits:
             n = counts(db)["embeddings"].get(model.model_id, 0)
             if n == 0:
-                print(f"medlens: no scan in the library is indexed with model {model.model_id}; run medlens index PATH --model ...", file=sys.stderr)
+                print(
+                    f"medlens: no scan in the library is indexed with model {model.model_id}; run medlens index PATH --model ...",
+                    file=sys.stderr,
+                )
             else:
                 print("medlens: no match (the filters may exclude every scan)", file=sys.stderr)
     for hit in hits:
         if args.json:
-            ood = (hit.ood.to_dict() if hit.ood is not None else {})
-            print(json.dumps({"scan_id": hit.scan_id, "score": round(hit.score, 6), "modality": hit.modality, "source": hit.source,
-                              **{k: ood.get(k) for k in ("out_of_distribution", "ood_score", "ood_threshold", "ood_reasons")}}))
+            ood = hit.ood.to_dict() if hit.ood is not None else {}
+            print(
+                json.dumps(
+                    {
+                        "scan_id": hit.scan_id,
+                        "score": round(hit.score, 6),
+                        "modality": hit.modality,
+                        "source": hit.source,
+                        **{k: ood.get(k) for k in ("out_of_distribution", "ood_score", "ood_threshold", "ood_reasons")},
+                    }
+                )
+            )
         else:
             part = f" {hit.body_part}" if hit.body_part else ""
-            warn = "  [out of distribution: " + "; ".join(hit.ood.reasons) + "]" if hit.ood is not None and hit.ood.out_of_distribution else ""
+            warn = (
+                "  [out of distribution: " + "; ".join(hit.ood.reasons) + "]" if hit.ood is not None and hit.ood.out_of_distribution else ""
+            )
             print(f"{hit.score:8.4f}  #{hit.scan_id:<6} {hit.modality}{part}  {hit.source or ''}{warn}")
     if hits and not args.json:
-        kinds = {"cosine": "cosine similarity", "bm25": "keyword match (BM25)", "rrf": "rrf (reciprocal rank fusion of the text, scan and keyword rankings)"}
+        kinds = {
+            "cosine": "cosine similarity",
+            "bm25": "keyword match (BM25)",
+            "rrf": "rrf (reciprocal rank fusion of the text, scan and keyword rankings)",
+        }
         print(f"{len(hits)} hit(s); score: {kinds.get(hits[0].ranking, hits[0].ranking)}")
     return 0
 
@@ -502,22 +567,48 @@ def _add_label_parser(sub) -> None:
     p = sub.add_parser("label", help="zero-shot labels for scans (one model load for all PATHs)")
     p.add_argument("paths", nargs="*", metavar="PATH", help="a file, a folder or zip holding one series, or dicomweb:STUDY/SERIES")
     p.add_argument(
-        "--labels", nargs="+", metavar="LABEL", default=None,
+        "--labels",
+        nargs="+",
+        metavar="LABEL",
+        default=None,
         help="labels to rank (quote multi-word labels; commas also separate labels); default: the preset label set of the scan's modality",
     )
-    p.add_argument("--model", default=None, help="shipped name, hf-hub:org/repo or local-dir:/path (default: $MEDLENS_MODEL, else the shipped default; see `medlens models`)")
-    p.add_argument("--modality", default=None, help="prompt set to use (xray, ct, mr, us, pathology, fundus, dermoscopy, other); default: the scan's modality")
-    p.add_argument("--mode", choices=("softmax", "present-absent"), default="softmax", help="softmax over labels, or an independent present/absent probability per label")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="shipped name, hf-hub:org/repo or local-dir:/path (default: $MEDLENS_MODEL, else the shipped default; see `medlens models`)",
+    )
+    p.add_argument(
+        "--modality",
+        default=None,
+        help="prompt set to use (xray, ct, mr, us, pathology, fundus, dermoscopy, other); default: the scan's modality",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("softmax", "present-absent"),
+        default="softmax",
+        help="softmax over labels, or an independent present/absent probability per label",
+    )
     p.add_argument("--aggregate", choices=("mean", "max"), default="mean", help="volumes: combine slice scores by their mean or max")
-    p.add_argument("--planes", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"], help="volumes: planes to sample slices from")
+    p.add_argument(
+        "--planes", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"], help="volumes: planes to sample slices from"
+    )
     p.add_argument("--slices", type=int, default=12, help="volumes: slices sampled per plane (default 12)")
     p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
-    p.add_argument("--json", action="store_true", help='JSON Lines: {"path", "labels": [{"label", "probability", "reported_probability", "verdict", ...}, ...], '
-                   '"out_of_distribution", "ood_reasons", "field_of_view", ...} or {"path", "error"} per PATH')
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='JSON Lines: {"path", "labels": [{"label", "probability", "reported_probability", "verdict", ...}, ...], '
+        '"out_of_distribution", "ood_reasons", "field_of_view", ...} or {"path", "error"} per PATH',
+    )
     p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
-    p.add_argument("--fov-check", choices=("auto", "physical", "off"), default=None,
-                   help="volumes: bound organ labels by the field of view: auto (the Q-Former's body region + DICOM header + the scan's size), "
-                        "physical (header and size only), off (raw 2D answers); default: $MEDLENS_FOV_CHECK, else auto")
+    p.add_argument(
+        "--fov-check",
+        choices=("auto", "physical", "off"),
+        default=None,
+        help="volumes: bound organ labels by the field of view: auto (the Q-Former's body region + DICOM header + the scan's size), "
+        "physical (header and size only), off (raw 2D answers); default: $MEDLENS_FOV_CHECK, else auto",
+    )
     add_output_args(p, query=True)
     p.set_defaults(func=cmd_label)
 
@@ -530,28 +621,44 @@ def _add_library_parsers(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files/folders/zips, NIfTI, PNG/JPEG/TIFF; folders are walked")
     p.add_argument("--library", default=None, help=library_help)
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--json", action="store_true", help='print the summary as one JSON object {"added", "present", "embedded", "failed", ...}')
+    p.add_argument(
+        "--json", action="store_true", help='print the summary as one JSON object {"added", "present", "embedded", "failed", ...}'
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--shared", action="store_true", help="share the scans with every user of a shared server's app (a teaching collection)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="find library scans by text, by example scan, or both")
-    p.add_argument("query", nargs="?", default=None, metavar="QUERY", help="free text, e.g. \"pleural effusion\" (also matched against notes)")
+    p.add_argument(
+        "query", nargs="?", default=None, metavar="QUERY", help='free text, e.g. "pleural effusion" (also matched against notes)'
+    )
     p.add_argument("--like", default=None, metavar="PATH_OR_ID", help="scans similar to this file/folder, or to library scan ID")
     p.add_argument("--series", type=int, default=None, help="with --like: which series when PATH holds several")
     p.add_argument("--k", type=int, default=10, help="number of hits (default 10)")
     p.add_argument("--modality", default=None, help="only this modality (CT, MR, XRAY, US, PATHOLOGY, FUNDUS, DERMOSCOPY, OTHER)")
     p.add_argument("--body-part", default=None, help="only this BodyPartExamined (e.g. CHEST)")
     p.add_argument("--label", default=None, help="only scans with this taught label (probe P >= 0.5, or tagged positive)")
-    p.add_argument("--ensemble", action="store_true", help="embed QUERY through the modality's prompt templates too (for short, label-like queries)")
+    p.add_argument(
+        "--ensemble", action="store_true", help="embed QUERY through the modality's prompt templates too (for short, label-like queries)"
+    )
     p.add_argument("--library", default=None, help=library_help)
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--json", action="store_true", help='JSON Lines, one hit per line: {"scan_id", "score", "modality", "source", "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons"}')
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='JSON Lines, one hit per line: {"scan_id", "score", "modality", "source", "out_of_distribution", "ood_score", "ood_threshold", "ood_reasons"}',
+    )
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("teach", help="teach a label from positive and negative examples (a linear probe on embeddings)")
     p.add_argument("label", metavar="LABEL")
-    p.add_argument("--positive", nargs="+", required=True, metavar="ID_OR_PATH", help="library scan ids, or paths (looked up by source, indexed if new)")
+    p.add_argument(
+        "--positive",
+        nargs="+",
+        required=True,
+        metavar="ID_OR_PATH",
+        help="library scan ids, or paths (looked up by source, indexed if new)",
+    )
     p.add_argument("--negative", nargs="+", required=True, metavar="ID_OR_PATH", help="as --positive")
     p.add_argument("--library", default=None, help=library_help)
     p.add_argument("--model", default=None, help=model_help)
@@ -580,26 +687,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_parser(sub)
 
     p = sub.add_parser(
-        "ask", help="ask questions about scans (one model load for all PATHs; each scan is encoded once)",
+        "ask",
+        help="ask questions about scans (one model load for all PATHs; each scan is encoded once)",
         description='Ask questions about scans with the Q-Former, e.g. medlens ask chest_ct.zip "Is the liver visible?" '
-                    '--question "What is the imaging modality?". The last positional argument is the question. '
-                    'Exit status 0 when every question about every PATH was answered, else 2.',
+        '--question "What is the imaging modality?". The last positional argument is the question. '
+        "Exit status 0 when every question about every PATH was answered, else 2.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="a file, or a folder or zip holding one series")
     p.add_argument("question", metavar="QUESTION", help="the question (quote it); any language, at most 500 characters")
     p.add_argument("--question", dest="questions", action="append", default=None, metavar="Q", help="one more question (repeatable)")
-    p.add_argument("--model", default=None,
-                   help="question-answering model: shipped name or local-dir:/path (default: $MEDLENS_ASK_MODEL, else the shipped medlens-qformer; see `medlens models`)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="question-answering model: shipped name or local-dir:/path (default: $MEDLENS_ASK_MODEL, else the shipped medlens-qformer; see `medlens models`)",
+    )
     p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
-    p.add_argument("--json", action="store_true",
-                   help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
-                        'or {"path", "error"} / {"path", "question", "error"}')
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
+        'or {"path", "error"} / {"path", "question", "error"}',
+    )
     add_output_args(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("models", help="list the models `label` and `ask` can load and where they come from")
     p.add_argument("--json", action="store_true", help="JSON Lines, one object per model")
-    p.add_argument("--speed", action="store_true", help="the CPU inference path chosen and measured for each model on this machine (cached decisions)")
+    p.add_argument(
+        "--speed", action="store_true", help="the CPU inference path chosen and measured for each model on this machine (cached decisions)"
+    )
     p.set_defaults(func=cmd_models)
 
     _add_library_parsers(sub)

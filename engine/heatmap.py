@@ -306,7 +306,9 @@ def gradcam_maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, tar
     return (acts * weights).sum(1).clamp(min=0)
 
 
-def gradient_maps(model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, samples: int | None = None, sigma: float | None = None, seed: int = 0) -> torch.Tensor:
+def gradient_maps(
+    model: ClipModel, pixels: torch.Tensor, text: torch.Tensor, samples: int | None = None, sigma: float | None = None, seed: int = 0
+) -> torch.Tensor:
     """SmoothGrad of |input x gradient|: the mean over `samples` noisy copies of |sum_c x_c dS/dx_c|
     (x normalised, so the reference is the dataset's mean colour), blurred over ~1/28 of the
     image. (N, S, S), non-negative, un-normalised. Model-agnostic: no hooks."""
@@ -440,8 +442,17 @@ def _normalise(maps: np.ndarray) -> np.ndarray:
 # matplotlib's "inferno" (perceptually uniform, readable on grey) at 11 stops; interpolated to 256.
 _INFERNO_STOPS = np.array(
     [
-        (0, 0, 4), (22, 11, 57), (66, 10, 104), (106, 23, 110), (147, 38, 103), (188, 55, 84),
-        (221, 81, 58), (243, 120, 25), (252, 165, 10), (246, 215, 70), (252, 255, 164),
+        (0, 0, 4),
+        (22, 11, 57),
+        (66, 10, 104),
+        (106, 23, 110),
+        (147, 38, 103),
+        (188, 55, 84),
+        (221, 81, 58),
+        (243, 120, 25),
+        (252, 165, 10),
+        (246, 215, 70),
+        (252, 255, 164),
     ],
     dtype=np.float32,
 )

@@ -79,7 +79,11 @@ class SeriesSize:
 
     def describe(self) -> str:
         """e.g. '3,000 slices of 512x512' or 'an image of 4000x3000 x 3 colour channels'."""
-        text = f"{self.planes:,} {self.unit} of {self.rows}x{self.cols}" if self.planes != 1 else f"one {self.unit.rstrip('s')} of {self.rows}x{self.cols}"
+        text = (
+            f"{self.planes:,} {self.unit} of {self.rows}x{self.cols}"
+            if self.planes != 1
+            else f"one {self.unit.rstrip('s')} of {self.rows}x{self.cols}"
+        )
         if self.volumes > 1:
             text += f" x {self.volumes:,} volumes"
         if self.samples > 1:

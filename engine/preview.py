@@ -49,8 +49,9 @@ def _window_words(scan: Scan, window: tuple[float, float] | None) -> str:
     return f"window centre {window[0]:g}, width {window[1]:g}"
 
 
-def clip_input(scan: Scan, model: Any, plane: str = "axial", index: int | None = None,
-               window: tuple[float, float] | None = None) -> ModelInputPreview:
+def clip_input(
+    scan: Scan, model: Any, plane: str = "axial", index: int | None = None, window: tuple[float, float] | None = None
+) -> ModelInputPreview:
     """A 2D model's input for one slice (volumes) or the image (2D): model image, then the model's resize."""
     from engine.zeroshot.imaging import MODEL_IMAGE_SIZE, model_image
 

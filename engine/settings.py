@@ -85,8 +85,12 @@ _fov_check = _one_of(*FOV_CHECKS)
 
 
 _EXPECTS = {
-    _text: "text", _path: "a path", _positive_int: "a whole number >= 1", _positive_float: "a number > 0",
-    _flag: "1/0, true/false, yes/no or on/off", _redact_mode: "auto, off or always",
+    _text: "text",
+    _path: "a path",
+    _positive_int: "a whole number >= 1",
+    _positive_float: "a number > 0",
+    _flag: "1/0, true/false, yes/no or on/off",
+    _redact_mode: "auto, off or always",
     _fov_check: "auto, physical or off",
 }
 
@@ -117,53 +121,140 @@ class Setting(Generic[T]):
 
 
 # --------------------------------------------------------------------------- the settings
-MODEL = Setting("MEDLENS_MODEL", _text, None, "zero-shot (CLIP) model of the app and the CLI: a shipped name, hf-hub:org/repo or local-dir:/path", "the shipped default")
-ASK_MODEL = Setting("MEDLENS_ASK_MODEL", _text, None, "question-answering (Q-Former) model of the app and `medlens ask`", "the shipped Q-Former")
+MODEL = Setting(
+    "MEDLENS_MODEL",
+    _text,
+    None,
+    "zero-shot (CLIP) model of the app and the CLI: a shipped name, hf-hub:org/repo or local-dir:/path",
+    "the shipped default",
+)
+ASK_MODEL = Setting(
+    "MEDLENS_ASK_MODEL", _text, None, "question-answering (Q-Former) model of the app and `medlens ask`", "the shipped Q-Former"
+)
 FOV_CHECK = Setting(
-    "MEDLENS_FOV_CHECK", _fov_check, "auto",
+    "MEDLENS_FOV_CHECK",
+    _fov_check,
+    "auto",
     "field-of-view check of organ labels on volumes: auto (the Q-Former's body region + the DICOM header + the scan's size), "
     "physical (header and size only: no second model), off (raw 2D answers)",
 )
-ASSETS = Setting("MEDLENS_ASSETS", _path, None, "folder holding models/, prompts/ and qa/ (replaces the repository's assets/)", "<repository>/assets")
+ASSETS = Setting(
+    "MEDLENS_ASSETS", _path, None, "folder holding models/, prompts/ and qa/ (replaces the repository's assets/)", "<repository>/assets"
+)
 PROMPTS = Setting("MEDLENS_PROMPTS", _path, None, "extra folder of prompt-set JSON files, searched before the assets' prompts/")
-LIBRARY = Setting("MEDLENS_LIBRARY", _path, None, "the scan library's SQLite file (the CLI's --library wins)", "<user data dir>/medlens/library.db")
-INFERENCE = Setting("MEDLENS_INFERENCE", _text, "auto", "force a CPU inference path: auto, fp32, bf16, int8, onnx-int8, openvino-bf16, openvino-fp32, openvino-int8 (parity is still measured and reported; the Q-Former's encoders take fp32, bf16 and the openvino float paths)")
-THREADS = Setting("MEDLENS_THREADS", _positive_int, None, "torch threads (default: the physical cores this process may use)", "physical cores")
-CALIBRATION_IMAGES = Setting("MEDLENS_CALIBRATION_IMAGES", _path, None, "folder of scans (DICOM, NIfTI, PNG/JPEG) the fast-path probe calibrates int8 paths and checks parity on", "pydicom's and nibabel's bundled test images")
-FASTPATH_CACHE = Setting("MEDLENS_FASTPATH_CACHE", _text, None, "folder for exported fast-path models and probe decisions, or `off`", "<user cache dir>/medlens/fastpath")
-UID_SALT = Setting("MEDLENS_UID_SALT", _text, None, "secret salt of the de-identifying UID mapping (keep it stable to keep UIDs stable)", "a random per-user file")
+LIBRARY = Setting(
+    "MEDLENS_LIBRARY", _path, None, "the scan library's SQLite file (the CLI's --library wins)", "<user data dir>/medlens/library.db"
+)
+INFERENCE = Setting(
+    "MEDLENS_INFERENCE",
+    _text,
+    "auto",
+    "force a CPU inference path: auto, fp32, bf16, int8, onnx-int8, openvino-bf16, openvino-fp32, openvino-int8 (parity is still measured and reported; the Q-Former's encoders take fp32, bf16 and the openvino float paths)",
+)
+THREADS = Setting(
+    "MEDLENS_THREADS", _positive_int, None, "torch threads (default: the physical cores this process may use)", "physical cores"
+)
+CALIBRATION_IMAGES = Setting(
+    "MEDLENS_CALIBRATION_IMAGES",
+    _path,
+    None,
+    "folder of scans (DICOM, NIfTI, PNG/JPEG) the fast-path probe calibrates int8 paths and checks parity on",
+    "pydicom's and nibabel's bundled test images",
+)
+FASTPATH_CACHE = Setting(
+    "MEDLENS_FASTPATH_CACHE",
+    _text,
+    None,
+    "folder for exported fast-path models and probe decisions, or `off`",
+    "<user cache dir>/medlens/fastpath",
+)
+UID_SALT = Setting(
+    "MEDLENS_UID_SALT",
+    _text,
+    None,
+    "secret salt of the de-identifying UID mapping (keep it stable to keep UIDs stable)",
+    "a random per-user file",
+)
 MAX_SERIES_VOXELS = Setting(
-    "MEDLENS_MAX_SERIES_VOXELS", _positive_int, 600_000_000,
+    "MEDLENS_MAX_SERIES_VOXELS",
+    _positive_int,
+    600_000_000,
     "largest series, volume or image loaded, in voxels (slices x rows x columns x volumes), checked from headers before any decoding",
     "`600000000` (a 2,290-slice 512x512 CT; 1.2 GB as int16)",
 )
 MEMORY_BUDGET_MB = Setting(
-    "MEDLENS_MEMORY_BUDGET_MB", _positive_int, None,
+    "MEDLENS_MEMORY_BUDGET_MB",
+    _positive_int,
+    None,
     "memory for loaded scans across all sessions of a server (or one CLI process): a load that does not fit is refused, and one upload may hold at most half",
     "a quarter of the memory this process may use",
 )
 SESSION_IDLE_MIN = Setting(
-    "MEDLENS_SESSION_IDLE_MIN", _positive_float, 15.0,
+    "MEDLENS_SESSION_IDLE_MIN",
+    _positive_float,
+    15.0,
     "minutes without use after which a session's loaded scans are released (browser and API sessions; a closed tab's after one minute)",
 )
-AUTH_FILE = Setting("MEDLENS_AUTH_FILE", _path, None, "login file of the app: one `NAME:scrypt$...` line per user, written by `medlens user add NAME` (setting it turns login on)", "unset: no login")
-USERS = Setting("MEDLENS_USERS", _text, None, "login users as `NAME:HASH` pairs separated by commas or spaces, hashes from `medlens user hash NAME` (setting it turns login on)", "unset: no login")
-ALLOW_ANONYMOUS = Setting("MEDLENS_ALLOW_ANONYMOUS", _flag, False, "let a server listening beyond loopback (or a Space) run without login: visitors may view, label and ask, never use the library; when off such a server refuses to start", "off")
-AUDIT_LOG = Setting("MEDLENS_AUDIT_LOG", _text, None, "append-only JSON Lines audit log (who, when, action, model, de-identified scan hash, outcome), or `off`", "<user data dir>/medlens/audit.jsonl")
+AUTH_FILE = Setting(
+    "MEDLENS_AUTH_FILE",
+    _path,
+    None,
+    "login file of the app: one `NAME:scrypt$...` line per user, written by `medlens user add NAME` (setting it turns login on)",
+    "unset: no login",
+)
+USERS = Setting(
+    "MEDLENS_USERS",
+    _text,
+    None,
+    "login users as `NAME:HASH` pairs separated by commas or spaces, hashes from `medlens user hash NAME` (setting it turns login on)",
+    "unset: no login",
+)
+ALLOW_ANONYMOUS = Setting(
+    "MEDLENS_ALLOW_ANONYMOUS",
+    _flag,
+    False,
+    "let a server listening beyond loopback (or a Space) run without login: visitors may view, label and ask, never use the library; when off such a server refuses to start",
+    "off",
+)
+AUDIT_LOG = Setting(
+    "MEDLENS_AUDIT_LOG",
+    _text,
+    None,
+    "append-only JSON Lines audit log (who, when, action, model, de-identified scan hash, outcome), or `off`",
+    "<user data dir>/medlens/audit.jsonl",
+)
 REDACT = Setting(
-    "MEDLENS_REDACT", _redact_mode, "auto",
+    "MEDLENS_REDACT",
+    _redact_mode,
+    "auto",
     "burned-in text removal on load: auto (OCR and blank text in US, SC, XA, RF and images flagged for burned-in text), "
     "always (every scan), off (never: flagged scans stay flagged, unredacted)",
 )
-TESSERACT = Setting("MEDLENS_TESSERACT", _text, "tesseract", "the Tesseract OCR program used for burned-in text removal (a name on PATH or a path)")
+TESSERACT = Setting(
+    "MEDLENS_TESSERACT", _text, "tesseract", "the Tesseract OCR program used for burned-in text removal (a name on PATH or a path)"
+)
 # The PACS (engine.pacs). Credentials come from here only: never from the command line, never logged.
 PACS_URL = Setting("MEDLENS_PACS_URL", _text, None, "DICOMweb root of the PACS, e.g. https://pacs.example.org/dicom-web (unset: no PACS)")
 PACS_USER = Setting("MEDLENS_PACS_USER", _text, None, "PACS user name (HTTP basic authentication, with MEDLENS_PACS_PASSWORD)")
 PACS_PASSWORD = Setting("MEDLENS_PACS_PASSWORD", _text, None, "PACS password (never put it on a command line; it is never logged)")
 PACS_TOKEN = Setting("MEDLENS_PACS_TOKEN", _text, None, "PACS bearer token (OAuth/OIDC), instead of user and password")
-PACS_CA_BUNDLE = Setting("MEDLENS_PACS_CA_BUNDLE", _path, None, "CA certificate file that signs the PACS's TLS certificate (verification is always on)", "the system's CAs")
-PACS_ALLOW_HTTP = Setting("MEDLENS_PACS_ALLOW_HTTP", _flag, False, "allow plain http:// to a PACS that is not on this machine (images and credentials travel unencrypted)", "off")
-PACS_TIMEOUT = Setting("MEDLENS_PACS_TIMEOUT", _positive_float, 120.0, "seconds to wait for one PACS request (a large series takes one request)")
+PACS_CA_BUNDLE = Setting(
+    "MEDLENS_PACS_CA_BUNDLE",
+    _path,
+    None,
+    "CA certificate file that signs the PACS's TLS certificate (verification is always on)",
+    "the system's CAs",
+)
+PACS_ALLOW_HTTP = Setting(
+    "MEDLENS_PACS_ALLOW_HTTP",
+    _flag,
+    False,
+    "allow plain http:// to a PACS that is not on this machine (images and credentials travel unencrypted)",
+    "off",
+)
+PACS_TIMEOUT = Setting(
+    "MEDLENS_PACS_TIMEOUT", _positive_float, 120.0, "seconds to wait for one PACS request (a large series takes one request)"
+)
 
 SETTINGS: tuple[Setting, ...] = (
     MODEL,

@@ -79,15 +79,29 @@ def _pixel_bytes(kind: str, k: int, n: int, rows: int, cols: int, rle: bool) -> 
 
         encoded = RLELosslessEncoder.encode(
             np.frombuffer(raw, np.uint16).reshape(rows, cols),
-            rows=rows, columns=cols, samples_per_pixel=1, bits_allocated=16, bits_stored=12,
-            pixel_representation=0, photometric_interpretation="MONOCHROME2", number_of_frames=1,
+            rows=rows,
+            columns=cols,
+            samples_per_pixel=1,
+            bits_allocated=16,
+            bits_stored=12,
+            pixel_representation=0,
+            photometric_interpretation="MONOCHROME2",
+            number_of_frames=1,
         )
         return encapsulate([encoded])
     return raw
 
 
-def write_ct_series(folder: Path, n_slices: int, rows: int = 512, cols: int = 512, *, pixels: str = "phantom",
-                    rle: bool = False, zip_path: Path | None = None) -> list[Path] | Path:
+def write_ct_series(
+    folder: Path,
+    n_slices: int,
+    rows: int = 512,
+    cols: int = 512,
+    *,
+    pixels: str = "phantom",
+    rle: bool = False,
+    zip_path: Path | None = None,
+) -> list[Path] | Path:
     """Write n_slices CT files (0.6 mm apart) into folder, or straight into zip_path (then return it)."""
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 

@@ -261,14 +261,25 @@ def write_enhanced(path: str | Path, spec: SeriesSpec, shuffle_frames: bool = Fa
     in_stack = {int(k): n + 1 for n, k in enumerate(acquisition)}  # spatial slice -> InStackPositionNumber
     order = rng.permutation(spec.n_slices) if shuffle_frames else acquisition  # storage order
 
-    ds = _slice_dataset(spec, ENHANCED_MR_IMAGE_STORAGE, generate_uid(), generate_uid(), generate_uid(),
-                        positions[0], 1, pixels[0])
+    ds = _slice_dataset(spec, ENHANCED_MR_IMAGE_STORAGE, generate_uid(), generate_uid(), generate_uid(), positions[0], 1, pixels[0])
     ds.file_meta.MediaStorageSOPClassUID = ENHANCED_MR_IMAGE_STORAGE
     ds.SOPClassUID = ENHANCED_MR_IMAGE_STORAGE
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
-    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-               "SpacingBetweenSlices", "SliceLocation", "EchoTime", "RepetitionTime", "ScanningSequence",
-               "SequenceVariant", "EchoNumbers", "RescaleSlope", "RescaleIntercept"):
+    for kw in (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "SpacingBetweenSlices",
+        "SliceLocation",
+        "EchoTime",
+        "RepetitionTime",
+        "ScanningSequence",
+        "SequenceVariant",
+        "EchoNumbers",
+        "RescaleSlope",
+        "RescaleIntercept",
+    ):
         if kw in ds:
             delattr(ds, kw)
     ds.NumberOfFrames = spec.n_slices

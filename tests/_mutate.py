@@ -194,13 +194,34 @@ def _dcm_bytes(ds) -> bytes:
 
 # Elements whose deletion hits the readers' assumptions (chosen half the time).
 _CRITICAL_TAGS = (
-    "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    "SamplesPerPixel", "PhotometricInterpretation", "PixelData", "NumberOfFrames",
-    "PlanarConfiguration", "RescaleSlope", "RescaleIntercept", "PixelSpacing",
-    "ImagePositionPatient", "ImageOrientationPatient", "SeriesInstanceUID", "SOPClassUID",
-    "Modality", "RedPaletteColorLookupTableData", "RedPaletteColorLookupTableDescriptor",
-    "WindowCenter", "WindowWidth", "SliceThickness", "FrameIncrementPointer",
-    "GridFrameOffsetVector", "DoseGridScaling", "TransferSyntaxUID",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PixelData",
+    "NumberOfFrames",
+    "PlanarConfiguration",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "PixelSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SeriesInstanceUID",
+    "SOPClassUID",
+    "Modality",
+    "RedPaletteColorLookupTableData",
+    "RedPaletteColorLookupTableDescriptor",
+    "WindowCenter",
+    "WindowWidth",
+    "SliceThickness",
+    "FrameIncrementPointer",
+    "GridFrameOffsetVector",
+    "DoseGridScaling",
+    "TransferSyntaxUID",
 )
 
 
@@ -268,8 +289,9 @@ def corrupt_value(data: bytes, rng: random.Random, fmt: str) -> tuple[bytes, str
         if len(raw) % 2:
             raw += b" "
         implicit, little = ds.original_encoding
-        ds._dict[tag] = RawDataElement(tag, None if implicit else vr, len(raw), raw, 0,
-                                       bool(implicit), bool(little) if little is not None else True)
+        ds._dict[tag] = RawDataElement(
+            tag, None if implicit else vr, len(raw), raw, 0, bool(implicit), bool(little) if little is not None else True
+        )
     try:
         out = _dcm_bytes(ds)
     except Exception:  # the value cannot even be encoded: fall back to a byte flip
@@ -279,16 +301,34 @@ def corrupt_value(data: bytes, rng: random.Random, fmt: str) -> tuple[bytes, str
 
 # NIfTI-1 / NIfTI-2 header fields: (offset, struct code) for each version.
 _NIFTI1 = {
-    "sizeof_hdr": (0, "i"), "dim": (40, "8h"), "datatype": (70, "h"), "bitpix": (72, "h"),
-    "pixdim": (76, "8f"), "vox_offset": (108, "f"), "scl_slope": (112, "f"), "scl_inter": (116, "f"),
-    "qform_code": (252, "h"), "sform_code": (254, "h"), "quatern": (256, "3f"), "srow": (280, "12f"),
+    "sizeof_hdr": (0, "i"),
+    "dim": (40, "8h"),
+    "datatype": (70, "h"),
+    "bitpix": (72, "h"),
+    "pixdim": (76, "8f"),
+    "vox_offset": (108, "f"),
+    "scl_slope": (112, "f"),
+    "scl_inter": (116, "f"),
+    "qform_code": (252, "h"),
+    "sform_code": (254, "h"),
+    "quatern": (256, "3f"),
+    "srow": (280, "12f"),
     "magic": (344, "4s"),
 }
 _NIFTI2 = {
-    "sizeof_hdr": (0, "i"), "magic": (4, "8s"), "datatype": (12, "h"), "bitpix": (14, "h"),
-    "dim": (16, "8q"), "pixdim": (104, "8d"), "vox_offset": (168, "q"), "scl_slope": (176, "d"),
-    "scl_inter": (184, "d"), "qform_code": (344, "i"), "sform_code": (348, "i"),
-    "quatern": (352, "3d"), "srow": (400, "12d"),
+    "sizeof_hdr": (0, "i"),
+    "magic": (4, "8s"),
+    "datatype": (12, "h"),
+    "bitpix": (14, "h"),
+    "dim": (16, "8q"),
+    "pixdim": (104, "8d"),
+    "vox_offset": (168, "q"),
+    "scl_slope": (176, "d"),
+    "scl_inter": (184, "d"),
+    "qform_code": (344, "i"),
+    "sform_code": (348, "i"),
+    "quatern": (352, "3d"),
+    "srow": (400, "12d"),
 }
 _DTYPES = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048, 2304, 7, 9999, -1)
 _BAD_FLOATS = (0.0, -1.0, float("nan"), float("inf"), -float("inf"), 1e30, 1e-30)
@@ -302,9 +342,27 @@ def corrupt_header(data: bytes, rng: random.Random, fmt: str) -> tuple[bytes, st
     endian = "<" if size_le in (348, 540) else ">"
     (size,) = struct.unpack_from(endian + "i", buf, 0)
     table = _NIFTI2 if size == 540 else _NIFTI1
-    field = rng.choice(["dim", "dim", "dim", "datatype", "datatype", "bitpix", "vox_offset", "vox_offset",
-                        "pixdim", "scl_slope", "scl_inter", "qform_code", "sform_code", "quatern", "srow",
-                        "magic", "sizeof_hdr"])
+    field = rng.choice(
+        [
+            "dim",
+            "dim",
+            "dim",
+            "datatype",
+            "datatype",
+            "bitpix",
+            "vox_offset",
+            "vox_offset",
+            "pixdim",
+            "scl_slope",
+            "scl_inter",
+            "qform_code",
+            "sform_code",
+            "quatern",
+            "srow",
+            "magic",
+            "sizeof_hdr",
+        ]
+    )
     off, code = table[field]
     fmt_code = endian + code
     values = list(struct.unpack_from(fmt_code, buf, off))
@@ -397,6 +455,7 @@ def make_case(seeds: list[Seed], index: int, base_seed: int) -> Case:
 # Messages and swallowed exceptions
 # --------------------------------------------------------------------------
 
+
 def message_problems(message: str, file_name: str | None = None) -> list[str]:
     """Why a ScanError message would not let a person act on it (empty list: fine)."""
     import re
@@ -479,6 +538,7 @@ class CatchAllProbe:
                 continue
             orig = getattr(mod, "_short", None)
             if callable(orig):
+
                 def short(exc, *a, __orig=orig, **k):
                     self._record(exc)
                     return __orig(exc, *a, **k)
@@ -489,6 +549,7 @@ class CatchAllProbe:
         for name in self._READERS:
             orig = getattr(eio, name, None)
             if callable(orig):
+
                 def reader(*a, __orig=orig, **k):
                     try:
                         return __orig(*a, **k)
@@ -522,6 +583,7 @@ class CatchAllProbe:
 # --------------------------------------------------------------------------
 # Running loads in a worker process
 # --------------------------------------------------------------------------
+
 
 @dataclass
 class Outcome:
@@ -624,17 +686,31 @@ def _worker(args) -> int:
             result = None
             problems = message_problems(message, path.name) if status == "scan_error" else []
             internal = [asdict(s) for s in probe.internal]
-            out.write(json.dumps({"event": "done", "index": i, "status": status, "secs": secs,
-                                  "message": message[:500], "traceback": tb, "n_scans": n,
-                                  "message_problems": problems, "internal": internal,
-                                  "n_swallowed": len(probe.swallowed)}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "event": "done",
+                        "index": i,
+                        "status": status,
+                        "secs": secs,
+                        "message": message[:500],
+                        "traceback": tb,
+                        "n_scans": n,
+                        "message_problems": problems,
+                        "internal": internal,
+                        "n_swallowed": len(probe.swallowed),
+                    }
+                )
+                + "\n"
+            )
 
         out.write(json.dumps({"event": "end", "maxrss_kb": _vm_hwm_kb()}) + "\n")
     return 0
 
 
-def run_fuzz(seeds: list[Seed], n: int, base_seed: int, *, hang_s: float = 60.0, mem_gib: float = 8.0,
-             progress=None) -> tuple[list[Outcome], dict]:
+def run_fuzz(
+    seeds: list[Seed], n: int, base_seed: int, *, hang_s: float = 60.0, mem_gib: float = 8.0, progress=None
+) -> tuple[list[Outcome], dict]:
     """Run cases 0..n-1 in worker processes; restart after a crash or hang."""
     outcomes: dict[int, Outcome] = {}
     info = {"worker_restarts": 0, "max_worker_rss_kb": 0}
@@ -648,9 +724,25 @@ def run_fuzz(seeds: list[Seed], n: int, base_seed: int, *, hang_s: float = 60.0,
         while start < n:
             results = tmpdir / f"results{start}.jsonl"
             results.touch()
-            cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--seeds", str(seeds_file),
-                   "--start", str(start), "--stop", str(n), "--seed", str(base_seed), "--tmp", str(work),
-                   "--results", str(results), "--mem-gib", str(mem_gib)]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "worker",
+                "--seeds",
+                str(seeds_file),
+                "--start",
+                str(start),
+                "--stop",
+                str(n),
+                "--seed",
+                str(base_seed),
+                "--tmp",
+                str(work),
+                "--results",
+                str(results),
+                "--mem-gib",
+                str(mem_gib),
+            ]
             err_path = tmpdir / f"stderr{start}.txt"
             err_fh = open(err_path, "wb")  # a file, not a pipe: a chatty decoder must not block the worker
             proc = subprocess.Popen(cmd, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=err_fh)
@@ -674,9 +766,19 @@ def run_fuzz(seeds: list[Seed], n: int, base_seed: int, *, hang_s: float = 60.0,
                     elif ev["event"] == "done":
                         assert current is not None and current["index"] == ev["index"]
                         outcomes[ev["index"]] = Outcome(
-                            ev["index"], current["seed"], current["kind"], current["detail"], ev["status"], ev["secs"],
-                            ev["message"], ev["traceback"], ev["n_scans"], ev["message_problems"], ev["internal"],
-                            ev["n_swallowed"])
+                            ev["index"],
+                            current["seed"],
+                            current["kind"],
+                            current["detail"],
+                            ev["status"],
+                            ev["secs"],
+                            ev["message"],
+                            ev["traceback"],
+                            ev["n_scans"],
+                            ev["message_problems"],
+                            ev["internal"],
+                            ev["n_swallowed"],
+                        )
                         if progress:
                             progress(outcomes[ev["index"]])
                         current = None
@@ -695,21 +797,26 @@ def run_fuzz(seeds: list[Seed], n: int, base_seed: int, *, hang_s: float = 60.0,
                     time.sleep(0.02)
             err_fh.close()
             err_text = err_path.read_bytes().decode(errors="replace")
-            stderr_tail = err_text[err_text.rfind(_CASE_MARK):][-3000:].encode()
+            stderr_tail = err_text[err_text.rfind(_CASE_MARK) :][-3000:].encode()
             if ended and current is None:
                 break
             # The worker died or hung: the case it had started is the culprit.
             info["worker_restarts"] += 1
             if current is None:
-                raise RuntimeError(f"fuzz worker exited (rc={proc.returncode}) between cases:\n"
-                                   f"{stderr_tail.decode(errors='replace')}")
+                raise RuntimeError(f"fuzz worker exited (rc={proc.returncode}) between cases:\n{stderr_tail.decode(errors='replace')}")
             i = current["index"]
             hung = killed
             status = "hang" if hung else "crash"
-            outcomes[i] = Outcome(i, current["seed"], current["kind"], current["detail"], status,
-                                  time.monotonic() - started_at,
-                                  f"worker {'killed after ' + str(hang_s) + ' s' if hung else 'died, rc=' + str(proc.returncode)}",
-                                  stderr_tail.decode(errors="replace"))
+            outcomes[i] = Outcome(
+                i,
+                current["seed"],
+                current["kind"],
+                current["detail"],
+                status,
+                time.monotonic() - started_at,
+                f"worker {'killed after ' + str(hang_s) + ' s' if hung else 'died, rc=' + str(proc.returncode)}",
+                stderr_tail.decode(errors="replace"),
+            )
             if progress:
                 progress(outcomes[i])
             start = i + 1
@@ -774,15 +881,19 @@ def load_in_subprocess(paths: list[str | os.PathLike], timeout: float = 120.0) -
     """
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _LOAD_SNIPPET, str(REPO), *map(str, paths)],
-                              capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_SNIPPET, str(REPO), *map(str, paths)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=str(REPO),
+        )
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"load({[Path(p).name for p in paths]}) did not finish within {timeout:g} s; "
-                             "the process was killed") from None
+        raise AssertionError(f"load({[Path(p).name for p in paths]}) did not finish within {timeout:g} s; the process was killed") from None
     wall = time.perf_counter() - t0
     for line in proc.stdout.splitlines():
         if line.startswith("MEDLENS-RESULT "):
-            out = json.loads(line[len("MEDLENS-RESULT "):])
+            out = json.loads(line[len("MEDLENS-RESULT ") :])
             out["wall_secs"] = wall
             return out
     raise AssertionError(f"load subprocess died (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -791,6 +902,7 @@ def load_in_subprocess(paths: list[str | os.PathLike], timeout: float = 120.0) -
 # --------------------------------------------------------------------------
 # A small, valid DICOM series built from a real slice
 # --------------------------------------------------------------------------
+
 
 def write_series(folder: Path | None, n: int = 4, template: str | None = None) -> list[tuple[str, bytes]]:
     """`n` CT slices (1 mm apart) made from pydicom's CT_small; written to folder if given.

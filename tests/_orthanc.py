@@ -81,8 +81,14 @@ class Orthanc:
     def config(self) -> dict:
         storage = str(self.folder / "storage")
         if self.base is not None:
-            return {**self.base, "StorageDirectory": storage, "IndexDirectory": storage, "HttpPort": self.port,
-                    "DicomPort": free_port(), "Plugins": [str(DICOMWEB_PLUGIN)]}
+            return {
+                **self.base,
+                "StorageDirectory": storage,
+                "IndexDirectory": storage,
+                "HttpPort": self.port,
+                "DicomPort": free_port(),
+                "Plugins": [str(DICOMWEB_PLUGIN)],
+            }
         return {
             "Name": "MedLensTest",
             "StorageDirectory": storage,

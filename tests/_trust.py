@@ -11,8 +11,14 @@ from engine.trust import Calibration, Calibrator
 from engine.trust.ood import REFERENCE_FILE, ReferenceSet
 
 
-def write_trust(folder: Path, *, present_absent: dict[str, Calibrator] | None = None, softmax: dict[str, Calibrator] | None = None,
-                closed: dict[str, Calibrator] | None = None, reference: ReferenceSet | None = None) -> Path:
+def write_trust(
+    folder: Path,
+    *,
+    present_absent: dict[str, Calibrator] | None = None,
+    softmax: dict[str, Calibrator] | None = None,
+    closed: dict[str, Calibrator] | None = None,
+    reference: ReferenceSet | None = None,
+) -> Path:
     """Add a trust block (as training/ writes it, engine/trust contract) and optionally a reference set to a checkpoint folder."""
     config_path = Path(folder) / "config.json"
     config = json.loads(config_path.read_text())

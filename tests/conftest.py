@@ -54,6 +54,8 @@ def require_openvino(int8: bool = False) -> None:
     if os.environ.get("MEDLENS_REQUIRE_OPENVINO") == "1":
         pytest.fail(f"MEDLENS_REQUIRE_OPENVINO=1 but {problem}")
     pytest.skip(problem)
+
+
 @pytest.fixture
 def installed_models(monkeypatch, tmp_path_factory):
     """Set which shipped models are installed: `installed_models({"name": folder, ...})` ({} = none).

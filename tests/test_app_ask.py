@@ -130,7 +130,9 @@ def test_ask_a_2d_image(server, client, tiny_ask, tmp_path):
     png = tmp_path / "image.png"
     Image.fromarray((np.arange(64 * 80) % 251).astype(np.uint8).reshape(64, 80)).save(png)
     client.predict([handle_file(str(png))], api_name="/load_files")
-    answer, candidates, slices, evidence_view, result = _ask(client, tiny_ask, "What is the imaging modality?", axial=0, center=125, width=250)
+    answer, candidates, slices, evidence_view, result = _ask(
+        client, tiny_ask, "What is the imaging modality?", axial=0, center=125, width=250
+    )
     assert result["closed"] is True and result["most_attended_axial_slice"] is None
     assert slices["visible"] is False and candidates["visible"] is True  # no per-slice chart for an image
     image = decode_data_url_png(evidence_view)

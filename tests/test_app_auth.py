@@ -75,8 +75,12 @@ def test_unauthenticated_clients_are_refused(auth_server, audit_log):
     with pytest.raises(Exception, match="(?i)credentials|login|401"):
         _client(url, "mallory", PASSWORDS["alice"])
     # raw HTTP: no config, no API call, no queue without the login cookie
-    for method, path in (("GET", "config"), ("POST", "gradio_api/call/library_search"), ("POST", "gradio_api/queue/join"),
-                         ("GET", "gradio_api/info")):
+    for method, path in (
+        ("GET", "config"),
+        ("POST", "gradio_api/call/library_search"),
+        ("POST", "gradio_api/queue/join"),
+        ("GET", "gradio_api/info"),
+    ):
         response = httpx.request(method, url + path, json={"data": []}, timeout=30)
         assert response.status_code in (401, 403), (path, response.status_code)
     client = _client(url, "alice")
@@ -305,8 +309,14 @@ def test_space_oauth_identifies_hf_users_and_refuses_visitors(tmp_path, monkeypa
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    for name, value in {"SYSTEM": "spaces", "SPACE_ID": "someone/medlens", "OAUTH_CLIENT_ID": "client", "OAUTH_CLIENT_SECRET": "s3cret",
-                        "OAUTH_SCOPES": "openid profile", "OPENID_PROVIDER_URL": "http://127.0.0.1:9"}.items():
+    for name, value in {
+        "SYSTEM": "spaces",
+        "SPACE_ID": "someone/medlens",
+        "OAUTH_CLIENT_ID": "client",
+        "OAUTH_CLIENT_SECRET": "s3cret",
+        "OAUTH_SCOPES": "openid profile",
+        "OPENID_PROVIDER_URL": "http://127.0.0.1:9",
+    }.items():
         monkeypatch.setenv(name, value)
         if hasattr(oauth, name):
             monkeypatch.setattr(oauth, name, value)  # gradio.oauth read them at import
@@ -324,9 +334,15 @@ def test_space_oauth_identifies_hf_users_and_refuses_visitors(tmp_path, monkeypa
         assert "Not signed in" in visitor.predict(api_name="/whoami")
         from gradio_client import Client
 
-        info = {"userinfo": {"preferred_username": "dana", "name": "Dana", "profile": "", "picture": ""},
-                "expires_at": time.time() + 3600, "access_token": "t", "scope": "openid"}
-        dana = Client(url, headers={"Cookie": f"session={_session_cookie('s3cret', {'oauth_info': info})}"}, verbose=False, download_files=False)
+        info = {
+            "userinfo": {"preferred_username": "dana", "name": "Dana", "profile": "", "picture": ""},
+            "expires_at": time.time() + 3600,
+            "access_token": "t",
+            "scope": "openid",
+        }
+        dana = Client(
+            url, headers={"Cookie": f"session={_session_cookie('s3cret', {'oauth_info': info})}"}, verbose=False, download_files=False
+        )
         assert dana.predict(api_name="/whoami").startswith("Signed in as **hf:dana**")
         dana.predict([handle_file(str(png))], api_name="/load_files")
         status, scan_id, *_ = dana.predict(0, tiny, api_name="/library_add")

@@ -28,7 +28,6 @@ from conftest import SHARED_DATA  # noqa: E402
 pytestmark = pytest.mark.browser
 
 
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app with the tiny random Q-Former as its Ask model (MEDLENS_ASK_MODEL, read when the UI is built)."""
@@ -146,7 +145,9 @@ def test_2d_image_takes_the_whole_row(server, page, tmp_path):
     page.goto(url)
     page.wait_for_selector("#ml-files input[type=file]", state="attached")
     page.set_input_files("#ml-files input[type=file]", str(png))
-    page.wait_for_function("() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }"
+    )
     state = _view_state(page, "axial")
     assert state["w"] / state["h"] == pytest.approx(400 / 300, rel=0.01)
     assert page.locator("#ml-coronal-view").is_hidden() and page.locator("#ml-sagittal-view").is_hidden()
@@ -167,7 +168,9 @@ def test_ask_a_question_about_the_scan(server, page, tmp_path):
     page.goto(url)
     page.wait_for_selector("#ml-files input[type=file]", state="attached")
     page.set_input_files("#ml-files input[type=file]", str(archive))
-    page.wait_for_function("() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }"
+    )
 
     page.get_by_role("tab", name="Ask the scan").click()  # the second of the two main panels
     question = page.locator("#ml-ask-question textarea, #ml-ask-question input").first
@@ -181,7 +184,9 @@ def test_ask_a_question_about_the_scan(server, page, tmp_path):
     assert "not calibrated" in text
     assert ("Out of distribution" in text) == text.lstrip().startswith("⚠")
     # the evidence: the current axial slice with the heat map, and the per-slice chart
-    page.wait_for_function("() => { const i = document.querySelector('#ml-ask-evidence img.ml-img'); return i && i.complete && i.naturalWidth === 512; }")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#ml-ask-evidence img.ml-img'); return i && i.complete && i.naturalWidth === 512; }"
+    )
     assert "where the model looked" in page.locator("#ml-ask-evidence").inner_text()
     page.locator("#ml-ask-slices .js-plotly-plot").wait_for()
     # the scan's suggested questions reached the dropdown (metadata.change -> ask_suggestions); picking one asks it
@@ -217,12 +222,16 @@ def test_workstation_screen_shows_views_and_labels_before_metadata(server, page,
     )
     page.locator("#ml-lp-run").click()
     page.locator("#ml-lp-bar .js-plotly-plot").wait_for()
-    page.wait_for_function("() => { const i = document.querySelector('#ml-model-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }")
+    page.wait_for_function(
+        "() => { const i = document.querySelector('#ml-model-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }"
+    )
     assert "sees" in page.locator("#ml-model-view").inner_text()  # what the model received: resolution, crop, window
     page.evaluate("() => window.scrollTo(0, 0)")
 
     def box(selector: str) -> dict:
-        return page.eval_on_selector(selector, "e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, left: r.left}; }")
+        return page.eval_on_selector(
+            selector, "e => { const r = e.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, left: r.left}; }"
+        )
 
     for plane in ("axial", "coronal", "sagittal"):
         assert box(f"#ml-{plane}-view img.ml-img")["bottom"] <= 768, f"{plane} view below the first screen"
@@ -241,4 +250,3 @@ def test_workstation_screen_shows_views_and_labels_before_metadata(server, page,
         shutil.copy(shot, out / shot.name)
     assert shot.stat().st_size > 10_000
     assert not errors, errors
-

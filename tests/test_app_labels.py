@@ -26,7 +26,9 @@ def client(server):
     return Client(server[0], verbose=False, download_files=False)
 
 
-def _label(client, tiny, labels="liver\nlung\nbrain", *, mode="softmax", aggregation="mean", planes=("axial",), n_slices=6, prompt_set="auto"):
+def _label(
+    client, tiny, labels="liver\nlung\nbrain", *, mode="softmax", aggregation="mean", planes=("axial",), n_slices=6, prompt_set="auto"
+):
     return client.predict(0, 0, tiny, prompt_set, labels, mode, aggregation, list(planes), n_slices, api_name="/label_scan")
 
 

@@ -21,8 +21,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 LIBRARY_API = {
-    "/library_search", "/library_open", "/library_select", "/library_add",
-    "/library_tag_positive", "/library_tag_negative", "/library_teach", "/library_refresh",
+    "/library_search",
+    "/library_open",
+    "/library_select",
+    "/library_add",
+    "/library_tag_positive",
+    "/library_tag_negative",
+    "/library_teach",
+    "/library_refresh",
 }
 CAPTION = re.compile(r"^(⚠ out of distribution · )?-?\d+\.\d{4} · [A-Z]+ · #\d+$")
 
@@ -188,7 +194,11 @@ def test_teach_a_label_and_filter_by_it(server, client, tiny, tmp_path, library)
         status, tags, scan_id, _parts, labels = client.predict(0, tiny, "  Pleural   Effusion ", api_name=api)
         ids[scan_id] = positive
         assert "pleural effusion" in status and ("positive" if positive else "negative") in status
-    assert tags == {"label": "pleural effusion", "positive_ids": [k for k, v in ids.items() if v], "negative_ids": [k for k, v in ids.items() if not v]}
+    assert tags == {
+        "label": "pleural effusion",
+        "positive_ids": [k for k, v in ids.items() if v],
+        "negative_ids": [k for k, v in ids.items() if not v],
+    }
     assert "Fit" in status and "pleural effusion" in _choices(labels)
     status, summary, _parts, labels = client.predict(0, tiny, "pleural effusion", api_name="/library_teach")
     assert summary["n_pos"] == 2 and summary["n_neg"] == 2 and summary["metrics"]["cv_folds"] == 2

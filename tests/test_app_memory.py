@@ -141,10 +141,13 @@ def _abort_upload(url: str, name: str, n_bytes: int) -> None:
     """Send the start of a multipart upload, then drop the connection (a browser tab closed mid-upload)."""
     host, port = url.split("//")[1].strip("/").split(":")
     boundary = "medlensboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
-    request = (f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}:{port}\r\n"
-               f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(head) + 50_000_000}\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode()
+    request = (
+        f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(head) + 50_000_000}\r\n\r\n"
+    ).encode()
     with socket.create_connection((host, int(port))) as s:
         s.sendall(request + head + os.urandom(n_bytes))
         time.sleep(0.5)

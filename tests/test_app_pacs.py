@@ -79,8 +79,9 @@ def test_search_open_label_and_send_back(client, pacs, app_server, tiny):
     client.predict(0, 0, tiny, "auto", "liver\nlung", "softmax", "mean", ["axial"], 3, api_name="/label_scan")
     sent = client.predict(0, api_name="/pacs_send")
     assert "Stored SR, SEG, SC" in sent and server.dicomweb in sent
-    ours = [s for s in server.series_of(datasets[0].StudyInstanceUID)
-            if (s.get("0008103E", {}).get("Value") or [""])[0].startswith("MedLens")]
+    ours = [
+        s for s in server.series_of(datasets[0].StudyInstanceUID) if (s.get("0008103E", {}).get("Value") or [""])[0].startswith("MedLens")
+    ]
     assert sorted(s["00080060"]["Value"][0] for s in ours) == ["OT", "SEG", "SR"]
     # nothing of the study's patient data, nor its real UIDs, was written into Gradio's cache
     cache = app_server[1]

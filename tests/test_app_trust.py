@@ -48,7 +48,9 @@ def _label_png(client, model, pixels, tmp_path, name):
     png = tmp_path / f"{name}.png"
     Image.fromarray(pixels).save(png)
     client.predict([handle_file(str(png))], api_name="/load_files")
-    return client.predict(0, 0, model, "xray", "pneumonia\nnormal\npleural effusion", "softmax", "mean", ["axial"], 4, api_name="/label_scan")
+    return client.predict(
+        0, 0, model, "xray", "pneumonia\nnormal\npleural effusion", "softmax", "mean", ["axial"], 4, api_name="/label_scan"
+    )
 
 
 def test_the_labels_panel_warns_on_a_foreign_image_and_shows_calibrated_numbers(client, trusted, tmp_path):

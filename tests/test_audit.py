@@ -47,19 +47,28 @@ def test_a_record_is_one_checked_json_line(log_file):
     first, second = lines(log_file)
     assert set(first) == {"time", "user", "action", "outcome", "model", "revision", "scans", "results", "detail"}
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", first["time"])
-    assert (first["user"], first["action"], first["outcome"], first["model"], first["revision"]) == ("alice", "label", "ok", "medlens-clip", "3f2a")
+    assert (first["user"], first["action"], first["outcome"], first["model"], first["revision"]) == (
+        "alice",
+        "label",
+        "ok",
+        "medlens-clip",
+        "3f2a",
+    )
     assert first["scans"] == [HASH] and first["detail"] == {"series": 2, "status": "added"}
     assert (second["model"], second["revision"], second["outcome"]) == ("shipped:medlens-clip", "9c1", "denied")
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o600 and stat.S_IMODE(log_file.parent.stat().st_mode) == 0o700
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(scans=["/home/doe/john.dcm"]),           # a path is not a content hash
-    dict(scans=["DOE^JOHN"]),
-    dict(results=["patient_DOE_JOHN_1970.png"]),
-    dict(detail={"label": "John Doe nodule"}),    # user text never goes into detail
-    dict(detail={"query": ["a", "list"]}),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(scans=["/home/doe/john.dcm"]),  # a path is not a content hash
+        dict(scans=["DOE^JOHN"]),
+        dict(results=["patient_DOE_JOHN_1970.png"]),
+        dict(detail={"label": "John Doe nodule"}),  # user text never goes into detail
+        dict(detail={"query": ["a", "list"]}),
+    ],
+)
 def test_names_paths_and_free_text_are_refused(log_file, kwargs):
     with pytest.raises(ValueError):
         audit.record("label", user="alice", **kwargs)
@@ -170,7 +179,12 @@ def test_cli_commands_write_one_line_per_action(capsys, log_file, tmp_path, tiny
     capsys.readouterr()
     records = lines(log_file)
     assert [(r["action"], r["outcome"]) for r in records] == [
-        ("index", "ok"), ("search", "ok"), ("teach", "ok"), ("label", "ok"), ("label", "error:ScanError")]
+        ("index", "ok"),
+        ("search", "ok"),
+        ("teach", "ok"),
+        ("label", "ok"),
+        ("label", "error:ScanError"),
+    ]
     assert all(r["user"] == "local" for r in records)
     index, search, teach, label, failed = records
     assert len(index["scans"]) == 4 and index["detail"]["added"] == 4 and index["model"] and index["revision"]
@@ -224,7 +238,6 @@ def test_app_events_leave_no_phi_in_the_audit_log(server, tiny, log_file, tmp_pa
     assert not problems, "; ".join(sorted(set(problems)))
     for word in ("Doe", "nodule", "John", ".dcm", str(tmp_path)):
         assert word.lower() not in text.lower()
-
 
 
 def test_app_ask_lines_carry_the_signed_in_user_also_through_a_suggestion(log_file, tmp_path):

@@ -34,8 +34,16 @@ def test_hash_round_trip_salted_and_never_plain(stored):
     assert stored.split("$")[-1] not in repr(parse_hash(stored)) and stored.split("$")[-2] not in repr(parse_hash(stored))
 
 
-@pytest.mark.parametrize("bad", [PASSWORD, "pbkdf2$1$x$y", "scrypt$3$8$1$AAAAAAAAAAA=$" + "A" * 44,
-                                 "scrypt$1048577$8$1$AAAAAAAAAAA=$" + "A" * 44, "scrypt$16384$8$1$!!$??"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        PASSWORD,
+        "pbkdf2$1$x$y",
+        "scrypt$3$8$1$AAAAAAAAAAA=$" + "A" * 44,
+        "scrypt$1048577$8$1$AAAAAAAAAAA=$" + "A" * 44,
+        "scrypt$16384$8$1$!!$??",
+    ],
+)
 def test_plain_text_and_damaged_hashes_are_refused(bad):
     with pytest.raises(PasswordError) as info:
         parse_hash(bad)
@@ -186,10 +194,22 @@ def test_cli_user_add_asks_twice_with_getpass(capsys, monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------- the login plan
-@pytest.mark.parametrize("host, loopback", [
-    (None, True), ("", True), ("127.0.0.1", True), ("127.1.2.3", True), ("localhost", True), ("::1", True), ("[::1]", True),
-    ("0.0.0.0", False), ("::", False), ("192.168.1.20", False), ("medlens.example.org", False),
-])
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        (None, True),
+        ("", True),
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("medlens.example.org", False),
+    ],
+)
 def test_is_loopback(host, loopback):
     assert server.is_loopback(host) is loopback
 

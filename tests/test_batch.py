@@ -127,8 +127,23 @@ def test_driver_sigkill_mid_run_then_rerun_every_unit_once(capsys, tiny, tmp_pat
 
     images = png_tree(tmp_path / "images", 120, SHARED_DATA if SHARED_DATA.is_dir() else None)
     out = tmp_path / "out"
-    argv = [sys.executable, "-m", "engine.cli", "batch", "label", str(images), "--out", str(out), "--model", tiny,
-            "--batch-size", "1", "--shard-rows", "1", "--quiet"]
+    argv = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "batch",
+        "label",
+        str(images),
+        "--out",
+        str(out),
+        "--model",
+        tiny,
+        "--batch-size",
+        "1",
+        "--shard-rows",
+        "1",
+        "--quiet",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -210,7 +225,9 @@ def test_index_writes_the_library_once(capsys, tiny, tree, tmp_path):
     from engine.models import load_model
 
     lib = tmp_path / "lib.db"
-    assert run(capsys, "index", tree / "dicom", tree / "nifti", "--out", tmp_path / "a", "--library", lib, "--model", tiny, "--quiet")[0] == 0
+    assert (
+        run(capsys, "index", tree / "dicom", tree / "nifti", "--out", tmp_path / "a", "--library", lib, "--model", tiny, "--quiet")[0] == 0
+    )
     rows = [r for r in all_rows(tmp_path / "a") if r["status"] == "ok"]
     assert {s["status"] for r in rows for s in r["result"]["scans"]} == {"added"}
     with connect(lib) as db:
@@ -229,9 +246,25 @@ def test_index_writes_the_library_once(capsys, tiny, tree, tmp_path):
 
 def test_process_pool_gives_the_same_rows(capsys, tiny, tree, tmp_path):
     # the same batches (rows are identical for identical batches; the encoder's float sums depend on batch composition)
-    assert run(capsys, "label", tree / "dicom", tree / "nifti", "--out", tmp_path / "one", "--model", tiny, "--batch-size", "2", "--quiet")[0] == 0
-    code, _out, err = run(capsys, "label", tree / "dicom", tree / "nifti", "--out", tmp_path / "two", "--model", tiny,
-                          "--workers", "2", "--batch-size", "2", "--quiet")
+    assert (
+        run(capsys, "label", tree / "dicom", tree / "nifti", "--out", tmp_path / "one", "--model", tiny, "--batch-size", "2", "--quiet")[0]
+        == 0
+    )
+    code, _out, err = run(
+        capsys,
+        "label",
+        tree / "dicom",
+        tree / "nifti",
+        "--out",
+        tmp_path / "two",
+        "--model",
+        tiny,
+        "--workers",
+        "2",
+        "--batch-size",
+        "2",
+        "--quiet",
+    )
     assert code == 0, err
     assert canonical(all_rows(tmp_path / "one")) == canonical(all_rows(tmp_path / "two"))
 
@@ -266,8 +299,13 @@ def test_bad_arguments_are_one_line(capsys, tiny, tree, tmp_path, monkeypatch):
 
 
 def test_failure_reasons_group_files_with_the_same_problem():
-    assert failure_reason("/a/b.dcm: named like DICOM but has no DICOM header (no 'DICM' marker)", "/a/b.dcm") == "named like DICOM but has no DICOM header"
-    assert failure_reason("no scan could be loaded from 3 files: empty file (3 files)") == "no scan could be loaded from 3 files: empty file"
+    assert (
+        failure_reason("/a/b.dcm: named like DICOM but has no DICOM header (no 'DICM' marker)", "/a/b.dcm")
+        == "named like DICOM but has no DICOM header"
+    )
+    assert (
+        failure_reason("no scan could be loaded from 3 files: empty file (3 files)") == "no scan could be loaded from 3 files: empty file"
+    )
     assert failure_reason("x/y/slice1.dcm: cannot read file (truncated)", "x/y") == "cannot read file"
 
 
@@ -323,8 +361,22 @@ def test_ask_answers_every_question_about_every_scan(capsys, tree, tmp_path):
     model = f"local-dir:{tiny_ask_folder(tmp_path / 'qformer')}"
     out = tmp_path / "out"
     questions = ["Is the liver visible?", "What is the imaging modality?"]
-    code, _out, err = run(capsys, "ask", tree / "nifti", tree / "dicom" / "CT_small.dcm", tree / "bad" / "zeros.dcm", "--out", out,
-                          "--model", model, "--question", questions[0], "--question", questions[1], "--quiet")
+    code, _out, err = run(
+        capsys,
+        "ask",
+        tree / "nifti",
+        tree / "dicom" / "CT_small.dcm",
+        tree / "bad" / "zeros.dcm",
+        "--out",
+        out,
+        "--model",
+        model,
+        "--question",
+        questions[0],
+        "--question",
+        questions[1],
+        "--quiet",
+    )
     assert code == 0, err
     rows = {Path(r["source"]).name: r for r in all_rows(out)}
     assert rows["zeros.dcm"]["status"] == "error"

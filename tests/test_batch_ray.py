@@ -84,8 +84,12 @@ def tree(tmp_path_factory) -> Path:
 def local_rows(tiny, tree, tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("local") / "out"
     # one torch thread, as each Ray actor below has: the encoder's float sums depend on the thread count
-    run_batch(TaskSpec("label", tiny, {"labels": ["chest", "head", "abdomen"]}), [str(tree)], LocalEngine(threads=1),
-              RunOptions(out=str(out), batch_units=BATCH, progress=False))
+    run_batch(
+        TaskSpec("label", tiny, {"labels": ["chest", "head", "abdomen"]}),
+        [str(tree)],
+        LocalEngine(threads=1),
+        RunOptions(out=str(out), batch_units=BATCH, progress=False),
+    )
     return all_rows(out)
 
 
@@ -118,8 +122,13 @@ def test_ray_gives_the_same_rows_as_local_on_loopback_only(ray_home, tiny, tree,
             seen["listening"] = _listening_addresses(_ray_processes())
 
     out = tmp_path / "ray"
-    summary = run_batch(_spec(tiny), [str(tree)], RayEngine(workers=2, threads=1, temp_dir=str(tmp_path_factory.mktemp("r"))),
-                        RunOptions(out=str(out), batch_units=BATCH, progress=False), on_batch=while_running)
+    summary = run_batch(
+        _spec(tiny),
+        [str(tree)],
+        RayEngine(workers=2, threads=1, temp_dir=str(tmp_path_factory.mktemp("r"))),
+        RunOptions(out=str(out), batch_units=BATCH, progress=False),
+        on_batch=while_running,
+    )
     assert summary["complete"] and summary["engine"].startswith("ray, a local Ray (loopback only), 2 actor(s)")
     rows = all_rows(out)
     assert_each_unit_once(rows, {u.fingerprint for u in plan_units([str(tree)])})
@@ -144,8 +153,13 @@ def test_a_worker_killed_mid_run_the_job_completes(ray_home, tiny, tmp_path, tmp
         os.kill(workers[0].pid, signal.SIGKILL)
 
     out = tmp_path / "out"
-    summary = run_batch(_spec(tiny), [str(images)], RayEngine(workers=2, temp_dir=str(tmp_path_factory.mktemp("r"))),
-                        RunOptions(out=str(out), batch_units=1, progress=False), on_batch=kill_a_worker)
+    summary = run_batch(
+        _spec(tiny),
+        [str(images)],
+        RayEngine(workers=2, temp_dir=str(tmp_path_factory.mktemp("r"))),
+        RunOptions(out=str(out), batch_units=1, progress=False),
+        on_batch=kill_a_worker,
+    )
     assert killed and not psutil.pid_exists(killed[0])
     assert summary["complete"] and summary["totals"]["ok"] == 24
     assert_each_unit_once(all_rows(out), {u.fingerprint for u in plan_units([str(images)])})
@@ -159,8 +173,12 @@ def test_a_two_node_cluster_on_this_machine_runs_the_same_job(ray_home, tiny, tr
     try:
         cluster.add_node(num_cpus=1, temp_dir=str(temp))
         out = tmp_path_factory.mktemp("cluster") / "out"
-        summary = run_batch(_spec(tiny), [str(tree)], RayEngine(workers=2, threads=1, address=cluster.address),
-                            RunOptions(out=str(out), batch_units=BATCH, progress=False))
+        summary = run_batch(
+            _spec(tiny),
+            [str(tree)],
+            RayEngine(workers=2, threads=1, address=cluster.address),
+            RunOptions(out=str(out), batch_units=BATCH, progress=False),
+        )
         assert summary["complete"] and summary["run"]["nodes"] == 2, summary["run"]
         assert canonical(all_rows(out)) == canonical(local_rows)
     finally:

@@ -62,7 +62,9 @@ def test_json_one_object_per_question_one_model_load_one_encoding(capsys, tiny, 
     catalog.clear_cache()  # a fresh process' cache
     monkeypatch.setattr(ask_model, "load_ask_folder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     monkeypatch.setattr(ask_model.AskModel, "encoder_tokens", lambda self, scan: encodings.append(1) or real_tokens(self, scan))
-    code, out, err = run(capsys, "ask", ct_zip, CLOSED, "--question", MODALITY, "--question", "Which organs are in view?", "--model", tiny, "--json")
+    code, out, err = run(
+        capsys, "ask", ct_zip, CLOSED, "--question", MODALITY, "--question", "Which organs are in view?", "--model", tiny, "--json"
+    )
     assert code == 0, err
     got = rows(out)
     assert [r["question"] for r in got] == [CLOSED, MODALITY, "Which organs are in view?"]

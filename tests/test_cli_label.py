@@ -135,7 +135,9 @@ def test_models_lists_a_shipped_checkpoint(capsys, installed_models, tmp_path):
 def test_label_real_files(capsys, tiny, shared_data):
     xray = sorted((shared_data / "xray" / "nih_cxr14_1000" / "images").glob("*.png"))[0]
     series = shared_data / "volumes" / "totalsegmentator" / "ct_dicom_series"
-    code, out, err = run(capsys, "label", xray, "--labels", "normal", "pneumonia", "cardiomegaly", "--modality", "xray", "--model", tiny, "--json")
+    code, out, err = run(
+        capsys, "label", xray, "--labels", "normal", "pneumonia", "cardiomegaly", "--modality", "xray", "--model", tiny, "--json"
+    )
     assert code == 0, err
     row = json.loads(out)
     assert row["prompt_set"] == "xray" and row["aggregation"] is None

@@ -46,34 +46,117 @@ PYDICOM_DIR = mz.pydicom_data_dir()
 
 # Keywords whose values identify a person, a place or an encounter (PS3.15 Table E.1-1, basic profile).
 PHI_KEYWORDS = {
-    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientAddress",
-    "PatientTelephoneNumbers", "PatientMotherBirthName", "OtherPatientIDs", "OtherPatientNames",
-    "IssuerOfPatientID", "PatientAge", "PatientSex", "PatientSize", "PatientWeight", "MilitaryRank",
-    "BranchOfService", "MedicalRecordLocator", "EthnicGroup", "Occupation", "AdditionalPatientHistory",
-    "PatientComments", "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
-    "ReferringPhysicianName", "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName", "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician",
-    "OperatorsName", "StationName", "DeviceSerialNumber", "AccessionNumber", "StudyID",
-    "RequestedProcedureID", "ScheduledProcedureStepID", "PerformedProcedureStepID", "ReasonForStudy",
-    "RequestingService", "CurrentPatientLocation", "ImageComments", "StudyComments", "ContentCreatorName",
-    "NetworkID", "StudyDescription", "SeriesDescription", "ProtocolName", "RequestedProcedureDescription",
-    "PerformedProcedureStepDescription", "CommentsOnThePerformedProcedureStep", "AdmittingDiagnosesDescription",
-    "PatientState", "ResponsibleOrganization", "ResponsiblePerson", "DerivationDescription",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientMotherBirthName",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "IssuerOfPatientID",
+    "PatientAge",
+    "PatientSex",
+    "PatientSize",
+    "PatientWeight",
+    "MilitaryRank",
+    "BranchOfService",
+    "MedicalRecordLocator",
+    "EthnicGroup",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "PatientComments",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "PhysiciansOfRecord",
+    "RequestingPhysician",
+    "OperatorsName",
+    "StationName",
+    "DeviceSerialNumber",
+    "AccessionNumber",
+    "StudyID",
+    "RequestedProcedureID",
+    "ScheduledProcedureStepID",
+    "PerformedProcedureStepID",
+    "ReasonForStudy",
+    "RequestingService",
+    "CurrentPatientLocation",
+    "ImageComments",
+    "StudyComments",
+    "ContentCreatorName",
+    "NetworkID",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+    "CommentsOnThePerformedProcedureStep",
+    "AdmittingDiagnosesDescription",
+    "PatientState",
+    "ResponsibleOrganization",
+    "ResponsiblePerson",
+    "DerivationDescription",
 }
 # Keywords that must never be metadata keys at all (their values may be too short to search for).
 NEVER_KEYS = PHI_KEYWORDS | {
-    "SOPInstanceUID", "MediaStorageSOPInstanceUID", "StudyDate", "SeriesDate", "AcquisitionDate",
-    "ContentDate", "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime", "AcquisitionDateTime",
-    "InstanceCreationDate", "InstanceCreationTime", "PatientBirthName",
+    "SOPInstanceUID",
+    "MediaStorageSOPInstanceUID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "StudyTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "AcquisitionDateTime",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "PatientBirthName",
 }
 # Technical attributes a viewer may show; a candidate contained in one of their values is not evidence of a leak.
 TECHNICAL = (
-    "Modality", "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "ImageType",
-    "PhotometricInterpretation", "SOPClassUID", "ConvolutionKernel", "ScanningSequence", "SequenceVariant",
-    "PatientPosition", "ViewPosition", "Laterality", "ImageLaterality", "RescaleType", "MRAcquisitionType",
+    "Modality",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "BodyPartExamined",
+    "ImageType",
+    "PhotometricInterpretation",
+    "SOPClassUID",
+    "ConvolutionKernel",
+    "ScanningSequence",
+    "SequenceVariant",
+    "PatientPosition",
+    "ViewPosition",
+    "Laterality",
+    "ImageLaterality",
+    "RescaleType",
+    "MRAcquisitionType",
 )
-GENERIC = {"ANONYMOUS", "ANONYMIZED", "ANONYMISED", "ANON", "UNKNOWN", "NONE", "NULL", "TEST", "PHANTOM",
-           "REMOVED", "DELETED", "N/A", "DEFAULT", "NO NAME", "NONAME"}
+GENERIC = {
+    "ANONYMOUS",
+    "ANONYMIZED",
+    "ANONYMISED",
+    "ANON",
+    "UNKNOWN",
+    "NONE",
+    "NULL",
+    "TEST",
+    "PHANTOM",
+    "REMOVED",
+    "DELETED",
+    "N/A",
+    "DEFAULT",
+    "NO NAME",
+    "NONAME",
+}
 TEXT_VRS = {"LO", "SH", "ST", "LT", "UT", "PN", "AE", "UC"}
 SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
@@ -81,6 +164,7 @@ SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 # --------------------------------------------------------------------------
 # Which files, and what in them identifies someone
 # --------------------------------------------------------------------------
+
 
 def _datasets(path: Path) -> list:
     """The pydicom datasets in a file (or in a zip's members), headers only."""
@@ -108,8 +192,11 @@ def _datasets(path: Path) -> list:
 def _corpus() -> list[tuple[str, Path]]:
     files = []
     if DEID_DIR and DEID_DIR.is_dir():
-        files += [("deid-data/" + str(p.relative_to(DEID_DIR)), p) for p in sorted(DEID_DIR.rglob("*"))
-                  if p.is_file() and p.suffix.lower() in (".dcm", ".zip")]
+        files += [
+            ("deid-data/" + str(p.relative_to(DEID_DIR)), p)
+            for p in sorted(DEID_DIR.rglob("*"))
+            if p.is_file() and p.suffix.lower() in (".dcm", ".zip")
+        ]
     for sub in ("test_files", "charset_files", "palettes"):
         for p in sorted((PYDICOM_DIR / sub).rglob("*")):
             if p.is_file() and not p.name.endswith((".py", ".pyc", ".txt", ".json", ".md", ".dump", ".icc", ".gz")):
@@ -231,14 +318,24 @@ def _dump(obj) -> str:
 # The sweep
 # --------------------------------------------------------------------------
 
+
 def test_identifier_collection_finds_real_phi():
     """Guard against a collector that finds nothing (and so proves nothing)."""
     if DEID_DIR is None:
         pytest.skip("deid-data is not installed")
     values = identifying_values(_datasets(DEID_DIR / "ultrasounds" / "GREYSCALE_IMAGE.dcm"))
-    for expected in ("ZZZ TEST PATIENTFIVE", "2020202020202", "19510829", "CCHS CLEVELAND CLINIC CANADA",
-                     "104111149", "MCTOUUS01", "392075967", "KILLEEN", "E20202020202",
-                     "1.2.840.113663.1500.1.392075967.2.1.20170302.172449.399"):
+    for expected in (
+        "ZZZ TEST PATIENTFIVE",
+        "2020202020202",
+        "19510829",
+        "CCHS CLEVELAND CLINIC CANADA",
+        "104111149",
+        "MCTOUUS01",
+        "392075967",
+        "KILLEEN",
+        "E20202020202",
+        "1.2.840.113663.1500.1.392075967.2.1.20170302.172449.399",
+    ):
         assert expected in values, expected
     cookie = identifying_values(_datasets(DEID_DIR / "dicom-cookies" / "image1.dcm"))
     assert {"nameless waterfall", "cookie-47", "STANFORD", "Dr. dry breeze", "20131210"} <= set(cookie)
@@ -285,8 +382,7 @@ def test_no_identifying_value_leaves_the_engine(name, path, tmp_path, capsys, ca
             problems += [f"app warnings: {x}" for x in leaks(values, str(shown["warnings"]))]
         lines = [json.loads(line) for line in out.splitlines() if line.strip()]
         assert len(lines) == len(result.scans)
-        problems += [f"CLI JSON: {x}" for x in leaks(values, _dump([{k: v for k, v in d.items() if k != "path"}
-                                                                     for d in lines]))]
+        problems += [f"CLI JSON: {x}" for x in leaks(values, _dump([{k: v for k, v in d.items() if k != "path"} for d in lines]))]
         problems += [f"CLI stderr: {x}" for x in leaks(values, err)]
         for skipped in result.skipped:
             problems += [f"skip reason: {x}" for x in leaks(values, skipped.reason)]
@@ -297,6 +393,7 @@ def test_no_identifying_value_leaves_the_engine(name, path, tmp_path, capsys, ca
 # --------------------------------------------------------------------------
 # Burned-in text
 # --------------------------------------------------------------------------
+
 
 def _burn_in_expected(ds) -> str | None:
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
@@ -419,6 +516,7 @@ def test_series_keep_distinct_mapped_uids(tmp_path):
 # File names and exported files
 # --------------------------------------------------------------------------
 
+
 def test_source_file_name_is_not_kept(tmp_path, capsys):
     """Users name files after patients; the Scan keeps no file name (scan.py's promise)."""
     from engine.io import load
@@ -439,9 +537,13 @@ def _nifti_text(path: Path) -> str:
     return (header + data[352:ext_end]).decode("latin-1")
 
 
-CONVERT = ["deid-data/ultrasounds/GREYSCALE_IMAGE.dcm", "deid-data/humans/ctbrain1.dcm",
-           "pydicom/test_files/CT_small.dcm", "pydicom/test_files/rtdose.dcm",
-           "pydicom/test_files/dicomdirtests/77654033/CR1/6154"]
+CONVERT = [
+    "deid-data/ultrasounds/GREYSCALE_IMAGE.dcm",
+    "deid-data/humans/ctbrain1.dcm",
+    "pydicom/test_files/CT_small.dcm",
+    "pydicom/test_files/rtdose.dcm",
+    "pydicom/test_files/dicomdirtests/77654033/CR1/6154",
+]
 
 
 @pytest.mark.parametrize("name", CONVERT)

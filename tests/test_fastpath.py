@@ -130,12 +130,19 @@ def names(profile, **kw):
 def test_candidates_follow_the_hardware():
     spr = profile_of(SAPPHIRE_RAPIDS, capability="AVX512")
     # AMX with OpenVINO: its bf16 and int8 paths and torch bf16; dynamic int8 never won there (measured), not probed
-    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True) == ["openvino-bf16", "bf16", "openvino-int8", "onnx-fp32"]
+    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True) == [
+        "openvino-bf16",
+        "bf16",
+        "openvino-int8",
+        "onnx-fp32",
+    ]
     # static int8 only on calibration images like the user's: not on the generic bundled ones
     assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True) == ["openvino-bf16", "bf16", "onnx-fp32"]
     assert names(spr, onnx_available=False, openvino_available=True, nncf_available=False) == ["openvino-bf16", "bf16"]
     assert names(spr, onnx_available=True, openvino_available=False, nncf_available=False) == ["bf16", "onnx-fp32", "int8", "onnx-int8"]
-    assert dict(fastpath.candidates(spr, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True))["openvino-int8"].endswith("AMX-INT8")
+    assert dict(fastpath.candidates(spr, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True))[
+        "openvino-int8"
+    ].endswith("AMX-INT8")
     epyc = profile_of(EPYC_AVX2)
     got = names(epyc, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True)
     assert "bf16" not in got and "openvino-bf16" not in got, "an AVX2-only CPU emulates bf16 (10x slower on EPYC): never a candidate"
@@ -143,7 +150,13 @@ def test_candidates_follow_the_hardware():
     assert names(epyc, onnx_available=False, openvino_available=False, nncf_available=False) == ["int8"]
     icl = profile_of(ICE_LAKE, capability="AVX512")
     assert dict(fastpath.candidates(icl, onnx_available=False, openvino_available=False, nncf_available=False)) == {"int8": "AVX-512 VNNI"}
-    assert names(icl, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True) == ["openvino-fp32", "openvino-int8", "onnx-fp32", "int8", "onnx-int8"]
+    assert names(icl, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True) == [
+        "openvino-fp32",
+        "openvino-int8",
+        "onnx-fp32",
+        "int8",
+        "onnx-int8",
+    ]
     arm = profile_of(GRAVITON3, machine="aarch64", capability="SVE256")
     assert names(arm, onnx_available=False, openvino_available=True, nncf_available=True) == ["bf16", "int8"]  # OpenVINO: x86 only here
     old = CpuProfile(model="old", machine="x86_64", flags=frozenset(), capability="DEFAULT")
@@ -370,14 +383,26 @@ def test_failure_falls_back_to_fp32(tiny, monkeypatch):
 
 
 def test_describe_names_path_isa_speed_and_cosine(tiny):
-    same = {"isa": "AMX", "by_batch": {"1": {"path": "openvino-bf16", "speedup": 4.52, "cos_image": 0.99991},
-                                       "12": {"path": "openvino-bf16", "speedup": 5.41, "cos_image": 0.99991}}}
+    same = {
+        "isa": "AMX",
+        "by_batch": {
+            "1": {"path": "openvino-bf16", "speedup": 4.52, "cos_image": 0.99991},
+            "12": {"path": "openvino-bf16", "speedup": 5.41, "cos_image": 0.99991},
+        },
+    }
     tiny.set_inference(InferencePath("openvino-bf16", "x", same))
     assert fastpath.describe(tiny) == "OpenVINO bf16 (AMX; 4.5x at batch 1, 5.4x at batch 12 faster than fp32 on probe, cosine 0.9999)"
-    mixed = {"isa": "AMX", "by_batch": {"1": {"path": "fp32", "speedup": 1.0, "cos_image": 1.0},
-                                        "12": {"path": "bf16", "speedup": 1.63, "cos_image": 0.99912}}}
+    mixed = {
+        "isa": "AMX",
+        "by_batch": {
+            "1": {"path": "fp32", "speedup": 1.0, "cos_image": 1.0},
+            "12": {"path": "bf16", "speedup": 1.63, "cos_image": 0.99912},
+        },
+    }
     tiny.set_inference(InferencePath("1: fp32 | 12: bf16", "x", mixed, by_batch={1: "fp32", 12: "bf16"}))
-    assert fastpath.describe(tiny) == "batch 1: fp32; batch 12: bf16 weights (AMX; 1.6x at batch 12 faster than fp32 on probe, cosine 0.9991)"
+    assert (
+        fastpath.describe(tiny) == "batch 1: fp32; batch 12: bf16 weights (AMX; 1.6x at batch 12 faster than fp32 on probe, cosine 0.9991)"
+    )
 
 
 def test_label_result_names_the_path_that_ran(tiny, monkeypatch):
@@ -386,8 +411,9 @@ def test_label_result_names_the_path_that_ran(tiny, monkeypatch):
     calls = {"a": 0, "b": 0}
     one = lambda x: calls.__setitem__("a", calls["a"] + 1) or tiny.model.encode_image(x)  # noqa: E731
     many = lambda x: calls.__setitem__("b", calls["b"] + 1) or tiny.model.encode_image(x)  # noqa: E731
-    tiny.set_inference(InferencePath("1: fp32 | 12: bf16", "x", {}, by_batch={1: "fp32", 12: "bf16"}),
-                       fastpath.BatchDispatch({1: one, 12: many}))
+    tiny.set_inference(
+        InferencePath("1: fp32 | 12: bf16", "x", {}, by_batch={1: "fp32", 12: "bf16"}), fastpath.BatchDispatch({1: one, 12: many})
+    )
     image = np.full((64, 64), 90, np.uint8)
     assert label_images([image], ["a", "b"], tiny).inference_path == "fp32" and calls == {"a": 1, "b": 0}
     assert label_images([image] * 12, ["a", "b"], tiny).inference_path == "bf16" and calls == {"a": 1, "b": 1}
@@ -397,11 +423,12 @@ def test_openvino_telemetry_stays_off(tmp_path):
     """Importing NNCF through openvino_path writes nothing under HOME (its telemetry would) and leaves CI alone."""
     import subprocess
 
-
     require_openvino(int8=True)
-    code = ("import os; from engine.models import openvino_path as o\n"
-            "with o.quiet_nncf() as nncf: import nncf.telemetry.wrapper as w; print(type(w.telemetry).__name__)\n"
-            "print(os.environ.get('CI'), os.environ.get('NNCF_CI'))")
+    code = (
+        "import os; from engine.models import openvino_path as o\n"
+        "with o.quiet_nncf() as nncf: import nncf.telemetry.wrapper as w; print(type(w.telemetry).__name__)\n"
+        "print(os.environ.get('CI'), os.environ.get('NNCF_CI'))"
+    )
     env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
     env.pop("CI", None)
     env.pop("NNCF_CI", None)
@@ -433,8 +460,10 @@ def test_openvino_keeps_the_stem_convolution_out_of_bf16(tmp_path):
         with torch.no_grad():
             assert torch.nn.functional.cosine_similarity(forward(x).flatten(1), net(x).flatten(1)).min() > 0.999
         precisions = openvino_path.runtime_precisions(forward)
-        runs[precise] = ({v for k, v in precisions.items() if k.startswith("/fn/fn.0/Conv")},
-                         {v for k, v in precisions.items() if k.startswith("/fn/fn.2/Conv")})
+        runs[precise] = (
+            {v for k, v in precisions.items() if k.startswith("/fn/fn.0/Conv")},
+            {v for k, v in precisions.items() if k.startswith("/fn/fn.2/Conv")},
+        )
     if cpu_profile().native_bf16:
         (stem, rest), (plain_stem, _) = runs[True], runs[False]
         assert "bf16" not in stem and "bf16" in rest and "bf16" in plain_stem, runs

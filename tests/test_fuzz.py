@@ -31,8 +31,10 @@ def _report(outcomes, info) -> str:
     by_status = Counter(o.status for o in outcomes)
     by_kind = Counter((o.kind, o.status) for o in outcomes)
     worst = max(outcomes, key=lambda o: o.secs)
-    lines = [f"{len(outcomes)} cases: {dict(by_status)}; slowest {worst.secs:.2f} s ({worst.seed}, {worst.detail});"
-             f" worker restarts {info['worker_restarts']}, worker peak RSS {info['max_worker_rss_kb'] / 1024:.0f} MB"]
+    lines = [
+        f"{len(outcomes)} cases: {dict(by_status)}; slowest {worst.secs:.2f} s ({worst.seed}, {worst.detail});"
+        f" worker restarts {info['worker_restarts']}, worker peak RSS {info['max_worker_rss_kb'] / 1024:.0f} MB"
+    ]
     lines += [f"  {kind:15s} {status:11s} {n}" for (kind, status), n in sorted(by_kind.items())]
     return "\n".join(lines)
 
@@ -53,8 +55,7 @@ def _check(seeds, n, base_seed):
     assert len(outcomes) == n
     failures = _failures(outcomes)
     assert not failures, (
-        f"mutated files broke the loader (reproduce one with: python tests/_mutate.py reproduce INDEX "
-        f"--seed {base_seed}):\n{failures}"
+        f"mutated files broke the loader (reproduce one with: python tests/_mutate.py reproduce INDEX --seed {base_seed}):\n{failures}"
     )
     return outcomes
 
@@ -125,10 +126,12 @@ def test_hostile_header_does_not_kill_the_process(tmp_path, name, keyword, value
 # converts elements lazily, so the error surfaces wherever the reader first
 # touches the element. (0018,0086) EchoNumbers is first read while grouping
 # frames, outside any handler: NotImplementedError escaped `load` (fuzz seed 1, case 5744).
-BAD_VR = [("0018,0086", "EchoNumbers", b"\x18\x00\x86\x00IS"),
-          ("0020,0011", "SeriesNumber", b"\x20\x00\x11\x00IS"),
-          ("0010,0010", "PatientName", b"\x10\x00\x10\x00PN"),
-          ("0028,0030", "PixelSpacing", b"\x28\x00\x30\x00DS")]
+BAD_VR = [
+    ("0018,0086", "EchoNumbers", b"\x18\x00\x86\x00IS"),
+    ("0020,0011", "SeriesNumber", b"\x20\x00\x11\x00IS"),
+    ("0010,0010", "PatientName", b"\x10\x00\x10\x00PN"),
+    ("0028,0030", "PixelSpacing", b"\x28\x00\x30\x00DS"),
+]
 
 
 @pytest.mark.parametrize("tag,keyword,needle", BAD_VR, ids=[f"{t}-{k}" for t, k, _ in BAD_VR])
@@ -140,7 +143,7 @@ def test_damaged_vr_is_a_scan_error_wherever_it_is_read(tmp_path, tag, keyword, 
     at = data.find(needle)
     assert at > 0, f"{keyword} not found in MR_small.dcm"
     path = tmp_path / f"bad_vr_{keyword}.dcm"
-    path.write_bytes(data[: at + 5] + needle[5:6].lower() + data[at + 6:])  # 'IS' -> 'Is'
+    path.write_bytes(data[: at + 5] + needle[5:6].lower() + data[at + 6 :])  # 'IS' -> 'Is'
     try:
         result = load([path])
     except ScanError as exc:

@@ -179,9 +179,7 @@ def assert_scan_contract(scan) -> None:
     assert scan.voxels.dtype in STORAGE_DTYPES  # float32, or int16 holding the same integers (engine.scan)
     aff = np.asarray(scan.affine)
     assert aff.shape == (4, 4)
-    assert tuple(nib.aff2axcodes(aff)) == ("R", "A", "S"), (
-        f"Scan is not in closest-canonical RAS+: axis codes {nib.aff2axcodes(aff)}"
-    )
+    assert tuple(nib.aff2axcodes(aff)) == ("R", "A", "S"), f"Scan is not in closest-canonical RAS+: axis codes {nib.aff2axcodes(aff)}"
     # spacing is per array axis (z, y, x): the affine's column norms reversed
     norms = np.linalg.norm(aff[:3, :3], axis=0)[::-1]
     assert np.allclose(scan.spacing, norms, atol=ATOL_MM), f"spacing {scan.spacing} vs affine column norms (z,y,x) {norms}"
@@ -344,8 +342,7 @@ def test_synthetic_series_load_matches_dcm2niix(synth_case, case):
     folder, ref, spec = synth_case(case)
     result = load_scans(folder)
     assert len(result.scans) == 1, (
-        f"{case}: expected one series, got {[s.label for s in result.scans]}; "
-        f"warnings {[s.provenance.warnings for s in result.scans]}"
+        f"{case}: expected one series, got {[s.label for s in result.scans]}; warnings {[s.provenance.warnings for s in result.scans]}"
     )
     scan = result.scans[0]
     assert_scan_contract(scan)
@@ -498,8 +495,7 @@ def test_localizer_with_three_planes_splits_into_three_scans(tmp_path):
     all_dir, refs = _write_localizer(tmp_path)
     result = load_scans(all_dir)
     assert len(result.scans) == 3, (
-        f"expected one scan per plane, got {len(result.scans)}: {[s.label for s in result.scans]}; "
-        f"skipped: {result.skipped}"
+        f"expected one scan per plane, got {len(result.scans)}: {[s.label for s in result.scans]}; skipped: {result.skipped}"
     )
     images = [scan_to_nifti(s) for s in result.scans]
     for name, ref in refs.items():

@@ -39,7 +39,9 @@ class CompactCNN(nn.Module):
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
-        self.features = nn.Sequential(block(3, width, 2), block(width, 2 * width, 2), block(2 * width, 4 * width, 2), block(4 * width, 4 * width, 1))
+        self.features = nn.Sequential(
+            block(3, width, 2), block(width, 2 * width, 2), block(2 * width, 4 * width, 2), block(4 * width, 4 * width, 1)
+        )
         self.proj = nn.Linear(4 * width, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +100,16 @@ def fine_tune(model: ClipModel, text: np.ndarray, *, steps: int, seed: int = 0, 
     return float(cos[labels[:128] == 1].mean()), float(cos[labels[:128] == 0].mean())
 
 
-def pointing(model: ClipModel, text: np.ndarray, n: int, seed: int, method: str = "auto", height: int = HEIGHT, width: int = WIDTH, square: int = SQUARE):
+def pointing(
+    model: ClipModel,
+    text: np.ndarray,
+    n: int,
+    seed: int,
+    method: str = "auto",
+    height: int = HEIGHT,
+    width: int = WIDTH,
+    square: int = SQUARE,
+):
     """Pointing game on `n` held-out images: (hits, median of mean heat inside / outside the square,
     within the crop)."""
     rng = np.random.default_rng(seed)
@@ -297,10 +308,25 @@ def _towers():
     from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
 
-    yield "openai-vit", lambda: VisionTransformer(image_size=64, patch_size=16, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=32), 64, ("tokens", "transformer.resblocks.1", (4, 4))
-    yield "modified-resnet", lambda: ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=4, image_size=64, width=16), 64, ("map", "layer4", (2, 2))
+    yield (
+        "openai-vit",
+        lambda: VisionTransformer(image_size=64, patch_size=16, width=64, layers=2, heads=2, mlp_ratio=4.0, output_dim=32),
+        64,
+        ("tokens", "transformer.resblocks.1", (4, 4)),
+    )
+    yield (
+        "modified-resnet",
+        lambda: ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=4, image_size=64, width=16),
+        64,
+        ("map", "layer4", (2, 2)),
+    )
     yield "timm-resnet", lambda: TimmModel("resnet18", 32, image_size=96, pool="avg", proj="linear"), 96, ("map", "trunk.layer4", (3, 3))
-    yield "timm-vit", lambda: TimmModel("vit_tiny_patch16_224", 32, image_size=224, pool="", proj="linear"), 224, ("tokens", "trunk.blocks.11", (14, 14))
+    yield (
+        "timm-vit",
+        lambda: TimmModel("vit_tiny_patch16_224", 32, image_size=224, pool="", proj="linear"),
+        224,
+        ("tokens", "trunk.blocks.11", (14, 14)),
+    )
 
 
 @pytest.mark.parametrize("name,make,size,expected", list(_towers()), ids=[t[0] for t in _towers()])

@@ -87,13 +87,30 @@ def make_pngs(folder: Path, n: int, start: int = 0, size: int = 16) -> list[Path
     return out
 
 
-def put(db, vector: np.ndarray, model_id: str = "fake@1", key: str | None = None, modality: str = "OTHER",
-        body_part: str | None = None, source: str | None = None) -> int:
+def put(
+    db,
+    vector: np.ndarray,
+    model_id: str = "fake@1",
+    key: str | None = None,
+    modality: str = "OTHER",
+    body_part: str | None = None,
+    source: str | None = None,
+) -> int:
     """Insert a synthetic scan with a given embedding (no image, no model)."""
     vector = store.normalise(vector)
     key = key or hashlib.sha256(vector.tobytes() + model_id.encode()).hexdigest()
-    row = {"content_hash": key, "modality": modality, "body_part": body_part, "shape": "[1]", "spacing": "[1]",
-           "summary": "{}", "thumbnail": None, "thumbnail_note": None, "source": source, "added_at": "now"}
+    row = {
+        "content_hash": key,
+        "modality": modality,
+        "body_part": body_part,
+        "shape": "[1]",
+        "spacing": "[1]",
+        "summary": "{}",
+        "thumbnail": None,
+        "thumbnail_note": None,
+        "source": source,
+        "added_at": "now",
+    }
     sid, _ = store.insert_prepared(db, store.Prepared(key, row, vector, "image", model_id))
     return sid
 
@@ -172,8 +189,12 @@ def test_indexing_is_idempotent_and_reports_bad_files(tmp_path):
     (folder / "broken.dcm").write_bytes(b"\x00" * 50)
     model = FakeModel()
     seen = []
-    report = index_paths([folder, CT_SMALL, MR_SMALL, tmp_path / "missing.png"], tmp_path / "lib.db", model,
-                         progress=lambda done, total: seen.append((done, total)))
+    report = index_paths(
+        [folder, CT_SMALL, MR_SMALL, tmp_path / "missing.png"],
+        tmp_path / "lib.db",
+        model,
+        progress=lambda done, total: seen.append((done, total)),
+    )
     assert report.added == 6 and report.present == 0
     failed = dict(report.failed)
     assert set(failed) == {str(folder / "notes.txt"), str(folder / "broken.dcm"), str(tmp_path / "missing.png")}
@@ -270,7 +291,9 @@ def test_kill_mid_run_leaves_a_consistent_library_and_a_rerun_finishes(tmp_path)
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         assert db.execute("SELECT count(*) FROM embeddings e LEFT JOIN scans s ON s.id = e.scan_id WHERE s.id IS NULL").fetchone()[0] == 0
         assert db.execute("SELECT count(*) FROM scans s LEFT JOIN embeddings e ON e.scan_id = s.id WHERE e.id IS NULL").fetchone()[0] == 0
-        assert db.execute("SELECT count(*) FROM (SELECT content_hash FROM scans GROUP BY content_hash HAVING count(*) > 1)").fetchone()[0] == 0
+        assert (
+            db.execute("SELECT count(*) FROM (SELECT content_hash FROM scans GROUP BY content_hash HAVING count(*) > 1)").fetchone()[0] == 0
+        )
         after = {r[0] for r in db.execute("SELECT content_hash FROM scans")}
     assert before <= after, "a committed scan was lost"
     assert len(before) <= len(after) < total, "the kill did not land mid-run"

@@ -126,8 +126,20 @@ def test_teach_by_path_and_id_then_filter(capsys, tiny, tmp_path, pngs):
     assert code == 2 and "at least 2 positive and 2 negative" in err and len(err.strip().splitlines()) == 1
     # paths already indexed (p0..p3 are scans 1..4) are found by source; CT_SMALL is new: indexed on the way (#5)
     code, out, err = run(
-        capsys, "teach", "colour noise", "--positive", p[0], p[2], "--negative", p[1], CT_SMALL,
-        "--library", lib, "--model", tiny, "--json",
+        capsys,
+        "teach",
+        "colour noise",
+        "--positive",
+        p[0],
+        p[2],
+        "--negative",
+        p[1],
+        CT_SMALL,
+        "--library",
+        lib,
+        "--model",
+        tiny,
+        "--json",
     )
     assert code == 0, err
     probe = json.loads(out)

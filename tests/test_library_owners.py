@@ -160,12 +160,17 @@ def _v1_library(path: Path) -> None:
         db.execute("INSERT INTO schema_migrations VALUES (1, '_m001_initial', 'then')")
         db.execute("PRAGMA user_version = 1")
         vec = store.to_blob(store.normalise(np.ones(16)))
-        db.execute("INSERT INTO scans (id, content_hash, modality, shape, spacing, summary, added_at) VALUES (7, 'ab12', 'CT', '[1]', '[1]', '{}', 't')")
+        db.execute(
+            "INSERT INTO scans (id, content_hash, modality, shape, spacing, summary, added_at) VALUES (7, 'ab12', 'CT', '[1]', '[1]', '{}', 't')"
+        )
         db.execute("INSERT INTO embeddings (scan_id, model_id, dim, kind, vector) VALUES (7, 'fake@1', 16, 'image', ?)", [vec])
         db.execute("INSERT INTO notes (scan_id, text, added_at) VALUES (7, 'old note', 't')")
         db.execute("INSERT INTO labels VALUES (7, 'nodule', 1, 't')")
-        db.execute("INSERT INTO probes (label, model_id, dim, coef, intercept, n_pos, n_neg, positive_ids, negative_ids, metrics, created_at) "
-                   "VALUES ('nodule', 'fake@1', 16, ?, 0, 2, 2, '[]', '[]', '{}', 't')", [vec])
+        db.execute(
+            "INSERT INTO probes (label, model_id, dim, coef, intercept, n_pos, n_neg, positive_ids, negative_ids, metrics, created_at) "
+            "VALUES ('nodule', 'fake@1', 16, ?, 0, 2, 2, '[]', '[]', '{}', 't')",
+            [vec],
+        )
     conn.close()
 
 

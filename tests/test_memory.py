@@ -151,7 +151,10 @@ def test_a_full_budget_refuses_a_new_load_with_the_figures(tmp_path):
     write_ct_series(tmp_path / "a", 10, 64, 64)
     ledger = MemoryBudget(170_000)  # one series fits (and half of it), two do not
     first = load([tmp_path / "a"], budget=ledger)  # 81,920 bytes
-    with pytest.raises(ScanError, match=r"loading this series \(10 slices of 64x64\) needs 0.094 MB, but the server's memory budget has 0.084 MB free of 0.16 MB \(MEDLENS_MEMORY_BUDGET_MB"):
+    with pytest.raises(
+        ScanError,
+        match=r"loading this series \(10 slices of 64x64\) needs 0.094 MB, but the server's memory budget has 0.084 MB free of 0.16 MB \(MEDLENS_MEMORY_BUDGET_MB",
+    ):
         load([tmp_path / "a"], budget=ledger)
     del first
     gc.collect()
@@ -173,7 +176,9 @@ def test_series_size_describes_itself(monkeypatch):
     assert SeriesSize(1, 10, 20, samples=3, unit="images").describe() == "one image of 10x20 x 3 colour channels"
     assert SeriesSize(40, 8, 8, volumes=5).describe() == "40 slices of 8x8 x 5 volumes"
     monkeypatch.setenv(CAP_ENV, "400000000")
-    with pytest.raises(MemoryLimitError, match=r"3,000 slices of 512x512 = 786 M voxels; the limit is 400 M voxels \(MEDLENS_MAX_SERIES_VOXELS\)"):
+    with pytest.raises(
+        MemoryLimitError, match=r"3,000 slices of 512x512 = 786 M voxels; the limit is 400 M voxels \(MEDLENS_MAX_SERIES_VOXELS\)"
+    ):
         memory.check_series(SeriesSize(3000, 512, 512))
 
 

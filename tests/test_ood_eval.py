@@ -56,8 +56,13 @@ def test_summary_counts_accuracy_impossible_organs_and_flags():
 
 
 def test_evaluate_ood_with_an_unknown_model_is_exit_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "training.evaluate", "no-such-model", "--ood", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", "no-such-model", "--ood", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: cannot load model 'no-such-model'") and "Traceback" not in proc.stderr
     assert not (tmp_path / "ood.json").exists()

@@ -19,9 +19,18 @@ def _rows_and_cache(tmp_path, informative: bool):
     for subject, split, n in (("b", "train", 40), ("a", "test", 30)):
         for i in range(n):
             liver = bool(rng.random() < 0.5)
-            row = QARow(id=f"ct_organs_3d/{subject}/crop{i:03d}", dataset="ct_organs_3d", split=split, subject=subject, modality="ct",
-                        kind="volume", path=f"{subject}.nii.gz", crop={"z": [0, 4 + i], "y": [0, 8], "x": [0, 8]}, zoom=1.0,
-                        extra={"organ_status": {"liver": "yes" if liver else "no", "brain": "no", "spleen": "ambiguous"}})
+            row = QARow(
+                id=f"ct_organs_3d/{subject}/crop{i:03d}",
+                dataset="ct_organs_3d",
+                split=split,
+                subject=subject,
+                modality="ct",
+                kind="volume",
+                path=f"{subject}.nii.gz",
+                crop={"z": [0, 4 + i], "y": [0, 8], "x": [0, 8]},
+                zoom=1.0,
+                extra={"organ_status": {"liver": "yes" if liver else "no", "brain": "no", "spleen": "ambiguous"}},
+            )
             tokens = torch.tensor(rng.normal(size=(6, 16)), dtype=torch.float16)
             if informative and liver:
                 tokens[2, 5] += 8.0  # one token, one channel: "the liver is here"

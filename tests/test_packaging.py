@@ -7,7 +7,11 @@ from conftest import REPO
 
 
 def _names(lines):
-    return {re.split(r"[<>=!\[; ]", line.strip(), maxsplit=1)[0].lower() for line in lines if line.strip() and not line.lstrip().startswith(("#", "-"))}
+    return {
+        re.split(r"[<>=!\[; ]", line.strip(), maxsplit=1)[0].lower()
+        for line in lines
+        if line.strip() and not line.lstrip().startswith(("#", "-"))
+    }
 
 
 def test_requirements_match_pyproject():

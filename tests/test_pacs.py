@@ -126,10 +126,14 @@ def _report_for(source):
     return hd.sr.Comprehensive3DSR(
         evidence=[source],
         content=hd.sr.MeasurementReport(
-            observation_context=hd.sr.ObservationContext(), procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+            observation_context=hd.sr.ObservationContext(),
+            procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
             imaging_measurements=[group],
         ),
-        series_instance_uid=generate_uid(), series_number=900, sop_instance_uid=generate_uid(), instance_number=1,
+        series_instance_uid=generate_uid(),
+        series_number=900,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
     )
 
 

@@ -126,7 +126,10 @@ def test_sealed_paths_hide_the_uids_open_again_and_refuse_tampering(monkeypatch)
 def test_query_words_become_exact_filters():
     query = parse_query("modality=ct date=20240101-20240131 patient-id=12345 accession=A-7")
     assert query.study_params() == {
-        "PatientID": "12345", "AccessionNumber": "A-7", "StudyDate": "20240101-20240131", "ModalitiesInStudy": "CT",
+        "PatientID": "12345",
+        "AccessionNumber": "A-7",
+        "StudyDate": "20240101-20240131",
+        "ModalitiesInStudy": "CT",
     }
     assert query.series_params() == {"Modality": "CT"}
     assert make_filter(date="2024-02-03").study_params() == {"StudyDate": "20240203"}
@@ -148,4 +151,3 @@ def test_query_words_become_exact_filters():
 def test_queries_that_orthanc_would_misread_are_refused(text, message):
     with pytest.raises((QueryError, LocatorError), match=message):
         parse_query(text)
-

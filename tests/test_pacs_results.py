@@ -17,7 +17,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _dciodvfy import dciodvfy_errors  # noqa: E402
 from _orthanc import (  # noqa: E402,F401
-    PHI, PHI_STRINGS, running_orthanc, save_series, shared_ct_datasets, synthetic_datasets, with_phi,
+    PHI,
+    PHI_STRINGS,
+    running_orthanc,
+    save_series,
+    shared_ct_datasets,
+    synthetic_datasets,
+    with_phi,
 )
 from conftest import SHARED_DATA  # noqa: E402
 
@@ -81,8 +87,24 @@ def test_round_trip_search_label_push_find_and_validate(env, study, tiny, tmp_pa
         assert [r["path"] for r in series] == [_path(first)]
         # label through dicomweb:, export de-identified, push identified
         out = tmp_path / "export"
-        code = main(["label", series[0]["path"], "--labels", "liver", "lung", "kidney", "--model", tiny, "--slices", "4",
-                     "--export", str(out), "--push", "--json"])
+        code = main(
+            [
+                "label",
+                series[0]["path"],
+                "--labels",
+                "liver",
+                "lung",
+                "kidney",
+                "--model",
+                tiny,
+                "--slices",
+                "4",
+                "--export",
+                str(out),
+                "--push",
+                "--json",
+            ]
+        )
         captured = capsys.readouterr()
     assert code == 0, captured.err
     [row] = _json_lines(captured.out)
@@ -100,12 +122,18 @@ def test_round_trip_search_label_push_find_and_validate(env, study, tiny, tmp_pa
     [pushed_sr] = _retrieve(env, first.StudyInstanceUID, ours["SR"]["0020000E"]["Value"][0])
     findings = read_findings(pushed_sr)
     assert [f["finding"] for f in findings] == [x["label"] for x in row["labels"]]
-    assert [f["probability"] for f in findings] == pytest.approx([x["reported_probability"] for x in row["labels"]], abs=1e-6)  # what is reported
+    assert [f["probability"] for f in findings] == pytest.approx(
+        [x["reported_probability"] for x in row["labels"]], abs=1e-6
+    )  # what is reported
     assert findings[0]["algorithm"].startswith("local-dir:") and findings[0]["version"]
     # written back into the patient's study: the real study and patient, only there
     assert pushed_sr.StudyInstanceUID == first.StudyInstanceUID and pushed_sr.PatientID == PHI["PatientID"]
-    referenced = {i.ReferencedSOPInstanceUID for s in pushed_sr.CurrentRequestedProcedureEvidenceSequence
-                  for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    referenced = {
+        i.ReferencedSOPInstanceUID
+        for s in pushed_sr.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for i in se.ReferencedSOPSequence
+    }
     assert referenced == {ds.SOPInstanceUID for ds in datasets}
     [pushed_seg] = _retrieve(env, first.StudyInstanceUID, ours["SEG"]["0020000E"]["Value"][0])
     source_uids = {ds.SOPInstanceUID for ds in datasets}
@@ -149,8 +177,11 @@ def test_ask_exports_and_pushes_answers(env, study, tmp_path, capsys):
     from engine.results.sr import read_findings
 
     findings = read_findings(Path(rows[-1]["export"]["folder"]) / "sr.dcm")
-    expected = "Not assessed: the model abstained" if rows[0]["out_of_distribution"] else (
-        "Indeterminate" if rows[0]["uncertain"] else rows[0]["answer"])  # the SR says what the JSON's verdict says
+    expected = (
+        "Not assessed: the model abstained"
+        if rows[0]["out_of_distribution"]
+        else ("Indeterminate" if rows[0]["uncertain"] else rows[0]["answer"])
+    )  # the SR says what the JSON's verdict says
     assert findings[0]["finding"] == "Is the liver visible?" and findings[0]["value"] == expected
 
 

@@ -88,8 +88,12 @@ def test_matches_open_clip_eval_transform_bit_for_bit():
 def test_batched_call_equals_the_separate_steps():
     """__call__ does scale + standardise in numpy (speed); training calls the torch steps: same bits."""
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (300, 200), dtype=np.uint8), rng.integers(0, 256, (90, 120, 3), dtype=np.uint8),
-              np.full((64, 64), 17, np.uint8), rng.uniform(-20, 300, (64, 64)).astype(np.float32)]
+    images = [
+        rng.integers(0, 256, (300, 200), dtype=np.uint8),
+        rng.integers(0, 256, (90, 120, 3), dtype=np.uint8),
+        np.full((64, 64), 17, np.uint8),
+        rng.uniform(-20, 300, (64, 64)).astype(np.float32),
+    ]
     for preprocess in (OPENAI_LIKE, ASTRA_LIKE):
         got = preprocess(images)
         expected = preprocess.standardise(preprocess.scale(np.stack([preprocess.resize(im) for im in images])))

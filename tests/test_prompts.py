@@ -89,7 +89,15 @@ def test_user_labels_get_the_templates_and_presets_their_descriptions():
 
 def test_class_embedding_is_the_renormalised_mean_of_normalised_prompts():
     ps = _set()
-    stub = StubText({"A cat": [1.0, 0.0, 0.0], "B cat": [0.6, 0.8, 0.0], "A dog": [0.0, 0.0, 5.0], "B dog": [0.0, 2.0, 0.0], "a dog barking": [0.0, 0.0, 1.0]})
+    stub = StubText(
+        {
+            "A cat": [1.0, 0.0, 0.0],
+            "B cat": [0.6, 0.8, 0.0],
+            "A dog": [0.0, 0.0, 5.0],
+            "B dog": [0.0, 2.0, 0.0],
+            "a dog barking": [0.0, 0.0, 1.0],
+        }
+    )
     emb = class_embeddings(stub, ["cat", "dog"], ps)
     # cat: mean of (1,0,0) and (0.6,0.8,0) = (0.8,0.4,0) -> /|.| = (2,1,0)/sqrt(5)
     np.testing.assert_allclose(emb[0], np.array([2.0, 1.0, 0.0]) / np.sqrt(5.0), atol=1e-6)

@@ -103,7 +103,8 @@ def test_corpus_file_loads_or_is_refused_specifically(path, record_property):
     result, error, probe = _load_probed(path)
     internal = probe.internal
     assert not internal, "engine code raised and a catch-all hid it:\n" + "\n".join(
-        f"{s.type} at {s.origin}: {s.message}\n{s.traceback}" for s in internal)
+        f"{s.type} at {s.origin}: {s.message}\n{s.traceback}" for s in internal
+    )
     if error is None:
         assert result.scans, "load returned no scans and raised nothing"
         for scan in result.scans:

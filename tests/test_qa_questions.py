@@ -33,8 +33,21 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- families as data
 def test_families_load_and_are_well_formed():
     fams = load_families()
-    expected = {"organ_presence", "organs_in_view", "modality", "modality_check", "body_region", "plane", "side",
-                "count", "finding_yes_no", "abnormality", "diagnosis", "tissue_type", "dr_grade"}
+    expected = {
+        "organ_presence",
+        "organs_in_view",
+        "modality",
+        "modality_check",
+        "body_region",
+        "plane",
+        "side",
+        "count",
+        "finding_yes_no",
+        "abnormality",
+        "diagnosis",
+        "tissue_type",
+        "dr_grade",
+    }
     assert expected <= set(fams)
     for fam in fams.values():
         assert len(fam.templates) >= 4, fam.id  # several phrasings each
@@ -87,52 +100,55 @@ def test_slot_vocabularies_do_not_overlap():
 
 
 # --------------------------------------------------------------------------- matching
-@pytest.mark.parametrize("question, family, slots", [
-    ("Is the liver visible", "organ_presence", {"organ": "liver"}),
-    ("can you see the liver?", "organ_presence", {"organ": "liver"}),
-    ("liver present?", "organ_presence", {"organ": "liver"}),
-    ("LIVER VISIBLE??", "organ_presence", {"organ": "liver"}),
-    ("  is   the Liver   in view ", "organ_presence", {"organ": "liver"}),
-    ("Would the spleen be seen here?", "organ_presence", {"organ": "spleen"}),
-    ("Is the liver visible on CT?", "organ_presence", {"organ": "liver"}),
-    ("Is the bladder visible?", "organ_presence", {"organ": "urinary bladder"}),
-    ("Are the kidneys visible?", "organ_presence", {"organ": "kidney"}),
-    ("Is the spine in the field of view?", "organ_presence", {"organ": "vertebrae"}),
-    ("Is the hippocampus visible in this scan?", "organ_presence", {"organ": "hippocampus"}),
-    ("Which kidney is visible, left or right?", "side", {"organ_pair": "kidney"}),
-    ("left or right lung?", "side", {"organ_pair": "lung"}),
-    ("How many kidneys are visible?", "count", {"organ_plural": "kidney"}),
-    ("how many lungs can be seen", "count", {"organ_plural": "lung"}),
-    ("Which organs are in view?", "organs_in_view", {}),
-    ("what organs do you see?", "organs_in_view", {}),
-    ("Can you tell me which organs are visible?", "organs_in_view", {}),
-    ("What is the imaging modality?", "modality", {}),
-    ("what kind of scan is this", "modality", {}),
-    ("What's the modality?", "modality", {}),
-    ("Is this an MRI?", "modality_check", {"modality": "mri"}),
-    ("is this a CT scan?", "modality_check", {"modality": "ct"}),
-    ("Is this an x ray?", "modality_check", {"modality": "x-ray"}),
-    ("Is this an MRI of the brain?", "modality_check", {"modality": "mri"}),
-    ("What body part is this?", "body_region", {}),
-    ("Where in the body is this?", "body_region", {}),
-    ("In which plane is this slice?", "plane", {}),
-    ("axial, coronal or sagittal?", "plane", {}),
-    ("Is there pneumonia?", "finding_yes_no", {"finding": "pneumonia"}),
-    ("pneumonia?", "finding_yes_no", {"finding": "pneumonia"}),
-    ("Any signs of pneumonia in the left lung?", "finding_yes_no", {"finding": "pneumonia"}),
-    ("Is the lesion malignant?", "finding_yes_no", {"finding": "malignant"}),
-    ("is it cancerous?", "finding_yes_no", {"finding": "malignant"}),
-    ("Is this a melanoma?", "finding_yes_no", {"finding": "melanoma"}),
-    ("Is there referable DR?", "finding_yes_no", {"finding": "referable diabetic retinopathy"}),
-    ("Is there a pleural effusion?", "finding_yes_no", {"finding": "pleural effusion"}),
-    ("Does the patient have an enlarged heart?", "finding_yes_no", {"finding": "cardiomegaly"}),
-    ("Is there any abnormality?", "abnormality", {}),
-    ("anything abnormal here?", "abnormality", {}),
-    ("What grade of diabetic retinopathy is this?", "dr_grade", {}),
-    ("What type of tissue is this?", "tissue_type", {}),
-    ("What is the diagnosis?", "diagnosis", {}),
-    ("Is it benign or malignant?", "diagnosis", {}),
-])
+@pytest.mark.parametrize(
+    "question, family, slots",
+    [
+        ("Is the liver visible", "organ_presence", {"organ": "liver"}),
+        ("can you see the liver?", "organ_presence", {"organ": "liver"}),
+        ("liver present?", "organ_presence", {"organ": "liver"}),
+        ("LIVER VISIBLE??", "organ_presence", {"organ": "liver"}),
+        ("  is   the Liver   in view ", "organ_presence", {"organ": "liver"}),
+        ("Would the spleen be seen here?", "organ_presence", {"organ": "spleen"}),
+        ("Is the liver visible on CT?", "organ_presence", {"organ": "liver"}),
+        ("Is the bladder visible?", "organ_presence", {"organ": "urinary bladder"}),
+        ("Are the kidneys visible?", "organ_presence", {"organ": "kidney"}),
+        ("Is the spine in the field of view?", "organ_presence", {"organ": "vertebrae"}),
+        ("Is the hippocampus visible in this scan?", "organ_presence", {"organ": "hippocampus"}),
+        ("Which kidney is visible, left or right?", "side", {"organ_pair": "kidney"}),
+        ("left or right lung?", "side", {"organ_pair": "lung"}),
+        ("How many kidneys are visible?", "count", {"organ_plural": "kidney"}),
+        ("how many lungs can be seen", "count", {"organ_plural": "lung"}),
+        ("Which organs are in view?", "organs_in_view", {}),
+        ("what organs do you see?", "organs_in_view", {}),
+        ("Can you tell me which organs are visible?", "organs_in_view", {}),
+        ("What is the imaging modality?", "modality", {}),
+        ("what kind of scan is this", "modality", {}),
+        ("What's the modality?", "modality", {}),
+        ("Is this an MRI?", "modality_check", {"modality": "mri"}),
+        ("is this a CT scan?", "modality_check", {"modality": "ct"}),
+        ("Is this an x ray?", "modality_check", {"modality": "x-ray"}),
+        ("Is this an MRI of the brain?", "modality_check", {"modality": "mri"}),
+        ("What body part is this?", "body_region", {}),
+        ("Where in the body is this?", "body_region", {}),
+        ("In which plane is this slice?", "plane", {}),
+        ("axial, coronal or sagittal?", "plane", {}),
+        ("Is there pneumonia?", "finding_yes_no", {"finding": "pneumonia"}),
+        ("pneumonia?", "finding_yes_no", {"finding": "pneumonia"}),
+        ("Any signs of pneumonia in the left lung?", "finding_yes_no", {"finding": "pneumonia"}),
+        ("Is the lesion malignant?", "finding_yes_no", {"finding": "malignant"}),
+        ("is it cancerous?", "finding_yes_no", {"finding": "malignant"}),
+        ("Is this a melanoma?", "finding_yes_no", {"finding": "melanoma"}),
+        ("Is there referable DR?", "finding_yes_no", {"finding": "referable diabetic retinopathy"}),
+        ("Is there a pleural effusion?", "finding_yes_no", {"finding": "pleural effusion"}),
+        ("Does the patient have an enlarged heart?", "finding_yes_no", {"finding": "cardiomegaly"}),
+        ("Is there any abnormality?", "abnormality", {}),
+        ("anything abnormal here?", "abnormality", {}),
+        ("What grade of diabetic retinopathy is this?", "dr_grade", {}),
+        ("What type of tissue is this?", "tissue_type", {}),
+        ("What is the diagnosis?", "diagnosis", {}),
+        ("Is it benign or malignant?", "diagnosis", {}),
+    ],
+)
 def test_match_phrasings(question, family, slots):
     m = match_question(question)
     assert m is not None, question
@@ -143,22 +159,25 @@ def test_match_phrasings(question, family, slots):
         assert m.candidates and set(m.candidates) <= set(candidates_for(family)) | set(m.candidates)
 
 
-@pytest.mark.parametrize("question", [
-    "What is the size of the liver?",  # about the liver, but no family answers sizes: open
-    "Is the liver enlarged?",
-    "Describe the findings in detail.",
-    "Tell me a joke",
-    "asdf qwerty",
-    "?",
-    "",
-    "   ",
-    # not English: answered as open questions (validate_question accepts them)
-    "Ist die Leber sichtbar?",
-    "¿Hay neumonía?",
-    "La rate est-elle visible ?",
-    "肝臓は見えますか？",
-    "Видна ли печень?",
-])
+@pytest.mark.parametrize(
+    "question",
+    [
+        "What is the size of the liver?",  # about the liver, but no family answers sizes: open
+        "Is the liver enlarged?",
+        "Describe the findings in detail.",
+        "Tell me a joke",
+        "asdf qwerty",
+        "?",
+        "",
+        "   ",
+        # not English: answered as open questions (validate_question accepts them)
+        "Ist die Leber sichtbar?",
+        "¿Hay neumonía?",
+        "La rate est-elle visible ?",
+        "肝臓は見えますか？",
+        "Видна ли печень?",
+    ],
+)
 def test_unknown_and_non_english_questions_match_nothing(question):
     assert match_question(question) is None
 
@@ -199,31 +218,34 @@ def test_validate_question():
 
 
 # --------------------------------------------------------------------------- answers
-@pytest.mark.parametrize("text, family, expected", [
-    ("Yes", None, "yes"),
-    ("Yes, the liver is visible.", "organ_presence", "yes"),
-    ("no.", "organ_presence", "no"),
-    ("MR", None, "mri"),
-    ("Magnetic resonance imaging", None, "mri"),
-    ("X ray", None, "x-ray"),
-    ("xray", None, "x-ray"),
-    ("X-Ray", None, "x-ray"),
-    ("An ultrasound", None, "ultrasound"),
-    ("Spleen, the Liver, right kidney.", None, "liver, right kidney, spleen"),
-    ("liver, liver , spleen", None, "liver, spleen"),
-    ("portal and splenic veins, liver", "organs_in_view", "liver, portal and splenic veins"),
-    ("liver and spleen", "organs_in_view", "liver, spleen"),
-    ("bladder, liver", "organs_in_view", "liver, urinary bladder"),
-    ("Brain", "body_region", "head"),
-    ("Thorax", "body_region", "chest"),
-    ("transverse", "plane", "axial"),
-    ("Two", None, "2"),
-    ("adenocarcinoma", "tissue_type", "lung adenocarcinoma"),
-    ("PDR", "dr_grade", "proliferative diabetic retinopathy"),
-    ("nevus", "diagnosis", "melanocytic nevus"),
-    ("", None, ""),
-    (None, None, ""),
-])
+@pytest.mark.parametrize(
+    "text, family, expected",
+    [
+        ("Yes", None, "yes"),
+        ("Yes, the liver is visible.", "organ_presence", "yes"),
+        ("no.", "organ_presence", "no"),
+        ("MR", None, "mri"),
+        ("Magnetic resonance imaging", None, "mri"),
+        ("X ray", None, "x-ray"),
+        ("xray", None, "x-ray"),
+        ("X-Ray", None, "x-ray"),
+        ("An ultrasound", None, "ultrasound"),
+        ("Spleen, the Liver, right kidney.", None, "liver, right kidney, spleen"),
+        ("liver, liver , spleen", None, "liver, spleen"),
+        ("portal and splenic veins, liver", "organs_in_view", "liver, portal and splenic veins"),
+        ("liver and spleen", "organs_in_view", "liver, spleen"),
+        ("bladder, liver", "organs_in_view", "liver, urinary bladder"),
+        ("Brain", "body_region", "head"),
+        ("Thorax", "body_region", "chest"),
+        ("transverse", "plane", "axial"),
+        ("Two", None, "2"),
+        ("adenocarcinoma", "tissue_type", "lung adenocarcinoma"),
+        ("PDR", "dr_grade", "proliferative diabetic retinopathy"),
+        ("nevus", "diagnosis", "melanocytic nevus"),
+        ("", None, ""),
+        (None, None, ""),
+    ],
+)
 def test_normalise_answer(text, family, expected):
     assert normalise_answer(text, family) == expected
 
@@ -235,10 +257,25 @@ def test_candidates_are_normal_forms():
 
 
 # --------------------------------------------------------------------------- suggestions
-@pytest.mark.parametrize("modality, region", [
-    ("CT", "abdomen"), ("CT", "chest"), ("CT", None), ("ct", "pelvis"), ("CT", "brain"), ("MR", "head"), ("mri", "abdomen"),
-    ("XRAY", None), ("US", None), ("PATHOLOGY", None), ("FUNDUS", None), ("DERMOSCOPY", None), ("OTHER", None), (None, None),
-])
+@pytest.mark.parametrize(
+    "modality, region",
+    [
+        ("CT", "abdomen"),
+        ("CT", "chest"),
+        ("CT", None),
+        ("ct", "pelvis"),
+        ("CT", "brain"),
+        ("MR", "head"),
+        ("mri", "abdomen"),
+        ("XRAY", None),
+        ("US", None),
+        ("PATHOLOGY", None),
+        ("FUNDUS", None),
+        ("DERMOSCOPY", None),
+        ("OTHER", None),
+        (None, None),
+    ],
+)
 def test_suggested_questions_match_families(modality, region):
     qs = suggested_questions(modality, region)
     assert qs and len(qs) == len(set(qs))
@@ -280,6 +317,8 @@ def test_organ_vocabulary_equals_totalsegmentator_names(shared_data):
 
 
 def test_engine_ask_imports_no_training_or_gradio():
-    code = ("import sys, engine.ask.questions as q; q.match_question('Is the liver visible?'); "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'gradio')]; assert not bad, bad")
+    code = (
+        "import sys, engine.ask.questions as q; q.match_question('Is the liver visible?'); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('training', 'gradio')]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -91,8 +91,9 @@ def _write_nifti(path: Path, data_zyx: np.ndarray, affine: np.ndarray) -> Path:
 
 
 def _volume_row(path: str, box: dict, **kw) -> QARow:
-    base = dict(id="v/s/crop001", dataset="ct_organs_3d", split="train", subject="s", modality="ct", kind="volume",
-                path=path, crop=box, zoom=1.0)
+    base = dict(
+        id="v/s/crop001", dataset="ct_organs_3d", split="train", subject="s", modality="ct", kind="volume", path=path, crop=box, zoom=1.0
+    )
     base.update(kw)
     return QARow(**base)
 
@@ -183,8 +184,9 @@ def test_volume_rows_balance_and_agree_with_the_label_map(tmp_path):
 
 def test_presence_items_are_balanced():
     status = {"liver": "yes", "spleen": "yes", "stomach": "yes", "left kidney": "no", "pancreas": "ambiguous"}
-    items = recipe.presence_items(status, {"liver", "spleen", "stomach", "left kidney", "pancreas"}, ["heart", "brain"],
-                                  random.Random(0), 4)
+    items = recipe.presence_items(
+        status, {"liver", "spleen", "stomach", "left kidney", "pancreas"}, ["heart", "brain"], random.Random(0), 4
+    )
     answers = [(q["slots"]["organ"], q["answer"]) for q in items]
     assert sum(a == "yes" for _o, a in answers) == sum(a == "no" for _o, a in answers) == 3
     assert ("pancreas", "yes") not in answers and ("pancreas", "no") not in answers  # ambiguous: never asked
@@ -197,19 +199,22 @@ def _row(**kw) -> Row:
     return Row(**base)
 
 
-@pytest.mark.parametrize("row, task", [
-    (_row(labels=["pneumonia"]), "pneumonia"),
-    (_row(labels=["normal"]), "pneumonia"),
-    (_row(dataset="busi", modality="us", labels=["malignant"]), "busi_malignant"),
-    (_row(dataset="busi", modality="us", labels=["benign"]), "busi_malignant"),
-    (_row(dataset="fundus_dr", modality="fundus", labels=["mild diabetic retinopathy", "diabetic maculopathy"]), "fundus_referable"),
-    (_row(dataset="fundus_dr", modality="fundus", labels=["mild diabetic retinopathy"]), "fundus_referable"),
-    (_row(dataset="fundus_dr", modality="fundus", labels=["advanced eye disease"]), "fundus_referable"),
-    (_row(dataset="ham10000", modality="dermoscopy", labels=["melanoma"]), "ham_melanoma"),
-    (_row(dataset="ham10000", modality="dermoscopy", labels=["melanocytic nevus"]), "ham_melanoma"),
-    (_row(dataset="nih_cxr14", labels=["pneumothorax", "mass"]), "nih_abnormal"),
-    (_row(dataset="nih_cxr14", labels=["normal"]), "nih_abnormal"),
-])
+@pytest.mark.parametrize(
+    "row, task",
+    [
+        (_row(labels=["pneumonia"]), "pneumonia"),
+        (_row(labels=["normal"]), "pneumonia"),
+        (_row(dataset="busi", modality="us", labels=["malignant"]), "busi_malignant"),
+        (_row(dataset="busi", modality="us", labels=["benign"]), "busi_malignant"),
+        (_row(dataset="fundus_dr", modality="fundus", labels=["mild diabetic retinopathy", "diabetic maculopathy"]), "fundus_referable"),
+        (_row(dataset="fundus_dr", modality="fundus", labels=["mild diabetic retinopathy"]), "fundus_referable"),
+        (_row(dataset="fundus_dr", modality="fundus", labels=["advanced eye disease"]), "fundus_referable"),
+        (_row(dataset="ham10000", modality="dermoscopy", labels=["melanoma"]), "ham_melanoma"),
+        (_row(dataset="ham10000", modality="dermoscopy", labels=["melanocytic nevus"]), "ham_melanoma"),
+        (_row(dataset="nih_cxr14", labels=["pneumothorax", "mass"]), "nih_abnormal"),
+        (_row(dataset="nih_cxr14", labels=["normal"]), "nih_abnormal"),
+    ],
+)
 def test_image_answers_follow_the_tasks(row, task, tmp_path):
     qa = recipe.image_row(tmp_path, row, recipe.SliceLabels(tmp_path))
     qa.validate()
@@ -221,8 +226,9 @@ def test_image_answers_follow_the_tasks(row, task, tmp_path):
 
 
 def test_other_ham_lesions_are_asked_without_the_melanoma_task(tmp_path):
-    qa = recipe.image_row(tmp_path, _row(dataset="ham10000", modality="dermoscopy", labels=["basal cell carcinoma"]),
-                          recipe.SliceLabels(tmp_path))
+    qa = recipe.image_row(
+        tmp_path, _row(dataset="ham10000", modality="dermoscopy", labels=["basal cell carcinoma"]), recipe.SliceLabels(tmp_path)
+    )
     mel = [q for q in qa.qa if q["family"] == "finding_yes_no"]
     assert mel[0]["answer"] == "no" and "task" not in mel[0]
     diag = [q for q in qa.qa if q["family"] == "diagnosis"][0]
@@ -230,12 +236,31 @@ def test_other_ham_lesions_are_asked_without_the_melanoma_task(tmp_path):
 
 
 def test_qarow_round_trip_and_validation(tmp_path):
-    row = _volume_row("vol.nii.gz", {"z": [0, 4], "y": [0, 4], "x": [0, 4]},
-                      qa=[{"question": "Is the liver visible?", "answer": "yes", "family": "organ_presence", "closed": True,
-                           "candidates": ["yes", "no"], "slots": {"organ": "liver"}}])
+    row = _volume_row(
+        "vol.nii.gz",
+        {"z": [0, 4], "y": [0, 4], "x": [0, 4]},
+        qa=[
+            {
+                "question": "Is the liver visible?",
+                "answer": "yes",
+                "family": "organ_presence",
+                "closed": True,
+                "candidates": ["yes", "no"],
+                "slots": {"organ": "liver"},
+            }
+        ],
+    )
     assert QARow.from_dict(json.loads(row.to_json())) == row
-    image = QARow(id="busi/1", dataset="busi", split="test", subject="b1", modality="us", kind="image", path="a.png",
-                  image_row=json.loads(_row(dataset="busi", modality="us", path="a.png").to_json()))
+    image = QARow(
+        id="busi/1",
+        dataset="busi",
+        split="test",
+        subject="b1",
+        modality="us",
+        kind="image",
+        path="a.png",
+        image_row=json.loads(_row(dataset="busi", modality="us", path="a.png").to_json()),
+    )
     assert image.manifest_row().dataset == "busi"
     write_qa_manifest([row, image], tmp_path / "m.jsonl")
     assert [r.id for r in read_qa_manifest(tmp_path / "m.jsonl", kinds=["image"])] == ["busi/1"]
@@ -259,8 +284,16 @@ def test_qarow_round_trip_and_validation(tmp_path):
 
 def test_subjects_never_straddle_splits():
     vol = _volume_row("v.nii.gz", {"z": [0, 2], "y": [0, 2], "x": [0, 2]}, subject="ts-mr-a", split="train", dataset="mr_organs_3d")
-    img = QARow(id="mr_organs/ts-mr-a/axial/001", dataset="mr_organs", split="test", subject="ts-mr-a", modality="mr",
-                kind="image", path="v.nii.gz", image_row={})
+    img = QARow(
+        id="mr_organs/ts-mr-a/axial/001",
+        dataset="mr_organs",
+        split="test",
+        subject="ts-mr-a",
+        modality="mr",
+        kind="image",
+        path="v.nii.gz",
+        image_row={},
+    )
     with pytest.raises(ValueError, match="ts-mr-a"):
         check_subject_disjoint([vol, img])
     # unrelated datasets may reuse a subject string (fundus patient "12", LC25000 group "12")
@@ -273,8 +306,25 @@ def test_subjects_never_straddle_splits():
 def test_recipe_on_shared_data(shared_data, tmp_path):
     out = tmp_path / "qa.jsonl"
     only = ["ct_organs_3d", "mr_organs_3d", "brain_mri_3d", "busi", "pneumoniamnist", "fundus_dr", "ham10000", "mr_organs", "brain_mri"]
-    assert recipe.main(["--data-root", str(shared_data), "--out", str(out), "--only", *only,
-                        "--train-crops", "6", "--test-crops", "4", "--epi-crops", "2"]) == 0
+    assert (
+        recipe.main(
+            [
+                "--data-root",
+                str(shared_data),
+                "--out",
+                str(out),
+                "--only",
+                *only,
+                "--train-crops",
+                "6",
+                "--test-crops",
+                "4",
+                "--epi-crops",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = read_qa_manifest(out)
     check_subject_disjoint(rows)
     split_of = {}

@@ -11,9 +11,20 @@ from engine.ask import prompting
 from engine.models.qformer import EncoderMemory, QFormer, QFormerConfig, bert_init_state, build_qformer
 from training.qformer_losses import Stage1Batch, itc_loss, stage1_losses
 
-TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            cross_attention_frequency=1, encoder_hidden_size=24, num_query_tokens=6, embed_dim=16,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=40)
+TINY = dict(
+    vocab_size=120,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    cross_attention_frequency=1,
+    encoder_hidden_size=24,
+    num_query_tokens=6,
+    embed_dim=16,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    max_position_embeddings=40,
+)
 
 
 class CharTokenizer:
@@ -90,8 +101,11 @@ def test_bert_init_maps_every_layer_and_copies_the_text_ffn_to_the_queries():
     cfg = QFormerConfig(**TINY)
     from transformers import BertConfig, BertModel
 
-    bert = BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=40))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=40
+        )
+    )
     state = bert_init_state(bert.state_dict(), cfg)
     model = build_qformer(cfg, text_state=bert.state_dict())
     for key, value in state.items():
@@ -156,8 +170,9 @@ def test_closed_loss_is_the_cross_entropy_over_candidate_likelihoods_and_learns_
     closed = _closed_toy(tok)
     memory = model.encoder_memory(model.prepare_encoder(batch.tokens, batch.grid))
     loss = closed_loss(model, memory, batch.token_mask, closed)
-    ll = model.answer_log_likelihood(memory.select(closed.owner), batch.token_mask[closed.owner], closed.lm.ids,
-                                     closed.lm.attention_mask, closed.lm.target_mask).view(-1, 2)
+    ll = model.answer_log_likelihood(
+        memory.select(closed.owner), batch.token_mask[closed.owner], closed.lm.ids, closed.lm.attention_mask, closed.lm.target_mask
+    ).view(-1, 2)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(ll, closed.answer))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(30):
@@ -169,8 +184,9 @@ def test_closed_loss_is_the_cross_entropy_over_candidate_likelihoods_and_learns_
     model.eval()
     with torch.no_grad():
         memory = model.encoder_memory(model.prepare_encoder(batch.tokens, batch.grid))
-        ll = model.answer_log_likelihood(memory.select(closed.owner), batch.token_mask[closed.owner], closed.lm.ids,
-                                         closed.lm.attention_mask, closed.lm.target_mask).view(-1, 2)
+        ll = model.answer_log_likelihood(
+            memory.select(closed.owner), batch.token_mask[closed.owner], closed.lm.ids, closed.lm.attention_mask, closed.lm.target_mask
+        ).view(-1, 2)
         last = closed_loss(model, memory, batch.token_mask, closed)
     assert float(last) < 0.5 * float(loss)
     assert torch.equal(ll.argmax(1), closed.answer)  # each image's own answer ranks first: read from the image, not a prior

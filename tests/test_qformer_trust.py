@@ -54,12 +54,18 @@ def test_trust_is_written_into_the_checkpoint_and_reads_back(tmp_path):
     reference = ReferenceSet.fit(rng.normal(size=(50, 8)), ["xray"] * 50, rng.normal(size=(20, 8)), k=5)
     trust = qformer_trust.write_trust(tmp_path, calibration, reference, "val split, 100 questions")
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["trust"] == trust and trust["ood"]["embedding"] == "mean_query_output" and trust["ood"]["file"] == "trust_reference.safetensors"
+    assert (
+        config["trust"] == trust
+        and trust["ood"]["embedding"] == "mean_query_output"
+        and trust["ood"]["file"] == "trust_reference.safetensors"
+    )
     again = Calibration.from_config(config["trust"]["closed"])
     assert again.get("finding_yes_no").temperature == pytest.approx(calibration.get("finding_yes_no").temperature)
     loaded = qformer_trust.load_reference(tmp_path)
     assert loaded is not None and loaded.threshold == pytest.approx(reference.threshold) and loaded.vectors.shape == (50, 8)
-    qformer_trust.add_test_metrics(tmp_path, {"calibration": {"all": {"n": 9, "ece_before": 0.3, "ece_after": 0.1, "reliability_after": []}}})
+    qformer_trust.add_test_metrics(
+        tmp_path, {"calibration": {"all": {"n": 9, "ece_before": 0.3, "ece_after": 0.1, "reliability_after": []}}}
+    )
     metrics = json.loads((tmp_path / "config.json").read_text())["trust"]["closed"]["metrics"]
     assert metrics["test"] == {"n": 9, "ece_before": 0.3, "ece_after": 0.1} and "val" in metrics
 
@@ -69,8 +75,18 @@ def test_compare_pairs_questions_and_calls_worse_only_beyond_the_interval():
 
     def items(correct_share: float, n: int, seed: int) -> list[dict]:
         rng = np.random.default_rng(seed)
-        return [{"id": f"r{i}", "family": "finding_yes_no", "slots": {"finding": "x"}, "kind": "image", "dataset": "busi",
-                 "group": "busi: malignant?", "correct": bool(rng.random() < correct_share)} for i in range(n)]
+        return [
+            {
+                "id": f"r{i}",
+                "family": "finding_yes_no",
+                "slots": {"finding": "x"},
+                "kind": "image",
+                "dataset": "busi",
+                "group": "busi: malignant?",
+                "correct": bool(rng.random() < correct_share),
+            }
+            for i in range(n)
+        ]
 
     old = items(0.8, 400, 0)
     same = compare(old, [dict(x) for x in old])["dataset busi"]

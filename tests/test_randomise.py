@@ -39,7 +39,7 @@ def test_no_family_leaves_the_image_alone_and_each_family_acts():
 def test_doppler_overlay_adds_colour_to_a_grey_ultrasound():
     img = _image()
     out = np.asarray(rz._doppler(Image.fromarray(img), np.random.default_rng(1))).astype(int)
-    saturation = (out.max(axis=2) - out.min(axis=2))
+    saturation = out.max(axis=2) - out.min(axis=2)
     assert (saturation > 100).sum() > 200, "red/blue flow pixels"
     assert (img.max(axis=2).astype(int) - img.min(axis=2)).max() == 0
 

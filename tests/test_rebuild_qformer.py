@@ -25,7 +25,9 @@ def _calls(tmp_path, monkeypatch, recipe: dict) -> list[tuple[str, list[str]]]:
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
     with pytest.raises(_Stop):
-        rebuild_qformer.main(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "work"), "--recipe", str(path), "--export", ""])
+        rebuild_qformer.main(
+            ["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "work"), "--recipe", str(path), "--export", ""]
+        )
     return calls
 
 

@@ -64,7 +64,9 @@ def runtime_imports() -> dict[str, set[str]]:
 
 def test_requirements_txt_and_pyproject_name_the_same_dependencies():
     txt, core = requirements_txt(), pyproject_core()
-    assert sorted(txt) == sorted(core), f"only in requirements.txt: {sorted(set(txt) - set(core))}; only in pyproject: {sorted(set(core) - set(txt))}"
+    assert sorted(txt) == sorted(core), (
+        f"only in requirements.txt: {sorted(set(txt) - set(core))}; only in pyproject: {sorted(set(core) - set(txt))}"
+    )
     differ = {name: (str(txt[name]), str(core[name])) for name in txt if str(txt[name]) != str(core[name])}
     assert not differ, f"versions differ (requirements.txt, pyproject): {differ}"
 

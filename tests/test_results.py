@@ -97,8 +97,12 @@ def test_export_from_files_writes_valid_deidentified_sr_seg_and_overlay(tmp_path
         assert any(record.labels.model.revision in str(v) for v in ds.SoftwareVersions)
     # the SR references every source instance, under the mapping
     sr = pydicom.dcmread(out / "sr.dcm")
-    referenced = {i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
-                  for series in s.ReferencedSeriesSequence for i in series.ReferencedSOPSequence}
+    referenced = {
+        i.ReferencedSOPInstanceUID
+        for s in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in s.ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    }
     assert referenced == {map_uid(pydicom.dcmread(f).SOPInstanceUID) for f in files.iterdir()}
     seg = pydicom.dcmread(out / "seg.dcm")
     assert seg.SegmentationType == "FRACTIONAL" and int(seg.NumberOfFrames) == len(record.evidence[0].slices)

@@ -49,13 +49,16 @@ def test_default_model_loads_offline(no_network):
     assert model.encode_texts(["pneumonia"]).shape == (1, model.embed_dim)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("CT_small.dcm", "CT scan"),
-    # A known miss of the shipped model (see its card: MR recognition 0.19 on the held-out MR subject; its MR
-    # training data are two brain sources): this 64 x 64 MR is called "ultrasound image". Strict, so the
-    # day a model gets it right the test says so and the mark must go.
-    pytest.param("MR_small.dcm", "MRI scan", marks=pytest.mark.xfail(strict=True, reason="shipped model's known MR miss")),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("CT_small.dcm", "CT scan"),
+        # A known miss of the shipped model (see its card: MR recognition 0.19 on the held-out MR subject; its MR
+        # training data are two brain sources): this 64 x 64 MR is called "ultrasound image". Strict, so the
+        # day a model gets it right the test says so and the mark must go.
+        pytest.param("MR_small.dcm", "MRI scan", marks=pytest.mark.xfail(strict=True, reason="shipped model's known MR miss")),
+    ],
+)
 def test_default_model_recognises_the_modality_of_real_dicom(default_model, name, expected):
     from pydicom.data import get_testdata_file
 

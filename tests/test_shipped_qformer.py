@@ -53,12 +53,15 @@ def test_answers_a_real_dicom_file_with_candidate_probabilities(model):
 
 
 @pytest.mark.skipif(not (SHARED / "volumes").is_dir(), reason="../shared/data is absent")
-@pytest.mark.parametrize("rel, question, expected", [
-    ("volumes/totalsegmentator/ct_dicom_series", "Which modality is this?", "ct"),
-    ("volumes/mricron_atlas/ch2.nii.gz", "Which modality is this?", "mri"),
-    ("volumes/totalsegmentator/ct_dicom_series", "Which body region is this?", "abdomen"),
-    ("volumes/mricron_atlas/ch2.nii.gz", "Which body region is this?", "head"),
-])
+@pytest.mark.parametrize(
+    "rel, question, expected",
+    [
+        ("volumes/totalsegmentator/ct_dicom_series", "Which modality is this?", "ct"),
+        ("volumes/mricron_atlas/ch2.nii.gz", "Which modality is this?", "mri"),
+        ("volumes/totalsegmentator/ct_dicom_series", "Which body region is this?", "abdomen"),
+        ("volumes/mricron_atlas/ch2.nii.gz", "Which body region is this?", "head"),
+    ],
+)
 def test_modality_and_region_of_real_volumes(model, rel, question, expected):
     from engine.io import load_one
 

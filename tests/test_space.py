@@ -107,14 +107,24 @@ def space_app(space_venv, tmp_path_factory):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV") and not k.startswith("MEDLENS_")}
     env.update(
-        SPACE_ID="medlens/medlens-ci", SYSTEM="spaces", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-        HOME=str(home), XDG_CACHE_HOME=str(home / "cache"), GRADIO_TEMP_DIR=str(home / "gradio"),
-        HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", HF_HUB_DISABLE_TELEMETRY="1",
+        SPACE_ID="medlens/medlens-ci",
+        SYSTEM="spaces",
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+        HOME=str(home),
+        XDG_CACHE_HOME=str(home / "cache"),
+        GRADIO_TEMP_DIR=str(home / "gradio"),
+        HF_HUB_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        HF_HUB_DISABLE_TELEMETRY="1",
         PATH=f"{space_venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         # what a Space with `hf_oauth: true` provides (sign-in itself needs huggingface.co, unreachable here);
         # anonymous use allowed so this test can load and label without a Hugging Face account
-        OAUTH_CLIENT_ID="medlens-ci", OAUTH_CLIENT_SECRET="medlens-ci", OAUTH_SCOPES="openid profile",
-        OPENID_PROVIDER_URL="https://huggingface.co", MEDLENS_ALLOW_ANONYMOUS="1",
+        OAUTH_CLIENT_ID="medlens-ci",
+        OAUTH_CLIENT_SECRET="medlens-ci",
+        OAUTH_SCOPES="openid profile",
+        OPENID_PROVIDER_URL="https://huggingface.co",
+        MEDLENS_ALLOW_ANONYMOUS="1",
     )
     log = open(home / "app.log", "w+")
     proc = subprocess.Popen([str(space_venv / "bin" / "python"), "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

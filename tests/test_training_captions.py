@@ -11,8 +11,7 @@ from training.tasks import DR_GRADES, HAM_DX, LC25000, NIH_FINDINGS, TASKS
 
 
 def row(id="r/1", dataset="x", modality="xray", labels=("normal",), **kw) -> Row:
-    return Row(id=id, dataset=dataset, modality=modality, path="a.png", split="train", subject="s",
-               labels=list(labels), **kw)
+    return Row(id=id, dataset=dataset, modality=modality, path="a.png", split="train", subject="s", labels=list(labels), **kw)
 
 
 def pool_text(r: Row) -> str:
@@ -20,12 +19,17 @@ def pool_text(r: Row) -> str:
 
 
 def _every_kind_of_row() -> list[Row]:
-    rows = [row(f"nih/{i}", "nih_cxr14", "xray", [lab], view=v, body_part="chest")
-            for i, lab in enumerate(sorted(set(NIH_FINDINGS.values()))) for v in ("PA", "AP")]
+    rows = [
+        row(f"nih/{i}", "nih_cxr14", "xray", [lab], view=v, body_part="chest")
+        for i, lab in enumerate(sorted(set(NIH_FINDINGS.values())))
+        for v in ("PA", "AP")
+    ]
     rows.append(row("nih/multi", "nih_cxr14", "xray", ["edema", "pleural effusion", "cardiomegaly"], view="AP"))
     rows += [row(f"pn/{lab}", "pneumoniamnist", "xray", [lab], extra={"population": "paediatric"}) for lab in ("normal", "pneumonia")]
-    rows += [row(f"busi/{lab}", "busi", "us", [lab], body_part="breast", text=f"An ultrasound image of breast with {lab} findings.")
-             for lab in ("normal", "benign", "malignant")]
+    rows += [
+        row(f"busi/{lab}", "busi", "us", [lab], body_part="breast", text=f"An ultrasound image of breast with {lab} findings.")
+        for lab in ("normal", "benign", "malignant")
+    ]
     rows += [row(f"bm/{lab}", "breastmnist", "us", [lab], body_part="breast") for lab in ("malignant", "non-malignant")]
     rows += [row(f"lc/{lab}", "lc25000_lung", "pathology", [lab], body_part="lung") for lab in LC25000.values()]
     rows += [row(f"fd/{g}", "fundus_dr", "fundus", [g], view="left eye") for g in DR_GRADES]
@@ -35,9 +39,20 @@ def _every_kind_of_row() -> list[Row]:
     ct = list(TASKS["ct_organs"].classes)
     for plane in ("axial", "coronal", "sagittal"):
         rows.append(row(f"ct/{plane}", "ct_organs", "ct", ct[:6], slice={"plane": plane, "index": 3}, view=plane, body_part="abdomen"))
-        rows.append(row(f"mr/{plane}", "mr_organs", "mr", ["liver", "spleen"], slice={"plane": plane, "index": 3}, view=plane, body_part="abdomen"))
-        rows.append(row(f"brain/{plane}", "brain_mri", "mr", ["brain", "hippocampus", "thalamus"], slice={"plane": plane, "index": 3},
-                        view=plane, body_part="brain"))
+        rows.append(
+            row(f"mr/{plane}", "mr_organs", "mr", ["liver", "spleen"], slice={"plane": plane, "index": 3}, view=plane, body_part="abdomen")
+        )
+        rows.append(
+            row(
+                f"brain/{plane}",
+                "brain_mri",
+                "mr",
+                ["brain", "hippocampus", "thalamus"],
+                slice={"plane": plane, "index": 3},
+                view=plane,
+                body_part="brain",
+            )
+        )
     rows += [row(f"ct1/{o}", "ct_organs", "ct", [o], slice={"plane": "axial", "index": 1}, view="axial") for o in ct]
     return rows
 
@@ -57,8 +72,9 @@ def test_captions_name_modality_view_and_describe_the_class():
     assert "fundus photograph of the left eye" in dr and "microaneurysms" in dr and "fovea" in dr
     assert "moderate diabetic retinopathy with diabetic maculopathy" in dr
     assert "neovascularisation" in pool_text(row("f/2", "fundus_dr", "fundus", ["proliferative diabetic retinopathy"]))
-    ct = pool_text(row("c/1", "ct_organs", "ct", ["liver", "spleen"], slice={"plane": "axial", "index": 4}, view="axial",
-                       body_part="abdomen"))
+    ct = pool_text(
+        row("c/1", "ct_organs", "ct", ["liver", "spleen"], slice={"plane": "axial", "index": 4}, view="axial", body_part="abdomen")
+    )
     assert "axial ct section through the abdomen showing the liver and the spleen" in ct
     assert "right upper abdomen" in ct  # where the liver is
     pa = caption_pool(row("n/1", "nih_cxr14", "xray", ["cardiomegaly"], view="PA"))
@@ -108,8 +124,16 @@ def test_vocabulary_stays_small_for_many_multilabel_rows():
     rows = []
     for i in range(1500):
         plane = rng.choice(["axial", "coronal", "sagittal"])
-        rows.append(row(f"ct/{i}", "ct_organs", "ct", sorted(rng.sample(organs, rng.randint(0, 9))),
-                        slice={"plane": plane, "index": i}, body_part=rng.choice(["abdomen", "chest", None])))
+        rows.append(
+            row(
+                f"ct/{i}",
+                "ct_organs",
+                "ct",
+                sorted(rng.sample(organs, rng.randint(0, 9))),
+                slice={"plane": plane, "index": i},
+                body_part=rng.choice(["abdomen", "chest", None]),
+            )
+        )
     rows += [row(f"p/{i}", "pneumoniamnist", "xray", [rng.choice(["normal", "pneumonia"])]) for i in range(3000)]
     vocab = caption_vocabulary(rows)
     assert len(vocab) == len(set(vocab)) and vocab == sorted(vocab)

@@ -20,8 +20,25 @@ from PIL import Image
 from training.manifest import Row, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--tower", "convnext_atto", "--image-size", "32", "--embed-dim", "16", "--batch-size", "8",
-        "--drop-path", "0", "--warmup", "2", "--eval-every", "0", "--quiet", "--precision", "fp32"]
+TINY = [
+    "--tower",
+    "convnext_atto",
+    "--image-size",
+    "32",
+    "--embed-dim",
+    "16",
+    "--batch-size",
+    "8",
+    "--drop-path",
+    "0",
+    "--warmup",
+    "2",
+    "--eval-every",
+    "0",
+    "--quiet",
+    "--precision",
+    "fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +53,26 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
         name = f"img_{i}.png"
         Image.fromarray(img).save(root / name)
         split = "val" if i >= 20 else "train"
-        rows.append(Row(id=f"toy/{i}", dataset="pneumoniamnist", modality="xray", path=name, split=split,
-                        subject=f"s{i}", labels=[label], body_part="chest"))
+        rows.append(
+            Row(
+                id=f"toy/{i}",
+                dataset="pneumoniamnist",
+                modality="xray",
+                path=name,
+                split=split,
+                subject=f"s{i}",
+                labels=[label],
+                body_part="chest",
+            )
+        )
     for i in range(8):
         img = (rng.random((40, 40, 3)) * 255).astype(np.uint8)
         name = f"derm_{i}.png"
         Image.fromarray(img).save(root / name)
         label = ["melanoma", "melanocytic nevus"][i % 2]
-        rows.append(Row(id=f"derm/{i}", dataset="ham10000", modality="dermoscopy", path=name, split="train",
-                        subject=f"d{i}", labels=[label]))
+        rows.append(
+            Row(id=f"derm/{i}", dataset="ham10000", modality="dermoscopy", path=name, split="train", subject=f"d{i}", labels=[label])
+        )
     manifest = root / "manifest.jsonl"
     write_manifest(rows, manifest)
     return root, manifest
@@ -131,8 +159,19 @@ def test_ddp_two_processes_equal_one_process(tmp_path, tiny_data):
     _train(single, tiny_data, "--max-steps", "3")
     ddp = tmp_path / "ddp"
     env = {**os.environ, "MEDLENS_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.clip", *common, "--out", str(ddp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "training.clip",
+        *common,
+        "--out",
+        str(ddp),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((ddp / "train_summary.json").read_text())

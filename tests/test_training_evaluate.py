@@ -68,19 +68,49 @@ def fake(tmp_path_factory) -> tuple[Path, Path]:
         for i in range(n):
             pos = i % 2
             name = _png(root / "dsa" / f"{split}{i}.png", 60 + 120 * pos, False, rng)
-            rows.append(Row(id=f"dsa/{split}/{i}", dataset="dsa", modality="xray", path=f"dsa/{name}", split=split,
-                            subject=f"a{split}{i}", labels=["pneumonia" if pos else "normal"]))
+            rows.append(
+                Row(
+                    id=f"dsa/{split}/{i}",
+                    dataset="dsa",
+                    modality="xray",
+                    path=f"dsa/{name}",
+                    split=split,
+                    subject=f"a{split}{i}",
+                    labels=["pneumonia" if pos else "normal"],
+                )
+            )
             c = i % 3
             name = _png(root / "dsb" / f"{split}{i}.png", 50 + 70 * c, True, rng)
             cls = list(T.LC25000.values())[c]
-            rows.append(Row(id=f"dsb/{split}/{i}", dataset="dsb", modality="pathology", path=f"dsb/{name}", split=split,
-                            subject=f"b{split}{i}", labels=[cls]))
+            rows.append(
+                Row(
+                    id=f"dsb/{split}/{i}",
+                    dataset="dsb",
+                    modality="pathology",
+                    path=f"dsb/{name}",
+                    split=split,
+                    subject=f"b{split}{i}",
+                    labels=[cls],
+                )
+            )
     ct, seg = _volume(root)
     for z in range(6):
         labels = ["liver"] + (["spleen"] if 1 <= z <= 3 else [])
-        rows.append(Row(id=f"ctset/test/{z}", dataset="ctset", modality="ct", path=ct, split="test", subject="ct1",
-                        labels=labels, slice={"plane": "axial", "index": z}, view="axial", body_part="abdomen",
-                        extra={"mask": seg, "mask_ids": {"liver": [LIVER], "spleen": [SPLEEN]}}))
+        rows.append(
+            Row(
+                id=f"ctset/test/{z}",
+                dataset="ctset",
+                modality="ct",
+                path=ct,
+                split="test",
+                subject="ct1",
+                labels=labels,
+                slice={"plane": "axial", "index": z},
+                view="axial",
+                body_part="abdomen",
+                extra={"mask": seg, "mask_ids": {"liver": [LIVER], "spleen": [SPLEEN]}},
+            )
+        )
     manifest = root / "manifest.jsonl"
     write_manifest(rows, manifest)
     return root, manifest
@@ -162,7 +192,16 @@ def test_evaluate_end_to_end(fake, tiny_model, tmp_path):
     assert set(heads) == set(FAKE_TASKS) and heads["organs"] == pytest.approx(org["mean_auc"], abs=1e-6)
     card = E.to_markdown(data, top=2, title=False)  # for a model card's own "## Evaluation" section
     assert "### Zero-shot" in card and not card.startswith("#") and "\n## " not in card
-    for section in ("## Zero-shot", "### Modality recognition", "per-organ AUC", "text -> image", "image -> image", "Linear probe", "Few-shot", "Pointing game"):
+    for section in (
+        "## Zero-shot",
+        "### Modality recognition",
+        "per-organ AUC",
+        "text -> image",
+        "image -> image",
+        "Linear probe",
+        "Few-shot",
+        "Pointing game",
+    ):
         assert section in md
 
 
@@ -186,7 +225,9 @@ def test_unreadable_rows_are_counted_not_fatal(fake, tiny_model, tmp_path):
     from training.manifest import read_manifest
 
     rows = read_manifest(manifest)
-    rows.append(Row(id="dsa/test/missing", dataset="dsa", modality="xray", path="dsa/missing.png", split="test", subject="zz", labels=["normal"]))
+    rows.append(
+        Row(id="dsa/test/missing", dataset="dsa", modality="xray", path="dsa/missing.png", split="test", subject="zz", labels=["normal"])
+    )
     body = E.evaluate(tiny_model, rows, root, tasks={"pneu": FAKE_TASKS["pneu"]}, log=None)
     assert body["embedding"]["errors"] == 1 and "dsa/test/missing" in body["embedding"]["error_examples"]
     assert body["zero_shot"]["pneu"]["n"] == 10
@@ -196,8 +237,22 @@ def test_cli(fake, tiny_model_dir, tmp_path, monkeypatch, capsys):
     root, manifest = fake
     monkeypatch.setattr(T, "TASKS", FAKE_TASKS)
     out = tmp_path / "eval"
-    code = E.main([f"local-dir:{tiny_model_dir}", "--manifest", str(manifest), "--data-root", str(root), "--out", str(out),
-                   "--exact", "--tasks", "modality,pneu", "--max-per-task", "6"])
+    code = E.main(
+        [
+            f"local-dir:{tiny_model_dir}",
+            "--manifest",
+            str(manifest),
+            "--data-root",
+            str(root),
+            "--out",
+            str(out),
+            "--exact",
+            "--tasks",
+            "modality,pneu",
+            "--max-per-task",
+            "6",
+        ]
+    )
     assert code == 0
     data = json.loads((out / "metrics.json").read_text())
     for key in ("model", "source", "split", "manifest", "date", "cpu", "wall_s", "settings", "zero_shot", "retrieval", "embedding"):

@@ -98,18 +98,47 @@ def make_data(root: Path, n_train: int = 25, n_test: int = 12, decoys: int = 5, 
             labels.append(1)
         arrays[f"{split}_images"] = np.stack(frames)
         for i, y in enumerate(labels):
-            rows.append(Row(id=f"pneumoniamnist/{split}/{i}", dataset="pneumoniamnist", modality="xray", path="pm.npz", split=split,
-                            subject=f"pm/{split}/{i}", labels=["pneumonia" if y else "normal"], array={"key": f"{split}_images", "index": i}))
+            rows.append(
+                Row(
+                    id=f"pneumoniamnist/{split}/{i}",
+                    dataset="pneumoniamnist",
+                    modality="xray",
+                    path="pm.npz",
+                    split=split,
+                    subject=f"pm/{split}/{i}",
+                    labels=["pneumonia" if y else "normal"],
+                    array={"key": f"{split}_images", "index": i},
+                )
+            )
     np.savez(root / "pm.npz", **arrays)
     for i in range(decoys):
         name = _colour_png(root / "ham" / f"d{i}.png", rng)
-        rows.append(Row(id=f"ham10000/{i}", dataset="ham10000", modality="dermoscopy", path=f"ham/{name}", split="test",
-                        subject=f"h{i}", labels=["melanoma"]))
+        rows.append(
+            Row(
+                id=f"ham10000/{i}",
+                dataset="ham10000",
+                modality="dermoscopy",
+                path=f"ham/{name}",
+                split="test",
+                subject=f"h{i}",
+                labels=["melanoma"],
+            )
+        )
     if ct:
         path = _ct_volume(root)
         for z in range(4):
-            rows.append(Row(id=f"ct_organs/{z}", dataset="ct_organs", modality="ct", path=path, split="test", subject="ct1",
-                            labels=["liver"] + (["spleen"] if z in (1, 2) else []), slice={"plane": "axial", "index": z}))
+            rows.append(
+                Row(
+                    id=f"ct_organs/{z}",
+                    dataset="ct_organs",
+                    modality="ct",
+                    path=path,
+                    split="test",
+                    subject="ct1",
+                    labels=["liver"] + (["spleen"] if z in (1, 2) else []),
+                    slice={"plane": "axial", "index": z},
+                )
+            )
     manifest = root / "manifest.jsonl"
     write_manifest(rows, manifest)
     return manifest
@@ -127,8 +156,9 @@ def known(tmp_path_factory):
     """evaluate_library on the hand-built case (KeyModel), 5/10/20 shots plus an unteachable 1-shot."""
     root = tmp_path_factory.mktemp("known")
     rows = read_manifest(make_data(root))
-    res = L.evaluate_library(KeyModel(), rows, root, root / "out", queries=QUERIES, teach_tasks=("pneumonia",),
-                             shots=(1, 5, 10, 20), seeds=2, log=None)
+    res = L.evaluate_library(
+        KeyModel(), rows, root, root / "out", queries=QUERIES, teach_tasks=("pneumonia",), shots=(1, 5, 10, 20), seeds=2, log=None
+    )
     return root, rows, L.finish(res)
 
 
@@ -142,13 +172,16 @@ def test_precision_at_k_by_hand():
     assert L.precision_at_k([4, 3], {3}, 5, gallery=2) == 0.5
 
 
-@pytest.mark.parametrize("ranked, k, gallery, needle", [
-    ([1, 2], 5, None, "needs 5"),  # a search that returned too little is an error, not a low precision
-    ([1, 2, 3], 5, 4, "needs 4"),
-    ([1, 1, 2], 3, None, "repeats"),
-    ([1], 0, None, "at least 1"),
-    ([], 5, 0, "empty gallery"),
-])
+@pytest.mark.parametrize(
+    "ranked, k, gallery, needle",
+    [
+        ([1, 2], 5, None, "needs 5"),  # a search that returned too little is an error, not a low precision
+        ([1, 2, 3], 5, 4, "needs 4"),
+        ([1, 1, 2], 3, None, "repeats"),
+        ([1], 0, None, "at least 1"),
+        ([], 5, 0, "empty gallery"),
+    ],
+)
 def test_precision_at_k_refuses(ranked, k, gallery, needle):
     with pytest.raises(ValueError, match=needle):
         L.precision_at_k(ranked, {1}, k, gallery)
@@ -230,7 +263,9 @@ def test_teach_curve_known_auc_and_unteachable_point(known):
 def test_teach_rerun_replaces_tags(known):
     """A rerun re-fits each label from its own draw, not from the draw plus the earlier run's tags."""
     root, rows, _res = known
-    res = L.evaluate_library(KeyModel(), rows, root, root / "out", queries=QUERIES, teach_tasks=("pneumonia",), shots=(5,), seeds=1, log=None)
+    res = L.evaluate_library(
+        KeyModel(), rows, root, root / "out", queries=QUERIES, teach_tasks=("pneumonia",), shots=(5,), seeds=1, log=None
+    )
     assert res["library"]["status"] == {"cached": 29, "present": 1}  # the duplicate row: found by hash, not embedded
     from engine.library import connect, tags
 
@@ -279,8 +314,21 @@ def test_cli_tiny_model_end_to_end(tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
     root.mkdir()
     manifest = make_data(root, n_train=6, n_test=4, decoys=3, ct=True)
-    argv = ["--data-root", str(root), "--out", str(tmp_path / "out"), "--model", f"local-dir:{folder}", "--manifest", str(manifest),
-            "--seeds", "2", "--shots", "2", "3"]
+    argv = [
+        "--data-root",
+        str(root),
+        "--out",
+        str(tmp_path / "out"),
+        "--model",
+        f"local-dir:{folder}",
+        "--manifest",
+        str(manifest),
+        "--seeds",
+        "2",
+        "--shots",
+        "2",
+        "3",
+    ]
     try:
         assert L.main(argv) == 0
         md = capsys.readouterr().out

@@ -30,19 +30,52 @@ def _manifest(tmp_path):
         img = (rng.random((40, 40)) * (255 if i % 2 else 90)).astype(np.uint8)
         Image.fromarray(img).save(tmp_path / f"x{i}.png")
         split = "val" if i >= 4 else "train"
-        image_row = {"id": f"cxr/{i}", "dataset": "cxr", "modality": "xray", "path": f"x{i}.png", "split": split,
-                     "subject": f"p{i}", "labels": [label]}
-        rows.append(QARow(id=f"cxr/{i}", dataset="cxr", split=split, subject=f"p{i}", modality="xray", kind="image",
-                          path=f"x{i}.png", body_region="chest", caption=f"Chest X-ray, {label}.", image_row=image_row,
-                          qa=[_qa("Is there pneumonia?", "yes" if i % 2 else "no", "finding_yes_no", ["yes", "no"])]))
+        image_row = {
+            "id": f"cxr/{i}",
+            "dataset": "cxr",
+            "modality": "xray",
+            "path": f"x{i}.png",
+            "split": split,
+            "subject": f"p{i}",
+            "labels": [label],
+        }
+        rows.append(
+            QARow(
+                id=f"cxr/{i}",
+                dataset="cxr",
+                split=split,
+                subject=f"p{i}",
+                modality="xray",
+                kind="image",
+                path=f"x{i}.png",
+                body_region="chest",
+                caption=f"Chest X-ray, {label}.",
+                image_row=image_row,
+                qa=[_qa("Is there pneumonia?", "yes" if i % 2 else "no", "finding_yes_no", ["yes", "no"])],
+            )
+        )
     vol = (rng.random((24, 20, 12)) * 400 - 200).astype(np.float32)
     nib.save(nib.Nifti1Image(vol, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "ct.nii.gz")
     for i in range(3):
-        rows.append(QARow(id=f"ct3d/a/crop{i:03d}", dataset="ct_organs_3d", split="train", subject="a", modality="ct", kind="volume",
-                          path="ct.nii.gz", body_region="abdomen", caption="CT of the abdomen. In view: liver.",
-                          crop={"z": [0, 12 - i], "y": [0, 20], "x": [i, 24]}, zoom=1.0,
-                          qa=[_qa("Which modality is this?", "ct", "modality", ["ct", "mri"]),
-                              _qa("Which organs are in view?", "liver", "organs_in_view")]))
+        rows.append(
+            QARow(
+                id=f"ct3d/a/crop{i:03d}",
+                dataset="ct_organs_3d",
+                split="train",
+                subject="a",
+                modality="ct",
+                kind="volume",
+                path="ct.nii.gz",
+                body_region="abdomen",
+                caption="CT of the abdomen. In view: liver.",
+                crop={"z": [0, 12 - i], "y": [0, 20], "x": [i, 24]},
+                zoom=1.0,
+                qa=[
+                    _qa("Which modality is this?", "ct", "modality", ["ct", "mri"]),
+                    _qa("Which organs are in view?", "liver", "organs_in_view"),
+                ],
+            )
+        )
     write_qa_manifest(rows, tmp_path / "qa.jsonl")
     return tmp_path / "qa.jsonl"
 
@@ -51,10 +84,41 @@ def test_trainer_caches_trains_saves_and_the_checkpoint_answers(tmp_path):
     from training import qformer
 
     manifest = _manifest(tmp_path)
-    code = qformer.main(["--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--out", str(tmp_path / "run"),
-                         "--encoder", "i3resnet-tiny", "--layers", "1", "--steps", "3", "--batch-size", "3", "--eval-every", "3",
-                         "--image-size", "64", "--volume-size", "32", "32", "16", "--warmup", "1", "--freeze-text-ffn",
-                         "--balance", "0.5", "--finding-weight", "3", "--closed-weight", "1"])
+    code = qformer.main(
+        [
+            "--qa-manifest",
+            str(manifest),
+            "--data-root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "run"),
+            "--encoder",
+            "i3resnet-tiny",
+            "--layers",
+            "1",
+            "--steps",
+            "3",
+            "--batch-size",
+            "3",
+            "--eval-every",
+            "3",
+            "--image-size",
+            "64",
+            "--volume-size",
+            "32",
+            "32",
+            "16",
+            "--warmup",
+            "1",
+            "--freeze-text-ffn",
+            "--balance",
+            "0.5",
+            "--finding-weight",
+            "3",
+            "--closed-weight",
+            "1",
+        ]
+    )
     assert code == 0
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert {"itc", "itm", "itg", "closed"} <= set(history[0]) and any("val" in h for h in history)
@@ -67,7 +131,9 @@ def test_trainer_caches_trains_saves_and_the_checkpoint_answers(tmp_path):
     answer = model.ask(image, "Is there pneumonia?")
     assert answer.closed and answer.answer in ("yes", "no") and abs(sum(p for _, p in answer.candidates) - 1) < 1e-4
     volume, _ = load_one([str(tmp_path / "ct.nii.gz")])
-    assert model.ask(volume, "Which modality is this?").answer in [c for c in ("ct", "mri", "x-ray", "ultrasound", "histopathology", "fundus photograph", "dermoscopy")]
+    assert model.ask(volume, "Which modality is this?").answer in [
+        c for c in ("ct", "mri", "x-ray", "ultrasound", "histopathology", "fundus photograph", "dermoscopy")
+    ]
     # every word the decoder can write is in its vocabulary, so an open answer is made of training words
     open_answer = model.ask(volume, "Which organs are in view?")
     assert not open_answer.closed
@@ -78,8 +144,17 @@ def test_trainer_caches_trains_saves_and_the_checkpoint_answers(tmp_path):
 
 def test_per_sample_grids_match_single_grid_encoding():
     torch.manual_seed(0)
-    model = build_qformer(QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                                        encoder_hidden_size=8, num_query_tokens=2, init_from_text_encoder=False)).eval()
+    model = build_qformer(
+        QFormerConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            encoder_hidden_size=8,
+            num_query_tokens=2,
+            init_from_text_encoder=False,
+        )
+    ).eval()
     torch.nn.init.normal_(model.encoder_position.weight)  # zero at init; make the position code matter
     a, b = torch.randn(4, 8), torch.randn(2, 8)
     tokens, mask = pad_tokens([a, b])
@@ -104,8 +179,16 @@ def test_a_saved_checkpoint_reloads_to_identical_outputs(tmp_path):
     minilm = text_encoder_dir(QFormerConfig().text_encoder)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy2(f"{minilm}/{name}", text / name)
-    cfg = QFormerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, encoder_hidden_size=32,
-                        num_query_tokens=4, text_encoder=str(text), decoder_vocab=list(range(100, 400)))
+    cfg = QFormerConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        encoder_hidden_size=32,
+        num_query_tokens=4,
+        text_encoder=str(text),
+        decoder_vocab=list(range(100, 400)),
+    )
     cfg.frozen = cfg.frozen + TEXT_FFN
     torch.manual_seed(3)
     model = build_qformer(cfg).eval()
@@ -124,8 +207,18 @@ def test_a_saved_checkpoint_reloads_to_identical_outputs(tmp_path):
 def _example(dataset, caption, qa=()):
     from training.qformer import Example
 
-    row = QARow(id=f"{dataset}/{caption}", dataset=dataset, split="train", subject="s", modality="xray", kind="image",
-                path="x.png", body_region="chest", caption=caption, qa=list(qa))
+    row = QARow(
+        id=f"{dataset}/{caption}",
+        dataset=dataset,
+        split="train",
+        subject="s",
+        modality="xray",
+        kind="image",
+        path="x.png",
+        body_region="chest",
+        caption=caption,
+        qa=list(qa),
+    )
     return Example(row, torch.zeros(4, 8), (1, 2, 2))
 
 
@@ -149,9 +242,11 @@ def test_closed_batch_scores_every_candidate_and_favours_findings():
     from training.qformer import closed_batch
 
     tok = AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
-    qa = [_qa("Which part of the body is this?", "chest", "body_region", ["head", "chest", "abdomen"]),
-          _qa("Is there pneumonia?", "no", "finding_yes_no", ["yes", "no"]),
-          _qa("Which organs?", "lungs", "organs_in_view")]  # open: never in the closed batch
+    qa = [
+        _qa("Which part of the body is this?", "chest", "body_region", ["head", "chest", "abdomen"]),
+        _qa("Is there pneumonia?", "no", "finding_yes_no", ["yes", "no"]),
+        _qa("Which organs?", "lungs", "organs_in_view"),
+    ]  # open: never in the closed batch
     examples = [_example("a", "normal", qa) for _ in range(400)] + [_example("a", "empty")]
     batch = closed_batch(examples, tok, random.Random(0), finding_weight=3.0)
     assert len(batch.answer) == 400 and int(batch.owner.max()) == 399  # the image without closed questions is skipped
@@ -172,11 +267,46 @@ def test_a_continued_run_starts_from_the_earlier_weights_and_records_them(tmp_pa
     from training import qformer
 
     manifest = _manifest(tmp_path)
-    base = ["--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--encoder", "i3resnet-tiny", "--layers", "1",
-            "--batch-size", "3", "--image-size", "64", "--volume-size", "32", "32", "16", "--warmup", "1", "--freeze-text-ffn"]
+    base = [
+        "--qa-manifest",
+        str(manifest),
+        "--data-root",
+        str(tmp_path),
+        "--encoder",
+        "i3resnet-tiny",
+        "--layers",
+        "1",
+        "--batch-size",
+        "3",
+        "--image-size",
+        "64",
+        "--volume-size",
+        "32",
+        "32",
+        "16",
+        "--warmup",
+        "1",
+        "--freeze-text-ffn",
+    ]
     assert qformer.main([*base, "--out", str(tmp_path / "a"), "--steps", "2", "--eval-every", "2"]) == 0
-    assert qformer.main([*base, "--out", str(tmp_path / "b"), "--steps", "0", "--init", str(tmp_path / "a" / "best"),
-                         "--closed-weight", "1", "--balance", "0.5"]) == 0
+    assert (
+        qformer.main(
+            [
+                *base,
+                "--out",
+                str(tmp_path / "b"),
+                "--steps",
+                "0",
+                "--init",
+                str(tmp_path / "a" / "best"),
+                "--closed-weight",
+                "1",
+                "--balance",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     first = json.loads((tmp_path / "a" / "best" / "config.json").read_text())
     second = json.loads((tmp_path / "b" / "last" / "config.json").read_text())
     assert second["init_from"] == {"training": first["training"], "step": first["step"]}
@@ -191,9 +321,32 @@ def test_trainer_settings_are_one_dataclass_saved_verbatim_and_bad_ones_exit_2(t
     from training.qformer_params import QFormerTrainConfig, parse_qformer_args
 
     manifest = _manifest(tmp_path)
-    argv = ["--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--out", str(tmp_path / "run"), "--encoder", "i3resnet-tiny",
-            "--layers", "1", "--steps", "1", "--batch-size", "3", "--eval-every", "1", "--image-size", "64",
-            "--volume-size", "32", "32", "16", "--warmup", "1"]
+    argv = [
+        "--qa-manifest",
+        str(manifest),
+        "--data-root",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--encoder",
+        "i3resnet-tiny",
+        "--layers",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "3",
+        "--eval-every",
+        "1",
+        "--image-size",
+        "64",
+        "--volume-size",
+        "32",
+        "32",
+        "16",
+        "--warmup",
+        "1",
+    ]
     assert qformer.main(argv) == 0
     saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["training"]
     cfg = parse_qformer_args(argv)
@@ -210,12 +363,44 @@ def test_trust_step_calibrates_and_writes_the_reference_set_of_a_trained_checkpo
     from training import qformer, qformer_trust
 
     manifest = _manifest(tmp_path)
-    assert qformer.main(["--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--out", str(tmp_path / "run"),
-                         "--encoder", "i3resnet-tiny", "--layers", "1", "--steps", "2", "--batch-size", "3", "--eval-every", "2",
-                         "--image-size", "64", "--volume-size", "32", "32", "16", "--warmup", "1"]) == 0
+    assert (
+        qformer.main(
+            [
+                "--qa-manifest",
+                str(manifest),
+                "--data-root",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "run"),
+                "--encoder",
+                "i3resnet-tiny",
+                "--layers",
+                "1",
+                "--steps",
+                "2",
+                "--batch-size",
+                "3",
+                "--eval-every",
+                "2",
+                "--image-size",
+                "64",
+                "--volume-size",
+                "32",
+                "32",
+                "16",
+                "--warmup",
+                "1",
+            ]
+        )
+        == 0
+    )
     folder = tmp_path / "run" / "best"
-    assert qformer_trust.main([str(folder), "--qa-manifest", str(manifest), "--data-root", str(tmp_path),
-                               "--cache", str(tmp_path / "qformer_cache")]) == 0
+    assert (
+        qformer_trust.main(
+            [str(folder), "--qa-manifest", str(manifest), "--data-root", str(tmp_path), "--cache", str(tmp_path / "qformer_cache")]
+        )
+        == 0
+    )
     config = json.loads((folder / "config.json").read_text())
     calibration = Calibration.from_config(config["trust"]["closed"])
     assert calibration.fitted and set(calibration.calibrators) == {"default"}  # two val questions: no family of its own

@@ -84,20 +84,33 @@ def test_fundus_label_mapping_covers_the_ten_classes():
 
 
 def test_fundus_lc25000_ham_rows(tmp_path):
-    _csv(tmp_path / "fundus/dr_maculopathy/labels.csv", ["file", "label", "patient_id", "eye", "split"],
-         [["images/x_L.jpg", "5 - Moderate DR with maculopathy", "P1", "L", "val"],
-          ["images/x_R.jpg", "1 - No DR", "P1", "R", "val"]])
+    _csv(
+        tmp_path / "fundus/dr_maculopathy/labels.csv",
+        ["file", "label", "patient_id", "eye", "split"],
+        [["images/x_L.jpg", "5 - Moderate DR with maculopathy", "P1", "L", "val"], ["images/x_R.jpg", "1 - No DR", "P1", "R", "val"]],
+    )
     f = fundus_dr(tmp_path)
     assert f[0].view == "left eye" and f[1].view == "right eye" and f[0].subject == f[1].subject == "P1"
-    _csv(tmp_path / "pathology/lc25000_lung/labels.csv", ["file", "label", "group", "split"],
-         [["images/a.jpeg", "squamous_cell_carcinoma", "lung_scc-1", "train"],
-          ["images/b.jpeg", "benign", "lung_n-2", "test"], ["images/c.jpeg", "adenocarcinoma", "lung_aca-3", "val"]])
+    _csv(
+        tmp_path / "pathology/lc25000_lung/labels.csv",
+        ["file", "label", "group", "split"],
+        [
+            ["images/a.jpeg", "squamous_cell_carcinoma", "lung_scc-1", "train"],
+            ["images/b.jpeg", "benign", "lung_n-2", "test"],
+            ["images/c.jpeg", "adenocarcinoma", "lung_aca-3", "val"],
+        ],
+    )
     lc = lc25000_lung(tmp_path)
     assert [r.labels[0] for r in lc] == ["lung squamous cell carcinoma", "benign lung tissue", "lung adenocarcinoma"]
     assert lc[0].subject == "lung_scc-1" and lc[0].modality == "pathology"
-    _csv(tmp_path / "dermatology/ham10000/labels.csv", ["file", "dx", "lesion_id", "age", "sex", "site", "split"],
-         [["images/ISIC_1.jpg", "mel", "HAM_1", "50", "male", "lower extremity", "train"],
-          ["images/ISIC_2.jpg", "nv", "", "", "", "", "test"]])
+    _csv(
+        tmp_path / "dermatology/ham10000/labels.csv",
+        ["file", "dx", "lesion_id", "age", "sex", "site", "split"],
+        [
+            ["images/ISIC_1.jpg", "mel", "HAM_1", "50", "male", "lower extremity", "train"],
+            ["images/ISIC_2.jpg", "nv", "", "", "", "", "test"],
+        ],
+    )
     ham = ham10000(tmp_path)
     assert ham[0].labels == ["melanoma"] and ham[0].body_part == "lower extremity" and ham[0].subject == "HAM_1"
     assert ham[1].labels == ["melanocytic nevus"] and ham[1].body_part is None and ham[1].subject == "image-ISIC_2"
@@ -112,8 +125,9 @@ def _mnist(path: Path, n=(4, 2, 3), size=28, channels=0, n_classes=2, multilabel
     for split, k in zip(("train", "val", "test"), n):
         shape = (k, size, size) + ((channels,) if channels else ())
         arrays[f"{split}_images"] = rng.integers(0, 255, shape, dtype=np.uint8)
-        arrays[f"{split}_labels"] = (rng.integers(0, 2, (k, multilabel), dtype=np.uint8) if multilabel
-                                     else (np.arange(k) % n_classes).reshape(k, 1).astype(np.uint8))
+        arrays[f"{split}_labels"] = (
+            rng.integers(0, 2, (k, multilabel), dtype=np.uint8) if multilabel else (np.arange(k) % n_classes).reshape(k, 1).astype(np.uint8)
+        )
     np.savez_compressed(path, **arrays)
 
 
@@ -136,9 +150,28 @@ def test_medmnist_plus_builtin_names_sizes_and_refusals(tmp_path):
     assert {r.dataset for r in rows} == {"pathmnist_64"} and rows[0].modality == "pathology"
     assert rows[0].labels == ["adipose"] and rows[1].labels == ["background"]
     chest = medmnist_plus(tmp_path, flags=("chestmnist",))
-    assert all(r.labels == ["normal"] or set(r.labels) <= set(TASKS["ct_organs"].classes) | {
-        "atelectasis", "cardiomegaly", "pleural effusion", "infiltration", "mass", "nodule", "pneumonia",
-        "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural thickening", "hernia"} for r in chest)
+    assert all(
+        r.labels == ["normal"]
+        or set(r.labels)
+        <= set(TASKS["ct_organs"].classes)
+        | {
+            "atelectasis",
+            "cardiomegaly",
+            "pleural effusion",
+            "infiltration",
+            "mass",
+            "nodule",
+            "pneumonia",
+            "pneumothorax",
+            "consolidation",
+            "edema",
+            "emphysema",
+            "fibrosis",
+            "pleural thickening",
+            "hernia",
+        }
+        for r in chest
+    )
     organs = medmnist_plus(tmp_path, flags=("organsmnist",))
     assert organs[0].labels == ["urinary bladder"] and organs[1].labels == ["left femur"] and organs[0].view == "sagittal"
     assert PixelLoader(tmp_path, size=32)(rows[0]).shape == (32, 32, 3)
@@ -259,8 +292,17 @@ def test_slice_rows_organ_presence_and_orientation_on_a_non_ras_phantom(tmp_path
 
     image, seg = _phantom(tmp_path)
     names = {5: "liver", 3: "left kidney", 1: "spleen"}
-    rows = volume_rows(tmp_path, dataset="ct_organs", modality="ct", subject="phantom", split="train",
-                       image=image, seg=seg, id_names=names, body_part=body_region)
+    rows = volume_rows(
+        tmp_path,
+        dataset="ct_organs",
+        modality="ct",
+        subject="phantom",
+        split="train",
+        image=image,
+        seg=seg,
+        id_names=names,
+        body_part=body_region,
+    )
     by = {(r.slice["plane"], r.slice["index"]): r for r in rows}
     assert {p for p, _ in by} == {"axial", "coronal", "sagittal"}
     # every slice with body, in the engine's RAS index convention (axial = z, coronal = y, sagittal = x)
@@ -297,16 +339,26 @@ def test_slice_rows_refuse_a_label_map_on_another_grid(tmp_path):
     aff[0, 3] += 1.0
     nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), aff), other)
     with pytest.raises(ValueError, match="affine"):
-        volume_rows(tmp_path, dataset="x", modality="ct", subject="s", split="train", image=image, seg=other,
-                    id_names={1: "liver"})
+        volume_rows(tmp_path, dataset="x", modality="ct", subject="s", split="train", image=image, seg=other, id_names={1: "liver"})
 
 
 def test_slice_rows_step_cap_and_4d_volume(tmp_path):
     vol = np.zeros((16, 16, 8, 3), np.float32)
     vol[2:14, 2:14, :, :] = 100.0
     nib.save(nib.Nifti1Image(vol, np.diag([3.0, 3.0, 5.0, 1.0])), tmp_path / "epi.nii.gz")
-    rows = volume_rows(tmp_path, dataset="brain_mri", modality="mr", subject="epi", split="train",
-                       image=tmp_path / "epi.nii.gz", step=2, cap=5, always=("brain",), body_part="brain", volume=0)
+    rows = volume_rows(
+        tmp_path,
+        dataset="brain_mri",
+        modality="mr",
+        subject="epi",
+        split="train",
+        image=tmp_path / "epi.nii.gz",
+        step=2,
+        cap=5,
+        always=("brain",),
+        body_part="brain",
+        volume=0,
+    )
     counts = {p: sum(r.slice["plane"] == p for r in rows) for p in ("axial", "coronal", "sagittal")}
     assert counts == {"axial": 4, "coronal": 5, "sagittal": 5}
     assert all(r.extra == {"volume": 0} and r.labels == ["brain"] and r.modality == "mr" for r in rows)
@@ -330,38 +382,71 @@ def test_organ_and_brain_names():
 
 # --------------------------------------------------------------------------- caption and CheXpert CSVs
 def test_caption_csv_rows_splits_and_modalities(tmp_path):
-    _csv(tmp_path / "roco/captions.csv", ["image", "caption", "modality"], [
-        ["train/radiology/images/PMC1.jpg", "Axial CT of the abdomen showing a liver lesion.", ""],
-        ["validation/radiology/images/PMC2.jpg", "A radiograph of the left wrist.", ""],
-        ["test/radiology/images/PMC3.jpg", "Figure 2: flow chart of the study.", ""],
-        ["train/radiology/images/PMC4.jpg", "Gross specimen.", "ultrasound"],
-    ])
+    _csv(
+        tmp_path / "roco/captions.csv",
+        ["image", "caption", "modality"],
+        [
+            ["train/radiology/images/PMC1.jpg", "Axial CT of the abdomen showing a liver lesion.", ""],
+            ["validation/radiology/images/PMC2.jpg", "A radiograph of the left wrist.", ""],
+            ["test/radiology/images/PMC3.jpg", "Figure 2: flow chart of the study.", ""],
+            ["train/radiology/images/PMC4.jpg", "Gross specimen.", "ultrasound"],
+        ],
+    )
     rows = caption_csv(tmp_path, "roco/captions.csv", dataset="roco")
     assert [r.modality for r in rows] == ["ct", "xray", "us"]
     assert [r.split for r in rows] == ["train", "val", "train"]
     assert rows[0].text == "Axial CT of the abdomen showing a liver lesion." and rows[0].labels == []
     assert rows[0].path == "roco/train/radiology/images/PMC1.jpg" and rows[0].dataset == "roco"
-    _csv(tmp_path / "flat.csv", ["path", "caption", "split", "subject"], [
-        ["a.png", "MRI of the brain, T2-weighted.", "", "s1"], ["b.png", "Brain MRI again.", "", "s1"]])
+    _csv(
+        tmp_path / "flat.csv",
+        ["path", "caption", "split", "subject"],
+        [["a.png", "MRI of the brain, T2-weighted.", "", "s1"], ["b.png", "Brain MRI again.", "", "s1"]],
+    )
     flat = caption_csv(tmp_path, "flat.csv")
     assert flat[0].split == flat[1].split and flat[0].subject == flat[1].subject  # hashed per subject
     assert "caption_csv" not in DEFAULT
 
 
 def test_chexpert_policies_views_and_subjects(tmp_path):
-    cols = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly",
-            "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax",
-            "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
+    cols = [
+        "Path",
+        "Sex",
+        "Age",
+        "Frontal/Lateral",
+        "AP/PA",
+        "No Finding",
+        "Enlarged Cardiomediastinum",
+        "Cardiomegaly",
+        "Lung Opacity",
+        "Lung Lesion",
+        "Edema",
+        "Consolidation",
+        "Pneumonia",
+        "Atelectasis",
+        "Pneumothorax",
+        "Pleural Effusion",
+        "Pleural Other",
+        "Fracture",
+        "Support Devices",
+    ]
 
     def rec(path, fl, appa, **vals):
         return [path, "Female", "68", fl, appa] + [vals.get(c, "") for c in cols[5:]]
 
-    _csv(tmp_path / "CheXpert-v1.0-small/train.csv", cols, [
-        rec("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal", "AP", **{"No Finding": "1.0"}),
-        rec("CheXpert-v1.0-small/train/patient00002/study2/view1_frontal.jpg", "Frontal", "PA",
-            **{"Edema": "-1.0", "Pleural Effusion": "1.0", "Cardiomegaly": "0.0"}),
-        rec("CheXpert-v1.0-small/valid/patient00003/study1/view2_lateral.jpg", "Lateral", "", **{"Atelectasis": "-1.0"}),
-    ])
+    _csv(
+        tmp_path / "CheXpert-v1.0-small/train.csv",
+        cols,
+        [
+            rec("CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg", "Frontal", "AP", **{"No Finding": "1.0"}),
+            rec(
+                "CheXpert-v1.0-small/train/patient00002/study2/view1_frontal.jpg",
+                "Frontal",
+                "PA",
+                **{"Edema": "-1.0", "Pleural Effusion": "1.0", "Cardiomegaly": "0.0"},
+            ),
+            rec("CheXpert-v1.0-small/valid/patient00003/study1/view2_lateral.jpg", "Lateral", "", **{"Atelectasis": "-1.0"}),
+        ],
+    )
     ones = chexpert_csv(tmp_path, uncertain="ones")
     zeros = chexpert_csv(tmp_path, uncertain="zeros")
     assert [r.labels for r in ones] == [["normal"], ["edema", "pleural effusion"], ["atelectasis"]]
@@ -374,8 +459,10 @@ def test_chexpert_policies_views_and_subjects(tmp_path):
 # --------------------------------------------------------------------------- build_all and the CLI
 def test_build_all_refuses_a_subject_in_two_splits(tmp_path):
     def leaky(root):
-        return [Row(id=f"leak/{i}", dataset="leak", modality="xray", path="a.png", split=s, subject="p1")
-                for i, s in enumerate(("train", "test"))]
+        return [
+            Row(id=f"leak/{i}", dataset="leak", modality="xray", path="a.png", split=s, subject="p1")
+            for i, s in enumerate(("train", "test"))
+        ]
 
     with pytest.raises(ValueError, match="p1"):
         build_all(tmp_path, tmp_path / "m.jsonl", ["leak"], {"leak": leaky})
@@ -384,8 +471,11 @@ def test_build_all_refuses_a_subject_in_two_splits(tmp_path):
 
 def test_cli_writes_manifest_and_prints_counts(tmp_path, capsys):
     _mnist(tmp_path / "xray/pneumoniamnist.npz")
-    _csv(tmp_path / "pathology/lc25000_lung/labels.csv", ["file", "label", "group", "split"],
-         [["images/a.jpeg", "benign", "g1", "train"], ["images/b.jpeg", "benign", "g2", "test"]])
+    _csv(
+        tmp_path / "pathology/lc25000_lung/labels.csv",
+        ["file", "label", "group", "split"],
+        [["images/a.jpeg", "benign", "g1", "train"], ["images/b.jpeg", "benign", "g2", "test"]],
+    )
     out = tmp_path / "runs/manifest.jsonl"
     assert main(["--data-root", str(tmp_path), "--out", str(out), "--only", "pneumoniamnist", "lc25000_lung"]) == 0
     text = capsys.readouterr().out

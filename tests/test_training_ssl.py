@@ -46,8 +46,11 @@ def _fake_manifest(tmp_path, n=10, size=32):
             arr = np.repeat(rng.integers(0, 255, (size, size, 1), dtype=np.uint8), 3, axis=2)  # grey
         Image.fromarray(arr).save(tmp_path / "img" / f"{i}.png")
         split = "val" if i == n - 1 else "train"  # one held-out row SSL must never read
-        rows.append(Row(id=f"fake/{i}", dataset="fake", modality="pathology" if i % 2 else "xray",
-                        path=f"img/{i}.png", split=split, subject=f"s{i}"))
+        rows.append(
+            Row(
+                id=f"fake/{i}", dataset="fake", modality="pathology" if i % 2 else "xray", path=f"img/{i}.png", split=split, subject=f"s{i}"
+            )
+        )
     path = tmp_path / "manifest.jsonl"
     write_manifest(rows, path)
     return path
@@ -87,8 +90,20 @@ def test_augment_batch_shapes_and_grey_stays_grey():
 
 
 def _cfg(tmp_path, manifest, **kw):
-    base = dict(manifest=str(manifest), data_root=str(tmp_path), out=str(tmp_path / "ssl"), tower=TINY_TOWER,
-                image_size=32, epochs=3, batch_size=4, lr=1e-3, seed=3, save_every=1, progress=False, threads=1)
+    base = dict(
+        manifest=str(manifest),
+        data_root=str(tmp_path),
+        out=str(tmp_path / "ssl"),
+        tower=TINY_TOWER,
+        image_size=32,
+        epochs=3,
+        batch_size=4,
+        lr=1e-3,
+        seed=3,
+        save_every=1,
+        progress=False,
+        threads=1,
+    )
     base.update(kw)
     return SSLConfig(**base)
 
@@ -129,10 +144,8 @@ def test_flips_only_where_the_modality_allows():
 
     img = np.zeros((2, 37, 37, 3), np.uint8)
     img[:, :, :18] = 255  # left half bright
-    cfg = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0, vflip=0.0, rotate=0.0,
-                        jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-    out = augment_batch(torch.from_numpy(img), 32, torch.Generator().manual_seed(0), cfg,
-                        flip_ok=torch.tensor([False, True]))
+    cfg = AugmentConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0, vflip=0.0, rotate=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    out = augment_batch(torch.from_numpy(img), 32, torch.Generator().manual_seed(0), cfg, flip_ok=torch.tensor([False, True]))
     left, right = out[:, 0, :, :8].mean((1, 2)), out[:, 0, :, -8:].mean((1, 2))
     assert left[0] > 0.9 and right[0] < 0.1  # an X-ray keeps its sides
     assert left[1] < 0.1 and right[1] > 0.9  # a pathology tile may be mirrored

@@ -58,8 +58,14 @@ def test_a_model_without_trust_behaves_as_before_and_says_not_calibrated(plain):
     image = grey_image(1)
     for mode in ("softmax", "present-absent"):
         result = label_images([image], LABELS, plain, prompt_set="xray", mode=mode)
-        ranked, _ = score_embeddings(plain.encode_images([image]), LABELS, text_embeddings(plain, LABELS, load_prompt_set("xray"), mode),
-                                     plain.logit_scale, mode=mode, aggregation=None)
+        ranked, _ = score_embeddings(
+            plain.encode_images([image]),
+            LABELS,
+            text_embeddings(plain, LABELS, load_prompt_set("xray"), mode),
+            plain.logit_scale,
+            mode=mode,
+            aggregation=None,
+        )
         assert [(s.label, s.probability) for s in result.labels] == [(s.label, pytest.approx(s.probability)) for s in ranked]
         data = result.to_dict()
         assert data["calibrated"] is False and data["trust"].startswith("not calibrated")
@@ -73,9 +79,11 @@ def test_a_model_without_trust_behaves_as_before_and_says_not_calibrated(plain):
 def test_calibration_changes_probabilities_as_the_fitted_map_says(tmp_path):
     from engine.zeroshot import label_images
 
-    folder = write_trust(tiny_clip_folder(tmp_path / "m"),
-                         present_absent={"xray": Calibrator("platt", -1.5, 0.3), "default": Calibrator("platt", 2.0, -0.5)},
-                         softmax={"other": Calibrator("temperature", 0.25)})
+    folder = write_trust(
+        tiny_clip_folder(tmp_path / "m"),
+        present_absent={"xray": Calibrator("platt", -1.5, 0.3), "default": Calibrator("platt", 2.0, -0.5)},
+        softmax={"other": Calibrator("temperature", 0.25)},
+    )
     clip = _load(folder)
     assert clip.trust.calibrated and clip.trust.note == "calibrated on hand-made test calibration"
     image = grey_image(2)
@@ -99,8 +107,11 @@ def test_the_uncertain_band_replaces_a_confident_number(tmp_path):
     from engine.trust import Calibration
     from engine.zeroshot import label_images
 
-    folder = write_trust(tiny_clip_folder(tmp_path / "m"), present_absent={"default": Calibrator("platt", 0.0, 0.0)},
-                         softmax={"default": Calibrator("temperature", 0.0)})
+    folder = write_trust(
+        tiny_clip_folder(tmp_path / "m"),
+        present_absent={"default": Calibrator("platt", 0.0, 0.0)},
+        softmax={"default": Calibrator("temperature", 0.0)},
+    )
     clip = _load(folder)
     pa = label_images([grey_image(3)], LABELS, clip, prompt_set="xray", mode="present-absent")
     assert {s.verdict for s in pa.labels} == {"uncertain"} and all(s.uncertain for s in pa.labels)  # p = 0.5: inside the band
@@ -238,8 +249,9 @@ def test_qformer_calibrated_answers_uncertain_and_ood(tmp_path):
     from engine.trust.ood import ReferenceSet
 
     reference = ReferenceSet.fit(np.stack(grey), ["xray"] * 12, np.stack(held), k=3)
-    write_trust(folder, closed={"organ_presence": Calibrator("temperature", 0.5), "default": Calibrator("temperature", 0.0)},
-                reference=reference)
+    write_trust(
+        folder, closed={"organ_presence": Calibrator("temperature", 0.5), "default": Calibrator("temperature", 0.0)}, reference=reference
+    )
     ask = load_ask_folder(folder)
     image = scan_of(grey_image(5000), "x")
     answer = ask.ask(image, "Is the liver visible?", with_evidence=False)

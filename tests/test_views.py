@@ -219,5 +219,3 @@ def test_bad_plane_and_index_are_user_errors():
         render_view(scan, "oblique", 0, 0, 1)
     with pytest.raises(ScanError, match="slice 4"):
         render_view(scan, "axial", 4, 0, 1)
-
-

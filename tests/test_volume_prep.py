@@ -54,8 +54,15 @@ def test_prep_round_trips_through_json_and_rejects_typos():
 def test_ct_clip_and_scale_exact():
     rng = np.random.default_rng(0)
     vol = rng.uniform(-1000, 1000, (4, 5, 6)).astype(np.float32)
-    cases = {(0, 0, 0): (-3024.0, 0.0), (1, 1, 1): (-1000.0, 0.0), (2, 2, 2): (-500.0, 0.25), (3, 3, 3): (0.0, 0.5),
-             (0, 4, 4): (500.0, 0.75), (1, 0, 5): (1000.0, 1.0), (3, 4, 5): (2500.0, 1.0)}
+    cases = {
+        (0, 0, 0): (-3024.0, 0.0),
+        (1, 1, 1): (-1000.0, 0.0),
+        (2, 2, 2): (-500.0, 0.25),
+        (3, 3, 3): (0.0, 0.5),
+        (0, 4, 4): (500.0, 0.75),
+        (1, 0, 5): (1000.0, 1.0),
+        (3, 4, 5): (2500.0, 1.0),
+    }
     for (z, y, x), (hu, _) in cases.items():
         vol[z, y, x] = hu
     pv = prepare_volume(volume_scan(vol), same_grid(vol.shape))

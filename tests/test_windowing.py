@@ -143,5 +143,3 @@ def test_slider_range_covers_every_ct_preset():
         assert lo <= preset.center <= hi
         assert preset.width <= hi - lo
     assert 0 < step <= (hi - lo) / 500
-
-

@@ -108,7 +108,9 @@ def test_volume_aggregation_mean_vs_max():
 
 def test_present_absent_mode_hand_checked():
     present, absent = np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])
-    mean, per_slice = score_embeddings(SLICES, ["x"], (present, absent), 10.0, mode="present-absent", aggregation="mean", slices=[("axial", 0), ("axial", 1)])
+    mean, per_slice = score_embeddings(
+        SLICES, ["x"], (present, absent), 10.0, mode="present-absent", aggregation="mean", slices=[("axial", 0), ("axial", 1)]
+    )
     # margins per slice: 1.0 and -0.2; mean 0.4
     assert mean[0].probability == pytest.approx(_sigmoid(4.0))
     assert mean[0].score == pytest.approx(0.8) and mean[0].absent_score == pytest.approx(0.4)

@@ -35,6 +35,7 @@ MIB = 1 << 20
 # Building archives
 # --------------------------------------------------------------------------
 
+
 def _zeros_deflate(n_mib: int) -> tuple[bytes, int]:
     """Raw deflate stream of n_mib MiB of zeros, and its CRC-32."""
     co = zlib.compressobj(9, zlib.DEFLATED, -15)
@@ -56,8 +57,9 @@ def write_raw_zip(path: Path, members: list[tuple[str, bytes, int, int, int]]) -
         offset = len(out)
         out += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 8, 0, 0x21, crc, len(data), declared, len(raw_name), 0)
         out += raw_name + data
-        central += struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 0x21, crc, len(data), declared,
-                               len(raw_name), 0, 0, 0, 0, 0o100644 << 16, offset)
+        central += struct.pack(
+            "<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 8, 0, 0x21, crc, len(data), declared, len(raw_name), 0, 0, 0, 0, 0o100644 << 16, offset
+        )
         central += raw_name
     cd_offset = len(out)
     out += central
@@ -92,8 +94,14 @@ JUNK = [
     ("empty.dcm", b""),
 ]
 
-TRAVERSAL = ["../evil.dcm", "../../evil_up2.dcm", "/abs/evil_abs.dcm", "ok/../../evil_mid.dcm",
-             "..\\evil_backslash.dcm", "C:/evil_drive.dcm"]
+TRAVERSAL = [
+    "../evil.dcm",
+    "../../evil_up2.dcm",
+    "/abs/evil_abs.dcm",
+    "ok/../../evil_mid.dcm",
+    "..\\evil_backslash.dcm",
+    "C:/evil_drive.dcm",
+]
 
 
 def _skipped_names(result) -> dict[str, str]:
@@ -116,6 +124,7 @@ def _evil_files(*roots: Path) -> list[Path]:
 # --------------------------------------------------------------------------
 # Path traversal, symlinks
 # --------------------------------------------------------------------------
+
 
 def test_traversal_members_are_skipped_and_nothing_is_written(tmp_path):
     from engine.io import load
@@ -155,6 +164,7 @@ def test_zip_of_only_traversal_members_is_refused_with_the_reason(tmp_path):
 # Bombs
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def bombs(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("bombs")
@@ -167,8 +177,7 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
         # 1 GiB of zeros in one member (compression ratio ~1000:1)
         "bomb": write_raw_zip(folder / "bomb.zip", [("bomb.dcm", one_gib, crc_gib, 1 << 30, 1 << 30)]),
         # the same gigabyte as 68 members of 15 MiB each: every member is under a 16 MiB ratio floor
-        "split": write_raw_zip(folder / "split.zip",
-                               [(f"slice{i:03d}.dcm", fifteen, crc15, 15 * MIB, 15 * MIB) for i in range(68)]),
+        "split": write_raw_zip(folder / "split.zip", [(f"slice{i:03d}.dcm", fifteen, crc15, 15 * MIB, 15 * MIB) for i in range(68)]),
         # a member that says it holds 1 MiB and inflates to 1 GiB
         "liar": write_raw_zip(folder / "liar.zip", [("liar.dcm", one_gib, crc_gib, 1 << 30, MIB)]),
         "series": series_zip,
@@ -256,6 +265,7 @@ def test_member_lying_about_its_size(bombs):
 # Entry counts
 # --------------------------------------------------------------------------
 
+
 def _many_entries_zip(path: Path, n_junk: int, with_series: bool) -> Path:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
         if with_series:
@@ -303,13 +313,13 @@ def test_exactly_10000_junk_entries(tmp_path):
 # Nested archives, junk, and everything at once
 # --------------------------------------------------------------------------
 
+
 def test_nested_zip_is_skipped_not_opened(tmp_path):
     from engine.io import load
     from engine.scan import ScanError
 
     inner = _write_zip(tmp_path / "inner.zip", _series_members(3))
-    outer = _write_zip(tmp_path / "outer.zip", [("inner.zip", inner.read_bytes()),
-                                                ("deeper/also.zip", inner.read_bytes())])
+    outer = _write_zip(tmp_path / "outer.zip", [("inner.zip", inner.read_bytes()), ("deeper/also.zip", inner.read_bytes())])
     with pytest.raises(ScanError) as err:
         load([outer])
     message = str(err.value)
@@ -357,8 +367,7 @@ def test_good_series_survives_junk_traversal_nested_and_bomb(tmp_path, bombs):
     assert len(result.scans) == 1 and result.scans[0].voxels.shape[0] == 5
     skipped = _skipped_names(result)
     print("\n".join(f"{n}: {r}" for n, r in sorted(skipped.items())))
-    for member in ["../evil.dcm", "nested/inner.zip", "bomb.dcm", "notes.txt", "junk.dcm", "random.bin",
-                   "fake.nii", "empty.dcm"]:
+    for member in ["../evil.dcm", "nested/inner.zip", "bomb.dcm", "notes.txt", "junk.dcm", "random.bin", "fake.nii", "empty.dcm"]:
         reason = _reason_for(skipped, member)
         assert len(reason.strip()) >= 8 and len(reason.split()) >= 2, f"{member}: vague reason {reason!r}"
     assert not _evil_files(tmp_path)

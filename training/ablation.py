@@ -55,7 +55,7 @@ def condition_features(feats: torch.Tensor, fire: np.ndarray, condition: str) ->
         return feats
     if condition == "none":
         return feats[:1]
-    family = FAMILIES.index(condition[len("no-"):])
+    family = FAMILIES.index(condition[len("no-") :])
     out = feats.clone()
     for k in range(1, feats.shape[0]):
         hit = torch.as_tensor(fire[:, k, family])
@@ -113,8 +113,9 @@ def eval_inputs(manifest: str, data_root: str, cache: Path) -> dict[str, Any]:
         if item.modality == ood.FOREIGN or root is None or not (root / item.path).exists():
             continue
         images = scan_images(ood.load_item(item, root), n_slices=ood.N_SLICES)
-        oods.append({"id": item.id, "modality": item.modality, "images": images,
-                     "feats": _trunk_features(trunk, pre, [im.pixels for im in images])})
+        oods.append(
+            {"id": item.id, "modality": item.modality, "images": images, "feats": _trunk_features(trunk, pre, [im.pixels for im in images])}
+        )
     data = {"test_rows": test, "test_feats": test_feats, "ood": oods}
     torch.save(data, path)
     return data
@@ -138,7 +139,9 @@ def evaluate_condition(folder: Path, inputs: dict[str, Any]) -> dict[str, Any]:
     for name, task in TASKS.items():
         rows, y, _ = _task_rows(task, inputs["test_rows"], None)
         res = zero_shot(task, np.stack([test_emb[r.id] for r in rows]), rows, y, model)
-        out["test"][name] = res.get("mean_auc") if task.kind == MULTILABEL else res.get("auc") if task.kind == "binary" else res.get("accuracy")
+        out["test"][name] = (
+            res.get("mean_auc") if task.kind == MULTILABEL else res.get("auc") if task.kind == "binary" else res.get("accuracy")
+        )
     labels, keys, pset = list(MODALITY_LABELS.values()), list(MODALITY_LABELS), load_prompt_set("other")
     hits: dict[str, list[bool]] = {}
     for item in inputs["ood"]:
@@ -155,8 +158,12 @@ def to_markdown(results: dict[str, dict[str, Any]]) -> str:
     head = ["condition", "OOD modality acc", *[f"OOD {m}" for m in mods], *tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for cond, r in results.items():
-        cells = [cond, f"{r['ood']['all']:.3f}", *[f"{r['ood'][m]:.3f}" for m in mods],
-                 *["n/a" if r["test"][t] is None else f"{r['test'][t]:.3f}" for t in tasks]]
+        cells = [
+            cond,
+            f"{r['ood']['all']:.3f}",
+            *[f"{r['ood'][m]:.3f}" for m in mods],
+            *["n/a" if r["test"][t] is None else f"{r['test'][t]:.3f}" for t in tasks],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

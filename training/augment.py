@@ -40,7 +40,15 @@ def draw_params(n: int, flip_ok: torch.Tensor, gen: torch.Generator, strength: f
     flip_y = (u[:, 5] < 0.5) & flip_ok
     contrast = 1 + (u[:, 6] * 2 - 1) * 0.25 * strength
     brightness = (u[:, 7] * 2 - 1) * 0.1 * strength
-    return {"zoom": zoom, "angle": angle, "shift": shift, "flip_x": flip_x, "flip_y": flip_y, "contrast": contrast, "brightness": brightness}
+    return {
+        "zoom": zoom,
+        "angle": angle,
+        "shift": shift,
+        "flip_x": flip_x,
+        "flip_y": flip_y,
+        "contrast": contrast,
+        "brightness": brightness,
+    }
 
 
 def apply(images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:

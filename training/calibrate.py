@@ -151,8 +151,12 @@ def fit_calibrations(ex: Examples, fitted_on: str):
             continue
         cal = _nll_temperature(items)
         sm[key] = cal
-        sm_metrics[key] = {"n": len(items), "temperature": cal.temperature, "ece_before": _choices_ece(IDENTITY_CAL, items),
-                           "ece_after": _choices_ece(cal, items)}
+        sm_metrics[key] = {
+            "n": len(items),
+            "temperature": cal.temperature,
+            "ece_before": _choices_ece(IDENTITY_CAL, items),
+            "ece_after": _choices_ece(cal, items),
+        }
     pa, pa_metrics = {}, {}
     keys = sorted(ex.present_absent)
     for key in [*keys, DEFAULT]:
@@ -162,13 +166,20 @@ def fit_calibrations(ex: Examples, fitted_on: str):
             continue
         cal = fit_platt(x, y)
         pa[key] = cal
-        pa_metrics[key] = {"n": len(items), "a": cal.a, "b": cal.b, "ece_before": ece(IDENTITY_CAL.binary(x), y),
-                           "ece_after": ece(cal.binary(x), y)}
+        pa_metrics[key] = {
+            "n": len(items),
+            "a": cal.a,
+            "b": cal.b,
+            "ece_before": ece(IDENTITY_CAL.binary(x), y),
+            "ece_after": ece(cal.binary(x), y),
+        }
         if key == DEFAULT:
             pa_metrics[key]["reliability_after"] = reliability_table(cal.binary(x), y)
             pa_metrics[key]["reliability_before"] = reliability_table(IDENTITY_CAL.binary(x), y)
-    return (Calibration(sm, metrics={"fitted_on": fitted_on, "per_key": sm_metrics}),
-            Calibration(pa, metrics={"fitted_on": fitted_on, "per_key": pa_metrics}))
+    return (
+        Calibration(sm, metrics={"fitted_on": fitted_on, "per_key": sm_metrics}),
+        Calibration(pa, metrics={"fitted_on": fitted_on, "per_key": pa_metrics}),
+    )
 
 
 def evaluate_calibration(ex: Examples, softmax, present_absent) -> dict[str, Any]:
@@ -178,8 +189,11 @@ def evaluate_calibration(ex: Examples, softmax, present_absent) -> dict[str, Any
 
     out: dict[str, Any] = {"softmax": {}, "present_absent": {}}
     for key, items in sorted(ex.softmax.items()):
-        out["softmax"][key] = {"n": len(items), "ece_before": _choices_ece(IDENTITY_CAL, items),
-                               "ece_after": _choices_ece(softmax.get(key), items)}
+        out["softmax"][key] = {
+            "n": len(items),
+            "ece_before": _choices_ece(IDENTITY_CAL, items),
+            "ece_after": _choices_ece(softmax.get(key), items),
+        }
     pooled_x, pooled_y, pooled_p = [], [], []
     for key, items in sorted(ex.present_absent.items()):
         x, y = np.array([z for z, _ in items]), np.array([t for _, t in items])
@@ -188,22 +202,38 @@ def evaluate_calibration(ex: Examples, softmax, present_absent) -> dict[str, Any
         pooled_x.append(x), pooled_y.append(y), pooled_p.append(p)
     if pooled_x:
         x, y, p = np.concatenate(pooled_x), np.concatenate(pooled_y), np.concatenate(pooled_p)
-        out["present_absent"]["all"] = {"n": int(len(y)), "ece_before": ece(IDENTITY_CAL.binary(x), y), "ece_after": ece(p, y),
-                                        "reliability_after": reliability_table(p, y), "reliability_before": reliability_table(IDENTITY_CAL.binary(x), y)}
+        out["present_absent"]["all"] = {
+            "n": int(len(y)),
+            "ece_before": ece(IDENTITY_CAL.binary(x), y),
+            "ece_after": ece(p, y),
+            "reliability_after": reliability_table(p, y),
+            "reliability_before": reliability_table(IDENTITY_CAL.binary(x), y),
+        }
     return out
 
 
-def fit_trust(clip, val_emb: np.ndarray, val_rows: Sequence[Row], train_emb: np.ndarray, train_rows: Sequence[Row],
-              *, seed: int = 0) -> tuple[dict[str, Any], Any]:
+def fit_trust(
+    clip, val_emb: np.ndarray, val_rows: Sequence[Row], train_emb: np.ndarray, train_rows: Sequence[Row], *, seed: int = 0
+) -> tuple[dict[str, Any], Any]:
     """The "trust" block for config.json and the ReferenceSet to save beside it."""
     from engine.trust import ReferenceSet
 
     fitted_on = f"validation splits of the training manifest: {len(val_rows)} images"
     softmax, present_absent = fit_calibrations(collect(clip, val_emb, val_rows), fitted_on)
     reference = ReferenceSet.fit(train_emb, [r.modality for r in train_rows], val_emb, seed=seed)
-    block = {"present_absent": present_absent.to_config(), "softmax": softmax.to_config(), "fitted_on": fitted_on,
-             "ood": {"method": "knn", "k": reference.k, "quantile": 0.99, "file": "trust_reference.safetensors",
-                     "reference_vectors": int(len(reference.vectors)), "threshold": reference.threshold}}
+    block = {
+        "present_absent": present_absent.to_config(),
+        "softmax": softmax.to_config(),
+        "fitted_on": fitted_on,
+        "ood": {
+            "method": "knn",
+            "k": reference.k,
+            "quantile": 0.99,
+            "file": "trust_reference.safetensors",
+            "reference_vectors": int(len(reference.vectors)),
+            "threshold": reference.threshold,
+        },
+    }
     return block, reference
 
 
@@ -228,22 +258,34 @@ def trust_of(config: dict[str, Any]):
 def calibration_markdown(cal: dict[str, Any], title: str) -> list[str]:
     """The card's calibration section: ECE per prompt set before/after, and the pooled present/absent reliability table."""
     f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    lines = [title, "", "Expected calibration error (15 equal-width bins): present/absent per prompt set (Platt) and the "
-             "softmax top answer (temperature).", "", "| scores | prompt set | n | ECE raw | ECE calibrated |", "|---|---|---|---|---|"]
+    lines = [
+        title,
+        "",
+        "Expected calibration error (15 equal-width bins): present/absent per prompt set (Platt) and the softmax top answer (temperature).",
+        "",
+        "| scores | prompt set | n | ECE raw | ECE calibrated |",
+        "|---|---|---|---|---|",
+    ]
     for part, name in (("present_absent", "present/absent"), ("softmax", "softmax")):
         for key, r in cal.get(part, {}).items():
             lines.append(f"| {name} | {key} | {r['n']} | {f(r['ece_before'])} | {f(r['ece_after'])} |")
     pooled = cal.get("present_absent", {}).get("all")
     if pooled:
-        lines += ["", "Reliability of present/absent, all prompt sets pooled (the data of a reliability plot: "
-                  "a calibrated model has accuracy = confidence in every bin):", "",
-                  "| P(present) bin | n | mean P raw | fraction present | n | mean P calibrated | fraction present |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Reliability of present/absent, all prompt sets pooled (the data of a reliability plot: "
+            "a calibrated model has accuracy = confidence in every bin):",
+            "",
+            "| P(present) bin | n | mean P raw | fraction present | n | mean P calibrated | fraction present |",
+            "|---|---|---|---|---|---|---|",
+        ]
         before = {(r["low"], r["high"]): r for r in pooled["reliability_before"]}
         after = {(r["low"], r["high"]): r for r in pooled["reliability_after"]}
         for edge in sorted(set(before) | set(after)):
             b, a = before.get(edge), after.get(edge)
-            cells = [f"{b['count']} | {b['confidence']:.2f} | {b['accuracy']:.2f}" if b else "0 | | ",
-                     f"{a['count']} | {a['confidence']:.2f} | {a['accuracy']:.2f}" if a else "0 | | "]
+            cells = [
+                f"{b['count']} | {b['confidence']:.2f} | {b['accuracy']:.2f}" if b else "0 | | ",
+                f"{a['count']} | {a['confidence']:.2f} | {a['accuracy']:.2f}" if a else "0 | | ",
+            ]
             lines.append(f"| {edge[0]:.1f}-{edge[1]:.1f} | {cells[0]} | {cells[1]} |")
     return lines + [""]

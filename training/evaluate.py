@@ -81,10 +81,21 @@ SEED = 0
 # TotalSegmentator class names (class_names.json "total") per ct_organs organ, used when a
 # row carries a mask path but no id list.
 TOTALSEG_PATTERNS = {
-    "liver": r"liver", "spleen": r"spleen", "left kidney": r"kidney_left", "right kidney": r"kidney_right",
-    "stomach": r"stomach", "pancreas": r"pancreas", "gallbladder": r"gallbladder", "heart": r"heart(_.*)?",
-    "left lung": r"lung_.*_left", "right lung": r"lung_.*_right", "aorta": r"aorta", "vertebrae": r"vertebrae_.*",
-    "colon": r"colon", "small bowel": r"small_bowel", "urinary bladder": r"urinary_bladder",
+    "liver": r"liver",
+    "spleen": r"spleen",
+    "left kidney": r"kidney_left",
+    "right kidney": r"kidney_right",
+    "stomach": r"stomach",
+    "pancreas": r"pancreas",
+    "gallbladder": r"gallbladder",
+    "heart": r"heart(_.*)?",
+    "left lung": r"lung_.*_left",
+    "right lung": r"lung_.*_right",
+    "aorta": r"aorta",
+    "vertebrae": r"vertebrae_.*",
+    "colon": r"colon",
+    "small bowel": r"small_bowel",
+    "urinary bladder": r"urinary_bladder",
 }
 MASK_ID_KEYS = ("mask_ids", "organ_ids", "label_ids", "totalseg_ids")  # recipes/slices.py writes "mask_ids"
 GRID_TOL_MM = 1e-3  # label map and image affines must agree this well (as recipes/slices.check_same_grid)
@@ -218,13 +229,25 @@ def zero_shot(task: Task, emb: np.ndarray, rows: Sequence[Row], y: np.ndarray | 
             control, _ = metrics.binary_auc(yy, agnostic)
             sim_auc, _ = metrics.binary_auc(yy, similarity[:, j])
             sims.append(sim_auc)
-            organs[organ] = {"auc": auc, "n_present": int(yy.sum()), "n": int(yy.size), "ci95": _ci(metrics.bootstrap_ci(yy, margin[:, j], "auc")),
-                             "control_auc": control, "similarity_auc": sim_auc}
+            organs[organ] = {
+                "auc": auc,
+                "n_present": int(yy.sum()),
+                "n": int(yy.size),
+                "ci95": _ci(metrics.bootstrap_ci(yy, margin[:, j], "auc")),
+                "control_auc": control,
+                "similarity_auc": sim_auc,
+            }
             aucs.append(auc)
             controls.append(control)
-        out.update(scoring="present-absent", per_organ=organs, skipped_organs=skipped, mean_auc=float(np.mean(aucs)) if aucs else float("nan"),
-                   mean_control_auc=float(np.mean(controls)) if controls else float("nan"), n_organs=len(aucs),
-                   mean_similarity_auc=float(np.mean(sims)) if sims else float("nan"))
+        out.update(
+            scoring="present-absent",
+            per_organ=organs,
+            skipped_organs=skipped,
+            mean_auc=float(np.mean(aucs)) if aucs else float("nan"),
+            mean_control_auc=float(np.mean(controls)) if controls else float("nan"),
+            n_organs=len(aucs),
+            mean_similarity_auc=float(np.mean(sims)) if sims else float("nan"),
+        )
         return out
     cos = emb @ _text_embeddings(model, task).T
     probs = _softmax(scale * cos)
@@ -235,8 +258,12 @@ def zero_shot(task: Task, emb: np.ndarray, rows: Sequence[Row], y: np.ndarray | 
         pred = np.isin(top, pos).astype(int)
         auc, reason = metrics.binary_auc(y, p_pos)
         out.update(
-            positive=sorted(task.positive), n_positive=int(y.sum()), auc=auc, auc_ci95=_ci(metrics.bootstrap_ci(y, p_pos, "auc")),
-            accuracy=metrics.accuracy(y, pred), accuracy_ci95=_ci(metrics.bootstrap_ci(y, pred, "accuracy")),
+            positive=sorted(task.positive),
+            n_positive=int(y.sum()),
+            auc=auc,
+            auc_ci95=_ci(metrics.bootstrap_ci(y, p_pos, "auc")),
+            accuracy=metrics.accuracy(y, pred),
+            accuracy_ci95=_ci(metrics.bootstrap_ci(y, pred, "accuracy")),
             balanced_accuracy=metrics.balanced_accuracy(y, pred),
         )
         if reason:
@@ -245,8 +272,11 @@ def zero_shot(task: Task, emb: np.ndarray, rows: Sequence[Row], y: np.ndarray | 
     macro, used, reason = metrics.macro_ovr_auc(y, probs)
     recall = metrics.per_class_recall(y, top, range(len(task.classes)))
     out.update(
-        accuracy=metrics.accuracy(y, top), accuracy_ci95=_ci(metrics.bootstrap_ci(y, top, "accuracy")),
-        balanced_accuracy=metrics.balanced_accuracy(y, top), macro_auc=macro, macro_auc_classes=[task.classes[i] for i in used],
+        accuracy=metrics.accuracy(y, top),
+        accuracy_ci95=_ci(metrics.bootstrap_ci(y, top, "accuracy")),
+        balanced_accuracy=metrics.balanced_accuracy(y, top),
+        macro_auc=macro,
+        macro_auc_classes=[task.classes[i] for i in used],
         per_class={task.classes[c]: {"accuracy": r, "n": n} for c, (r, n) in recall.items()},
     )
     if reason:
@@ -332,7 +362,9 @@ class MaskLoader:
         label_scan = self._label_scan(mask_path if mask_path.is_absolute() else self.loader.root / mask_path)
         scan = self.loader._scan(self.loader.resolve(row), row.modality)  # cached by the loader: no second read
         # same grid or nothing: a label map of another volume can share the in-plane shape
-        if tuple(label_scan.volume_shape) != tuple(scan.volume_shape) or not np.allclose(label_scan.affine, scan.affine, rtol=0, atol=GRID_TOL_MM):
+        if tuple(label_scan.volume_shape) != tuple(scan.volume_shape) or not np.allclose(
+            label_scan.affine, scan.affine, rtol=0, atol=GRID_TOL_MM
+        ):
             raise ValueError(f"row {row.id}: the label map's grid {label_scan.volume_shape} differs from the image's {scan.volume_shape}")
         labels, _mm = extract_slice(label_scan, row.slice["plane"], int(row.slice["index"]))
         if tuple(labels.shape[:2]) != tuple(image.slice_shape):
@@ -348,7 +380,18 @@ class MaskLoader:
         return out
 
 
-def pointing_game(task: Task, rows: Sequence[Row], model, loader: PixelLoader, *, max_pairs: int = POINTING_MAX, tolerance: float = 0.0, seed: int = SEED, log=_log, planes: tuple[str, ...] = ("axial",)) -> dict[str, Any]:
+def pointing_game(
+    task: Task,
+    rows: Sequence[Row],
+    model,
+    loader: PixelLoader,
+    *,
+    max_pairs: int = POINTING_MAX,
+    tolerance: float = 0.0,
+    seed: int = SEED,
+    log=_log,
+    planes: tuple[str, ...] = ("axial",),
+) -> dict[str, Any]:
     """Pointing game over (slice, present organ) pairs of a multi-label CT task (module docstring)."""
     from engine.heatmap import image_heatmap, resolve_method
 
@@ -408,7 +451,8 @@ def pointing_game(task: Task, rows: Sequence[Row], model, loader: PixelLoader, *
         d["rate"] = d["hits"] / d["n"]
         d["chance"] = float(np.mean(d.pop("mask_fraction")))
     return {
-        "method": resolve_method(model), "planes": list(planes),
+        "method": resolve_method(model),
+        "planes": list(planes),
         "tolerance_px": tolerance,
         "image_size": loader.size,
         "hits": hits,
@@ -425,8 +469,16 @@ def pointing_game(task: Task, rows: Sequence[Row], model, loader: PixelLoader, *
 # --------------------------------------------------------------------------- probe
 
 
-def probe_task(task: Task, rows_by_split: dict[str, list[Row]], cache: EmbeddingCache, *, test_rows: list[Row], y_test: np.ndarray,
-               max_train: int | None, max_per_task: int | None) -> dict[str, Any]:
+def probe_task(
+    task: Task,
+    rows_by_split: dict[str, list[Row]],
+    cache: EmbeddingCache,
+    *,
+    test_rows: list[Row],
+    y_test: np.ndarray,
+    max_train: int | None,
+    max_per_task: int | None,
+) -> dict[str, Any]:
     """Linear probe at 1/10/100 % of train, and few-shot curves, for one single-label task."""
     n_classes = 2 if task.kind == BINARY else len(task.classes)
     tr_rows, y_tr, _ = _targets(task, task_rows(task, rows_by_split.get("train", [])))
@@ -439,12 +491,21 @@ def probe_task(task: Task, rows_by_split: dict[str, list[Row]], cache: Embedding
     y_tr = np.asarray([task.target(r) for r in tr_rows], dtype=int)
     y_va = np.asarray([task.target(r) for r in va_rows], dtype=int)
     y_te = np.asarray([task.target(r) for r in kept], dtype=int)
-    out: dict[str, Any] = {"n_train": len(tr_rows), "n_val": len(va_rows), "n_test": len(kept), "metric": "auc" if task.kind == BINARY else "accuracy"}
+    out: dict[str, Any] = {
+        "n_train": len(tr_rows),
+        "n_val": len(va_rows),
+        "n_test": len(kept),
+        "metric": "auc" if task.kind == BINARY else "accuracy",
+    }
     if len(tr_rows) == 0 or np.unique(y_tr).size < 2:
         out["skipped"] = "train split has fewer than two classes"
         return out
-    out["fractions"] = probe.linear_probe(x_tr, y_tr, x_va if len(va_rows) else None, y_va if len(va_rows) else None, x_te, y_te, n_classes, seed=SEED)
-    out["few_shot"] = {str(k): v for k, v in probe.few_shot_curve(x_tr, y_tr, x_te, y_te, shots=(5, 10, 20), seeds=5, n_classes=n_classes).items()}
+    out["fractions"] = probe.linear_probe(
+        x_tr, y_tr, x_va if len(va_rows) else None, y_va if len(va_rows) else None, x_te, y_te, n_classes, seed=SEED
+    )
+    out["few_shot"] = {
+        str(k): v for k, v in probe.few_shot_curve(x_tr, y_tr, x_te, y_te, shots=(5, 10, 20), seeds=5, n_classes=n_classes).items()
+    }
     m = out["metric"]
     full, tenth = out["fractions"].get("100%", {}), out["fractions"].get("10%", {})
     out["gap_100_10"] = full.get(m, float("nan")) - tenth.get(m, float("nan"))
@@ -546,7 +607,9 @@ def evaluate(
             if task.kind not in (BINARY, MULTICLASS) or name == "modality" or name not in kept_rows:
                 continue
             test_rows, y_test = kept_rows[name]
-            res = probe_task(task, by_split, cache, test_rows=test_rows, y_test=y_test, max_train=probe_max_train, max_per_task=max_per_task)
+            res = probe_task(
+                task, by_split, cache, test_rows=test_rows, y_test=y_test, max_train=probe_max_train, max_per_task=max_per_task
+            )
             zs = out["zero_shot"][name]
             res["zero_shot"] = zs.get(res["metric"], float("nan"))
             out["probe"][name] = res
@@ -558,12 +621,20 @@ def evaluate(
         for name, task in tasks.items():
             if task.kind != MULTILABEL or name not in kept_rows:
                 continue
-            out["pointing"][name] = pointing_game(task, kept_rows[name][0], model, loader, max_pairs=pointing_max, tolerance=pointing_tolerance, log=log)
+            out["pointing"][name] = pointing_game(
+                task, kept_rows[name][0], model, loader, max_pairs=pointing_max, tolerance=pointing_tolerance, log=log
+            )
     calibration = calibration_on(model, test, cache)
     if calibration is not None:
         out["calibration"] = calibration
-    out["embedding"] = {"images": len(cache.vectors), "seconds": cache.seconds, "image_size": IMAGE_SIZE, "batch_size": batch_size,
-                        "errors": len(cache.errors), "error_examples": dict(list(cache.errors.items())[:10])}
+    out["embedding"] = {
+        "images": len(cache.vectors),
+        "seconds": cache.seconds,
+        "image_size": IMAGE_SIZE,
+        "batch_size": batch_size,
+        "errors": len(cache.errors),
+        "error_examples": dict(list(cache.errors.items())[:10]),
+    }
     return out
 
 
@@ -643,16 +714,48 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
     ]
     zs = res.get("zero_shot", {})
     if zs:
-        lines += [f"{h2} Zero-shot", "", "AUC: binary tasks (summed softmax of the positive classes); macro one-vs-rest for multi-class; "
-                  "mean over organs (present/absent scoring) for multi-label. 95% bootstrap CIs in parentheses.", ""]
+        lines += [
+            f"{h2} Zero-shot",
+            "",
+            "AUC: binary tasks (summed softmax of the positive classes); macro one-vs-rest for multi-class; "
+            "mean over organs (present/absent scoring) for multi-label. 95% bootstrap CIs in parentheses.",
+            "",
+        ]
         rows = []
         for name, r in zs.items():
             if r["kind"] == MULTILABEL:
-                rows.append([name, r["kind"], r["n"], f"{_f(r.get('mean_auc'))} (mean of {r.get('n_organs', 0)} organ(s); control {_f(r.get('mean_control_auc'))}; similarity scoring {_f(r.get('mean_similarity_auc'))})", "", ""])
+                rows.append(
+                    [
+                        name,
+                        r["kind"],
+                        r["n"],
+                        f"{_f(r.get('mean_auc'))} (mean of {r.get('n_organs', 0)} organ(s); control {_f(r.get('mean_control_auc'))}; similarity scoring {_f(r.get('mean_similarity_auc'))})",
+                        "",
+                        "",
+                    ]
+                )
             elif r["kind"] == BINARY:
-                rows.append([name, r["kind"], r["n"], _ci_text(r.get("auc"), r.get("auc_ci95")), _ci_text(r.get("accuracy"), r.get("accuracy_ci95")), _f(r.get("balanced_accuracy"))])
+                rows.append(
+                    [
+                        name,
+                        r["kind"],
+                        r["n"],
+                        _ci_text(r.get("auc"), r.get("auc_ci95")),
+                        _ci_text(r.get("accuracy"), r.get("accuracy_ci95")),
+                        _f(r.get("balanced_accuracy")),
+                    ]
+                )
             else:
-                rows.append([name, r["kind"], r["n"], _f(r.get("macro_auc")), _ci_text(r.get("accuracy"), r.get("accuracy_ci95")), _f(r.get("balanced_accuracy"))])
+                rows.append(
+                    [
+                        name,
+                        r["kind"],
+                        r["n"],
+                        _f(r.get("macro_auc")),
+                        _ci_text(r.get("accuracy"), r.get("accuracy_ci95")),
+                        _f(r.get("balanced_accuracy")),
+                    ]
+                )
         lines += _table(["task", "kind", "n", "AUC", "accuracy", "balanced accuracy"], rows)
         mod = zs.get("modality", {}).get("per_modality")
         if mod:
@@ -661,23 +764,52 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
         for name, r in zs.items():
             if r["kind"] == MULTILABEL:
                 lines += [f"{h3} {name}: per-organ AUC (slices of the held-out subject)", ""]
-                lines += ["Control: the same organ-agnostic score (mean present-absent margin over all organs) for every organ; "
-                          "slices holding more anatomy hold more organs, so the control can be far from 0.5 even for a random model: "
-                          "organ knowledge is the AUC above it.", ""]
-                lines += _table(["organ", "present / slices", "AUC (95% CI)", "control AUC", "similarity AUC"],
-                                [[o, f"{d['n_present']}/{d['n']}", _ci_text(d["auc"], d.get("ci95")), _f(d.get("control_auc")), _f(d.get("similarity_auc"))] for o, d in r["per_organ"].items()])
+                lines += [
+                    "Control: the same organ-agnostic score (mean present-absent margin over all organs) for every organ; "
+                    "slices holding more anatomy hold more organs, so the control can be far from 0.5 even for a random model: "
+                    "organ knowledge is the AUC above it.",
+                    "",
+                ]
+                lines += _table(
+                    ["organ", "present / slices", "AUC (95% CI)", "control AUC", "similarity AUC"],
+                    [
+                        [
+                            o,
+                            f"{d['n_present']}/{d['n']}",
+                            _ci_text(d["auc"], d.get("ci95")),
+                            _f(d.get("control_auc")),
+                            _f(d.get("similarity_auc")),
+                        ]
+                        for o, d in r["per_organ"].items()
+                    ],
+                )
                 if r.get("skipped_organs"):
                     lines += ["Not evaluable: " + ", ".join(f"{o} ({why})" for o, why in r["skipped_organs"].items()) + ".", ""]
     ret = res.get("retrieval", {})
     if ret.get("text_to_image"):
-        lines += [f"{h2} Retrieval: text -> image", "", "Query: each class's prompt ensemble; hit: an image of that class among the top k of the task's test images.", ""]
-        lines += _table(["task", "queries", "gallery", *[f"R@{k}" for k in KS], "P@10"],
-                        [[n, r["n_queries"], r.get("n_gallery", ""), *[_f(r.get(f"recall@{k}")) for k in KS], _f(r.get("precision@10"))] for n, r in ret["text_to_image"].items()])
+        lines += [
+            f"{h2} Retrieval: text -> image",
+            "",
+            "Query: each class's prompt ensemble; hit: an image of that class among the top k of the task's test images.",
+            "",
+        ]
+        lines += _table(
+            ["task", "queries", "gallery", *[f"R@{k}" for k in KS], "P@10"],
+            [
+                [n, r["n_queries"], r.get("n_gallery", ""), *[_f(r.get(f"recall@{k}")) for k in KS], _f(r.get("precision@10"))]
+                for n, r in ret["text_to_image"].items()
+            ],
+        )
         mean = ret.get("text_to_image_mean")
         if mean:
             lines += ["Mean over tasks: " + ", ".join(f"R@{k} {_f(mean[f'recall@{k}'])}" for k in KS) + ".", ""]
     if ret.get("image_to_image"):
-        lines += [f"{h2} Retrieval: image -> image", "", "Each test image queries the rest of its dataset's test split (itself left out); hit: a same-class image in the top k.", ""]
+        lines += [
+            f"{h2} Retrieval: image -> image",
+            "",
+            "Each test image queries the rest of its dataset's test split (itself left out); hit: a same-class image in the top k.",
+            "",
+        ]
         rows = []
         for d, r in ret["image_to_image"].items():
             if "skipped" in r:
@@ -687,13 +819,27 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
         lines += _table(["dataset", "classes", "images", *[f"R@{k}" for k in KS], "P@10", "note"], rows)
     pr = res.get("probe")
     if pr:
-        lines += [f"{h2} Linear probe (frozen image embeddings)", "",
-                  "Logistic regression on standardised embeddings, C from a grid on val, class_weight balanced; trained on 1/10/100 % of train (stratified, seed 0).", ""]
+        lines += [
+            f"{h2} Linear probe (frozen image embeddings)",
+            "",
+            "Logistic regression on standardised embeddings, C from a grid on val, class_weight balanced; trained on 1/10/100 % of train (stratified, seed 0).",
+            "",
+        ]
         rows = []
         for n, r in pr.items():
             fr = r.get("fractions", {})
             m = r["metric"]
-            rows.append([n, m, _f(r.get("zero_shot")), *[_f(fr.get(k, {}).get(m)) for k in ("1%", "10%", "100%")], _f(r.get("gap_100_10")), r["n_train"], r.get("skipped", "")])
+            rows.append(
+                [
+                    n,
+                    m,
+                    _f(r.get("zero_shot")),
+                    *[_f(fr.get(k, {}).get(m)) for k in ("1%", "10%", "100%")],
+                    _f(r.get("gap_100_10")),
+                    r["n_train"],
+                    r.get("skipped", ""),
+                ]
+            )
         lines += _table(["task", "metric", "zero-shot", "1%", "10%", "100%", "gap 100-10", "train n (100%)", "note"], rows)
         lines += [f"{h3} Few-shot (k images per class, mean ± std over 5 draws)", ""]
         rows = []
@@ -704,8 +850,12 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
     pt = res.get("pointing")
     if pt:
         for name, r in pt.items():
-            lines += [f"{h2} Pointing game: {name} ({r['method']} heat maps, {'/'.join(r.get('planes') or ['all'])} slices, tolerance {r['tolerance_px']} px)", "",
-                      "Hit: the heat map's maximum lies inside the organ's mask on the model image. Chance: mean share of the image the mask covers.", ""]
+            lines += [
+                f"{h2} Pointing game: {name} ({r['method']} heat maps, {'/'.join(r.get('planes') or ['all'])} slices, tolerance {r['tolerance_px']} px)",
+                "",
+                "Hit: the heat map's maximum lies inside the organ's mask on the model image. Chance: mean share of the image the mask covers.",
+                "",
+            ]
             rows = [[o, d["n"], d["hits"], _f(d["rate"]), _f(d["chance"])] for o, d in r["per_organ"].items()]
             rows.append(["**all**", r["n"], r["hits"], _f(r["rate"]), _f(r["chance"])])
             lines += _table(["organ", "pairs", "hits", "rate", "chance"], rows)
@@ -773,9 +923,18 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     except Exception as exc:
         raise UsageError(f"cannot load model {args.model!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     body = evaluate(
-        model, rows, args.data_root, split=args.split, task_names=args.tasks, do_probe=args.probe, do_pointing=args.pointing,
-        max_per_task=args.max_per_task, probe_max_train=args.probe_max_train, pointing_max=args.pointing_max,
-        pointing_tolerance=args.pointing_tolerance, batch_size=args.batch_size,
+        model,
+        rows,
+        args.data_root,
+        split=args.split,
+        task_names=args.tasks,
+        do_probe=args.probe,
+        do_pointing=args.pointing,
+        max_per_task=args.max_per_task,
+        probe_max_train=args.probe_max_train,
+        pointing_max=args.pointing_max,
+        pointing_tolerance=args.pointing_tolerance,
+        batch_size=args.batch_size,
     )
     res = {
         "model": model.model_id,
@@ -785,7 +944,20 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "rows": len(rows)},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_profile().model,
-        "settings": {k: getattr(args, k) for k in ("tasks", "probe", "probe_max_train", "pointing", "pointing_max", "pointing_tolerance", "max_per_task", "batch_size", "exact")},
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "tasks",
+                "probe",
+                "probe_max_train",
+                "pointing",
+                "pointing_max",
+                "pointing_tolerance",
+                "max_per_task",
+                "batch_size",
+                "exact",
+            )
+        },
         **body,
     }
     res["wall_s"] = time.perf_counter() - t0
@@ -801,8 +973,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ood:
             from training import ood
 
-            _res, md = ood.run(args.model, data_root=args.data_root, out=args.out or Path("runs/ood") / _default_name(args.model),
-                               exact=args.exact)
+            _res, md = ood.run(
+                args.model, data_root=args.data_root, out=args.out or Path("runs/ood") / _default_name(args.model), exact=args.exact
+            )
         else:
             _res, md = run(args)
     except UsageError as exc:

@@ -74,8 +74,7 @@ def load_cache(path: str | Path, rows: Sequence[Row] | None = None, size: int | 
     return arr
 
 
-def build_cache(rows: Sequence[Row], data_root: str | Path, size: int, path: str | Path, *,
-                progress: bool = True) -> np.ndarray:
+def build_cache(rows: Sequence[Row], data_root: str | Path, size: int, path: str | Path, *, progress: bool = True) -> np.ndarray:
     """Decode every row at `size` into `path` (unless a matching cache exists); returns a read-only memmap."""
     path = Path(path)
     size = int(size)
@@ -98,6 +97,7 @@ def build_cache(rows: Sequence[Row], data_root: str | Path, size: int, path: str
     del out
     _meta_path(path).unlink(missing_ok=True)  # never pair a new array with an old key
     os.replace(tmp, path)
-    _meta_path(path).write_text(json.dumps({"key": cache_key(rows, size), "n": len(rows), "size": size,
-                                            "version": CACHE_VERSION}, indent=1))
+    _meta_path(path).write_text(
+        json.dumps({"key": cache_key(rows, size), "n": len(rows), "size": size, "version": CACHE_VERSION}, indent=1)
+    )
     return np.load(path, mmap_mode="r")

@@ -188,8 +188,13 @@ def slice_scan(volume, plane: str, index: int, volume_index: int = 0):
         np.diag([col_mm, row_mm, 1.0, 1.0]),  # 2D: x = column, y = row, as engine.io.image2d, with the real pixel size
         volume.modality,
         dict(volume.metadata),  # already de-identified by engine.io; keeps BodyPartExamined for the body-part filter
-        Provenance(reader=f"{prov.reader} slice", transfer_syntax=prov.transfer_syntax, n_files=1,
-                   removed_attributes=list(prov.removed_attributes), burned_in_text_risk=prov.burned_in_text_risk),
+        Provenance(
+            reader=f"{prov.reader} slice",
+            transfer_syntax=prov.transfer_syntax,
+            n_files=1,
+            removed_attributes=list(prov.removed_attributes),
+            burned_in_text_risk=prov.burned_in_text_risk,
+        ),
     )
 
 
@@ -243,7 +248,9 @@ def pixel_check(rows: Sequence[Row], scans: RowScans) -> dict[str, Any]:
 # --------------------------------------------------------------------------- library
 
 
-def index_rows(db, model, rows: Sequence[Row], scans: RowScans, log: Callable[[str], None] | None = _log, what: str = "") -> tuple[dict[str, int], dict[str, Any]]:
+def index_rows(
+    db, model, rows: Sequence[Row], scans: RowScans, log: Callable[[str], None] | None = _log, what: str = ""
+) -> tuple[dict[str, int], dict[str, Any]]:
     """Row id -> library scan id, each row through engine.library.indexing.add_scan with source = its id."""
     from engine.library.indexing import add_scan
     from engine.library.store import has_embedding, scan_ids_by_source
@@ -268,8 +275,14 @@ def index_rows(db, model, rows: Sequence[Row], scans: RowScans, log: Callable[[s
         if log and (n % 200 == 0 or n == len(rows)) and status["cached"] < n:
             log(f"indexed {n}/{len(rows)} {what} rows ({time.perf_counter() - t0:.0f} s)")
     shared = len(ids) - len(set(ids.values()))
-    return ids, {"rows": len(rows), "scans": len(set(ids.values())), "status": dict(status), "rows_sharing_a_scan": shared,
-                 "failed": failed, "seconds": time.perf_counter() - t0}
+    return ids, {
+        "rows": len(rows),
+        "scans": len(set(ids.values())),
+        "status": dict(status),
+        "rows_sharing_a_scan": shared,
+        "failed": failed,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def scan_rows_of(rows: Sequence[Row], ids: dict[str, int]) -> dict[int, Row]:
@@ -288,7 +301,9 @@ def check_library(db, model_id: str, scan_row: dict[int, Row]) -> None:
     ids, _ = embeddings(db, model_id)
     extra = set(ids.tolist()) - set(scan_row)
     if extra:
-        raise UsageError(f"the library {TEST_DB} in --out holds {len(extra)} scan(s) this manifest/selection does not name; use a fresh --out")
+        raise UsageError(
+            f"the library {TEST_DB} in --out holds {len(extra)} scan(s) this manifest/selection does not name; use a fresh --out"
+        )
     if counts(db)["notes"]:
         raise UsageError(f"the library {TEST_DB} holds notes; keyword search could read labels: use a fresh --out")
 
@@ -344,8 +359,16 @@ def text_retrieval(db, model, queries: Sequence[Query], scan_row: dict[int, Row]
         relevant = in_modality & np.array([bool(set(r.labels) & set(q.labels)) for r in rows])
         rel_ids = set(ids[relevant].tolist())
         n_rel = int(relevant.sum())
-        rec: dict[str, Any] = {"dataset": q.dataset, "style": q.style, "query": q.text, "labels": list(q.labels), "modality": modality,
-                               "n_relevant": n_rel, "gallery_mixed": len(ids), "gallery_filtered": int(in_modality.sum())}
+        rec: dict[str, Any] = {
+            "dataset": q.dataset,
+            "style": q.style,
+            "query": q.text,
+            "labels": list(q.labels),
+            "modality": modality,
+            "n_relevant": n_rel,
+            "gallery_mixed": len(ids),
+            "gallery_filtered": int(in_modality.sum()),
+        }
         if n_rel == 0:
             rec["skipped"] = "no relevant scan in the library"
             out.append(rec)
@@ -388,8 +411,14 @@ def scan_retrieval(db, model, scan_row: dict[int, Row], k: int = K_SCAN, tasks: 
             out[ds] = {"skipped": "no single-label task defines classes for this dataset (multi-label organ slices)"}
             continue
         cls = np.array([task.class_of(r) if d == ds else None for r, d in zip(rows, datasets)], dtype=object)
-        rec: dict[str, list] = {"p_class_mixed": [], "p_class_filtered": [], "p_dataset_mixed": [], "chance_class": [],
-                                "brute_class_mixed": [], "brute_class_filtered": []}
+        rec: dict[str, list] = {
+            "p_class_mixed": [],
+            "p_class_filtered": [],
+            "p_dataset_mixed": [],
+            "chance_class": [],
+            "brute_class_mixed": [],
+            "brute_class_filtered": [],
+        }
         skipped = 0
         for qi in np.flatnonzero((datasets == ds) & (cls != None)):  # noqa: E711 (object array: elementwise)
             sid = int(ids[qi])
@@ -415,8 +444,13 @@ def scan_retrieval(db, model, scan_row: dict[int, Row], k: int = K_SCAN, tasks: 
             rec["brute_class_filtered"].append(_brute_precision(vectors[qi], vectors, in_mod, same_class, k))
         summary = {key: float(np.mean(v)) if v else float("nan") for key, v in rec.items()}
         summary["max_brute_diff"] = max(
-            (abs(a - b) for x, y in (("p_class_mixed", "brute_class_mixed"), ("p_class_filtered", "brute_class_filtered"))
-             for a, b in zip(rec[x], rec[y])), default=0.0)
+            (
+                abs(a - b)
+                for x, y in (("p_class_mixed", "brute_class_mixed"), ("p_class_filtered", "brute_class_filtered"))
+                for a, b in zip(rec[x], rec[y])
+            ),
+            default=0.0,
+        )
         out[ds] = {"classes_from": task.name, "n_queries": len(rec["p_class_mixed"]), "n_skipped": skipped, **summary}
     return out
 
@@ -432,13 +466,21 @@ def text_summary(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]
             return float(np.mean(vals)) if vals else float("nan")
 
         out[ds] = {
-            "n_queries": len(used), "modality": used[0]["modality"] if used else None,
-            "p_mixed": mean("p_mixed"), "p_filtered": mean("p_filtered"),
-            "p_mixed_label": mean("p_mixed", "label"), "p_mixed_sentence": mean("p_mixed", "sentence"),
-            "p_filtered_label": mean("p_filtered", "label"), "p_filtered_sentence": mean("p_filtered", "sentence"),
-            "p_filtered_ensemble": mean("p_filtered_ensemble"), "ceiling": mean("ceiling"),
-            "chance_mixed": mean("chance_mixed"), "chance_filtered": mean("chance_filtered"),
-            "max_brute_diff": max((abs(r[a] - r[b]) for r in used for a, b in (("p_mixed", "brute_mixed"), ("p_filtered", "brute_filtered"))), default=0.0),
+            "n_queries": len(used),
+            "modality": used[0]["modality"] if used else None,
+            "p_mixed": mean("p_mixed"),
+            "p_filtered": mean("p_filtered"),
+            "p_mixed_label": mean("p_mixed", "label"),
+            "p_mixed_sentence": mean("p_mixed", "sentence"),
+            "p_filtered_label": mean("p_filtered", "label"),
+            "p_filtered_sentence": mean("p_filtered", "sentence"),
+            "p_filtered_ensemble": mean("p_filtered_ensemble"),
+            "ceiling": mean("ceiling"),
+            "chance_mixed": mean("chance_mixed"),
+            "chance_filtered": mean("chance_filtered"),
+            "max_brute_diff": max(
+                (abs(r[a] - r[b]) for r in used for a, b in (("p_mixed", "brute_mixed"), ("p_filtered", "brute_filtered"))), default=0.0
+            ),
         }
     return out
 
@@ -452,7 +494,9 @@ def draw(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)])
 
 
-def teach_once(db, label: str, positives: Sequence[int], negatives: Sequence[int], model_id: str, test_vectors: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+def teach_once(
+    db, label: str, positives: Sequence[int], negatives: Sequence[int], model_id: str, test_vectors: np.ndarray
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Teach `label` from these examples only (earlier tags of it removed), then score the test vectors with the stored probe."""
     from engine.library.teach import apply_probe, tags, teach, untag
 
@@ -472,13 +516,27 @@ def _reference_auc(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
     arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
-    return {"mean": float(arr.mean()) if arr.size else float("nan"),
-            "sd": float(arr.std(ddof=1)) if arr.size > 1 else float("nan"),  # sample sd over seeds
-            "values": [float(v) for v in values]}
+    return {
+        "mean": float(arr.mean()) if arr.size else float("nan"),
+        "sd": float(arr.std(ddof=1)) if arr.size > 1 else float("nan"),  # sample sd over seeds
+        "values": [float(v) for v in values],
+    }
 
 
-def teach_task(task: Task, train_rows: list[Row], test_rows: list[Row], test_ids: dict[str, int], test_db, teach_db, model,
-               scans: RowScans, *, shots: Sequence[int], seeds: int, log: Callable[[str], None] | None = _log) -> dict[str, Any]:
+def teach_task(
+    task: Task,
+    train_rows: list[Row],
+    test_rows: list[Row],
+    test_ids: dict[str, int],
+    test_db,
+    teach_db,
+    model,
+    scans: RowScans,
+    *,
+    shots: Sequence[int],
+    seeds: int,
+    log: Callable[[str], None] | None = _log,
+) -> dict[str, Any]:
     """Few-shot curve of one binary task through the teach path, beside zero-shot and training.probe's probe."""
     from engine.library.store import embeddings
 
@@ -495,9 +553,14 @@ def teach_task(task: Task, train_rows: list[Row], test_rows: list[Row], test_ids
     needed = sorted({int(i) for idx in plan.values() for i in idx})
     train_ids, report = index_rows(teach_db, model, [train_rows[i] for i in needed], scans, log, f"{task.name} train")
     out: dict[str, Any] = {
-        "description": task.description, "n_test": len(test_rows), "n_test_positive": int(y_test.sum()),
-        "n_train_pool": len(train_rows), "n_train_pool_positive": int(y.sum()), "train_index": report,
-        "zero_shot": {"auc": zs.get("auc"), "auc_ci95": zs.get("auc_ci95")}, "shots": {},
+        "description": task.description,
+        "n_test": len(test_rows),
+        "n_test_positive": int(y_test.sum()),
+        "n_train_pool": len(train_rows),
+        "n_train_pool_positive": int(y.sum()),
+        "train_index": report,
+        "zero_shot": {"auc": zs.get("auc"), "auc_ci95": zs.get("auc_ci95")},
+        "shots": {},
     }
     for k in shots:
         teach_aucs, ref_aucs, cv, errors = [], [], [], {}
@@ -515,8 +578,13 @@ def teach_task(task: Task, train_rows: list[Row], test_rows: list[Row], test_ids
             tids, tvec = embeddings(teach_db, model.model_id, [train_ids[train_rows[i].id] for i in idx])
             tv = dict(zip(tids.tolist(), tvec))
             ref_aucs.append(_reference_auc(np.stack([tv[train_ids[train_rows[i].id]] for i in idx]), y[idx], x_test, y_test))
-        out["shots"][str(k)] = {"per_class": k, "teach_auc": _stats(teach_aucs), "reference_probe_auc": _stats(ref_aucs),
-                                "cv_balanced_accuracy": _stats(cv), "errors": errors}
+        out["shots"][str(k)] = {
+            "per_class": k,
+            "teach_auc": _stats(teach_aucs),
+            "reference_probe_auc": _stats(ref_aucs),
+            "cv_balanced_accuracy": _stats(cv),
+            "errors": errors,
+        }
         if log:
             log(f"teach {task.name} {k}-shot: AUC {_stats(teach_aucs)['mean']:.3f} over {len(teach_aucs)} draw(s)")
     return out
@@ -543,10 +611,21 @@ def select_rows(rows: list[Row], split: str, datasets: Iterable[str] | None, max
     return out
 
 
-def evaluate_library(model, rows: list[Row], data_root: str | Path, out_dir: str | Path, *, queries: Sequence[Query] = QUERIES,
-                     teach_tasks: Sequence[str] = TEACH_TASKS, shots: Sequence[int] = SHOTS, seeds: int = SEEDS,
-                     datasets: Iterable[str] | None = None, max_per_dataset: int | None = None,
-                     tasks: dict[str, Task] | None = None, log: Callable[[str], None] | None = _log) -> dict[str, Any]:
+def evaluate_library(
+    model,
+    rows: list[Row],
+    data_root: str | Path,
+    out_dir: str | Path,
+    *,
+    queries: Sequence[Query] = QUERIES,
+    teach_tasks: Sequence[str] = TEACH_TASKS,
+    shots: Sequence[int] = SHOTS,
+    seeds: int = SEEDS,
+    datasets: Iterable[str] | None = None,
+    max_per_dataset: int | None = None,
+    tasks: dict[str, Task] | None = None,
+    log: Callable[[str], None] | None = _log,
+) -> dict[str, Any]:
     """Every number of the report (see the module docstring); libraries live in `out_dir`."""
     from engine.library import connect
 
@@ -564,8 +643,13 @@ def evaluate_library(model, rows: list[Row], data_root: str | Path, out_dir: str
         scan_row = scan_rows_of(test_rows, test_ids)
         check_library(test_db, model.model_id, scan_row)
         labels_differ = sum(set(r.labels) != set(scan_row[test_ids[r.id]].labels) for r in test_rows if r.id in test_ids)
-        res["library"] = {"path": str(out_dir / TEST_DB), **report, "rows_sharing_a_scan_with_other_labels": labels_differ,
-                          "per_dataset": dict(Counter(r.dataset for r in test_rows)), "pixel_check": pixel_check(test_rows, scans)}
+        res["library"] = {
+            "path": str(out_dir / TEST_DB),
+            **report,
+            "rows_sharing_a_scan_with_other_labels": labels_differ,
+            "per_dataset": dict(Counter(r.dataset for r in test_rows)),
+            "pixel_check": pixel_check(test_rows, scans),
+        }
         t1 = time.perf_counter()
         records = text_retrieval(test_db, model, queries, scan_row)
         res["text_to_scan"] = {"k": K_TEXT, "per_dataset": text_summary(records), "queries": records}
@@ -580,8 +664,19 @@ def evaluate_library(model, rows: list[Row], data_root: str | Path, out_dir: str
             task = tasks[name]
             if task.kind != BINARY:
                 raise UsageError(f"teach task {name} is not binary")
-            res["teach"]["tasks"][name] = teach_task(task, task_rows(task, train_all), task_rows(task, test_rows), test_ids, test_db, teach_db,
-                                                     model, scans, shots=shots, seeds=seeds, log=log)
+            res["teach"]["tasks"][name] = teach_task(
+                task,
+                task_rows(task, train_all),
+                task_rows(task, test_rows),
+                test_ids,
+                test_db,
+                teach_db,
+                model,
+                scans,
+                shots=shots,
+                seeds=seeds,
+                log=log,
+            )
         res["teach"]["train_examples_equal_to_a_test_scan"] = train_test_overlap(test_db, teach_db)
         res["teach"]["seconds"] = time.perf_counter() - t2
         res["index_seconds"] = t1 - t0
@@ -602,53 +697,119 @@ def to_markdown(res: dict[str, Any]) -> str:
     """The report (res after `_clean`: NaN is None)."""
     lib = res["library"]
     lines = [
-        f"# Library retrieval and teaching quality: {res.get('model_id', '?')}", "",
+        f"# Library retrieval and teaching quality: {res.get('model_id', '?')}",
+        "",
         f"Split `test` of manifest sha256 `{str(res.get('manifest', {}).get('sha256', ''))[:12]}` ({res.get('manifest', {}).get('path', '')}), "
         f"{res.get('date', '')}, {res.get('cpu', '')}, {res.get('threads', '?')} thread(s), inference path {res.get('inference_path', '?')}; "
         f"wall {_f(res.get('wall_s'), 0)} s (indexing {_f(res.get('index_seconds'), 0)} s, retrieval {_f(res.get('retrieval_seconds'), 0)} s, "
-        f"teaching {_f(res.get('teach', {}).get('seconds'), 0)} s). Command: `{res.get('command', '')}`.", "",
+        f"teaching {_f(res.get('teach', {}).get('seconds'), 0)} s). Command: `{res.get('command', '')}`.",
+        "",
         f"Library: {lib['rows']} test rows -> {lib['scans']} scans ({lib['rows_sharing_a_scan']} rows share a scan with an identical "
         f"earlier row, {lib['rows_sharing_a_scan_with_other_labels']} of them with other labels; {len(lib['failed'])} unreadable), each "
-        "added with `engine.library.indexing.add_scan` (source = manifest row id). Vector search only: no notes, `keywords=False`.", "",
+        "added with `engine.library.indexing.add_scan` (source = manifest row id). Vector search only: no notes, `keywords=False`.",
+        "",
     ]
     ts = res["text_to_scan"]["per_dataset"]
-    lines += ["## Text -> scan, precision@10", "",
-              "Each class: a label query (the class name) and a sentence query, embedded as typed. *Mixed*: the whole library "
-              "(all datasets, all modalities); *filtered*: `search(..., modality=...)`, the library's modality filter; *ensemble*: label "
-              "queries with the filter and `ensemble=True` (the modality's prompt templates). Relevant: a scan of the query's modality "
-              "with the class. Ceiling: best possible P@10 (classes with < 10 scans); chance: relevant share of the gallery.", ""]
-    lines += _table(["dataset", "modality", "queries", "P@10 mixed", "P@10 filtered", "label: mixed / filtered", "sentence: mixed / filtered",
-                     "label + ensemble, filtered", "ceiling", "chance mixed / filtered"],
-                    [[ds, d["modality"], d["n_queries"], _f(d["p_mixed"]), _f(d["p_filtered"]),
-                      f"{_f(d['p_mixed_label'])} / {_f(d['p_filtered_label'])}", f"{_f(d['p_mixed_sentence'])} / {_f(d['p_filtered_sentence'])}",
-                      _f(d["p_filtered_ensemble"]), _f(d["ceiling"]), f"{_f(d['chance_mixed'])} / {_f(d['chance_filtered'])}"] for ds, d in ts.items()])
+    lines += [
+        "## Text -> scan, precision@10",
+        "",
+        "Each class: a label query (the class name) and a sentence query, embedded as typed. *Mixed*: the whole library "
+        "(all datasets, all modalities); *filtered*: `search(..., modality=...)`, the library's modality filter; *ensemble*: label "
+        "queries with the filter and `ensemble=True` (the modality's prompt templates). Relevant: a scan of the query's modality "
+        "with the class. Ceiling: best possible P@10 (classes with < 10 scans); chance: relevant share of the gallery.",
+        "",
+    ]
+    lines += _table(
+        [
+            "dataset",
+            "modality",
+            "queries",
+            "P@10 mixed",
+            "P@10 filtered",
+            "label: mixed / filtered",
+            "sentence: mixed / filtered",
+            "label + ensemble, filtered",
+            "ceiling",
+            "chance mixed / filtered",
+        ],
+        [
+            [
+                ds,
+                d["modality"],
+                d["n_queries"],
+                _f(d["p_mixed"]),
+                _f(d["p_filtered"]),
+                f"{_f(d['p_mixed_label'])} / {_f(d['p_filtered_label'])}",
+                f"{_f(d['p_mixed_sentence'])} / {_f(d['p_filtered_sentence'])}",
+                _f(d["p_filtered_ensemble"]),
+                _f(d["ceiling"]),
+                f"{_f(d['chance_mixed'])} / {_f(d['chance_filtered'])}",
+            ]
+            for ds, d in ts.items()
+        ],
+    )
     means = res.get("text_to_scan", {}).get("macro", {})
     if means:
-        lines += [f"Mean over datasets: mixed {_f(means.get('p_mixed'))}, filtered {_f(means.get('p_filtered'))}, "
-                  f"ensemble (filtered) {_f(means.get('p_filtered_ensemble'))}.", ""]
+        lines += [
+            f"Mean over datasets: mixed {_f(means.get('p_mixed'))}, filtered {_f(means.get('p_filtered'))}, "
+            f"ensemble (filtered) {_f(means.get('p_filtered_ensemble'))}.",
+            "",
+        ]
     ss = res["scan_to_scan"]["per_dataset"]
-    lines += ["## Scan -> scan, precision@5", "",
-              "Each test scan with a class queries the library by id (`search(like=id)`, itself left out). Relevant: same dataset and "
-              "same class (classes of the task `training.evaluate` uses for image -> image retrieval). *Same dataset*: any scan of the "
-              "query's dataset counts.", ""]
+    lines += [
+        "## Scan -> scan, precision@5",
+        "",
+        "Each test scan with a class queries the library by id (`search(like=id)`, itself left out). Relevant: same dataset and "
+        "same class (classes of the task `training.evaluate` uses for image -> image retrieval). *Same dataset*: any scan of the "
+        "query's dataset counts.",
+        "",
+    ]
     rows_md = []
     for ds, d in ss.items():
         if "skipped" in d:
             rows_md.append([ds, "", "", "n/a", "n/a", "n/a", "n/a", d["skipped"]])
         else:
-            rows_md.append([ds, d["classes_from"], d["n_queries"], _f(d["p_class_mixed"]), _f(d["p_class_filtered"]), _f(d["p_dataset_mixed"]),
-                            _f(d["chance_class"]), ""])
-    lines += _table(["dataset", "classes", "queries", "P@5 same class, mixed", "P@5 same class, filtered", "P@5 same dataset, mixed",
-                     "chance (same class)", "note"], rows_md)
-    lines += [f"Search vs brute force over the stored vectors: largest per-query difference {_f(res.get('max_brute_diff'))} "
-              "(0: the library's index, filters and self-exclusion rank as a full sort does).", ""]
+            rows_md.append(
+                [
+                    ds,
+                    d["classes_from"],
+                    d["n_queries"],
+                    _f(d["p_class_mixed"]),
+                    _f(d["p_class_filtered"]),
+                    _f(d["p_dataset_mixed"]),
+                    _f(d["chance_class"]),
+                    "",
+                ]
+            )
+    lines += _table(
+        [
+            "dataset",
+            "classes",
+            "queries",
+            "P@5 same class, mixed",
+            "P@5 same class, filtered",
+            "P@5 same dataset, mixed",
+            "chance (same class)",
+            "note",
+        ],
+        rows_md,
+    )
+    lines += [
+        f"Search vs brute force over the stored vectors: largest per-query difference {_f(res.get('max_brute_diff'))} "
+        "(0: the library's index, filters and self-exclusion rank as a full sort does).",
+        "",
+    ]
     te = res["teach"]
-    lines += ["## Teaching: few-shot AUC on the test split", "",
-              f"k tagged examples per class from the train split, taught with `engine.library.teach.teach` (logistic regression on the "
-              f"stored embeddings, C = 1, balanced), the stored probe applied to the test scans' vectors; mean ± sd (n-1) over "
-              f"{te['seeds']} draws (numpy default_rng(1000 k + seed), the draws of the model card's few-shot table). Zero-shot: the "
-              f"same model on the same vectors (`training.evaluate.zero_shot`, 95% bootstrap CI). Reference: `training.probe`'s "
-              f"standardised probe on the same draws.", ""]
+    lines += [
+        "## Teaching: few-shot AUC on the test split",
+        "",
+        f"k tagged examples per class from the train split, taught with `engine.library.teach.teach` (logistic regression on the "
+        f"stored embeddings, C = 1, balanced), the stored probe applied to the test scans' vectors; mean ± sd (n-1) over "
+        f"{te['seeds']} draws (numpy default_rng(1000 k + seed), the draws of the model card's few-shot table). Zero-shot: the "
+        f"same model on the same vectors (`training.evaluate.zero_shot`, 95% bootstrap CI). Reference: `training.probe`'s "
+        f"standardised probe on the same draws.",
+        "",
+    ]
     trows = []
     for name, t in te["tasks"].items():
         if "skipped" in t:
@@ -656,31 +817,70 @@ def to_markdown(res: dict[str, Any]) -> str:
             continue
         zs = t["zero_shot"]
         ci = zs.get("auc_ci95") or [None, None]
-        trows.append([name, f"{t['n_test']} ({t['n_test_positive']} pos)",
-                      f"{_f(zs.get('auc'))} ({_f(ci[0])}-{_f(ci[1])})",
-                      *[_pm(t["shots"].get(str(k), {}).get("teach_auc")) for k in te["shots"]],
-                      *[_pm(t["shots"].get(str(k), {}).get("reference_probe_auc")) for k in te["shots"]],
-                      "; ".join(f"{k}-shot seed {s}: {e}" for k, v in t["shots"].items() for s, e in v.get("errors", {}).items())])
-    lines += _table(["task", "test n", "zero-shot AUC", *[f"teach {k}-shot" for k in te["shots"]],
-                     *[f"reference {k}-shot" for k in te["shots"]], "note"], trows)
-    lines += [f"Train examples with the pixels of a test scan: {te.get('train_examples_equal_to_a_test_scan')}. "
-              "What the person sees after teaching (cross-validated balanced accuracy on the tagged examples, mean over draws): "
-              + "; ".join(f"{name} " + ", ".join(f"{k}-shot {_f(t['shots'][str(k)]['cv_balanced_accuracy']['mean'], 2)}" for k in te["shots"])
-                          for name, t in te["tasks"].items() if "shots" in t) + ".", ""]
+        trows.append(
+            [
+                name,
+                f"{t['n_test']} ({t['n_test_positive']} pos)",
+                f"{_f(zs.get('auc'))} ({_f(ci[0])}-{_f(ci[1])})",
+                *[_pm(t["shots"].get(str(k), {}).get("teach_auc")) for k in te["shots"]],
+                *[_pm(t["shots"].get(str(k), {}).get("reference_probe_auc")) for k in te["shots"]],
+                "; ".join(f"{k}-shot seed {s}: {e}" for k, v in t["shots"].items() for s, e in v.get("errors", {}).items()),
+            ]
+        )
+    lines += _table(
+        [
+            "task",
+            "test n",
+            "zero-shot AUC",
+            *[f"teach {k}-shot" for k in te["shots"]],
+            *[f"reference {k}-shot" for k in te["shots"]],
+            "note",
+        ],
+        trows,
+    )
+    lines += [
+        f"Train examples with the pixels of a test scan: {te.get('train_examples_equal_to_a_test_scan')}. "
+        "What the person sees after teaching (cross-validated balanced accuracy on the tagged examples, mean over draws): "
+        + "; ".join(
+            f"{name} " + ", ".join(f"{k}-shot {_f(t['shots'][str(k)]['cv_balanced_accuracy']['mean'], 2)}" for k in te["shots"])
+            for name, t in te["tasks"].items()
+            if "shots" in t
+        )
+        + ".",
+        "",
+    ]
     pc = lib.get("pixel_check", {})
     if pc:
-        lines += ["## Pixels: library vs evaluation", "",
-                  "Rows that are not plain files, as 2D Scans through the library's embedding path, against `training.manifest.PixelLoader` "
-                  "(what training and `training.evaluate` feed the model). An .npz frame is windowed like any grey image in the library "
-                  "(engine.windowing's auto window, 0.5-99.5 percentile), while PixelLoader letterboxes the raw uint8 frame; a slice is "
-                  "windowed on its own in the library, with its volume's window by PixelLoader (CT: the same HU preset unless the slice "
-                  "alone does not look like HU; MR: auto window of the slice vs of the volume).", ""]
-        lines += _table(["dataset", "rows", "identical model images", "mean abs difference (grey levels)"],
-                        [[ds, d["n"], d["identical"], _f(d["mean_abs_diff"], 2)] for ds, d in pc.items()])
+        lines += [
+            "## Pixels: library vs evaluation",
+            "",
+            "Rows that are not plain files, as 2D Scans through the library's embedding path, against `training.manifest.PixelLoader` "
+            "(what training and `training.evaluate` feed the model). An .npz frame is windowed like any grey image in the library "
+            "(engine.windowing's auto window, 0.5-99.5 percentile), while PixelLoader letterboxes the raw uint8 frame; a slice is "
+            "windowed on its own in the library, with its volume's window by PixelLoader (CT: the same HU preset unless the slice "
+            "alone does not look like HU; MR: auto window of the slice vs of the volume).",
+            "",
+        ]
+        lines += _table(
+            ["dataset", "rows", "identical model images", "mean abs difference (grey levels)"],
+            [[ds, d["n"], d["identical"], _f(d["mean_abs_diff"], 2)] for ds, d in pc.items()],
+        )
     lines += ["## Queries", ""]
-    lines += _table(["dataset", "style", "query", "relevant", "P@10 mixed", "P@10 filtered", "ensemble, filtered"],
-                    [[r["dataset"], r["style"], r["query"], r["n_relevant"], _f(r.get("p_mixed")), _f(r.get("p_filtered")),
-                      _f(r.get("p_filtered_ensemble")) if r["style"] == "label" else ""] for r in res["text_to_scan"]["queries"]])
+    lines += _table(
+        ["dataset", "style", "query", "relevant", "P@10 mixed", "P@10 filtered", "ensemble, filtered"],
+        [
+            [
+                r["dataset"],
+                r["style"],
+                r["query"],
+                r["n_relevant"],
+                _f(r.get("p_mixed")),
+                _f(r.get("p_filtered")),
+                _f(r.get("p_filtered_ensemble")) if r["style"] == "label" else "",
+            ]
+            for r in res["text_to_scan"]["queries"]
+        ],
+    )
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -762,16 +962,28 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         model = load_model(args.model)  # the default (fast) inference path: what `medlens index` embeds with
     except Exception as exc:
         raise UsageError(f"cannot load model {args.model!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    body = evaluate_library(model, rows, args.data_root, args.out, seeds=args.seeds, shots=tuple(args.shots), datasets=args.datasets,
-                            max_per_dataset=args.max_per_dataset)
+    body = evaluate_library(
+        model,
+        rows,
+        args.data_root,
+        args.out,
+        seeds=args.seeds,
+        shots=tuple(args.shots),
+        datasets=args.datasets,
+        max_per_dataset=args.max_per_dataset,
+    )
     from engine.models.cpu import cpu_profile
 
     res = {
-        "model": args.model, "model_id": model.model_id,
+        "model": args.model,
+        "model_id": model.model_id,
         "inference_path": getattr(getattr(model, "path", None), "name", "fp32"),
-        "split": "test", "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "rows": len(rows)},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_profile().model,
-        "threads": torch.get_num_threads(), "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "split": "test",
+        "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "rows": len(rows)},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_profile().model,
+        "threads": torch.get_num_threads(),
+        "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "command": "python -m training.library_eval " + " ".join(_quote(a) for a in (sys.argv[1:] if args.argv is None else args.argv)),
         **finish(body),
     }

@@ -36,8 +36,13 @@ MODALITIES = ("xray", "ct", "mr", "us", "pathology", "fundus", "dermoscopy")
 SPLITS = ("train", "val", "test")
 # How each manifest modality is named to the engine (engine.scan.Modality values).
 ENGINE_MODALITY = {
-    "xray": "XRAY", "ct": "CT", "mr": "MR", "us": "US",
-    "pathology": "PATHOLOGY", "fundus": "FUNDUS", "dermoscopy": "DERMOSCOPY",
+    "xray": "XRAY",
+    "ct": "CT",
+    "mr": "MR",
+    "us": "US",
+    "pathology": "PATHOLOGY",
+    "fundus": "FUNDUS",
+    "dermoscopy": "DERMOSCOPY",
 }
 
 

@@ -122,11 +122,22 @@ class ItemResult:
         return max(self.modality_probs, key=self.modality_probs.get)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.item.id, "true": self.item.modality, "predicted": self.predicted, "header_modality": self.header_modality,
-                "n_images": self.n_images, "seen_in_training": self.item.seen_in_training, "modality_probs": self.modality_probs,
-                "modality_probs_calibrated": self.modality_probs_cal, "organ_probs": self.organ_probs,
-                "organ_probs_calibrated": self.organ_probs_cal, "present": list(self.item.present),
-                "impossible": list(self.item.impossible), "ood_score": self.ood_score, "ood_flag": self.ood_flag}
+        return {
+            "id": self.item.id,
+            "true": self.item.modality,
+            "predicted": self.predicted,
+            "header_modality": self.header_modality,
+            "n_images": self.n_images,
+            "seen_in_training": self.item.seen_in_training,
+            "modality_probs": self.modality_probs,
+            "modality_probs_calibrated": self.modality_probs_cal,
+            "organ_probs": self.organ_probs,
+            "organ_probs_calibrated": self.organ_probs_cal,
+            "present": list(self.item.present),
+            "impossible": list(self.item.impossible),
+            "ood_score": self.ood_score,
+            "ood_flag": self.ood_flag,
+        }
 
 
 def load_item(item: OodItem, root: Path):
@@ -197,9 +208,11 @@ class TrustParts:
         from engine.trust import Calibration, ReferenceSet
 
         block = (config or {}).get("trust") or {}
-        return cls(Calibration.from_config(block["softmax"]) if block.get("softmax") else None,
-                   Calibration.from_config(block["present_absent"]) if block.get("present_absent") else None,
-                   ReferenceSet.load(folder) if folder is not None else None)
+        return cls(
+            Calibration.from_config(block["softmax"]) if block.get("softmax") else None,
+            Calibration.from_config(block["present_absent"]) if block.get("present_absent") else None,
+            ReferenceSet.load(folder) if folder is not None else None,
+        )
 
 
 def judge_item(judge: Judge, item: OodItem, root: Path) -> ItemResult:
@@ -251,13 +264,21 @@ def summarise(results: list[ItemResult]) -> dict[str, Any]:
     for m in MODALITY_LABELS:
         rows = [r for r in known if r.item.modality == m]
         if rows:
-            per_mod[m] = {"n": len(rows), "accuracy": float(np.mean([r.predicted == m for r in rows])),
-                          "unseen_n": sum(not r.item.seen_in_training for r in rows),
-                          "unseen_accuracy": float(np.mean([r.predicted == m for r in rows if not r.item.seen_in_training] or [np.nan]))}
+            per_mod[m] = {
+                "n": len(rows),
+                "accuracy": float(np.mean([r.predicted == m for r in rows])),
+                "unseen_n": sum(not r.item.seen_in_training for r in rows),
+                "unseen_accuracy": float(np.mean([r.predicted == m for r in rows if not r.item.seen_in_training] or [np.nan])),
+            }
     out: dict[str, Any] = {
-        "modality": {"n": len(known), "accuracy": float(np.mean([r.predicted == r.item.modality for r in known])) if known else None,
-                     "min_per_modality": min((v["accuracy"] for v in per_mod.values()), default=None),
-                     "per_modality": per_mod, "ece": _ece(results, False), "ece_calibrated": _ece(results, True)},
+        "modality": {
+            "n": len(known),
+            "accuracy": float(np.mean([r.predicted == r.item.modality for r in known])) if known else None,
+            "min_per_modality": min((v["accuracy"] for v in per_mod.values()), default=None),
+            "per_modality": per_mod,
+            "ece": _ece(results, False),
+            "ece_calibrated": _ece(results, True),
+        },
     }
     organ = {}
     for cal in (False, True):
@@ -266,16 +287,24 @@ def summarise(results: list[ItemResult]) -> dict[str, Any]:
             continue
         p, y = pairs
         organ["calibrated" if cal else "raw"] = {
-            "pairs": int(len(y)), "impossible_called_present": int(np.sum((p > 0.5) & (y == 0))), "impossible": int(np.sum(y == 0)),
-            "present_called_present": int(np.sum((p > 0.5) & (y == 1))), "present": int(np.sum(y == 1)),
-            "ece": ece(p, y, n_bins=10)}
+            "pairs": int(len(y)),
+            "impossible_called_present": int(np.sum((p > 0.5) & (y == 0))),
+            "impossible": int(np.sum(y == 0)),
+            "present_called_present": int(np.sum((p > 0.5) & (y == 1))),
+            "present": int(np.sum(y == 1)),
+            "ece": ece(p, y, n_bins=10),
+        }
     out["organ_sanity"] = organ
     flagged = [r for r in results if r.ood_flag is not None]
     if flagged:
         foreign = [r for r in flagged if r.item.modality == FOREIGN]
         real = [r for r in flagged if r.item.modality != FOREIGN]
-        out["ood_flags"] = {"foreign_n": len(foreign), "foreign_flagged": sum(r.ood_flag for r in foreign),
-                            "known_n": len(real), "known_flagged": sum(r.ood_flag for r in real)}
+        out["ood_flags"] = {
+            "foreign_n": len(foreign),
+            "foreign_flagged": sum(r.ood_flag for r in foreign),
+            "known_n": len(real),
+            "known_flagged": sum(r.ood_flag for r in real),
+        }
     return out
 
 
@@ -305,8 +334,12 @@ def load_judge(source: str, exact: bool = True) -> Judge:
     return Judge(model, TrustParts.of(folder, config or {}))
 
 
-def evaluate_ood(judge: Judge, items: Sequence[OodItem], data_root: str | Path | None,
-                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict[str, Any]:
+def evaluate_ood(
+    judge: Judge,
+    items: Sequence[OodItem],
+    data_root: str | Path | None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
     results, skipped = [], []
     for item in items:
         root = source_root(item.source, data_root)
@@ -319,8 +352,10 @@ def evaluate_ood(judge: Judge, items: Sequence[OodItem], data_root: str | Path |
             skipped.append({"id": item.id, "reason": f"{type(exc).__name__}: {str(exc)[:160]}"})
             continue
         r = results[-1]
-        log(f"{item.id}: true {item.modality}, predicted {r.predicted} ({r.modality_probs[r.predicted]:.2f})"
-            + (f", ood {r.ood_score:.3f}{' FLAG' if r.ood_flag else ''}" if r.ood_score is not None else ""))
+        log(
+            f"{item.id}: true {item.modality}, predicted {r.predicted} ({r.modality_probs[r.predicted]:.2f})"
+            + (f", ood {r.ood_score:.3f}{' FLAG' if r.ood_flag else ''}" if r.ood_score is not None else "")
+        )
     return {"summary": summarise(results), "items": [r.to_dict() for r in results], "skipped": skipped}
 
 
@@ -328,37 +363,62 @@ def to_markdown(res: dict[str, Any]) -> str:
     s = res["summary"]
     m = s["modality"]
     f3 = lambda x: "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3f}"  # noqa: E731
-    lines = ["## Out-of-distribution evaluation (`python -m training.evaluate MODEL --ood`)", "",
-             f"Model `{res.get('model', '')}`; {len(res['items'])} real files at native resolution through `engine.io.load` "
-             f"(manifest `training/data/ood_manifest.jsonl`, sha256 `{res.get('manifest_sha256', '')[:12]}`), "
-             f"{len(res['skipped'])} skipped; {res.get('date', '')}.", "",
-             f"Modality (header withheld; seven-way choice of the `other` prompt set): accuracy {f3(m['accuracy'])} over {m['n']} "
-             f"images; ECE {f3(m['ece'])} raw, {f3(m['ece_calibrated'])} calibrated.", "",
-             "| modality | n | accuracy | never trained on: n | accuracy |", "|---|---|---|---|---|"]
+    lines = [
+        "## Out-of-distribution evaluation (`python -m training.evaluate MODEL --ood`)",
+        "",
+        f"Model `{res.get('model', '')}`; {len(res['items'])} real files at native resolution through `engine.io.load` "
+        f"(manifest `training/data/ood_manifest.jsonl`, sha256 `{res.get('manifest_sha256', '')[:12]}`), "
+        f"{len(res['skipped'])} skipped; {res.get('date', '')}.",
+        "",
+        f"Modality (header withheld; seven-way choice of the `other` prompt set): accuracy {f3(m['accuracy'])} over {m['n']} "
+        f"images; ECE {f3(m['ece'])} raw, {f3(m['ece_calibrated'])} calibrated.",
+        "",
+        "| modality | n | accuracy | never trained on: n | accuracy |",
+        "|---|---|---|---|---|",
+    ]
     for k, v in m["per_modality"].items():
         lines.append(f"| {k} | {v['n']} | {f3(v['accuracy'])} | {v['unseen_n']} | {f3(v['unseen_accuracy'])} |")
     for name, o in s.get("organ_sanity", {}).items():
-        lines += ["", f"Organ sanity ({name}): impossible organs called present (> 0.5) {o['impossible_called_present']}/{o['impossible']}; "
-                  f"present organs called present {o['present_called_present']}/{o['present']}; ECE {f3(o['ece'])} over {o['pairs']} pairs."]
+        lines += [
+            "",
+            f"Organ sanity ({name}): impossible organs called present (> 0.5) {o['impossible_called_present']}/{o['impossible']}; "
+            f"present organs called present {o['present_called_present']}/{o['present']}; ECE {f3(o['ece'])} over {o['pairs']} pairs.",
+        ]
     if "ood_flags" in s:
         o = s["ood_flags"]
-        lines += ["", f"OOD flag (kNN distance to the training embeddings): foreign images flagged {o['foreign_flagged']}/{o['foreign_n']}, "
-                  f"real images of known modalities flagged {o['known_flagged']}/{o['known_n']}."]
+        lines += [
+            "",
+            f"OOD flag (kNN distance to the training embeddings): foreign images flagged {o['foreign_flagged']}/{o['foreign_n']}, "
+            f"real images of known modalities flagged {o['known_flagged']}/{o['known_n']}.",
+        ]
     else:
         lines += ["", "OOD flag: the checkpoint carries no reference set (no flag rate)."]
     lines += ["", "| file | true | predicted (p) | header | organs P(present) | OOD score |", "|---|---|---|---|---|---|"]
     for it in res["items"]:
         organs = ", ".join(f"{'!' if o in it['impossible'] else ''}{o} {p:.2f}" for o, p in it["organ_probs"].items())
         score = "" if it["ood_score"] is None else f"{it['ood_score']:.3f}{' flagged' if it['ood_flag'] else ''}"
-        lines.append(f"| {it['id']}{' (trained on)' if it['seen_in_training'] else ''} | {it['true']} | {it['predicted']} "
-                     f"({it['modality_probs'][it['predicted']]:.2f}) | {it['header_modality']} | {organs} | {score} |")
-    lines += ["", "`!organ`: an organ that cannot be in that image. Skipped: "
-              + (", ".join(f"{d['id']} ({d['reason']})" for d in res["skipped"]) or "none") + "."]
+        lines.append(
+            f"| {it['id']}{' (trained on)' if it['seen_in_training'] else ''} | {it['true']} | {it['predicted']} "
+            f"({it['modality_probs'][it['predicted']]:.2f}) | {it['header_modality']} | {organs} | {score} |"
+        )
+    lines += [
+        "",
+        "`!organ`: an organ that cannot be in that image. Skipped: "
+        + (", ".join(f"{d['id']} ({d['reason']})" for d in res["skipped"]) or "none")
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def run(source: str, *, data_root: str | None, out: str | Path, manifest: str | Path = MANIFEST, exact: bool = True,
-        ids: Sequence[str] | None = None) -> tuple[dict[str, Any], str]:
+def run(
+    source: str,
+    *,
+    data_root: str | None,
+    out: str | Path,
+    manifest: str | Path = MANIFEST,
+    exact: bool = True,
+    ids: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], str]:
     from training.evaluate import file_sha256
 
     if not Path(manifest).is_file():
@@ -369,8 +429,13 @@ def run(source: str, *, data_root: str | None, out: str | Path, manifest: str | 
     t0 = time.perf_counter()
     judge = load_judge(source, exact)
     body = evaluate_ood(judge, items, data_root)
-    res = {"model": getattr(judge.model, "model_id", getattr(judge.model, "name", source)), "source": source,
-           "manifest_sha256": file_sha256(manifest), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **body}
+    res = {
+        "model": getattr(judge.model, "model_id", getattr(judge.model, "name", source)),
+        "source": source,
+        "manifest_sha256": file_sha256(manifest),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **body,
+    }
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,8 +457,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def go(_argv) -> int:
-        _res, md = run(args.model, data_root=args.data_root, out=args.out or Path("runs/ood") / Path(args.model).name,
-                       manifest=args.manifest, exact=not args.fast)
+        _res, md = run(
+            args.model,
+            data_root=args.data_root,
+            out=args.out or Path("runs/ood") / Path(args.model).name,
+            manifest=args.manifest,
+            exact=not args.fast,
+        )
         print(md)
         return 0
 

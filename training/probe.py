@@ -33,7 +33,9 @@ C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
-def stratified_subsample(y: Sequence[int], *, fraction: float | None = None, n: int | None = None, seed: int = 0, min_per_class: int = 2) -> np.ndarray:
+def stratified_subsample(
+    y: Sequence[int], *, fraction: float | None = None, n: int | None = None, seed: int = 0, min_per_class: int = 2
+) -> np.ndarray:
     """Sorted indices of a stratified random subsample of `y`.
 
     Exactly one of `fraction` (of each class) or `n` (total, spread over
@@ -119,7 +121,7 @@ def fit_probe(
     best = (None, 1.0, float("nan"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter is generous; a near-converged probe is fine
-        for C in (grid if has_val else [1.0]):
+        for C in grid if has_val else [1.0]:
             pipe = _pipeline(C, seed).fit(train_x, train_y)
             v = _val_metric(val_y, _probabilities(pipe, val_x, n_classes), binary) if has_val else float("nan")
             # strictly better only: ties keep the smaller C (the stronger regulariser)

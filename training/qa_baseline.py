@@ -101,27 +101,37 @@ def rule_for(row: QARow, item: dict[str, Any]) -> tuple[str, str, Callable[[Scor
     yn = lambda b: "yes" if b else "no"  # noqa: E731
     if fam == "finding_yes_no" and task in ("pneumonia", "busi_malignant", "ham_melanoma", "fundus_referable"):
         t = TASKS[task]
-        return (f"{row.dataset}: {slots['finding']}? ({task})", f"top class of {task} in {sorted(t.positive)}",
-                lambda s, rid: yn(s.top(t, rid) in t.positive))
+        return (
+            f"{row.dataset}: {slots['finding']}? ({task})",
+            f"top class of {task} in {sorted(t.positive)}",
+            lambda s, rid: yn(s.top(t, rid) in t.positive),
+        )
     if fam == "finding_yes_no" and row.dataset == "ham10000" and slots.get("finding") == "melanoma":
         t = TASKS["ham7"]
-        return ("ham10000: melanoma? (other lesions)", "melanoma tops the 7 HAM classes",
-                lambda s, rid: yn(s.top(t, rid) == HAM_DX["mel"]))
+        return ("ham10000: melanoma? (other lesions)", "melanoma tops the 7 HAM classes", lambda s, rid: yn(s.top(t, rid) == HAM_DX["mel"]))
     if fam == "finding_yes_no" and row.dataset == "fundus_dr" and slots.get("finding") == "diabetic maculopathy":
-        return ("fundus_dr: maculopathy?", "top of (no maculopathy, diabetic maculopathy)",
-                lambda s, rid: yn(s.top(MACULOPATHY_TASK, rid) == "diabetic maculopathy"))
+        return (
+            "fundus_dr: maculopathy?",
+            "top of (no maculopathy, diabetic maculopathy)",
+            lambda s, rid: yn(s.top(MACULOPATHY_TASK, rid) == "diabetic maculopathy"),
+        )
     if fam == "finding_yes_no" and row.dataset == "nih_cxr14":
         t = NIH_TASK[slots["finding"]]
-        return ("nih_cxr14: <finding>? (14 NIH findings)", "finding tops (normal, finding), X-ray prompts",
-                lambda s, rid: yn(s.top(t, rid) != "normal"))
+        return (
+            "nih_cxr14: <finding>? (14 NIH findings)",
+            "finding tops (normal, finding), X-ray prompts",
+            lambda s, rid: yn(s.top(t, rid) != "normal"),
+        )
     if fam == "abnormality" and task == "nih_abnormal":
         t = TASKS["nih_abnormal"]
-        return ("nih_cxr14: any abnormality? (nih_abnormal)", "abnormal tops (normal, abnormal)",
-                lambda s, rid: yn(s.top(t, rid) == "abnormal"))
+        return (
+            "nih_cxr14: any abnormality? (nih_abnormal)",
+            "abnormal tops (normal, abnormal)",
+            lambda s, rid: yn(s.top(t, rid) == "abnormal"),
+        )
     if fam in ("diagnosis", "tissue_type") and task in ("busi_malignant", "ham7", "lc25000"):
         t = TASKS[task]
-        return (f"{row.dataset}: {fam} ({task}, {len(t.classes)} classes)", f"argmax of {task}'s classes",
-                lambda s, rid: s.top(t, rid))
+        return (f"{row.dataset}: {fam} ({task}, {len(t.classes)} classes)", f"argmax of {task}'s classes", lambda s, rid: s.top(t, rid))
     if fam == "dr_grade":
         return ("fundus_dr: DR grade (5 grades)", "argmax of the 5 DR grades", lambda s, rid: s.top(DR_TASK, rid))
     if fam == "modality":
@@ -132,12 +142,18 @@ def rule_for(row: QARow, item: dict[str, Any]) -> tuple[str, str, Callable[[Scor
         t = TASKS["modality"]
         label_to_answer = {MODALITY_LABELS[c]: MODALITY_ANSWER[c] for c in MODALITY_LABELS}
         asked = slots["modality"]
-        return ("all: is this a <modality>?", "the modality task's top class is the one asked",
-                lambda s, rid: yn(label_to_answer[s.top(t, rid)] == asked))
+        return (
+            "all: is this a <modality>?",
+            "the modality task's top class is the one asked",
+            lambda s, rid: yn(label_to_answer[s.top(t, rid)] == asked),
+        )
     if fam == "organ_presence" and row.modality == "ct" and slots.get("organ") in CT_ORGAN_TASK.classes:
         organ = slots["organ"]
-        return ("ct_organs: organ present? (slices)", "cos(present prompts) > cos(absent prompts), CT prompts",
-                lambda s, rid: yn(s.present(organ, rid)))
+        return (
+            "ct_organs: organ present? (slices)",
+            "cos(present prompts) > cos(absent prompts), CT prompts",
+            lambda s, rid: yn(s.present(organ, rid)),
+        )
     return None
 
 
@@ -156,11 +172,19 @@ def _subsample(rows: list[QARow], limit: int | None, seed: int = 0) -> list[QARo
     return [r for r in rows if r.id in keep]
 
 
-def baseline(model, rows: list[QARow], data_root: str | Path, *, batch_size: int = 32,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def baseline(
+    model, rows: list[QARow], data_root: str | Path, *, batch_size: int = 32, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Accuracy of the zero-shot answers per question group (module docstring), plus per-dataset totals."""
-    plan = [(r, item, rule) for r in rows if r.kind == "image" for item in r.qa if item["closed"]
-            for rule in [rule_for(r, item)] if rule is not None]
+    plan = [
+        (r, item, rule)
+        for r in rows
+        if r.kind == "image"
+        for item in r.qa
+        if item["closed"]
+        for rule in [rule_for(r, item)]
+        if rule is not None
+    ]
     needed = {r.id: r.manifest_row() for r, _i, _rule in plan}
     loader = PixelLoader(data_root, size=IMAGE_SIZE)
     cache = EmbeddingCache(model, loader, batch_size=batch_size, log=log)
@@ -184,10 +208,14 @@ def baseline(model, rows: list[QARow], data_root: str | Path, *, batch_size: int
         values, counts = np.unique(truth, return_counts=True)
         lo, hi, _n = metrics.bootstrap_ci(t, p, "accuracy")
         table[name] = {
-            "n": int(truth.size), "accuracy": metrics.accuracy(t, p), "accuracy_ci95": [lo, hi],
+            "n": int(truth.size),
+            "accuracy": metrics.accuracy(t, p),
+            "accuracy_ci95": [lo, hi],
             "balanced_accuracy": metrics.balanced_accuracy(t, p),
-            "majority_accuracy": float(counts.max() / truth.size), "majority_answer": str(values[counts.argmax()]),
-            "rule": g["rule"], "datasets": sorted(g["datasets"]),
+            "majority_accuracy": float(counts.max() / truth.size),
+            "majority_answer": str(values[counts.argmax()]),
+            "rule": g["rule"],
+            "datasets": sorted(g["datasets"]),
         }
         if set(codes) <= {"yes", "no"}:
             table[name]["true_yes_rate"] = float(np.mean(truth == "yes"))
@@ -197,21 +225,37 @@ def baseline(model, rows: list[QARow], data_root: str | Path, *, batch_size: int
                 totals[d][0] += int((truth == pred).sum())
                 totals[d][1] += int(truth.size)
     per_dataset = {d: {"n": n, "accuracy": c / n} for d, (c, n) in sorted(totals.items())}
-    return {"groups": table, "per_dataset": per_dataset, "images": len(cache.vectors), "errors": len(cache.errors),
-            "embed_seconds": cache.seconds}
+    return {
+        "groups": table,
+        "per_dataset": per_dataset,
+        "images": len(cache.vectors),
+        "errors": len(cache.errors),
+        "embed_seconds": cache.seconds,
+    }
 
 
 def to_markdown(res: dict[str, Any]) -> str:
-    lines = [f"# Zero-shot CLIP baseline on the QA {res['split']} questions", "",
-             f"Model `{res['model']}`, {res['images']} images embedded at {IMAGE_SIZE} px; "
-             f"{res['subsample']}.", "",
-             "| question group | n | accuracy (95% CI) | balanced acc. | majority acc. | rule |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Zero-shot CLIP baseline on the QA {res['split']} questions",
+        "",
+        f"Model `{res['model']}`, {res['images']} images embedded at {IMAGE_SIZE} px; {res['subsample']}.",
+        "",
+        "| question group | n | accuracy (95% CI) | balanced acc. | majority acc. | rule |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, g in res["groups"].items():
         ci = g["accuracy_ci95"]
-        lines.append(f"| {name} | {g['n']} | {g['accuracy']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | {g['balanced_accuracy']:.3f} | "
-                     f"{g['majority_accuracy']:.3f} ({g['majority_answer']}) | {g['rule']} |")
-    lines += ["", "Per dataset (all scored closed questions of the dataset, modality questions excluded):", "",
-              "| dataset | n | accuracy |", "|---|---|---|"]
+        lines.append(
+            f"| {name} | {g['n']} | {g['accuracy']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}) | {g['balanced_accuracy']:.3f} | "
+            f"{g['majority_accuracy']:.3f} ({g['majority_answer']}) | {g['rule']} |"
+        )
+    lines += [
+        "",
+        "Per dataset (all scored closed questions of the dataset, modality questions excluded):",
+        "",
+        "| dataset | n | accuracy |",
+        "|---|---|---|",
+    ]
     lines += [f"| {d} | {v['n']} | {v['accuracy']:.3f} |" for d, v in res["per_dataset"].items()]
     return "\n".join(lines)
 
@@ -238,12 +282,19 @@ def main(argv: list[str] | None = None) -> int:
     from engine.models import load_model
 
     model = load_model(args.model, fast=args.fast)
-    body = baseline(model, rows, args.data_root, batch_size=args.batch_size,
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
-    res = {"model": model.model_id, "source": args.model, "split": args.split, "fast": args.fast,
-           "manifest": {"path": str(args.manifest), "sha256": file_sha256(args.manifest)},
-           "subsample": f"at most {args.max_per_dataset} image rows per dataset (seeded)" if args.max_per_dataset else "all image rows of the split",
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **body}
+    body = baseline(model, rows, args.data_root, batch_size=args.batch_size, log=lambda m: print(m, file=sys.stderr, flush=True))
+    res = {
+        "model": model.model_id,
+        "source": args.model,
+        "split": args.split,
+        "fast": args.fast,
+        "manifest": {"path": str(args.manifest), "sha256": file_sha256(args.manifest)},
+        "subsample": f"at most {args.max_per_dataset} image rows per dataset (seeded)"
+        if args.max_per_dataset
+        else "all image rows of the split",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **body,
+    }
     res["wall_s"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, sort_keys=False) + "\n")

@@ -139,8 +139,9 @@ def write_qa_manifest(rows: Iterable[QARow], path: str | Path) -> int:
     return len(seen)
 
 
-def read_qa_manifest(path: str | Path, *, splits: Iterable[str] | None = None, datasets: Iterable[str] | None = None,
-                     kinds: Iterable[str] | None = None) -> list[QARow]:
+def read_qa_manifest(
+    path: str | Path, *, splits: Iterable[str] | None = None, datasets: Iterable[str] | None = None, kinds: Iterable[str] | None = None
+) -> list[QARow]:
     keep_splits, keep_sets, keep_kinds = (set(x) if x else None for x in (splits, datasets, kinds))
     rows = []
     with open(path) as fh:
@@ -148,8 +149,11 @@ def read_qa_manifest(path: str | Path, *, splits: Iterable[str] | None = None, d
             if not line.strip():
                 continue
             row = QARow.from_dict(json.loads(line))
-            if (keep_splits and row.split not in keep_splits) or (keep_sets and row.dataset not in keep_sets) \
-                    or (keep_kinds and row.kind not in keep_kinds):
+            if (
+                (keep_splits and row.split not in keep_splits)
+                or (keep_sets and row.dataset not in keep_sets)
+                or (keep_kinds and row.kind not in keep_kinds)
+            ):
                 continue
             rows.append(row)
     return rows
@@ -173,8 +177,9 @@ def check_subject_disjoint(rows: Iterable[QARow]) -> None:
             raise ValueError(f"subject {row.subject} ({row.dataset}) is in both {where[key]} and {row.split}")
 
 
-def iter_qa(rows: Iterable[QARow], *, families: Iterable[str] | None = None, closed: bool | None = None
-            ) -> Iterator[tuple[QARow, dict[str, Any]]]:
+def iter_qa(
+    rows: Iterable[QARow], *, families: Iterable[str] | None = None, closed: bool | None = None
+) -> Iterator[tuple[QARow, dict[str, Any]]]:
     """(row, qa item) pairs, optionally only some families / only closed or open items."""
     keep = set(families) if families else None
     for row in rows:

@@ -162,8 +162,15 @@ def closed_batch(examples: list[Example], tokenizer, rng: random.Random, finding
     return ClosedBatch(prompting.lm_batch(tokenizer, prompts, targets), torch.tensor(owner), torch.tensor(question), torch.tensor(answer))
 
 
-def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: random.Random, caption_share: float,
-               finding_weight: float = 1.0, closed: bool = False) -> Stage1Batch:
+def make_batch(
+    examples: list[Example],
+    tokenizer,
+    groups: dict[str, int],
+    rng: random.Random,
+    caption_share: float,
+    finding_weight: float = 1.0,
+    closed: bool = False,
+) -> Stage1Batch:
     tokens, token_mask = pad_tokens([e.tokens for e in examples])
     grids = [e.grid for e in examples]
     captions = [e.row.caption for e in examples]
@@ -179,8 +186,16 @@ def make_batch(examples: list[Example], tokenizer, groups: dict[str, int], rng: 
             targets.append(e.row.caption)
     lm = prompting.lm_batch(tokenizer, prompts, targets)
     group = torch.tensor([groups.setdefault(c, len(groups)) for c in captions])
-    return Stage1Batch(tokens, token_mask, grids[0] if len(set(grids)) == 1 else grids, ids, mask, group, lm,
-                       closed_batch(examples, tokenizer, rng, finding_weight) if closed else None)
+    return Stage1Batch(
+        tokens,
+        token_mask,
+        grids[0] if len(set(grids)) == 1 else grids,
+        ids,
+        mask,
+        group,
+        lm,
+        closed_batch(examples, tokenizer, rng, finding_weight) if closed else None,
+    )
 
 
 @torch.no_grad()
@@ -196,8 +211,13 @@ def closed_accuracy(model: QFormer, tokenizer, examples: list[Example], limit: i
         memory = model.encoder_memory(model.prepare_encoder(e.tokens[None].float(), e.grid))
         cands = list(item["candidates"])
         batch = prompting.lm_batch(tokenizer, [prompting.qa_prompt(item["question"])] * len(cands), cands)
-        ll = model.answer_log_likelihood(memory.repeat(len(cands)), torch.ones(len(cands), e.tokens.shape[0], dtype=torch.bool),
-                                         batch.ids, batch.attention_mask, batch.target_mask)
+        ll = model.answer_log_likelihood(
+            memory.repeat(len(cands)),
+            torch.ones(len(cands), e.tokens.shape[0], dtype=torch.bool),
+            batch.ids,
+            batch.attention_mask,
+            batch.target_mask,
+        )
         hits.setdefault(e.row.dataset, []).append(cands[int(ll.argmax())] == item["answer"])
     model.train()
     out = {k: float(np.mean(v)) for k, v in hits.items()}
@@ -323,9 +343,15 @@ def build_data(cfg: QFormerTrainConfig, env, prep: VolumePrep, log) -> TrainData
 def build_model(cfg: QFormerTrainConfig, data: TrainData, tokenizer) -> BuiltModel:
     """A Q-Former initialised from MiniLM (or continued from --init), its width that of the cached tokens."""
     width = (data.pools["image"] or data.pools["volume"])[0].tokens.shape[-1]
-    qcfg = QFormerConfig(num_hidden_layers=cfg.layers, encoder_hidden_size=int(width), cross_attention_frequency=cfg.cross_attention_frequency,
-                         num_query_tokens=cfg.num_query_tokens, decoder_vocab=decoder_vocabulary(tokenizer, data.rows),
-                         hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout)
+    qcfg = QFormerConfig(
+        num_hidden_layers=cfg.layers,
+        encoder_hidden_size=int(width),
+        cross_attention_frequency=cfg.cross_attention_frequency,
+        num_query_tokens=cfg.num_query_tokens,
+        decoder_vocab=decoder_vocabulary(tokenizer, data.rows),
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+    )
     init_config = json.loads((Path(cfg.init) / "config.json").read_text()) if cfg.init else None
     if init_config:  # the continued model keeps its decoder vocabulary (and thus its head's shape)
         qcfg.decoder_vocab = init_config["qformer"]["decoder_vocab"]
@@ -344,8 +370,14 @@ def build_model(cfg: QFormerTrainConfig, data: TrainData, tokenizer) -> BuiltMod
 
 def checkpoint_config(cfg: QFormerTrainConfig, prep: VolumePrep, data: TrainData, init_config: dict | None) -> dict:
     """What every saved checkpoint's config.json carries besides the model's own config: the trainer's settings verbatim."""
-    config = {"volume_prep": prep.to_dict(), "image_size": cfg.image_size, "supports_2d": bool(data.pools["image"]),
-              "encoder": encoder_spec(cfg), "label_template": "In view: {label}.", "training": to_dict(cfg)}
+    config = {
+        "volume_prep": prep.to_dict(),
+        "image_size": cfg.image_size,
+        "supports_2d": bool(data.pools["image"]),
+        "encoder": encoder_spec(cfg),
+        "label_template": "In view: {label}.",
+        "training": to_dict(cfg),
+    }
     if init_config:  # provenance: the earlier phase's own arguments and step travel with the checkpoint
         config["init_from"] = init_provenance(init_config)
     return config
@@ -396,8 +428,11 @@ def train(cfg: QFormerTrainConfig, env, data: TrainData, built: BuiltModel, toke
         record = trainer.step(step)
         history.append(record)
         if step % 20 == 0:
-            log(f"step {step} {record['kind']}: " + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k not in ("step", "kind"))
-                + f" ({time.time() - start:.0f} s)")
+            log(
+                f"step {step} {record['kind']}: "
+                + " ".join(f"{k} {v:.3f}" for k, v in record.items() if k not in ("step", "kind"))
+                + f" ({time.time() - start:.0f} s)"
+            )
         if env.is_master and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             acc = closed_accuracy(model, tokenizer, data.val)
             history.append({"step": step, "val": acc})

@@ -47,9 +47,16 @@ class CachedTokens(NamedTuple):
 
 
 def cache_key(kind: str, prep: dict, image_size: int, encoder: dict | None = None) -> str:
-    spec = json.dumps({"kind": kind, "prep": prep if kind == "volume" else None, "image_size": image_size if kind == "image" else None,
-                       "v": FORMAT_VERSION, **({"encoder": encoder} if encoder and encoder.get("type") != "i3resnet152" else {})},
-                      sort_keys=True)
+    spec = json.dumps(
+        {
+            "kind": kind,
+            "prep": prep if kind == "volume" else None,
+            "image_size": image_size if kind == "image" else None,
+            "v": FORMAT_VERSION,
+            **({"encoder": encoder} if encoder and encoder.get("type") != "i3resnet152" else {}),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
@@ -102,7 +109,7 @@ class TokenCache:
         start, done = time.time(), 0
         step = batch_size if self.kind == "image" else 1
         for i in range(0, len(todo), step):
-            chunk = todo[i:i + step]
+            chunk = todo[i : i + step]
             tokens, grid = self._encode(chunk, root)
             for r, t in zip(chunk, tokens):
                 self.items[row_key(r)] = CachedTokens(t.to(torch.float16).clone(), tuple(int(g) for g in grid))

@@ -89,7 +89,10 @@ def _head(config: dict, command: str, minutes: float | None) -> list[str]:
 def _section_3d(r3: dict) -> list[str]:
     organ, auc, whole = r3["organ_presence_ct"], r3["organ_auc"], r3["whole_volumes"]
     subject = r3.get("held_out_ct_subject", "ts-ct-a")
-    best_auc = max((auc.get(m, {}).get("mean_auc") or float("nan") for m in ("qformer_yes", "qformer_labels")), key=lambda v: -1 if math.isnan(v) else v)
+    best_auc = max(
+        (auc.get(m, {}).get("mean_auc") or float("nan") for m in ("qformer_yes", "qformer_labels")),
+        key=lambda v: -1 if math.isnan(v) else v,
+    )
     return [
         "### 3D",
         f"- Organ presence yes/no on {organ['n']} questions over crops of the held-out CT subject {subject}: accuracy {_f(organ['accuracy'])} "
@@ -98,21 +101,32 @@ def _section_3d(r3: dict) -> list[str]:
         f"- Organ presence AUC (the better Q-Former score, mean over organs): {_f(best_auc)} (aim >= {ORGAN_AUC_AIM:.2f}: {_met(best_auc, ORGAN_AUC_AIM)}).",
         "- Modality and body region on each held-out volume as a whole:",
         "",
-        _rows(["subject", "question", "truth", "answer", "confidence", "right"],
-              [[w["subject"], w["family"], w["truth"], w["answer"], _f(w["confidence"], 2), "yes" if w["correct"] else "NO"] for w in whole]),
+        _rows(
+            ["subject", "question", "truth", "answer", "confidence", "right"],
+            [[w["subject"], w["family"], w["truth"], w["answer"], _f(w["confidence"], 2), "yes" if w["correct"] else "NO"] for w in whole],
+        ),
         "",
         "- Per-family accuracy over all held-out crops:",
         "",
-        _rows(["dataset/family", "n", "accuracy", "95 % CI"], [[k, str(v["n"]), _f(v["accuracy"]), _ci(v)] for k, v in r3["by_family"].items()]),
+        _rows(
+            ["dataset/family", "n", "accuracy", "95 % CI"],
+            [[k, str(v["n"]), _f(v["accuracy"]), _ci(v)] for k, v in r3["by_family"].items()],
+        ),
         "",
         f"- Organ AUC over {auc['n_crops']} held-out CT crops (organs with >= 3 present and >= 3 absent crops; interval: bootstrap over crops):",
         "",
-        _rows(["method", "mean AUC", "95 % CI"], [
-            ["Q-Former 3D zero-shot labels (ITC similarity)", _f(auc["qformer_labels"]["mean_auc"]), _ci(auc["qformer_labels"])],
-            ["Q-Former P(yes) to 'Is the <organ> visible?'", _f(auc["qformer_yes"]["mean_auc"]), _ci(auc["qformer_yes"])],
-            ["2D CLIP (medlens-clip) slice aggregation, mean over axial slices", _f(auc.get("clip_slices", {}).get("mean_auc")),
-             _ci(auc.get("clip_slices", {}))],
-        ]),
+        _rows(
+            ["method", "mean AUC", "95 % CI"],
+            [
+                ["Q-Former 3D zero-shot labels (ITC similarity)", _f(auc["qformer_labels"]["mean_auc"]), _ci(auc["qformer_labels"])],
+                ["Q-Former P(yes) to 'Is the <organ> visible?'", _f(auc["qformer_yes"]["mean_auc"]), _ci(auc["qformer_yes"])],
+                [
+                    "2D CLIP (medlens-clip) slice aggregation, mean over axial slices",
+                    _f(auc.get("clip_slices", {}).get("mean_auc")),
+                    _ci(auc.get("clip_slices", {})),
+                ],
+            ],
+        ),
         "",
     ]
 
@@ -126,15 +140,23 @@ def _section_2d(r2: dict) -> list[str]:
         "",
         "Per dataset (all closed questions the CLIP baseline can answer, modality questions excluded; training/qa_baseline.py):",
         "",
-        _rows(["dataset", "n", "Q-Former", "95 % CI", "medlens-clip zero-shot", "at least CLIP?"],
-              [[d, str(v["n"]), _f(v["accuracy"]), _ci(v), _f(base_ds.get(d)), _at_least(v["accuracy"], base_ds.get(d))]
-               for d, v in r2["per_dataset"].items()]),
+        _rows(
+            ["dataset", "n", "Q-Former", "95 % CI", "medlens-clip zero-shot", "at least CLIP?"],
+            [
+                [d, str(v["n"]), _f(v["accuracy"]), _ci(v), _f(base_ds.get(d)), _at_least(v["accuracy"], base_ds.get(d))]
+                for d, v in r2["per_dataset"].items()
+            ],
+        ),
         "",
         "Per question group:",
         "",
-        _rows(["group", "n", "Q-Former", "95 % CI", "medlens-clip zero-shot", "at least CLIP?"],
-              [[g, str(v["n"]), _f(v["accuracy"]), _ci(v), _f(base_groups.get(g)), _at_least(v["accuracy"], base_groups.get(g))]
-               for g, v in r2["groups"].items()]),
+        _rows(
+            ["group", "n", "Q-Former", "95 % CI", "medlens-clip zero-shot", "at least CLIP?"],
+            [
+                [g, str(v["n"]), _f(v["accuracy"]), _ci(v), _f(base_groups.get(g)), _at_least(v["accuracy"], base_groups.get(g))]
+                for g, v in r2["groups"].items()
+            ],
+        ),
         "",
     ]
 
@@ -142,7 +164,7 @@ def _section_2d(r2: dict) -> list[str]:
 def _section_calibration(config: dict, report: dict | None) -> list[str]:
     if not report or not report.get("all"):
         return []
-    closed = ((config.get("trust") or {}).get("closed") or {})
+    closed = (config.get("trust") or {}).get("closed") or {}
     val = ((closed.get("metrics") or {}).get("val") or {}).get("all") or {}
     every = report["all"]
     lines = [
@@ -157,17 +179,49 @@ def _section_calibration(config: dict, report: dict | None) -> list[str]:
     ]
     organ = report.get("organ_presence_3d")
     if organ:
-        lines.append(f"- 3D organ presence on the held-out CT subject: ECE {_f(organ['ece_before'])} -> {_f(organ['ece_after'])} (n {organ['n']}).")
-    lines += ["", _rows(["family", "own T?", "T", "n (test)", "accuracy", "ECE raw", "ECE calibrated"],
-                        [[f, "yes" if v["own_temperature"] else "default", _f(v["temperature"], 2), str(v["n"]), _f(v["accuracy"]),
-                          _f(v["ece_before"]), _f(v["ece_after"])] for f, v in report.get("per_family", {}).items()]), ""]
+        lines.append(
+            f"- 3D organ presence on the held-out CT subject: ECE {_f(organ['ece_before'])} -> {_f(organ['ece_after'])} (n {organ['n']})."
+        )
+    lines += [
+        "",
+        _rows(
+            ["family", "own T?", "T", "n (test)", "accuracy", "ECE raw", "ECE calibrated"],
+            [
+                [
+                    f,
+                    "yes" if v["own_temperature"] else "default",
+                    _f(v["temperature"], 2),
+                    str(v["n"]),
+                    _f(v["accuracy"]),
+                    _f(v["ece_before"]),
+                    _f(v["ece_after"]),
+                ]
+                for f, v in report.get("per_family", {}).items()
+            ],
+        ),
+        "",
+    ]
     if every.get("reliability_after"):
-        lines += ["Reliability table (test split, all closed answers; calibrated, with the raw confidence beside it):", "",
-                  _rows(["confidence bin", "n", "mean confidence", "accuracy"],
-                        [[f"{b['low']:.1f}-{b['high']:.1f}", str(b["count"]), _f(b["confidence"]), _f(b["accuracy"])] for b in every["reliability_after"]]),
-                  "", _rows(["raw confidence bin", "n", "mean confidence", "accuracy"],
-                            [[f"{b['low']:.1f}-{b['high']:.1f}", str(b["count"]), _f(b["confidence"]), _f(b["accuracy"])] for b in every["reliability_before"]]),
-                  ""]
+        lines += [
+            "Reliability table (test split, all closed answers; calibrated, with the raw confidence beside it):",
+            "",
+            _rows(
+                ["confidence bin", "n", "mean confidence", "accuracy"],
+                [
+                    [f"{b['low']:.1f}-{b['high']:.1f}", str(b["count"]), _f(b["confidence"]), _f(b["accuracy"])]
+                    for b in every["reliability_after"]
+                ],
+            ),
+            "",
+            _rows(
+                ["raw confidence bin", "n", "mean confidence", "accuracy"],
+                [
+                    [f"{b['low']:.1f}-{b['high']:.1f}", str(b["count"]), _f(b["confidence"]), _f(b["accuracy"])]
+                    for b in every["reliability_before"]
+                ],
+            ),
+            "",
+        ]
     return lines
 
 
@@ -182,14 +236,25 @@ def _section_ood(config: dict, ood: dict | None) -> list[str]:
         f"{spec.get('n_reference', 'n/a')} training rows' (trust_reference.safetensors); flagged above {_f(spec.get('threshold'), 4)}, "
         f"the {spec['quantile']:.2f} quantile of the val rows' distances.",
         "",
-        _rows(["held-out rows", "n", "flagged", "median distance"],
-              [[k, str(v["n"]), _f(v["flagged"]), _f(v["median_score"], 4)] for k, v in ood["held_out"].items()]),
+        _rows(
+            ["held-out rows", "n", "flagged", "median distance"],
+            [[k, str(v["n"]), _f(v["flagged"]), _f(v["median_score"], 4)] for k, v in ood["held_out"].items()],
+        ),
         "",
         "Real files from outside every training source, loaded as the app loads them:",
         "",
-        _rows(["file", "foreign?", "distance", "flagged"],
-              [[f["file"], "yes" if f["expected_foreign"] else "no", _f(f.get("score"), 4),
-                ("yes" if f["flagged"] else "no") if "flagged" in f else f"error: {f.get('error')}"] for f in ood["foreign"]]),
+        _rows(
+            ["file", "foreign?", "distance", "flagged"],
+            [
+                [
+                    f["file"],
+                    "yes" if f["expected_foreign"] else "no",
+                    _f(f.get("score"), 4),
+                    ("yes" if f["flagged"] else "no") if "flagged" in f else f"error: {f.get('error')}",
+                ]
+                for f in ood["foreign"]
+            ],
+        ),
         "",
     ]
     return lines
@@ -199,13 +264,20 @@ def card(config: dict, results: dict, *, command: str, minutes: float | None, no
     lines = _head(config, command, minutes)
     lines += ["## Evaluation (test split / held-out subjects; `python -m training.qformer_eval`)", ""]
     lines += _section_3d(results["3d"]) + _section_2d(results["2d"])
-    lines += ["Open questions (exact match of the normalised answer):", "",
-              _rows(["dataset/family", "n", "exact match"], [[k, str(v["n"]), _f(v["exact_match"])] for k, v in results["open"].items()]), ""]
+    lines += [
+        "Open questions (exact match of the normalised answer):",
+        "",
+        _rows(["dataset/family", "n", "exact match"], [[k, str(v["n"]), _f(v["exact_match"])] for k, v in results["open"].items()]),
+        "",
+    ]
     if results.get("medpix"):
         m = results["medpix"]
-        lines += [f"MedPix sample (smoke, 6 images, answers written from captions): {m['n']} questions ran end to end in {m['seconds']} s; "
-                  f"exact match {_f(m['exact_match'])} (its answers are free-text sentences from captions, which a model trained on templated "
-                  "answers cannot reproduce: a smoke figure, not a benchmark).", ""]
+        lines += [
+            f"MedPix sample (smoke, 6 images, answers written from captions): {m['n']} questions ran end to end in {m['seconds']} s; "
+            f"exact match {_f(m['exact_match'])} (its answers are free-text sentences from captions, which a model trained on templated "
+            "answers cannot reproduce: a smoke figure, not a benchmark).",
+            "",
+        ]
     lines += _section_calibration(config, results.get("calibration")) + _section_ood(config, results.get("ood"))
     lines += [
         "## Limits",

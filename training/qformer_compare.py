@@ -63,16 +63,24 @@ def compare(a_items: list[dict], b_items: list[dict]) -> dict:
         a = np.array([int(x["correct"]) for x, _ in group], dtype=np.float64)
         b = np.array([int(y["correct"]) for _, y in group], dtype=np.float64)
         lo, hi = difference_ci(a, b)
-        rows[name] = {"n": len(group), "a": float(a.mean()), "b": float(b.mean()), "difference": float(b.mean() - a.mean()),
-                      "ci95": [lo, hi], "verdict": "worse" if hi < 0 else "better" if lo > 0 else "same within CI"}
+        rows[name] = {
+            "n": len(group),
+            "a": float(a.mean()),
+            "b": float(b.mean()),
+            "difference": float(b.mean() - a.mean()),
+            "ci95": [lo, hi],
+            "verdict": "worse" if hi < 0 else "better" if lo > 0 else "same within CI",
+        }
     return rows
 
 
 def markdown(rows: dict, a_name: str, b_name: str) -> str:
     lines = [f"| group | n | {a_name} | {b_name} | difference | 95 % CI | verdict |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['n']} | {r['a']:.3f} | {r['b']:.3f} | {r['difference']:+.3f} | "
-                     f"{r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f} | {r['verdict']} |")
+        lines.append(
+            f"| {name} | {r['n']} | {r['a']:.3f} | {r['b']:.3f} | {r['difference']:+.3f} | "
+            f"{r['ci95'][0]:+.3f} to {r['ci95'][1]:+.3f} | {r['verdict']} |"
+        )
     return "\n".join(lines)
 
 

@@ -90,12 +90,25 @@ def closed_items(model: AskModel, caches, rows: list[QARow]) -> list[dict]:
             scored = score_candidates(model, enc, item["question"], cands)
             best = int(np.argmax(scored.probabilities))
             rule = rule_for(row, item) if row.kind == "image" else None
-            out.append({"id": row.id, "dataset": row.dataset, "kind": row.kind, "subject": row.subject, "family": item["family"],
-                        "task": item.get("task"), "group": rule[0] if rule else None, "truth": item["answer"],
-                        "answer": cands[best], "correct": cands[best] == item["answer"], "candidates": cands,
-                        "truth_index": cands.index(item["answer"]), "scores": [round(float(s), 5) for s in scored.scores],
-                        "p_yes": float(scored.probabilities[cands.index("yes")]) if "yes" in cands else None,
-                        "slots": item.get("slots") or {}})
+            out.append(
+                {
+                    "id": row.id,
+                    "dataset": row.dataset,
+                    "kind": row.kind,
+                    "subject": row.subject,
+                    "family": item["family"],
+                    "task": item.get("task"),
+                    "group": rule[0] if rule else None,
+                    "truth": item["answer"],
+                    "answer": cands[best],
+                    "correct": cands[best] == item["answer"],
+                    "candidates": cands,
+                    "truth_index": cands.index(item["answer"]),
+                    "scores": [round(float(s), 5) for s in scored.scores],
+                    "p_yes": float(scored.probabilities[cands.index("yes")]) if "yes" in cands else None,
+                    "slots": item.get("slots") or {},
+                }
+            )
     return out
 
 
@@ -107,8 +120,15 @@ def open_items(model: AskModel, caches, rows: list[QARow], limit: int) -> list[d
                 continue
             enc = _encoded(model, caches, row)
             ans = model.answer_encoded(enc, item["question"], None)
-            out.append({"dataset": row.dataset, "family": item["family"], "truth": item["answer"], "answer": ans.answer,
-                        "exact": normalise_answer(ans.answer, item["family"]) == normalise_answer(item["answer"], item["family"])})
+            out.append(
+                {
+                    "dataset": row.dataset,
+                    "family": item["family"],
+                    "truth": item["answer"],
+                    "answer": ans.answer,
+                    "exact": normalise_answer(ans.answer, item["family"]) == normalise_answer(item["answer"], item["family"]),
+                }
+            )
     return out
 
 
@@ -147,7 +167,11 @@ def organ_truth(row: QARow) -> dict[str, int]:
 
 def scoreable_organs(truths: dict[str, dict[str, int]], min_each: int = 3) -> list[str]:
     organs = sorted({o for t in truths.values() for o in t})
-    return [o for o in organs if min_each <= sum(t.get(o) == 1 for t in truths.values()) and min_each <= sum(t.get(o) == 0 for t in truths.values())]
+    return [
+        o
+        for o in organs
+        if min_each <= sum(t.get(o) == 1 for t in truths.values()) and min_each <= sum(t.get(o) == 0 for t in truths.values())
+    ]
 
 
 def _clip_scores(clip, root: str, row: QARow, present: list[str]) -> dict[str, float]:
@@ -180,8 +204,16 @@ def organ_records(model: AskModel, caches, rows: list[QARow], root: str, clip_mo
         for o, s in zip(present, sims):
             question = render_question("organ_presence", template=PRESENCE_TEMPLATE, organ=o)
             p_yes = float(score_candidates(model, enc, question, ["yes", "no"]).probabilities[0])
-            records.append({"crop": crop, "organ": o, "y": truth[o], "qformer_labels": s, "qformer_yes": p_yes,
-                            **({"clip_slices": clip_scores[o]} if o in clip_scores else {})})
+            records.append(
+                {
+                    "crop": crop,
+                    "organ": o,
+                    "y": truth[o],
+                    "qformer_labels": s,
+                    "qformer_yes": p_yes,
+                    **({"clip_slices": clip_scores[o]} if o in clip_scores else {}),
+                }
+            )
     return records
 
 
@@ -275,7 +307,9 @@ def section_2d(model: AskModel, caches, images: list[QARow], baseline: Path) -> 
     scored = [i for i in items if i["group"]]  # exactly the items the CLIP baseline answers, grouped as it does
     result = {
         "groups": {g: accuracy_summary(v) for (g,), v in _group(scored, ("group",)).items()},
-        "per_dataset": {d: accuracy_summary(v) for (d,), v in _group([i for i in scored if not i["group"].startswith("all:")], ("dataset",)).items()},
+        "per_dataset": {
+            d: accuracy_summary(v) for (d,), v in _group([i for i in scored if not i["group"].startswith("all:")], ("dataset",)).items()
+        },
         "by_family": {f"{d}/{f}": accuracy_summary(v) for (d, f), v in _group(items, ("dataset", "family")).items()},
     }
     if baseline.is_file():
@@ -297,8 +331,17 @@ def _whole_volumes(model: AskModel, caches, volumes: list[QARow]) -> list[dict]:
             if item is None:
                 continue
             ans = model.answer_encoded(enc, item["question"], None, candidates=list(item["candidates"]))
-            out.append({"subject": row.subject, "dataset": row.dataset, "family": family, "truth": item["answer"],
-                        "answer": ans.answer, "confidence": round(ans.confidence, 3), "correct": ans.answer == item["answer"]})
+            out.append(
+                {
+                    "subject": row.subject,
+                    "dataset": row.dataset,
+                    "family": family,
+                    "truth": item["answer"],
+                    "answer": ans.answer,
+                    "confidence": round(ans.confidence, 3),
+                    "correct": ans.answer == item["answer"],
+                }
+            )
     return out
 
 
@@ -349,7 +392,9 @@ def main(argv=None) -> int:
     save(results)
     results["ood"] = ood_section(model, caches, rows, Path(args.model))
     opens = open_items(model, caches, images + volumes, args.open_limit)
-    results["open"] = {f"{d}/{f}": {"n": len(v), "exact_match": _mean(i["exact"] for i in v)} for (d, f), v in _group(opens, ("dataset", "family")).items()}
+    results["open"] = {
+        f"{d}/{f}": {"n": len(v), "exact_match": _mean(i["exact"] for i in v)} for (d, f), v in _group(opens, ("dataset", "family")).items()
+    }
     save(results)
     if not args.skip_medpix:
         results["medpix"] = medpix(model, args.data_root)

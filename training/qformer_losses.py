@@ -56,8 +56,9 @@ class ClosedBatch:
 
 def closed_loss(model: QFormer, memory, emask: torch.Tensor, closed: ClosedBatch) -> torch.Tensor:
     """Cross-entropy over each closed question's candidates, scored by mean token log-likelihood (as at inference)."""
-    ll = model.answer_log_likelihood(memory.select(closed.owner), emask[closed.owner], closed.lm.ids,
-                                     closed.lm.attention_mask, closed.lm.target_mask)
+    ll = model.answer_log_likelihood(
+        memory.select(closed.owner), emask[closed.owner], closed.lm.ids, closed.lm.attention_mask, closed.lm.target_mask
+    )
     n_q = int(closed.answer.shape[0])
     counts = torch.bincount(closed.question, minlength=n_q)
     starts = torch.cumsum(counts, 0) - counts

@@ -32,8 +32,10 @@ class QFormerTrainConfig:
     dropout: float = field(default=0.1, metadata=arg("hidden and attention dropout (BLIP-2: 0.1)"))
     num_query_tokens: int = field(default=32, metadata=arg("learned queries"))
     image_size: int = field(default=128, metadata=arg("2D images: side in pixels (128 -> 4x4 tokens)"))
-    encoder: str = field(default="i3resnet152", metadata=arg(
-        "frozen image encoder (i3resnet-tiny: random weights, for tests and smoke runs)", choices=ENCODERS))
+    encoder: str = field(
+        default="i3resnet152",
+        metadata=arg("frozen image encoder (i3resnet-tiny: random weights, for tests and smoke runs)", choices=ENCODERS),
+    )
     volume_size: list[int] | None = field(default=None, metadata=arg("3D input X Y Z (default: engine's VolumePrep)"))
     volume_spacing: list[float] | None = field(default=None, metadata=arg("3D spacing mm x y z"))
     volume_pad_to_size: bool = field(default=False, metadata=arg("pad every volume to the full input size (fixed token grid)"))
@@ -46,13 +48,20 @@ class QFormerTrainConfig:
     warmup: int = field(default=60, metadata=arg("warm-up steps"))
     volume_share: float = field(default=0.4, metadata=arg("share of steps drawing volume crops"))
     caption_share: float = field(default=0.2, metadata=arg("share of decoder targets that are the caption, not a question"))
-    finding_weight: float = field(default=1.0, metadata=arg(
-        "how much likelier an image-specific question (finding, diagnosis, organ, count, side) is picked than a "
-        "modality/region/plane one"))
-    balance: float = field(default=0.0, metadata=arg(
-        "class balancing of 2D rows: 0 as they come, 0.5 square-root, 1 even (datasets get equal shares when > 0)"))
-    closed_weight: float = field(default=0.0, metadata=arg(
-        "weight of the discriminative closed-question loss (cross-entropy over candidates' likelihoods); 0 = off"))
+    finding_weight: float = field(
+        default=1.0,
+        metadata=arg(
+            "how much likelier an image-specific question (finding, diagnosis, organ, count, side) is picked than a "
+            "modality/region/plane one"
+        ),
+    )
+    balance: float = field(
+        default=0.0,
+        metadata=arg("class balancing of 2D rows: 0 as they come, 0.5 square-root, 1 even (datasets get equal shares when > 0)"),
+    )
+    closed_weight: float = field(
+        default=0.0, metadata=arg("weight of the discriminative closed-question loss (cross-entropy over candidates' likelihoods); 0 = off")
+    )
     # bookkeeping
     eval_every: int = field(default=200, metadata=arg("steps between validation passes"))
     cache_only: bool = field(default=False, metadata=arg("fill the token cache (train, val and test rows) and stop"))

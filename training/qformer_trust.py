@@ -98,9 +98,14 @@ def _report(calibration: Calibration, items: list[dict], bins: int, tables: bool
     cal = np.zeros_like(raw)
     for n, item in enumerate(items):
         cal[n, : len(item["scores"])] = calibrated(calibration, item)
-    out = {"n": len(items), "accuracy": float(np.mean(raw.argmax(1) == truth)), "ece_before": top_ece(raw, truth),
-           "ece_after": top_ece(cal, truth), "mean_confidence_before": float(raw.max(1).mean()),
-           "mean_confidence_after": float(cal.max(1).mean())}
+    out = {
+        "n": len(items),
+        "accuracy": float(np.mean(raw.argmax(1) == truth)),
+        "ece_before": top_ece(raw, truth),
+        "ece_after": top_ece(cal, truth),
+        "mean_confidence_before": float(raw.max(1).mean()),
+        "mean_confidence_after": float(cal.max(1).mean()),
+    }
     if tables:
         out["reliability_before"] = reliability_table(raw, truth, bins)
         out["reliability_after"] = reliability_table(cal, truth, bins)
@@ -115,9 +120,18 @@ def calibration_report(calibration: Calibration, items: list[dict], bins: int = 
     for item in items:
         families[item["family"]].append(item)
     organ_3d = [i for i in items if i.get("kind") == "volume" and i["family"] == "organ_presence"]
-    report = {"fitted": calibration.fitted, "all": _report(calibration, items, bins, tables),
-              "per_family": {f: {**_report(calibration, v, bins, False), "temperature": calibration.get(f).temperature,
-                                 "own_temperature": f in calibration.calibrators} for f, v in sorted(families.items())}}
+    report = {
+        "fitted": calibration.fitted,
+        "all": _report(calibration, items, bins, tables),
+        "per_family": {
+            f: {
+                **_report(calibration, v, bins, False),
+                "temperature": calibration.get(f).temperature,
+                "own_temperature": f in calibration.calibrators,
+            }
+            for f, v in sorted(families.items())
+        },
+    }
     if organ_3d:
         report["organ_presence_3d"] = _report(calibration, organ_3d, bins, tables)
     return report
@@ -136,11 +150,27 @@ def row_embeddings(model: AskModel, caches: dict[str, TokenCache], rows: list[QA
     return np.stack(out) if out else np.zeros((0, model.qformer.config.hidden_size), np.float32)
 
 
-def fit_reference(model: AskModel, caches, train: list[QARow], val: list[QARow], *, quantile: float = DEFAULT_QUANTILE,
-                  k: int = DEFAULT_K, max_vectors: int = 4000, seed: int = 0) -> ReferenceSet:
+def fit_reference(
+    model: AskModel,
+    caches,
+    train: list[QARow],
+    val: list[QARow],
+    *,
+    quantile: float = DEFAULT_QUANTILE,
+    k: int = DEFAULT_K,
+    max_vectors: int = 4000,
+    seed: int = 0,
+) -> ReferenceSet:
     """Training rows' embeddings (subsampled) as the reference, the threshold at `quantile` of the val rows' scores."""
-    return ReferenceSet.fit(row_embeddings(model, caches, train), [r.modality for r in train], row_embeddings(model, caches, val),
-                            k=k, quantile=quantile, max_vectors=max_vectors, seed=seed)
+    return ReferenceSet.fit(
+        row_embeddings(model, caches, train),
+        [r.modality for r in train],
+        row_embeddings(model, caches, val),
+        k=k,
+        quantile=quantile,
+        max_vectors=max_vectors,
+        seed=seed,
+    )
 
 
 def load_reference(folder: str | Path) -> ReferenceSet | None:
@@ -219,8 +249,15 @@ def write_trust(folder: str | Path, calibration: Calibration, reference: Referen
     trust.update({"closed": calibration.to_config(), "fitted_on": fitted_on})
     if reference is not None:
         reference.save(folder)
-        trust["ood"] = {"method": "knn", "k": reference.k, "quantile": DEFAULT_QUANTILE, "file": REFERENCE_FILE,
-                        "embedding": OOD_EMBEDDING, "threshold": reference.threshold, "n_reference": int(len(reference.vectors))}
+        trust["ood"] = {
+            "method": "knn",
+            "k": reference.k,
+            "quantile": DEFAULT_QUANTILE,
+            "file": REFERENCE_FILE,
+            "embedding": OOD_EMBEDDING,
+            "threshold": reference.threshold,
+            "n_reference": int(len(reference.vectors)),
+        }
     config["trust"] = trust
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return trust
@@ -268,11 +305,21 @@ def main(argv=None) -> int:
     items = closed_items(model, caches, val)
     calibration = fit_closed(items, args.min_family)
     reference = fit_reference(model, caches, train, val, max_vectors=args.max_reference)
-    fitted_on = (f"val split of {args.qa_manifest}: {len(items)} closed questions on {len(val)} rows "
-                 f"({', '.join(sorted({r.dataset for r in val}))}); OOD reference: {len(train)} training rows, threshold from {len(val)} val rows")
+    fitted_on = (
+        f"val split of {args.qa_manifest}: {len(items)} closed questions on {len(val)} rows "
+        f"({', '.join(sorted({r.dataset for r in val}))}); OOD reference: {len(train)} training rows, threshold from {len(val)} val rows"
+    )
     trust = write_trust(args.model, calibration, reference, fitted_on)
-    print(json.dumps({"temperatures": {k: round(c.temperature, 3) for k, c in calibration.calibrators.items()},
-                      "val": calibration.metrics.get("val", {}).get("all"), "ood_threshold": trust["ood"]["threshold"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "temperatures": {k: round(c.temperature, 3) for k, c in calibration.calibrators.items()},
+                "val": calibration.metrics.get("val", {}).get("all"),
+                "ood_threshold": trust["ood"]["threshold"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

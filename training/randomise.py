@@ -39,8 +39,33 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 FAMILIES = ("resolution", "intensity", "overlays", "borders", "geometry")
-TEXT_SNIPPETS = ("L", "R", "AP", "PA", "SUPINE", "PORTABLE", "5 cm", "10cm", "MI 0.8", "TIS 0.4", "12-03-2019", "14:22:07",
-                 "GAIN 54", "DR 60", "FR 27Hz", "2D", "CF", "PW", "ABD", "ST", "W:400 L:40", "Se:3 Im:27", "1.5x", "ANT", "POST")
+TEXT_SNIPPETS = (
+    "L",
+    "R",
+    "AP",
+    "PA",
+    "SUPINE",
+    "PORTABLE",
+    "5 cm",
+    "10cm",
+    "MI 0.8",
+    "TIS 0.4",
+    "12-03-2019",
+    "14:22:07",
+    "GAIN 54",
+    "DR 60",
+    "FR 27Hz",
+    "2D",
+    "CF",
+    "PW",
+    "ABD",
+    "ST",
+    "W:400 L:40",
+    "Se:3 Im:27",
+    "1.5x",
+    "ANT",
+    "POST",
+)
 
 
 def _rng_float(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -82,7 +107,7 @@ def _calipers(draw: ImageDraw.ImageDraw, size: int, rng: np.random.Generator) ->
     colour = (255, 255, int(rng.integers(0, 256)))
     for _ in range(int(rng.integers(1, 3))):
         a, b = rng.integers(size // 6, size * 5 // 6, 2), rng.integers(size // 6, size * 5 // 6, 2)
-        for (x, y) in (a, b):
+        for x, y in (a, b):
             draw.line((x - 5, y, x + 5, y), fill=colour)
             draw.line((x, y - 5, x, y + 5), fill=colour)
         n = 12
@@ -143,7 +168,9 @@ def borders(img: Image.Image, rng: np.random.Generator, modality: str | None = N
     canvas = Image.new("RGB", (size, size))
     if rng.random() < 0.5:  # letterbox into a smaller box of another shape
         w, h = int(size * _rng_float(rng, 0.45, 1.0)), int(size * _rng_float(rng, 0.45, 1.0))
-        canvas.paste(img.resize((w, h), Image.Resampling.BILINEAR), (int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))))
+        canvas.paste(
+            img.resize((w, h), Image.Resampling.BILINEAR), (int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1)))
+        )
     else:  # black bands on some sides
         canvas.paste(img)
         draw = ImageDraw.Draw(canvas)
@@ -178,8 +205,9 @@ def check_families(families: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
-def randomise(pixels: np.ndarray, rng: np.random.Generator, *, modality: str | None = None,
-              families: Iterable[str] = FAMILIES, p: float = 0.5) -> np.ndarray:
+def randomise(
+    pixels: np.ndarray, rng: np.random.Generator, *, modality: str | None = None, families: Iterable[str] = FAMILIES, p: float = 0.5
+) -> np.ndarray:
     """One randomised view of a uint8 RGB model image (S, S, 3) -> uint8 (S, S, 3). Geometry and borders
     come first (what the scanner framed), then resolution, intensity, and overlays last (burned in on top)."""
     chosen = set(check_families(families))

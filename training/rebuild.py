@@ -50,12 +50,17 @@ def train_and_evaluate(args: RebuildConfig, recipe: dict, out: Path) -> tuple[Pa
         from training import ssl
 
         ssl_out = out / "ssl"
-        _run("ssl", ssl.main, ["--manifest", manifest, "--data-root", data, "--out", str(ssl_out), "--seed", str(args.seed), *recipe["ssl"]])
+        _run(
+            "ssl", ssl.main, ["--manifest", manifest, "--data-root", data, "--out", str(ssl_out), "--seed", str(args.seed), *recipe["ssl"]]
+        )
         clip_args += ["--init-trunk", str(ssl_out / "trunk.safetensors")]
     _run("clip", clip.main, clip_args)
     model_dir, eval_out = out / "clip" / "best", out / "eval"
-    _run("evaluate", evaluate.main, [f"local-dir:{model_dir}", "--manifest", manifest, "--data-root", data, "--out", str(eval_out),
-                                     *recipe.get("evaluate", [])])
+    _run(
+        "evaluate",
+        evaluate.main,
+        [f"local-dir:{model_dir}", "--manifest", manifest, "--data-root", data, "--out", str(eval_out), *recipe.get("evaluate", [])],
+    )
     _run("ood", ood.main, [f"local-dir:{model_dir}", "--data-root", data, "--out", str(eval_out)])
     return model_dir, eval_out
 
@@ -77,13 +82,24 @@ def write_model_card(model_dir: Path, out: Path, eval_out: Path, recipe: dict, t
 
     summary = json.loads((out / "clip" / "train_summary.json").read_text())
     metrics = json.loads((eval_out / "metrics.json").read_text())
-    write_card(model_dir, name="medlens-clip", summary=summary, eval_md=(eval_out / "metrics.md").read_text(),
-               command="python -m training.rebuild --data-root ../shared/data", towers_md=card_extras(recipe, eval_out),
-               misses_md=targets_table(metrics), rebuild_s=time.time() - t0)
+    write_card(
+        model_dir,
+        name="medlens-clip",
+        summary=summary,
+        eval_md=(eval_out / "metrics.md").read_text(),
+        command="python -m training.rebuild --data-root ../shared/data",
+        towers_md=card_extras(recipe, eval_out),
+        misses_md=targets_table(metrics),
+        rebuild_s=time.time() - t0,
+    )
     config = json.loads((model_dir / "config.json").read_text())
     vision = summary["model_cfg"]["vision_cfg"]
-    config.update({"licence": "CC BY-NC 4.0 (trained on HAM10000); research use, not for diagnosis",
-                   "note": f"{vision['timm_model_name']} @ {vision['image_size']} px + MiniLM, trained on ../shared/data"})
+    config.update(
+        {
+            "licence": "CC BY-NC 4.0 (trained on HAM10000); research use, not for diagnosis",
+            "note": f"{vision['timm_model_name']} @ {vision['image_size']} px + MiniLM, trained on ../shared/data",
+        }
+    )
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
     shutil.copy2(eval_out / "metrics.json", model_dir / "metrics.json")
     if (eval_out / "ood.json").is_file():
@@ -91,7 +107,9 @@ def write_model_card(model_dir: Path, out: Path, eval_out: Path, recipe: dict, t
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse(RebuildConfig, ["--export", str(DEFAULT_EXPORT), "--recipe", str(RECIPE), *(argv or [])], prog="python -m training.rebuild")
+    args = parse(
+        RebuildConfig, ["--export", str(DEFAULT_EXPORT), "--recipe", str(RECIPE), *(argv or [])], prog="python -m training.rebuild"
+    )
     t0 = time.time()
     if args.threads:
         import torch

@@ -84,7 +84,11 @@ def train_phases(args, recipe: dict, out: Path, manifest: str, data: str) -> Pat
     model_dir = out / "qformer" / "best"
     for i, phase in enumerate(_phases(recipe)):  # same data and cache, the previous phase's best weights, new flags
         folder = out / ("qformer_continue" if i == 0 else f"qformer_continue{i + 1}")
-        _run("qformer continue", qformer.main, [*common, "--out", str(folder), "--init", str(model_dir), "--seed", str(args.seed + i), *phase])
+        _run(
+            "qformer continue",
+            qformer.main,
+            [*common, "--out", str(folder), "--init", str(model_dir), "--seed", str(args.seed + i), *phase],
+        )
         model_dir = folder / "best"
     return model_dir
 
@@ -94,11 +98,30 @@ def trust_and_evaluate(args, recipe: dict, model_dir: Path, out: Path, manifest:
     from training import qformer_eval, qformer_trust
 
     threads = ["--threads", str(args.threads)] if args.threads else []
-    _run("trust", qformer_trust.main, [str(model_dir), "--qa-manifest", manifest, "--data-root", data, "--cache", str(out / "cache"),
-                                       *threads, *recipe.get("trust", [])])
-    _run("evaluate", qformer_eval.main, [str(model_dir), "--qa-manifest", manifest, "--data-root", data, "--out", str(out / "eval"),
-                                         "--cache", str(out / "cache"), "--clip-baseline", str(out / "clip_baseline.json"), *threads,
-                                         *recipe.get("evaluate", [])])
+    _run(
+        "trust",
+        qformer_trust.main,
+        [str(model_dir), "--qa-manifest", manifest, "--data-root", data, "--cache", str(out / "cache"), *threads, *recipe.get("trust", [])],
+    )
+    _run(
+        "evaluate",
+        qformer_eval.main,
+        [
+            str(model_dir),
+            "--qa-manifest",
+            manifest,
+            "--data-root",
+            data,
+            "--out",
+            str(out / "eval"),
+            "--cache",
+            str(out / "cache"),
+            "--clip-baseline",
+            str(out / "clip_baseline.json"),
+            *threads,
+            *recipe.get("evaluate", []),
+        ],
+    )
     results = out / "eval" / "results.json"
     qformer_trust.add_test_metrics(model_dir, json.loads(results.read_text()))
     return results

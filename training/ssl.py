@@ -110,69 +110,33 @@ class SSLConfig:
     manifest: str = field(
         default="runs/manifest.jsonl", metadata=arg('JSONL manifest (training/manifest.py); split == "train" rows are used')
     )
-    data_root: str = field(
-        default="../shared/data", metadata=arg('root that manifest paths are relative to')
-    )
-    out: str = field(
-        default="runs/ssl", metadata=arg('output folder: trunk.safetensors, ssl_config.json, last.pt')
-    )
-    cache: str | None = field(
-        default=None, metadata=arg('image cache .npy (default <out>/images_<C>px.npy)')
-    )
-    tower: str = field(
-        default="convnext_atto", metadata=arg('timm model name, created with pretrained=False, num_classes=0')
-    )
-    image_size: int = field(
-        default=96, metadata=arg('training resolution (views are image_size squares)')
-    )
-    epochs: int = field(
-        default=2, metadata=arg('passes over the train rows (2 x 16k images fit ~10-15 min on 2 cores, see above)')
-    )
-    batch_size: int = field(
-        default=128, metadata=arg('images per step (2x views go through the trunk)')
-    )
-    lr: float = field(
-        default=1e-3, metadata=arg('peak AdamW learning rate')
-    )
-    weight_decay: float = field(
-        default=0.05, metadata=arg('AdamW decoupled weight decay (not on biases/norms)')
-    )
-    warmup: float = field(
-        default=0.1, metadata=arg('fraction of all steps spent in linear warmup')
-    )
+    data_root: str = field(default="../shared/data", metadata=arg("root that manifest paths are relative to"))
+    out: str = field(default="runs/ssl", metadata=arg("output folder: trunk.safetensors, ssl_config.json, last.pt"))
+    cache: str | None = field(default=None, metadata=arg("image cache .npy (default <out>/images_<C>px.npy)"))
+    tower: str = field(default="convnext_atto", metadata=arg("timm model name, created with pretrained=False, num_classes=0"))
+    image_size: int = field(default=96, metadata=arg("training resolution (views are image_size squares)"))
+    epochs: int = field(default=2, metadata=arg("passes over the train rows (2 x 16k images fit ~10-15 min on 2 cores, see above)"))
+    batch_size: int = field(default=128, metadata=arg("images per step (2x views go through the trunk)"))
+    lr: float = field(default=1e-3, metadata=arg("peak AdamW learning rate"))
+    weight_decay: float = field(default=0.05, metadata=arg("AdamW decoupled weight decay (not on biases/norms)"))
+    warmup: float = field(default=0.1, metadata=arg("fraction of all steps spent in linear warmup"))
     min_lr_ratio: float = 0.01  # cosine floor as a fraction of the peak
-    temperature: float = field(
-        default=0.2, metadata=arg('NT-Xent temperature')
-    )
+    temperature: float = field(default=0.2, metadata=arg("NT-Xent temperature"))
     proj_hidden: int = 512  # projection head hidden width
     proj_dim: int = 128  # projection head output width
-    seed: int = field(
-        default=0, metadata=arg('seeds init, image order and augmentation')
-    )
+    seed: int = field(default=0, metadata=arg("seeds init, image order and augmentation"))
     max_steps: int | None = field(
-        default=None, metadata=arg('stop after this many steps (tests, smoke runs); schedule still spans all epochs')
+        default=None, metadata=arg("stop after this many steps (tests, smoke runs); schedule still spans all epochs")
     )
-    limit: int | None = field(
-        default=None, metadata=arg('use only the first N train rows (development)')
-    )
-    save_every: int = field(
-        default=50, metadata=arg('steps between last.pt checkpoints (also saved at the end)')
-    )
-    threads: int | None = field(
-        default=None, metadata=arg("torch intra-op threads (default: torch's choice; 1 is faster on a shared CPU)")
-    )
+    limit: int | None = field(default=None, metadata=arg("use only the first N train rows (development)"))
+    save_every: int = field(default=50, metadata=arg("steps between last.pt checkpoints (also saved at the end)"))
+    threads: int | None = field(default=None, metadata=arg("torch intra-op threads (default: torch's choice; 1 is faster on a shared CPU)"))
     channels_last: bool | None = field(
-        default=None, metadata=arg('NHWC tensors; None = on except for ConvNeXt towers (measured, see above)')
+        default=None, metadata=arg("NHWC tensors; None = on except for ConvNeXt towers (measured, see above)")
     )
-    device: str = field(
-        default="auto", metadata=arg('"auto" (cuda if available), "cpu", "cuda"', choices=["auto", "cpu", "cuda"])
-    )
-    fresh: bool = field(
-        default=False, metadata=arg('ignore an existing last.pt instead of resuming')
-    )
-    progress: bool = field(
-        default=True, metadata=arg('tqdm bars')
-    )
+    device: str = field(default="auto", metadata=arg('"auto" (cuda if available), "cpu", "cuda"', choices=["auto", "cpu", "cuda"]))
+    fresh: bool = field(default=False, metadata=arg("ignore an existing last.pt instead of resuming"))
+    progress: bool = field(default=True, metadata=arg("tqdm bars"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # view augmentations
 
 
@@ -199,8 +163,9 @@ def _bern(g: torch.Generator, n: int, p: float) -> torch.Tensor:
     return torch.rand(n, generator=g) < p
 
 
-def augment_batch(images: torch.Tensor, size: int, g: torch.Generator, cfg: AugmentConfig = AugmentConfig(),
-                  flip_ok: torch.Tensor | None = None) -> torch.Tensor:
+def augment_batch(
+    images: torch.Tensor, size: int, g: torch.Generator, cfg: AugmentConfig = AugmentConfig(), flip_ok: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 (B, C, C, 3) -> float (B, 3, size, size) in 0..1: one random view per image.
 
     flip_ok: bool (B,), which images may be flipped (None: all).
@@ -223,10 +188,13 @@ def augment_batch(images: torch.Tensor, size: int, g: torch.Generator, cfg: Augm
     sy = torch.where(_bern(g, b, cfg.vflip) & allowed, -1.0, 1.0)
     ang = _uniform(g, b, -cfg.rotate, cfg.rotate) * (math.pi / 180)
     cos, sin = torch.cos(ang), torch.sin(ang)
-    theta = torch.stack([
-        torch.stack([w * cos * sx, -w * sin * sy, cx], 1),
-        torch.stack([h * sin * sx, h * cos * sy, cy], 1),
-    ], 1)
+    theta = torch.stack(
+        [
+            torch.stack([w * cos * sx, -w * sin * sy, cx], 1),
+            torch.stack([h * sin * sx, h * cos * sy, cy], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta.to(dev), [b, 3, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -274,7 +242,9 @@ class SSLModel(nn.Module):
         self.trunk = timm.create_model(tower, pretrained=False, num_classes=0)
         feats = self.trunk.num_features
         self.head = nn.Sequential(
-            nn.Linear(feats, proj_hidden, bias=False), nn.BatchNorm1d(proj_hidden), nn.ReLU(inplace=True),
+            nn.Linear(feats, proj_hidden, bias=False),
+            nn.BatchNorm1d(proj_hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(proj_hidden, proj_dim),
         )
 
@@ -295,8 +265,12 @@ def load_trunk(path: str | Path, map_location: str = "cpu") -> nn.Module:
     cfg = json.loads((folder / "ssl_config.json").read_text())
     model = timm.create_model(cfg["tower"], pretrained=False, num_classes=0)
     model.load_state_dict(load_file(str(weights), device=map_location), strict=True)
-    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {}, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                                input_size=(3, cfg["image_size"], cfg["image_size"]))
+    model.pretrained_cfg = dict(
+        getattr(model, "pretrained_cfg", {}) or {},
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        input_size=(3, cfg["image_size"], cfg["image_size"]),
+    )
     return model.eval()
 
 
@@ -383,8 +357,7 @@ def _train(cfg: SSLConfig) -> dict:
 
     from training.image_cache import build_cache, cache_key
 
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = select_rows(cfg)
@@ -409,8 +382,14 @@ def _train(cfg: SSLConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     step, losses, wall = 0, [], 0.0
-    ident = {"tower": cfg.tower, "image_size": cfg.image_size, "batch_size": batch, "epochs": cfg.epochs,
-             "seed": cfg.seed, "rows_key": rows_key}
+    ident = {
+        "tower": cfg.tower,
+        "image_size": cfg.image_size,
+        "batch_size": batch,
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "rows_key": rows_key,
+    }
     last = out / "last.pt"
     if last.is_file() and not cfg.fresh:
         ck = torch.load(last, map_location=device, weights_only=True)
@@ -422,20 +401,29 @@ def _train(cfg: SSLConfig) -> dict:
         step, losses, wall = ck["step"], list(ck["losses"]), float(ck["wall"])
 
     def checkpoint():
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                      "losses": losses, "wall": wall, "ident": ident, "config": asdict(cfg)}, last)
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "losses": losses,
+                "wall": wall,
+                "ident": ident,
+                "config": asdict(cfg),
+            },
+            last,
+        )
 
     model.train()
     perm_epoch, perm = -1, None
-    bar = tqdm(total=stop, initial=step, desc=f"ssl {cfg.tower} {cfg.image_size}px", unit="step",
-               disable=not cfg.progress, smoothing=0.1)
+    bar = tqdm(total=stop, initial=step, desc=f"ssl {cfg.tower} {cfg.image_size}px", unit="step", disable=not cfg.progress, smoothing=0.1)
     seen_since, t_since = 0, time.perf_counter()
     while step < stop:
         t0 = time.perf_counter()
         epoch, k = divmod(step, steps_per_epoch)
         if epoch != perm_epoch:
             perm, perm_epoch = np.random.default_rng([cfg.seed, epoch]).permutation(n), epoch
-        idx = np.sort(perm[k * batch:(k + 1) * batch])  # sorted: memmap reads stay sequential
+        idx = np.sort(perm[k * batch : (k + 1) * batch])  # sorted: memmap reads stay sequential
         imgs = torch.from_numpy(np.ascontiguousarray(images[idx])).to(device)
         g = _step_generator(cfg.seed, step)
         ok = flip_ok[torch.from_numpy(idx)]
@@ -458,8 +446,9 @@ def _train(cfg: SSLConfig) -> dict:
         seen_since += batch
         bar.update(1)
         elapsed = time.perf_counter() - t_since
-        bar.set_postfix(loss=f"{value:.3f}", img_s=f"{seen_since / max(elapsed, 1e-9):.1f}",
-                        lr=f"{opt.param_groups[0]['lr']:.2e}", epoch=epoch)
+        bar.set_postfix(
+            loss=f"{value:.3f}", img_s=f"{seen_since / max(elapsed, 1e-9):.1f}", lr=f"{opt.param_groups[0]['lr']:.2e}", epoch=epoch
+        )
         if step % cfg.save_every == 0 and step < stop:
             checkpoint()
     bar.close()
@@ -469,19 +458,37 @@ def _train(cfg: SSLConfig) -> dict:
 
     trunk_state = {k: v.detach().cpu().contiguous() for k, v in model.trunk.state_dict().items()}
     save_file(trunk_state, str(out / "trunk.safetensors"))
-    per_epoch = [float(np.mean(losses[e * steps_per_epoch:(e + 1) * steps_per_epoch]))
-                 for e in range(math.ceil(len(losses) / steps_per_epoch))]
+    per_epoch = [
+        float(np.mean(losses[e * steps_per_epoch : (e + 1) * steps_per_epoch])) for e in range(math.ceil(len(losses) / steps_per_epoch))
+    ]
     summary = {
-        "tower": cfg.tower, "image_size": cfg.image_size, "cache_size": cache_size,
-        "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
-        "epochs": cfg.epochs, "steps": step, "total_steps": total, "steps_per_epoch": steps_per_epoch,
-        "batch_size": batch, "images": n, "images_seen": step * batch,
-        "lr": cfg.lr, "weight_decay": cfg.weight_decay, "temperature": cfg.temperature, "seed": cfg.seed,
-        "loss_curve": losses, "loss_per_epoch": per_epoch,
-        "wall_time_s": round(wall, 2), "images_per_s": round(step * batch / max(wall, 1e-9), 2),
-        "cpu": cpu_profile().model, "threads": torch.get_num_threads(), "device": str(device),
+        "tower": cfg.tower,
+        "image_size": cfg.image_size,
+        "cache_size": cache_size,
+        "mean": list(OPENAI_MEAN),
+        "std": list(OPENAI_STD),
+        "epochs": cfg.epochs,
+        "steps": step,
+        "total_steps": total,
+        "steps_per_epoch": steps_per_epoch,
+        "batch_size": batch,
+        "images": n,
+        "images_seen": step * batch,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed,
+        "loss_curve": losses,
+        "loss_per_epoch": per_epoch,
+        "wall_time_s": round(wall, 2),
+        "images_per_s": round(step * batch / max(wall, 1e-9), 2),
+        "cpu": cpu_profile().model,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
         "channels_last": channels_last,
-        "torch": torch.__version__, "manifest": str(cfg.manifest), "rows_key": rows_key,
+        "torch": torch.__version__,
+        "manifest": str(cfg.manifest),
+        "rows_key": rows_key,
         "trunk_params": sum(p.numel() for p in model.trunk.parameters()),
         "config": asdict(cfg),
     }
@@ -496,8 +503,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SSLConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     summary = train(parse_args(argv))
-    print(json.dumps({k: summary[k] for k in ("tower", "steps", "images", "wall_time_s", "images_per_s",
-                                              "loss_per_epoch")}))
+    print(json.dumps({k: summary[k] for k in ("tower", "steps", "images", "wall_time_s", "images_per_s", "loss_per_epoch")}))
     return 0
 
 

@@ -22,26 +22,59 @@ BINARY, MULTICLASS, MULTILABEL = "binary", "multiclass", "multilabel"
 
 # NIH ChestX-ray14 finding names -> canonical names (the xray prompt set's where it has them).
 NIH_FINDINGS = {
-    "Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "Consolidation": "consolidation",
-    "Edema": "edema", "Effusion": "pleural effusion", "Emphysema": "emphysema", "Fibrosis": "fibrosis",
-    "Hernia": "hernia", "Infiltration": "infiltration", "Mass": "mass", "Nodule": "nodule",
-    "Pleural_Thickening": "pleural thickening", "Pneumonia": "pneumonia", "Pneumothorax": "pneumothorax",
+    "Atelectasis": "atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Consolidation": "consolidation",
+    "Edema": "edema",
+    "Effusion": "pleural effusion",
+    "Emphysema": "emphysema",
+    "Fibrosis": "fibrosis",
+    "Hernia": "hernia",
+    "Infiltration": "infiltration",
+    "Mass": "mass",
+    "Nodule": "nodule",
+    "Pleural_Thickening": "pleural thickening",
+    "Pneumonia": "pneumonia",
+    "Pneumothorax": "pneumothorax",
     "No Finding": "normal",
 }
 HAM_DX = {
-    "nv": "melanocytic nevus", "mel": "melanoma", "bkl": "benign keratosis", "bcc": "basal cell carcinoma",
-    "akiec": "actinic keratosis", "vasc": "vascular lesion", "df": "dermatofibroma",
+    "nv": "melanocytic nevus",
+    "mel": "melanoma",
+    "bkl": "benign keratosis",
+    "bcc": "basal cell carcinoma",
+    "akiec": "actinic keratosis",
+    "vasc": "vascular lesion",
+    "df": "dermatofibroma",
 }
-LC25000 = {"adenocarcinoma": "lung adenocarcinoma", "benign": "benign lung tissue", "squamous cell carcinoma": "lung squamous cell carcinoma"}
+LC25000 = {
+    "adenocarcinoma": "lung adenocarcinoma",
+    "benign": "benign lung tissue",
+    "squamous cell carcinoma": "lung squamous cell carcinoma",
+}
 DR_GRADES = [
-    "no diabetic retinopathy", "mild diabetic retinopathy", "moderate diabetic retinopathy",
-    "severe diabetic retinopathy", "proliferative diabetic retinopathy",
+    "no diabetic retinopathy",
+    "mild diabetic retinopathy",
+    "moderate diabetic retinopathy",
+    "severe diabetic retinopathy",
+    "proliferative diabetic retinopathy",
 ]
-REFERABLE = {"moderate diabetic retinopathy", "severe diabetic retinopathy", "proliferative diabetic retinopathy", "diabetic maculopathy", "advanced eye disease"}
+REFERABLE = {
+    "moderate diabetic retinopathy",
+    "severe diabetic retinopathy",
+    "proliferative diabetic retinopathy",
+    "diabetic maculopathy",
+    "advanced eye disease",
+}
 # Modality names as the "other" prompt set spells them (the user's "image type" label set).
 MODALITY_LABELS = {
-    "xray": "chest X-ray", "ct": "CT scan", "mr": "MRI scan", "us": "ultrasound image",
-    "pathology": "histopathology slide", "fundus": "fundus photograph", "dermoscopy": "dermoscopy image",
+    "xray": "chest X-ray",
+    "ct": "CT scan",
+    "mr": "MRI scan",
+    "us": "ultrasound image",
+    "pathology": "histopathology slide",
+    "fundus": "fundus photograph",
+    "dermoscopy": "dermoscopy image",
 }
 
 
@@ -99,30 +132,100 @@ class Task:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
-        Task("modality", ("*",), MULTICLASS, tuple(MODALITY_LABELS.values()), "other",
-             description="modality recognition over the seven modalities, all test rows"),
-        Task("pneumonia", ("pneumoniamnist",), BINARY, ("normal", "pneumonia"), "xray", frozenset({"pneumonia"}),
-             description="PneumoniaMNIST pneumonia vs normal (AUC)"),
-        Task("busi_malignant", ("busi",), BINARY, ("normal", "benign", "malignant"), "us", frozenset({"malignant"}),
-             description="BUSI malignant vs rest (AUC)"),
-        Task("nih_abnormal", ("nih_cxr14",), BINARY, ("normal", "abnormal"), "other", frozenset({"abnormal"}),
-             description="NIH ChestX-ray14 normal vs any finding at 64 px (AUC)"),
-        Task("lc25000", ("lc25000_lung",), MULTICLASS, tuple(LC25000.values()), "pathology",
-             description="LC25000 lung 3-class (accuracy)"),
-        Task("fundus_referable", ("fundus_dr",), BINARY, ("no diabetic retinopathy", "mild diabetic retinopathy",
-             "moderate diabetic retinopathy", "severe diabetic retinopathy", "proliferative diabetic retinopathy",
-             "diabetic maculopathy"), "fundus", frozenset({"moderate diabetic retinopathy", "severe diabetic retinopathy",
-             "proliferative diabetic retinopathy", "diabetic maculopathy"}),
-             description="fundus referable DR (moderate or worse, or any maculopathy) vs not (AUC)"),
-        Task("ham_melanoma", ("ham10000",), BINARY, ("melanocytic nevus", "melanoma"), "dermoscopy",
-             frozenset({"melanoma"}), row_filter=frozenset({"melanoma", "melanocytic nevus"}),
-             description="HAM10000 melanoma vs nevus (AUC)"),
-        Task("ham7", ("ham10000",), MULTICLASS, tuple(HAM_DX.values()), "dermoscopy",
-             description="HAM10000 7-class (accuracy)"),
-        Task("ct_organs", ("ct_organs",), MULTILABEL, ("liver", "spleen", "left kidney", "right kidney", "stomach",
-             "pancreas", "gallbladder", "heart", "left lung", "right lung", "aorta", "vertebrae", "colon", "small bowel",
-             "urinary bladder"), "ct",
-             description="CT organ presence on slices of a held-out subject (mean AUC over organs present and absent)"),
+        Task(
+            "modality",
+            ("*",),
+            MULTICLASS,
+            tuple(MODALITY_LABELS.values()),
+            "other",
+            description="modality recognition over the seven modalities, all test rows",
+        ),
+        Task(
+            "pneumonia",
+            ("pneumoniamnist",),
+            BINARY,
+            ("normal", "pneumonia"),
+            "xray",
+            frozenset({"pneumonia"}),
+            description="PneumoniaMNIST pneumonia vs normal (AUC)",
+        ),
+        Task(
+            "busi_malignant",
+            ("busi",),
+            BINARY,
+            ("normal", "benign", "malignant"),
+            "us",
+            frozenset({"malignant"}),
+            description="BUSI malignant vs rest (AUC)",
+        ),
+        Task(
+            "nih_abnormal",
+            ("nih_cxr14",),
+            BINARY,
+            ("normal", "abnormal"),
+            "other",
+            frozenset({"abnormal"}),
+            description="NIH ChestX-ray14 normal vs any finding at 64 px (AUC)",
+        ),
+        Task("lc25000", ("lc25000_lung",), MULTICLASS, tuple(LC25000.values()), "pathology", description="LC25000 lung 3-class (accuracy)"),
+        Task(
+            "fundus_referable",
+            ("fundus_dr",),
+            BINARY,
+            (
+                "no diabetic retinopathy",
+                "mild diabetic retinopathy",
+                "moderate diabetic retinopathy",
+                "severe diabetic retinopathy",
+                "proliferative diabetic retinopathy",
+                "diabetic maculopathy",
+            ),
+            "fundus",
+            frozenset(
+                {
+                    "moderate diabetic retinopathy",
+                    "severe diabetic retinopathy",
+                    "proliferative diabetic retinopathy",
+                    "diabetic maculopathy",
+                }
+            ),
+            description="fundus referable DR (moderate or worse, or any maculopathy) vs not (AUC)",
+        ),
+        Task(
+            "ham_melanoma",
+            ("ham10000",),
+            BINARY,
+            ("melanocytic nevus", "melanoma"),
+            "dermoscopy",
+            frozenset({"melanoma"}),
+            row_filter=frozenset({"melanoma", "melanocytic nevus"}),
+            description="HAM10000 melanoma vs nevus (AUC)",
+        ),
+        Task("ham7", ("ham10000",), MULTICLASS, tuple(HAM_DX.values()), "dermoscopy", description="HAM10000 7-class (accuracy)"),
+        Task(
+            "ct_organs",
+            ("ct_organs",),
+            MULTILABEL,
+            (
+                "liver",
+                "spleen",
+                "left kidney",
+                "right kidney",
+                "stomach",
+                "pancreas",
+                "gallbladder",
+                "heart",
+                "left lung",
+                "right lung",
+                "aorta",
+                "vertebrae",
+                "colon",
+                "small bowel",
+                "urinary bladder",
+            ),
+            "ct",
+            description="CT organ presence on slices of a held-out subject (mean AUC over organs present and absent)",
+        ),
     ]
 }
 

@@ -38,17 +38,32 @@ from training.randomise import FAMILIES, check_families, randomise
 VERSION = 1  # bump when training.randomise changes what a view looks like
 
 
-def views_key(rows: Sequence[Row], preprocess: ImagePreprocess, views: int, families: Sequence[str], p: float, seed: int,
-              trunk_name: str, bf16: bool) -> str:
-    h = hashlib.sha256(json.dumps({"v": VERSION, "pre": preprocess.to_config(), "views": views, "families": list(families),
-                                   "p": p, "seed": seed, "trunk": trunk_name, "bf16": bf16}, sort_keys=True).encode())
+def views_key(
+    rows: Sequence[Row], preprocess: ImagePreprocess, views: int, families: Sequence[str], p: float, seed: int, trunk_name: str, bf16: bool
+) -> str:
+    h = hashlib.sha256(
+        json.dumps(
+            {
+                "v": VERSION,
+                "pre": preprocess.to_config(),
+                "views": views,
+                "families": list(families),
+                "p": p,
+                "seed": seed,
+                "trunk": trunk_name,
+                "bf16": bf16,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     for row in rows:
         h.update(row.id.encode() + b"\n")
     return h.hexdigest()
 
 
-def view_images(pixels448: np.ndarray, row_index: int, modality: str, views: int, families: Sequence[str], p: float,
-                seed: int) -> list[np.ndarray]:
+def view_images(
+    pixels448: np.ndarray, row_index: int, modality: str, views: int, families: Sequence[str], p: float, seed: int
+) -> list[np.ndarray]:
     """The K model images of one row: the clean one, then K-1 randomised ones (uint8 448 px)."""
     out = [pixels448]
     for k in range(1, views):
@@ -83,10 +98,22 @@ class _Batcher:
         self.items = []
 
 
-def build_view_features(rows: Sequence[Row], data_root: str | Path, preprocess: ImagePreprocess, trunk: torch.nn.Module,
-                        path: str | Path, *, views: int = 1, families: Sequence[str] = FAMILIES, p: float = 0.5, seed: int = 0,
-                        trunk_name: str = "trunk", bf16: bool = False, batch: int = 64,
-                        log: Callable[[str], None] | None = None) -> np.ndarray:
+def build_view_features(
+    rows: Sequence[Row],
+    data_root: str | Path,
+    preprocess: ImagePreprocess,
+    trunk: torch.nn.Module,
+    path: str | Path,
+    *,
+    views: int = 1,
+    families: Sequence[str] = FAMILIES,
+    p: float = 0.5,
+    seed: int = 0,
+    trunk_name: str = "trunk",
+    bf16: bool = False,
+    batch: int = 64,
+    log: Callable[[str], None] | None = None,
+) -> np.ndarray:
     """(views, N, F) float32 features (memory-mapped, read-only); built once per key."""
     path = Path(path)
     families = check_families(families)

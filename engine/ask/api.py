@@ -49,8 +49,15 @@ def resolve_ask_model(source: Any = None):
 
 
 # --------------------------------------------------------------------------- 3D zero-shot labels
-def volume_labels(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
-                  volume: int = 0, fov_check: str | None = None):
+def volume_labels(
+    scan: Scan,
+    labels: Sequence[str] | str | None = None,
+    model: Any = None,
+    *,
+    prompt_set: str | None = None,
+    volume: int = 0,
+    fov_check: str | None = None,
+):
     """Zero-shot labels from the Q-Former over the whole volume (2D: the image), as a LabelResult (scope "volume"/"image").
 
     labels: list or comma/newline-separated string; None = the default preset of the prompt set
@@ -75,18 +82,32 @@ def volume_labels(scan: Scan, labels: Sequence[str] | str | None = None, model: 
     context = scan_context(scan, fov_check, ask, volume)
     bound_labels(ranked, "softmax", context, ask.trust.closed)
     return LabelResult(
-        labels=ranked, mode="softmax", aggregation=None, per_slice=[], model_id=ask.name,
+        labels=ranked,
+        mode="softmax",
+        aggregation=None,
+        per_slice=[],
+        model_id=ask.name,
         inference_path="Q-Former, whole " + ("image" if scan.is_2d else "volume") + f"; encoder {ask.encoders.path_label(scan.is_2d)}",
         prompt_set=pset.key,
-        logit_scale=float(ask.qformer.logit_scale.detach().exp()), modality=scan.modality.value,
+        logit_scale=float(ask.qformer.logit_scale.detach().exp()),
+        modality=scan.modality.value,
         trust_note="not calibrated: the Q-Former's 3D labels are raw image-text similarities",
-        field_of_view=None if context.fov is None else context.fov.to_dict(), fov_note=context.fov_note,
-        ood=ask.assess(ask.encode(target), scan), scope=SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME,
+        field_of_view=None if context.fov is None else context.fov.to_dict(),
+        fov_note=context.fov_note,
+        ood=ask.assess(ask.encode(target), scan),
+        scope=SCOPE_IMAGE if scan.is_2d else SCOPE_VOLUME,
     )
 
 
-def label_volume(scan: Scan, labels: Sequence[str] | str | None = None, model: Any = None, *, prompt_set: str | None = None,
-                 volume: int = 0, fov_check: str | None = None) -> dict[str, Any]:
+def label_volume(
+    scan: Scan,
+    labels: Sequence[str] | str | None = None,
+    model: Any = None,
+    *,
+    prompt_set: str | None = None,
+    volume: int = 0,
+    fov_check: str | None = None,
+) -> dict[str, Any]:
     """`volume_labels(...).to_dict()`: the JSON shape of the CLIP path's labels, with `scope`."""
     return volume_labels(scan, labels, model, prompt_set=prompt_set, volume=volume, fov_check=fov_check).to_dict()
 

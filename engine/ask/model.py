@@ -96,13 +96,26 @@ class Answer:
 
     def to_dict(self) -> dict[str, Any]:
         cal = self.calibrated or {}
-        return {"question": self.question, "answer": self.answer, "confidence": round(float(self.confidence), 4),
-                "closed": self.closed, "family": self.family,
-                "candidates": [{"answer": a, "probability": round(float(p), 4),
-                                **({"calibrated_probability": round(float(cal[a]), 4)} if a in cal else {})} for a, p in self.candidates],
-                "calibrated_confidence": None if self.calibrated_confidence is None else round(self.calibrated_confidence, 4),
-                "verdict": self.verdict, "uncertain": self.uncertain, "trust": self.trust_note,
-                **(self.ood.to_dict() if self.ood is not None else OodFlag.unknown().to_dict())}
+        return {
+            "question": self.question,
+            "answer": self.answer,
+            "confidence": round(float(self.confidence), 4),
+            "closed": self.closed,
+            "family": self.family,
+            "candidates": [
+                {
+                    "answer": a,
+                    "probability": round(float(p), 4),
+                    **({"calibrated_probability": round(float(cal[a]), 4)} if a in cal else {}),
+                }
+                for a, p in self.candidates
+            ],
+            "calibrated_confidence": None if self.calibrated_confidence is None else round(self.calibrated_confidence, 4),
+            "verdict": self.verdict,
+            "uncertain": self.uncertain,
+            "trust": self.trust_note,
+            **(self.ood.to_dict() if self.ood is not None else OodFlag.unknown().to_dict()),
+        }
 
 
 @dataclass
@@ -132,8 +145,9 @@ def ood_embedding(enc: Encoded) -> np.ndarray:
 def qformer_preprocess(config: dict[str, Any]) -> ImagePreprocess:
     """A Q-Former checkpoint's 2D preprocessing: the engine's model image resized to `image_size`, in 0..1
     (the frozen Astra encoder takes unstandardised pixels). Training's token cache uses the same object."""
-    return ImagePreprocess.from_config(config.get("preprocess_cfg"), size=int(config.get("image_size", 128)),
-                                       mean=IDENTITY_MEAN, std=IDENTITY_STD)
+    return ImagePreprocess.from_config(
+        config.get("preprocess_cfg"), size=int(config.get("image_size", 128)), mean=IDENTITY_MEAN, std=IDENTITY_STD
+    )
 
 
 class Tokens(NamedTuple):
@@ -196,13 +210,22 @@ class FrozenEncoders:
                 from engine.models.volume_prep import VolumePrep
 
                 prep = self._prep or VolumePrep()
-                self._fast[key] = fast_encoder(f"astra-i3resnet152-3d@{revision}", "Q-Former 3D encoder", i3resnet.load_astra_i3resnet,
-                                               lambda: calibration.example_volume(prep), dynamic_axes=(0, 2, 3, 4))
+                self._fast[key] = fast_encoder(
+                    f"astra-i3resnet152-3d@{revision}",
+                    "Q-Former 3D encoder",
+                    i3resnet.load_astra_i3resnet,
+                    lambda: calibration.example_volume(prep),
+                    dynamic_axes=(0, 2, 3, 4),
+                )
             else:
-                self._fast[key] = fast_encoder(f"astra-resnet152-deflated-2d@{revision}", "Q-Former 2D encoder",
-                                               i3resnet.load_astra_deflated_2d,
-                                               lambda: self._preprocess([calibration.example_image()]),
-                                               forward="forward_features", dynamic_axes=(0, 2, 3))
+                self._fast[key] = fast_encoder(
+                    f"astra-resnet152-deflated-2d@{revision}",
+                    "Q-Former 2D encoder",
+                    i3resnet.load_astra_deflated_2d,
+                    lambda: self._preprocess([calibration.example_image()]),
+                    forward="forward_features",
+                    dynamic_axes=(0, 2, 3),
+                )
         return self._fast[key]
 
     def path_label(self, is_2d: bool) -> str:
@@ -232,8 +255,9 @@ class FrozenEncoders:
 
 
 class AskModel:
-    def __init__(self, qformer: QFormer, config: dict[str, Any], tokenizer, *, name: str, revision: str = "",
-                 trust: ModelTrust | None = None):
+    def __init__(
+        self, qformer: QFormer, config: dict[str, Any], tokenizer, *, name: str, revision: str = "", trust: ModelTrust | None = None
+    ):
         self.qformer = qformer.eval()
         self.trust = trust or ModelTrust.none()
         self.config = config
@@ -282,28 +306,39 @@ class AskModel:
                 self._cache.popitem(last=False)
         return encoded
 
-    def encode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int, int], mapping: Any = None, is_2d: bool = False,
-                      scan_shape: tuple[int, ...] = ()) -> Encoded:
+    def encode_tokens(
+        self, tokens: torch.Tensor, grid: tuple[int, int, int], mapping: Any = None, is_2d: bool = False, scan_shape: tuple[int, ...] = ()
+    ) -> Encoded:
         """Frozen-encoder tokens [1, N, C] -> the Q-Former's view of them (evaluation feeds cached tokens here)."""
         with torch.inference_mode():
             memory = self.qformer.encoder_memory(self.qformer.prepare_encoder(tokens.float(), grid))
             mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
             out = self.qformer.query_output(memory, mask, keep_weights=True)
             weights = out.cross_weights
-            cross = torch.stack([w.mean(dim=(1, 2)) for w in weights]).mean(0)[0] if weights else torch.full((tokens.shape[1],), 1 / tokens.shape[1])
+            cross = (
+                torch.stack([w.mean(dim=(1, 2)) for w in weights]).mean(0)[0]
+                if weights
+                else torch.full((tokens.shape[1],), 1 / tokens.shape[1])
+            )
         return Encoded(memory, mask, grid, out.states, cross, mapping, is_2d, scan_shape)
 
     # ----------------------------------------------------------------- answers
     def _candidate_scores(self, enc: Encoded, prompt: str, candidates: list[str]) -> np.ndarray:
         batch = prompting.lm_batch(self.tokenizer, [prompt] * len(candidates), candidates)
         with torch.inference_mode():
-            ll = self.qformer.answer_log_likelihood(enc.memory.repeat(len(candidates)), enc.token_mask.expand(len(candidates), -1),
-                                                    batch.ids, batch.attention_mask, batch.target_mask)
+            ll = self.qformer.answer_log_likelihood(
+                enc.memory.repeat(len(candidates)),
+                enc.token_mask.expand(len(candidates), -1),
+                batch.ids,
+                batch.attention_mask,
+                batch.target_mask,
+            )
         return ll.numpy()
 
     def _generate(self, enc: Encoded, prompt: str) -> Generated:
-        decoded = self.qformer.greedy_decode(enc.memory, prompting.prompt_ids(self.tokenizer, prompt), MAX_ANSWER_TOKENS,
-                                             self.tokenizer.sep_token_id, enc.token_mask)
+        decoded = self.qformer.greedy_decode(
+            enc.memory, prompting.prompt_ids(self.tokenizer, prompt), MAX_ANSWER_TOKENS, self.tokenizer.sep_token_id, enc.token_mask
+        )
         text = self.tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
         return Generated(text, float(np.exp(np.mean(decoded.log_probs))) if decoded.log_probs else 0.0)
 
@@ -325,13 +360,14 @@ class AskModel:
         if candidates is not None:
             from engine.ask.questions import QuestionMatch
 
-            match = QuestionMatch(match.family if match else "given", dict(match.slots) if match else {}, tuple(candidates), True, "given", None)
+            match = QuestionMatch(
+                match.family if match else "given", dict(match.slots) if match else {}, tuple(candidates), True, "given", None
+            )
         if match is not None and match.closed and match.candidates:
             candidates = list(match.candidates)
             return self._closed_answer(question, match.family, candidates, self._candidate_scores(enc, prompt, candidates))
         text, confidence = self._generate(enc, prompt)
-        return Answer(question, text or "(no answer)", confidence, False, match.family if match else None,
-                      trust_note=GENERATED_NOTE)
+        return Answer(question, text or "(no answer)", confidence, False, match.family if match else None, trust_note=GENERATED_NOTE)
 
     def _closed_answer(self, question: str, family: str, candidates: list[str], scores: np.ndarray) -> Answer:
         """Rank candidates by their scores; calibrated probabilities and the verdict from trust.closed."""
@@ -346,8 +382,17 @@ class AskModel:
             cal = calibration.get(family).choices(scores)
             calibrated = {candidates[i]: float(cal[i]) for i in order}
             top = calibrated[ranked[0][0]]
-        return Answer(question, ranked[0][0], ranked[0][1], True, family, ranked, calibrated=calibrated,
-                      uncertain=calibration.choice_uncertain(top, len(candidates)), trust_note=self.trust.note)
+        return Answer(
+            question,
+            ranked[0][0],
+            ranked[0][1],
+            True,
+            family,
+            ranked,
+            calibrated=calibrated,
+            uncertain=calibration.choice_uncertain(top, len(candidates)),
+            trust_note=self.trust.note,
+        )
 
     # ----------------------------------------------------------------- trust
     def closed_probabilities(self, enc: Encoded, question: str) -> tuple[dict[str, float], bool]:
@@ -486,13 +531,16 @@ def load_ask_folder(folder: str | Path, name: str | None = None) -> AskModel:
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not model.is_frozen(k)]
     if missing or result.unexpected_keys:
-        raise ModelError(f"Q-Former weights do not fit: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})")
+        raise ModelError(
+            f"Q-Former weights do not fit: {len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})"
+        )
     tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir(cfg.text_encoder))
     from engine.trust.model import load_trust
 
-    return AskModel(model, config, tokenizer, name=name or f"local-dir:{folder}", revision=weights.revision(folder),
-                    trust=load_trust(config, folder))
+    return AskModel(
+        model, config, tokenizer, name=name or f"local-dir:{folder}", revision=weights.revision(folder), trust=load_trust(config, folder)
+    )
 
 
 DEFAULT_ASK_MODEL = "medlens-qformer"

@@ -59,9 +59,23 @@ ASSET = settings.REPO_ROOT / "assets" / "qa" / "question_families.json"
 DEFAULT_MAX_CHARS = 500
 
 __all__ = [
-    "QuestionError", "Family", "QuestionMatch", "load_families", "vocabulary", "match_question",
-    "suggested_questions", "normalise_answer", "validate_question", "render_question", "canonical",
-    "candidates_for", "organ_members", "organ_vocabulary", "is_plural", "modality_key", "max_question_chars",
+    "QuestionError",
+    "Family",
+    "QuestionMatch",
+    "load_families",
+    "vocabulary",
+    "match_question",
+    "suggested_questions",
+    "normalise_answer",
+    "validate_question",
+    "render_question",
+    "canonical",
+    "candidates_for",
+    "organ_members",
+    "organ_vocabulary",
+    "is_plural",
+    "modality_key",
+    "max_question_chars",
 ]
 
 
@@ -146,10 +160,16 @@ def _families(path: str) -> dict[str, Family]:
     out: dict[str, Family] = {}
     for f in doc["families"]:
         out[f["id"]] = Family(
-            id=f["id"], closed=bool(f["closed"]), templates=tuple(f["templates"]),
-            candidates=_resolve_candidates(f.get("candidates"), vocab), slots=tuple(f.get("slots", ())),
-            description=f.get("description", ""), keywords=tuple(f.get("keywords", ())), needs=f.get("needs"),
-            yes_no_start=bool(f.get("yes_no_start", False)), by_modality=dict(f.get("by_modality", {})),
+            id=f["id"],
+            closed=bool(f["closed"]),
+            templates=tuple(f["templates"]),
+            candidates=_resolve_candidates(f.get("candidates"), vocab),
+            slots=tuple(f.get("slots", ())),
+            description=f.get("description", ""),
+            keywords=tuple(f.get("keywords", ())),
+            needs=f.get("needs"),
+            yes_no_start=bool(f.get("yes_no_start", False)),
+            by_modality=dict(f.get("by_modality", {})),
         )
     return out
 
@@ -179,9 +199,20 @@ def is_plural(organ: str) -> bool:
 
 
 _MODALITY_ALIASES = {
-    "ct": "ct", "mr": "mr", "mri": "mr", "xray": "xray", "x-ray": "xray", "cr": "xray", "dx": "xray", "us": "us",
-    "ultrasound": "us", "pathology": "pathology", "histopathology": "pathology", "fundus": "fundus",
-    "fundus photograph": "fundus", "dermoscopy": "dermoscopy",
+    "ct": "ct",
+    "mr": "mr",
+    "mri": "mr",
+    "xray": "xray",
+    "x-ray": "xray",
+    "cr": "xray",
+    "dx": "xray",
+    "us": "us",
+    "ultrasound": "us",
+    "pathology": "pathology",
+    "histopathology": "pathology",
+    "fundus": "fundus",
+    "fundus photograph": "fundus",
+    "dermoscopy": "dermoscopy",
 }
 
 
@@ -196,9 +227,19 @@ def modality_key(modality: Any) -> str | None:
 
 # --------------------------------------------------------------------------- canonical text
 _CONTRACTIONS = {
-    "what's": "what is", "where's": "where is", "which's": "which is", "there's": "there is", "it's": "it is",
-    "isn't": "is not", "aren't": "are not", "can't": "cannot", "don't": "do not", "doesn't": "does not",
-    "wasn't": "was not", "that's": "that is", "how's": "how is",
+    "what's": "what is",
+    "where's": "where is",
+    "which's": "which is",
+    "there's": "there is",
+    "it's": "it is",
+    "isn't": "is not",
+    "aren't": "are not",
+    "can't": "cannot",
+    "don't": "do not",
+    "doesn't": "does not",
+    "wasn't": "was not",
+    "that's": "that is",
+    "how's": "how is",
 }
 _DROP = {"a", "an", "the", "please"}
 _TOKEN_MAP = {"are": "is", "oedema": "edema", "tumour": "tumor", "visualised": "visualized", "colour": "color"}
@@ -372,12 +413,24 @@ def match_question(text: str, modality: Any = None) -> QuestionMatch | None:
 
 # --------------------------------------------------------------------------- rendering
 # "Is this a {modality}?" wants a noun ("a CT scan"); "taken with {modality}" wants the technique ("CT")
-_MODALITY_NOUN = {"ct": "CT scan", "mri": "MRI", "x-ray": "X-ray", "ultrasound": "ultrasound image",
-                  "histopathology": "histopathology slide", "fundus photograph": "fundus photograph",
-                  "dermoscopy": "dermoscopy image"}
-_MODALITY_TECHNIQUE = {"ct": "CT", "mri": "MRI", "x-ray": "X-ray", "ultrasound": "ultrasound",
-                       "histopathology": "histopathology", "fundus photograph": "fundus photography",
-                       "dermoscopy": "dermoscopy"}
+_MODALITY_NOUN = {
+    "ct": "CT scan",
+    "mri": "MRI",
+    "x-ray": "X-ray",
+    "ultrasound": "ultrasound image",
+    "histopathology": "histopathology slide",
+    "fundus photograph": "fundus photograph",
+    "dermoscopy": "dermoscopy image",
+}
+_MODALITY_TECHNIQUE = {
+    "ct": "CT",
+    "mri": "MRI",
+    "x-ray": "X-ray",
+    "ultrasound": "ultrasound",
+    "histopathology": "histopathology",
+    "fundus photograph": "fundus photography",
+    "dermoscopy": "dermoscopy",
+}
 _AN = re.compile(r"\b([Aa]) (?=(?:[aeiouAEIOU]|MRI\b|X-ray\b|H&E\b|MR\b))")
 
 

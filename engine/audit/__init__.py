@@ -25,4 +25,18 @@ from engine.audit.log import (
     recorded,
 )
 
-__all__ = ["DENIED", "OK", "REFUSED", "AuditRecord", "Entry", "acting_as", "current_user", "log_path", "outcome_of", "parse_since", "read", "record", "recorded"]
+__all__ = [
+    "DENIED",
+    "OK",
+    "REFUSED",
+    "AuditRecord",
+    "Entry",
+    "acting_as",
+    "current_user",
+    "log_path",
+    "outcome_of",
+    "parse_since",
+    "read",
+    "record",
+    "recorded",
+]

@@ -39,9 +39,13 @@ def register(sub) -> None:
     """Add `medlens audit` to the CLI's subparsers."""
     p = sub.add_parser("audit", help="read the audit log (who ran which model on which de-identified scan)")
     p.add_argument("--user", default=None, help="only this login (local: the CLI and the single local user)")
-    p.add_argument("--action", default=None, help="only this action (load, label, ask, search, open, add, tag, teach, share, index, login, ...)")
+    p.add_argument(
+        "--action", default=None, help="only this action (load, label, ask, search, open, add, tag, teach, share, index, login, ...)"
+    )
     p.add_argument("--since", default=None, metavar="DATE", help="only records from this date or ISO time on (UTC), e.g. 2026-12-01")
     p.add_argument("--scan", default=None, metavar="HASH", help="only records about this scan (content hash or its prefix)")
-    p.add_argument("--log", default=None, metavar="PATH", help="the log file (default: $MEDLENS_AUDIT_LOG, else ~/.local/share/medlens/audit.jsonl)")
+    p.add_argument(
+        "--log", default=None, metavar="PATH", help="the log file (default: $MEDLENS_AUDIT_LOG, else ~/.local/share/medlens/audit.jsonl)"
+    )
     p.add_argument("--json", action="store_true", help="the matching records as JSON Lines, as stored")
     p.set_defaults(func=cmd_audit)

@@ -119,16 +119,33 @@ def _detail(detail: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def make_record(action: str, *, user: str, outcome: str = OK, model: Any = None, scans: Iterable[Any] = (),
-                results: Iterable[Any] = (), detail: dict[str, Any] | None = None) -> AuditRecord:
+def make_record(
+    action: str,
+    *,
+    user: str,
+    outcome: str = OK,
+    model: Any = None,
+    scans: Iterable[Any] = (),
+    results: Iterable[Any] = (),
+    detail: dict[str, Any] | None = None,
+) -> AuditRecord:
     """A checked record (ValueError for an action that is not a word, or a scan that is not a hash)."""
     if not ACTION.match(str(action)):
         raise ValueError(f"audit action {action!r} must be a lower-case word")
     if not WORD.match(str(user)) or not str(user):
         raise ValueError("audit user must be a login name")
     name, revision = split_model(model)
-    return AuditRecord(time=now(), user=str(user), action=str(action), outcome=str(outcome), model=name, revision=revision,
-                       scans=_hashes(scans, "scans"), results=_hashes(results, "results"), detail=_detail(detail))
+    return AuditRecord(
+        time=now(),
+        user=str(user),
+        action=str(action),
+        outcome=str(outcome),
+        model=name,
+        revision=revision,
+        scans=_hashes(scans, "scans"),
+        results=_hashes(results, "results"),
+        detail=_detail(detail),
+    )
 
 
 def append(record: AuditRecord, path: Path | None = None) -> bool:
@@ -145,7 +162,7 @@ def append(record: AuditRecord, path: Path | None = None) -> bool:
                 with _flocked(fd):
                     view = memoryview(data)
                     while view:  # one write() in practice; a short write on a full disk finishes the line
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
         return True
@@ -171,8 +188,16 @@ def _flocked(fd: int) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def record(action: str, *, user: str, outcome: str = OK, model: Any = None, scans: Iterable[Any] = (),
-           results: Iterable[Any] = (), detail: dict[str, Any] | None = None) -> AuditRecord:
+def record(
+    action: str,
+    *,
+    user: str,
+    outcome: str = OK,
+    model: Any = None,
+    scans: Iterable[Any] = (),
+    results: Iterable[Any] = (),
+    detail: dict[str, Any] | None = None,
+) -> AuditRecord:
     """Record one action (the one function every part of MedLens calls); returns the record written."""
     rec = make_record(action, user=user, outcome=outcome, model=model, scans=scans, results=results, detail=detail)
     append(rec)
@@ -237,8 +262,9 @@ def recorded(action: str, *, user: str, model: Any = None) -> Iterator[Entry]:
     finally:
         outcome = entry.outcome or outcome_of(error)
         try:
-            record(action, user=entry.user, outcome=outcome, model=entry.model, scans=entry.scans,
-                   results=entry.results, detail=entry.detail)
+            record(
+                action, user=entry.user, outcome=outcome, model=entry.model, scans=entry.scans, results=entry.results, detail=entry.detail
+            )
         except ValueError:
             if error is None:
                 raise
@@ -255,8 +281,14 @@ def parse_since(text: str) -> datetime.datetime:
     return value if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc)
 
 
-def read(path: Path | None = None, *, user: str | None = None, action: str | None = None,
-         since: datetime.datetime | None = None, scan: str | None = None) -> tuple[list[AuditRecord], int]:
+def read(
+    path: Path | None = None,
+    *,
+    user: str | None = None,
+    action: str | None = None,
+    since: datetime.datetime | None = None,
+    scan: str | None = None,
+) -> tuple[list[AuditRecord], int]:
     """(matching records in file order, number of unreadable lines skipped)."""
     path = path if path is not None else log_path()
     out: list[AuditRecord] = []

@@ -14,6 +14,22 @@ from engine.auth.server import NONE, OAUTH, PASSWORD, LoginPlan, is_loopback, lo
 from engine.auth.users import ANONYMOUS, LOCAL, LiveUsers, UsersError, UserStore, check_name, load_users
 
 __all__ = [
-    "ANONYMOUS", "LOCAL", "NONE", "OAUTH", "PASSWORD", "LiveUsers", "LoginPlan", "PasswordError", "UserStore", "UsersError",
-    "check_name", "hash_password", "is_loopback", "load_users", "login_mode", "on_space", "plan_login", "verify_password",
+    "ANONYMOUS",
+    "LOCAL",
+    "NONE",
+    "OAUTH",
+    "PASSWORD",
+    "LiveUsers",
+    "LoginPlan",
+    "PasswordError",
+    "UserStore",
+    "UsersError",
+    "check_name",
+    "hash_password",
+    "is_loopback",
+    "load_users",
+    "login_mode",
+    "on_space",
+    "plan_login",
+    "verify_password",
 ]

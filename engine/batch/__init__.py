@@ -29,5 +29,17 @@ from engine.batch.runner import RunOptions, run_batch
 from engine.batch.sources import open_source, plan_units, register_source
 from engine.batch.tasks import TaskSpec
 
-__all__ = ["ENGINES", "BatchError", "Engine", "LocalEngine", "RunOptions", "TaskSpec", "all_rows", "make_engine",
-           "open_source", "plan_units", "register_source", "run_batch"]
+__all__ = [
+    "ENGINES",
+    "BatchError",
+    "Engine",
+    "LocalEngine",
+    "RunOptions",
+    "TaskSpec",
+    "all_rows",
+    "make_engine",
+    "open_source",
+    "plan_units",
+    "register_source",
+    "run_batch",
+]

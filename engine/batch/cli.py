@@ -68,9 +68,17 @@ def _task_options(args) -> dict[str, Any]:
             raise BatchError(f"--slices must be at least 1 (got {args.slices})")
         from engine import settings
 
-        return {"labels": labels, "modality": args.modality, "mode": args.mode, "aggregate": args.aggregate,
-                "planes": list(args.planes), "slices": args.slices, "per_slice": args.per_slice,
-                "fov_check": args.fov_check or settings.FOV_CHECK.get(), "volume_model": settings.ASK_MODEL.get()}
+        return {
+            "labels": labels,
+            "modality": args.modality,
+            "mode": args.mode,
+            "aggregate": args.aggregate,
+            "planes": list(args.planes),
+            "slices": args.slices,
+            "per_slice": args.per_slice,
+            "fov_check": args.fov_check or settings.FOV_CHECK.get(),
+            "volume_model": settings.ASK_MODEL.get(),
+        }
     if args.task == "ask":
         from engine.ask.questions import validate_question
 
@@ -88,11 +96,20 @@ def cmd_batch(args) -> int:
         _check_model(args.task, spec.model)
     from engine.batch.engines import make_engine
 
-    engine = make_engine(args.engine, workers=args.workers, threads=args.threads, ray_address=args.ray_address,
-                         gpus_per_worker=args.gpus_per_worker)
-    options = RunOptions(out=args.out, fmt=args.format, batch_units=args.batch_size, limit=args.limit, dry_run=args.dry_run,
-                         shard_rows=args.shard_rows, shard_seconds=args.shard_seconds,
-                         library=spec.options.get("library"), progress=not args.quiet)
+    engine = make_engine(
+        args.engine, workers=args.workers, threads=args.threads, ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker
+    )
+    options = RunOptions(
+        out=args.out,
+        fmt=args.format,
+        batch_units=args.batch_size,
+        limit=args.limit,
+        dry_run=args.dry_run,
+        shard_rows=args.shard_rows,
+        shard_seconds=args.shard_seconds,
+        library=spec.options.get("library"),
+        progress=not args.quiet,
+    )
     # AUDIT HOOK (branch `auth`): once engine/audit.py lands, record the run here without PHI, e.g.
     # engine.audit.record("batch", task=spec.task, job=spec.key(), model=spec.model, sources=len(args.sources))
     summary = run_batch(spec, args.sources, engine, options)
@@ -117,15 +134,19 @@ def cmd_batch(args) -> int:
 
 def _describe(summary: dict[str, Any]) -> str:
     plan = summary["plan"]
-    found = (f"{plan['units']} unit(s) from {plan['files']} file(s): {plan['series']} DICOM series, "
-             f"{plan['single_files']} single files, {plan['refused']} refused at planning")
+    found = (
+        f"{plan['units']} unit(s) from {plan['files']} file(s): {plan['series']} DICOM series, "
+        f"{plan['single_files']} single files, {plan['refused']} refused at planning"
+    )
     if summary.get("dry_run"):
-        return "\n".join([
-            f"plan: {found}",
-            f"      {plan['done_before']} done before, {plan['to_do']} to do",
-            f"engine: {summary['engine']}",
-            f"out: {summary['out']} (job {summary['job']['key']}: {summary['job']['task']} with {summary['job']['model']})",
-        ])
+        return "\n".join(
+            [
+                f"plan: {found}",
+                f"      {plan['done_before']} done before, {plan['to_do']} to do",
+                f"engine: {summary['engine']}",
+                f"out: {summary['out']} (job {summary['job']['key']}: {summary['job']['task']} with {summary['job']['model']})",
+            ]
+        )
     run, totals = summary["run"], summary["totals"]
     reasons = "; ".join(f"{reason}: {n}" for reason, n in list(totals["failures_by_reason"].items())[:5])
     rate = f"{run['units_per_s']:.2f} units/s" if run["units_per_s"] else "no units run"
@@ -142,14 +163,18 @@ def _describe(summary: dict[str, Any]) -> str:
 def register(subparsers) -> None:
     """Add `medlens batch` to engine.cli's subcommands."""
     batch = subparsers.add_parser(
-        "batch", help="run label, ask or index over a whole archive: resumable, sharded output, local or on Ray",
+        "batch",
+        help="run label, ask or index over a whole archive: resumable, sharded output, local or on Ray",
         description="Run a task over every scan under the SOURCEs (folders, zips, listings of paths with one per line, "
-                    "single files). A DICOM series split over files is one unit. Rows go to DIR/shards (JSON Lines or Parquet), "
-                    "a summary to DIR/summary.json; rerunning the same command resumes where it stopped.",
+        "single files). A DICOM series split over files is one unit. Rows go to DIR/shards (JSON Lines or Parquet), "
+        "a summary to DIR/summary.json; rerunning the same command resumes where it stopped.",
     )
     tasks = batch.add_subparsers(dest="task", required=True, parser_class=type(batch))
-    for name, help_text in (("label", "zero-shot labels for every scan"), ("ask", "answer questions about every scan"),
-                            ("index", "add every scan to the library (one writer, batched transactions)")):
+    for name, help_text in (
+        ("label", "zero-shot labels for every scan"),
+        ("ask", "answer questions about every scan"),
+        ("index", "add every scan to the library (one writer, batched transactions)"),
+    ):
         p = tasks.add_parser(name, help=help_text)
         _common(p)
         getattr(sys.modules[__name__], f"_{name}_options")(p)
@@ -157,19 +182,44 @@ def register(subparsers) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="+", metavar="SOURCE", help="folder tree, zip, listing (*.txt/*.lst or list:FILE: one path per line), or file")
+    p.add_argument(
+        "sources", nargs="+", metavar="SOURCE", help="folder tree, zip, listing (*.txt/*.lst or list:FILE: one path per line), or file"
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created; one job per folder; rerun to resume)")
-    p.add_argument("--engine", choices=("local", "ray"), default="local", help="local (default: this process) or ray (pip install -e \".[scale]\")")
-    p.add_argument("--workers", type=int, default=None, help="local: worker processes (default 1, in this process); ray: actors (default: one per 2 CPUs, or per GPU)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default: the cores it has; pin it to get bit-identical rows on any engine)")
-    p.add_argument("--ray-address", default=None, metavar="ADDR", help="join this Ray cluster (e.g. 10.0.0.5:6379) instead of starting a local Ray")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="ray: GPUs per actor where the cluster has GPUs (default 1; 0 keeps actors on CPUs)")
+    p.add_argument(
+        "--engine", choices=("local", "ray"), default="local", help='local (default: this process) or ray (pip install -e ".[scale]")'
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local: worker processes (default 1, in this process); ray: actors (default: one per 2 CPUs, or per GPU)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: the cores it has; pin it to get bit-identical rows on any engine)",
+    )
+    p.add_argument(
+        "--ray-address", default=None, metavar="ADDR", help="join this Ray cluster (e.g. 10.0.0.5:6379) instead of starting a local Ray"
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="ray: GPUs per actor where the cluster has GPUs (default 1; 0 keeps actors on CPUs)",
+    )
     p.add_argument("--limit", type=int, default=None, metavar="N", help="do at most N units still to do in this run")
     p.add_argument("--dry-run", action="store_true", help="find and count the units, print the plan, run nothing")
     p.add_argument("--format", choices=FORMATS, default="jsonl", help="shard format (parquet needs pyarrow)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_UNITS, help=f"units per worker call (default {DEFAULT_BATCH_UNITS})")
-    p.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help=f"rows per shard (default {DEFAULT_SHARD_ROWS}; a shard is also written every {DEFAULT_SHARD_SECONDS:g} s)")
+    p.add_argument(
+        "--shard-rows",
+        type=int,
+        default=DEFAULT_SHARD_ROWS,
+        help=f"rows per shard (default {DEFAULT_SHARD_ROWS}; a shard is also written every {DEFAULT_SHARD_SECONDS:g} s)",
+    )
     p.add_argument("--shard-seconds", type=float, default=DEFAULT_SHARD_SECONDS, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help="model source (default: $MEDLENS_MODEL / $MEDLENS_ASK_MODEL, else the shipped default)")
     p.add_argument("--json", action="store_true", help="print the summary (or the plan) as one JSON object")
@@ -177,15 +227,21 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _label_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--labels", nargs="+", metavar="LABEL", default=None, help="labels to rank; default: the preset label set of each scan's modality")
+    p.add_argument(
+        "--labels", nargs="+", metavar="LABEL", default=None, help="labels to rank; default: the preset label set of each scan's modality"
+    )
     p.add_argument("--modality", default=None, help="prompt set for every scan (default: each scan's modality)")
     p.add_argument("--mode", choices=("softmax", "present-absent"), default="softmax")
     p.add_argument("--aggregate", choices=("mean", "max"), default="mean", help="volumes: combine slice scores by mean or max")
     p.add_argument("--planes", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"])
     p.add_argument("--slices", type=int, default=12, help="volumes: slices sampled per plane (default 12)")
     p.add_argument("--per-slice", action="store_true", help="keep per-slice scores of volumes in the rows")
-    p.add_argument("--fov-check", choices=("auto", "physical", "off"), default=None,
-                   help="field-of-view check of organ labels on volumes (as medlens label; default: $MEDLENS_FOV_CHECK, else auto)")
+    p.add_argument(
+        "--fov-check",
+        choices=("auto", "physical", "off"),
+        default=None,
+        help="field-of-view check of organ labels on volumes (as medlens label; default: $MEDLENS_FOV_CHECK, else auto)",
+    )
 
 
 def _ask_options(p: argparse.ArgumentParser) -> None:

@@ -97,7 +97,9 @@ class LocalEngine:
 
     def _pool(self, spec: TaskSpec, batches: Sequence[list[Unit]], skip_hashes: HashSet) -> Iterator[BatchOutput]:
         context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-        with ProcessPoolExecutor(self.workers, mp_context=context, initializer=_pool_init, initargs=(spec, self.threads, skip_hashes)) as pool:
+        with ProcessPoolExecutor(
+            self.workers, mp_context=context, initializer=_pool_init, initargs=(spec, self.threads, skip_hashes)
+        ) as pool:
             queue = iter(batches)
             running = set()
             for batch in queue:
@@ -110,7 +112,9 @@ class LocalEngine:
                     try:
                         output = future.result()
                     except BrokenProcessPool:
-                        raise BatchError("a worker process died (killed, or out of memory); run the same command again: it resumes") from None
+                        raise BatchError(
+                            "a worker process died (killed, or out of memory); run the same command again: it resumes"
+                        ) from None
                     yield output
                     following = next(queue, None)
                     if following is not None:
@@ -120,8 +124,14 @@ class LocalEngine:
         pass
 
 
-def make_engine(name: str, *, workers: int | None = None, threads: int | None = None, ray_address: str | None = None,
-                gpus_per_worker: float | None = None) -> Engine:
+def make_engine(
+    name: str,
+    *,
+    workers: int | None = None,
+    threads: int | None = None,
+    ray_address: str | None = None,
+    gpus_per_worker: float | None = None,
+) -> Engine:
     if name == "local":
         if ray_address:
             raise BatchError("--ray-address is for --engine ray")

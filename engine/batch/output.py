@@ -150,7 +150,7 @@ class OutputDir:
         if fmt not in FORMATS:
             raise BatchError(f"unknown output format '{fmt}' (choose {' or '.join(FORMATS)})")
         if fmt == "parquet" and not pyarrow_available():
-            raise BatchError("--format parquet needs pyarrow: pip install pyarrow (or pip install -e \".[scale]\"), or use --format jsonl")
+            raise BatchError('--format parquet needs pyarrow: pip install pyarrow (or pip install -e ".[scale]"), or use --format jsonl')
         self.path = Path(os.path.abspath(os.path.expanduser(str(path))))
         self.spec, self.fmt, self.dry_run = spec, fmt, dry_run
         self._lock_fh = None
@@ -194,8 +194,10 @@ class OutputDir:
     def _mismatch(self, job: dict[str, Any]) -> str:
         mine = self.spec.to_dict()
         diffs = [f"{k}: {job.get(k)!r} there, {mine[k]!r} now" for k in ("task", "model", "options") if job.get(k) != mine[k]]
-        return (f"--out {self.path} holds the results of another job ({'; '.join(diffs) or 'another row format'}); "
-                "give another --out, or the same task, model and arguments to resume it")
+        return (
+            f"--out {self.path} holds the results of another job ({'; '.join(diffs) or 'another row format'}); "
+            "give another --out, or the same task, model and arguments to resume it"
+        )
 
     def save_job(self) -> None:
         write_atomic(self.path / "job.json", (json.dumps(self.job, indent=1) + "\n").encode())

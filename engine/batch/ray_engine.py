@@ -58,7 +58,7 @@ from engine.batch.tasks import TaskSpec
 from engine.batch.units import Unit
 from engine.batch.worker import BatchOutput, HashSet
 
-INSTALL_HINT = "--engine ray needs Ray Data: pip install -e \".[scale]\" (or pip install \"ray[data]\")"
+INSTALL_HINT = '--engine ray needs Ray Data: pip install -e ".[scale]" (or pip install "ray[data]")'
 RESERVED_CPUS = 0.25  # kept free of actors for Ray Data's own tasks
 MAX_TASK_RETRIES = 3  # a batch whose actor died is retried this often, then given up (its units stay to do)
 ACTOR_START_S = 600  # every actor must be up (model loaded) within this, else the job stops saying resources are short
@@ -121,8 +121,14 @@ def _actor_class(spec: TaskSpec, threads: int, skip_hashes: HashSet):
 class RayEngine:
     name = "ray"
 
-    def __init__(self, workers: int | None = None, address: str | None = None, gpus_per_worker: float | None = None,
-                 temp_dir: str | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        workers: int | None = None,
+        address: str | None = None,
+        gpus_per_worker: float | None = None,
+        temp_dir: str | None = None,
+        threads: int | None = None,
+    ):
         if workers is not None and workers < 1:
             raise BatchError(f"--workers must be at least 1 (got {workers})")
         if threads is not None and threads < 1:
@@ -145,8 +151,13 @@ class RayEngine:
 
         try:
             if self.address:
-                ray.init(address=self.address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-                         runtime_env={"env_vars": _medlens_env()})
+                ray.init(
+                    address=self.address,
+                    include_dashboard=False,
+                    logging_level=logging.ERROR,
+                    log_to_driver=False,
+                    runtime_env={"env_vars": _medlens_env()},
+                )
             else:
                 self._start_local(ray)
         except Exception as exc:
@@ -178,8 +189,15 @@ class RayEngine:
             constants.ENABLE_RAY_CLUSTER = False
         # Ray turns token authentication on for a new local cluster and says so; the token is ours, in _tmp
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=folder,
-                 object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.ERROR, log_to_driver=False)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=folder,
+            object_store_memory=OBJECT_STORE_BYTES,
+            logging_level=logging.ERROR,
+            log_to_driver=False,
+        )
 
     def _size(self, ray) -> None:
         resources = ray.cluster_resources()
@@ -222,8 +240,13 @@ class RayEngine:
         warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.")  # e.g. "fewer inputs than actors"
         warnings.filterwarnings("ignore", message=r".*`ray_remote_args` is deprecated")
         dataset = ray.data.from_items([{"batch": pickle.dumps(list(b))} for b in batches], override_num_blocks=len(batches))
-        arguments = dict(batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=self.workers),
-                         num_cpus=self.cpus_per_worker, num_gpus=self.gpus or None)
+        arguments = dict(
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=self.cpus_per_worker,
+            num_gpus=self.gpus or None,
+        )
         worker_class = _actor_class(spec, self.threads, skip_hashes)
         try:  # bounded retries go through Ray's generic remote arguments, deprecated in 2.60 but with no named successor
             mapped = dataset.map_batches(worker_class, **arguments, max_restarts=-1, max_task_retries=MAX_TASK_RETRIES)

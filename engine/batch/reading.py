@@ -65,7 +65,9 @@ def _read_file(member: Member) -> bytes:
     try:
         size = os.path.getsize(member.location)
         if size > DEFAULT_LIMITS.max_member_bytes:
-            raise ScanError(f"{member.name}: {size / 2**30:.1f} GiB is over the {DEFAULT_LIMITS.max_member_bytes / 2**30:.0f} GiB limit for one file")
+            raise ScanError(
+                f"{member.name}: {size / 2**30:.1f} GiB is over the {DEFAULT_LIMITS.max_member_bytes / 2**30:.0f} GiB limit for one file"
+            )
         with open(member.location, "rb") as fh:
             return fh.read()
     except FileNotFoundError:

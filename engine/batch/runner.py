@@ -73,10 +73,16 @@ class Plan:
     counts: dict[str, int] = field(default_factory=dict)
 
     def batches(self, size: int) -> list[list[Unit]]:
-        return [self.todo[i:i + size] for i in range(0, len(self.todo), size)]
+        return [self.todo[i : i + size] for i in range(0, len(self.todo), size)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"units": len(self.units), **self.counts, "done_before": self.done_before, "to_do": len(self.todo), "plan_s": round(self.plan_s, 2)}
+        return {
+            "units": len(self.units),
+            **self.counts,
+            "done_before": self.done_before,
+            "to_do": len(self.todo),
+            "plan_s": round(self.plan_s, 2),
+        }
 
 
 @dataclass
@@ -132,8 +138,17 @@ def _skip_hashes(done: DoneIndex) -> HashSet:
 class _Sink:
     """Accepts batch outputs, drops repeats, writes shards (and the library) on the flush policy."""
 
-    def __init__(self, spec: TaskSpec, out: OutputDir, done: DoneIndex, tally: Tally, options: RunOptions, run_id: str, library,
-                 on_flush: Callable[[], None]):
+    def __init__(
+        self,
+        spec: TaskSpec,
+        out: OutputDir,
+        done: DoneIndex,
+        tally: Tally,
+        options: RunOptions,
+        run_id: str,
+        library,
+        on_flush: Callable[[], None],
+    ):
         self.spec, self.out, self.done, self.tally, self.options, self.on_flush = spec, out, done, tally, options, on_flush
         self.writer = ShardWriter(out, run_id)
         self.library = library
@@ -248,7 +263,9 @@ def plan_summary(spec: TaskSpec, plan: Plan, engine: Engine, out: OutputDir) -> 
     return {"dry_run": True, "job": spec.to_dict(), "out": str(out.path), "engine": engine.describe(), "plan": plan.to_dict()}
 
 
-def summarise(spec, plan: Plan, done: DoneIndex, tally: Tally, engine: Engine, out: OutputDir, library, started_at: str, state: str) -> dict[str, Any]:
+def summarise(
+    spec, plan: Plan, done: DoneIndex, tally: Tally, engine: Engine, out: OutputDir, library, started_at: str, state: str
+) -> dict[str, Any]:
     planned = {u.fingerprint for u in plan.units}
     missing = len(planned - done.fingerprints.keys())
     elapsed = time.monotonic() - tally.started
@@ -274,8 +291,12 @@ def summarise(spec, plan: Plan, done: DoneIndex, tally: Tally, engine: Engine, o
             "repeats_dropped": tally.repeats,
             "wall_s": round(elapsed, 2),
             "units_per_s": round(handled / elapsed, 3) if elapsed > 0 else None,
-            "first_batch_s": round(tally.first_output - tally.started, 2) if tally.first_output else None,  # includes starting workers, loading the model
-            "units_per_s_after_first_batch": round((handled - tally.first_rows) / steady, 3) if steady > 0 and handled > tally.first_rows else None,
+            "first_batch_s": round(tally.first_output - tally.started, 2)
+            if tally.first_output
+            else None,  # includes starting workers, loading the model
+            "units_per_s_after_first_batch": round((handled - tally.first_rows) / steady, 3)
+            if steady > 0 and handled > tally.first_rows
+            else None,
             "ms_per_unit": per_unit,  # summed over workers: with N workers in parallel this exceeds wall time / unit
             "images_encoded": tally.images,
             "workers": len(tally.workers),

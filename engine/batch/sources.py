@@ -91,11 +91,13 @@ def _zip_found(path: Path, limits: Limits) -> tuple[list[Found], list[Unit]]:
         sources, skipped = zip_sources(path, display, limits)
     except Exception as exc:  # ScanError (refused archive) or an unreadable file
         message = str(exc)
-        message = message[len(display) + 2:] if message.startswith(display + ": ") else message
+        message = message[len(display) + 2 :] if message.startswith(display + ": ") else message
         return [], [make_unit(display, KIND_FILE, [file_member(path)], problem=message)]
     version = file_member(path).version
-    problems = [make_unit(s.name, KIND_FILE, [Member(SCHEME_ZIP, display, s.name[len(display) + 1:], version, s.name)], problem=s.reason)
-                for s in skipped]
+    problems = [
+        make_unit(s.name, KIND_FILE, [Member(SCHEME_ZIP, display, s.name[len(display) + 1 :], version, s.name)], problem=s.reason)
+        for s in skipped
+    ]
     found = []
     for source in sources:
         member = Member(SCHEME_ZIP, display, source.member or "", source.version or version, source.name)
@@ -217,6 +219,7 @@ def plan_units(specs: Iterable[str], progress: Progress | None = None, limits: L
     units: list[Unit] = []
     offset = 0
     for source in opened:
+
         def counted(n: int, _base=offset) -> None:
             if progress is not None:
                 progress(_base + n)

@@ -68,7 +68,12 @@ class ScanWork:
 
 
 def scan_info(scan: Scan) -> dict[str, Any]:
-    return {"scan_hash": scan.content_hash, "modality": scan.modality.value, "shape": [int(s) for s in scan.voxels.shape], "description": scan.label}
+    return {
+        "scan_hash": scan.content_hash,
+        "modality": scan.modality.value,
+        "shape": [int(s) for s in scan.voxels.shape],
+        "description": scan.label,
+    }
 
 
 def _on_device(clip, device: str) -> None:
@@ -156,8 +161,9 @@ class LabelTask(ClipTask):
         from engine.zeroshot import label_from_embeddings
 
         images, labels, pset, context = work.context
-        result = label_from_embeddings(embeddings, images, labels, self.model, pset, mode=self.mode, aggregation=self.aggregation,
-                                       context=context)
+        result = label_from_embeddings(
+            embeddings, images, labels, self.model, pset, mode=self.mode, aggregation=self.aggregation, context=context
+        )
         result.modality = work.info["modality"]
         return {**work.info, **result.to_dict(per_slice=self.per_slice)}, None
 

@@ -96,7 +96,7 @@ def failure_reason(message: str, source: str = "") -> str:
     text = one_line(message)
     for name in (source, os.path.basename(source)):
         if name and text.startswith(name + ": "):
-            text = text[len(name) + 2:]
+            text = text[len(name) + 2 :]
     if ": " in text[:200] and not text.startswith(("no scan", "not ", "cannot", "named like")):
         head, rest = text.split(": ", 1)
         if "/" in head or "." in head:  # "<file name>: reason" from a member of the unit
@@ -108,12 +108,25 @@ def failure_reason(message: str, source: str = "") -> str:
 
 
 def base_row(unit: Unit, spec_key: str, task: str) -> dict[str, Any]:
-    return {"unit": None, "fingerprint": unit.fingerprint, "source": unit.source, "kind": unit.kind,
-            "n_files": len(unit.members), "task": task, "job": spec_key, "model": None,
-            "status": STATUS_ERROR, "result": None, "error": None, "warnings": []}
+    return {
+        "unit": None,
+        "fingerprint": unit.fingerprint,
+        "source": unit.source,
+        "kind": unit.kind,
+        "n_files": len(unit.members),
+        "task": task,
+        "job": spec_key,
+        "model": None,
+        "status": STATUS_ERROR,
+        "result": None,
+        "error": None,
+        "warnings": [],
+    }
 
 
-def error_row(unit: Unit, spec_key: str, task: str, message: str, content_hash: str | None = None, model_id: str | None = None) -> dict[str, Any]:
+def error_row(
+    unit: Unit, spec_key: str, task: str, message: str, content_hash: str | None = None, model_id: str | None = None
+) -> dict[str, Any]:
     row = base_row(unit, spec_key, task)
     row.update(unit=content_hash, model=model_id, error={"reason": failure_reason(message, unit.source), "message": one_line(message)})
     return row
@@ -200,7 +213,7 @@ class Worker:
                 continue
             n = len(work.images)
             try:
-                result, payload = self.task.finish(work, embeddings[at:at + n] if n else None)
+                result, payload = self.task.finish(work, embeddings[at : at + n] if n else None)
             except MedLensError as exc:
                 result, payload = {**work.info, "error": one_line(str(exc))}, None
             at += n

@@ -134,13 +134,15 @@ def load_sources(
             elif kind == "empty":
                 skipped.append(Skipped(source.name, "empty file"))
             elif kind == "bad-dicom":
-                skipped.append(Skipped(source.name, "named like DICOM but has no DICOM header (no 'DICM' marker, no DICOM tags at the start)"))
+                skipped.append(
+                    Skipped(source.name, "named like DICOM but has no DICOM header (no 'DICM' marker, no DICOM tags at the start)")
+                )
             else:
                 skipped.append(Skipped(source.name, "not a DICOM, NIfTI or image file; skipped"))
         except ScanError as exc:
             msg = str(exc)
             prefix = source.name + ": "
-            skipped.append(Skipped(source.name, msg[len(prefix):] if msg.startswith(prefix) else msg))
+            skipped.append(Skipped(source.name, msg[len(prefix) :] if msg.startswith(prefix) else msg))
         except MemoryError:
             skipped.append(Skipped(source.name, "file too large to load into memory"))
         except Exception as exc:  # last line of defence: one bad file never stops the batch
@@ -166,7 +168,9 @@ def _scan_sort_key(scan: Scan):
     return (number, -scan.voxels.size, scan.label)
 
 
-def load_one(paths, series: int | None = None, limits: Limits = DEFAULT_LIMITS, *, budget: MemoryBudget | None = None) -> tuple[Scan, LoadResult]:
+def load_one(
+    paths, series: int | None = None, limits: Limits = DEFAULT_LIMITS, *, budget: MemoryBudget | None = None
+) -> tuple[Scan, LoadResult]:
     """The single scan under `paths`; with several, `series` (0-based) picks one."""
     result = load(paths, limits, budget=budget)
     if series is None:

@@ -196,7 +196,6 @@ def _read_header(source: Source) -> DicomFile:
     return DicomFile(source, ds, header, _is_mosaic(ds))
 
 
-
 def _float_list(value, n: int) -> np.ndarray | None:
     try:
         arr = np.array([float(v) for v in value], dtype=float)
@@ -281,7 +280,11 @@ def _frame_key(ds, shape: tuple) -> tuple:
         echo = None
     image_type = _get(ds, "ImageType")
     try:
-        image_type = tuple(str(v).upper() for v in image_type)[:3] if image_type is not None and not isinstance(image_type, str) else (str(image_type).upper(),)
+        image_type = (
+            tuple(str(v).upper() for v in image_type)[:3]
+            if image_type is not None and not isinstance(image_type, str)
+            else (str(image_type).upper(),)
+        )
     except Exception:
         image_type = ()
     return (shape, echo, image_type)
@@ -479,7 +482,7 @@ def _assemble_volume(frames: list[Frame], n_files: int, reader: str, guard: Load
             return scan
         for file, reason in bad.items():
             prefix = file.name + ": "
-            skipped.append(Skipped(file.name, reason[len(prefix):] if reason.startswith(prefix) else reason))
+            skipped.append(Skipped(file.name, reason[len(prefix) :] if reason.startswith(prefix) else reason))
         frames = [f for f in frames if f.file not in bad]
         if not frames:
             return None  # every file failed, and each is reported already
@@ -497,7 +500,7 @@ def _assemble_mosaics(files: list[DicomFile], guard: LoadGuard, skipped: list[Sk
                 mosaics.append((f,) + _read_mosaic(f))
             except ScanError as exc:
                 reason = str(exc)
-                skipped.append(Skipped(f.name, reason[len(f.name) + 2:] if reason.startswith(f.name + ": ") else reason))
+                skipped.append(Skipped(f.name, reason[len(f.name) + 2 :] if reason.startswith(f.name + ": ") else reason))
         if not mosaics:
             raise ScanError("no mosaic of this series could be unpacked")
         first = mosaics[0]
@@ -603,7 +606,9 @@ def read_dicom(sources: Iterable[Source], guard: LoadGuard | None = None) -> tup
         groups = _split_by_geometry([f for f in frames if f.ipp is not None and f.iop is not None])
         note = f"series split into {len(groups)} parts (different orientation, matrix, echo or image type)" if len(groups) > 1 else None
         for group in groups:
-            scan = attempt(group[0].name, lambda group=group: _assemble_volume(group, len({f.name for f in group}), "dicom-series", guard, skipped))
+            scan = attempt(
+                group[0].name, lambda group=group: _assemble_volume(group, len({f.name for f in group}), "dicom-series", guard, skipped)
+            )
             if note and scan is not None:
                 scan.provenance.warnings.append(note)
     return scans, skipped

@@ -223,8 +223,7 @@ def _cluster(frames: list[Frame], normal: np.ndarray, warn: list[str]) -> tuple[
             clusters.append([idx])
     if len({len(c) for c in clusters}) > 1:
         warn.append(
-            f"slice positions repeat unevenly ({len(frames)} images at {len(clusters)} positions): "
-            "kept the first image at each position"
+            f"slice positions repeat unevenly ({len(frames)} images at {len(clusters)} positions): kept the first image at each position"
         )
         clusters = [[min(c, key=lambda i: frames[i].order)] for c in clusters]
     for c in clusters:

@@ -224,7 +224,9 @@ def _native_view(ds, header: PixelHeader) -> np.ndarray | None:
     if header.bits_stored < header.bits_allocated:
         # Values must already lie in the BitsStored range; otherwise the unused high bits hold
         # overlays (unsigned) or the sign is not extended (signed): pydicom's decoder handles those.
-        lo, hi = (-(1 << (header.bits_stored - 1)), (1 << (header.bits_stored - 1)) - 1) if header.signed else (0, (1 << header.bits_stored) - 1)
+        lo, hi = (
+            (-(1 << (header.bits_stored - 1)), (1 << (header.bits_stored - 1)) - 1) if header.signed else (0, (1 << header.bits_stored) - 1)
+        )
         if arr.size and (int(arr.min()) < lo or int(arr.max()) > hi):
             return None
     return arr.reshape((header.frames, header.rows, header.cols) if header.frames > 1 else (header.rows, header.cols))

@@ -13,9 +13,7 @@ from nibabel import orientations
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def dicom_affine(
-    iop: np.ndarray, pixel_spacing: tuple[float, float], ipp0: np.ndarray, step: np.ndarray
-) -> np.ndarray:
+def dicom_affine(iop: np.ndarray, pixel_spacing: tuple[float, float], ipp0: np.ndarray, step: np.ndarray) -> np.ndarray:
     """Affine from voxel (column, row, slice) to RAS+ mm.
 
     iop: ImageOrientationPatient (row direction cosines then column cosines);

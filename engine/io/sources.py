@@ -115,8 +115,7 @@ def _zip_sources(path: Path, display: str, limits: Limits, skipped: list[Skipped
         raise ScanError(f"{display}: not a readable zip archive ({exc})") from None
     if len(infos) > limits.max_members:
         raise ScanError(
-            f"{display}: archive has {len(infos):,} members, more than the limit of {limits.max_members:,}; "
-            "split it into smaller zips"
+            f"{display}: archive has {len(infos):,} members, more than the limit of {limits.max_members:,}; split it into smaller zips"
         )
     total = sum(max(i.file_size, 0) for i in infos)
     if total > limits.max_total_bytes:
@@ -189,9 +188,7 @@ def _file_opener(path: Path):
     return lambda: open(path, "rb")
 
 
-def gather_sources(
-    paths: Iterable[str | os.PathLike], limits: Limits = DEFAULT_LIMITS
-) -> tuple[list[Source], list[Skipped]]:
+def gather_sources(paths: Iterable[str | os.PathLike], limits: Limits = DEFAULT_LIMITS) -> tuple[list[Source], list[Skipped]]:
     """Expand files, folders (recursively) and zips into Sources.
 
     Never raises for one bad input: a missing path, a refused archive or a bad
@@ -226,7 +223,7 @@ def gather_sources(
                 sources.extend(_zip_sources(path, display, limits, skipped))
             except ScanError as exc:
                 msg = str(exc)
-                skipped.append(Skipped(display, msg[len(display) + 2:] if msg.startswith(display + ": ") else msg))
+                skipped.append(Skipped(display, msg[len(display) + 2 :] if msg.startswith(display + ": ") else msg))
         else:
             sources.append(Source(display, path.stat().st_size, _file_opener(path), path=str(path)))
     return sources, skipped

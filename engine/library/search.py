@@ -278,13 +278,24 @@ def search(
     return _hits(db, model, scored, ranking, cosines, owner)
 
 
-def _hits(db: sqlite_utils.Database, model, scored: list[tuple[int, float]], ranking: str, cosines: dict[int, float], owner: str) -> list[Hit]:
+def _hits(
+    db: sqlite_utils.Database, model, scored: list[tuple[int, float]], ranking: str, cosines: dict[int, float], owner: str
+) -> list[Hit]:
     """Hits of the scored ids that `owner` may still see, with their rows and OOD flags."""
     rows = scan_rows(db, [sid for sid, _ in scored], owner=owner)
     flags = hit_flags(db, model, rows, owner)
     return [
-        Hit(scan_id=sid, score=float(score), modality=rows[sid]["modality"], source=rows[sid]["source"], body_part=rows[sid]["body_part"],
-            ranking=ranking, cosine=cosines.get(sid), content_hash=rows[sid]["content_hash"], ood=flags.get(sid))
+        Hit(
+            scan_id=sid,
+            score=float(score),
+            modality=rows[sid]["modality"],
+            source=rows[sid]["source"],
+            body_part=rows[sid]["body_part"],
+            ranking=ranking,
+            cosine=cosines.get(sid),
+            content_hash=rows[sid]["content_hash"],
+            ood=flags.get(sid),
+        )
         for sid, score in scored
         if sid in rows  # a scan deleted (or unshared) between the index read and now
     ]
@@ -304,7 +315,11 @@ def hit_flags(db: sqlite_utils.Database, model, rows: dict[int, dict[str, Any]],
     for sid, vector in zip(ids.tolist(), vectors):
         row = rows[int(sid)]
         reasons, checks = [], []
-        header = Modality(row["modality"]) if str(row.get("reader") or "").startswith("dicom") and row["modality"] != Modality.OTHER.value else None
+        header = (
+            Modality(row["modality"])
+            if str(row.get("reader") or "").startswith("dicom") and row["modality"] != Modality.OTHER.value
+            else None
+        )
         if header is not None and can_guess:
             checks.append("header modality")
             reason = modalities.conflict(modalities.clip_modality(model, vector[None]), header, f"the model {model.model_id}")

@@ -158,8 +158,14 @@ class Prepared:
 
 
 def prepare(
-    scan: Scan, model: ImageEncoder, source: str | None, *, with_row: bool = True, n_slices: int = VOLUME_SLICES,
-    owner: str = LOCAL, shared: bool = False,
+    scan: Scan,
+    model: ImageEncoder,
+    source: str | None,
+    *,
+    with_row: bool = True,
+    n_slices: int = VOLUME_SLICES,
+    owner: str = LOCAL,
+    shared: bool = False,
 ) -> Prepared:
     vector, kind = embed_scan(scan, model, n_slices=n_slices)
     row = scan_row(scan, source, owner=owner, shared=shared) if with_row else {}
@@ -279,8 +285,13 @@ def scan_rows(db: sqlite_utils.Database, scan_ids: Sequence[int], *, owner: str 
             chunk + [owner],
         )
         for sid, modality, part, source, content_hash, summary in cursor.fetchall():
-            out[int(sid)] = {"modality": modality, "body_part": part, "source": source, "content_hash": content_hash,
-                             "reader": _reader(summary)}
+            out[int(sid)] = {
+                "modality": modality,
+                "body_part": part,
+                "source": source,
+                "content_hash": content_hash,
+                "reader": _reader(summary),
+            }
     return out
 
 
@@ -359,12 +370,14 @@ def content_hashes(db: sqlite_utils.Database, scan_ids: Sequence[int], *, owner:
 def facets(db: sqlite_utils.Database, *, owner: str = LOCAL) -> tuple[list[str], list[str]]:
     """(body parts of the scans `owner` may see, labels `owner` tagged or taught), for filter choices."""
     parts = [
-        r[0] for r in db.execute(
+        r[0]
+        for r in db.execute(
             f"SELECT DISTINCT body_part FROM scans WHERE body_part IS NOT NULL AND {VISIBLE} ORDER BY 1", [owner]
         ).fetchall()
     ]
     labels = [
-        r[0] for r in db.execute(
+        r[0]
+        for r in db.execute(
             "SELECT label FROM labels WHERE owner = ? UNION SELECT label FROM probes WHERE owner = ? ORDER BY 1", [owner, owner]
         ).fetchall()
     ]
@@ -374,9 +387,11 @@ def facets(db: sqlite_utils.Database, *, owner: str = LOCAL) -> tuple[list[str],
 def counts(db: sqlite_utils.Database, *, owner: str = LOCAL) -> dict[str, Any]:
     """What `owner` may see of the library: scans, notes, and embeddings per model id."""
     join = f"JOIN scans ON scans.id = {{table}}.scan_id WHERE {VISIBLE}"
-    per_model = dict(db.execute(
-        f"SELECT model_id, count(*) FROM embeddings {join.format(table='embeddings')} GROUP BY model_id ORDER BY model_id", [owner]
-    ).fetchall())
+    per_model = dict(
+        db.execute(
+            f"SELECT model_id, count(*) FROM embeddings {join.format(table='embeddings')} GROUP BY model_id ORDER BY model_id", [owner]
+        ).fetchall()
+    )
     return {
         "scans": int(db.execute(f"SELECT count(*) FROM scans WHERE {VISIBLE}", [owner]).fetchone()[0]),
         "notes": int(db.execute(f"SELECT count(*) FROM notes {join.format(table='notes')}", [owner]).fetchone()[0]),

@@ -82,8 +82,13 @@ class Probe:
     def summary(self) -> dict[str, Any]:
         """JSON-ready description (no coefficients)."""
         return {
-            "label": self.label, "model_id": self.model_id, "n_pos": self.n_pos, "n_neg": self.n_neg,
-            "positive_ids": self.positive_ids, "negative_ids": self.negative_ids, "metrics": self.metrics,
+            "label": self.label,
+            "model_id": self.model_id,
+            "n_pos": self.n_pos,
+            "n_neg": self.n_neg,
+            "positive_ids": self.positive_ids,
+            "negative_ids": self.negative_ids,
+            "metrics": self.metrics,
             "created_at": self.created_at,
         }
 
@@ -95,7 +100,11 @@ def tag(db: sqlite_utils.Database, scan_ids: Iterable[int], label: str, positive
     ids = [int(i) for i in scan_ids]
     with write(db):
         marks = ", ".join("?" for _ in ids)
-        known = {int(r[0]) for r in db.execute(f"SELECT id FROM scans WHERE id IN ({marks}) AND {VISIBLE}", ids + [owner]).fetchall()} if ids else set()
+        known = (
+            {int(r[0]) for r in db.execute(f"SELECT id FROM scans WHERE id IN ({marks}) AND {VISIBLE}", ids + [owner]).fetchall()}
+            if ids
+            else set()
+        )
         missing = [i for i in ids if i not in known]
         if missing:
             raise TeachError(f"no scan #{missing[0]} in the library")
@@ -149,8 +158,11 @@ def fit_probe(db: sqlite_utils.Database, label: str, model_id: str, *, owner: st
     clf.fit(x, y)
     folds = min(5, len(pos_ids), len(neg_ids))
     cv = cross_val_score(
-        LogisticRegression(class_weight="balanced", C=1.0, max_iter=1000), x, y,
-        cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=0), scoring="balanced_accuracy",
+        LogisticRegression(class_weight="balanced", C=1.0, max_iter=1000),
+        x,
+        y,
+        cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=0),
+        scoring="balanced_accuracy",
     )
     metrics = {
         "train_accuracy": round(float(clf.score(x, y)), 4),
@@ -158,8 +170,15 @@ def fit_probe(db: sqlite_utils.Database, label: str, model_id: str, *, owner: st
         "cv_folds": int(folds),
     }
     probe = Probe(
-        label=label, model_id=model_id, coef=clf.coef_[0].astype(np.float32), intercept=float(clf.intercept_[0]),
-        n_pos=len(pos_ids), n_neg=len(neg_ids), positive_ids=pos_ids, negative_ids=neg_ids, metrics=metrics,
+        label=label,
+        model_id=model_id,
+        coef=clf.coef_[0].astype(np.float32),
+        intercept=float(clf.intercept_[0]),
+        n_pos=len(pos_ids),
+        n_neg=len(neg_ids),
+        positive_ids=pos_ids,
+        negative_ids=neg_ids,
+        metrics=metrics,
         created_at=now(),
     )
     with write(db):
@@ -172,8 +191,20 @@ def fit_probe(db: sqlite_utils.Database, label: str, model_id: str, *, owner: st
                 n_neg = excluded.n_neg, positive_ids = excluded.positive_ids, negative_ids = excluded.negative_ids,
                 metrics = excluded.metrics, created_at = excluded.created_at
             """,
-            [label, model_id, int(probe.coef.size), to_blob(probe.coef), probe.intercept, probe.n_pos, probe.n_neg,
-             json.dumps(pos_ids), json.dumps(neg_ids), json.dumps(metrics), probe.created_at, owner],
+            [
+                label,
+                model_id,
+                int(probe.coef.size),
+                to_blob(probe.coef),
+                probe.intercept,
+                probe.n_pos,
+                probe.n_neg,
+                json.dumps(pos_ids),
+                json.dumps(neg_ids),
+                json.dumps(metrics),
+                probe.created_at,
+                owner,
+            ],
         )
     return probe
 
@@ -194,10 +225,16 @@ def teach(
 
 def _probe_from_row(row: dict[str, Any]) -> Probe:
     return Probe(
-        label=row["label"], model_id=row["model_id"], coef=from_blob(row["coef"], int(row["dim"])),
-        intercept=float(row["intercept"]), n_pos=int(row["n_pos"]), n_neg=int(row["n_neg"]),
-        positive_ids=json.loads(row["positive_ids"]), negative_ids=json.loads(row["negative_ids"]),
-        metrics=json.loads(row["metrics"]), created_at=row["created_at"],
+        label=row["label"],
+        model_id=row["model_id"],
+        coef=from_blob(row["coef"], int(row["dim"])),
+        intercept=float(row["intercept"]),
+        n_pos=int(row["n_pos"]),
+        n_neg=int(row["n_neg"]),
+        positive_ids=json.loads(row["positive_ids"]),
+        negative_ids=json.loads(row["negative_ids"]),
+        metrics=json.loads(row["metrics"]),
+        created_at=row["created_at"],
     )
 
 

@@ -12,8 +12,18 @@ from engine.models.clip import ClipModel, InferencePath
 from engine.models.registry import DEFAULT_MODEL, KNOWN_HUB, list_models, shipped_models
 from engine.models.source import ModelSource, parse_source
 
-__all__ = ["ClipModel", "InferencePath", "ModelError", "ModelSource", "load_model", "list_models", "parse_source", "DEFAULT_MODEL", "KNOWN_HUB",
-           "shipped_models"]
+__all__ = [
+    "ClipModel",
+    "InferencePath",
+    "ModelError",
+    "ModelSource",
+    "load_model",
+    "list_models",
+    "parse_source",
+    "DEFAULT_MODEL",
+    "KNOWN_HUB",
+    "shipped_models",
+]
 
 
 def load_model(source: str | None = None, *, fast: bool = True) -> ClipModel:

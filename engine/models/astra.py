@@ -57,7 +57,7 @@ def load_state(path: str | Path | None = None) -> dict[str, torch.Tensor]:
     """The 3D state dict (bf16 tensors, memory-mapped until touched)."""
     obj = torch.load(Path(path) if path is not None else checkpoint_path(), map_location="cpu", weights_only=True, mmap=True)
     state = obj["state_dict"] if isinstance(obj, dict) and "state_dict" in obj else obj
-    return {k[len(_PREFIX):] if k.startswith(_PREFIX) else k: v for k, v in state.items()}
+    return {k[len(_PREFIX) :] if k.startswith(_PREFIX) else k: v for k, v in state.items()}
 
 
 def deflate_kernel(weight: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,9 @@ def folder_format(folder: str | Path) -> CheckpointFormat | None:
         return FORMATS[name]
     if name.startswith("medlens-"):
         known = ", ".join(FORMATS)
-        raise ModelError(f"{folder} holds a '{name}' checkpoint, which this version of MedLens cannot read (it reads {known}); update MedLens")
+        raise ModelError(
+            f"{folder} holds a '{name}' checkpoint, which this version of MedLens cannot read (it reads {known}); update MedLens"
+        )
     if (folder / "open_clip_config.json").is_file() or any(folder.glob("*.pt")):
         return FOREIGN_CLIP
     return None
@@ -169,7 +171,9 @@ def _load_uncached(source: ModelSource, task: str):
 
             return load_hub(KNOWN_HUB[source.identifier].repo, name=source.identifier)
         known = list(listing) + list(KNOWN_HUB)
-        raise ModelError(f"unknown model '{source.identifier}' (known: {', '.join(known) or 'none'}; or use hf-hub:org/repo, local-dir:/path)")
+        raise ModelError(
+            f"unknown model '{source.identifier}' (known: {', '.join(known) or 'none'}; or use hf-hub:org/repo, local-dir:/path)"
+        )
     raise ModelError(
         f"unknown {TASK_WORDS[task]} model '{source.identifier}' (known: {', '.join(listing) or 'none installed'}; or local-dir:/path)"
     )

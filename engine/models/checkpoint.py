@@ -111,7 +111,9 @@ def make_tokenizer(model_cfg: dict[str, Any], text_dir: str | None):
     return SimpleTokenizer(context_length=context)
 
 
-def wrap(model, model_cfg: dict, preprocess_cfg: dict, text_dir: str | None, *, name: str, revision: str, config: dict | None = None) -> ClipModel:
+def wrap(
+    model, model_cfg: dict, preprocess_cfg: dict, text_dir: str | None, *, name: str, revision: str, config: dict | None = None
+) -> ClipModel:
     return ClipModel(
         model,
         make_tokenizer(model_cfg, text_dir),
@@ -143,7 +145,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], *, skip_prefixes: tuple[str, ...] = ()) -> None:
     """Strict load: every key must match, except those the config says come from elsewhere."""
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(skip_prefixes) and not k.endswith("position_ids")]
@@ -257,8 +259,9 @@ def _load_package_trunk(model: torch.nn.Module, ref: str) -> None:
     state = astra.deflated_trunk_state()
     result = trunk.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ModelError(f"the {ref} weights do not fit the image trunk ({len(result.missing_keys)} missing, "
-                         f"{len(result.unexpected_keys)} unexpected)")
+        raise ModelError(
+            f"the {ref} weights do not fit the image trunk ({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected)"
+        )
 
 
 def _load_open_clip_folder(folder: Path, name: str) -> ClipModel:
@@ -288,7 +291,9 @@ def _load_open_clip_folder(folder: Path, name: str) -> ClipModel:
         weights_file = found[0]
     model = build_open_clip(model_cfg, text_dir, pretrained_text=False)
     load_weights(model, _read_state_dict(weights_file))
-    return wrap(model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=weights.file_hash([weights_file]), config=config)
+    return wrap(
+        model, model_cfg, config.get("preprocess_cfg", {}), text_dir, name=name, revision=weights.file_hash([weights_file]), config=config
+    )
 
 
 def load_unimed(pt_file: str | Path, text_dir: str | Path | None, name: str) -> ClipModel:

@@ -146,4 +146,3 @@ class ClipModel:
                             while len(self._text_cache) > TEXT_CACHE_SIZE:
                                 self._text_cache.popitem(last=False)
         return np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.embed_dim), np.float32)
-

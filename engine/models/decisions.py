@@ -127,15 +127,17 @@ def remembered(folder: Path | None = None) -> list[Remembered]:
         if not isinstance(value, dict) or "by_batch" not in value:
             continue  # written by an older chooser (FASTPATH_VERSION 1): never used again
         details = value.get("details", {})
-        out.append(Remembered(
-            model=str(value.get("model", "?")),
-            kind=str(value.get("kind", "CLIP image tower")),
-            by_batch={str(k): str(v) for k, v in value["by_batch"].items()},
-            speedup={str(k): float(v) for k, v in (value.get("speedup") or {}).items() if v is not None},
-            cpu=str(details.get("cpu", "?")),
-            threads=details.get("threads"),
-            versions=dict(value.get("versions") or {}),
-            decided=str(value.get("decided", "")),
-            current=details.get("cpu") == here and value.get("versions") == now,
-        ))
+        out.append(
+            Remembered(
+                model=str(value.get("model", "?")),
+                kind=str(value.get("kind", "CLIP image tower")),
+                by_batch={str(k): str(v) for k, v in value["by_batch"].items()},
+                speedup={str(k): float(v) for k, v in (value.get("speedup") or {}).items() if v is not None},
+                cpu=str(details.get("cpu", "?")),
+                threads=details.get("threads"),
+                versions=dict(value.get("versions") or {}),
+                decided=str(value.get("decided", "")),
+                current=details.get("cpu") == here and value.get("versions") == now,
+            )
+        )
     return sorted(out, key=lambda r: r.decided, reverse=True)

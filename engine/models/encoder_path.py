@@ -157,8 +157,16 @@ def _cosines(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- building
-def build(name: str, module: torch.nn.Module, forward_name: str, example: torch.Tensor, dynamic_axes: Sequence[int],
-          ir_key: str, profile: CpuProfile, why: str = "") -> Trial:
+def build(
+    name: str,
+    module: torch.nn.Module,
+    forward_name: str,
+    example: torch.Tensor,
+    dynamic_axes: Sequence[int],
+    ir_key: str,
+    profile: CpuProfile,
+    why: str = "",
+) -> Trial:
     """One path for `getattr(module, forward_name)`; OpenVINO IRs are cached under `ir_key`."""
     start = time.perf_counter()
     trial = Trial(name, why)
@@ -179,8 +187,9 @@ def build(name: str, module: torch.nn.Module, forward_name: str, example: torch.
 
 def _openvino(name: str, forward: Callable[[], Callable], example: torch.Tensor, dynamic_axes: Sequence[int], ir_key: str):
     precision = "bf16" if name == "openvino-bf16" else "f32"
-    xml, tmp = openvino_path.cached_ir(decisions.cache_dir(), f"encoder-{ir_key}.xml",
-                                       lambda target: openvino_path.save_ir(forward(), example, target, dynamic_axes))
+    xml, tmp = openvino_path.cached_ir(
+        decisions.cache_dir(), f"encoder-{ir_key}.xml", lambda target: openvino_path.save_ir(forward(), example, target, dynamic_axes)
+    )
     try:
         return openvino_path.OpenVinoForward(xml, precision, torch.get_num_threads())
     finally:
@@ -194,8 +203,15 @@ def _ir_ready(ir_key: str) -> bool:
 
 
 # --------------------------------------------------------------------------- entry point
-def fast_encoder(encoder_id: str, kind: str, load_module: Callable[[], torch.nn.Module], example: Callable[[], torch.Tensor], *,
-                 forward: str = "forward", dynamic_axes: Sequence[int] = (0,)) -> FastEncoder:
+def fast_encoder(
+    encoder_id: str,
+    kind: str,
+    load_module: Callable[[], torch.nn.Module],
+    example: Callable[[], torch.Tensor],
+    *,
+    forward: str = "forward",
+    dynamic_axes: Sequence[int] = (0,),
+) -> FastEncoder:
     """The encoder `encoder_id` on the fastest path that keeps its features on this CPU. Never raises
     for a path problem (falls back to fp32, saying why); `load_module` errors (missing weights) propagate.
 
@@ -232,12 +248,24 @@ def _forced(name: str, profile: CpuProfile, load_module, example, forward: str, 
     try:
         trial = build(name, module, forward, None if name == "fp32" else example(), dynamic_axes, ir_key, profile, reason)
     except Exception as exc:
-        trial, reason = build("fp32", module, forward, None, dynamic_axes, ir_key, profile), f"fp32: {name} failed ({type(exc).__name__}: {str(exc)[:120]})"
+        trial, reason = (
+            build("fp32", module, forward, None, dynamic_axes, ir_key, profile),
+            f"fp32: {name} failed ({type(exc).__name__}: {str(exc)[:120]})",
+        )
     return FastEncoder(trial.forward, EncoderPath(trial.name, reason, {"cpu": profile.model, "isa": profile.isa}), keep=module)
 
 
-def _probe(encoder_id: str, kind: str, key: str, ir_key: str, profile: CpuProfile, module: torch.nn.Module, example: torch.Tensor,
-           forward: str, dynamic_axes) -> FastEncoder:
+def _probe(
+    encoder_id: str,
+    kind: str,
+    key: str,
+    ir_key: str,
+    profile: CpuProfile,
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    forward: str,
+    dynamic_axes,
+) -> FastEncoder:
     from engine.models.fastpath import time_interleaved
 
     started = time.perf_counter()
@@ -263,15 +291,36 @@ def _probe(encoder_id: str, kind: str, key: str, ir_key: str, profile: CpuProfil
     name, reason = choose(trials)
     chosen = next(t for t in trials if t.name == name)
     details = {
-        "cpu": profile.model, "isa": profile.isa, "threads": torch.get_num_threads(), "example": list(example.shape),
+        "cpu": profile.model,
+        "isa": profile.isa,
+        "threads": torch.get_num_threads(),
+        "example": list(example.shape),
         "choose_s": round(time.perf_counter() - started, 2),
-        "probe": {t.name: {"s": None if t.s is None else round(t.s, 4), "cpu_s": None if t.cpu_s is None else round(t.cpu_s, 4),
-                           "speedup": round(trials[0].s / t.s, 2) if t.s and trials[0].s else None,
-                           "cos": None if t.cos is None else round(t.cos, 6), "cos_token": None if t.cos_token is None else round(t.cos_token, 5),
-                           "build_s": round(t.build_s, 2), "status": t.status} for t in trials},
+        "probe": {
+            t.name: {
+                "s": None if t.s is None else round(t.s, 4),
+                "cpu_s": None if t.cpu_s is None else round(t.cpu_s, 4),
+                "speedup": round(trials[0].s / t.s, 2) if t.s and trials[0].s else None,
+                "cos": None if t.cos is None else round(t.cos, 6),
+                "cos_token": None if t.cos_token is None else round(t.cos_token, 5),
+                "build_s": round(t.build_s, 2),
+                "status": t.status,
+            }
+            for t in trials
+        },
     }
     speedup = details["probe"][name]["speedup"]
-    decisions.write(key, {"model": encoder_id, "kind": kind, "by_batch": {"1": name}, "reason": reason, "details": details,
-                          "speedup": {"1": speedup}, "versions": decisions.versions()})
+    decisions.write(
+        key,
+        {
+            "model": encoder_id,
+            "kind": kind,
+            "by_batch": {"1": name},
+            "reason": reason,
+            "details": details,
+            "speedup": {"1": speedup},
+            "versions": decisions.versions(),
+        },
+    )
     log.info("%s: %s (%s)", kind, LABELS[name], reason)
     return FastEncoder(chosen.forward, EncoderPath(name, reason, details), keep=module)

@@ -120,8 +120,16 @@ log = logging.getLogger(__name__)
 
 FASTPATH_VERSION = 3  # bump when a path's construction or the probe changes: invalidates cached decisions
 PATHS = ("fp32", "bf16", "int8", "onnx-fp32", "onnx-int8", "openvino-bf16", "openvino-fp32", "openvino-int8")
-MIN_COSINE = {"fp32": 0.99999, "bf16": 0.999, "int8": 0.995, "onnx-fp32": 0.99999, "onnx-int8": 0.995,
-              "openvino-bf16": 0.999, "openvino-fp32": 0.9999, "openvino-int8": 0.995}
+MIN_COSINE = {
+    "fp32": 0.99999,
+    "bf16": 0.999,
+    "int8": 0.995,
+    "onnx-fp32": 0.99999,
+    "onnx-int8": 0.995,
+    "openvino-bf16": 0.999,
+    "openvino-fp32": 0.9999,
+    "openvino-int8": 0.995,
+}
 TEXT_TRIM_MIN_COSINE = 0.99999
 MIN_SPEEDUP = 1.1  # a fast path must beat fp32 by 10% at a batch class to run it (noise margin)
 MIN_IMAGE_PARAMS = 5_000_000  # below this (test models) the probe costs more than it saves
@@ -132,8 +140,16 @@ PROBE_REPEATS = 3  # interleaved rounds; the minimum is kept (2 let one busy mom
 STATIC_INT8 = ("openvino-int8",)  # calibrated on the probe's even images, so judged on its odd ones
 PROBE_SYNTHETIC = 8  # synthetic colour images added to the real ones (see _probe_and_install)
 LABEL_TAU = 0.01  # score gap (cosine units; 1 logit at CLIP's scale 100) above which a label order must be kept
-LABELS = {"fp32": "fp32", "bf16": "bf16 weights", "int8": "int8 dynamic", "onnx-fp32": "ONNX Runtime fp32", "onnx-int8": "ONNX Runtime int8",
-          "openvino-bf16": "OpenVINO bf16", "openvino-fp32": "OpenVINO fp32", "openvino-int8": "OpenVINO int8"}
+LABELS = {
+    "fp32": "fp32",
+    "bf16": "bf16 weights",
+    "int8": "int8 dynamic",
+    "onnx-fp32": "ONNX Runtime fp32",
+    "onnx-int8": "ONNX Runtime int8",
+    "openvino-bf16": "OpenVINO bf16",
+    "openvino-fp32": "OpenVINO fp32",
+    "openvino-int8": "OpenVINO int8",
+}
 PROBE_TEXTS = (
     "a chest x-ray with pneumonia",
     "a normal chest radiograph",
@@ -182,8 +198,14 @@ def batch_class(n: int, classes: Sequence[int] = PROBE_BATCHES) -> int:
     return min(sorted(classes), key=lambda c: abs(math.log(n / c)))
 
 
-def candidates(profile: CpuProfile, *, onnx_available: bool | None = None, openvino_available: bool | None = None,
-               nncf_available: bool | None = None, calibrated: bool = False) -> list[tuple[str, str]]:
+def candidates(
+    profile: CpuProfile,
+    *,
+    onnx_available: bool | None = None,
+    openvino_available: bool | None = None,
+    nncf_available: bool | None = None,
+    calibrated: bool = False,
+) -> list[tuple[str, str]]:
     """Paths worth probing on this CPU besides fp32, each with the reason, best guess first.
 
     calibrated: the user gave images like theirs (MEDLENS_CALIBRATION_IMAGES or the caller): only then is
@@ -196,8 +218,15 @@ def candidates(profile: CpuProfile, *, onnx_available: bool | None = None, openv
     out = float_candidates(profile, openvino_available)
     int8_isa = None
     if x86_simd:
-        int8_isa = ("AMX-INT8" if "amx_int8" in profile.flags else "AVX-512 VNNI" if "avx512_vnni" in profile.flags
-                    else "AVX-VNNI" if "avx_vnni" in profile.flags else profile.isa)
+        int8_isa = (
+            "AMX-INT8"
+            if "amx_int8" in profile.flags
+            else "AVX-512 VNNI"
+            if "avx512_vnni" in profile.flags
+            else "AVX-VNNI"
+            if "avx_vnni" in profile.flags
+            else profile.isa
+        )
     elif profile.is_arm:
         int8_isa = "ARM i8mm" if "i8mm" in profile.flags else "ARM dot product" if "asimddp" in profile.flags else "ARM NEON"
     if x86_simd and openvino_available and nncf_available and calibrated:
@@ -304,8 +333,9 @@ def configure_threads(profile: CpuProfile) -> int:
 
 def _decision_key(clip: ClipModel, profile: CpuProfile, threads: int) -> str:
     # the user's calibration folder decides whether static int8 is tried: pointing it elsewhere means a new probe
-    return decisions.key(FASTPATH_VERSION, clip.model_id, profile.to_dict(), decisions.versions(), threads,
-                         str(settings.CALIBRATION_IMAGES.get() or ""))
+    return decisions.key(
+        FASTPATH_VERSION, clip.model_id, profile.to_dict(), decisions.versions(), threads, str(settings.CALIBRATION_IMAGES.get() or "")
+    )
 
 
 # --------------------------------------------------------------------------- building paths
@@ -371,7 +401,9 @@ def _openvino_forward(clip: ClipModel, name: str, profile: CpuProfile, calibrati
     example = torch.zeros(1, 3, clip.image_size, clip.image_size)
     folder = decisions.cache_dir()
     xml, tmp = openvino_path.cached_ir(folder, f"image-{base}.xml", lambda t: openvino_path.save_ir(visual, example, t, precise_stem=True))
-    precision = "f32" if name == "openvino-fp32" else "bf16" if name == "openvino-bf16" else openvino_path.precision_for(profile.native_bf16)
+    precision = (
+        "f32" if name == "openvino-fp32" else "bf16" if name == "openvino-bf16" else openvino_path.precision_for(profile.native_bf16)
+    )
     tmp_q = None
     if name == "openvino-int8":
         if calibration is None:
@@ -382,8 +414,11 @@ def _openvino_forward(clip: ClipModel, name: str, profile: CpuProfile, calibrati
         fingerprint = hashlib.sha256(calibration.float().numpy().tobytes()).hexdigest()[:16]
         samples = [calibration[i : i + 1] for i in range(len(calibration))]
         fp32_ir = xml
-        xml, tmp_q = openvino_path.cached_ir(folder, f"image-int8-{decisions.key(base, fingerprint, transformer)}.xml",
-                                             lambda t: openvino_path.quantize_ir(fp32_ir, t, samples, transformer=transformer))
+        xml, tmp_q = openvino_path.cached_ir(
+            folder,
+            f"image-int8-{decisions.key(base, fingerprint, transformer)}.xml",
+            lambda t: openvino_path.quantize_ir(fp32_ir, t, samples, transformer=transformer),
+        )
     forward = openvino_path.OpenVinoForward(xml, precision, torch.get_num_threads())
     for t in (tmp, tmp_q):
         if t is not None:
@@ -501,6 +536,7 @@ def _batch(pixels: torch.Tensor, b: int) -> torch.Tensor:
 
 def _check_parity(paths: list[Built], forwards: dict, pixels: torch.Tensor, text: torch.Tensor | None, chunk: int) -> None:
     """cos_image and labels_ok of every path against paths[0] (fp32), on all of `pixels`."""
+
     def run(forward):
         return torch.cat([forward(pixels[i : i + chunk]).float() for i in range(0, len(pixels), chunk)])
 
@@ -525,8 +561,13 @@ def _check_parity(paths: list[Built], forwards: dict, pixels: torch.Tensor, text
             p.label_note = f"{flips} label-order flips beyond {LABEL_TAU} over {len(out[rows])}{held} images x {text.shape[0]} labels"
 
 
-def probe(paths: list[Built], pixels: torch.Tensor, classes: Sequence[int] = PROBE_BATCHES, repeats: int = PROBE_REPEATS,
-          text: torch.Tensor | None = None) -> None:
+def probe(
+    paths: list[Built],
+    pixels: torch.Tensor,
+    classes: Sequence[int] = PROBE_BATCHES,
+    repeats: int = PROBE_REPEATS,
+    text: torch.Tensor | None = None,
+) -> None:
     """Check parity on `pixels` (real images) and time every path at each batch class (interleaved, minimum).
 
     `text`: L2-normalised text embeddings [L, D] whose ranking per image must be kept (None: not checked)."""
@@ -562,8 +603,9 @@ def time_interleaved(forwards: dict[str, Callable], inputs: dict, repeats: int =
 
 
 # --------------------------------------------------------------------------- entry points
-def _details(profile: CpuProfile, threads: int, chosen: dict[int, Built], results: list[Built], text_note: str,
-             cos_text: float | None) -> dict:
+def _details(
+    profile: CpuProfile, threads: int, chosen: dict[int, Built], results: list[Built], text_note: str, cos_text: float | None
+) -> dict:
     d: dict = {
         "cpu": profile.model,
         "isa": profile.isa,
@@ -599,8 +641,14 @@ def _details(profile: CpuProfile, threads: int, chosen: dict[int, Built], result
     return d
 
 
-def apply_best(clip_model: ClipModel, *, probe: bool = True, force: str | None = None, min_image_params: int = MIN_IMAGE_PARAMS,
-               calibration: Sequence[np.ndarray] | None = None) -> InferencePath:
+def apply_best(
+    clip_model: ClipModel,
+    *,
+    probe: bool = True,
+    force: str | None = None,
+    min_image_params: int = MIN_IMAGE_PARAMS,
+    calibration: Sequence[np.ndarray] | None = None,
+) -> InferencePath:
     """Choose and install the inference path(s) for `clip_model`; returns the InferencePath. Never raises.
 
     `calibration`: real uint8 images for the probe (default: engine.models.calibration's set)."""
@@ -731,17 +779,28 @@ def _probe_and_install(clip: ClipModel, profile: CpuProfile, key: str, install: 
     picks = choose(results)
     by_name = {r.name: r for r in results}
     chosen = {b: by_name[name] for b, (name, _) in picks.items()}
-    reason = "; ".join(f"batch {b}: {why}" for b, (_, why) in picks.items()) if len({n for n, _ in picks.values()}) > 1 \
+    reason = (
+        "; ".join(f"batch {b}: {why}" for b, (_, why) in picks.items())
+        if len({n for n, _ in picks.values()}) > 1
         else next(iter(picks.values()))[1]
+    )
     path = install(chosen, reason, results)
     path.details["choose_s"] = round(time.perf_counter() - started, 2)  # builds + probe (+ exports when not cached)
     path.details["calibration"] = f"{calib.source} (int8 calibration: half of them + {PROBE_SYNTHETIC} synthetic colour textures)"
     path.details["load"] = f"{load_before} before the probe, {_loadavg()} after"
-    decisions.write(key, {
-        "model": clip.model_id, "kind": "CLIP image tower", "by_batch": {str(b): r.name for b, r in chosen.items()},
-        "whys": {r.name: r.why for r in chosen.values()}, "reason": reason, "details": path.details,
-        "speedup": {b: v["speedup"] for b, v in path.details["by_batch"].items()}, "versions": decisions.versions(),
-    })
+    decisions.write(
+        key,
+        {
+            "model": clip.model_id,
+            "kind": "CLIP image tower",
+            "by_batch": {str(b): r.name for b, r in chosen.items()},
+            "whys": {r.name: r.why for r in chosen.values()},
+            "reason": reason,
+            "details": path.details,
+            "speedup": {b: v["speedup"] for b, v in path.details["by_batch"].items()},
+            "versions": decisions.versions(),
+        },
+    )
     for r in results:  # drop the losers' copies now (ViT-B: 90-350 MB each)
         if r not in chosen.values():
             r.keep = r.image_forward = None
@@ -772,7 +831,9 @@ def describe(clip_model: ClipModel) -> str:
         if name == "fp32" or not speeds:
             return label
         cos = per[classes[0]].get("cos_image")
-        return f"{label} ({isa + '; ' if isa else ''}{', '.join(speeds)} faster than fp32 on probe" + (f", cosine {cos:.4f})" if cos else ")")
+        return f"{label} ({isa + '; ' if isa else ''}{', '.join(speeds)} faster than fp32 on probe" + (
+            f", cosine {cos:.4f})" if cos else ")"
+        )
 
     groups: dict[str, list[str]] = {}
     for b, name in names.items():

@@ -230,8 +230,9 @@ _cache: dict[tuple, nn.Module] = {}
 _cache_lock = threading.Lock()
 
 
-def load_astra_i3resnet(path: str | Path | None = None, dtype: torch.dtype = torch.float32, *, cache: bool = True,
-                        channels_last: bool = True) -> I3ResNet:
+def load_astra_i3resnet(
+    path: str | Path | None = None, dtype: torch.dtype = torch.float32, *, cache: bool = True, channels_last: bool = True
+) -> I3ResNet:
     """The Astra I3ResNet-152 (frozen, eval mode) from the package's file or `path`; cached per process."""
     key = ("i3resnet", str(path) if path is not None else None, dtype, channels_last)
     with _cache_lock:

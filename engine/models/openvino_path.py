@@ -106,8 +106,9 @@ class _Wrapper(torch.nn.Module):
         return self.fn(x)
 
 
-def export_onnx(forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, target: Path,
-                dynamic_axes: Sequence[int] = (0,)) -> None:
+def export_onnx(
+    forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, target: Path, dynamic_axes: Sequence[int] = (0,)
+) -> None:
     """Write `forward` (a frozen module or one of its methods) as ONNX with the given input axes dynamic."""
     axes = {int(a): f"d{a}" for a in dynamic_axes}
     # Traced with autograd on: under no_grad, nn.MultiheadAttention (open_clip's own ViT) takes
@@ -126,8 +127,14 @@ def export_onnx(forward: Callable[[torch.Tensor], torch.Tensor], example: torch.
         )
 
 
-def save_ir(forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, target: Path,
-            dynamic_axes: Sequence[int] = (0,), *, precise_stem: bool = False) -> Path:
+def save_ir(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    example: torch.Tensor,
+    target: Path,
+    dynamic_axes: Sequence[int] = (0,),
+    *,
+    precise_stem: bool = False,
+) -> Path:
     """Export `forward` to an OpenVINO IR at `target` (.xml, fp16 weights) through ONNX; returns target.
 
     precise_stem: keep the first convolution out of bf16 (see `keep_out_of_bf16`)."""
@@ -178,8 +185,10 @@ def keep_out_of_bf16(xml: Path, *, first_of_type: str) -> str:
 
 def runtime_precisions(forward: "OpenVinoForward") -> dict[str, str]:
     """{layer name: the precision the compiled model runs it in} (for tests and benchmarks)."""
-    return {op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str)
-            for op in forward.compiled.get_runtime_model().get_ordered_ops()}
+    return {
+        op.get_friendly_name(): op.get_rt_info()["runtimePrecision"].astype(str)
+        for op in forward.compiled.get_runtime_model().get_ordered_ops()
+    }
 
 
 def quantize_ir(source: Path, target: Path, calibration: Sequence[torch.Tensor], *, transformer: bool) -> Path:

@@ -148,7 +148,9 @@ class Attention(nn.Module):
     def keys_values(self, context: torch.Tensor) -> KeyValues:
         return KeyValues(self._split(self.attention.key(context)), self._split(self.attention.value(context)))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: KeyValues | None = None, keep_weights: bool = False) -> AttentionOutput:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, kv: KeyValues | None = None, keep_weights: bool = False
+    ) -> AttentionOutput:
         """mask: boolean [B, 1 or Lq, Lk], True = may attend; kv: precomputed keys/values (cross-attention)."""
         q = self._split(self.attention.query(x))
         k, v = kv if kv is not None else self.keys_values(x)
@@ -388,7 +390,7 @@ class QFormer(nn.Module):
     def lm_logits(self, memory, encoder_mask, ids, attention_mask) -> torch.Tensor:
         """Next-token logits over the decoder vocabulary (positions, not token ids: see decoder_ids)."""
         states = self.joint_output(memory, encoder_mask, ids, attention_mask, causal=True)
-        return self._lm_head(states[:, self.config.num_query_tokens:])
+        return self._lm_head(states[:, self.config.num_query_tokens :])
 
     def _lm_head(self, text_states: torch.Tensor) -> torch.Tensor:
         """Text states -> logits over the decoder vocabulary (the tied word embeddings of those tokens)."""
@@ -408,8 +410,9 @@ class QFormer(nn.Module):
         return cached[1]
 
     @torch.inference_mode()
-    def greedy_decode(self, memory: EncoderMemory, prompt: list[int], max_new_tokens: int, stop_id: int,
-                      encoder_mask: torch.Tensor | None = None) -> Decoded:
+    def greedy_decode(
+        self, memory: EncoderMemory, prompt: list[int], max_new_tokens: int, stop_id: int, encoder_mask: torch.Tensor | None = None
+    ) -> Decoded:
         """Greedy continuation of `prompt` (token ids, [CLS] first) for one image: (new token ids, their log-probs).
 
         Keys/values of every earlier position are kept per layer, so each new token costs one
@@ -499,7 +502,7 @@ def text_encoder_dir(ref: str) -> str:
 def bert_init_state(bert_state: dict[str, torch.Tensor], cfg: QFormerConfig) -> dict[str, torch.Tensor]:
     """Map a BERT/MiniLM state dict onto Q-Former keys (query FFN = copy of text FFN)."""
     out: dict[str, torch.Tensor] = {}
-    strip = lambda k: k[len("bert."):] if k.startswith("bert.") else k  # noqa: E731
+    strip = lambda k: k[len("bert.") :] if k.startswith("bert.") else k  # noqa: E731
     state = {strip(k): v for k, v in bert_state.items()}
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm"):
         for suffix in ("weight", "bias"):

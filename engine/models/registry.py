@@ -26,16 +26,24 @@ class HubModel:
 
 KNOWN_HUB: dict[str, HubModel] = {
     "biomedclip": HubModel(
-        "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "biomedclip-vit-b16", licence="MIT",
+        "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        "biomedclip-vit-b16",
+        licence="MIT",
         note="ViT-B/16 + PubMedBERT, 512-d, trained on PMC-15M",
     ),
     "unimed-clip-b16": HubModel(
-        "UzairK/unimed-clip-vit-b16", "unimed-clip-vit-b16", file="unimed-clip-vit-b16.pt", licence="CC BY-NC 4.0",
+        "UzairK/unimed-clip-vit-b16",
+        "unimed-clip-vit-b16",
+        file="unimed-clip-vit-b16.pt",
+        licence="CC BY-NC 4.0",
         note="ViT-B/16-quickgelu + BiomedBERT; text config from microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
     ),
     "unimed-clip-l14": HubModel(
-        "UzairK/unimed_clip_vit_l14_base_text_encoder", "unimed-clip-vit-l14-336",
-        file="unimed_clip_vit_l14_base_text_encoder.pt", licence="CC BY-NC 4.0", note="ViT-L/14 336 px, 4.97 GB download",
+        "UzairK/unimed_clip_vit_l14_base_text_encoder",
+        "unimed-clip-vit-l14-336",
+        file="unimed_clip_vit_l14_base_text_encoder.pt",
+        licence="CC BY-NC 4.0",
+        note="ViT-L/14 336 px, 4.97 GB download",
     ),
 }
 

@@ -19,16 +19,18 @@ def speed_rows() -> list[dict]:
     """One row per cached decision, newest first."""
     rows = []
     for d in decisions.remembered():
-        rows.append({
-            "model": d.model,
-            "kind": d.kind,
-            "paths": {f"batch {b}": name for b, name in sorted(d.by_batch.items(), key=lambda kv: int(kv[0]))},
-            "speedup": {f"batch {b}": round(v, 2) for b, v in sorted(d.speedup.items(), key=lambda kv: int(kv[0]))},
-            "cpu": d.cpu,
-            "threads": d.threads,
-            "decided": d.decided,
-            "current": d.current,
-        })
+        rows.append(
+            {
+                "model": d.model,
+                "kind": d.kind,
+                "paths": {f"batch {b}": name for b, name in sorted(d.by_batch.items(), key=lambda kv: int(kv[0]))},
+                "speedup": {f"batch {b}": round(v, 2) for b, v in sorted(d.speedup.items(), key=lambda kv: int(kv[0]))},
+                "cpu": d.cpu,
+                "threads": d.threads,
+                "decided": d.decided,
+                "current": d.current,
+            }
+        )
     return rows
 
 
@@ -48,7 +50,9 @@ def print_speed(as_json: bool = False) -> int:
     for r in rows:
         paths = ", ".join(f"{b}: {n}" for b, n in r["paths"].items())
         speed = ", ".join(f"{b}: {v:.1f}x" for b, v in r["speedup"].items()) or "-"
-        table.append((r["model"], r["kind"], paths, speed, str(r["threads"]), r["decided"], "" if r["current"] else "stale (other CPU/versions)"))
+        table.append(
+            (r["model"], r["kind"], paths, speed, str(r["threads"]), r["decided"], "" if r["current"] else "stale (other CPU/versions)")
+        )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())

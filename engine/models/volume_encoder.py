@@ -72,7 +72,8 @@ def _build_i3resnet(config: dict[str, Any]) -> nn.Module:
     if unknown:
         raise ModelError(f"unknown i3resnet152 encoder keys {unknown}")
     dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(
-        str(config.get("dtype", "float32")))
+        str(config.get("dtype", "float32"))
+    )
     if dtype is None:
         raise ModelError(f"i3resnet152 dtype must be float32 or bfloat16, got {config.get('dtype')!r}")
     weights = config.get("weights", ASTRA_WEIGHTS)
@@ -81,7 +82,7 @@ def _build_i3resnet(config: dict[str, Any]) -> nn.Module:
     if isinstance(weights, str) and weights.startswith("file:"):  # a state dict with the package's key names
         from engine.models import astra
 
-        path = Path(weights[len("file:"):]).expanduser()
+        path = Path(weights[len("file:") :]).expanduser()
         if not path.is_file():
             raise ModelError(f"i3resnet152 weights file {path} does not exist")
         return i3resnet.i3resnet_from_state(astra.load_state(path), dtype)  # any depth: tests use tiny ones
@@ -104,8 +105,13 @@ def _local_weights_file(source: str) -> Path:
 class Patch3dViT(nn.Module):
     """MedBLIP-style encoder: trainable Conv3d patches + learned 3D positions -> frozen 2D ViT blocks."""
 
-    def __init__(self, vit: str = "vit_base_patch16_224", patch: int | Sequence[int] = 32,
-                 input_size: Sequence[int] = (224, 224, 224), pretrained_vit: str | None = None):
+    def __init__(
+        self,
+        vit: str = "vit_base_patch16_224",
+        patch: int | Sequence[int] = 32,
+        input_size: Sequence[int] = (224, 224, 224),
+        pretrained_vit: str | None = None,
+    ):
         super().__init__()
         import timm
 

@@ -350,16 +350,23 @@ def prepare_volume(scan: Scan, prep: VolumePrep | None = None, *, volume: int = 
         offset.append(off)
         axes.append(2 - src)  # NIfTI voxel axis i -> scan array axis (z, y, x) index
     mapping = VoxelMapping(
-        axes=tuple(axes), scale=tuple(scale), offset=tuple(offset), tensor_shape=out_size,
-        scan_shape=tuple(int(n) for n in vox.shape), content=tuple(content), grid_axes=(2, 0, 1),
+        axes=tuple(axes),
+        scale=tuple(scale),
+        offset=tuple(offset),
+        tensor_shape=out_size,
+        scan_shape=tuple(int(n) for n in vox.shape),
+        content=tuple(content),
+        grid_axes=(2, 0, 1),
     )
     notes = []
     for a, name in enumerate("XYZ"):
         if n_out[a] > out_size[a]:
             body_len = box[a][1] - box[a][0] + 1
             if body_len > out_size[a]:
-                notes.append(f"{name}: body {body_len * prep.spacing_mm[a]:.0f} mm > input {out_size[a] * prep.spacing_mm[a]:.0f} mm, "
-                             f"{(body_len - out_size[a]) * prep.spacing_mm[a]:.0f} mm cropped")
+                notes.append(
+                    f"{name}: body {body_len * prep.spacing_mm[a]:.0f} mm > input {out_size[a] * prep.spacing_mm[a]:.0f} mm, "
+                    f"{(body_len - out_size[a]) * prep.spacing_mm[a]:.0f} mm cropped"
+                )
     actual = tuple(s * k for s, k in zip(sp_in, (n_in[a] / n_out[a] for a in range(3))))
     return PreparedVolume(tensor=tensor, mapping=mapping, spacing_mm=actual, intensity=desc, notes=notes)
 
@@ -381,9 +388,13 @@ def prepare_image(scan: Scan, size: int = DEFAULT_IMAGE_SIZE) -> PreparedVolume:
     # PIL's bilinear resize samples source (o + 0.5) * in / out - 0.5, the same convention as above
     k_r, k_c = rows / h, cols / w
     mapping = VoxelMapping(
-        axes=(0, 1), scale=(k_r, k_c), offset=(k_r * (0.5 - top) - 0.5, k_c * (0.5 - left) - 0.5),
-        tensor_shape=(int(size), int(size)), scan_shape=(int(rows), int(cols)),
-        content=((top, top + h), (left, left + w)), grid_axes=(-1, 0, 1),
+        axes=(0, 1),
+        scale=(k_r, k_c),
+        offset=(k_r * (0.5 - top) - 0.5, k_c * (0.5 - left) - 0.5),
+        tensor_shape=(int(size), int(size)),
+        scan_shape=(int(rows), int(cols)),
+        content=((top, top + h), (left, left + w)),
+        grid_axes=(-1, 0, 1),
     )
     sp = tuple(float(s) for s in scan.spacing)
     desc = "colour 0..255 -> [0, 1]" if scan.is_color else "default window -> grey RGB [0, 1]"

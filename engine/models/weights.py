@@ -135,8 +135,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         part = load_file(str(path))
         if set(part) != keys:
             extra, lost = sorted(set(part) - keys), sorted(keys - set(part))
-            raise ModelError(f"{folder}: shard {shard} does not match {INDEX} ({len(lost)} tensors missing, e.g. {lost[:2]}; "
-                             f"{len(extra)} not in the index, e.g. {extra[:2]})")
+            raise ModelError(
+                f"{folder}: shard {shard} does not match {INDEX} ({len(lost)} tensors missing, e.g. {lost[:2]}; "
+                f"{len(extra)} not in the index, e.g. {extra[:2]})"
+            )
         state.update(part)
     total = index.get("metadata", {}).get("total_size")
     if total is not None and int(total) != sum(_nbytes(v) for v in state.values()):

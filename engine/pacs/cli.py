@@ -32,13 +32,15 @@ def register(subparsers) -> None:
         "pacs",
         help="search the PACS (DICOMweb) named by MEDLENS_PACS_URL; its series open as dicomweb:STUDY/SERIES paths",
         description="Search the PACS and check the connection. The server and credentials come from MEDLENS_PACS_URL, "
-                    "MEDLENS_PACS_USER/MEDLENS_PACS_PASSWORD or MEDLENS_PACS_TOKEN (never from the command line).",
+        "MEDLENS_PACS_USER/MEDLENS_PACS_PASSWORD or MEDLENS_PACS_TOKEN (never from the command line).",
     )
     sub = p.add_subparsers(dest="pacs_command", required=True, parser_class=type(p))
     s = sub.add_parser("search", help="list studies and their series (names are filtered out: search by IDs, dates, modality, UIDs)")
     _add_filters(s)
     s.add_argument("--limit", type=int, default=50, help="at most this many studies (default 50)")
-    s.add_argument("--json", action="store_true", help='JSON Lines: {"level": "study", ...} then {"level": "series", "path": ...} per series')
+    s.add_argument(
+        "--json", action="store_true", help='JSON Lines: {"level": "study", ...} then {"level": "series", "path": ...} per series'
+    )
     s.set_defaults(func=cmd_pacs_search)
     c = sub.add_parser("status", help="check that the PACS answers and accepts the credentials")
     c.add_argument("--json", action="store_true", help='one JSON object {"server", "auth", "ok"}')
@@ -61,17 +63,23 @@ def cmd_pacs_search(args) -> int:
                 print(json.dumps(row.to_dict(), ensure_ascii=False))
             continue
         modalities = "/".join(study.modalities) or "?"
-        print(f"{study.path}  {study.date or '????????'}  {study.patient_id or '-'}  {study.patient_name or '-'}  "
-              f"{study.accession or '-'}  {modalities}  {study.description}".rstrip())
+        print(
+            f"{study.path}  {study.date or '????????'}  {study.patient_id or '-'}  {study.patient_name or '-'}  "
+            f"{study.accession or '-'}  {modalities}  {study.description}".rstrip()
+        )
         for row in study.series:
             count = f"{row.n_instances} instances" if row.n_instances is not None else "? instances"
             kind = "" if row.is_image else "  (not an image)"
-            print(f"    {row.path}  {row.modality}  series {row.series_number if row.series_number is not None else '?'}  "
-                  f"{count}  {row.description}{kind}".rstrip())
+            print(
+                f"    {row.path}  {row.modality}  series {row.series_number if row.series_number is not None else '?'}  "
+                f"{count}  {row.description}{kind}".rstrip()
+            )
     if not studies:
         print("medlens: no study matches", file=sys.stderr)
     elif not args.json:
-        print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} found" + (" (limit reached)" if len(studies) >= args.limit else ""))
+        print(
+            f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'} found" + (" (limit reached)" if len(studies) >= args.limit else "")
+        )
     return 0
 
 

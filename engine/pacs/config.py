@@ -80,8 +80,7 @@ def check_url(url: str, allow_http: bool = False) -> str:
         )
     if parts.username or parts.password or "@" in parts.netloc:
         raise PacsConfigError(
-            "MEDLENS_PACS_URL must not carry credentials: set MEDLENS_PACS_USER and MEDLENS_PACS_PASSWORD "
-            "(or MEDLENS_PACS_TOKEN) instead"
+            "MEDLENS_PACS_URL must not carry credentials: set MEDLENS_PACS_USER and MEDLENS_PACS_PASSWORD (or MEDLENS_PACS_TOKEN) instead"
         )
     if parts.query or parts.fragment:
         raise PacsConfigError("MEDLENS_PACS_URL must be the DICOMweb root without '?' or '#' parts")

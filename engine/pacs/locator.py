@@ -61,8 +61,8 @@ def parse(path: str) -> Locator:
     if not is_locator(text):
         raise LocatorError(f"{text[:80]!r} is not a dicomweb: path (dicomweb:STUDY_UID or dicomweb:STUDY_UID/SERIES_UID)")
     if text.lower().startswith(SEALED):
-        text = _unseal(text[len(SEALED):])
-    body = text[len(SCHEME):].strip().strip("/")
+        text = _unseal(text[len(SEALED) :])
+    body = text[len(SCHEME) :].strip().strip("/")
     parts = body.split("/")
     if not body or len(parts) > 2:
         raise LocatorError(f"{str(path)[:80]!r}: write dicomweb:STUDY_UID or dicomweb:STUDY_UID/SERIES_UID")

@@ -145,8 +145,12 @@ def parse_query(text: str | Iterable[str]) -> QueryFilter:
             raise QueryError(f"query word {word!r}: write key=value with key one of {', '.join(KEYS)}")
         values[key] = value
     query = make_filter(
-        values.get("patient-id"), values.get("accession"), values.get("date"), values.get("modality"),
-        values.get("study"), values.get("series"),
+        values.get("patient-id"),
+        values.get("accession"),
+        values.get("date"),
+        values.get("modality"),
+        values.get("study"),
+        values.get("series"),
     )
     if query.is_empty():
         raise QueryError("an empty query would list the whole PACS: give at least one of " + ", ".join(f"{k}=..." for k in KEYS))

@@ -33,8 +33,14 @@ from engine.pacs.query import QueryFilter, SeriesRow
 from engine.scan import Scan
 
 _PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_KINDS = {"SR": "a structured report", "SEG": "a segmentation", "PR": "a presentation state", "KO": "a key-object selection",
-          "DOC": "an encapsulated document", "RTSTRUCT": "an RT structure set"}
+_KINDS = {
+    "SR": "a structured report",
+    "SEG": "a segmentation",
+    "PR": "a presentation state",
+    "KO": "a key-object selection",
+    "DOC": "an encapsulated document",
+    "RTSTRUCT": "an RT structure set",
+}
 
 
 def _no_bytes() -> io.BufferedIOBase:

@@ -95,7 +95,7 @@ def is_text(word: Word, gray: np.ndarray) -> bool:
     height = word.bottom - word.top
     if height < MIN_HEIGHT_PX or height > MAX_HEIGHT_FRACTION * gray.shape[0]:
         return False
-    split = text_split(gray[word.top:word.bottom, word.left:word.right])
+    split = text_split(gray[word.top : word.bottom, word.left : word.right])
     if word.conf >= SURE_CONF and split >= SURE_READ_SPLIT:
         return True
     if word.conf >= MIN_CONF and split >= TEXT_SPLIT:

@@ -20,7 +20,24 @@ from engine.results.schema import NOTICE, SCHEMA, AnswerBlock, LabelBlock, Model
 from engine.results.subject import Subject, subject_for
 
 __all__ = [
-    "NOTICE", "SCHEMA", "AnswerBlock", "ExportError", "Heat", "LabelBlock", "ModelRef", "OutputUIDs", "Outputs",
-    "ResultRecord", "Subject", "answer_heat", "build_outputs", "export_scan", "label_heat", "push_scan", "record_for",
-    "subject_for", "view_heat", "write_files",
+    "NOTICE",
+    "SCHEMA",
+    "AnswerBlock",
+    "ExportError",
+    "Heat",
+    "LabelBlock",
+    "ModelRef",
+    "OutputUIDs",
+    "Outputs",
+    "ResultRecord",
+    "Subject",
+    "answer_heat",
+    "build_outputs",
+    "export_scan",
+    "label_heat",
+    "push_scan",
+    "record_for",
+    "subject_for",
+    "view_heat",
+    "write_files",
 ]

@@ -28,14 +28,23 @@ from engine.errors import MedLensError
 
 
 def add_output_args(p, *, query: bool = False) -> None:
-    p.add_argument("--export", default=None, metavar="DIR",
-                   help="write per scan a JSON result and DICOM SR, SEG and overlay (de-identified) into DIR/<scan>/")
-    p.add_argument("--push", action="store_true",
-                   help="store SR, SEG and overlay into each dicomweb: scan's own study on its PACS (STOW-RS)")
+    p.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="write per scan a JSON result and DICOM SR, SEG and overlay (de-identified) into DIR/<scan>/",
+    )
+    p.add_argument(
+        "--push", action="store_true", help="store SR, SEG and overlay into each dicomweb: scan's own study on its PACS (STOW-RS)"
+    )
     if query:
-        p.add_argument("--pacs-query", default=None, metavar="QUERY",
-                       help='also label every image series this PACS search returns, e.g. "modality=CT date=20240101-20240131" '
-                            "(keys: patient-id, accession, date, modality, study, series)")
+        p.add_argument(
+            "--pacs-query",
+            default=None,
+            metavar="QUERY",
+            help='also label every image series this PACS search returns, e.g. "modality=CT date=20240101-20240131" '
+            "(keys: patient-id, accession, date, modality, study, series)",
+        )
 
 
 def query_paths(query: str, limit: int = 1000) -> list[str]:

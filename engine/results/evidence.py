@@ -111,7 +111,9 @@ def view_heat(scan: Scan, question: str, view) -> Heat:
 def _resize(plane: np.ndarray, rows: int, cols: int, image_module) -> np.ndarray:
     if plane.shape == (rows, cols):
         return plane
-    resized = image_module.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F").resize((cols, rows), image_module.Resampling.BILINEAR)
+    resized = image_module.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F").resize(
+        (cols, rows), image_module.Resampling.BILINEAR
+    )
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 

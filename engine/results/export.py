@@ -80,7 +80,9 @@ def build_outputs(scan: Scan, record: ResultRecord, subject: Subject | None, hea
     """SR (always, when there is a subject), SEG and SC (when there is evidence on the source grid)."""
     out = Outputs()
     if subject is None:
-        out.notes.append("no DICOM objects: the scan was not read from DICOM with instance UIDs (a NIfTI or image file has no study to refer to)")
+        out.notes.append(
+            "no DICOM objects: the scan was not read from DICOM with instance UIDs (a NIfTI or image file has no study to refer to)"
+        )
         return out
     deidentified = not subject.identified
     models = record.models
@@ -140,7 +142,9 @@ def write_files(folder: str | Path, record: ResultRecord, outputs: Outputs) -> P
     return folder
 
 
-def export_scan(scan: Scan, record: ResultRecord, heats: list[Heat], folder: str | Path, *, paths=(), uids: OutputUIDs | None = None) -> Outputs:
+def export_scan(
+    scan: Scan, record: ResultRecord, heats: list[Heat], folder: str | Path, *, paths=(), uids: OutputUIDs | None = None
+) -> Outputs:
     """Build the de-identified objects of `scan` and write them with its JSON result into `folder`."""
     subject = subject_for(scan, paths)
     outputs = build_outputs(scan, record, subject.deidentified() if subject else None, heats, (uids or OutputUIDs.new()).mapped())
@@ -155,9 +159,7 @@ def push_scan(client, scan: Scan, record: ResultRecord, heats: list[Heat], uids:
     if origin is None:
         raise ExportError("only a scan read from the PACS (a dicomweb: path) can be sent back to it; this one came from files")
     if origin.server != client.identity:
-        raise ExportError(
-            f"this scan came from the PACS at {origin.server}; results are written back only there, not to {client.identity}"
-        )
+        raise ExportError(f"this scan came from the PACS at {origin.server}; results are written back only there, not to {client.identity}")
     outputs = build_outputs(scan, record, Subject.from_origin(origin), heats, uids or OutputUIDs.new())
     if not outputs.datasets():
         raise ExportError("nothing to send: " + "; ".join(outputs.notes))

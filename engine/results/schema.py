@@ -77,7 +77,7 @@ class ModelRef:
         text = str(model_id or "unknown")
         name, sep, rev = text.rpartition("@") if revision is None and "@" in text else (text, "", revision or "")
         if name.startswith("local-dir:"):
-            name = "local-dir:" + (PurePath(name[len("local-dir:"):]).name or "model")
+            name = "local-dir:" + (PurePath(name[len("local-dir:") :]).name or "model")
         return cls(name=name, revision=rev)
 
     @property
@@ -133,12 +133,18 @@ class LabelBlock:
         abstain = data.get("out_of_distribution")
         findings = [
             Finding(
-                label=str(item["label"]), rank=rank, probability=_r(item["probability"]), score=_r(item.get("score")),
+                label=str(item["label"]),
+                rank=rank,
+                probability=_r(item["probability"]),
+                score=_r(item.get("score")),
                 absent_score=_r(item.get("absent_score")),
                 calibrated_probability=_r(item.get("calibrated_probability")),
-                uncertain=item.get("uncertain"), abstain=abstain,
-                reported_probability=_r(item.get("reported_probability")), verdict=item.get("verdict"),
-                fov_bound=_r(item.get("fov_bound")), reasons=list(item.get("reasons") or []),
+                uncertain=item.get("uncertain"),
+                abstain=abstain,
+                reported_probability=_r(item.get("reported_probability")),
+                verdict=item.get("verdict"),
+                fov_bound=_r(item.get("fov_bound")),
+                reasons=list(item.get("reasons") or []),
             )
             for rank, item in enumerate(data["labels"], start=1)
         ]
@@ -163,8 +169,12 @@ class LabelBlock:
 
 
 def _ood(data: dict[str, Any]) -> dict[str, Any]:
-    return {"out_of_distribution": data.get("out_of_distribution"), "ood_score": _r(data.get("ood_score")),
-            "ood_threshold": _r(data.get("ood_threshold")), "ood_reasons": list(data.get("ood_reasons") or [])}
+    return {
+        "out_of_distribution": data.get("out_of_distribution"),
+        "ood_score": _r(data.get("ood_score")),
+        "ood_threshold": _r(data.get("ood_threshold")),
+        "ood_reasons": list(data.get("ood_reasons") or []),
+    }
 
 
 @dataclass

@@ -58,7 +58,9 @@ def build_seg(scan: Scan, heats: list[Heat], subject, where: list[Placement], se
             segmented_property_type=getattr(codes.DCM, _PROPERTY.get(heat.method, "Saliency")),
             algorithm_type="AUTOMATIC",
             algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name=model.name[:64], version=(model.revision or "unrecorded")[:64], family=codes.DCM.ArtificialIntelligence,
+                name=model.name[:64],
+                version=(model.revision or "unrecorded")[:64],
+                family=codes.DCM.ArtificialIntelligence,
                 parameters={"evidence": heat.method, "for": heat.target[:64]},
             ),
         )

@@ -41,7 +41,11 @@ def finding_value(finding: Finding, mode: str):
     if mode == "present-absent":
         present = finding.verdict == "present" if finding.verdict else finding.shown >= 0.5
         return codes.SCT.Present if present else codes.SCT.Absent
-    return _concept("TOPRANKED", "Most probable of the labels") if finding.rank == 1 else _concept("LOWERRANKED", "Less probable than the top label")
+    return (
+        _concept("TOPRANKED", "Most probable of the labels")
+        if finding.rank == 1
+        else _concept("LOWERRANKED", "Less probable than the top label")
+    )
 
 
 def _algorithm(model: ModelRef, params: list[str]):
@@ -58,16 +62,26 @@ def _group(tracking: str, tracking_uid: str, concept, value, probability: float,
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=tracking[:64]),
         finding_type=concept,
         algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=float(probability), unit=codes.UCUM.NoUnits, algorithm_id=algorithm)],
+        measurements=[
+            hd.sr.Measurement(name=codes.DCM.Probability, value=float(probability), unit=codes.UCUM.NoUnits, algorithm_id=algorithm)
+        ],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=concept, value=value)],
     )
 
 
 def label_groups(labels: LabelBlock, report_uid: str) -> list:
-    algorithm = _algorithm(labels.model, parameters(mode=labels.mode, aggregation=labels.aggregation, prompt_set=labels.prompt_set, scope=labels.scope))
+    algorithm = _algorithm(
+        labels.model, parameters(mode=labels.mode, aggregation=labels.aggregation, prompt_set=labels.prompt_set, scope=labels.scope)
+    )
     return [
-        _group(f"MedLens label {f.rank}: {f.label}", derived_uid(report_uid, "label", str(f.rank)), text_concept(f.label, "L"),
-               finding_value(f, labels.mode), f.shown, algorithm)
+        _group(
+            f"MedLens label {f.rank}: {f.label}",
+            derived_uid(report_uid, "label", str(f.rank)),
+            text_concept(f.label, "L"),
+            finding_value(f, labels.mode),
+            f.shown,
+            algorithm,
+        )
         for f in labels.findings
     ]
 
@@ -77,11 +91,22 @@ def answer_groups(answers: list[AnswerBlock], report_uid: str) -> list:
 
     groups = []
     for n, a in enumerate(answers, start=1):
-        value = _concept("NOTASSESSED", "Not assessed: the model abstained") if a.abstain else (
-            codes.SCT.Indeterminate if a.uncertain else text_concept(a.answer, "A"))
+        value = (
+            _concept("NOTASSESSED", "Not assessed: the model abstained")
+            if a.abstain
+            else (codes.SCT.Indeterminate if a.uncertain else text_concept(a.answer, "A"))
+        )
         algorithm = _algorithm(a.model, parameters(question="closed" if a.closed else "generated", family=a.family))
-        groups.append(_group(f"MedLens answer {n}: {a.question}", derived_uid(report_uid, "answer", str(n)),
-                             text_concept(a.question, "Q"), value, a.shown, algorithm))
+        groups.append(
+            _group(
+                f"MedLens answer {n}: {a.question}",
+                derived_uid(report_uid, "answer", str(n)),
+                text_concept(a.question, "Q"),
+                value,
+                a.shown,
+                algorithm,
+            )
+        )
     return groups
 
 
@@ -102,19 +127,31 @@ def build_sr(record: ResultRecord, sources: list, series_uid: str, sop_uid: str,
         raise ValueError("nothing to report: no label and no answer")
     models = record.models
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid("medlens-device", *(m.id for m in models)), name="MedLens", manufacturer_name="MedLens",
+        uid=derived_uid("medlens-device", *(m.id for m in models)),
+        name="MedLens",
+        manufacturer_name="MedLens",
         model_name=" + ".join(m.name for m in models)[:64],
     )
     observation = hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
     )
     report = hd.sr.MeasurementReport(
-        observation_context=observation, procedure_reported=_procedure(modality), imaging_measurements=groups,
+        observation_context=observation,
+        procedure_reported=_procedure(modality),
+        imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=sources, content=report, series_instance_uid=series_uid, series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer="MedLens", is_complete=True, is_final=False, is_verified=False,
+        evidence=sources,
+        content=report,
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBERS["sr"],
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="MedLens",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
     )
     sr.CodingSchemeIdentificationSequence = [scheme_identification()]
     return sr
@@ -133,17 +170,23 @@ def read_findings(path_or_dataset) -> list[dict]:
     """Each measurement group of a MedLens SR as {"finding", "value", "probability", "algorithm", "version"} (tests, tools)."""
     import highdicom as hd
 
-    sr = hd.sr.srread(path_or_dataset) if not hasattr(path_or_dataset, "ContentSequence") else hd.sr.Comprehensive3DSR.from_dataset(path_or_dataset)
+    sr = (
+        hd.sr.srread(path_or_dataset)
+        if not hasattr(path_or_dataset, "ContentSequence")
+        else hd.sr.Comprehensive3DSR.from_dataset(path_or_dataset)
+    )
     out = []
     for group in sr.content.get_image_measurement_groups():
         [measurement] = group.get_measurements()
         [evaluation] = group.get_qualitative_evaluations()
         texts = _texts(measurement[0])
-        out.append({
-            "finding": group.finding_type.meaning,
-            "value": evaluation.value.meaning,
-            "probability": float(measurement.value),
-            "algorithm": (texts.get("Algorithm Name") or [None])[0],
-            "version": (texts.get("Algorithm Version") or [None])[0],
-        })
+        out.append(
+            {
+                "finding": group.finding_type.meaning,
+                "value": evaluation.value.meaning,
+                "probability": float(measurement.value),
+                "algorithm": (texts.get("Algorithm Name") or [None])[0],
+                "version": (texts.get("Algorithm Version") or [None])[0],
+            }
+        )
     return out

@@ -28,9 +28,22 @@ from engine.pacs.origin import HEADER, InstanceRef
 # Type 2 attributes of the Patient and General Study modules: present, empty when de-identified.
 _EMPTY_WHEN_DEIDENTIFIED = tuple(k for k in HEADER if k not in ("SpecificCharacterSet", "StudyInstanceUID", "IssuerOfPatientID"))
 _HEADER_TAGS = (
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "Modality", "Rows",
-    "Columns", "NumberOfFrames", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
-    "PatientOrientation", "Laterality", "ImageLaterality",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+    "PatientOrientation",
+    "Laterality",
+    "ImageLaterality",
 )
 
 

@@ -47,6 +47,17 @@ from engine.trust.calibration import (
 from engine.trust.ood import OodFlag, ReferenceSet, modality_conflict
 
 __all__ = [
-    "ABSENT", "PRESENT", "UNCERTAIN", "Calibration", "Calibrator", "OodFlag", "ReferenceSet", "ece", "fit_platt",
-    "fit_temperature", "modality_conflict", "reliability_table", "verdict",
+    "ABSENT",
+    "PRESENT",
+    "UNCERTAIN",
+    "Calibration",
+    "Calibrator",
+    "OodFlag",
+    "ReferenceSet",
+    "ece",
+    "fit_platt",
+    "fit_temperature",
+    "modality_conflict",
+    "reliability_table",
+    "verdict",
 ]

@@ -166,9 +166,13 @@ class BodyFacts:
 
     def to_dict(self) -> dict[str, Any]:
         sizes = [s for s in self.sections_mm if s > 0]
-        return {"cross_section_mm": [round(min(sizes)), round(max(sizes))] if sizes else None,
-                "head_sized_slices": self.head_sized, "trunk_sized_slices": self.trunk_sized,
-                "length_mm": round(self.z_extent_mm), "body_part_examined": self.body_part}
+        return {
+            "cross_section_mm": [round(min(sizes)), round(max(sizes))] if sizes else None,
+            "head_sized_slices": self.head_sized,
+            "trunk_sized_slices": self.trunk_sized,
+            "length_mm": round(self.z_extent_mm),
+            "body_part_examined": self.body_part,
+        }
 
 
 def _largest_extent_mm(mask: np.ndarray, row_mm: float, col_mm: float) -> float:
@@ -198,7 +202,9 @@ def body_facts(scan, volume: int = 0, n_slices: int = 12) -> BodyFacts | None:
         finite = sub[np.isfinite(sub)]
         lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 0.0)
         level = lo + 0.1 * (hi - lo)
-    sections = [_largest_extent_mm(np.nan_to_num(vol[i], nan=-np.inf) > level, dy, dx) for i in sample_indices(scan, "axial", n_slices, volume)]
+    sections = [
+        _largest_extent_mm(np.nan_to_num(vol[i], nan=-np.inf) > level, dy, dx) for i in sample_indices(scan, "axial", n_slices, volume)
+    ]
     first, last = foreground_extent(scan, "axial", volume)
     part = scan.metadata.get("BodyPartExamined")
     return BodyFacts(sections, float((last - first + 1) * dz), str(part) if part else None)
@@ -260,10 +266,14 @@ class FieldOfView:
 
     def to_dict(self) -> dict[str, Any]:
         region, p = self.main
-        return {"main_region": region, "main_region_probability": round(p, 4),
-                "regions": {m: round(v, 4) for m, v in self.regions.items()}, **self.facts.to_dict(),
-                "volume_model": None if self.volume_model is None else {m: round(v, 4) for m, v in self.volume_model.items()},
-                "evidence": list(self.evidence)}
+        return {
+            "main_region": region,
+            "main_region_probability": round(p, 4),
+            "regions": {m: round(v, 4) for m, v in self.regions.items()},
+            **self.facts.to_dict(),
+            "volume_model": None if self.volume_model is None else {m: round(v, 4) for m, v in self.volume_model.items()},
+            "evidence": list(self.evidence),
+        }
 
 
 def _gap(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -306,8 +316,9 @@ def volume_model_likelihood(answer: Mapping[str, float], calibrated: bool) -> di
     return {m: (v if m in said else least) for m, v in out.items()}
 
 
-def field_of_view(facts: BodyFacts, region_answer: Mapping[str, float] | None = None, *, calibrated: bool = False,
-                  model_name: str = "the volume model") -> FieldOfView:
+def field_of_view(
+    facts: BodyFacts, region_answer: Mapping[str, float] | None = None, *, calibrated: bool = False, model_name: str = "the volume model"
+) -> FieldOfView:
     """Combine the evidence (module docstring) into a FieldOfView."""
     table = anatomy()
     posterior = {m: 1.0 for m in REGIONS}

@@ -100,8 +100,12 @@ class Calibration:
         return bool(top <= self.band[1]) if n_choices == 2 else bool(top < self.min_top)
 
     def to_config(self) -> dict[str, Any]:
-        return {"calibrators": {k: asdict(c) for k, c in self.calibrators.items()}, "band": list(self.band),
-                "min_top": self.min_top, "metrics": self.metrics}
+        return {
+            "calibrators": {k: asdict(c) for k, c in self.calibrators.items()},
+            "band": list(self.band),
+            "min_top": self.min_top,
+            "metrics": self.metrics,
+        }
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> "Calibration":
@@ -189,6 +193,13 @@ def reliability_table(probabilities: np.ndarray, labels: np.ndarray, n_bins: int
     for b in range(n_bins):
         mask = which == b
         if mask.any():
-            rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(mask.sum()),
-                         "confidence": float(conf[mask].mean()), "accuracy": float(hit[mask].mean())})
+            rows.append(
+                {
+                    "low": float(edges[b]),
+                    "high": float(edges[b + 1]),
+                    "count": int(mask.sum()),
+                    "confidence": float(conf[mask].mean()),
+                    "accuracy": float(hit[mask].mean()),
+                }
+            )
     return rows

@@ -28,11 +28,23 @@ CONFLICT_MAX_P = 0.1  # the model must give the header's modality less than this
 IMAGE_TYPE_SET = "image type"  # label set of assets/prompts/other.json naming the seven modalities
 # the "image type" labels of the other prompt set, by the modality they name
 IMAGE_TYPE_MODALITY = {
-    "chest X-ray": Modality.XRAY, "CT scan": Modality.CT, "MRI scan": Modality.MR, "ultrasound image": Modality.US,
-    "histopathology slide": Modality.PATHOLOGY, "fundus photograph": Modality.FUNDUS, "dermoscopy image": Modality.DERMOSCOPY,
+    "chest X-ray": Modality.XRAY,
+    "CT scan": Modality.CT,
+    "MRI scan": Modality.MR,
+    "ultrasound image": Modality.US,
+    "histopathology slide": Modality.PATHOLOGY,
+    "fundus photograph": Modality.FUNDUS,
+    "dermoscopy image": Modality.DERMOSCOPY,
 }
-_WORDS = {Modality.XRAY: "X-ray", Modality.CT: "CT", Modality.MR: "MR", Modality.US: "ultrasound",
-          Modality.PATHOLOGY: "pathology", Modality.FUNDUS: "fundus photograph", Modality.DERMOSCOPY: "dermoscopy"}
+_WORDS = {
+    Modality.XRAY: "X-ray",
+    Modality.CT: "CT",
+    Modality.MR: "MR",
+    Modality.US: "ultrasound",
+    Modality.PATHOLOGY: "pathology",
+    Modality.FUNDUS: "fundus photograph",
+    Modality.DERMOSCOPY: "dermoscopy",
+}
 
 
 def header_modality(scan) -> Modality | None:
@@ -72,11 +84,15 @@ def conflict(probabilities: dict[Modality, float], header: Modality | None, mode
     top = max(probabilities, key=probabilities.get)
     if top == header or probabilities.get(header, 0.0) >= CONFLICT_MAX_P:
         return None
-    return (f"{model} reads this as {word(top)} ({100 * probabilities[top]:.0f}%) but the DICOM header says {word(header)} "
-            f"({100 * probabilities.get(header, 0.0):.0f}% for {word(header)})")
+    return (
+        f"{model} reads this as {word(top)} ({100 * probabilities[top]:.0f}%) but the DICOM header says {word(header)} "
+        f"({100 * probabilities.get(header, 0.0):.0f}% for {word(header)})"
+    )
 
 
 def summary(probabilities: dict[Modality, float]) -> dict[str, Any]:
     top = max(probabilities, key=probabilities.get) if probabilities else None
-    return {"modality_guess": None if top is None else top.value,
-            "modality_guess_probability": None if top is None else round(probabilities[top], 4)}
+    return {
+        "modality_guess": None if top is None else top.value,
+        "modality_guess_probability": None if top is None else round(probabilities[top], 4),
+    }

@@ -54,8 +54,12 @@ class ModelTrust:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready: what this model's results can be trusted with."""
-        return {"calibrated": self.calibrated, "note": self.note, "ood_reference": self.reference is not None,
-                "ood_threshold": None if self.reference is None else round(float(self.reference.threshold), 4)}
+        return {
+            "calibrated": self.calibrated,
+            "note": self.note,
+            "ood_reference": self.reference is not None,
+            "ood_threshold": None if self.reference is None else round(float(self.reference.threshold), 4),
+        }
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, folder: str | Path | None = None) -> "ModelTrust":

@@ -53,8 +53,9 @@ class OodFlag:
         return cls(None, None, None, [], [])
 
     @classmethod
-    def assess(cls, reference: "ReferenceSet | None", query: np.ndarray | None, reasons: list[str] | None = None,
-               checks: list[str] | None = None) -> "OodFlag":
+    def assess(
+        cls, reference: "ReferenceSet | None", query: np.ndarray | None, reasons: list[str] | None = None, checks: list[str] | None = None
+    ) -> "OodFlag":
         """The flag from a reference set (when the checkpoint has one) and other checks' reasons."""
         checks = list(checks or [])
         if reference is not None and query is not None:
@@ -65,9 +66,13 @@ class OodFlag:
         return cls(True if reasons else (False if checks else None), None, None, reasons, checks)
 
     def to_dict(self) -> dict:
-        return {"out_of_distribution": self.out_of_distribution, "ood_score": None if self.score is None else round(self.score, 4),
-                "ood_threshold": None if self.threshold is None else round(self.threshold, 4), "ood_reasons": list(self.reasons),
-                "ood_checks": list(self.checks)}
+        return {
+            "out_of_distribution": self.out_of_distribution,
+            "ood_score": None if self.score is None else round(self.score, 4),
+            "ood_threshold": None if self.threshold is None else round(self.threshold, 4),
+            "ood_reasons": list(self.reasons),
+            "ood_checks": list(self.checks),
+        }
 
 
 @dataclass
@@ -98,8 +103,17 @@ class ReferenceSet:
 
     # --- fitting and storage ----------------------------------------------------------------
     @classmethod
-    def fit(cls, train: np.ndarray, modalities: list[str], held_out: np.ndarray, *, k: int = DEFAULT_K,
-            quantile: float = DEFAULT_QUANTILE, max_vectors: int = 4000, seed: int = 0) -> "ReferenceSet":
+    def fit(
+        cls,
+        train: np.ndarray,
+        modalities: list[str],
+        held_out: np.ndarray,
+        *,
+        k: int = DEFAULT_K,
+        quantile: float = DEFAULT_QUANTILE,
+        max_vectors: int = 4000,
+        seed: int = 0,
+    ) -> "ReferenceSet":
         """Subsample the training embeddings and set the threshold at `quantile` of held-out in-distribution scores."""
         train = np.asarray(train, dtype=np.float32)
         train = train / np.maximum(np.linalg.norm(train, axis=-1, keepdims=True), 1e-12)
@@ -114,8 +128,11 @@ class ReferenceSet:
         from safetensors.numpy import save_file
 
         path = Path(folder) / REFERENCE_FILE
-        save_file({"vectors": self.vectors.astype(np.float16)}, str(path),
-                  metadata={"threshold": repr(self.threshold), "k": str(self.k), "modalities": "\n".join(self.modalities)})
+        save_file(
+            {"vectors": self.vectors.astype(np.float16)},
+            str(path),
+            metadata={"threshold": repr(self.threshold), "k": str(self.k), "modalities": "\n".join(self.modalities)},
+        )
         return path
 
     @classmethod
@@ -128,8 +145,12 @@ class ReferenceSet:
         with safe_open(str(path), framework="numpy") as fh:
             meta = fh.metadata() or {}
             vectors = fh.get_tensor("vectors")
-        return cls(vectors, (meta.get("modalities") or "").split("\n") if meta.get("modalities") else [],
-                   float(meta.get("threshold", "inf")), int(meta.get("k", DEFAULT_K)))
+        return cls(
+            vectors,
+            (meta.get("modalities") or "").split("\n") if meta.get("modalities") else [],
+            float(meta.get("threshold", "inf")),
+            int(meta.get("k", DEFAULT_K)),
+        )
 
 
 def modality_conflict(predicted: str | None, header: str | None) -> str | None:

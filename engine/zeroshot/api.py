@@ -61,7 +61,9 @@ class HeatmapUnavailable(MedLensError):
 class LabelScore:
     label: str  # as the user typed it
     probability: float  # the model's raw probability: softmax over labels, or P(present) in present/absent mode
-    score: float  # cosine with the label's ensembled embedding ("present" ensemble in present/absent mode); aggregated over slices for volumes
+    score: (
+        float  # cosine with the label's ensembled embedding ("present" ensemble in present/absent mode); aggregated over slices for volumes
+    )
     absent_score: float | None = None  # present/absent mode: cosine with the "absent" ensemble
     calibrated_probability: float | None = None  # the checkpoint's calibration applied; None when it has none
     reported_probability: float | None = None  # what is shown: calibrated (when it is), bounded by the field of view
@@ -117,10 +119,18 @@ class LabelResult:
 
         out: dict[str, Any] = {
             "labels": [
-                {"label": s.label, "probability": r(s.probability), "score": r(s.score),
-                 **({"absent_score": r(s.absent_score)} if s.absent_score is not None else {}),
-                 "calibrated_probability": r(s.calibrated_probability), "reported_probability": r(s.shown),
-                 "verdict": s.verdict, "uncertain": s.uncertain, "fov_bound": r(s.fov_bound), "reasons": list(s.reasons)}
+                {
+                    "label": s.label,
+                    "probability": r(s.probability),
+                    "score": r(s.score),
+                    **({"absent_score": r(s.absent_score)} if s.absent_score is not None else {}),
+                    "calibrated_probability": r(s.calibrated_probability),
+                    "reported_probability": r(s.shown),
+                    "verdict": s.verdict,
+                    "uncertain": s.uncertain,
+                    "fov_bound": r(s.fov_bound),
+                    "reasons": list(s.reasons),
+                }
                 for s in self.labels
             ],
             "mode": self.mode,
@@ -281,8 +291,9 @@ def label_images(
     check_mode(mode, aggregation, len(labels))
     clip = resolve_model(model)
     pixels = [im.pixels if isinstance(im, ModelImage) else np.asarray(im) for im in images]
-    return label_from_embeddings(clip.encode_images(pixels), images, labels, clip, pset, mode=mode, aggregation=aggregation,
-                                 context=context)
+    return label_from_embeddings(
+        clip.encode_images(pixels), images, labels, clip, pset, mode=mode, aggregation=aggregation, context=context
+    )
 
 
 def label_from_embeddings(

@@ -50,9 +50,18 @@ MODALITY_KEYS: dict[Modality, str] = {
 PROMPT_SET_KEYS: tuple[str, ...] = tuple(MODALITY_KEYS.values())
 # words a user may type for a prompt set besides its key
 _KEY_ALIASES = {
-    "x-ray": "xray", "cr": "xray", "dx": "xray", "radiograph": "xray",
-    "mri": "mr", "ultrasound": "us", "histology": "pathology", "histopathology": "pathology",
-    "retina": "fundus", "skin": "dermoscopy", "dermatology": "dermoscopy", "unknown": "other",
+    "x-ray": "xray",
+    "cr": "xray",
+    "dx": "xray",
+    "radiograph": "xray",
+    "mri": "mr",
+    "ultrasound": "us",
+    "histology": "pathology",
+    "histopathology": "pathology",
+    "retina": "fundus",
+    "skin": "dermoscopy",
+    "dermatology": "dermoscopy",
+    "unknown": "other",
 }
 
 

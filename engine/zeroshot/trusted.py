@@ -206,4 +206,15 @@ def bound_labels(labels, mode: str, context: ScanContext, calibration=None) -> N
     set_verdicts(labels, mode, calibration)
 
 
-__all__ = ["ABSENT", "FOV_CHECKS", "PRESENT", "ScanContext", "apply", "assess", "bound_labels", "check_fov_mode", "scan_context", "set_verdicts"]
+__all__ = [
+    "ABSENT",
+    "FOV_CHECKS",
+    "PRESENT",
+    "ScanContext",
+    "apply",
+    "assess",
+    "bound_labels",
+    "check_fov_mode",
+    "scan_context",
+    "set_verdicts",
+]

@@ -56,8 +56,18 @@ RECIPES: dict[str, Recipe] = {
     "caption_csv": caption_csv,
     "chexpert_csv": chexpert_csv,
 }
-DEFAULT = ("nih_cxr14", "pneumoniamnist", "busi", "breastmnist", "lc25000_lung", "fundus_dr", "ham10000",
-           "ct_organs", "mr_organs", "brain_mri")
+DEFAULT = (
+    "nih_cxr14",
+    "pneumoniamnist",
+    "busi",
+    "breastmnist",
+    "lc25000_lung",
+    "fundus_dr",
+    "ham10000",
+    "ct_organs",
+    "mr_organs",
+    "brain_mri",
+)
 
 __all__ = ["RECIPES", "DEFAULT", "build_rows", "build_all", "count_table", "main"]
 
@@ -96,8 +106,7 @@ def count_table(table: dict[str, int]) -> str:
     sets = [k for k in table if "/" not in k]
     lines = [f"{'dataset':<16}{'train':>8}{'val':>8}{'test':>8}{'total':>8}"]
     for s in sets:
-        lines.append(f"{s:<16}" + "".join(f"{table.get(f'{s}/{sp}', 0):>8}" for sp in ("train", "val", "test"))
-                     + f"{table[s]:>8}")
+        lines.append(f"{s:<16}" + "".join(f"{table.get(f'{s}/{sp}', 0):>8}" for sp in ("train", "val", "test")) + f"{table[s]:>8}")
     total = {sp: sum(table.get(f"{s}/{sp}", 0) for s in sets) for sp in ("train", "val", "test")}
     lines.append(f"{'all':<16}" + "".join(f"{total[sp]:>8}" for sp in total) + f"{sum(total.values()):>8}")
     return "\n".join(lines)
@@ -108,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", required=True, type=Path, help="folder holding the sources (e.g. ../shared/data)")
     p.add_argument("--out", required=True, type=Path, help="manifest to write (JSON Lines)")
     p.add_argument("--only", nargs="+", metavar="NAME", help=f"recipes to run (default: {' '.join(DEFAULT)})")
-    p.add_argument("--medmnist-flags", nargs="+", default=["pathmnist", "dermamnist", "organamnist"],
-                   help="medmnist_plus: MedMNIST flags")
+    p.add_argument("--medmnist-flags", nargs="+", default=["pathmnist", "dermamnist", "organamnist"], help="medmnist_plus: MedMNIST flags")
     p.add_argument("--medmnist-size", type=int, default=28, choices=(28, 64, 128, 224), help="medmnist_plus: image size")
     p.add_argument("--caption-csv", default="captions.csv", help="caption_csv: CSV path (relative to the data root)")
     p.add_argument("--chexpert-csv", default="CheXpert-v1.0-small/train.csv", help="chexpert_csv: CSV path")

@@ -41,12 +41,32 @@ def epi_series(root: Path) -> list[Path]:
 
 def brain_mri(root: Path) -> list[Row]:
     root = Path(root)
-    rows = volume_rows(root, dataset="brain_mri", modality="mr", subject="colin27", split="train",
-                       image=root / ATLAS / "ch2.nii.gz", seg=root / ATLAS / "aal.nii.gz",
-                       id_names=aal_names(root), step=3, body_from_labels=True, always=("brain",),
-                       body_part="brain")
+    rows = volume_rows(
+        root,
+        dataset="brain_mri",
+        modality="mr",
+        subject="colin27",
+        split="train",
+        image=root / ATLAS / "ch2.nii.gz",
+        seg=root / ATLAS / "aal.nii.gz",
+        id_names=aal_names(root),
+        step=3,
+        body_from_labels=True,
+        always=("brain",),
+        body_part="brain",
+    )
     for series in epi_series(root):
         subject = f"{series.parent.name}/{series.name}"
-        rows += volume_rows(root, dataset="brain_mri", modality="mr", subject=subject, split="train",
-                            image=series, step=2, always=("brain",), body_part="brain", volume=0)
+        rows += volume_rows(
+            root,
+            dataset="brain_mri",
+            modality="mr",
+            subject=subject,
+            split="train",
+            image=series,
+            step=2,
+            always=("brain",),
+            body_part="brain",
+            volume=0,
+        )
     return rows

@@ -89,8 +89,12 @@ def breastmnist_report(root: Path) -> dict:
 def _breastmnist(root: str) -> tuple[list[Row], dict]:
     npz = require(Path(root) / NPZ)
     with np.load(npz) as data:
-        parts = [(s, i, data[f"{s}_images"][i], int(np.ravel(data[f"{s}_labels"])[i]))
-                 for s in SPLIT_KEYS if f"{s}_images" in data for i in range(len(data[f"{s}_images"]))]
+        parts = [
+            (s, i, data[f"{s}_images"][i], int(np.ravel(data[f"{s}_labels"])[i]))
+            for s in SPLIT_KEYS
+            if f"{s}_images" in data
+            for i in range(len(data[f"{s}_images"]))
+        ]
     recs, images = busi_images(root)
     busi_rows = {r.id: r for r in _busi(root)[0]}
     stems = [Path(r["file"]).stem for r in recs]
@@ -115,13 +119,26 @@ def _breastmnist(root: str) -> tuple[list[Row], dict]:
         if any(src_rows[x] is None or src_rows[x].split != src.split for x in rivals):
             dropped["ambiguous"] += 1
             continue
-        rows.append(Row(
-            id=f"breastmnist/{split}/{i}", dataset="breastmnist", modality="us", path=rel(npz, Path(root)),
-            split=src.split, subject=src.subject, labels=["malignant" if label == 0 else "non-malignant"],
-            array={"key": f"{split}_images", "index": i}, body_part="breast",
-            extra={"busi": src.path, "match_r": round(float(r[k]), 5), "source_split": split},
-        ))
-    report = {"frames": len(parts), "kept": len(rows), "dropped": dropped,
-              "median_r": float(np.median(r)), "min_r": float(r.min()),
-              "moved_split": sum(row.split != row.extra["source_split"] for row in rows)}
+        rows.append(
+            Row(
+                id=f"breastmnist/{split}/{i}",
+                dataset="breastmnist",
+                modality="us",
+                path=rel(npz, Path(root)),
+                split=src.split,
+                subject=src.subject,
+                labels=["malignant" if label == 0 else "non-malignant"],
+                array={"key": f"{split}_images", "index": i},
+                body_part="breast",
+                extra={"busi": src.path, "match_r": round(float(r[k]), 5), "source_split": split},
+            )
+        )
+    report = {
+        "frames": len(parts),
+        "kept": len(rows),
+        "dropped": dropped,
+        "median_r": float(np.median(r)),
+        "min_r": float(r.min()),
+        "moved_split": sum(row.split != row.extra["source_split"] for row in rows),
+    }
     return rows, report

@@ -104,18 +104,28 @@ def _busi(root: str) -> tuple[list[Row], dict]:
         subject = "busi-" + min(stems[i] for i in idx)
         for i in idx:
             moved += splits[i] != target
-            rows.append(Row(
-                id=f"busi/{stems[i]}", dataset="busi", modality="us", path=f"{FOLDER}/{recs[i]['file']}",
-                split=target, subject=subject, labels=[labels[i]], text=(recs[i].get("caption") or None),
-                body_part="breast",
-                extra={"source_split": splits[i]} if splits[i] != target else {},
-            ))
+            rows.append(
+                Row(
+                    id=f"busi/{stems[i]}",
+                    dataset="busi",
+                    modality="us",
+                    path=f"{FOLDER}/{recs[i]['file']}",
+                    split=target,
+                    subject=subject,
+                    labels=[labels[i]],
+                    text=(recs[i].get("caption") or None),
+                    body_part="breast",
+                    extra={"source_split": splits[i]} if splits[i] != target else {},
+                )
+            )
     rows.sort(key=lambda r: r.id)
     report = {
-        "images": len(recs), "dropped_label_conflicts": sorted(stems[i] for i in conflict),
+        "images": len(recs),
+        "dropped_label_conflicts": sorted(stems[i] for i in conflict),
         "near_duplicate_groups": sum(len(v) > 1 for v in members.values()),
         "images_in_groups": sum(len(v) for v in members.values() if len(v) > 1),
         "largest_group": max(len(v) for v in members.values()),
-        "groups_straddling_splits": straddling, "images_moved": moved,
+        "groups_straddling_splits": straddling,
+        "images_moved": moved,
     }
     return rows, report

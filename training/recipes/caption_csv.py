@@ -29,10 +29,24 @@ CAPTION_COLS = ("caption", "text", "report")
 SUBJECT_COLS = ("subject", "patient_id", "patient")
 
 _MODALITY_NAMES = {
-    "ct": "ct", "computed tomography": "ct", "mri": "mr", "mr": "mr", "magnetic resonance": "mr",
-    "x-ray": "xray", "xray": "xray", "radiograph": "xray", "cr": "xray", "dx": "xray",
-    "us": "us", "ultrasound": "us", "sonography": "us", "pathology": "pathology", "histology": "pathology",
-    "histopathology": "pathology", "fundus": "fundus", "dermoscopy": "dermoscopy",
+    "ct": "ct",
+    "computed tomography": "ct",
+    "mri": "mr",
+    "mr": "mr",
+    "magnetic resonance": "mr",
+    "x-ray": "xray",
+    "xray": "xray",
+    "radiograph": "xray",
+    "cr": "xray",
+    "dx": "xray",
+    "us": "us",
+    "ultrasound": "us",
+    "sonography": "us",
+    "pathology": "pathology",
+    "histology": "pathology",
+    "histopathology": "pathology",
+    "fundus": "fundus",
+    "dermoscopy": "dermoscopy",
 }
 _CAPTION_WORDS = (  # checked in order; the first hit names the modality
     ("ct", r"\bCT\b|computed tomograph|\bCTA\b"),
@@ -63,8 +77,9 @@ def guess_modality(value: str | None, caption: str) -> str | None:
     return None
 
 
-def caption_csv(root: Path, csv: str | Path = "captions.csv", dataset: str | None = None,
-                image_root: str | Path | None = None) -> list[Row]:
+def caption_csv(
+    root: Path, csv: str | Path = "captions.csv", dataset: str | None = None, image_root: str | Path | None = None
+) -> list[Row]:
     root = Path(root)
     csv_path = Path(csv) if Path(csv).is_absolute() else root / csv
     dataset = dataset or csv_path.stem
@@ -95,8 +110,18 @@ def caption_csv(root: Path, csv: str | Path = "captions.csv", dataset: str | Non
             dropped += 1
             continue
         seen.add(rid)
-        rows.append(Row(id=rid, dataset=dataset, modality=modality, path=rel(base / image, root), split=split,
-                        subject=f"{dataset}/{subject}", text=caption, extra={"caption_source": True}))
+        rows.append(
+            Row(
+                id=rid,
+                dataset=dataset,
+                modality=modality,
+                path=rel(base / image, root),
+                split=split,
+                subject=f"{dataset}/{subject}",
+                text=caption,
+                extra={"caption_source": True},
+            )
+        )
     last_report.clear()
     last_report.update({"csv": str(csv_path), "rows": len(rows), "dropped": dropped})
     return rows

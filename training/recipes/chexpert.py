@@ -25,11 +25,19 @@ from training.manifest import Row
 from training.recipes._common import norm_split, read_csv, rel, split_from_path
 
 FINDINGS = {
-    "Enlarged Cardiomediastinum": "enlarged cardiomediastinum", "Cardiomegaly": "cardiomegaly",
-    "Lung Opacity": "lung opacity", "Lung Lesion": "lung lesion", "Edema": "edema",
-    "Consolidation": "consolidation", "Pneumonia": "pneumonia", "Atelectasis": "atelectasis",
-    "Pneumothorax": "pneumothorax", "Pleural Effusion": "pleural effusion", "Pleural Other": "other pleural abnormality",
-    "Fracture": "fracture", "Support Devices": "support devices",
+    "Enlarged Cardiomediastinum": "enlarged cardiomediastinum",
+    "Cardiomegaly": "cardiomegaly",
+    "Lung Opacity": "lung opacity",
+    "Lung Lesion": "lung lesion",
+    "Edema": "edema",
+    "Consolidation": "consolidation",
+    "Pneumonia": "pneumonia",
+    "Atelectasis": "atelectasis",
+    "Pneumothorax": "pneumothorax",
+    "Pleural Effusion": "pleural effusion",
+    "Pleural Other": "other pleural abnormality",
+    "Fracture": "fracture",
+    "Support Devices": "support devices",
 }
 POLICIES = ("ones", "zeros")
 
@@ -54,8 +62,13 @@ def chexpert_labels(rec: dict[str, str], uncertain: str = "ones") -> list[str]:
     return sorted(labels)
 
 
-def chexpert_csv(root: Path, csv: str | Path = "CheXpert-v1.0-small/train.csv", uncertain: str = "ones",
-                 image_root: str | Path | None = None, dataset: str = "chexpert") -> list[Row]:
+def chexpert_csv(
+    root: Path,
+    csv: str | Path = "CheXpert-v1.0-small/train.csv",
+    uncertain: str = "ones",
+    image_root: str | Path | None = None,
+    dataset: str = "chexpert",
+) -> list[Row]:
     root = Path(root)
     csv_path = Path(csv) if Path(csv).is_absolute() else root / csv
     if image_root is None:
@@ -72,9 +85,18 @@ def chexpert_csv(root: Path, csv: str | Path = "CheXpert-v1.0-small/train.csv", 
         lateral = (rec.get("Frontal/Lateral") or "").strip().lower() == "lateral"
         view = "lateral" if lateral else ((rec.get("AP/PA") or "").strip().upper() or None)
         stem = f"{subject}/{study.group(1) if study else Path(path).parent.name}/{Path(path).stem}"
-        rows.append(Row(
-            id=f"{dataset}/{split}/{stem}", dataset=dataset, modality="xray", path=rel(image_base / path, root),
-            split=split, subject=f"{dataset}/{subject}", labels=chexpert_labels(rec, uncertain), view=view,
-            body_part="chest", extra={"uncertain_policy": uncertain},
-        ))
+        rows.append(
+            Row(
+                id=f"{dataset}/{split}/{stem}",
+                dataset=dataset,
+                modality="xray",
+                path=rel(image_base / path, root),
+                split=split,
+                subject=f"{dataset}/{subject}",
+                labels=chexpert_labels(rec, uncertain),
+                view=view,
+                body_part="chest",
+                extra={"uncertain_policy": uncertain},
+            )
+        )
     return rows

@@ -38,15 +38,17 @@ def fundus_labels(label: str) -> list[str]:
 def fundus_dr(root: Path) -> list[Row]:
     rows = []
     for rec in read_csv(Path(root) / FOLDER / "labels.csv"):
-        rows.append(Row(
-            id=f"fundus_dr/{Path(rec['file']).stem}",
-            dataset="fundus_dr",
-            modality="fundus",
-            path=f"{FOLDER}/{rec['file']}",
-            split=norm_split(rec["split"]) or "train",
-            subject=rec["patient_id"],
-            labels=fundus_labels(rec["label"]),
-            view=EYES.get((rec.get("eye") or "").strip().upper()),
-            body_part="eye",
-        ))
+        rows.append(
+            Row(
+                id=f"fundus_dr/{Path(rec['file']).stem}",
+                dataset="fundus_dr",
+                modality="fundus",
+                path=f"{FOLDER}/{rec['file']}",
+                split=norm_split(rec["split"]) or "train",
+                subject=rec["patient_id"],
+                labels=fundus_labels(rec["label"]),
+                view=EYES.get((rec.get("eye") or "").strip().upper()),
+                body_part="eye",
+            )
+        )
     return rows

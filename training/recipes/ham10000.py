@@ -27,14 +27,16 @@ def ham10000(root: Path) -> list[Row]:
         if dx not in HAM_DX:
             raise ValueError(f"HAM10000: unknown dx {rec['dx']!r}")
         site = (rec.get("site") or "").strip().lower()
-        rows.append(Row(
-            id=f"ham10000/{Path(rec['file']).stem}",
-            dataset="ham10000",
-            modality="dermoscopy",
-            path=f"{FOLDER}/{rec['file']}",
-            split=norm_split(rec["split"]) or "train",
-            subject=(rec.get("lesion_id") or "").strip() or f"image-{Path(rec['file']).stem}",
-            labels=[HAM_DX[dx]],
-            body_part=site if site and site != "unknown" else None,
-        ))
+        rows.append(
+            Row(
+                id=f"ham10000/{Path(rec['file']).stem}",
+                dataset="ham10000",
+                modality="dermoscopy",
+                path=f"{FOLDER}/{rec['file']}",
+                split=norm_split(rec["split"]) or "train",
+                subject=(rec.get("lesion_id") or "").strip() or f"image-{Path(rec['file']).stem}",
+                labels=[HAM_DX[dx]],
+                body_part=site if site and site != "unknown" else None,
+            )
+        )
     return rows

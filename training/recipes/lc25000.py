@@ -21,14 +21,16 @@ def lc25000_lung(root: Path) -> list[Row]:
         label = " ".join(rec["label"].replace("_", " ").split()).lower()
         if label not in LC25000:
             raise ValueError(f"LC25000: unknown label {rec['label']!r}")
-        rows.append(Row(
-            id=f"lc25000_lung/{Path(rec['file']).stem}",
-            dataset="lc25000_lung",
-            modality="pathology",
-            path=f"{FOLDER}/{rec['file']}",
-            split=norm_split(rec["split"]) or "train",
-            subject=rec["group"],
-            labels=[LC25000[label]],
-            body_part="lung",
-        ))
+        rows.append(
+            Row(
+                id=f"lc25000_lung/{Path(rec['file']).stem}",
+                dataset="lc25000_lung",
+                modality="pathology",
+                path=f"{FOLDER}/{rec['file']}",
+                split=norm_split(rec["split"]) or "train",
+                subject=rec["group"],
+                labels=[LC25000[label]],
+                body_part="lung",
+            )
+        )
     return rows

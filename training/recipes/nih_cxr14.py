@@ -34,15 +34,17 @@ def nih_cxr14(root: Path) -> list[Row]:
     rows = []
     for rec in read_csv(Path(root) / FOLDER / "labels.csv"):
         file = rec["file"]
-        rows.append(Row(
-            id=f"nih_cxr14/{Path(file).stem}",
-            dataset="nih_cxr14",
-            modality="xray",
-            path=f"{FOLDER}/{file}",
-            split=norm_split(rec["split"]) or "train",
-            subject=f"nih-{rec['patient_id']}",
-            labels=nih_labels(rec["findings"]),
-            view=(rec.get("view") or "").strip() or None,
-            body_part="chest",
-        ))
+        rows.append(
+            Row(
+                id=f"nih_cxr14/{Path(file).stem}",
+                dataset="nih_cxr14",
+                modality="xray",
+                path=f"{FOLDER}/{file}",
+                split=norm_split(rec["split"]) or "train",
+                subject=f"nih-{rec['patient_id']}",
+                labels=nih_labels(rec["findings"]),
+                view=(rec.get("view") or "").strip() or None,
+                body_part="chest",
+            )
+        )
     return rows

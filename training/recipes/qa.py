@@ -103,29 +103,41 @@ MAX_NIH_FINDINGS = 3
 COUNT_ZERO_KEEP = 1 / 3  # share of "how many kidneys/lungs?" questions kept when the answer is 0
 
 VOLUME_DATASETS = ("ct_organs_3d", "mr_organs_3d", "brain_mri_3d")
-IMAGE_DATASETS = ("nih_cxr14", "pneumoniamnist", "busi", "lc25000_lung", "fundus_dr", "ham10000",
-                  "ct_organs", "mr_organs", "brain_mri")
+IMAGE_DATASETS = ("nih_cxr14", "pneumoniamnist", "busi", "lc25000_lung", "fundus_dr", "ham10000", "ct_organs", "mr_organs", "brain_mri")
 DEFAULT = VOLUME_DATASETS + IMAGE_DATASETS
 # Split of each volume subject in the QA manifest (2D slices of the subject follow it).
 SUBJECT_SPLIT = {"ts-ct-a": "test", "ts-ct-b": "train", "ts-mr-a": "train", "colin27": "train"}
 EPI_SPLIT = "test"
-MOD_WORD = {"ct": "CT", "mr": "MRI", "xray": "X-ray", "us": "ultrasound", "pathology": "histopathology",
-            "fundus": "fundus photograph", "dermoscopy": "dermoscopy"}
+MOD_WORD = {
+    "ct": "CT",
+    "mr": "MRI",
+    "xray": "X-ray",
+    "us": "ultrasound",
+    "pathology": "histopathology",
+    "fundus": "fundus photograph",
+    "dermoscopy": "dermoscopy",
+}
 # 2D body region per dataset (None: none asked; slices use the row's own body_part)
 IMAGE_REGION = {"nih_cxr14": "chest", "pneumoniamnist": "chest", "busi": "breast", "fundus_dr": "eye", "ham10000": "skin"}
 
 
 # --------------------------------------------------------------------------- question items
-def qa_item(family: str, answer: str, rng: random.Random, *, task: str | None = None, for_modality: str | None = None,
-            **slots: str) -> dict[str, Any]:
+def qa_item(
+    family: str, answer: str, rng: random.Random, *, task: str | None = None, for_modality: str | None = None, **slots: str
+) -> dict[str, Any]:
     """One QA item with a question rendered from a random template of `family`; `for_modality`
     narrows the candidates where a family's depend on it (diagnosis)."""
     fam = load_families()[family]
     cands = list(candidates_for(family, for_modality)) if fam.closed else []
     if fam.closed and answer not in cands:
         raise ValueError(f"{family}: answer {answer!r} not among {cands}")
-    item = {"question": render_question(family, rng, **slots), "answer": answer, "family": family,
-            "closed": fam.closed, "candidates": cands}
+    item = {
+        "question": render_question(family, rng, **slots),
+        "answer": answer,
+        "family": family,
+        "closed": fam.closed,
+        "candidates": cands,
+    }
     if slots:
         item["slots"] = dict(slots)
     if task:
@@ -134,25 +146,30 @@ def qa_item(family: str, answer: str, rng: random.Random, *, task: str | None = 
 
 
 def modality_items(modality: str, rng: random.Random) -> list[dict[str, Any]]:
-    """"What is the modality?" plus one "is this a <modality>?" (true or another modality, 50/50)."""
+    """ "What is the modality?" plus one "is this a <modality>?" (true or another modality, 50/50)."""
     answers = vocabulary()["manifest_modality"]
     truth = answers[modality]
     other = rng.choice([m for m in candidates_for("modality") if m != truth])
     asked = truth if rng.random() < 0.5 else other
-    return [qa_item("modality", truth, rng, task="modality"),
-            qa_item("modality_check", "yes" if asked == truth else "no", rng, modality=asked)]
+    return [
+        qa_item("modality", truth, rng, task="modality"),
+        qa_item("modality_check", "yes" if asked == truth else "no", rng, modality=asked),
+    ]
 
 
-def presence_items(status: dict[str, str], subject_organs: set[str], extra_pool: list[str], rng: random.Random,
-                   max_each: int) -> list[dict[str, Any]]:
+def presence_items(
+    status: dict[str, str], subject_organs: set[str], extra_pool: list[str], rng: random.Random, max_each: int
+) -> list[dict[str, Any]]:
     """Balanced organ-presence questions about the main organs (vocabulary "organs_in_view"): k "yes"
     and k "no", the "no" half from the subject's own organs outside the view (hard) and half from
     organs the subject's label map does not hold at all, or `extra_pool` (easy)."""
     main = set(vocabulary()["organs_in_view"])
     yes = sorted(o for o, s in status.items() if s == "yes" and o in main)
     hard = sorted(o for o, s in status.items() if s == "no" and o in main and o in subject_organs)
-    easy = sorted({o for o, s in status.items() if s == "no" and o in main and o not in subject_organs}
-                  | {o for o in extra_pool if o in main and o not in status})
+    easy = sorted(
+        {o for o, s in status.items() if s == "no" and o in main and o not in subject_organs}
+        | {o for o in extra_pool if o in main and o not in status}
+    )
     k = min(len(yes), len(hard) + len(easy), max_each)
     if k == 0:
         return []
@@ -214,17 +231,53 @@ def volume_specs(root: Path) -> dict[str, list[VolumeSpec]]:
     ct_names = id_names(root, "total")
     specs = {
         "ct_organs_3d": [
-            VolumeSpec("ct_organs_3d", "ts-ct-a", SUBJECT_SPLIT["ts-ct-a"], "ct", d / "example_ct_sm.nii.gz", d / "example_seg.nii.gz", ct_names, "ct"),
-            VolumeSpec("ct_organs_3d", "ts-ct-b", SUBJECT_SPLIT["ts-ct-b"], "ct", d / "ct_dicom_series", d / "example_seg_dicom.nii.gz", ct_names, "ct"),
+            VolumeSpec(
+                "ct_organs_3d",
+                "ts-ct-a",
+                SUBJECT_SPLIT["ts-ct-a"],
+                "ct",
+                d / "example_ct_sm.nii.gz",
+                d / "example_seg.nii.gz",
+                ct_names,
+                "ct",
+            ),
+            VolumeSpec(
+                "ct_organs_3d",
+                "ts-ct-b",
+                SUBJECT_SPLIT["ts-ct-b"],
+                "ct",
+                d / "ct_dicom_series",
+                d / "example_seg_dicom.nii.gz",
+                ct_names,
+                "ct",
+            ),
         ],
         "mr_organs_3d": [
-            VolumeSpec("mr_organs_3d", "ts-mr-a", SUBJECT_SPLIT["ts-mr-a"], "mr", d / "example_mr_sm.nii.gz", d / "example_seg_mr.nii.gz",
-                       id_names(root, "total_mr"), "mr"),
+            VolumeSpec(
+                "mr_organs_3d",
+                "ts-mr-a",
+                SUBJECT_SPLIT["ts-mr-a"],
+                "mr",
+                d / "example_mr_sm.nii.gz",
+                d / "example_seg_mr.nii.gz",
+                id_names(root, "total_mr"),
+                "mr",
+            ),
         ],
         "brain_mri_3d": [
-            VolumeSpec("brain_mri_3d", "colin27", SUBJECT_SPLIT["colin27"], "mr", root / ATLAS / "ch2.nii.gz", root / ATLAS / "aal.nii.gz",
-                       aal_names(root), "brain", union="brain"),
-        ] + [
+            VolumeSpec(
+                "brain_mri_3d",
+                "colin27",
+                SUBJECT_SPLIT["colin27"],
+                "mr",
+                root / ATLAS / "ch2.nii.gz",
+                root / ATLAS / "aal.nii.gz",
+                aal_names(root),
+                "brain",
+                union="brain",
+            ),
+        ]
+        + [
             VolumeSpec("brain_mri_3d", f"{s.parent.name}/{s.name}", EPI_SPLIT, "mr", s, volume=0, fixed_region="head")
             for s in epi_series(root)
         ],
@@ -232,8 +285,9 @@ def volume_specs(root: Path) -> dict[str, list[VolumeSpec]]:
     return specs
 
 
-def random_crops(shape: tuple[int, int, int], n: int, rng: np.random.Generator, zoom: tuple[float, float]
-                 ) -> list[tuple[dict[str, list[int]], float]]:
+def random_crops(
+    shape: tuple[int, int, int], n: int, rng: np.random.Generator, zoom: tuple[float, float]
+) -> list[tuple[dict[str, list[int]], float]]:
     """The whole volume, then n-1 random boxes of CROP_MIN..CROP_MAX of each axis with a zoom factor."""
     out = [({a: [0, int(s)] for a, s in zip("zyx", shape)}, 1.0)]
     lo, hi = math.log(zoom[0]), math.log(zoom[1])
@@ -269,8 +323,14 @@ def _seed(*parts: Any) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:12], 16)
 
 
-def volume_rows(root: Path, spec: VolumeSpec, n_crops: int, seed: int = 0, max_presence: int = MAX_PRESENCE,
-                zoom: tuple[float, float] = (ZOOM_MIN, ZOOM_MAX)) -> list[QARow]:
+def volume_rows(
+    root: Path,
+    spec: VolumeSpec,
+    n_crops: int,
+    seed: int = 0,
+    max_presence: int = MAX_PRESENCE,
+    zoom: tuple[float, float] = (ZOOM_MIN, ZOOM_MAX),
+) -> list[QARow]:
     """QA rows of `n_crops` crops of one volume (the first is the whole volume)."""
     scan = load_scan(spec.image)
     if scan.voxels.ndim == 4:
@@ -316,11 +376,24 @@ def volume_rows(root: Path, spec: VolumeSpec, n_crops: int, seed: int = 0, max_p
         if region:
             qa.append(qa_item("body_region", region, prng))
         prng.shuffle(qa)
-        rows.append(QARow(
-            id=row_id, dataset=spec.dataset, split=spec.split, subject=spec.subject, modality=spec.modality, kind="volume",
-            path=rel(spec.image, root), body_region=region, organs=organs, caption=caption_for(spec.modality, region, organs),
-            qa=qa, crop=box, zoom=z, extra=extra,
-        ))
+        rows.append(
+            QARow(
+                id=row_id,
+                dataset=spec.dataset,
+                split=spec.split,
+                subject=spec.subject,
+                modality=spec.modality,
+                kind="volume",
+                path=rel(spec.image, root),
+                body_region=region,
+                organs=organs,
+                caption=caption_for(spec.modality, region, organs),
+                qa=qa,
+                crop=box,
+                zoom=z,
+                extra=extra,
+            )
+        )
     return rows
 
 
@@ -404,8 +477,9 @@ def _finding_items(row: Row, rng: random.Random) -> tuple[list[dict[str, Any]], 
     ds = row.dataset
     yn = lambda b: "yes" if b else "no"  # noqa: E731
     if ds == "pneumoniamnist":
-        return [qa_item("finding_yes_no", yn("pneumonia" in labels), rng, task="pneumonia", finding="pneumonia")], \
-            ("with pneumonia" if "pneumonia" in labels else "normal")
+        return [qa_item("finding_yes_no", yn("pneumonia" in labels), rng, task="pneumonia", finding="pneumonia")], (
+            "with pneumonia" if "pneumonia" in labels else "normal"
+        )
     if ds == "nih_cxr14":
         present = sorted(labels - {"normal"})
         absent = [f for f in vocabulary()["nih_findings"] if f not in labels]
@@ -416,15 +490,17 @@ def _finding_items(row: Row, rng: random.Random) -> tuple[list[dict[str, Any]], 
         return items, ("with " + ", ".join(present) if present else "normal")
     if ds == "busi":
         (label,) = labels
-        return [qa_item("finding_yes_no", yn(label == "malignant"), rng, task="busi_malignant", finding="malignant"),
-                qa_item("diagnosis", label, rng, task="busi_malignant", for_modality="us")], \
-            {"normal": "normal breast tissue", "benign": "benign lesion", "malignant": "malignant lesion"}[label]
+        return [
+            qa_item("finding_yes_no", yn(label == "malignant"), rng, task="busi_malignant", finding="malignant"),
+            qa_item("diagnosis", label, rng, task="busi_malignant", for_modality="us"),
+        ], {"normal": "normal breast tissue", "benign": "benign lesion", "malignant": "malignant lesion"}[label]
     if ds == "lc25000_lung":
         (label,) = labels
         return [qa_item("tissue_type", label, rng, task="lc25000")], label
     if ds == "fundus_dr":
-        items = [qa_item("finding_yes_no", yn(bool(labels & REFERABLE)), rng, task="fundus_referable",
-                         finding="referable diabetic retinopathy")]
+        items = [
+            qa_item("finding_yes_no", yn(bool(labels & REFERABLE)), rng, task="fundus_referable", finding="referable diabetic retinopathy")
+        ]
         grades = [g for g in vocabulary()["dr_grades"] if g in labels]
         if grades:  # "advanced eye disease" rows have no grade and no maculopathy label: neither is asked
             items.append(qa_item("dr_grade", grades[0], rng))
@@ -433,9 +509,10 @@ def _finding_items(row: Row, rng: random.Random) -> tuple[list[dict[str, Any]], 
     if ds == "ham10000":
         (label,) = labels
         in_task = label in TASKS["ham_melanoma"].row_filter
-        return [qa_item("finding_yes_no", yn(label == HAM_DX["mel"]), rng, task="ham_melanoma" if in_task else None,
-                        finding="melanoma"),
-                qa_item("diagnosis", label, rng, task="ham7", for_modality="dermoscopy")], label
+        return [
+            qa_item("finding_yes_no", yn(label == HAM_DX["mel"]), rng, task="ham_melanoma" if in_task else None, finding="melanoma"),
+            qa_item("diagnosis", label, rng, task="ham7", for_modality="dermoscopy"),
+        ], label
     return [], ""
 
 
@@ -478,9 +555,19 @@ def image_row(root: Path, row: Row, slices: SliceLabels, seed: int = 0, max_pres
     data = Row.from_dict(json.loads(row.to_json()))  # a validated copy, in the QA split
     data.split = split
     return QARow(
-        id=row.id, dataset=row.dataset, split=split, subject=row.subject, modality=row.modality, kind="image",
-        path=row.path, body_region=region, organs=organs, caption=caption, qa=qa,
-        image_row=json.loads(data.to_json()), extra=extra,
+        id=row.id,
+        dataset=row.dataset,
+        split=split,
+        subject=row.subject,
+        modality=row.modality,
+        kind="image",
+        path=row.path,
+        body_region=region,
+        organs=organs,
+        caption=caption,
+        qa=qa,
+        image_row=json.loads(data.to_json()),
+        extra=extra,
     )
 
 
@@ -502,9 +589,18 @@ def _image_caption(row: Row, region: str | None, organs: list[str], what: str, f
 
 
 # --------------------------------------------------------------------------- build
-def build_qa_rows(root: str | Path, names=None, *, train_crops: int = 150, test_crops: int = 80, epi_crops: int = 20,
-                  seed: int = 0, max_presence: int = MAX_PRESENCE, zoom: tuple[float, float] = (ZOOM_MIN, ZOOM_MAX),
-                  log: Callable[[str], None] | None = None) -> list[QARow]:
+def build_qa_rows(
+    root: str | Path,
+    names=None,
+    *,
+    train_crops: int = 150,
+    test_crops: int = 80,
+    epi_crops: int = 20,
+    seed: int = 0,
+    max_presence: int = MAX_PRESENCE,
+    zoom: tuple[float, float] = (ZOOM_MIN, ZOOM_MAX),
+    log: Callable[[str], None] | None = None,
+) -> list[QARow]:
     """Every QA row of the named datasets (default: DEFAULT), subject-disjointness checked."""
     root = Path(root)
     names = list(names) if names else list(DEFAULT)
@@ -559,17 +655,25 @@ def count_table(rows: list[QARow]) -> str:
     qc = Counter((r.dataset, r.split) for r in rows for _ in r.qa)
     lines = [f"{'dataset':<16}" + "".join(f"{s:>8}" for s in splits) + f"{'rows':>8}{'QA':>9}"]
     for d in sets:
-        lines.append(f"{d:<16}" + "".join(f"{c[(d, s)]:>8}" for s in splits) + f"{sum(c[(d, s)] for s in splits):>8}"
-                     + f"{sum(qc[(d, s)] for s in splits):>9}")
-    lines.append(f"{'all':<16}" + "".join(f"{sum(c[(d, s)] for d in sets):>8}" for s in splits) + f"{len(rows):>8}"
-                 + f"{sum(qc.values()):>9}")
+        lines.append(
+            f"{d:<16}"
+            + "".join(f"{c[(d, s)]:>8}" for s in splits)
+            + f"{sum(c[(d, s)] for s in splits):>8}"
+            + f"{sum(qc[(d, s)] for s in splits):>9}"
+        )
+    lines.append(
+        f"{'all':<16}" + "".join(f"{sum(c[(d, s)] for d in sets):>8}" for s in splits) + f"{len(rows):>8}" + f"{sum(qc.values()):>9}"
+    )
     fam = Counter((q["family"], r.split) for r in rows for q in r.qa)
     yes = Counter((q["family"], q["answer"]) for r in rows for q in r.qa if q["candidates"] == ["yes", "no"])
     lines += ["", f"{'family':<16}" + "".join(f"{s:>8}" for s in splits) + f"{'yes':>8}{'no':>8}"]
     for f in load_families():
         if any(fam[(f, s)] for s in splits):
-            lines.append(f"{f:<16}" + "".join(f"{fam[(f, s)]:>8}" for s in splits)
-                         + (f"{yes[(f, 'yes')]:>8}{yes[(f, 'no')]:>8}" if yes[(f, "yes")] + yes[(f, "no")] else ""))
+            lines.append(
+                f"{f:<16}"
+                + "".join(f"{fam[(f, s)]:>8}" for s in splits)
+                + (f"{yes[(f, 'yes')]:>8}{yes[(f, 'no')]:>8}" if yes[(f, "yes")] + yes[(f, "no")] else "")
+            )
     return "\n".join(lines)
 
 
@@ -586,9 +690,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        rows = build_qa_rows(args.data_root, args.only, train_crops=args.train_crops, test_crops=args.test_crops,
-                             epi_crops=args.epi_crops, seed=args.seed, max_presence=args.max_presence, zoom=tuple(args.zoom),
-                             log=lambda m: print(m, file=sys.stderr, flush=True))
+        rows = build_qa_rows(
+            args.data_root,
+            args.only,
+            train_crops=args.train_crops,
+            test_crops=args.test_crops,
+            epi_crops=args.epi_crops,
+            seed=args.seed,
+            max_presence=args.max_presence,
+            zoom=tuple(args.zoom),
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
         write_qa_manifest(rows, args.out)
         counts = args.out.with_suffix(".counts.json")
         counts.write_text(json.dumps(qa_counts(rows), indent=1) + "\n")

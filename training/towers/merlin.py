@@ -64,10 +64,10 @@ def _first_entry(data: bytes) -> bytes:
     if data[:4] != _LOCAL_HEADER:
         raise ValueError("not the start of a torch zip checkpoint (no local file header)")
     name_len, extra_len = struct.unpack("<HH", data[26:30])
-    name = data[30:30 + name_len].decode()
+    name = data[30 : 30 + name_len].decode()
     if not name.endswith("data.pkl"):
         raise ValueError(f"the first entry is {name}, not data.pkl")
-    return data[30 + name_len + extra_len:]
+    return data[30 + name_len + extra_len :]
 
 
 def read_layout(data: bytes) -> dict[str, dict]:
@@ -126,8 +126,10 @@ def main(argv=None) -> int:
     if first is not None:
         layout = read_layout(shard_bytes(first))
         problems = check_layout(layout)
-        print(f"layout from the first shard: {len(layout)} tensors; against engine.models.i3resnet: "
-              + ("a strict load fits" if not problems else f"{len(problems)} problems, e.g. {problems[:3]}"))
+        print(
+            f"layout from the first shard: {len(layout)} tensors; against engine.models.i3resnet: "
+            + ("a strict load fits" if not problems else f"{len(problems)} problems, e.g. {problems[:3]}")
+        )
     if all(shards.values()):
         load_merlin()
         print("Merlin loaded strictly into engine.models.i3resnet.I3ResNet")
