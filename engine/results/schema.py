@@ -20,7 +20,7 @@ Schema `medlens.result/1` (docs/results.md; JSON Schema in docs/result.schema.js
      "dicom": {"sr", "seg", "sc": [file names], "notes": [why an object was not written]}}
 
 Design decisions
-- Trust (DESIGN.md; issue 14, engine.zeroshot.trusted and engine.ask):
+- Trust (engine.trust; issue 14, engine.zeroshot.trusted and engine.ask):
   `probability` / `confidence` stay the model's raw numbers;
   `calibrated_probability` / `calibrated_confidence` are the checkpoint's
   calibration applied (null for an uncalibrated model, which `trust` says);
