@@ -122,10 +122,15 @@ def test_ray_gives_the_same_rows_as_local_on_loopback_only(ray_home, tiny, tree,
             seen["listening"] = _listening_addresses(_ray_processes())
 
     out = tmp_path / "ray"
+    engine = RayEngine(workers=2, threads=1, temp_dir=str(tmp_path_factory.mktemp("r")))
+    # as the CLI does: Ray starts on a thread while the tree is scanned; that thread must outlive its start (Ray's
+    # services die with the thread that started them), so the job runs only after the start has fully finished
+    engine.start_in_background()
+    assert engine._ready.wait(120)
     summary = run_batch(
         _spec(tiny),
         [str(tree)],
-        RayEngine(workers=2, threads=1, temp_dir=str(tmp_path_factory.mktemp("r"))),
+        engine,
         RunOptions(out=str(out), batch_units=BATCH, progress=False),
         on_batch=while_running,
     )

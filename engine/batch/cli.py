@@ -99,6 +99,8 @@ def cmd_batch(args) -> int:
     engine = make_engine(
         args.engine, workers=args.workers, threads=args.threads, ray_address=args.ray_address, gpus_per_worker=args.gpus_per_worker
     )
+    if not args.dry_run and hasattr(engine, "start_in_background"):
+        engine.start_in_background()  # Ray starts while the sources are scanned
     options = RunOptions(
         out=args.out,
         fmt=args.format,

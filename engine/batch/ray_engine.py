@@ -49,6 +49,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 from typing import Any, Iterator, Sequence
 
@@ -142,9 +143,43 @@ class RayEngine:
         self._saved_env: dict[str, str | None] = {}
         self._saved_cluster_switch: bool | None = None
         self._started = False
+        self._starting: threading.Thread | None = None  # the thread of start_in_background, alive until close()
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._start_error: BaseException | None = None
 
     # ----------------------------------------------------------------- the cluster
+    def start_in_background(self) -> None:
+        """Start (or join) Ray on a thread while the caller plans the job: Ray's start (~3 s locally) overlaps the header scan.
+
+        The thread stays alive until close(): Ray starts its local services with PR_SET_PDEATHSIG, which Linux
+        fires when the *thread* that started them ends, and the driver then dies with them (measured: the plasma
+        store went and the CLI exited with status 1)."""
+        if self._started or self._starting is not None:
+            return
+        self._ready.clear()
+        self._release.clear()
+
+        def starting() -> None:
+            try:
+                self._start_now()
+            except BaseException as exc:  # re-raised by start() on the caller's thread
+                self._start_error = exc
+            finally:
+                self._ready.set()
+            self._release.wait()
+
+        self._starting = threading.Thread(target=starting, name="medlens-ray-start", daemon=True)
+        self._starting.start()
+
     def start(self) -> None:
+        if self._starting is not None:
+            self._ready.wait()
+            if self._start_error is not None:
+                error, self._start_error = self._start_error, None
+                raise error
+        self._start_now()
+
+    def _start_now(self) -> None:
         if self._started:
             return
         import ray
@@ -166,6 +201,7 @@ class RayEngine:
             raise BatchError(f"could not start or join {where} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})") from None
         self._started = True
         self._size(ray)
+        import ray.data  # noqa: F401  (a second of imports, done here so that a background start covers it too)
 
     def _start_local(self, ray) -> None:
         # short: Ray's socket paths under it must stay within 107 characters
@@ -261,6 +297,8 @@ class RayEngine:
             raise BatchError(f"the Ray job failed: {_root_cause(exc)}") from None
 
     def close(self) -> None:
+        if self._starting is not None:  # a start still under way: let it finish before shutting Ray down
+            self._ready.wait()
         try:
             import ray
 
@@ -268,6 +306,10 @@ class RayEngine:
                 ray.shutdown()
         except Exception:
             pass
+        if self._starting is not None:
+            self._release.set()
+            self._starting.join()
+            self._starting = None
         self._started = False
         for key, value in self._saved_env.items():
             if value is None:
