@@ -4,6 +4,10 @@
     trust, reference = fit_trust(clip, val_emb, val_rows, train_emb, train_rows)
     write_trust(folder, trust, reference)      # config.json["trust"] + trust_reference.safetensors
 
+    # an exported checkpoint, without retraining (its weights, so its test-split results, stay as they are):
+    python -m training.calibrate assets/models/medlens-clip --manifest runs/manifest.jsonl \
+        --data-root ../shared/data --cache runs/calibrate
+
 The contract (engine.trust, read by the engine): "softmax" holds a
 temperature per prompt-set key applied to logit_scale * cosines;
 "present_absent" holds Platt (a, b) per prompt-set key applied to
@@ -29,6 +33,7 @@ Design decisions
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,3 +294,60 @@ def calibration_markdown(cal: dict[str, Any], title: str) -> list[str]:
             ]
             lines.append(f"| {edge[0]:.1f}-{edge[1]:.1f} | {cells[0]} | {cells[1]} |")
     return lines + [""]
+
+
+# --------------------------------------------------------------------------- an exported checkpoint, in place
+def embed_images(clip, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Unit-norm fp32 embeddings of model-size uint8 images (N, S, S, 3), through the checkpoint's own preprocessing."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            pixels = clip.preprocess.standardise(clip.preprocess.scale(np.asarray(images[start : start + batch])))
+            out.append(torch.nn.functional.normalize(torch.as_tensor(clip.encode_image_tensor(pixels)).float(), dim=-1))
+    return torch.cat(out).numpy()
+
+
+def fit_folder(folder: str | Path, manifest: str | Path, data_root: str | Path, cache: str | Path, *, max_train: int = 4000, seed: int = 0):
+    """Fit and write the trust block of an exported CLIP folder from its training manifest's val split and train rows."""
+    from engine.models import load_model
+    from training.image_cache import build_cache
+    from training.manifest import read_manifest
+
+    folder, cache = Path(folder), Path(cache)
+    clip = load_model(f"local-dir:{folder}", fast=False)  # fp32: the reference the fast paths are checked against
+    size = int(clip.preprocess.size)
+    val_rows = read_manifest(manifest, splits=["val"])
+    train_rows = read_manifest(manifest, splits=["train"])
+    if not val_rows or not train_rows:
+        raise SystemExit(f"{manifest} needs train and val rows (found {len(train_rows)} train, {len(val_rows)} val)")
+    if len(train_rows) > max_train:  # the reference set keeps at most this many: embed no more
+        keep = np.sort(np.random.default_rng(seed).choice(len(train_rows), max_train, replace=False))
+        train_rows = [train_rows[i] for i in keep]
+    val_emb = embed_images(clip, build_cache(val_rows, data_root, size, cache / f"val_{size}.npy"))
+    train_emb = embed_images(clip, build_cache(train_rows, data_root, size, cache / f"train{max_train}_{seed}_{size}.npy"))
+    block, reference = fit_trust(clip, val_emb, val_rows, train_emb, train_rows, seed=seed)
+    write_trust(folder, block, reference)
+    return block, reference
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m training.calibrate", description="Fit the trust block of an exported CLIP folder, in place."
+    )
+    p.add_argument("model", help="checkpoint folder (config.json + weights); written in place")
+    p.add_argument("--manifest", required=True, help="the training manifest the checkpoint was trained on (its val split fits)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--cache", required=True, help="folder for the decoded model-size images")
+    p.add_argument("--max-train", type=int, default=4000, help="training rows embedded for the OOD reference set")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    block, reference = fit_folder(args.model, args.manifest, args.data_root, args.cache, max_train=args.max_train, seed=args.seed)
+    metrics = block["present_absent"].get("metrics", {})
+    print(json.dumps({"fitted_on": block["fitted_on"], "present_absent": metrics, "ood_threshold": reference.threshold}, indent=1)[:3000])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -540,21 +540,15 @@ class Trainer:
 def fit_trust_into(folder: Path, args: ClipConfig, data: Data, env: DistEnv) -> None:
     """Calibration on the val split and the OOD reference set from the exported model's own embeddings."""
     from engine.models import load_model
-    from training.calibrate import fit_trust, write_trust
+    from training.calibrate import embed_images, fit_trust, write_trust
 
     clip = load_model(f"local-dir:{folder}", fast=False)
 
     def embed(feats: torch.Tensor | None, images: np.ndarray | None) -> np.ndarray:
-        with torch.inference_mode():
-            if feats is not None:  # clean view through the exported head (the trunk is the frozen one)
-                e = torch.cat([clip.model.visual.head(feats[s : s + 512]) for s in range(0, len(feats), 512)])
-            else:
-                e = torch.cat(
-                    [
-                        clip.encode_image_tensor(clip.preprocess.standardise(clip.preprocess.scale(images[s : s + 64])))
-                        for s in range(0, len(images), 64)
-                    ]
-                )
+        if feats is None:
+            return embed_images(clip, images)
+        with torch.inference_mode():  # clean view through the exported head (the trunk is the frozen one)
+            e = torch.cat([clip.model.visual.head(feats[s : s + 512]) for s in range(0, len(feats), 512)])
         return nn.functional.normalize(torch.as_tensor(e).float(), dim=-1).numpy()
 
     train_emb = embed(data.feats[0] if data.feats is not None else None, data.images)

@@ -18,7 +18,8 @@
      (same arithmetic, so it keeps the answer exactly: cosine >= 0.99999;
      its graph folds BatchNorm into convolutions and fuses activations,
      which made the shipped ResNet trunk 2.6-4.8x cheaper than torch fp32
-     on a busy AMX machine, where no reduced precision kept its answers);
+     on a busy AMX machine; it is what a CPU without bf16 hardware gets
+     for that trunk when no reduced precision keeps its answers);
    - `onnx-int8`: the same ONNX file dynamically quantised by ONNX Runtime
      (cached on disk: export + quantisation take 10-20 s).
    Where the CPU computes bf16 and OpenVINO is installed, the two dynamic
@@ -80,13 +81,14 @@ Other decisions
     OpenVINO fp32 within 0.9-1.3x of torch fp32.
   - The shipped medlens-clip (ResNet-152 trunk, 96 px) on the same machine:
     fp32 51/17.5/16.8 ms/img; ONNX Runtime fp32 25/12.5/12.4 (bit-for-bit
-    the same answers: BatchNorm folded, fused graph), the path it gets;
-    OpenVINO bf16 14/3.1/2.8 and torch bf16 46/9.7/8.7 but cosine 0.998 on
-    bundled MR slices and, with the shipped prompt sets on 200 real images,
-    label probabilities moved by up to 8 points and one fundus image of 40
-    changed its top label: below the bf16 bar, so not chosen; int8 paths
-    cosine 0.77-0.96. fp32 at batch 16 already runs near the 2 AVX-512 cores'
-    fp32 peak (~4.2 GFLOP per image), so no exact path can be much faster there.
+    the same answers: BatchNorm folded, fused graph); torch bf16 46/9.7/8.7
+    (cosine 0.996: rejected); OpenVINO bf16 14/3.1/2.8, first rejected
+    (cosine 0.998 on bundled MR slices), then chosen once its stem
+    convolution stays fp32 (engine.models.openvino_path.keep_out_of_bf16:
+    cosine 0.9990 on the probe, 0 label-order flips on 16 real images of
+    four kinds, 5.8x/5.7x at batch 1/16 end to end:
+    bench/results/clip_throughput_medlens-clip.md); int8 paths cosine
+    0.77-0.96.
   - With another job on the cores torch's fp32 fell to ~1600 ms/img at
     batch 1 (its OpenMP threads wait for each other at every operator) while
     ONNX Runtime stayed near 270: the probe runs on the machine as it is at load.
