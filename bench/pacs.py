@@ -3,6 +3,7 @@ and the push of SR + SEG (+ overlay) back into its study.
 
     python bench/pacs.py                 # one command: builds the series, starts Orthanc, times, writes the table
     python bench/pacs.py --repeats 7
+    python bench/pacs.py --repeats 7 --rounds 5    # the published table: 5 fresh processes, each its own Orthanc
 
 The series is synthetic (pydicom, written to a temporary folder that is
 deleted afterwards): 300 axial CT slices, 512 x 512, 0.75 x 0.75 x 1.0 mm,
@@ -22,6 +23,13 @@ Push: `engine.results.push_scan` with a label result and evidence on the
 frames + one overlay), timed as build + STOW; and, for scale, a SEG with
 evidence on every slice (300 frames). Target: SR + SEG under 2 s.
 
+Rounds: the ratio moves between processes far more than within one (on
+this shared 2-core machine one process measured 1.36x and the next 1.56x,
+with every repeat inside each process close to its own median), so
+`--rounds N` runs N fresh processes, each with its own Orthanc, lists every
+round, and judges the target on the median round; the detailed tables are
+that round's.
+
 Writes bench/results/pacs.md with the date, CPU, `uptime` before and after
 (this machine is shared: compare minima when the load is high).
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import pickle
 import platform
 import statistics
 import subprocess
@@ -229,7 +238,33 @@ def measure(repeats: int) -> dict:
     return m
 
 
-def report(m: dict, repeats: int) -> list[str]:
+def _ratio(m: dict) -> float:
+    return statistics.median(m["loads"]["PACS"]) / statistics.median(m["loads"]["disk"])
+
+
+def rounds_section(rounds: list[dict]) -> list[str]:
+    ratios = [_ratio(m) for m in rounds]
+    median = statistics.median(ratios)
+    met = sum(r <= 1.5 for r in ratios)
+    return [
+        "## Rounds (fresh processes, each with its own Orthanc)",
+        "",
+        "| round | started | disk median s | PACS median s | PACS / disk |",
+        "|---:|---|---:|---:|---:|",
+        *(
+            f"| {i + 1} | {m['started']:%H:%M:%S} | {statistics.median(m['loads']['disk']):.3f} "
+            f"| {statistics.median(m['loads']['PACS']):.3f} | {r:.2f}x |"
+            for i, (m, r) in enumerate(zip(rounds, ratios))
+        ),
+        "",
+        f"**Median round: PACS / disk = {median:.2f}x (target <= 1.5x): {'met' if median <= 1.5 else 'NOT met'}**; "
+        f"{met} of {len(rounds)} rounds within the target, range {min(ratios):.2f}-{max(ratios):.2f}x. "
+        "The tables below are the median round's.",
+        "",
+    ]
+
+
+def report(m: dict, repeats: int, rounds: list[dict] | None = None) -> list[str]:
     """The Markdown table of bench/results/pacs.md."""
     from importlib.metadata import version
 
@@ -245,7 +280,7 @@ def report(m: dict, repeats: int) -> list[str]:
         "# PACS in, DICOM out: DICOMweb retrieval vs disk, and the push of results",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Command: `python bench/pacs.py --repeats {repeats}`",
+        f"- Command: `python bench/pacs.py --repeats {repeats}{f' --rounds {len(rounds)}' if rounds else ''}`",
         f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; python {platform.python_version()}, pydicom {version('pydicom')}, "
         f"dicomweb-client {version('dicomweb-client')}, highdicom {version('highdicom')}, Orthanc 1.10.1 + DICOMweb plugin (Debian)",
         f"- Series: {N_SLICES} axial CT slices, {ROWS}x{COLS}, 16-bit, Explicit VR Little Endian, {size_mb:.0f} MB, synthetic "
@@ -256,6 +291,7 @@ def report(m: dict, repeats: int) -> list[str]:
         f"  - waited up to 2 min for a quiet machine before timing: {'quiet' if quiet else 'still busy, timed anyway'}",
         f"- STOW of the 300 instances (setup, in 6 requests): {stow_series_s:.2f} s",
         "",
+        *(rounds_section(rounds) if rounds else []),
         "## Retrieval into a Scan",
         "",
         "| source | median s | min s | runs (s) |",
@@ -298,6 +334,13 @@ def report(m: dict, repeats: int) -> list[str]:
         "- What the PACS path adds over disk is the multipart parse (0.3 s parsed vs 0.15 s for the files) while",
         "  Orthanc serves the series (0.15 s) on the same 2 cores; both then run the same reader. Runs of the",
         "  other engineers' jobs make single repeats jump to 1 s and more: compare minima.",
+        "- Later the same day (19:00 UTC): reading each part by its Content-Length header straight off the socket",
+        "  (no multipart buffer) parsed in 0.29 s against dicomweb-client's 0.28 s; Orthanc's storage cache raised to",
+        "  512 MB changed nothing (1.35x with it, 1.39x without, in the same kind of process); the parse adds only",
+        "  ~0.06 s to the 0.16 s the server takes to send. What moves the ratio is the process: the PACS",
+        "  path's median was 0.44-0.47 s in some processes and 0.55-0.64 s in others, with disk at 0.32-0.37 s",
+        "  (hence --rounds). Below 1.5x every time needs the server's 0.16 s hidden behind the reader, which on",
+        "  2 cores competes with Orthanc for the second core.",
         "",
     ]
     return lines
@@ -306,15 +349,30 @@ def report(m: dict, repeats: int) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes, each with its own Orthanc (the verdict: the median round)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--round-result", type=Path, help=argparse.SUPPRESS)  # a round's measurements (pickle), for --rounds
     args = parser.parse_args(argv)
     from _orthanc import DICOMWEB_PLUGIN, ORTHANC
 
     if not ORTHANC.exists() or not DICOMWEB_PLUGIN.exists():
         print("bench/pacs.py needs Debian's orthanc and orthanc-dicomweb (apt-get install orthanc orthanc-dicomweb)", file=sys.stderr)
         return 2
-    m = measure(args.repeats)
-    lines = report(m, args.repeats)
+    if args.round_result:
+        args.round_result.write_bytes(pickle.dumps(measure(args.repeats)))
+        return 0
+    rounds = []
+    if args.rounds > 1:
+        with tempfile.TemporaryDirectory(prefix="medlens-bench-rounds-") as tmp:
+            for i in range(args.rounds):
+                result = Path(tmp) / f"round{i}.pickle"
+                subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--round-result", str(result)], check=True)
+                rounds.append(pickle.loads(result.read_bytes()))
+                print(f"round {i + 1}: PACS / disk = {_ratio(rounds[-1]):.2f}x", flush=True)
+        m = sorted(rounds, key=_ratio)[len(rounds) // 2]
+    else:
+        m = measure(args.repeats)
+    lines = report(m, args.repeats, rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
