@@ -51,6 +51,7 @@ from app.access import acting, entry
 from app.display import view_html
 from app.sessions import idle_seconds
 from app.outcomes import AskOutcome
+from app.pickers import model_picker_choices
 from engine import settings
 from engine.views import render_view
 
@@ -73,17 +74,7 @@ def ask_model_choices(ask_model: str | None = None) -> tuple[list[tuple[str, str
     """(label, source) choices for the Ask model picker and the initial value."""
     from engine.ask.model import DEFAULT_ASK_MODEL, ask_models
 
-    choices: list[tuple[str, str]] = []
-    value = None
-    if ask_model:
-        choices.append((f"{ask_model} (this app's model)", ask_model))
-        value = ask_model
-    for name in ask_models():
-        if name == ask_model:
-            continue
-        choices.append((f"{name} (installed)", name))
-        if value is None and name == DEFAULT_ASK_MODEL:
-            value = name
+    choices, value = model_picker_choices(ask_model, ((name, "installed") for name in ask_models()), DEFAULT_ASK_MODEL)
     if value is None and choices:
         value = choices[0][1]
     return choices, value

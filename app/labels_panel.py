@@ -54,6 +54,7 @@ from app.model_view import PLACEHOLDER as MODEL_VIEW_PLACEHOLDER
 from app.model_view import TITLE as MODEL_VIEW_TITLE
 from app.display import view_html
 from app.outcomes import LabelOutcome
+from app.pickers import model_picker_choices
 from engine import settings
 from engine.views import plane_sizes, render_view
 
@@ -73,20 +74,9 @@ def model_choices(model: str | None = None) -> tuple[list[tuple[str, str]], str 
     """(label, source) choices for the model picker and the initial value."""
     from engine.models import DEFAULT_MODEL, list_models
 
-    choices: list[tuple[str, str]] = []
-    value = None
-    if model:
-        choices.append((f"{model} (this app's model)", model))
-        value = model
-    for entry in list_models():
-        source = entry.name  # shipped and known-hub names are both accepted by load_model
-        if source == model or any(source == v for _, v in choices):
-            continue
-        note = "installed" if entry.available_offline else "downloads on first use"
-        choices.append((f"{entry.name} ({note})", source))
-        if value is None and entry.name == DEFAULT_MODEL:
-            value = source
-    return choices, value
+    # shipped and known-hub names are both accepted by load_model
+    offered = ((entry.name, "installed" if entry.available_offline else "downloads on first use") for entry in list_models())
+    return model_picker_choices(model, offered, DEFAULT_MODEL)
 
 
 def preset_choices() -> list[tuple[str, str]]:

@@ -200,6 +200,44 @@ def _ask_failed(args, path: str, message: str, question: str | None = None) -> N
     print(f"medlens: {message if message.startswith(path) else f'{where}: {message}'}", file=sys.stderr)
 
 
+def _checked_questions(args) -> list[tuple[str, str | None, str | None]]:
+    """(as given, cleaned, error) per question of `ask`; MedLensError when none of them can be asked."""
+    from engine.ask.questions import QuestionError, validate_question
+
+    checked: list[tuple[str, str | None, str | None]] = []
+    for question in [args.question, *(args.questions or [])]:
+        try:
+            checked.append((question, validate_question(question), None))
+        except QuestionError as exc:
+            checked.append((question, None, str(exc)))
+    if all(cleaned is None for _, cleaned, _ in checked):
+        first = checked[0][2]
+        raise MedLensError(first if len(checked) == 1 else f"no question can be asked: {first}")
+    return checked
+
+
+def _asked_scan_line(path: str, scan, model) -> str:
+    """The text-output line that introduces a scan's answers: what it is and which model answers."""
+    kind = (
+        "2D image" if scan.is_2d else "volume" if scan.n_volumes == 1 else f"series of {scan.n_volumes} volumes (the first is asked about)"
+    )
+    return f"{path}: {scan.modality.value} {kind} {'x'.join(map(str, scan.volume_shape))}; model {model.name}"
+
+
+def _write_ask_results(args, sink, path: str, scan, answers: list, model) -> bool:
+    """Export/push one scan's answers (--export/--push) and report what was written; False when any of it failed."""
+    from engine.results.cli import describe, report_errors
+
+    done = sink.ask_done(path, scan, answers, model)
+    report_errors(path, done)
+    if args.json:
+        print(json.dumps({"path": path, **done}, ensure_ascii=False), flush=True)
+    else:
+        for line in describe(path, done):
+            print(line)
+    return not any(k.endswith("_error") for k in done)
+
+
 def cmd_ask(args) -> int:
     """Questions about each PATH with one model load; a scan is encoded once for all its questions.
 
@@ -208,21 +246,10 @@ def cmd_ask(args) -> int:
     {"path", "question", "error"}. Exit 0 only when every question about every PATH was answered.
     """
     from engine.ask.api import resolve_ask_model
-    from engine.ask.questions import QuestionError, validate_question
     from engine.io import load_one
-    from engine.results.cli import ResultSink, describe, report_errors
+    from engine.results.cli import ResultSink
 
-    # questions are checked before any model or scan is loaded
-    asked = [args.question, *(args.questions or [])]
-    checked: list[tuple[str, str | None, str | None]] = []  # (as given, cleaned, error)
-    for question in asked:
-        try:
-            checked.append((question, validate_question(question), None))
-        except QuestionError as exc:
-            checked.append((question, None, str(exc)))
-    if all(cleaned is None for _, cleaned, _ in checked):
-        first = checked[0][2]
-        raise MedLensError(first if len(checked) == 1 else f"no question can be asked: {first}")
+    checked = _checked_questions(args)  # before any model or scan is loaded
     sink = ResultSink.from_args(args)
     model = resolve_ask_model(_ask_source(args))
     answered = failed = 0
@@ -238,14 +265,7 @@ def cmd_ask(args) -> int:
             _ask_failed(args, path, str(exc))
             continue
         if not args.json:
-            kind = (
-                "2D image"
-                if scan.is_2d
-                else "volume"
-                if scan.n_volumes == 1
-                else f"series of {scan.n_volumes} volumes (the first is asked about)"
-            )
-            print(f"{path}: {scan.modality.value} {kind} {'x'.join(map(str, scan.volume_shape))}; model {model.name}")
+            print(_asked_scan_line(path, scan, model))
         for question, cleaned, error in checked:
             if cleaned is None:
                 failed += 1
@@ -267,14 +287,7 @@ def cmd_ask(args) -> int:
             for line in answer_lines(answer):
                 print(line)
         if sink and answers:
-            done = sink.ask_done(path, scan, answers, model)
-            report_errors(path, done)
-            if args.json:
-                print(json.dumps({"path": path, **done}, ensure_ascii=False), flush=True)
-            else:
-                for line in describe(path, done):
-                    print(line)
-            failed += 1 if any(k.endswith("_error") for k in done) else 0
+            failed += 0 if _write_ask_results(args, sink, path, scan, answers, model) else 1
     if sink:
         sink.close()
     if failed:
@@ -561,6 +574,12 @@ def cmd_teach(args) -> int:
     return 0
 
 
+def _add_series_and_json(p, json_help: str) -> None:
+    """The options `label` and `ask` share for their PATHs: which series, and JSON Lines output (described by `json_help`)."""
+    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
 def _add_label_parser(sub) -> None:
     from engine.results.cli import add_output_args
 
@@ -594,11 +613,9 @@ def _add_label_parser(sub) -> None:
         "--planes", nargs="+", choices=("axial", "coronal", "sagittal"), default=["axial"], help="volumes: planes to sample slices from"
     )
     p.add_argument("--slices", type=int, default=12, help="volumes: slices sampled per plane (default 12)")
-    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help='JSON Lines: {"path", "labels": [{"label", "probability", "reported_probability", "verdict", ...}, ...], '
+    _add_series_and_json(
+        p,
+        'JSON Lines: {"path", "labels": [{"label", "probability", "reported_probability", "verdict", ...}, ...], '
         '"out_of_distribution", "ood_reasons", "field_of_view", ...} or {"path", "error"} per PATH',
     )
     p.add_argument("--per-slice", action="store_true", help="with --json: include per-slice scores of volumes")
@@ -701,11 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="question-answering model: shipped name or local-dir:/path (default: $MEDLENS_ASK_MODEL, else the shipped medlens-qformer; see `medlens models`)",
     )
-    p.add_argument("--series", type=int, default=None, help="which series (0-based, as listed by info) when a PATH holds several")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help='JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
+    _add_series_and_json(
+        p,
+        'JSON Lines, one per question: {"path", "question", "answer", "confidence"} (+ "candidates" for closed questions), '
         'or {"path", "error"} / {"path", "question", "error"}',
     )
     add_output_args(p)

@@ -99,17 +99,9 @@ def volume_labels(
     )
 
 
-def label_volume(
-    scan: Scan,
-    labels: Sequence[str] | str | None = None,
-    model: Any = None,
-    *,
-    prompt_set: str | None = None,
-    volume: int = 0,
-    fov_check: str | None = None,
-) -> dict[str, Any]:
-    """`volume_labels(...).to_dict()`: the JSON shape of the CLIP path's labels, with `scope`."""
-    return volume_labels(scan, labels, model, prompt_set=prompt_set, volume=volume, fov_check=fov_check).to_dict()
+def label_volume(scan: Scan, *args: Any, **options: Any) -> dict[str, Any]:
+    """`volume_labels(...).to_dict()` (the same arguments): the JSON shape of the CLIP path's labels, with `scope`."""
+    return volume_labels(scan, *args, **options).to_dict()
 
 
 # --------------------------------------------------------------------------- evidence for a viewer

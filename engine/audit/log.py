@@ -119,35 +119,6 @@ def _detail(detail: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def make_record(
-    action: str,
-    *,
-    user: str,
-    outcome: str = OK,
-    model: Any = None,
-    scans: Iterable[Any] = (),
-    results: Iterable[Any] = (),
-    detail: dict[str, Any] | None = None,
-) -> AuditRecord:
-    """A checked record (ValueError for an action that is not a word, or a scan that is not a hash)."""
-    if not ACTION.match(str(action)):
-        raise ValueError(f"audit action {action!r} must be a lower-case word")
-    if not WORD.match(str(user)) or not str(user):
-        raise ValueError("audit user must be a login name")
-    name, revision = split_model(model)
-    return AuditRecord(
-        time=now(),
-        user=str(user),
-        action=str(action),
-        outcome=str(outcome),
-        model=name,
-        revision=revision,
-        scans=_hashes(scans, "scans"),
-        results=_hashes(results, "results"),
-        detail=_detail(detail),
-    )
-
-
 def append(record: AuditRecord, path: Path | None = None) -> bool:
     """Append one line (O_APPEND, one write under flock); False (and a log line) when it could not be written."""
     path = path if path is not None else log_path()
@@ -198,8 +169,26 @@ def record(
     results: Iterable[Any] = (),
     detail: dict[str, Any] | None = None,
 ) -> AuditRecord:
-    """Record one action (the one function every part of MedLens calls); returns the record written."""
-    rec = make_record(action, user=user, outcome=outcome, model=model, scans=scans, results=results, detail=detail)
+    """Record one action (the one function every part of MedLens calls); returns the record written.
+
+    ValueError for an action that is not a word, a user that is not a login, or a scan that is not a hash.
+    """
+    if not ACTION.match(str(action)):
+        raise ValueError(f"audit action {action!r} must be a lower-case word")
+    if not WORD.match(str(user)) or not str(user):
+        raise ValueError("audit user must be a login name")
+    name, revision = split_model(model)
+    rec = AuditRecord(
+        time=now(),
+        user=str(user),
+        action=str(action),
+        outcome=str(outcome),
+        model=name,
+        revision=revision,
+        scans=_hashes(scans, "scans"),
+        results=_hashes(results, "results"),
+        detail=_detail(detail),
+    )
     append(rec)
     return rec
 

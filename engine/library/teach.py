@@ -29,7 +29,7 @@ Design decisions
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -80,17 +80,8 @@ class Probe:
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready description (no coefficients)."""
-        return {
-            "label": self.label,
-            "model_id": self.model_id,
-            "n_pos": self.n_pos,
-            "n_neg": self.n_neg,
-            "positive_ids": self.positive_ids,
-            "negative_ids": self.negative_ids,
-            "metrics": self.metrics,
-            "created_at": self.created_at,
-        }
+        """JSON-ready description: every field but the coefficients (coef, intercept), in field order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("coef", "intercept")}
 
 
 # --------------------------------------------------------------------------- tags

@@ -52,28 +52,35 @@ class QueryFilter:
     def is_empty(self) -> bool:
         return not any(asdict(self).values())
 
+    @property
+    def study_date(self) -> str | None:
+        """The StudyDate match: one day, or a DICOM range (open at either end); None without dates."""
+        if not (self.date_from or self.date_to):
+            return None
+        lo, hi = self.date_from or "", self.date_to or ""
+        return lo if lo == hi else f"{lo}-{hi}"
+
     def study_params(self) -> dict[str, str]:
-        params: dict[str, str] = {}
-        if self.patient_id:
-            params["PatientID"] = self.patient_id
-        if self.accession:
-            params["AccessionNumber"] = self.accession
-        if self.date_from or self.date_to:
-            lo, hi = self.date_from or "", self.date_to or ""
-            params["StudyDate"] = lo if lo == hi else f"{lo}-{hi}"
-        if self.modality:
-            params["ModalitiesInStudy"] = self.modality
-        if self.study_uid:
-            params["StudyInstanceUID"] = self.study_uid
-        return params
+        return self._params(_STUDY_KEYS)
 
     def series_params(self) -> dict[str, str]:
-        params: dict[str, str] = {}
-        if self.modality:
-            params["Modality"] = self.modality
-        if self.series_uid:
-            params["SeriesInstanceUID"] = self.series_uid
-        return params
+        return self._params(_SERIES_KEYS)
+
+    def _params(self, keys: tuple[tuple[str, str], ...]) -> dict[str, str]:
+        """DICOM keyword -> value for each field the user filled in, in the order of `keys`."""
+        values = {keyword: getattr(self, name) for name, keyword in keys}
+        return {keyword: value for keyword, value in values.items() if value}
+
+
+# (QueryFilter field or property, the DICOM keyword it matches) at each level, in the order the request lists them
+_STUDY_KEYS = (
+    ("patient_id", "PatientID"),
+    ("accession", "AccessionNumber"),
+    ("study_date", "StudyDate"),
+    ("modality", "ModalitiesInStudy"),
+    ("study_uid", "StudyInstanceUID"),
+)
+_SERIES_KEYS = (("modality", "Modality"), ("series_uid", "SeriesInstanceUID"))
 
 
 def _safe(key: str, value: str) -> str:

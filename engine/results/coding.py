@@ -36,6 +36,18 @@ SERIES_NUMBERS = {"sr": 9701, "seg": 9702, "sc": 9703}
 DEIDENTIFICATION_METHOD = "MedLens: PS3.15 basic profile; UIDs mapped by salted HMAC"  # LO: at most 64
 
 
+def instance_header(kind: str, series_uid: str, sop_uid: str) -> dict[str, object]:
+    """The identity keywords every MedLens object ("sr", "seg", "sc") gives its highdicom constructor:
+    its own series (fixed number per kind), one instance in it, MedLens as manufacturer."""
+    return {
+        "series_instance_uid": series_uid,
+        "series_number": SERIES_NUMBERS[kind],
+        "sop_instance_uid": sop_uid,
+        "instance_number": 1,
+        "manufacturer": "MedLens",
+    }
+
+
 def text_concept(text: str, kind: str):
     """A 99MEDLENS concept for a label (kind "L"), question ("Q") or answer ("A")."""
     from highdicom.sr import CodedConcept

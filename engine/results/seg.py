@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.results.coding import SERIES_NUMBERS
+from engine.results.coding import instance_header
 from engine.results.evidence import Heat, Placement, frame_of, place
 from engine.results.schema import NOTICE, ModelRef, software_version
 from engine.scan import Scan
@@ -74,11 +74,7 @@ def build_seg(scan: Scan, heats: list[Heat], subject, where: list[Placement], se
         pixel_array=pixels,
         segmentation_type="FRACTIONAL",
         segment_descriptions=descriptions,
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["seg"],
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer="MedLens",
+        **instance_header("seg", series_uid, sop_uid),
         manufacturer_model_name=" + ".join(dict.fromkeys(m.name for m in models))[:64],
         software_versions=software_version()[:64],
         device_serial_number="none",
@@ -143,11 +139,7 @@ def build_sc(scan: Scan, heat: Heat, subject, where: list[Placement], series_uid
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["sc"],
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer="MedLens",
+        **instance_header("sc", series_uid, sop_uid),
         pixel_spacing=(round(mm[0], 6), round(mm[1], 6)),
         patient_orientation=_patient_orientation(heat, ref),
     )

@@ -18,7 +18,7 @@ every source instance of the scan; the observer is the MedLens device.
 
 from __future__ import annotations
 
-from engine.results.coding import SERIES_NUMBERS, SCHEME, derived_uid, parameters, scheme_identification, text_concept
+from engine.results.coding import SCHEME, derived_uid, parameters, instance_header, scheme_identification, text_concept
 from engine.results.schema import AnswerBlock, Finding, LabelBlock, ModelRef, ResultRecord
 
 _PROCEDURES = {"CT": ("25045-6", "LN", "CT unspecified body region"), "MR": ("25056-3", "LN", "MRI unspecified body region")}
@@ -144,11 +144,7 @@ def build_sr(record: ResultRecord, sources: list, series_uid: str, sop_uid: str,
     sr = hd.sr.Comprehensive3DSR(
         evidence=sources,
         content=report,
-        series_instance_uid=series_uid,
-        series_number=SERIES_NUMBERS["sr"],
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer="MedLens",
+        **instance_header("sr", series_uid, sop_uid),
         is_complete=True,
         is_final=False,
         is_verified=False,
