@@ -115,9 +115,9 @@ def uptime() -> str:
         return f"load average {loadavg()}"
 
 
-def write_result(out, lines: list[str], echo: bool = False) -> None:
-    """Write a result table (Markdown lines) to `out`, creating its folder; print it too when asked."""
+def write_result(out, lines: list[str], echo: bool = False, end: str = "") -> None:
+    """Write a result table (Markdown lines, then `end`) to `out`, creating its folder; print it too when asked."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + end)
     print("\n".join(lines) if echo else f"wrote {path}")

@@ -32,7 +32,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO / "bench"))
 SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 from _machine import write_result, SHIPPED_GATE, cpu_class, machine_lines, rss_mb, uptime, wait_quiet  # noqa: E402
+from _setup import add_out_option, fresh_fastpath_cache  # noqa: E402
 
 INPUTS = {
     "CT series 512x512x20 (DICOM, JPEG 2000)": (
@@ -138,13 +138,12 @@ def main() -> int:
     parser.add_argument("--model", default="medlens-qformer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "ask_latency.md"))
+    add_out_option(parser, "ask_latency.md")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    cache = tempfile.TemporaryDirectory(prefix="medlens-ask-bench-")
-    os.environ["MEDLENS_FASTPATH_CACHE"] = cache.name
+    cache = fresh_fastpath_cache("medlens-ask-bench-")  # load_models sets MEDLENS_INFERENCE per side anyway
     load_before = uptime()
     t0 = time.perf_counter()
     models, build_s = load_models(args.model)

@@ -43,7 +43,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,13 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
-PICKS = [
-    ("xray/nih_cxr14_1000/images", "*.png"),
-    ("ultrasound/busi/images", "*/*.png"),
-    ("pathology/lc25000_lung/images", "*.jpeg"),
-    ("dermatology/ham10000/images", "*.jpg"),
-]
 LABELS = [
     "pneumonia",
     "a normal chest x-ray",
@@ -74,17 +66,17 @@ LABELS = [
 BATCHES = (1, 12, 16)
 
 from _machine import SHIPPED_GATE, VIT_GATES, cpu_class, loadavg, machine_lines, uptime, wait_quiet  # noqa: E402
+from _real_images import IMAGE_FOLDERS, SHARED, real_image_files  # noqa: E402
+from _setup import fresh_fastpath_cache  # noqa: E402
+
+PICKS = IMAGE_FOLDERS[:4]  # x-ray, ultrasound, histology, dermoscopy: the images LABELS above describe
 
 
 def load_images(n: int, use_shared: bool) -> tuple[list[np.ndarray], str]:
     from PIL import Image
 
     if use_shared and SHARED.is_dir():
-        per = max(1, -(-n // len(PICKS)))
-        images = []
-        for folder, pattern in PICKS:
-            files = [f for f in sorted((SHARED / folder).glob(pattern)) if "mask" not in f.name][:per]
-            images += [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        images = [np.asarray(Image.open(f).convert("RGB")) for f in real_image_files(n, PICKS)]
         if len(images) >= n:
             return images[:n], f"{n} real images from ../shared/data ({', '.join(p.split('/')[0] for p, _ in PICKS)})"
     rng = np.random.default_rng(0)
@@ -332,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         os.environ["MEDLENS_THREADS"] = str(args.threads)
-    os.environ.pop("MEDLENS_INFERENCE", None)
-    cache = tempfile.TemporaryDirectory(prefix="medlens-fastpath-bench-")
-    os.environ["MEDLENS_FASTPATH_CACHE"] = cache.name  # cold start: the probe and every export are timed
+    cache = fresh_fastpath_cache("medlens-fastpath-bench-")  # cold start: the probe and every export are timed
 
     from engine.models import fastpath
     from engine.models.cpu import cpu_profile

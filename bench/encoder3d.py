@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,8 @@ CT_SERIES = SHARED / "volumes" / "totalsegmentator" / "ct_dicom_series"
 BRAIN_MRI = SHARED / "volumes" / "mricron_atlas" / "ch2.nii.gz"
 
 from _machine import write_result, machine_lines, peak_rss_mb, uptime  # noqa: E402
+from _report import table as markdown_table  # noqa: E402
+from _setup import add_out_option, fresh_fastpath_cache  # noqa: E402
 
 
 def shipped_prep():
@@ -152,16 +153,21 @@ def measure(paths: dict, inputs: dict, repeats: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = [
-        "| input | tensor X x Y x Z | path | min s | median s | first call s | CPU s | speed-up (wall / CPU) | cosine (whole / worst token) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['input']} | {r['shape']} | {r['path']} | {r['min']:.3f} | {r['med']:.3f} | {r['first']:.3f} | {r['cpu']:.3f} | "
-            f"{r['x']:.2f}x / {r['xcpu']:.2f}x | {r['cos']:.5f} / {r['cos_token']:.4f} |"
+    columns = (
+        "input | tensor X x Y x Z | path | min s | median s | first call s | CPU s | speed-up (wall / CPU) | cosine (whole / worst token)"
+    )
+    cells = (
+        (
+            r["input"],
+            r["shape"],
+            r["path"],
+            *(f"{r[k]:.3f}" for k in ("min", "med", "first", "cpu")),
+            f"{r['x']:.2f}x / {r['xcpu']:.2f}x",
+            f"{r['cos']:.5f} / {r['cos_token']:.4f}",
         )
-    return lines
+        for r in rows
+    )
+    return markdown_table(columns, "lllrrrrrr", cells)
 
 
 def engine_choice(kind: str, load, example, forward: str, axes) -> str:
@@ -180,15 +186,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also torch.compile bf16 (inductor; ~90 s to compile per shape)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "encoder3d.md"))
+    add_out_option(parser, "encoder3d.md")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    os.environ.pop("MEDLENS_INFERENCE", None)
-    cache = tempfile.TemporaryDirectory(prefix="medlens-encoder-bench-")
-    os.environ["MEDLENS_FASTPATH_CACHE"] = cache.name
+    cache = fresh_fastpath_cache("medlens-encoder-bench-")
     from engine.ask.model import image_tensor
     from engine.models import calibration, i3resnet
 

@@ -26,7 +26,6 @@ A failing case is reproduced from its number alone:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import platform
 import statistics
 import sys
@@ -40,18 +39,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import _mutate as mz  # noqa: E402
 
 from _machine import cpu_name  # noqa: E402
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("pydicom", "nibabel", "numpy", "pylibjpeg", "pylibjpeg-openjpeg", "pyjpegls", "python-gdcm", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
+from _report import header, package_versions  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,12 +58,12 @@ def render(outcomes, info, seeds, args, wall: float) -> str:
     failed = [o for o in outcomes if o.failed]
     secs = [o.secs for o in outcomes if o.status not in ("crash", "hang")]
     lines = [
-        "# Reader fuzzing",
-        "",
-        f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Command: `python bench/fuzz_readers.py --n {args.n} --seed {args.seed}" + (" --no-shared" if args.no_shared else "") + "`",
-        f"- CPU: {cpu_name()} ({platform.machine()}, {len(__import__('os').sched_getaffinity(0))} usable cores)",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        *header(
+            "Reader fuzzing",
+            f"python bench/fuzz_readers.py --n {args.n} --seed {args.seed}" + (" --no-shared" if args.no_shared else ""),
+            f"{cpu_name()} ({platform.machine()}, {len(__import__('os').sched_getaffinity(0))} usable cores)",
+            package_versions("pydicom", "nibabel", "numpy", "pylibjpeg", "pylibjpeg-openjpeg", "pyjpegls", "python-gdcm", "pillow"),
+        ),
         f"- Cases: {n}, wall time {wall:.0f} s; worker memory cap {args.mem_gib:g} GiB (RLIMIT_AS), "
         f"peak worker RSS {info['max_worker_rss_kb'] / 1024:.0f} MB, worker restarts {info['worker_restarts']}",
         f"- Read time per case: median {statistics.median(secs) if secs else 0:.3f} s, p99 {percentile(secs, 99):.3f} s, "

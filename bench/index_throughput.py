@@ -16,7 +16,6 @@ embeddings of the two runs are (minimum cosine over scans).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -27,24 +26,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
-SHARED = Path(os.environ.get("MEDLENS_SHARED_DATA", REPO.parent / "shared" / "data"))
-FOLDERS = [
-    ("xray/nih_cxr14_1000/images", "*.png"),
-    ("ultrasound/busi/images", "*/*.png"),
-    ("pathology/lc25000_lung/images", "*.jpeg"),
-    ("dermatology/ham10000/images", "*.jpg"),
-    ("fundus/dr_maculopathy", "**/*.jpg"),
-]
 VOLUMES = ["volumes/totalsegmentator/ct_dicom_series", "volumes/mricron_atlas/ch2.nii.gz"]
 
 from _machine import write_result, machine_lines, uptime  # noqa: E402
+from _real_images import SHARED, real_image_files  # noqa: E402
+from _setup import add_out_option, fresh_fastpath_cache  # noqa: E402
 
 
 def picks(n_images: int) -> dict[str, list[Path]]:
-    per = max(1, -(-n_images // len(FOLDERS)))
-    images = []
-    for folder, pattern in FOLDERS:
-        images += [f for f in sorted((SHARED / folder).glob(pattern)) if "mask" not in f.name][:per]
+    images = real_image_files(n_images)
     return {f"{len(images[:n_images])} 2D images": images[:n_images], f"{len(VOLUMES)} volumes": [SHARED / v for v in VOLUMES]}
 
 
@@ -75,14 +65,12 @@ def main() -> int:
     parser.add_argument("--model", default="medlens-clip")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "index_throughput.md"))
+    add_out_option(parser, "index_throughput.md")
     args = parser.parse_args()
     import numpy as np
     import torch
 
-    cache = tempfile.TemporaryDirectory(prefix="medlens-index-bench-cache-")
-    os.environ["MEDLENS_FASTPATH_CACHE"] = cache.name
-    os.environ.pop("MEDLENS_INFERENCE", None)
+    cache = fresh_fastpath_cache("medlens-index-bench-cache-")
     from engine.models import fastpath, load_model
     from engine.models.clip import InferencePath
 

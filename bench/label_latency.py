@@ -30,7 +30,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ XRAY_LABELS = ["pneumonia", "pleural effusion", "cardiomegaly", "no finding"]
 CT_LABELS = ["liver", "lung", "kidney", "spleen"]
 
 from _machine import write_result, machine_lines, uptime  # noqa: E402
+from _setup import add_out_option, fresh_fastpath_cache  # noqa: E402
 
 
 def biomedclip_folder() -> Path:
@@ -136,13 +136,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="medlens-clip,biomedclip-shape")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "label_latency.md"))
+    add_out_option(parser, "label_latency.md")
     args = parser.parse_args()
     import torch
 
-    cache = tempfile.TemporaryDirectory(prefix="medlens-label-bench-")
-    os.environ["MEDLENS_FASTPATH_CACHE"] = cache.name
-    os.environ.pop("MEDLENS_INFERENCE", None)
+    cache = fresh_fastpath_cache("medlens-label-bench-")
     load_before = uptime()
     items = inputs()
     lines = (

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime as dt
 import hashlib
 import io
 import os
@@ -86,18 +85,6 @@ def cpu_info() -> tuple[str, str]:
     ]
     have = [f for f in wanted if f in flags]
     return model, (", ".join(have) if have else "none of " + ", ".join(wanted))
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("pydicom", "SimpleITK", "numpy", "nibabel", "scipy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
 
 
 # --------------------------------------------------------------------------
@@ -363,6 +350,9 @@ def peak_rss(folder: Path) -> dict[str, tuple[float, float, float]]:
 
 
 def main(argv=None) -> int:
+    # imported here, not at the top: the peak-RSS child imports this file from a folder without bench/ on its path
+    from _report import bullets, header, package_versions, section
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rebuild", action="store_true", help="write the series again even if present")
@@ -410,12 +400,12 @@ def main(argv=None) -> int:
 
     model, flags = cpu_info()
     lines = [
-        "# Series loading: engine vs SimpleITK",
-        "",
-        f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Command: `python bench/load_series.py --repeats {args.repeats}" + (" --profile" if args.profile else "") + "`",
-        f"- CPU: {model}, {len(os.sched_getaffinity(0))} usable cores; vector extensions: {flags}",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        *header(
+            "Series loading: engine vs SimpleITK",
+            f"python bench/load_series.py --repeats {args.repeats}" + (" --profile" if args.profile else ""),
+            f"{model}, {len(os.sched_getaffinity(0))} usable cores; vector extensions: {flags}",
+            package_versions("pydicom", "SimpleITK", "numpy", "nibabel", "scipy"),
+        ),
         f"- SimpleITK threads: {threads}; the engine reads files in one Python thread",
         f"- Series: {N_SLICES} files, {ROWS}x{COLS}, 0.75 x 0.75 x 1.0 mm, uncompressed 16-bit (12 stored), "
         f"Explicit VR Little Endian, {size_mb:.0f} MB, resampled from `{SOURCE.name}` (real CT), shuffled file names; "
@@ -451,27 +441,12 @@ def main(argv=None) -> int:
         "de-identify, reorient to RAS+, float32; the content hash is listed separately below). SimpleITK = `GetGDCMSeriesFileNames` "
         "(GDCM scans and sorts the folder) + `ImageSeriesReader.Execute()` with float32 output (rescale "
         "applied), LPS orientation.",
-        "",
-        "## Same volume from both",
-        "",
     ]
-    lines += [f"- {c}" for c in checks]
-    lines += ["", "## Where the engine's time goes", ""] + [f"- {s}" for s in stages]
+    lines += bullets("## Same volume from both", checks)
+    lines += bullets("## Where the engine's time goes", stages)
     if prof:
-        lines += [
-            "",
-            "cProfile of one engine load, top functions by own time:",
-            "",
-            "```",
-            prof[0],
-            "```",
-            "",
-            "The same load, engine functions by cumulative time:",
-            "",
-            "```",
-            prof[1],
-            "```",
-        ]
+        lines += section("cProfile of one engine load, top functions by own time:", "```", prof[0], "```")
+        lines += section("The same load, engine functions by cumulative time:", "```", prof[1], "```")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written {args.out}", file=sys.stderr)

@@ -24,7 +24,6 @@ Writes bench/results/redaction.md:
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import json
 import os
 import platform
@@ -40,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _machine import cpu_name, loadavg  # noqa: E402
+from _machine import cpu_name, loadavg, write_result  # noqa: E402
+from _report import header, table  # noqa: E402
 
 from engine.io import load  # noqa: E402
 from engine.redact import gray8, find_tesseract, redact_scan  # noqa: E402
@@ -336,16 +336,27 @@ def versions() -> str:
 
 
 def text_table(rows: list[dict]) -> list[str]:
-    out = [
-        "| image | shape | status | boxes | blanked | frames OCR read | reference words found | PHI strings readable after / in pixels | words readable after / before | PHI on 128 px thumbnail (unredacted) | load s (off / on) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        out.append(
-            f"| {r['name']} | {r['shape']} | {r['status']} | {r['boxes']} | {100 * r['blanked']:.1f}% | {r['frames_read']} | "
-            f"{r['ref_found']}/{r['ref_words']} | {r['phi_left']}/{r['phi']} | {r['words_left']}/{r['words_before']} | {r['thumb_phi']} | "
-            f"{r['t_off']:.2f} / {r['t_on']:.2f} |"
+    columns = (
+        "image | shape | status | boxes | blanked | frames OCR read | reference words found | PHI strings readable after / in pixels | "
+        "words readable after / before | PHI on 128 px thumbnail (unredacted) | load s (off / on)"
+    )
+    cells = (
+        (
+            r["name"],
+            str(r["shape"]),
+            r["status"],
+            str(r["boxes"]),
+            f"{100 * r['blanked']:.1f}%",
+            str(r["frames_read"]),
+            f"{r['ref_found']}/{r['ref_words']}",
+            f"{r['phi_left']}/{r['phi']}",
+            f"{r['words_left']}/{r['words_before']}",
+            str(r["thumb_phi"]),
+            f"{r['t_off']:.2f} / {r['t_on']:.2f}",
         )
+        for r in rows
+    )
+    out = table(columns, "lllrrrrrrrl", cells)
     ref = sum(r["ref_words"] for r in rows)
     found = sum(r["ref_found"] for r in rows)
     out += [
@@ -403,14 +414,13 @@ def main(argv=None) -> int:
     text_rows = [evaluate_text_image(p, phi_list) for p in deid_files()]
     textless = evaluate_textless(args.per_folder)
     lines = [
-        "# Burned-in text removal (engine.redact)",
-        "",
-        f"- Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Command: `python bench/redaction.py --per-folder {args.per_folder}"
-        + (" --presidio-python V/bin/python" if args.presidio_python else "")
-        + "`",
-        f"- CPU: {cpu_name()}, {os.cpu_count()} cores; load average before / after: {load_before} / {loadavg()}",
-        f"- Versions: {versions()}",
+        *header(
+            "Burned-in text removal (engine.redact)",
+            f"python bench/redaction.py --per-folder {args.per_folder}"
+            + (" --presidio-python V/bin/python" if args.presidio_python else ""),
+            f"{cpu_name()}, {os.cpu_count()} cores; load average before / after: {load_before} / {loadavg()}",
+            versions(),
+        ),
         "- Redactor: MEDLENS_REDACT=auto (images with burned-in PHI) and =always (images without text).",
         "",
         "## deid-data ultrasound images with burned-in PHI",
@@ -429,8 +439,7 @@ def main(argv=None) -> int:
             *evaluate_presidio(args.presidio_python, phi_list),
             "",
         ]
-    OUT.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(OUT, lines, echo=True, end="\n")
     return 0
 
 

@@ -60,6 +60,7 @@ BATCH = 64
 # --------------------------------------------------------------------------- machine
 
 from _machine import cpu_name, loadavg, rss_mb  # noqa: E402
+from _report import bullets, section  # noqa: E402
 
 
 def import_faiss():
@@ -396,17 +397,15 @@ def main() -> int:
             f"| {r['n']:,} | {r['backend']} | {r['build_s']:.2f} | {r['rss']:.1f} | {tm} | "
             f"{r['b1_med']:.2f} / {r['b1_p95']:.2f} | {r['b64_med']:.1f} / {r['b64_min']:.1f} | {r['b64_med'] / BATCH:.2f} |"
         )
-    lines += ["", "Checks:", ""] + [f"- {n}" for n in notes]
+    lines += bullets("Checks:", notes)
     if db_row:
-        lines += [
-            "",
+        lines += section(
             "## Rebuilding the index from the library",
-            "",
             f"`index_for` reads every embedding of a model from SQLite and builds the index; it does so on the first search "
             f"after any add (the cache key is (count, max id) of the model's embeddings). Library of {db_row['n']:,} embeddings "
             f"(D = {args.dim}, {db_row['size_mb']:.0f} MB file, filled in {db_row['fill_s']:.1f} s): "
             f"rebuild **{db_row['cold_s']:.2f} s**, cached lookup {db_row['warm_ms']:.2f} ms.",
-        ]
+        )
     if index_rows:
         lines += [
             "",

@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 
-from _machine import cpu_flags, cpu_name, loadavg  # noqa: E402
+from _machine import cpu_flags, cpu_name, loadavg, write_result  # noqa: E402
+from _report import table  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "viewer_speed.md"
 
@@ -92,12 +93,11 @@ def main(argv=None) -> int:
         f"- CPU: {cpu_name()}; flags: {cpu_flags()}",
         f"- load average before / after: {before} / {loadavg()}; median of {args.repeats} repeats after a warm-up",
         "",
-        "| what | median | target | met |",
-        "|---|---:|---|---|",
-        *[f"| {what} | {value} | {target} | {'yes' if ok else '**no**'} |" for what, value, target, ok in rows],
+        *table(
+            "what | median | target | met", "lrll", ((what, value, target, "yes" if ok else "**no**") for what, value, target, ok in rows)
+        ),
     ]
-    OUT.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(OUT, lines, echo=True, end="\n")
     return 0
 
 

@@ -45,50 +45,26 @@ MODES = ("present-absent", "softmax")
 from _machine import cpu_flags, cpu_name, loadavg  # noqa: E402
 
 
+def volume_input(name: str, path: Path, body: str, seg: Path | None = None, group: str | None = None, held_out: bool = False) -> dict:
+    """One input: name, path, body ("trunk" / "head"), label map (or None), its class-name group, QF-held-out."""
+    return dict(name=name, path=path, body=body, seg=seg, group=group, held_out=held_out)
+
+
 def volumes(quick: bool) -> list[dict]:
-    """name, path, body ("trunk" / "head"), label map (or None), its class-name group, QF-held-out."""
+    """The inputs (see `volume_input`); quick leaves out the dcm_qa_nih EPI series."""
     ts = SHARED / "volumes" / "totalsegmentator"
     out = [
-        dict(
-            name="TotalSegmentator CT series (DICOM)",
-            path=ts / "ct_dicom_series",
-            body="trunk",
-            seg=ts / "example_seg_dicom.nii.gz",
-            group="total",
-            held_out=True,
+        volume_input(
+            "TotalSegmentator CT series (DICOM)", ts / "ct_dicom_series", "trunk", ts / "example_seg_dicom.nii.gz", "total", held_out=True
         ),
-        dict(name="TotalSegmentator example_ct", path=ts / "example_ct.nii.gz", body="trunk", seg=None, group="total", held_out=False),
-        dict(
-            name="TotalSegmentator example_ct_sm",
-            path=ts / "example_ct_sm.nii.gz",
-            body="trunk",
-            seg=ts / "example_seg.nii.gz",
-            group="total",
-            held_out=False,
-        ),
-        dict(
-            name="TotalSegmentator example_mr_sm",
-            path=ts / "example_mr_sm.nii.gz",
-            body="trunk",
-            seg=ts / "example_seg_mr.nii.gz",
-            group="total_mr",
-            held_out=False,
-        ),
-        dict(
-            name="Colin27 T1 (ch2)",
-            path=SHARED / "volumes" / "mricron_atlas" / "ch2.nii.gz",
-            body="head",
-            seg=None,
-            group=None,
-            held_out=False,
-        ),
+        volume_input("TotalSegmentator example_ct", ts / "example_ct.nii.gz", "trunk", None, "total"),
+        volume_input("TotalSegmentator example_ct_sm", ts / "example_ct_sm.nii.gz", "trunk", ts / "example_seg.nii.gz", "total"),
+        volume_input("TotalSegmentator example_mr_sm", ts / "example_mr_sm.nii.gz", "trunk", ts / "example_seg_mr.nii.gz", "total_mr"),
+        volume_input("Colin27 T1 (ch2)", SHARED / "volumes" / "mricron_atlas" / "ch2.nii.gz", "head"),
     ]
     if not quick:
         epi = sorted((SHARED / "dicom_reference" / "dcm_qa_nih" / "In").glob("*/mr_*"))
-        out += [
-            dict(name=f"dcm_qa_nih EPI {p.parent.name[-2:]}/{p.name}", path=p, body="head", seg=None, group=None, held_out=True)
-            for p in epi
-        ]
+        out += [volume_input(f"dcm_qa_nih EPI {p.parent.name[-2:]}/{p.name}", p, "head", held_out=True) for p in epi]
     return out
 
 
