@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 import hashlib
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+from training.manifest import Row
 
 SPLIT_NAMES = {
     "train": "train",
@@ -63,3 +65,22 @@ def split_from_path(path: str) -> str | None:
         if split:
             return split
     return None
+
+
+def image_row(dataset: str, modality: str, folder: str, file: str, **fields: Any) -> Row:
+    """A Row for one image file `folder/file`, its id named by the file stem ("<dataset>/<stem>")."""
+    return Row(id=f"{dataset}/{Path(file).stem}", dataset=dataset, modality=modality, path=f"{folder}/{file}", **fields)
+
+
+def labelled_csv_rows(
+    root: Path, folder: str, dataset: str, modality: str, fields: Callable[[dict[str, str]], dict[str, Any]]
+) -> list[Row]:
+    """One image row per line of `folder/labels.csv` (columns `file` and `split`; a blank split is train).
+
+    `fields(record)` gives the rest of the row (subject, labels, view, body_part...) and may raise on a
+    label it does not know."""
+    rows = []
+    for rec in read_csv(Path(root) / folder / "labels.csv"):
+        file, split = rec["file"], norm_split(rec["split"]) or "train"
+        rows.append(image_row(dataset, modality, folder, file, split=split, **fields(rec)))
+    return rows
