@@ -34,16 +34,8 @@ from engine.models.preprocess import ImagePreprocess
 
 MODALITIES = ("xray", "ct", "mr", "us", "pathology", "fundus", "dermoscopy")
 SPLITS = ("train", "val", "test")
-# How each manifest modality is named to the engine (engine.scan.Modality values).
-ENGINE_MODALITY = {
-    "xray": "XRAY",
-    "ct": "CT",
-    "mr": "MR",
-    "us": "US",
-    "pathology": "PATHOLOGY",
-    "fundus": "FUNDUS",
-    "dermoscopy": "DERMOSCOPY",
-}
+# How each manifest modality is named to the engine (engine.scan.Modality values): upper-cased, "xray" -> "XRAY".
+ENGINE_MODALITY = {m: m.upper() for m in MODALITIES}
 
 
 @dataclass
@@ -88,6 +80,14 @@ class Row:
 
 def write_manifest(rows: Iterable[Row], path: str | Path) -> int:
     """Write rows as JSON Lines (atomically); returns the count. Ids must be unique."""
+    return write_validated_jsonl(rows, path, "manifest id")
+
+
+def write_validated_jsonl(rows: Iterable[Any], path: str | Path, id_name: str) -> int:
+    """Validate each row and write it as one JSON line, atomically (a .tmp file renamed into place).
+
+    Rows need validate(), to_json() and a unique `id` (a repeat raises "duplicate <id_name> <id>");
+    returns the count written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -96,7 +96,7 @@ def write_manifest(rows: Iterable[Row], path: str | Path) -> int:
         for row in rows:
             row.validate()
             if row.id in seen:
-                raise ValueError(f"duplicate manifest id {row.id}")
+                raise ValueError(f"duplicate {id_name} {row.id}")
             seen.add(row.id)
             fh.write(row.to_json() + "\n")
     tmp.replace(path)

@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from training.manifest import ENGINE_MODALITY, MODALITIES, SPLITS, PixelLoader, Row
+from training.manifest import ENGINE_MODALITY, MODALITIES, SPLITS, PixelLoader, Row, write_validated_jsonl
 
 KINDS = ("volume", "image")
 AXES = ("z", "y", "x")
@@ -124,19 +124,7 @@ def write_qa_manifest(rows: Iterable[QARow], path: str | Path) -> int:
     """Write rows as JSON Lines (atomically; ids unique, subjects split-disjoint); returns the count."""
     rows = list(rows)
     check_subject_disjoint(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    seen: set[str] = set()
-    with open(tmp, "w") as fh:
-        for row in rows:
-            row.validate()
-            if row.id in seen:
-                raise ValueError(f"duplicate QA row id {row.id}")
-            seen.add(row.id)
-            fh.write(row.to_json() + "\n")
-    tmp.replace(path)
-    return len(seen)
+    return write_validated_jsonl(rows, path, "QA row id")
 
 
 def read_qa_manifest(
