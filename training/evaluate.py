@@ -68,7 +68,7 @@ import numpy as np
 
 from engine.models.cpu import cpu_profile
 from training import metrics, probe
-from training.config import UsageError  # a problem with the command line or its inputs: exit code 2, one line
+from training.config import UsageError, print_report  # UsageError: a problem with the command line or its inputs: exit code 2, one line
 from training import tasks as tasks_mod
 from training.manifest import PixelLoader, Row, read_manifest
 from training.tasks import BINARY, MULTICLASS, MULTILABEL, MODALITY_LABELS, Task, task_rows
@@ -969,20 +969,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.ood:
-            from training import ood
+    if args.ood:
+        from training import ood
 
-            _res, md = ood.run(
-                args.model, data_root=args.data_root, out=args.out or Path("runs/ood") / _default_name(args.model), exact=args.exact
-            )
-        else:
-            _res, md = run(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(md)
-    return 0
+        out = args.out or Path("runs/ood") / _default_name(args.model)
+        return print_report(lambda: ood.run(args.model, data_root=args.data_root, out=out, exact=args.exact))
+    return print_report(lambda: run(args))
 
 
 if __name__ == "__main__":

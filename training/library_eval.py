@@ -80,7 +80,7 @@ import numpy as np
 
 from training import metrics, probe
 from training.evaluate import _cap, _clean, _f, _table, file_sha256, image_label_task, zero_shot
-from training.config import UsageError  # exit status 2 and one line on stderr
+from training.config import UsageError, print_report  # UsageError: exit status 2 and one line on stderr
 from training.manifest import ENGINE_MODALITY, PixelLoader, Row, read_manifest
 from training.tasks import BINARY, TASKS, Task, task_rows
 
@@ -998,13 +998,7 @@ def _quote(arg: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = None if argv is None else list(argv)
-    try:
-        _res, md = run(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(md)
-    return 0
+    return print_report(lambda: run(args))
 
 
 if __name__ == "__main__":

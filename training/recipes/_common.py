@@ -10,10 +10,12 @@ Design decisions
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from training.manifest import Row
 
@@ -84,3 +86,28 @@ def labelled_csv_rows(
         file, split = rec["file"], norm_split(rec["split"]) or "train"
         rows.append(image_row(dataset, modality, folder, file, split=split, **fields(rec)))
     return rows
+
+
+def recipe_parser(prog: str, module_doc: str, out_help: str, only_help: str) -> argparse.ArgumentParser:
+    """A recipe command's parser (described by its module docstring's first paragraph) with the options
+    every recipe command takes (--data-root, --out, --only)."""
+    p = argparse.ArgumentParser(prog=prog, description=module_doc.split("\n\n")[0])
+    p.add_argument("--data-root", required=True, type=Path, help="folder holding the sources (e.g. ../shared/data)")
+    p.add_argument("--out", required=True, type=Path, help=out_help)
+    p.add_argument("--only", nargs="+", metavar="NAME", help=only_help)
+    return p
+
+
+Built = TypeVar("Built")
+
+
+def run_recipe_command(build: Callable[[], Built], summary: Callable[[Built], str]) -> int:
+    """Run a recipe command's build and print its summary (exit 0); a missing source or bad source data
+    is one "error: ..." line on stderr and exit status 2 (the summary is made only after a build succeeded)."""
+    try:
+        built = build()
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(built))
+    return 0
