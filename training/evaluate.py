@@ -951,6 +951,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The command-line settings metrics.json records, in its order, each with the evaluate() keyword it
+# is passed as (None: not an evaluate() option; --exact picks the model's inference path instead).
+RECORDED_SETTINGS = {
+    "tasks": "task_names",
+    "probe": "do_probe",
+    "probe_max_train": "probe_max_train",
+    "pointing": "do_pointing",
+    "pointing_max": "pointing_max",
+    "pointing_tolerance": "pointing_tolerance",
+    "max_per_task": "max_per_task",
+    "batch_size": "batch_size",
+    "exact": None,
+}
+
+
 def read_manifest_or_usage(manifest: Path) -> list[Row]:
     """The manifest's rows; a malformed manifest is a UsageError (one line, exit 2), not a traceback."""
     try:
@@ -987,38 +1002,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         raise UsageError(f"manifest {manifest} not found (build one with the recipes in training/recipes)")
     rows = read_manifest_or_usage(manifest)
     model = load_model_or_usage(args.model, fast=not args.exact)
-    body = evaluate(
-        model,
-        rows,
-        args.data_root,
-        split=args.split,
-        task_names=args.tasks,
-        do_probe=args.probe,
-        do_pointing=args.pointing,
-        max_per_task=args.max_per_task,
-        probe_max_train=args.probe_max_train,
-        pointing_max=args.pointing_max,
-        pointing_tolerance=args.pointing_tolerance,
-        batch_size=args.batch_size,
-    )
+    options = {keyword: getattr(args, name) for name, keyword in RECORDED_SETTINGS.items() if keyword}
+    body = evaluate(model, rows, args.data_root, split=args.split, **options)
     res = {
         "model": model.model_id,
         "source": args.model,
         **run_header(model, args.split, manifest, rows),
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "tasks",
-                "probe",
-                "probe_max_train",
-                "pointing",
-                "pointing_max",
-                "pointing_tolerance",
-                "max_per_task",
-                "batch_size",
-                "exact",
-            )
-        },
+        "settings": {name: getattr(args, name) for name in RECORDED_SETTINGS},
         **body,
     }
     res["wall_s"] = time.perf_counter() - t0
