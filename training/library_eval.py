@@ -729,9 +729,8 @@ def _header_md(res: dict[str, Any]) -> list[str]:
 
 def _text_to_scan_md(res: dict[str, Any]) -> list[str]:
     """Text -> scan precision@10 per dataset, mixed and filtered."""
-    lines: list[str] = []
     ts = res["text_to_scan"]["per_dataset"]
-    lines += [
+    lines = [
         "## Text -> scan, precision@10",
         "",
         "Each class: a label query (the class name) and a sentence query, embedded as typed. *Mixed*: the whole library "
@@ -781,9 +780,8 @@ def _text_to_scan_md(res: dict[str, Any]) -> list[str]:
 
 def _scan_to_scan_md(res: dict[str, Any]) -> list[str]:
     """Scan -> scan precision@5 per dataset, and the check against brute force."""
-    lines: list[str] = []
     ss = res["scan_to_scan"]["per_dataset"]
-    lines += [
+    lines = [
         "## Scan -> scan, precision@5",
         "",
         "Each test scan with a class queries the library by id (`search(like=id)`, itself left out). Relevant: same dataset and "
@@ -831,9 +829,8 @@ def _scan_to_scan_md(res: dict[str, Any]) -> list[str]:
 
 def _teach_md(res: dict[str, Any]) -> list[str]:
     """Few-shot teaching AUC per task beside zero-shot and the reference probe."""
-    lines: list[str] = []
     te = res["teach"]
-    lines += [
+    lines = [
         "## Teaching: few-shot AUC on the test split",
         "",
         f"k tagged examples per class from the train split, taught with `engine.library.teach.teach` (logistic regression on the "
@@ -909,8 +906,7 @@ def _pixel_check_md(res: dict[str, Any]) -> list[str]:
 
 def _queries_md(res: dict[str, Any]) -> list[str]:
     """Every query with its precision."""
-    lines: list[str] = []
-    lines += ["## Queries", ""]
+    lines = ["## Queries", ""]
     lines += _table(
         ["dataset", "style", "query", "relevant", "P@10 mixed", "P@10 filtered", "ensemble, filtered"],
         [
