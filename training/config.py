@@ -140,6 +140,16 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         return 2
 
 
+def print_report(make: Callable[[], tuple[Any, str]]) -> int:
+    """Print the Markdown of a report run (`make` returns (results, markdown)); exit 0, or run_main's UsageError line and 2."""
+
+    def show(_argv: Sequence[str] | None) -> int:
+        print(make()[1])
+        return 0
+
+    return run_main(show)
+
+
 # --------------------------------------------------------------------------- shared small pieces
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows as JSON Lines atomically (a temp file renamed into place); returns the count."""

@@ -68,7 +68,7 @@ import numpy as np
 
 from engine.models.cpu import cpu_profile
 from training import metrics, probe
-from training.config import UsageError  # a problem with the command line or its inputs: exit code 2, one line
+from training.config import UsageError, print_report  # UsageError: a problem with the command line or its inputs: exit code 2, one line
 from training import tasks as tasks_mod
 from training.manifest import PixelLoader, Row, read_manifest
 from training.tasks import BINARY, MULTICLASS, MULTILABEL, MODALITY_LABELS, Task, task_rows
@@ -208,70 +208,83 @@ def zero_shot(task: Task, emb: np.ndarray, rows: Sequence[Row], y: np.ndarray | 
     scale = float(model.logit_scale)
     out: dict[str, Any] = {"kind": task.kind, "classes": list(task.classes), "prompt_set": task.prompt_modality, "n": len(rows)}
     if task.kind == MULTILABEL:
-        present, absent = _text_embeddings(model, task, pair=True)
-        margin = emb @ present.T - emb @ absent.T  # sigmoid(scale * margin) = P(present); AUC needs only the order
-        # Control: one organ-agnostic score (the mean margin over all organs) ranks the slices for
-        # every organ. Organ presence follows how much anatomy a slice holds, and the present-minus-
-        # absent directions share a "present" component, so per-organ AUC can sit far from 0.5 without
-        # any organ knowledge (a random tiny tower: 0.85, control 0.85, on the TotalSegmentator test
-        # subject); only AUC above the control shows that the model tells organs apart.
-        agnostic = margin.mean(axis=1)
-        # Second scoring, reported beside it: plain similarity to the organ's prompt ensemble (what a
-        # user ranking slices by one label gets); it needs no understanding of negated captions.
-        similarity = emb @ _text_embeddings(model, task).T
-        organs, aucs, controls, skipped, sims = {}, [], [], {}, []
-        for j, organ in enumerate(task.classes):
-            yy = np.asarray([organ in r.labels for r in rows], dtype=int)
-            auc, reason = metrics.binary_auc(yy, margin[:, j])
-            if reason:
-                skipped[organ] = "never present" if yy.sum() == 0 else ("present on every slice" if yy.all() else reason)
-                continue
-            control, _ = metrics.binary_auc(yy, agnostic)
-            sim_auc, _ = metrics.binary_auc(yy, similarity[:, j])
-            sims.append(sim_auc)
-            organs[organ] = {
-                "auc": auc,
-                "n_present": int(yy.sum()),
-                "n": int(yy.size),
-                "ci95": _ci(metrics.bootstrap_ci(yy, margin[:, j], "auc")),
-                "control_auc": control,
-                "similarity_auc": sim_auc,
-            }
-            aucs.append(auc)
-            controls.append(control)
-        out.update(
-            scoring="present-absent",
-            per_organ=organs,
-            skipped_organs=skipped,
-            mean_auc=float(np.mean(aucs)) if aucs else float("nan"),
-            mean_control_auc=float(np.mean(controls)) if controls else float("nan"),
-            n_organs=len(aucs),
-            mean_similarity_auc=float(np.mean(sims)) if sims else float("nan"),
-        )
+        out.update(_organ_presence(task, emb, rows, model))
         return out
-    cos = emb @ _text_embeddings(model, task).T
-    probs = _softmax(scale * cos)
-    top = probs.argmax(axis=1)
-    if task.kind == BINARY:
-        pos = [i for i, c in enumerate(task.classes) if c in task.positive]
-        p_pos = probs[:, pos].sum(axis=1)
-        pred = np.isin(top, pos).astype(int)
-        auc, reason = metrics.binary_auc(y, p_pos)
-        out.update(
-            positive=sorted(task.positive),
-            n_positive=int(y.sum()),
-            auc=auc,
-            auc_ci95=_ci(metrics.bootstrap_ci(y, p_pos, "auc")),
-            accuracy=metrics.accuracy(y, pred),
-            accuracy_ci95=_ci(metrics.bootstrap_ci(y, pred, "accuracy")),
-            balanced_accuracy=metrics.balanced_accuracy(y, pred),
-        )
+    probs = _softmax(scale * (emb @ _text_embeddings(model, task).T))
+    out.update(_binary_zero_shot(task, y, probs) if task.kind == BINARY else _multiclass_zero_shot(task, y, probs))
+    return out
+
+
+def _organ_presence(task: Task, emb: np.ndarray, rows: Sequence[Row], model) -> dict[str, Any]:
+    """Multi-label zero-shot: per-organ AUC of the present-minus-absent prompt margin, with its controls."""
+    present, absent = _text_embeddings(model, task, pair=True)
+    margin = emb @ present.T - emb @ absent.T  # sigmoid(scale * margin) = P(present); AUC needs only the order
+    # Control: one organ-agnostic score (the mean margin over all organs) ranks the slices for
+    # every organ. Organ presence follows how much anatomy a slice holds, and the present-minus-
+    # absent directions share a "present" component, so per-organ AUC can sit far from 0.5 without
+    # any organ knowledge (a random tiny tower: 0.85, control 0.85, on the TotalSegmentator test
+    # subject); only AUC above the control shows that the model tells organs apart.
+    agnostic = margin.mean(axis=1)
+    # Second scoring, reported beside it: plain similarity to the organ's prompt ensemble (what a
+    # user ranking slices by one label gets); it needs no understanding of negated captions.
+    similarity = emb @ _text_embeddings(model, task).T
+    organs, aucs, controls, skipped, sims = {}, [], [], {}, []
+    for j, organ in enumerate(task.classes):
+        yy = np.asarray([organ in r.labels for r in rows], dtype=int)
+        auc, reason = metrics.binary_auc(yy, margin[:, j])
         if reason:
-            out["auc_note"] = reason
-        return out
+            skipped[organ] = "never present" if yy.sum() == 0 else ("present on every slice" if yy.all() else reason)
+            continue
+        control, _ = metrics.binary_auc(yy, agnostic)
+        sim_auc, _ = metrics.binary_auc(yy, similarity[:, j])
+        sims.append(sim_auc)
+        organs[organ] = {
+            "auc": auc,
+            "n_present": int(yy.sum()),
+            "n": int(yy.size),
+            "ci95": _ci(metrics.bootstrap_ci(yy, margin[:, j], "auc")),
+            "control_auc": control,
+            "similarity_auc": sim_auc,
+        }
+        aucs.append(auc)
+        controls.append(control)
+    return dict(
+        scoring="present-absent",
+        per_organ=organs,
+        skipped_organs=skipped,
+        mean_auc=float(np.mean(aucs)) if aucs else float("nan"),
+        mean_control_auc=float(np.mean(controls)) if controls else float("nan"),
+        n_organs=len(aucs),
+        mean_similarity_auc=float(np.mean(sims)) if sims else float("nan"),
+    )
+
+
+def _binary_zero_shot(task: Task, y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """AUC of the summed softmax of the positive classes; accuracy of the top class falling among them."""
+    pos = [i for i, c in enumerate(task.classes) if c in task.positive]
+    p_pos = probs[:, pos].sum(axis=1)
+    pred = np.isin(probs.argmax(axis=1), pos).astype(int)
+    auc, reason = metrics.binary_auc(y, p_pos)
+    out = dict(
+        positive=sorted(task.positive),
+        n_positive=int(y.sum()),
+        auc=auc,
+        auc_ci95=_ci(metrics.bootstrap_ci(y, p_pos, "auc")),
+        accuracy=metrics.accuracy(y, pred),
+        accuracy_ci95=_ci(metrics.bootstrap_ci(y, pred, "accuracy")),
+        balanced_accuracy=metrics.balanced_accuracy(y, pred),
+    )
+    if reason:
+        out["auc_note"] = reason
+    return out
+
+
+def _multiclass_zero_shot(task: Task, y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Top-1 accuracy, macro one-vs-rest AUC and per-class recall (per modality for the modality task)."""
+    top = probs.argmax(axis=1)
     macro, used, reason = metrics.macro_ovr_auc(y, probs)
     recall = metrics.per_class_recall(y, top, range(len(task.classes)))
-    out.update(
+    out = dict(
         accuracy=metrics.accuracy(y, top),
         accuracy_ci95=_ci(metrics.bootstrap_ci(y, top, "accuracy")),
         balanced_accuracy=metrics.balanced_accuracy(y, top),
@@ -380,6 +393,44 @@ class MaskLoader:
         return out
 
 
+def _organ_targets(
+    task: Task, rows: Sequence[Row], root: Path, planes: tuple[str, ...]
+) -> tuple[dict[str, list[tuple[Row, list[int]]]], set[str]]:
+    """({organ: [(slice row, label-map ids)]}, organs present on some slice but without mask ids)."""
+    by_organ: dict[str, list[tuple[Row, list[int]]]] = {}
+    no_ids: set[str] = set()
+    for row in rows:
+        # Axial slices only (the plane the app shows and samples by default): the held-out CT series
+        # has 20 slices, so its coronal/sagittal reformats are 40 mm strips whose organ masks cover
+        # ~1 % of a letterboxed model image, far below the resolution of any heat map.
+        if planes and (row.slice or {}).get("plane", "axial") not in planes:
+            continue
+        for organ in task.classes:
+            if organ in row.labels:
+                ids = _mask_ids(row, organ, root)
+                if ids and (row.extra or {}).get("mask"):
+                    by_organ.setdefault(organ, []).append((row, ids))
+                else:
+                    no_ids.add(organ)
+    return by_organ, no_ids
+
+
+def _round_robin(by_organ: dict[str, list[tuple[Row, list[int]]]], max_pairs: int, seed: int) -> list[tuple[str, Row, list[int]]]:
+    """Up to max_pairs (organ, row, ids), shuffled per organ and taken in turn: no organ fills the budget alone."""
+    rng = np.random.default_rng(seed)
+    queues = {o: [pairs[i] for i in rng.permutation(len(pairs))] for o, pairs in by_organ.items()}
+    pairs: list[tuple[str, Row, list[int]]] = []
+    while queues and len(pairs) < max_pairs:
+        for organ in list(queues):
+            if len(pairs) >= max_pairs:
+                break
+            row, ids = queues[organ].pop()
+            pairs.append((organ, row, ids))
+            if not queues[organ]:
+                del queues[organ]
+    return pairs
+
+
 def pointing_game(
     task: Task,
     rows: Sequence[Row],
@@ -395,32 +446,8 @@ def pointing_game(
     """Pointing game over (slice, present organ) pairs of a multi-label CT task (module docstring)."""
     from engine.heatmap import image_heatmap, resolve_method
 
-    by_organ: dict[str, list[tuple[Row, list[int]]]] = {}
-    no_ids: set[str] = set()
-    for row in rows:
-        # Axial slices only (the plane the app shows and samples by default): the held-out CT series
-        # has 20 slices, so its coronal/sagittal reformats are 40 mm strips whose organ masks cover
-        # ~1 % of a letterboxed model image, far below the resolution of any heat map.
-        if planes and (row.slice or {}).get("plane", "axial") not in planes:
-            continue
-        for organ in task.classes:
-            if organ in row.labels:
-                ids = _mask_ids(row, organ, loader.root)
-                if ids and (row.extra or {}).get("mask"):
-                    by_organ.setdefault(organ, []).append((row, ids))
-                else:
-                    no_ids.add(organ)
-    rng = np.random.default_rng(seed)
-    queues = {o: [pairs[i] for i in rng.permutation(len(pairs))] for o, pairs in by_organ.items()}
-    pairs: list[tuple[str, Row, list[int]]] = []
-    while queues and len(pairs) < max_pairs:  # round-robin over organs: no organ fills the budget alone
-        for organ in list(queues):
-            if len(pairs) >= max_pairs:
-                break
-            row, ids = queues[organ].pop()
-            pairs.append((organ, row, ids))
-            if not queues[organ]:
-                del queues[organ]
+    by_organ, no_ids = _organ_targets(task, rows, loader.root, planes)
+    pairs = _round_robin(by_organ, max_pairs, seed)
     text = dict(zip(task.classes, _text_embeddings(model, task)))
     masks = MaskLoader(loader)
     per: dict[str, dict[str, Any]] = {}
@@ -542,13 +569,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """All metrics of `model` (a ClipModel) on the manifest `rows`; returns the metrics.json dict
     (without the run header: see `run`). `tasks` defaults to training.tasks.TASKS."""
-    tasks = dict(tasks if tasks is not None else tasks_mod.TASKS)
-    if task_names:
-        wanted = list(task_names)
-        unknown = [n for n in wanted if n not in tasks]
-        if unknown:
-            raise UsageError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(tasks)}")
-        tasks = {n: tasks[n] for n in wanted}
+    tasks = _select_tasks(dict(tasks if tasks is not None else tasks_mod.TASKS), task_names)
     by_split: dict[str, list[Row]] = {}
     for r in rows:
         by_split.setdefault(r.split, []).append(r)
@@ -562,6 +583,45 @@ def evaluate(
     cache.embed([r for rows_, _, _ in plan.values() for r in rows_], split)
 
     out: dict[str, Any] = {"zero_shot": {}, "retrieval": {"text_to_image": {}, "image_to_image": {}}, "skipped": {}}
+    kept_rows = _zero_shot_tasks(out, tasks, plan, cache, model, split, log)
+    _image_to_image(out["retrieval"]["image_to_image"], tasks, test, cache, max_per_task)
+    if do_probe:
+        out["probe"] = _probes(out["zero_shot"], tasks, kept_rows, by_split, cache, probe_max_train, max_per_task, log)
+    if do_pointing:
+        out["pointing"] = {
+            name: pointing_game(task, kept_rows[name][0], model, loader, max_pairs=pointing_max, tolerance=pointing_tolerance, log=log)
+            for name, task in tasks.items()
+            if task.kind == MULTILABEL and name in kept_rows
+        }
+    calibration = calibration_on(model, test, cache)
+    if calibration is not None:
+        out["calibration"] = calibration
+    out["embedding"] = {
+        "images": len(cache.vectors),
+        "seconds": cache.seconds,
+        "image_size": IMAGE_SIZE,
+        "batch_size": batch_size,
+        "errors": len(cache.errors),
+        "error_examples": dict(list(cache.errors.items())[:10]),
+    }
+    return out
+
+
+def _select_tasks(tasks: dict[str, Task], task_names: Iterable[str] | None) -> dict[str, Task]:
+    """The named tasks in the order named (all of `tasks` when none are); an unknown name is a UsageError."""
+    if not task_names:
+        return tasks
+    wanted = list(task_names)
+    unknown = [n for n in wanted if n not in tasks]
+    if unknown:
+        raise UsageError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(tasks)}")
+    return {n: tasks[n] for n in wanted}
+
+
+def _zero_shot_tasks(
+    out: dict[str, Any], tasks: dict[str, Task], plan: dict, cache: EmbeddingCache, model, split: str, log
+) -> dict[str, tuple[list[Row], np.ndarray | None]]:
+    """Zero-shot and text -> image retrieval of every task into `out`; returns each task's readable rows and targets."""
     kept_rows: dict[str, tuple[list[Row], np.ndarray | None]] = {}
     for name, task in tasks.items():
         trows, y, dropped = plan[name]
@@ -583,58 +643,49 @@ def evaluate(
     t2i = [v for v in out["retrieval"]["text_to_image"].values() if v["n_queries"]]
     if t2i:
         out["retrieval"]["text_to_image_mean"] = {f"recall@{k}": float(np.mean([v[f"recall@{k}"] for v in t2i])) for k in KS}
+    return kept_rows
 
-    # datasets of the selected tasks (the modality task's "*" names none)
+
+def _image_to_image(out: dict[str, Any], tasks: dict[str, Task], test: list[Row], cache: EmbeddingCache, max_per_task: int | None) -> None:
+    """Image -> image retrieval per dataset of the selected tasks (the modality task's "*" names none), into `out`."""
     datasets = sorted({r.dataset for name, t in tasks.items() if t.datasets != ("*",) for r in task_rows(t, test)})
     for dataset in datasets:
         task = image_label_task(dataset, tasks)
         if task is None:
-            out["retrieval"]["image_to_image"][dataset] = {"skipped": "no single-label task defines classes for this dataset"}
+            out[dataset] = {"skipped": "no single-label task defines classes for this dataset"}
             continue
         drows = [r for r in test if r.dataset == dataset]
         drows = [r for r in drows if task.class_of(r) is not None]
         drows = _cap(drows, [task.class_of(r) for r in drows], max_per_task)
         emb, kept = cache.embed(drows, dataset)
         if len(kept) < 2:
-            out["retrieval"]["image_to_image"][dataset] = {"skipped": "fewer than two images"}
+            out[dataset] = {"skipped": "fewer than two images"}
             continue
         res = metrics.image_retrieval_at_k(emb, [task.class_of(r) for r in kept], KS)
-        out["retrieval"]["image_to_image"][dataset] = {"classes_from": task.name, "n_gallery": len(kept), **res}
+        out[dataset] = {"classes_from": task.name, "n_gallery": len(kept), **res}
 
-    if do_probe:
-        out["probe"] = {}
-        for name, task in tasks.items():
-            if task.kind not in (BINARY, MULTICLASS) or name == "modality" or name not in kept_rows:
-                continue
-            test_rows, y_test = kept_rows[name]
-            res = probe_task(
-                task, by_split, cache, test_rows=test_rows, y_test=y_test, max_train=probe_max_train, max_per_task=max_per_task
-            )
-            zs = out["zero_shot"][name]
-            res["zero_shot"] = zs.get(res["metric"], float("nan"))
-            out["probe"][name] = res
-            if log:
-                log(f"probe {name}: n_train={res['n_train']}")
 
-    if do_pointing:
-        out["pointing"] = {}
-        for name, task in tasks.items():
-            if task.kind != MULTILABEL or name not in kept_rows:
-                continue
-            out["pointing"][name] = pointing_game(
-                task, kept_rows[name][0], model, loader, max_pairs=pointing_max, tolerance=pointing_tolerance, log=log
-            )
-    calibration = calibration_on(model, test, cache)
-    if calibration is not None:
-        out["calibration"] = calibration
-    out["embedding"] = {
-        "images": len(cache.vectors),
-        "seconds": cache.seconds,
-        "image_size": IMAGE_SIZE,
-        "batch_size": batch_size,
-        "errors": len(cache.errors),
-        "error_examples": dict(list(cache.errors.items())[:10]),
-    }
+def _probes(
+    zero_shots: dict[str, Any],
+    tasks: dict[str, Task],
+    kept_rows: dict[str, tuple[list[Row], np.ndarray | None]],
+    by_split: dict[str, list[Row]],
+    cache: EmbeddingCache,
+    probe_max_train: int | None,
+    max_per_task: int | None,
+    log,
+) -> dict[str, Any]:
+    """Linear probes of the single-label tasks (not modality), each beside its zero-shot number."""
+    out = {}
+    for name, task in tasks.items():
+        if task.kind not in (BINARY, MULTICLASS) or name == "modality" or name not in kept_rows:
+            continue
+        test_rows, y_test = kept_rows[name]
+        res = probe_task(task, by_split, cache, test_rows=test_rows, y_test=y_test, max_train=probe_max_train, max_per_task=max_per_task)
+        res["zero_shot"] = zero_shots[name].get(res["metric"], float("nan"))
+        out[name] = res
+        if log:
+            log(f"probe {name}: n_train={res['n_train']}")
     return out
 
 
@@ -712,80 +763,76 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
         f"{res.get('embedding', {}).get('images', 0)} images embedded at {res.get('embedding', {}).get('image_size', IMAGE_SIZE)} px.",
         "",
     ]
-    zs = res.get("zero_shot", {})
-    if zs:
-        lines += [
-            f"{h2} Zero-shot",
+    if res.get("zero_shot", {}):
+        lines += _zero_shot_md(res["zero_shot"], h2, h3)
+    lines += _retrieval_md(res.get("retrieval", {}), h2)
+    if res.get("probe"):
+        lines += _probe_md(res["probe"], h2, h3)
+    for name, r in (res.get("pointing") or {}).items():
+        lines += _pointing_md(name, r, h2)
+    if res.get("calibration"):
+        from training.calibrate import calibration_markdown
+
+        lines += calibration_markdown(res["calibration"], f"{h2} Calibration on the {res.get('split', 'test')} split (fitted on val)")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _zero_shot_row(name: str, r: dict[str, Any]) -> list[Any]:
+    """task, kind, n, AUC, accuracy, balanced accuracy: the AUC cell says how each kind is scored."""
+    if r["kind"] == MULTILABEL:
+        return [
+            name,
+            r["kind"],
+            r["n"],
+            f"{_f(r.get('mean_auc'))} (mean of {r.get('n_organs', 0)} organ(s); control {_f(r.get('mean_control_auc'))}; similarity scoring {_f(r.get('mean_similarity_auc'))})",
             "",
-            "AUC: binary tasks (summed softmax of the positive classes); macro one-vs-rest for multi-class; "
-            "mean over organs (present/absent scoring) for multi-label. 95% bootstrap CIs in parentheses.",
             "",
         ]
-        rows = []
-        for name, r in zs.items():
-            if r["kind"] == MULTILABEL:
-                rows.append(
-                    [
-                        name,
-                        r["kind"],
-                        r["n"],
-                        f"{_f(r.get('mean_auc'))} (mean of {r.get('n_organs', 0)} organ(s); control {_f(r.get('mean_control_auc'))}; similarity scoring {_f(r.get('mean_similarity_auc'))})",
-                        "",
-                        "",
-                    ]
-                )
-            elif r["kind"] == BINARY:
-                rows.append(
-                    [
-                        name,
-                        r["kind"],
-                        r["n"],
-                        _ci_text(r.get("auc"), r.get("auc_ci95")),
-                        _ci_text(r.get("accuracy"), r.get("accuracy_ci95")),
-                        _f(r.get("balanced_accuracy")),
-                    ]
-                )
-            else:
-                rows.append(
-                    [
-                        name,
-                        r["kind"],
-                        r["n"],
-                        _f(r.get("macro_auc")),
-                        _ci_text(r.get("accuracy"), r.get("accuracy_ci95")),
-                        _f(r.get("balanced_accuracy")),
-                    ]
-                )
-        lines += _table(["task", "kind", "n", "AUC", "accuracy", "balanced accuracy"], rows)
-        mod = zs.get("modality", {}).get("per_modality")
-        if mod:
-            lines += [f"{h3} Modality recognition, per modality", ""]
-            lines += _table(["modality", "n", "accuracy"], [[m, d["n"], _f(d["accuracy"])] for m, d in mod.items()])
-        for name, r in zs.items():
-            if r["kind"] == MULTILABEL:
-                lines += [f"{h3} {name}: per-organ AUC (slices of the held-out subject)", ""]
-                lines += [
-                    "Control: the same organ-agnostic score (mean present-absent margin over all organs) for every organ; "
-                    "slices holding more anatomy hold more organs, so the control can be far from 0.5 even for a random model: "
-                    "organ knowledge is the AUC above it.",
-                    "",
-                ]
-                lines += _table(
-                    ["organ", "present / slices", "AUC (95% CI)", "control AUC", "similarity AUC"],
-                    [
-                        [
-                            o,
-                            f"{d['n_present']}/{d['n']}",
-                            _ci_text(d["auc"], d.get("ci95")),
-                            _f(d.get("control_auc")),
-                            _f(d.get("similarity_auc")),
-                        ]
-                        for o, d in r["per_organ"].items()
-                    ],
-                )
-                if r.get("skipped_organs"):
-                    lines += ["Not evaluable: " + ", ".join(f"{o} ({why})" for o, why in r["skipped_organs"].items()) + ".", ""]
-    ret = res.get("retrieval", {})
+    auc = _ci_text(r.get("auc"), r.get("auc_ci95")) if r["kind"] == BINARY else _f(r.get("macro_auc"))
+    return [name, r["kind"], r["n"], auc, _ci_text(r.get("accuracy"), r.get("accuracy_ci95")), _f(r.get("balanced_accuracy"))]
+
+
+def _zero_shot_md(zs: dict[str, Any], h2: str, h3: str) -> list[str]:
+    lines = [
+        f"{h2} Zero-shot",
+        "",
+        "AUC: binary tasks (summed softmax of the positive classes); macro one-vs-rest for multi-class; "
+        "mean over organs (present/absent scoring) for multi-label. 95% bootstrap CIs in parentheses.",
+        "",
+    ]
+    lines += _table(["task", "kind", "n", "AUC", "accuracy", "balanced accuracy"], [_zero_shot_row(n, r) for n, r in zs.items()])
+    mod = zs.get("modality", {}).get("per_modality")
+    if mod:
+        lines += [f"{h3} Modality recognition, per modality", ""]
+        lines += _table(["modality", "n", "accuracy"], [[m, d["n"], _f(d["accuracy"])] for m, d in mod.items()])
+    for name, r in zs.items():
+        if r["kind"] == MULTILABEL:
+            lines += _per_organ_md(name, r, h3)
+    return lines
+
+
+def _per_organ_md(name: str, r: dict[str, Any], h3: str) -> list[str]:
+    lines = [f"{h3} {name}: per-organ AUC (slices of the held-out subject)", ""]
+    lines += [
+        "Control: the same organ-agnostic score (mean present-absent margin over all organs) for every organ; "
+        "slices holding more anatomy hold more organs, so the control can be far from 0.5 even for a random model: "
+        "organ knowledge is the AUC above it.",
+        "",
+    ]
+    lines += _table(
+        ["organ", "present / slices", "AUC (95% CI)", "control AUC", "similarity AUC"],
+        [
+            [o, f"{d['n_present']}/{d['n']}", _ci_text(d["auc"], d.get("ci95")), _f(d.get("control_auc")), _f(d.get("similarity_auc"))]
+            for o, d in r["per_organ"].items()
+        ],
+    )
+    if r.get("skipped_organs"):
+        lines += ["Not evaluable: " + ", ".join(f"{o} ({why})" for o, why in r["skipped_organs"].items()) + ".", ""]
+    return lines
+
+
+def _retrieval_md(ret: dict[str, Any], h2: str) -> list[str]:
+    lines: list[str] = []
     if ret.get("text_to_image"):
         lines += [
             f"{h2} Retrieval: text -> image",
@@ -817,53 +864,50 @@ def to_markdown(res: dict[str, Any], *, top: int = 1, title: bool = True) -> str
             else:
                 rows.append([d, r["classes_from"], r["n_gallery"], *[_f(r.get(f"recall@{k}")) for k in KS], _f(r.get("precision@10")), ""])
         lines += _table(["dataset", "classes", "images", *[f"R@{k}" for k in KS], "P@10", "note"], rows)
-    pr = res.get("probe")
-    if pr:
-        lines += [
-            f"{h2} Linear probe (frozen image embeddings)",
-            "",
-            "Logistic regression on standardised embeddings, C from a grid on val, class_weight balanced; trained on 1/10/100 % of train (stratified, seed 0).",
-            "",
-        ]
-        rows = []
-        for n, r in pr.items():
-            fr = r.get("fractions", {})
-            m = r["metric"]
-            rows.append(
-                [
-                    n,
-                    m,
-                    _f(r.get("zero_shot")),
-                    *[_f(fr.get(k, {}).get(m)) for k in ("1%", "10%", "100%")],
-                    _f(r.get("gap_100_10")),
-                    r["n_train"],
-                    r.get("skipped", ""),
-                ]
-            )
-        lines += _table(["task", "metric", "zero-shot", "1%", "10%", "100%", "gap 100-10", "train n (100%)", "note"], rows)
-        lines += [f"{h3} Few-shot (k images per class, mean ± std over 5 draws)", ""]
-        rows = []
-        for n, r in pr.items():
-            fs = r.get("few_shot", {})
-            rows.append([n, r["metric"], *[f"{_f(fs[k]['mean'])} ± {_f(fs[k]['std'])}" if k in fs else "n/a" for k in ("5", "10", "20")]])
-        lines += _table(["task", "metric", "5-shot", "10-shot", "20-shot"], rows)
-    pt = res.get("pointing")
-    if pt:
-        for name, r in pt.items():
-            lines += [
-                f"{h2} Pointing game: {name} ({r['method']} heat maps, {'/'.join(r.get('planes') or ['all'])} slices, tolerance {r['tolerance_px']} px)",
-                "",
-                "Hit: the heat map's maximum lies inside the organ's mask on the model image. Chance: mean share of the image the mask covers.",
-                "",
-            ]
-            rows = [[o, d["n"], d["hits"], _f(d["rate"]), _f(d["chance"])] for o, d in r["per_organ"].items()]
-            rows.append(["**all**", r["n"], r["hits"], _f(r["rate"]), _f(r["chance"])])
-            lines += _table(["organ", "pairs", "hits", "rate", "chance"], rows)
-    if res.get("calibration"):
-        from training.calibrate import calibration_markdown
+    return lines
 
-        lines += calibration_markdown(res["calibration"], f"{h2} Calibration on the {res.get('split', 'test')} split (fitted on val)")
-    return "\n".join(lines).rstrip() + "\n"
+
+def _probe_md(pr: dict[str, Any], h2: str, h3: str) -> list[str]:
+    lines = [
+        f"{h2} Linear probe (frozen image embeddings)",
+        "",
+        "Logistic regression on standardised embeddings, C from a grid on val, class_weight balanced; trained on 1/10/100 % of train (stratified, seed 0).",
+        "",
+    ]
+    rows = []
+    for n, r in pr.items():
+        fr = r.get("fractions", {})
+        m = r["metric"]
+        rows.append(
+            [
+                n,
+                m,
+                _f(r.get("zero_shot")),
+                *[_f(fr.get(k, {}).get(m)) for k in ("1%", "10%", "100%")],
+                _f(r.get("gap_100_10")),
+                r["n_train"],
+                r.get("skipped", ""),
+            ]
+        )
+    lines += _table(["task", "metric", "zero-shot", "1%", "10%", "100%", "gap 100-10", "train n (100%)", "note"], rows)
+    lines += [f"{h3} Few-shot (k images per class, mean ± std over 5 draws)", ""]
+    rows = []
+    for n, r in pr.items():
+        fs = r.get("few_shot", {})
+        rows.append([n, r["metric"], *[f"{_f(fs[k]['mean'])} ± {_f(fs[k]['std'])}" if k in fs else "n/a" for k in ("5", "10", "20")]])
+    return lines + _table(["task", "metric", "5-shot", "10-shot", "20-shot"], rows)
+
+
+def _pointing_md(name: str, r: dict[str, Any], h2: str) -> list[str]:
+    lines = [
+        f"{h2} Pointing game: {name} ({r['method']} heat maps, {'/'.join(r.get('planes') or ['all'])} slices, tolerance {r['tolerance_px']} px)",
+        "",
+        "Hit: the heat map's maximum lies inside the organ's mask on the model image. Chance: mean share of the image the mask covers.",
+        "",
+    ]
+    rows = [[o, d["n"], d["hits"], _f(d["rate"]), _f(d["chance"])] for o, d in r["per_organ"].items()]
+    rows.append(["**all**", r["n"], r["hits"], _f(r["rate"]), _f(r["chance"])])
+    return lines + _table(["organ", "pairs", "hits", "rate", "chance"], rows)
 
 
 def write_outputs(res: dict[str, Any], out_dir: str | Path) -> str:
@@ -907,57 +951,64 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The command-line settings metrics.json records, in its order, each with the evaluate() keyword it
+# is passed as (None: not an evaluate() option; --exact picks the model's inference path instead).
+RECORDED_SETTINGS = {
+    "tasks": "task_names",
+    "probe": "do_probe",
+    "probe_max_train": "probe_max_train",
+    "pointing": "do_pointing",
+    "pointing_max": "pointing_max",
+    "pointing_tolerance": "pointing_tolerance",
+    "max_per_task": "max_per_task",
+    "batch_size": "batch_size",
+    "exact": None,
+}
+
+
+def read_manifest_or_usage(manifest: Path) -> list[Row]:
+    """The manifest's rows; a malformed manifest is a UsageError (one line, exit 2), not a traceback."""
+    try:
+        return read_manifest(manifest)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"manifest {manifest} is malformed: {exc}") from None
+
+
+def load_model_or_usage(source: str, **options: Any):
+    """engine.models.load_model(source, **options); any failure is a UsageError naming its first line."""
+    try:
+        from engine.models import load_model
+
+        return load_model(source, **options)
+    except Exception as exc:
+        raise UsageError(f"cannot load model {source!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def run_header(model, split: str, manifest: Path, rows: Sequence[Row]) -> dict[str, Any]:
+    """What a results file records about its run: inference path, split, manifest (path, sha256, rows), date and CPU."""
+    return {
+        "inference_path": getattr(getattr(model, "path", None), "name", "fp32"),
+        "split": split,
+        "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "rows": len(rows)},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_profile().model,
+    }
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     t0 = time.perf_counter()
     manifest = Path(args.manifest)
     if not manifest.is_file():
         raise UsageError(f"manifest {manifest} not found (build one with the recipes in training/recipes)")
-    try:
-        rows = read_manifest(manifest)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"manifest {manifest} is malformed: {exc}") from None
-    try:
-        from engine.models import load_model
-
-        model = load_model(args.model, fast=not args.exact)
-    except Exception as exc:
-        raise UsageError(f"cannot load model {args.model!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    body = evaluate(
-        model,
-        rows,
-        args.data_root,
-        split=args.split,
-        task_names=args.tasks,
-        do_probe=args.probe,
-        do_pointing=args.pointing,
-        max_per_task=args.max_per_task,
-        probe_max_train=args.probe_max_train,
-        pointing_max=args.pointing_max,
-        pointing_tolerance=args.pointing_tolerance,
-        batch_size=args.batch_size,
-    )
+    rows = read_manifest_or_usage(manifest)
+    model = load_model_or_usage(args.model, fast=not args.exact)
+    options = {keyword: getattr(args, name) for name, keyword in RECORDED_SETTINGS.items() if keyword}
+    body = evaluate(model, rows, args.data_root, split=args.split, **options)
     res = {
         "model": model.model_id,
         "source": args.model,
-        "inference_path": getattr(getattr(model, "path", None), "name", "fp32"),
-        "split": args.split,
-        "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "rows": len(rows)},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_profile().model,
-        "settings": {
-            k: getattr(args, k)
-            for k in (
-                "tasks",
-                "probe",
-                "probe_max_train",
-                "pointing",
-                "pointing_max",
-                "pointing_tolerance",
-                "max_per_task",
-                "batch_size",
-                "exact",
-            )
-        },
+        **run_header(model, args.split, manifest, rows),
+        "settings": {name: getattr(args, name) for name in RECORDED_SETTINGS},
         **body,
     }
     res["wall_s"] = time.perf_counter() - t0
@@ -969,20 +1020,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        if args.ood:
-            from training import ood
+    if args.ood:
+        from training import ood
 
-            _res, md = ood.run(
-                args.model, data_root=args.data_root, out=args.out or Path("runs/ood") / _default_name(args.model), exact=args.exact
-            )
-        else:
-            _res, md = run(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(md)
-    return 0
+        out = args.out or Path("runs/ood") / _default_name(args.model)
+        return print_report(lambda: ood.run(args.model, data_root=args.data_root, out=out, exact=args.exact))
+    return print_report(lambda: run(args))
 
 
 if __name__ == "__main__":

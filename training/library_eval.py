@@ -72,16 +72,25 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from training import metrics, probe
-from training.evaluate import _cap, _clean, _f, _table, file_sha256, image_label_task, zero_shot
-from training.config import UsageError  # exit status 2 and one line on stderr
-from training.manifest import ENGINE_MODALITY, PixelLoader, Row, read_manifest
+from training.evaluate import (
+    _cap,
+    _clean,
+    _f,
+    _table,
+    image_label_task,
+    load_model_or_usage,
+    read_manifest_or_usage,
+    run_header,
+    zero_shot,
+)
+from training.config import UsageError, print_report  # UsageError: exit status 2 and one line on stderr
+from training.manifest import ENGINE_MODALITY, PixelLoader, Row
 from training.tasks import BINARY, TASKS, Task, task_rows
 
 K_TEXT, K_SCAN = 10, 5
@@ -695,6 +704,12 @@ def _pm(stats: dict[str, Any] | None) -> str:
 
 def to_markdown(res: dict[str, Any]) -> str:
     """The report (res after `_clean`: NaN is None)."""
+    lines = _header_md(res) + _text_to_scan_md(res) + _scan_to_scan_md(res) + _teach_md(res) + _pixel_check_md(res) + _queries_md(res)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _header_md(res: dict[str, Any]) -> list[str]:
+    """Title, run record and what the library holds."""
     lib = res["library"]
     lines = [
         f"# Library retrieval and teaching quality: {res.get('model_id', '?')}",
@@ -709,8 +724,13 @@ def to_markdown(res: dict[str, Any]) -> str:
         "added with `engine.library.indexing.add_scan` (source = manifest row id). Vector search only: no notes, `keywords=False`.",
         "",
     ]
+    return lines
+
+
+def _text_to_scan_md(res: dict[str, Any]) -> list[str]:
+    """Text -> scan precision@10 per dataset, mixed and filtered."""
     ts = res["text_to_scan"]["per_dataset"]
-    lines += [
+    lines = [
         "## Text -> scan, precision@10",
         "",
         "Each class: a label query (the class name) and a sentence query, embedded as typed. *Mixed*: the whole library "
@@ -755,8 +775,13 @@ def to_markdown(res: dict[str, Any]) -> str:
             f"ensemble (filtered) {_f(means.get('p_filtered_ensemble'))}.",
             "",
         ]
+    return lines
+
+
+def _scan_to_scan_md(res: dict[str, Any]) -> list[str]:
+    """Scan -> scan precision@5 per dataset, and the check against brute force."""
     ss = res["scan_to_scan"]["per_dataset"]
-    lines += [
+    lines = [
         "## Scan -> scan, precision@5",
         "",
         "Each test scan with a class queries the library by id (`search(like=id)`, itself left out). Relevant: same dataset and "
@@ -799,8 +824,13 @@ def to_markdown(res: dict[str, Any]) -> str:
         "(0: the library's index, filters and self-exclusion rank as a full sort does).",
         "",
     ]
+    return lines
+
+
+def _teach_md(res: dict[str, Any]) -> list[str]:
+    """Few-shot teaching AUC per task beside zero-shot and the reference probe."""
     te = res["teach"]
-    lines += [
+    lines = [
         "## Teaching: few-shot AUC on the test split",
         "",
         f"k tagged examples per class from the train split, taught with `engine.library.teach.teach` (logistic regression on the "
@@ -849,7 +879,13 @@ def to_markdown(res: dict[str, Any]) -> str:
         + ".",
         "",
     ]
-    pc = lib.get("pixel_check", {})
+    return lines
+
+
+def _pixel_check_md(res: dict[str, Any]) -> list[str]:
+    """Library model images vs PixelLoader's for .npz frames and slices (nothing when none were checked)."""
+    lines: list[str] = []
+    pc = res["library"].get("pixel_check", {})
     if pc:
         lines += [
             "## Pixels: library vs evaluation",
@@ -865,7 +901,12 @@ def to_markdown(res: dict[str, Any]) -> str:
             ["dataset", "rows", "identical model images", "mean abs difference (grey levels)"],
             [[ds, d["n"], d["identical"], _f(d["mean_abs_diff"], 2)] for ds, d in pc.items()],
         )
-    lines += ["## Queries", ""]
+    return lines
+
+
+def _queries_md(res: dict[str, Any]) -> list[str]:
+    """Every query with its precision."""
+    lines = ["## Queries", ""]
     lines += _table(
         ["dataset", "style", "query", "relevant", "P@10 mixed", "P@10 filtered", "ensemble, filtered"],
         [
@@ -881,7 +922,7 @@ def to_markdown(res: dict[str, Any]) -> str:
             for r in res["text_to_scan"]["queries"]
         ],
     )
-    return "\n".join(lines).rstrip() + "\n"
+    return lines
 
 
 def _macro(per_dataset: dict[str, dict[str, Any]], keys: Sequence[str]) -> dict[str, float]:
@@ -950,18 +991,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     torch.set_num_threads(args.threads)
     manifest = _manifest(args)
-    try:
-        rows = read_manifest(manifest)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"manifest {manifest} is malformed: {exc}") from None
+    rows = read_manifest_or_usage(manifest)
     if not select_rows(rows, "test", args.datasets, None):  # before the model load: a wrong manifest fails in a second
         raise UsageError(f"the manifest {manifest} has no test rows for the selected datasets")
-    try:
-        from engine.models import load_model
-
-        model = load_model(args.model)  # the default (fast) inference path: what `medlens index` embeds with
-    except Exception as exc:
-        raise UsageError(f"cannot load model {args.model!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    model = load_model_or_usage(args.model)  # the default (fast) inference path: what `medlens index` embeds with
     body = evaluate_library(
         model,
         rows,
@@ -972,16 +1005,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         datasets=args.datasets,
         max_per_dataset=args.max_per_dataset,
     )
-    from engine.models.cpu import cpu_profile
-
     res = {
         "model": args.model,
         "model_id": model.model_id,
-        "inference_path": getattr(getattr(model, "path", None), "name", "fp32"),
-        "split": "test",
-        "manifest": {"path": str(manifest), "sha256": file_sha256(manifest), "rows": len(rows)},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": cpu_profile().model,
+        **run_header(model, "test", manifest, rows),
         "threads": torch.get_num_threads(),
         "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "command": "python -m training.library_eval " + " ".join(_quote(a) for a in (sys.argv[1:] if args.argv is None else args.argv)),
@@ -998,13 +1025,7 @@ def _quote(arg: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = None if argv is None else list(argv)
-    try:
-        _res, md = run(args)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(md)
-    return 0
+    return print_report(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -34,16 +34,23 @@ from engine.models.preprocess import ImagePreprocess
 
 MODALITIES = ("xray", "ct", "mr", "us", "pathology", "fundus", "dermoscopy")
 SPLITS = ("train", "val", "test")
-# How each manifest modality is named to the engine (engine.scan.Modality values).
-ENGINE_MODALITY = {
-    "xray": "XRAY",
-    "ct": "CT",
-    "mr": "MR",
-    "us": "US",
-    "pathology": "PATHOLOGY",
-    "fundus": "FUNDUS",
-    "dermoscopy": "DERMOSCOPY",
-}
+# How each manifest modality is named to the engine (engine.scan.Modality values): upper-cased, "xray" -> "XRAY".
+ENGINE_MODALITY = {m: m.upper() for m in MODALITIES}
+
+
+def validated_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """`cls(**data)`, validated; a field `cls` does not declare is an error ("<what> '<id>' has unknown fields")."""
+    unknown = set(data) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{what} {data.get('id')!r} has unknown fields {sorted(unknown)}")
+    row = cls(**data)
+    row.validate()
+    return row
+
+
+def require_in(where: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{where}: {name} {value!r} not in {allowed}")
 
 
 @dataclass
@@ -69,25 +76,25 @@ class Row:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Row":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"manifest row {data.get('id')!r} has unknown fields {sorted(unknown)}")
-        row = cls(**data)
-        row.validate()
-        return row
+        return validated_from_dict(cls, data, "manifest row")
 
     def validate(self) -> None:
-        if self.modality not in MODALITIES:
-            raise ValueError(f"row {self.id}: modality {self.modality!r} not in {MODALITIES}")
-        if self.split not in SPLITS:
-            raise ValueError(f"row {self.id}: split {self.split!r} not in {SPLITS}")
+        require_in(f"row {self.id}", "modality", self.modality, MODALITIES)
+        require_in(f"row {self.id}", "split", self.split, SPLITS)
         if self.slice is not None and self.slice.get("plane") not in ("axial", "coronal", "sagittal"):
             raise ValueError(f"row {self.id}: slice plane must be axial, coronal or sagittal")
 
 
 def write_manifest(rows: Iterable[Row], path: str | Path) -> int:
     """Write rows as JSON Lines (atomically); returns the count. Ids must be unique."""
+    return write_validated_jsonl(rows, path, "manifest id")
+
+
+def write_validated_jsonl(rows: Iterable[Any], path: str | Path, id_name: str) -> int:
+    """Validate each row and write it as one JSON line, atomically (a .tmp file renamed into place).
+
+    Rows need validate(), to_json() and a unique `id` (a repeat raises "duplicate <id_name> <id>");
+    returns the count written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -96,7 +103,7 @@ def write_manifest(rows: Iterable[Row], path: str | Path) -> int:
         for row in rows:
             row.validate()
             if row.id in seen:
-                raise ValueError(f"duplicate manifest id {row.id}")
+                raise ValueError(f"duplicate {id_name} {row.id}")
             seen.add(row.id)
             fh.write(row.to_json() + "\n")
     tmp.replace(path)
@@ -104,17 +111,21 @@ def write_manifest(rows: Iterable[Row], path: str | Path) -> int:
 
 
 def read_manifest(path: str | Path, *, splits: Iterable[str] | None = None, datasets: Iterable[str] | None = None) -> list[Row]:
-    keep_splits = set(splits) if splits else None
-    keep_sets = set(datasets) if datasets else None
+    return read_validated_jsonl(path, Row.from_dict, split=splits, dataset=datasets)
+
+
+def read_validated_jsonl(path: str | Path, from_dict: Callable[[dict], Any], **keep: Iterable[str] | None) -> list[Any]:
+    """Rows of a JSON Lines file (blank lines skipped), each made by `from_dict`.
+
+    keep: field name -> the values to keep (None or empty: keep all), e.g. split=("test",)."""
+    wanted = {name: set(values) if values else None for name, values in keep.items()}
     rows = []
     with open(path) as fh:
         for line in fh:
             if not line.strip():
                 continue
-            row = Row.from_dict(json.loads(line))
-            if keep_splits and row.split not in keep_splits:
-                continue
-            if keep_sets and row.dataset not in keep_sets:
+            row = from_dict(json.loads(line))
+            if any(allowed and getattr(row, name) not in allowed for name, allowed in wanted.items()):
                 continue
             rows.append(row)
     return rows

@@ -41,7 +41,17 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from training.manifest import ENGINE_MODALITY, MODALITIES, SPLITS, PixelLoader, Row
+from training.manifest import (
+    ENGINE_MODALITY,
+    MODALITIES,
+    SPLITS,
+    PixelLoader,
+    Row,
+    read_validated_jsonl,
+    require_in,
+    validated_from_dict,
+    write_validated_jsonl,
+)
 
 KINDS = ("volume", "image")
 AXES = ("z", "y", "x")
@@ -75,12 +85,7 @@ class QARow:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "QARow":
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"QA row {data.get('id')!r} has unknown fields {sorted(unknown)}")
-        row = cls(**data)
-        row.validate()
-        return row
+        return validated_from_dict(cls, data, "QA row")
 
     def manifest_row(self) -> Row:
         """The 2D manifest Row of an image row (what PixelLoader reads)."""
@@ -89,12 +94,8 @@ class QARow:
         return Row.from_dict(dict(self.image_row))
 
     def validate(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"QA row {self.id}: kind {self.kind!r} not in {KINDS}")
-        if self.split not in SPLITS:
-            raise ValueError(f"QA row {self.id}: split {self.split!r} not in {SPLITS}")
-        if self.modality not in MODALITIES:
-            raise ValueError(f"QA row {self.id}: modality {self.modality!r} not in {MODALITIES}")
+        for name, value, allowed in (("kind", self.kind, KINDS), ("split", self.split, SPLITS), ("modality", self.modality, MODALITIES)):
+            require_in(f"QA row {self.id}", name, value, allowed)
         if self.kind == "volume":
             if not isinstance(self.crop, dict) or set(self.crop) != set(AXES):
                 raise ValueError(f"QA row {self.id}: a volume row needs crop {{'z','y','x'}} boxes")
@@ -124,39 +125,13 @@ def write_qa_manifest(rows: Iterable[QARow], path: str | Path) -> int:
     """Write rows as JSON Lines (atomically; ids unique, subjects split-disjoint); returns the count."""
     rows = list(rows)
     check_subject_disjoint(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    seen: set[str] = set()
-    with open(tmp, "w") as fh:
-        for row in rows:
-            row.validate()
-            if row.id in seen:
-                raise ValueError(f"duplicate QA row id {row.id}")
-            seen.add(row.id)
-            fh.write(row.to_json() + "\n")
-    tmp.replace(path)
-    return len(seen)
+    return write_validated_jsonl(rows, path, "QA row id")
 
 
 def read_qa_manifest(
     path: str | Path, *, splits: Iterable[str] | None = None, datasets: Iterable[str] | None = None, kinds: Iterable[str] | None = None
 ) -> list[QARow]:
-    keep_splits, keep_sets, keep_kinds = (set(x) if x else None for x in (splits, datasets, kinds))
-    rows = []
-    with open(path) as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            row = QARow.from_dict(json.loads(line))
-            if (
-                (keep_splits and row.split not in keep_splits)
-                or (keep_sets and row.dataset not in keep_sets)
-                or (keep_kinds and row.kind not in keep_kinds)
-            ):
-                continue
-            rows.append(row)
-    return rows
+    return read_validated_jsonl(path, QARow.from_dict, split=splits, dataset=datasets, kind=kinds)
 
 
 # Datasets whose subjects are volume subjects (ts-ct-a, colin27, ...): 2D slices and 3D crops of one

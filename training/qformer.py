@@ -62,7 +62,7 @@ from engine.models.volume_prep import VolumePrep
 from training.distributed import cleanup, init_distributed
 from training.qa_data import QARow, read_qa_manifest
 from training.config import UsageError, run_main, to_dict
-from training.qformer_cache import TokenCache
+from training.qformer_cache import TokenCache, token_caches
 from training.qformer_params import QFormerTrainConfig, parse_qformer_args
 from training.qformer_losses import ClosedBatch, Stage1Batch, stage1_losses
 
@@ -302,7 +302,7 @@ def cache_folder(cfg: QFormerTrainConfig) -> Path:
 
 
 def open_caches(cfg: QFormerTrainConfig, prep: VolumePrep) -> dict[str, TokenCache]:
-    return {k: TokenCache(cache_folder(cfg), k, prep, cfg.image_size, encoder_spec(cfg)) for k in ("image", "volume")}
+    return token_caches(cache_folder(cfg), prep, cfg.image_size, encoder_spec(cfg))
 
 
 def select_rows(rows: list[QARow], cfg: QFormerTrainConfig) -> tuple[list[QARow], list[QARow]]:

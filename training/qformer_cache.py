@@ -33,7 +33,7 @@ from typing import Iterable, NamedTuple
 
 import torch
 
-from engine.ask.model import FrozenEncoders, qformer_preprocess
+from engine.ask.model import AskModel, FrozenEncoders, load_ask_folder, qformer_preprocess
 from engine.models import volume_prep
 from training.qa_data import QARow, load_image, load_volume_crop
 
@@ -117,3 +117,18 @@ class TokenCache:
             if done % SAVE_EVERY < step or done == len(todo):
                 self.save()
                 log(f"tokens {self.kind}: {done}/{len(todo)} in {time.time() - start:.0f} s")
+
+
+def token_caches(folder: str | Path, prep: volume_prep.VolumePrep, image_size: int, encoder: dict | None) -> dict[str, TokenCache]:
+    """The image and volume caches of one preprocessing and encoder: what a Q-Former run reads."""
+    return {k: TokenCache(folder, k, prep, image_size, encoder) for k in ("image", "volume")}
+
+
+def open_exported(model_folder: str | Path, cache_folder: str | Path, threads: int = 0) -> tuple[AskModel, dict[str, TokenCache]]:
+    """An exported Q-Former folder and the token caches matching its own preprocessing and encoder.
+
+    threads: torch's CPU threads (0 keeps torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_ask_folder(model_folder)
+    return model, token_caches(cache_folder, model.prep, model.image_size, model.config.get("encoder"))

@@ -140,25 +140,24 @@ def _section_2d(r2: dict) -> list[str]:
         "",
         "Per dataset (all closed questions the CLIP baseline can answer, modality questions excluded; training/qa_baseline.py):",
         "",
-        _rows(
-            ["dataset", "n", "Q-Former", "95 % CI", "medlens-clip zero-shot", "at least CLIP?"],
-            [
-                [d, str(v["n"]), _f(v["accuracy"]), _ci(v), _f(base_ds.get(d)), _at_least(v["accuracy"], base_ds.get(d))]
-                for d, v in r2["per_dataset"].items()
-            ],
-        ),
+        _beside_clip("dataset", r2["per_dataset"], base_ds),
         "",
         "Per question group:",
         "",
-        _rows(
-            ["group", "n", "Q-Former", "95 % CI", "medlens-clip zero-shot", "at least CLIP?"],
-            [
-                [g, str(v["n"]), _f(v["accuracy"]), _ci(v), _f(base_groups.get(g)), _at_least(v["accuracy"], base_groups.get(g))]
-                for g, v in r2["groups"].items()
-            ],
-        ),
+        _beside_clip("group", r2["groups"], base_groups),
         "",
     ]
+
+
+def _beside_clip(key: str, results: dict, clip_accuracy: dict) -> str:
+    """A table of Q-Former accuracy per `key` (dataset or group) next to the CLIP baseline's on the same questions."""
+    return _rows(
+        [key, "n", "Q-Former", "95 % CI", "medlens-clip zero-shot", "at least CLIP?"],
+        [
+            [k, str(v["n"]), _f(v["accuracy"]), _ci(v), _f(clip_accuracy.get(k)), _at_least(v["accuracy"], clip_accuracy.get(k))]
+            for k, v in results.items()
+        ],
+    )
 
 
 def _section_calibration(config: dict, report: dict | None) -> list[str]:

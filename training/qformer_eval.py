@@ -48,12 +48,12 @@ import numpy as np
 import torch
 
 from engine.ask import prompting
-from engine.ask.model import AskModel, load_ask_folder
+from engine.ask.model import AskModel
 from engine.ask.questions import normalise_answer, render_question
 from training import metrics
 from training.qa_baseline import rule_for
 from training.qa_data import QARow, load_volume_crop, medpix_items, read_qa_manifest
-from training.qformer_cache import TokenCache
+from training.qformer_cache import TokenCache, open_exported
 
 FINDING_DATASETS = ("pneumoniamnist", "busi", "lc25000_lung", "ham10000", "fundus_dr")
 PRESENCE_TEMPLATE = "Is the {organ} visible?"  # one fixed phrasing for the P(yes) organ scores
@@ -368,14 +368,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_ask_folder(args.model)
     cache_dir = Path(args.cache) if args.cache else Path(args.model).parent.parent / "qformer_cache"
+    model, caches = open_exported(args.model, cache_dir, args.threads)
     rows = read_qa_manifest(args.qa_manifest, splits=["test"])
-    caches = {k: TokenCache(cache_dir, k, model.prep, model.image_size, model.config.get("encoder")) for k in ("image", "volume")}
     for c in caches.values():
         c.fill(rows, args.data_root)
     results: dict = {"model": args.model, "split": "test"}

@@ -42,12 +42,12 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from engine.ask.model import OOD_EMBEDDING, AskModel, load_ask_folder, ood_embedding
+from engine.ask.model import OOD_EMBEDDING, AskModel, ood_embedding
 from engine.trust import Calibration, ReferenceSet, ece, fit_temperature, reliability_table
 from engine.trust.calibration import DEFAULT_KEY
 from engine.trust.ood import DEFAULT_K, DEFAULT_QUANTILE, REFERENCE_FILE
 from training.qa_data import QARow, read_qa_manifest
-from training.qformer_cache import TokenCache
+from training.qformer_cache import TokenCache, open_exported
 
 MIN_FAMILY = 30
 ECE_BINS = 15
@@ -288,15 +288,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    import torch
-
     from training.qformer_eval import closed_items
 
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_ask_folder(args.model)
-    caches = {k: TokenCache(args.cache, k, model.prep, model.image_size, model.config.get("encoder")) for k in ("image", "volume")}
+    model, caches = open_exported(args.model, args.cache, args.threads)
     rows = read_qa_manifest(args.qa_manifest, splits=["train", "val"])
     val = [r for r in rows if r.split == "val"]
     for cache in caches.values():  # every val row (the trainer's own val is capped); train rows are the trainer's cached ones

@@ -352,9 +352,60 @@ def train(cfg: SSLConfig) -> dict:
         torch.set_num_threads(threads_before)  # callers (tests, notebooks) keep their setting
 
 
-def _train(cfg: SSLConfig) -> dict:
-    from tqdm import tqdm
+@dataclass
+class _Schedule:
+    """How many rows, the batch, and the steps: whole batches only (NT-Xent wants full batches)."""
 
+    n: int
+    batch: int
+    steps_per_epoch: int
+    total: int  # steps the cosine schedule spans (all epochs)
+    stop: int  # steps actually run (max_steps may cut the run short)
+
+    @classmethod
+    def of(cls, n: int, cfg: SSLConfig) -> "_Schedule":
+        batch = min(cfg.batch_size, n)
+        steps_per_epoch = max(1, n // batch)  # drop the ragged tail: NT-Xent wants full batches
+        total = steps_per_epoch * cfg.epochs
+        return cls(n, batch, steps_per_epoch, total, min(total, cfg.max_steps) if cfg.max_steps else total)
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint resumes: steps done, the loss curve, training wall time."""
+
+    step: int = 0
+    losses: list = field(default_factory=list)
+    wall: float = 0.0
+
+
+def _resume(last: Path, model: nn.Module, opt, ident: dict, device) -> _Progress:
+    """Model and optimiser state from `last`; a checkpoint of another run (other ident) is an error."""
+    ck = torch.load(last, map_location=device, weights_only=True)
+    if ck["ident"] != ident:
+        diff = {k: (ck["ident"].get(k), v) for k, v in ident.items() if ck["ident"].get(k) != v}
+        raise SystemExit(f"{last} is from a different run {diff}; pass --fresh to start over")
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    return _Progress(ck["step"], list(ck["losses"]), float(ck["wall"]))
+
+
+def _checkpoint(last: Path, model: nn.Module, opt, progress: _Progress, ident: dict, cfg: SSLConfig) -> None:
+    _atomic_save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": progress.step,
+            "losses": progress.losses,
+            "wall": progress.wall,
+            "ident": ident,
+            "config": asdict(cfg),
+        },
+        last,
+    )
+
+
+def _train(cfg: SSLConfig) -> dict:
     from training.image_cache import build_cache, cache_key
 
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
@@ -365,15 +416,10 @@ def _train(cfg: SSLConfig) -> dict:
     cache_path = Path(cfg.cache) if cfg.cache else out / f"images_{cache_size}px.npy"
     images = build_cache(rows, cfg.data_root, cache_size, cache_path, progress=cfg.progress)
     rows_key = cache_key(rows, cache_size)
-    n = len(rows)
     from training.augment import FLIP_OK  # one flip policy for SSL and CLIP
 
     flip_ok = torch.tensor([r.modality in FLIP_OK for r in rows])
-
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // batch)  # drop the ragged tail: NT-Xent wants full batches
-    total = steps_per_epoch * cfg.epochs
-    stop = min(total, cfg.max_steps) if cfg.max_steps else total
+    sched = _Schedule.of(len(rows), cfg)
 
     _seed_all(cfg.seed)
     model = SSLModel(cfg.tower, cfg.proj_hidden, cfg.proj_dim).to(device)
@@ -381,87 +427,103 @@ def _train(cfg: SSLConfig) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    step, losses, wall = 0, [], 0.0
     ident = {
         "tower": cfg.tower,
         "image_size": cfg.image_size,
-        "batch_size": batch,
+        "batch_size": sched.batch,
         "epochs": cfg.epochs,
         "seed": cfg.seed,
         "rows_key": rows_key,
     }
     last = out / "last.pt"
-    if last.is_file() and not cfg.fresh:
-        ck = torch.load(last, map_location=device, weights_only=True)
-        if ck["ident"] != ident:
-            diff = {k: (ck["ident"].get(k), v) for k, v in ident.items() if ck["ident"].get(k) != v}
-            raise SystemExit(f"{last} is from a different run {diff}; pass --fresh to start over")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step, losses, wall = ck["step"], list(ck["losses"]), float(ck["wall"])
-
-    def checkpoint():
-        _atomic_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "losses": losses,
-                "wall": wall,
-                "ident": ident,
-                "config": asdict(cfg),
-            },
-            last,
-        )
-
-    model.train()
-    perm_epoch, perm = -1, None
-    bar = tqdm(total=stop, initial=step, desc=f"ssl {cfg.tower} {cfg.image_size}px", unit="step", disable=not cfg.progress, smoothing=0.1)
-    seen_since, t_since = 0, time.perf_counter()
-    while step < stop:
-        t0 = time.perf_counter()
-        epoch, k = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm, perm_epoch = np.random.default_rng([cfg.seed, epoch]).permutation(n), epoch
-        idx = np.sort(perm[k * batch : (k + 1) * batch])  # sorted: memmap reads stay sequential
-        imgs = torch.from_numpy(np.ascontiguousarray(images[idx])).to(device)
-        g = _step_generator(cfg.seed, step)
-        ok = flip_ok[torch.from_numpy(idx)]
-        v1 = normalize(augment_batch(imgs, cfg.image_size, g, cfg.augment, ok))
-        v2 = normalize(augment_batch(imgs, cfg.image_size, g, cfg.augment, ok))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cfg)
-        views = torch.cat([v1, v2])
-        z = model(views.contiguous(memory_format=torch.channels_last) if channels_last else views)
-        loss = nt_xent(z[:batch], z[batch:], cfg.temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"SSL loss became {value} at step {step}")
-        losses.append(round(value, 5))
-        step += 1
-        wall += time.perf_counter() - t0
-        seen_since += batch
-        bar.update(1)
-        elapsed = time.perf_counter() - t_since
-        bar.set_postfix(
-            loss=f"{value:.3f}", img_s=f"{seen_since / max(elapsed, 1e-9):.1f}", lr=f"{opt.param_groups[0]['lr']:.2e}", epoch=epoch
-        )
-        if step % cfg.save_every == 0 and step < stop:
-            checkpoint()
-    bar.close()
-    checkpoint()
+    progress = _resume(last, model, opt, ident, device) if last.is_file() and not cfg.fresh else _Progress()
+    _run_steps(
+        cfg,
+        model,
+        opt,
+        images,
+        flip_ok,
+        sched,
+        progress,
+        device,
+        channels_last,
+        lambda: _checkpoint(last, model, opt, progress, ident, cfg),
+    )
 
     from safetensors.torch import save_file
 
     trunk_state = {k: v.detach().cpu().contiguous() for k, v in model.trunk.state_dict().items()}
     save_file(trunk_state, str(out / "trunk.safetensors"))
-    per_epoch = [
-        float(np.mean(losses[e * steps_per_epoch : (e + 1) * steps_per_epoch])) for e in range(math.ceil(len(losses) / steps_per_epoch))
-    ]
-    summary = {
+    summary = _summary(cfg, sched, progress, cache_size, device, channels_last, rows_key, model)
+    (out / "ssl_config.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _run_steps(
+    cfg: SSLConfig, model, opt, images, flip_ok, sched: _Schedule, progress: _Progress, device, channels_last, checkpoint
+) -> None:
+    """Train from progress.step to sched.stop (checkpoint every save_every steps and at the end)."""
+    from tqdm import tqdm
+
+    model.train()
+    perm_epoch, perm = -1, None
+    bar = tqdm(
+        total=sched.stop,
+        initial=progress.step,
+        desc=f"ssl {cfg.tower} {cfg.image_size}px",
+        unit="step",
+        disable=not cfg.progress,
+        smoothing=0.1,
+    )
+    seen_since, t_since = 0, time.perf_counter()
+    while progress.step < sched.stop:
+        t0 = time.perf_counter()
+        epoch, k = divmod(progress.step, sched.steps_per_epoch)
+        if epoch != perm_epoch:
+            perm, perm_epoch = np.random.default_rng([cfg.seed, epoch]).permutation(sched.n), epoch
+        idx = np.sort(perm[k * sched.batch : (k + 1) * sched.batch])  # sorted: memmap reads stay sequential
+        value = _step(cfg, model, opt, images, idx, flip_ok, sched, progress.step, device, channels_last)
+        progress.losses.append(round(value, 5))
+        progress.step += 1
+        progress.wall += time.perf_counter() - t0
+        seen_since += sched.batch
+        bar.update(1)
+        elapsed = time.perf_counter() - t_since
+        bar.set_postfix(
+            loss=f"{value:.3f}", img_s=f"{seen_since / max(elapsed, 1e-9):.1f}", lr=f"{opt.param_groups[0]['lr']:.2e}", epoch=epoch
+        )
+        if progress.step % cfg.save_every == 0 and progress.step < sched.stop:
+            checkpoint()
+    bar.close()
+    checkpoint()
+
+
+def _step(cfg: SSLConfig, model, opt, images, idx: np.ndarray, flip_ok, sched: _Schedule, step: int, device, channels_last: bool) -> float:
+    """One optimiser step on two augmented views of the images `idx`; returns the loss (an error if not finite)."""
+    imgs = torch.from_numpy(np.ascontiguousarray(images[idx])).to(device)
+    g = _step_generator(cfg.seed, step)
+    ok = flip_ok[torch.from_numpy(idx)]
+    v1 = normalize(augment_batch(imgs, cfg.image_size, g, cfg.augment, ok))
+    v2 = normalize(augment_batch(imgs, cfg.image_size, g, cfg.augment, ok))
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, sched.total, cfg)
+    views = torch.cat([v1, v2])
+    z = model(views.contiguous(memory_format=torch.channels_last) if channels_last else views)
+    loss = nt_xent(z[: sched.batch], z[sched.batch :], cfg.temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"SSL loss became {value} at step {step}")
+    return value
+
+
+def _summary(cfg: SSLConfig, sched: _Schedule, progress: _Progress, cache_size: int, device, channels_last, rows_key, model) -> dict:
+    """The run's record written to ssl_config.json (what a later CLIP run and the model card read)."""
+    step, losses, wall, batch, spe = progress.step, progress.losses, progress.wall, sched.batch, sched.steps_per_epoch
+    per_epoch = [float(np.mean(losses[e * spe : (e + 1) * spe])) for e in range(math.ceil(len(losses) / spe))]
+    return {
         "tower": cfg.tower,
         "image_size": cfg.image_size,
         "cache_size": cache_size,
@@ -469,10 +531,10 @@ def _train(cfg: SSLConfig) -> dict:
         "std": list(OPENAI_STD),
         "epochs": cfg.epochs,
         "steps": step,
-        "total_steps": total,
-        "steps_per_epoch": steps_per_epoch,
+        "total_steps": sched.total,
+        "steps_per_epoch": spe,
         "batch_size": batch,
-        "images": n,
+        "images": sched.n,
         "images_seen": step * batch,
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
@@ -492,8 +554,6 @@ def _train(cfg: SSLConfig) -> dict:
         "trunk_params": sum(p.numel() for p in model.trunk.parameters()),
         "config": asdict(cfg),
     }
-    (out / "ssl_config.json").write_text(json.dumps(summary, indent=1))
-    return summary
 
 
 # --------------------------------------------------------------------------- CLI

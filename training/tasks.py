@@ -21,6 +21,10 @@ from training.manifest import Row
 BINARY, MULTICLASS, MULTILABEL = "binary", "multiclass", "multilabel"
 
 # NIH ChestX-ray14 finding names -> canonical names (the xray prompt set's where it has them).
+# The large abdominal organs: the CT organ task's first classes and the markers of an abdominal slice
+# (training/recipes/organs.py), named once so the two cannot drift apart.
+ABDOMINAL_ORGANS = ("liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder")
+
 NIH_FINDINGS = {
     "Atelectasis": "atelectasis",
     "Cardiomegaly": "cardiomegaly",
@@ -207,13 +211,7 @@ TASKS: dict[str, Task] = {
             ("ct_organs",),
             MULTILABEL,
             (
-                "liver",
-                "spleen",
-                "left kidney",
-                "right kidney",
-                "stomach",
-                "pancreas",
-                "gallbladder",
+                *ABDOMINAL_ORGANS,
                 "heart",
                 "left lung",
                 "right lung",

@@ -18,14 +18,13 @@ Design decisions
 
 from __future__ import annotations
 
-import argparse
 import functools
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 from training.manifest import Row, check_subject_disjoint, write_manifest
+from training.recipes._common import recipe_parser, run_recipe_command
 from training.recipes.brain_mri import brain_mri
 from training.recipes.breastmnist import breastmnist
 from training.recipes.busi import busi
@@ -113,10 +112,9 @@ def count_table(table: dict[str, int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.recipes", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", required=True, type=Path, help="folder holding the sources (e.g. ../shared/data)")
-    p.add_argument("--out", required=True, type=Path, help="manifest to write (JSON Lines)")
-    p.add_argument("--only", nargs="+", metavar="NAME", help=f"recipes to run (default: {' '.join(DEFAULT)})")
+    p = recipe_parser(
+        "python -m training.recipes", __doc__, "manifest to write (JSON Lines)", f"recipes to run (default: {' '.join(DEFAULT)})"
+    )
     p.add_argument("--medmnist-flags", nargs="+", default=["pathmnist", "dermamnist", "organamnist"], help="medmnist_plus: MedMNIST flags")
     p.add_argument("--medmnist-size", type=int, default=28, choices=(28, 64, 128, 224), help="medmnist_plus: image size")
     p.add_argument("--caption-csv", default="captions.csv", help="caption_csv: CSV path (relative to the data root)")
@@ -127,11 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     recipes["medmnist_plus"] = functools.partial(medmnist_plus, flags=tuple(args.medmnist_flags), size=args.medmnist_size)
     recipes["caption_csv"] = functools.partial(caption_csv, csv=args.caption_csv)
     recipes["chexpert_csv"] = functools.partial(chexpert_csv, csv=args.chexpert_csv, uncertain=args.chexpert_uncertain)
-    try:
-        table = build_all(args.data_root, args.out, args.only, recipes)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(count_table(table))
-    print(f"wrote {args.out}")
-    return 0
+    return run_recipe_command(
+        lambda: build_all(args.data_root, args.out, args.only, recipes), lambda table: f"{count_table(table)}\nwrote {args.out}"
+    )

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from training.manifest import Row
-from training.recipes._common import norm_split, read_csv
+from training.recipes._common import image_row, norm_split, read_csv
 
 FOLDER = "ultrasound/busi"
 NEAR_DUP = 0.93  # r on 64x64 grey: consecutive frames of one lesion
@@ -105,11 +105,11 @@ def _busi(root: str) -> tuple[list[Row], dict]:
         for i in idx:
             moved += splits[i] != target
             rows.append(
-                Row(
-                    id=f"busi/{stems[i]}",
-                    dataset="busi",
-                    modality="us",
-                    path=f"{FOLDER}/{recs[i]['file']}",
+                image_row(
+                    "busi",
+                    "us",
+                    FOLDER,
+                    recs[i]["file"],
                     split=target,
                     subject=subject,
                     labels=[labels[i]],

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from training.manifest import Row
-from training.recipes._common import norm_split, read_csv
+from training.recipes._common import labelled_csv_rows
 from training.tasks import DR_GRADES
 
 FOLDER = "fundus/dr_maculopathy"
@@ -35,20 +35,14 @@ def fundus_labels(label: str) -> list[str]:
     return labels
 
 
+def _fields(rec: dict[str, str]) -> dict:
+    return {
+        "subject": rec["patient_id"],
+        "labels": fundus_labels(rec["label"]),
+        "view": EYES.get((rec.get("eye") or "").strip().upper()),
+        "body_part": "eye",
+    }
+
+
 def fundus_dr(root: Path) -> list[Row]:
-    rows = []
-    for rec in read_csv(Path(root) / FOLDER / "labels.csv"):
-        rows.append(
-            Row(
-                id=f"fundus_dr/{Path(rec['file']).stem}",
-                dataset="fundus_dr",
-                modality="fundus",
-                path=f"{FOLDER}/{rec['file']}",
-                split=norm_split(rec["split"]) or "train",
-                subject=rec["patient_id"],
-                labels=fundus_labels(rec["label"]),
-                view=EYES.get((rec.get("eye") or "").strip().upper()),
-                body_part="eye",
-            )
-        )
-    return rows
+    return labelled_csv_rows(root, FOLDER, "fundus_dr", "fundus", _fields)

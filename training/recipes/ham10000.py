@@ -14,29 +14,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.manifest import Row
-from training.recipes._common import norm_split, read_csv
+from training.recipes._common import labelled_csv_rows
 from training.tasks import HAM_DX
 
 FOLDER = "dermatology/ham10000"
 
 
+def _fields(rec: dict[str, str]) -> dict:
+    dx = rec["dx"].strip().lower()
+    if dx not in HAM_DX:
+        raise ValueError(f"HAM10000: unknown dx {rec['dx']!r}")
+    site = (rec.get("site") or "").strip().lower()
+    return {
+        "subject": (rec.get("lesion_id") or "").strip() or f"image-{Path(rec['file']).stem}",
+        "labels": [HAM_DX[dx]],
+        "body_part": site if site and site != "unknown" else None,
+    }
+
+
 def ham10000(root: Path) -> list[Row]:
-    rows = []
-    for rec in read_csv(Path(root) / FOLDER / "labels.csv"):
-        dx = rec["dx"].strip().lower()
-        if dx not in HAM_DX:
-            raise ValueError(f"HAM10000: unknown dx {rec['dx']!r}")
-        site = (rec.get("site") or "").strip().lower()
-        rows.append(
-            Row(
-                id=f"ham10000/{Path(rec['file']).stem}",
-                dataset="ham10000",
-                modality="dermoscopy",
-                path=f"{FOLDER}/{rec['file']}",
-                split=norm_split(rec["split"]) or "train",
-                subject=(rec.get("lesion_id") or "").strip() or f"image-{Path(rec['file']).stem}",
-                labels=[HAM_DX[dx]],
-                body_part=site if site and site != "unknown" else None,
-            )
-        )
-    return rows
+    return labelled_csv_rows(root, FOLDER, "ham10000", "dermoscopy", _fields)

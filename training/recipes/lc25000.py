@@ -9,28 +9,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.manifest import Row
-from training.recipes._common import norm_split, read_csv
+from training.recipes._common import labelled_csv_rows
 from training.tasks import LC25000
 
 FOLDER = "pathology/lc25000_lung"
 
 
+def _fields(rec: dict[str, str]) -> dict:
+    label = " ".join(rec["label"].replace("_", " ").split()).lower()
+    if label not in LC25000:
+        raise ValueError(f"LC25000: unknown label {rec['label']!r}")
+    return {"subject": rec["group"], "labels": [LC25000[label]], "body_part": "lung"}
+
+
 def lc25000_lung(root: Path) -> list[Row]:
-    rows = []
-    for rec in read_csv(Path(root) / FOLDER / "labels.csv"):
-        label = " ".join(rec["label"].replace("_", " ").split()).lower()
-        if label not in LC25000:
-            raise ValueError(f"LC25000: unknown label {rec['label']!r}")
-        rows.append(
-            Row(
-                id=f"lc25000_lung/{Path(rec['file']).stem}",
-                dataset="lc25000_lung",
-                modality="pathology",
-                path=f"{FOLDER}/{rec['file']}",
-                split=norm_split(rec["split"]) or "train",
-                subject=rec["group"],
-                labels=[LC25000[label]],
-                body_part="lung",
-            )
-        )
-    return rows
+    return labelled_csv_rows(root, FOLDER, "lc25000_lung", "pathology", _fields)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from training.manifest import Row
-from training.recipes._common import norm_split, read_csv
+from training.recipes._common import labelled_csv_rows
 from training.tasks import NIH_FINDINGS
 
 FOLDER = "xray/nih_cxr14_1000"
@@ -30,21 +30,14 @@ def nih_labels(findings: str) -> list[str]:
     return labels or ["normal"]
 
 
+def _fields(rec: dict[str, str]) -> dict:
+    return {
+        "subject": f"nih-{rec['patient_id']}",
+        "labels": nih_labels(rec["findings"]),
+        "view": (rec.get("view") or "").strip() or None,
+        "body_part": "chest",
+    }
+
+
 def nih_cxr14(root: Path) -> list[Row]:
-    rows = []
-    for rec in read_csv(Path(root) / FOLDER / "labels.csv"):
-        file = rec["file"]
-        rows.append(
-            Row(
-                id=f"nih_cxr14/{Path(file).stem}",
-                dataset="nih_cxr14",
-                modality="xray",
-                path=f"{FOLDER}/{file}",
-                split=norm_split(rec["split"]) or "train",
-                subject=f"nih-{rec['patient_id']}",
-                labels=nih_labels(rec["findings"]),
-                view=(rec.get("view") or "").strip() or None,
-                body_part="chest",
-            )
-        )
-    return rows
+    return labelled_csv_rows(root, FOLDER, "nih_cxr14", "xray", _fields)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import re
 
+from training.tasks import ABDOMINAL_ORGANS
+
 _SIDES = ("left", "right")
 # TotalSegmentator base names (side removed) -> readable names; others just lose underscores.
 _BASE = {
@@ -108,13 +110,7 @@ _REGION_MARKERS = {
         "thyroid gland",
     },
     "abdomen": {
-        "liver",
-        "spleen",
-        "left kidney",
-        "right kidney",
-        "stomach",
-        "pancreas",
-        "gallbladder",
+        *ABDOMINAL_ORGANS,
         "left adrenal gland",
         "right adrenal gland",
         "duodenum",

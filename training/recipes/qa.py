@@ -69,7 +69,6 @@ Design decisions
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -85,7 +84,7 @@ import numpy as np
 from engine.ask.questions import candidates_for, load_families, render_question, vocabulary
 from training.manifest import Row
 from training.qa_data import QARow, check_subject_disjoint, write_qa_manifest
-from training.recipes._common import rel, require
+from training.recipes._common import recipe_parser, rel, require, run_recipe_command
 from training.recipes.brain_mri import ATLAS, aal_names, epi_series
 from training.recipes.organs import body_region
 from training.recipes.slices import check_same_grid, load_scan, slice_label_areas
@@ -678,10 +677,9 @@ def count_table(rows: list[QARow]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.recipes.qa", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", required=True, type=Path, help="folder holding the sources (e.g. ../shared/data)")
-    p.add_argument("--out", required=True, type=Path, help="QA manifest to write (JSON Lines)")
-    p.add_argument("--only", nargs="+", metavar="NAME", help=f"datasets (default: {' '.join(DEFAULT)})")
+    p = recipe_parser(
+        "python -m training.recipes.qa", __doc__, "QA manifest to write (JSON Lines)", f"datasets (default: {' '.join(DEFAULT)})"
+    )
     p.add_argument("--train-crops", type=int, default=150, help="crops per train volume (the first is the whole volume)")
     p.add_argument("--test-crops", type=int, default=80, help="crops per labelled test volume")
     p.add_argument("--epi-crops", type=int, default=20, help="crops per dcm_qa_nih EPI series (test, no label map)")
@@ -689,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoom", type=float, nargs=2, default=(ZOOM_MIN, ZOOM_MAX), metavar=("MIN", "MAX"), help="zoom jitter range")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    try:
+
+    def build() -> tuple[list[QARow], Path]:
         rows = build_qa_rows(
             args.data_root,
             args.only,
@@ -704,12 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         write_qa_manifest(rows, args.out)
         counts = args.out.with_suffix(".counts.json")
         counts.write_text(json.dumps(qa_counts(rows), indent=1) + "\n")
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(count_table(rows))
-    print(f"wrote {args.out} (counts: {counts})")
-    return 0
+        return rows, counts
+
+    return run_recipe_command(build, lambda built: f"{count_table(built[0])}\nwrote {args.out} (counts: {built[1]})")
 
 
 if __name__ == "__main__":

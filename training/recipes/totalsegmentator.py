@@ -37,19 +37,12 @@ def id_names(root: Path, key: str) -> dict[int, str]:
 def ct_organs(root: Path) -> list[Row]:
     root = Path(root)
     d = root / FOLDER
-    names = id_names(root, "total")
-    common = dict(dataset="ct_organs", modality="ct", id_names=names, body_part=body_region)
-    rows = volume_rows(root, subject="ts-ct-a", split="train", image=d / "example_ct_sm.nii.gz", seg=d / "example_seg.nii.gz", **common)
-    rows += volume_rows(root, subject="ts-ct-b", split="test", image=d / "ct_dicom_series", seg=d / "example_seg_dicom.nii.gz", **common)
+    ct = dict(dataset="ct_organs", modality="ct")
+    labelled = dict(ct, id_names=id_names(root, "total"), body_part=body_region)
+    rows = volume_rows(root, subject="ts-ct-a", split="train", image=d / "example_ct_sm.nii.gz", seg=d / "example_seg.nii.gz", **labelled)
+    rows += volume_rows(root, subject="ts-ct-b", split="test", image=d / "ct_dicom_series", seg=d / "example_seg_dicom.nii.gz", **labelled)
     unlabelled = volume_rows(
-        root,
-        dataset="ct_organs",
-        modality="ct",
-        subject="ts-ct-a",
-        split="train",
-        image=d / "example_ct.nii.gz",
-        step=2,
-        extra={"unlabelled": True},
+        root, subject="ts-ct-a", split="train", image=d / "example_ct.nii.gz", step=2, extra={"unlabelled": True}, **ct
     )
     for r in unlabelled:  # the same subject and planes as example_ct_sm: keep ids distinct
         r.id = r.id.replace("ts-ct-a/", "ts-ct-a/full/", 1)
@@ -59,14 +52,5 @@ def ct_organs(root: Path) -> list[Row]:
 def mr_organs(root: Path) -> list[Row]:
     root = Path(root)
     d = root / FOLDER
-    return volume_rows(
-        root,
-        dataset="mr_organs",
-        modality="mr",
-        subject="ts-mr-a",
-        split="test",
-        image=d / "example_mr_sm.nii.gz",
-        seg=d / "example_seg_mr.nii.gz",
-        id_names=id_names(root, "total_mr"),
-        body_part=body_region,
-    )
+    mr = dict(dataset="mr_organs", modality="mr", id_names=id_names(root, "total_mr"), body_part=body_region)
+    return volume_rows(root, subject="ts-mr-a", split="test", image=d / "example_mr_sm.nii.gz", seg=d / "example_seg_mr.nii.gz", **mr)
