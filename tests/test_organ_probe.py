@@ -10,7 +10,7 @@ from engine.models.volume_prep import VolumePrep
 from training.organ_probe import run_probe
 from training.qformer_cache import CachedTokens, TokenCache, row_key
 
-from _qa import volume_qa_row
+from _rows import volume_qa_row
 
 
 def _rows_and_cache(tmp_path, informative: bool):

@@ -26,7 +26,7 @@ from training.qa_data import (
 from training.recipes import qa as recipe
 from training.tasks import REFERABLE, TASKS
 
-from _qa import image_qa_row, qa_item, volume_qa_row
+from _rows import image_qa_row, qa_item, volume_qa_row
 
 
 def _rotated_affine(spacing_zyx=(2.0, 0.8, 0.7), origin=(-100.0, 50.0, 20.0), angle=0.1) -> np.ndarray:

@@ -18,7 +18,7 @@ from engine.models.qformer import QFormerConfig, build_qformer, pad_tokens
 from training.qa_data import write_qa_manifest
 
 from _ask import TINY_BERT
-from _qa import image_qa_row, qa_item, volume_qa_row
+from _rows import image_qa_row, qa_item, volume_qa_row
 
 
 def _manifest(tmp_path):

@@ -1,11 +1,18 @@
-"""Small QA-manifest rows for tests: a question, an image row, a volume-crop row.
+"""Small manifest rows for tests: a training-manifest row; a QA question, image row and volume-crop row.
 
-Each helper fills in the fields every row of its kind has (kind, crop zoom), so a test names only what it is about.
+Each helper fills in what every row of its kind has (the id convention, kind, crop zoom), so a test names only what
+it is about.
 """
 
 from __future__ import annotations
 
+from training.manifest import Row
 from training.qa_data import QARow
+
+
+def manifest_row(dataset: str, key: str, modality: str, path: str, labels: list[str], subject: str, split: str = "test", **fields) -> Row:
+    """A training-manifest row with the recipes' id convention, `<dataset>/<key>`."""
+    return Row(id=f"{dataset}/{key}", dataset=dataset, modality=modality, path=path, split=split, subject=subject, labels=labels, **fields)
 
 
 def qa_item(question: str, answer: str, family: str, candidates: list[str] | None = None, **extra) -> dict:
