@@ -11,6 +11,18 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+# the Library tab's API endpoints (app/library_tab.py)
+LIBRARY_API = {
+    "/library_search",
+    "/library_open",
+    "/library_select",
+    "/library_add",
+    "/library_tag_positive",
+    "/library_tag_negative",
+    "/library_teach",
+    "/library_refresh",
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:

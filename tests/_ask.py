@@ -10,11 +10,11 @@ from engine.ask.model import save_ask_model
 from engine.models.qformer import QFormerConfig, build_qformer
 from engine.models.volume_prep import VolumePrep
 
+# The BERT shape of every tiny Q-Former in the tests (and of a text encoder it can initialise from):
+# the smallest that keeps several heads and layers, so the per-layer code paths still run.
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 TINY_QFORMER = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
+    **TINY_BERT,
     cross_attention_frequency=1,
     encoder_hidden_size=32,
     num_query_tokens=4,

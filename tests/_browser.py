@@ -8,6 +8,7 @@ conftest.py; it opens a page for the requesting module's `server`.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,37 @@ def require_browser() -> None:
         if required:
             pytest.fail(f"MEDLENS_REQUIRE_BROWSER=1 but {problem}")
         pytest.skip(problem)
+
+
+# every view of a volume (axial, coronal, sagittal) shows a decoded image
+THREE_VIEWS_SHOWN = "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
+
+
+def image_shown(selector: str) -> str:
+    """A page function: true once the image inside `selector` is decoded."""
+    return f"() => {{ const i = document.querySelector('{selector} img.ml-img'); return i && i.complete && i.naturalWidth > 0; }}"
+
+
+def collect_page_errors(page) -> list[str]:
+    """The page's uncaught JavaScript errors, gathered from now on into the returned list."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    return errors
+
+
+def open_and_upload(page, url: str, path, widget: str = "files") -> None:
+    """Open the app and give `path` to the Scan tab's upload widget: `files` (files, archives) or `folder`."""
+    page.goto(url)
+    page.wait_for_selector(f"#ml-{widget} input[type=file]", state="attached")
+    page.set_input_files(f"#ml-{widget} input[type=file]", str(path))
+
+
+def save_screenshot(target, path: Path, **options) -> Path:
+    """Screenshot `target` (a page or a locator) into `path`, and copy it into $MEDLENS_SCREENSHOT_DIR when that is
+    set, for a person to look at."""
+    target.screenshot(path=str(path), **options)
+    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
+        out = Path(os.environ["MEDLENS_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, out / path.name)
+    return path

@@ -223,6 +223,13 @@ def _slice_dataset(spec, sop_class, study_uid, series_uid, frame_uid, position, 
     return ds
 
 
+def _item(**elements) -> Dataset:
+    """A dataset holding the given keyword=value elements: a sequence item written as one expression."""
+    ds = Dataset()
+    ds.update(elements)
+    return ds
+
+
 def lps_affine(spec: SeriesSpec) -> np.ndarray:
     """Affine from (column, row, slice) index to LPS mm, for spatial slice order (independent check)."""
     row = np.asarray(spec.orientation[0], float)
@@ -291,55 +298,47 @@ def write_enhanced(path: str | Path, spec: SeriesSpec, shuffle_frames: bool = Fa
     ds.ComplexImageComponent = "MAGNITUDE"
     ds.BurnedInAnnotation = "NO"
 
-    stack_dim = Dataset()
-    stack_dim.DimensionIndexPointer = pydicom.tag.Tag("StackID")
-    stack_dim.FunctionalGroupPointer = pydicom.tag.Tag("FrameContentSequence")
-    pos_dim = Dataset()
-    pos_dim.DimensionIndexPointer = pydicom.tag.Tag("InStackPositionNumber")
-    pos_dim.FunctionalGroupPointer = pydicom.tag.Tag("FrameContentSequence")
-    ds.DimensionOrganizationSequence = [Dataset()]
-    ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = generate_uid()
-    stack_dim.DimensionOrganizationUID = ds.DimensionOrganizationSequence[0].DimensionOrganizationUID
-    pos_dim.DimensionOrganizationUID = ds.DimensionOrganizationSequence[0].DimensionOrganizationUID
-    ds.DimensionIndexSequence = [stack_dim, pos_dim]
+    organisation = generate_uid()
+    ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=organisation)]
+    ds.DimensionIndexSequence = [
+        _item(
+            DimensionIndexPointer=pydicom.tag.Tag(pointer),
+            FunctionalGroupPointer=pydicom.tag.Tag("FrameContentSequence"),
+            DimensionOrganizationUID=organisation,
+        )
+        for pointer in ("StackID", "InStackPositionNumber")
+    ]
 
-    shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing = [_fmt(v) for v in spec.pixel_spacing]
-    measures.SliceThickness = _fmt(spec.slice_spacing)
-    measures.SpacingBetweenSlices = _fmt(spec.slice_spacing)
-    shared.PixelMeasuresSequence = [measures]
-    orient = Dataset()
-    orient.ImageOrientationPatient = [_fmt(v) for v in (*spec.orientation[0], *spec.orientation[1])]
-    shared.PlaneOrientationSequence = [orient]
-    transform = Dataset()
-    transform.RescaleSlope = _fmt(spec.rescale_slope)
-    transform.RescaleIntercept = _fmt(spec.rescale_intercept)
-    transform.RescaleType = "US"
-    shared.PixelValueTransformationSequence = [transform]
-    timing = Dataset()
-    timing.RepetitionTime = 500.0
-    timing.FlipAngle = 15.0
-    shared.MRTimingAndRelatedParametersSequence = [timing]
-    echo = Dataset()
-    echo.EffectiveEchoTime = 10.0
-    shared.MREchoSequence = [echo]
+    shared = _item(
+        PixelMeasuresSequence=[
+            _item(
+                PixelSpacing=[_fmt(v) for v in spec.pixel_spacing],
+                SliceThickness=_fmt(spec.slice_spacing),
+                SpacingBetweenSlices=_fmt(spec.slice_spacing),
+            )
+        ],
+        PlaneOrientationSequence=[_item(ImageOrientationPatient=[_fmt(v) for v in (*spec.orientation[0], *spec.orientation[1])])],
+        PixelValueTransformationSequence=[
+            _item(RescaleSlope=_fmt(spec.rescale_slope), RescaleIntercept=_fmt(spec.rescale_intercept), RescaleType="US")
+        ],
+        MRTimingAndRelatedParametersSequence=[_item(RepetitionTime=500.0, FlipAngle=15.0)],
+        MREchoSequence=[_item(EffectiveEchoTime=10.0)],
+    )
     ds.SharedFunctionalGroupsSequence = [shared]
-
-    per_frame = []
-    for k in order:
-        item = Dataset()
-        content = Dataset()
-        content.StackID = "1"
-        content.InStackPositionNumber = in_stack[int(k)]
-        content.DimensionIndexValues = [1, in_stack[int(k)]]
-        content.FrameAcquisitionNumber = 1
-        item.FrameContentSequence = [content]
-        plane = Dataset()
-        plane.ImagePositionPatient = [_fmt(v) for v in positions[k]]
-        item.PlanePositionSequence = [plane]
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PerFrameFunctionalGroupsSequence = [
+        _item(
+            FrameContentSequence=[
+                _item(
+                    StackID="1",
+                    InStackPositionNumber=in_stack[int(k)],
+                    DimensionIndexValues=[1, in_stack[int(k)]],
+                    FrameAcquisitionNumber=1,
+                )
+            ],
+            PlanePositionSequence=[_item(ImagePositionPatient=[_fmt(v) for v in positions[k]])],
+        )
+        for k in order
+    ]
     ds.PixelData = np.ascontiguousarray(pixels[order], dtype="<i2").tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -10,7 +10,6 @@ $MEDLENS_SCREENSHOT_DIR when set) for a person to look at.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +20,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _app import running_app  # noqa: E402
-from _browser import require_browser  # noqa: E402
+from _browser import (  # noqa: E402
+    THREE_VIEWS_SHOWN,
+    collect_page_errors,
+    image_shown,
+    open_and_upload,
+    require_browser,
+    save_screenshot,
+)
 from _series import ct_zip  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 
@@ -56,18 +62,13 @@ def test_upload_ct_zip_renders_three_views_and_metadata(server, page, tmp_path):
     url, cache = server
     archive, kind = ct_zip(tmp_path / "data", SHARED_DATA if SHARED_DATA.is_dir() else None)
     n_slices = 20 if kind == "shared" else 8
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    errors = collect_page_errors(page)
 
-    page.goto(url)
-    page.wait_for_selector("#ml-files input[type=file]", state="attached")
-    page.set_input_files("#ml-files input[type=file]", str(archive))
+    open_and_upload(page, url, archive)
 
     for plane in ("axial", "coronal", "sagittal"):
         page.wait_for_selector(f"#ml-{plane}-view img.ml-img", state="visible")
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
-    )
+    page.wait_for_function(THREE_VIEWS_SHOWN)
     for plane in ("axial", "coronal", "sagittal"):
         state = _view_state(page, plane)
         assert state["src"] == "data:image/png;base64,"  # the data URL survived Gradio's HTML handling
@@ -91,12 +92,7 @@ def test_upload_ct_zip_renders_three_views_and_metadata(server, page, tmp_path):
     after = page.evaluate(caption_js)
     assert after != before and f"slice {n_slices // 2 + 2}/{n_slices}" in after
 
-    shot = tmp_path / "scan_tab.png"
-    page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
-        out = Path(os.environ["MEDLENS_SCREENSHOT_DIR"])
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, out / shot.name)
+    shot = save_screenshot(page, tmp_path / "scan_tab.png", full_page=True)
     assert shot.stat().st_size > 10_000
 
     assert not errors, errors
@@ -107,9 +103,7 @@ def test_unreadable_upload_shows_an_error_message(server, page, tmp_path):
     url, cache = server
     junk = tmp_path / "readme.txt"
     junk.write_text("not a scan\n")
-    page.goto(url)
-    page.wait_for_selector("#ml-files input[type=file]", state="attached")
-    page.set_input_files("#ml-files input[type=file]", str(junk))
+    open_and_upload(page, url, junk)
     toast = page.locator(".toast-body", has_text="readme.txt").first
     toast.wait_for()
     assert "Traceback" not in page.locator("body").inner_text()
@@ -124,12 +118,8 @@ def test_folder_upload_renders_the_series(server, page, tmp_path):
     url, cache = server
     folder = tmp_path / "study"
     synthetic_ct_series(folder / "series1", n_slices=6, marker=False)
-    page.goto(url)
-    page.wait_for_selector("#ml-folder input[type=file]", state="attached")
-    page.set_input_files("#ml-folder input[type=file]", str(folder))
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
-    )
+    open_and_upload(page, url, folder, widget="folder")
+    page.wait_for_function(THREE_VIEWS_SHOWN)
     assert "slice 4/6" in page.locator("#ml-axial-view").inner_text()
     assert [p for p in cache.rglob("*") if p.is_file()] == []
 
@@ -142,20 +132,13 @@ def test_2d_image_takes_the_whole_row(server, page, tmp_path):
     png = tmp_path / "chest.png"
     yy, xx = np.mgrid[0:300, 0:400]
     Image.fromarray(((xx + yy) % 256).astype(np.uint8)).save(png)
-    page.goto(url)
-    page.wait_for_selector("#ml-files input[type=file]", state="attached")
-    page.set_input_files("#ml-files input[type=file]", str(png))
-    page.wait_for_function(
-        "() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }"
-    )
+    open_and_upload(page, url, png)
+    page.wait_for_function(image_shown("#ml-axial-view"))
     state = _view_state(page, "axial")
     assert state["w"] / state["h"] == pytest.approx(400 / 300, rel=0.01)
     assert page.locator("#ml-coronal-view").is_hidden() and page.locator("#ml-sagittal-view").is_hidden()
     assert page.locator("#ml-axial-slider").is_hidden()
-    shot = tmp_path / "scan_tab_2d.png"
-    page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
-        shutil.copy(shot, Path(os.environ["MEDLENS_SCREENSHOT_DIR"]) / shot.name)
+    save_screenshot(page, tmp_path / "scan_tab_2d.png", full_page=True)
 
 
 def test_ask_a_question_about_the_scan(server, page, tmp_path):
@@ -163,14 +146,9 @@ def test_ask_a_question_about_the_scan(server, page, tmp_path):
 
     url, cache = server
     archive = zip_files(synthetic_ct_series(tmp_path / "s", n_slices=6, marker=False), tmp_path / "s.zip")
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(url)
-    page.wait_for_selector("#ml-files input[type=file]", state="attached")
-    page.set_input_files("#ml-files input[type=file]", str(archive))
-    page.wait_for_function(
-        "() => { const i = document.querySelector('#ml-axial-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }"
-    )
+    errors = collect_page_errors(page)
+    open_and_upload(page, url, archive)
+    page.wait_for_function(image_shown("#ml-axial-view"))
 
     page.get_by_role("tab", name="Ask the scan").click()  # the second of the two main panels
     question = page.locator("#ml-ask-question textarea, #ml-ask-question input").first
@@ -198,10 +176,7 @@ def test_ask_a_question_about_the_scan(server, page, tmp_path):
     answer.get_by_text("Closed question (modality)").wait_for()
     assert question.input_value() == "What is the imaging modality?"
 
-    shot = tmp_path / "ask_panel.png"
-    page.locator("#ml-ask").screenshot(path=str(shot))
-    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
-        shutil.copy(shot, Path(os.environ["MEDLENS_SCREENSHOT_DIR"]) / shot.name)
+    save_screenshot(page.locator("#ml-ask"), tmp_path / "ask_panel.png")
     assert "Traceback" not in page.locator("body").inner_text()
     assert not errors, errors
     assert [p for p in cache.rglob("*") if p.is_file()] == []
@@ -211,20 +186,13 @@ def test_workstation_screen_shows_views_and_labels_before_metadata(server, page,
     """At 1,366x768 (a common hospital workstation) the views and the label result come first; metadata is collapsed."""
     url, cache = server
     archive, _kind = ct_zip(tmp_path / "data", SHARED_DATA if SHARED_DATA.is_dir() else None)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    errors = collect_page_errors(page)
     page.set_viewport_size({"width": 1366, "height": 768})
-    page.goto(url)
-    page.wait_for_selector("#ml-files input[type=file]", state="attached")
-    page.set_input_files("#ml-files input[type=file]", str(archive))
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
-    )
+    open_and_upload(page, url, archive)
+    page.wait_for_function(THREE_VIEWS_SHOWN)
     page.locator("#ml-lp-run").click()
     page.locator("#ml-lp-bar .js-plotly-plot").wait_for()
-    page.wait_for_function(
-        "() => { const i = document.querySelector('#ml-model-view img.ml-img'); return i && i.complete && i.naturalWidth > 0; }"
-    )
+    page.wait_for_function(image_shown("#ml-model-view"))
     assert "sees" in page.locator("#ml-model-view").inner_text()  # what the model received: resolution, crop, window
     page.evaluate("() => window.scrollTo(0, 0)")
 
@@ -242,11 +210,6 @@ def test_workstation_screen_shows_views_and_labels_before_metadata(server, page,
     # (collapsed) metadata is not above it in the same column
     assert labels["top"] < 768, f"label result starts at {labels['top']:.0f} px"
     assert metadata["left"] < labels["left"] or metadata["top"] > labels["top"]
-    shot = tmp_path / "scan_tab_1366x768.png"
-    page.screenshot(path=str(shot))  # the first screen only, as the user sees it
-    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
-        out = Path(os.environ["MEDLENS_SCREENSHOT_DIR"])
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, out / shot.name)
+    shot = save_screenshot(page, tmp_path / "scan_tab_1366x768.png")  # the first screen only, as the user sees it
     assert shot.stat().st_size > 10_000
     assert not errors, errors

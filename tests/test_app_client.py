@@ -19,32 +19,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import running_app  # noqa: E402
+from _app import LIBRARY_API, plain_value, running_app  # noqa: E402
 from _series import ct_zip, decode_data_url_png, synthetic_ct_series, zip_files  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
 
-# order of outputs of /load_files (app.scan_tab.SERIES_OUTPUTS without the State, plus the File)
-OUT = {
-    name: i
-    for i, name in enumerate(
-        (
-            "series",
-            "volume",
-            "preset",
-            "center",
-            "width",
-            "axial_slider",
-            "coronal_slider",
-            "sagittal_slider",
-            "axial_view",
-            "coronal_view",
-            "sagittal_view",
-            "metadata",
-            "warnings",
-            "files",
-        )
-    )
-}
+# position of each output of /load_files in the API's answer; filled in by `server` (_load_files_positions)
+OUT: dict[str, int] = {}
 EXPECTED_API = {
     "/load_files",
     "/load_folder",
@@ -72,14 +52,7 @@ EXPECTED_API = {
     "/ask_evidence",
     "/ask_goto_slice",
     # library tab (app/library_tab.py; tested in test_app_library.py)
-    "/library_search",
-    "/library_open",
-    "/library_select",
-    "/library_add",
-    "/library_tag_positive",
-    "/library_tag_negative",
-    "/library_teach",
-    "/library_refresh",
+    *LIBRARY_API,
     # sharing a library scan (issue 16; tested in test_app_auth.py)
     "/library_share",
     "/library_unshare",
@@ -98,7 +71,18 @@ def server(tmp_path_factory):
     """(url, cache_dir, demo): the app on a free localhost port with a private Gradio cache."""
     cache = tmp_path_factory.mktemp("gradio_cache")
     with running_app(cache) as (url, demo):
+        OUT.update(_load_files_positions())
         yield url, cache, demo
+
+
+def _load_files_positions() -> dict[str, int]:
+    """app.scan_tab's order of load_files' outputs (SERIES_OUTPUTS, then the File) less the State and the layout
+    blocks (a column or row only shown or hidden), which Gradio's API leaves out. Imported once the app runs:
+    importing app reads GRADIO_TEMP_DIR, which must be the test's private cache by then."""
+    from app.scan_tab import SERIES_OUTPUTS
+
+    sent = [name for name in (*SERIES_OUTPUTS, "files") if name != "state" and not name.endswith(("_column", "_row"))]
+    return {name: i for i, name in enumerate(sent)}
 
 
 @pytest.fixture
@@ -112,12 +96,8 @@ def _cache_files(cache: Path) -> list[Path]:
     return [p for p in cache.rglob("*") if p.is_file()]
 
 
-def _value(update):
-    return update["value"] if isinstance(update, dict) and "__type__" in update else update
-
-
 def _image(update) -> np.ndarray:
-    return decode_data_url_png(_value(update))
+    return decode_data_url_png(plain_value(update))
 
 
 def test_every_event_has_an_explicit_api_name(server, client):

@@ -19,17 +19,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _app import LIBRARY_API, plain_value  # noqa: E402
 
-LIBRARY_API = {
-    "/library_search",
-    "/library_open",
-    "/library_select",
-    "/library_add",
-    "/library_tag_positive",
-    "/library_tag_negative",
-    "/library_teach",
-    "/library_refresh",
-}
 CAPTION = re.compile(r"^(⚠ out of distribution · )?-?\d+\.\d{4} · [A-Z]+ · #\d+$")
 
 
@@ -72,10 +63,6 @@ def _search(client, tiny, query="a chest radiograph", like=False, modality="any"
         query, like, series, tiny, modality, body_part, label, k, api_name="/library_search"
     )
     return gallery, hits, status
-
-
-def _value(update):
-    return update["value"] if isinstance(update, dict) and "__type__" in update else update
 
 
 def _choices(update) -> list[str]:
@@ -153,7 +140,7 @@ def test_add_search_filter_and_open(server, client, tiny, tmp_path, library):
     metadata = next(v for v in out if isinstance(v, dict) and "series" in v)
     assert metadata["series"]["modality"] == "CT" and metadata["series"]["shape"] == [128, 128]
     assert any(isinstance(v, str) and f"Opened scan #{ct_id}" in v for v in out)
-    assert any(isinstance(_value(v), str) and "data:image/png;base64," in _value(v) for v in out)  # a view
+    assert any(isinstance(plain_value(v), str) and "data:image/png;base64," in plain_value(v) for v in out)  # a view
     # its source gone: a clear message
     gone = next(h["scan_id"] for h in hits if h["modality"] == "OTHER")
     from engine.library import connect, get_scan

@@ -13,7 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _app import running_app  # noqa: E402
+from _app import plain_value, running_app  # noqa: E402
 from _orthanc import PHI, PHI_STRINGS, running_orthanc, synthetic_datasets, with_phi  # noqa: E402
 
 PACS_API = {"/pacs_status", "/pacs_status_on_open", "/pacs_search", "/pacs_select_row", "/pacs_open", "/pacs_send"}
@@ -47,10 +47,6 @@ def client(app_server):
     return Client(app_server[0], verbose=False, download_files=False)
 
 
-def _value(update):
-    return update["value"] if isinstance(update, dict) and "__type__" in update else update
-
-
 def test_pacs_endpoints_are_named(client):
     api = client.view_api(return_format="dict", print_info=False)
     assert PACS_API <= set(api["named_endpoints"])
@@ -68,7 +64,7 @@ def test_status_names_the_server_and_never_the_password(client, pacs):
 def test_search_open_label_and_send_back(client, pacs, app_server, tiny):
     server, datasets = pacs
     table, pick, status = client.predict(PHI["PatientID"], "", "", "CT", api_name="/pacs_search")
-    rows = _value(table)["data"]
+    rows = plain_value(table)["data"]
     assert len(rows) == 1 and rows[0][1] == PHI["PatientID"] and rows[0][4] == "CT"  # what the PACS returns to this user
     assert "1 study" in status
     outputs = client.predict(0, api_name="/pacs_open")

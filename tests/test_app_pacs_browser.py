@@ -8,7 +8,6 @@ Skips without chromium (MEDLENS_REQUIRE_BROWSER=1 makes that a failure) or witho
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _app import running_app  # noqa: E402
 from _orthanc import PHI, PHI_STRINGS, running_orthanc, synthetic_datasets, with_phi  # noqa: E402
-from _browser import require_browser  # noqa: E402
+from _browser import THREE_VIEWS_SHOWN, collect_page_errors, require_browser, save_screenshot  # noqa: E402
 
 pytestmark = pytest.mark.browser
 N_SLICES = 6
@@ -44,8 +43,7 @@ def server(tmp_path_factory):
 
 def test_search_the_pacs_and_open_a_series_in_the_viewer(server, page, tmp_path):
     url, cache, pacs = server
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    errors = collect_page_errors(page)
     page.goto(url)
     page.get_by_role("tab", name="PACS").click()
     status = page.locator("#ml-pacs-status")
@@ -61,9 +59,7 @@ def test_search_the_pacs_and_open_a_series_in_the_viewer(server, page, tmp_path)
     page.locator("#ml-pacs-tab").screenshot(path=str(tmp_path / "pacs_tab.png"))
 
     page.locator("#ml-pacs-open").click()
-    page.wait_for_function(
-        "() => [...document.querySelectorAll('.ml-view img.ml-img')].filter(i => i.complete && i.naturalWidth > 0).length === 3"
-    )
+    page.wait_for_function(THREE_VIEWS_SHOWN)
     assert page.get_by_role("tab", name="Scan", exact=True).get_attribute("aria-selected") == "true"
     assert f"/{N_SLICES}" in page.locator("#ml-axial-view").inner_text()
     page.locator("#ml-metadata-box").get_by_text("Scan information").first.click()  # collapsed by default
@@ -71,12 +67,7 @@ def test_search_the_pacs_and_open_a_series_in_the_viewer(server, page, tmp_path)
     metadata = page.locator("#ml-metadata").inner_text()
     assert "dicom-series" in metadata and not [s for s in PHI_STRINGS if s in metadata]
 
-    shot = tmp_path / "pacs_open.png"
-    page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("MEDLENS_SCREENSHOT_DIR"):
-        out = Path(os.environ["MEDLENS_SCREENSHOT_DIR"])
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, out / shot.name)
+    save_screenshot(page, tmp_path / "pacs_open.png", full_page=True)
     assert "Traceback" not in page.locator("body").inner_text()
     assert not errors, errors
     assert [p for p in cache.rglob("*") if p.is_file()] == []  # nothing from the PACS was written into Gradio's cache

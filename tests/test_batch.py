@@ -16,10 +16,10 @@ import pytest
 
 from engine.batch import all_rows, plan_units
 from engine.batch.worker import failure_reason
-from engine.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _batch import assert_each_unit_once, canonical, png_tree, real_tree  # noqa: E402
+from _cli import run_cli  # noqa: E402
 from _models import tiny_clip_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +55,7 @@ def _isolated_env(monkeypatch, tmp_path):
 
 
 def run(capsys, *argv):
-    code = main(["batch", *[str(a) for a in argv]])
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, "batch", *argv)
     assert "Traceback" not in err
     return code, out, err
 

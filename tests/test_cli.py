@@ -13,20 +13,14 @@ import numpy as np
 import pydicom
 import pytest
 
-from engine.cli import main
+from _cli import run_cli
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
 
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_info_json_is_one_object_per_series(capsys, tmp_path):
-    code, out, err = run(capsys, "info", "--json", str(PYDICOM_FILES / "CT_small.dcm"), str(NIBABEL_DATA / "example4d.nii.gz"))
+    code, out, err = run_cli(capsys, "info", "--json", str(PYDICOM_FILES / "CT_small.dcm"), str(NIBABEL_DATA / "example4d.nii.gz"))
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 2
@@ -36,20 +30,20 @@ def test_info_json_is_one_object_per_series(capsys, tmp_path):
 
 
 def test_info_text_names_the_essentials(capsys):
-    code, out, _ = run(capsys, "info", str(NIBABEL_DATA / "example4d.nii.gz"))
+    code, out, _ = run_cli(capsys, "info", str(NIBABEL_DATA / "example4d.nii.gz"))
     assert code == 0 and "orientation  RAS" in out and "spacing (mm)" in out and "1 series found" in out
 
 
 def test_convert_writes_ras_nifti_matching_the_input(capsys, tmp_path):
     out_path = tmp_path / "out.nii.gz"
-    code, out, err = run(capsys, "convert", str(NIBABEL_DATA / "example4d.nii.gz"), "-o", str(out_path))
+    code, out, err = run_cli(capsys, "convert", str(NIBABEL_DATA / "example4d.nii.gz"), "-o", str(out_path))
     assert code == 0, err
     written = nib.load(out_path)
     reference = nib.as_closest_canonical(nib.load(NIBABEL_DATA / "example4d.nii.gz"))
     assert nib.aff2axcodes(written.affine) == ("R", "A", "S")
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(reference.dataobj, dtype=np.float32))
-    code, _, _ = run(capsys, "convert", str(NIBABEL_DATA / "example4d.nii.gz"), "--volume", "1", "-o", str(tmp_path / "v1.nii"))
+    code, _, _ = run_cli(capsys, "convert", str(NIBABEL_DATA / "example4d.nii.gz"), "--volume", "1", "-o", str(tmp_path / "v1.nii"))
     assert code == 0 and nib.load(tmp_path / "v1.nii").shape == reference.shape[:3]
 
 
@@ -65,7 +59,7 @@ def test_convert_writes_ras_nifti_matching_the_input(capsys, tmp_path):
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("medlens: ") and needle in lines[0]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from engine.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import run_cli  # noqa: E402
 from _ask import tiny_ask_folder  # noqa: E402
 from _series import synthetic_ct_series, zip_files  # noqa: E402
 
@@ -42,12 +42,6 @@ def _no_env_model(monkeypatch):
     monkeypatch.delenv("MEDLENS_ASK_MODEL", raising=False)
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def rows(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 
@@ -62,7 +56,7 @@ def test_json_one_object_per_question_one_model_load_one_encoding(capsys, tiny, 
     catalog.clear_cache()  # a fresh process' cache
     monkeypatch.setattr(ask_model, "load_ask_folder", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     monkeypatch.setattr(ask_model.AskModel, "encoder_tokens", lambda self, scan: encodings.append(1) or real_tokens(self, scan))
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "ask", ct_zip, CLOSED, "--question", MODALITY, "--question", "Which organs are in view?", "--model", tiny, "--json"
     )
     assert code == 0, err
@@ -89,7 +83,7 @@ def test_json_one_object_per_question_one_model_load_one_encoding(capsys, tiny, 
 def test_bad_path_and_good_paths_in_one_call(capsys, tiny, ct_zip, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not a scan\n")
-    code, out, err = run(capsys, "ask", ct_zip, bad, "/no/such/scan.dcm", CT_SMALL, CLOSED, "--model", tiny, "--json")
+    code, out, err = run_cli(capsys, "ask", ct_zip, bad, "/no/such/scan.dcm", CT_SMALL, CLOSED, "--model", tiny, "--json")
     assert code == 2  # something failed
     got = rows(out)
     assert [r["path"] for r in got] == [ct_zip, str(bad), "/no/such/scan.dcm", CT_SMALL]  # input order kept
@@ -100,7 +94,7 @@ def test_bad_path_and_good_paths_in_one_call(capsys, tiny, ct_zip, tmp_path):
 
 
 def test_all_bad_paths_exit_2_with_one_stderr_line(capsys, tiny):
-    code, out, err = run(capsys, "ask", "/no/such/a.dcm", "/no/such/b.nii", CLOSED, "--model", tiny, "--json")
+    code, out, err = run_cli(capsys, "ask", "/no/such/a.dcm", "/no/such/b.nii", CLOSED, "--model", tiny, "--json")
     assert code == 2
     assert all(set(r) == {"path", "error"} for r in rows(out)) and len(rows(out)) == 2
     assert len(err.strip().splitlines()) == 1 and "no question could be answered" in err
@@ -114,14 +108,14 @@ def test_empty_and_too_long_questions_are_one_line_errors_before_any_load(capsys
     import engine.ask.api as api
 
     monkeypatch.setattr(api, "resolve_ask_model", lambda *a: pytest.fail("no model is loaded for a question that cannot be asked"))
-    code, out, err = run(capsys, "ask", ct_zip, question, "--json")
+    code, out, err = run_cli(capsys, "ask", ct_zip, question, "--json")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
     assert len(err) < 400  # the 10,000 characters are not echoed back
 
 
 def test_a_bad_question_among_good_ones(capsys, tiny, ct_zip):
-    code, out, err = run(capsys, "ask", ct_zip, CLOSED, "--question", "", "--question", "y" * 10_000, "--model", tiny, "--json")
+    code, out, err = run_cli(capsys, "ask", ct_zip, CLOSED, "--question", "", "--question", "y" * 10_000, "--model", tiny, "--json")
     assert code == 2
     good, empty, long = rows(out)
     assert good["answer"] in ("yes", "no")
@@ -131,7 +125,7 @@ def test_a_bad_question_among_good_ones(capsys, tiny, ct_zip):
 
 def test_non_english_questions_get_an_open_answer(capsys, tiny, ct_zip):
     questions = ["¿Se ve el hígado en esta imagen?", "这张图片里能看到肝脏吗？"]
-    code, out, err = run(capsys, "ask", ct_zip, questions[0], "--question", questions[1], "--model", tiny, "--json")
+    code, out, err = run_cli(capsys, "ask", ct_zip, questions[0], "--question", questions[1], "--model", tiny, "--json")
     assert code == 0, err
     got = rows(out)
     assert [r["question"] for r in got] == questions
@@ -142,17 +136,17 @@ def test_non_english_questions_get_an_open_answer(capsys, tiny, ct_zip):
 
 
 def test_2d_image_to_a_3d_only_model_is_a_path_error(capsys, tiny_3d_only, ct_zip):
-    code, out, err = run(capsys, "ask", CT_SMALL, ct_zip, CLOSED, "--question", MODALITY, "--model", tiny_3d_only, "--json")
+    code, out, err = run_cli(capsys, "ask", CT_SMALL, ct_zip, CLOSED, "--question", MODALITY, "--model", tiny_3d_only, "--json")
     assert code == 2
     got = rows(out)
     assert got[0] == {"path": CT_SMALL, "error": got[0]["error"]} and "3D volumes only" in got[0]["error"]
     assert [r["question"] for r in got[1:]] == [CLOSED, MODALITY]  # the volume is still answered
-    code, out, err = run(capsys, "ask", CT_SMALL, CLOSED, "--model", tiny_3d_only)
+    code, out, err = run_cli(capsys, "ask", CT_SMALL, CLOSED, "--model", tiny_3d_only)
     assert code == 2 and "3D volumes only" in err and "Traceback" not in err
 
 
 def test_plain_output_is_readable(capsys, tiny, ct_zip):
-    code, out, err = run(capsys, "ask", ct_zip, CLOSED, "--question", "Which organs are in view?", "--model", tiny)
+    code, out, err = run_cli(capsys, "ask", ct_zip, CLOSED, "--question", "Which organs are in view?", "--model", tiny)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"{ct_zip}: CT volume 6x128x128") and "model local-dir:" in lines[0]
@@ -170,10 +164,10 @@ def test_folder_and_4d_nifti(capsys, tiny, tmp_path):
     folder = tmp_path / "series"
     synthetic_ct_series(folder, n_slices=4, marker=False)
     nifti = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
-    code, out, err = run(capsys, "ask", folder, nifti, MODALITY, "--model", tiny, "--json")
+    code, out, err = run_cli(capsys, "ask", folder, nifti, MODALITY, "--model", tiny, "--json")
     assert code == 0, err
     assert [r["path"] for r in rows(out)] == [str(folder), str(nifti)]
-    code, out, err = run(capsys, "ask", nifti, MODALITY, "--model", tiny)
+    code, out, err = run_cli(capsys, "ask", nifti, MODALITY, "--model", tiny)
     assert code == 0 and "series of 2 volumes (the first is asked about)" in out
 
 
@@ -188,7 +182,7 @@ def test_folder_and_4d_nifti(capsys, tiny, tmp_path):
 )
 def test_model_problems_are_one_line(capsys, installed_models, ct_zip, model, needle):
     installed_models({})
-    code, out, err = run(capsys, "ask", ct_zip, CLOSED, *(["--model", model] if model else []), "--json")
+    code, out, err = run_cli(capsys, "ask", ct_zip, CLOSED, *(["--model", model] if model else []), "--json")
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
     if model is None:
@@ -197,26 +191,26 @@ def test_model_problems_are_one_line(capsys, installed_models, ct_zip, model, ne
 
 def test_env_model_is_the_default(capsys, monkeypatch, tiny, ct_zip):
     monkeypatch.setenv("MEDLENS_ASK_MODEL", tiny)
-    code, out, err = run(capsys, "ask", ct_zip, CLOSED, "--json")
+    code, out, err = run_cli(capsys, "ask", ct_zip, CLOSED, "--json")
     assert code == 0, err
     assert rows(out)[0]["answer"] in ("yes", "no")
 
 
 def test_missing_question_is_a_usage_error(capsys, ct_zip):
-    code, out, err = run(capsys, "ask", ct_zip)
+    code, out, err = run_cli(capsys, "ask", ct_zip)
     assert code == 2 and "QUESTION" in err and len(err.strip().splitlines()) == 1
 
 
 def test_models_lists_question_answering_models(capsys, installed_models, tiny):
     installed_models({})
-    code, out, _ = run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "question answering" in out and "'medlens-qformer' is not installed" in out
     folder = Path(tiny.split(":", 1)[1])
     root = installed_models({"medlens-qformer": folder})
     folder = root / "models" / "medlens-qformer"
-    code, out, _ = run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert "medlens-qformer (default)" in out and str(folder) in out
-    code, out, _ = run(capsys, "models", "--json")
+    code, out, _ = run_cli(capsys, "models", "--json")
     by_name = {r["name"]: r for r in rows(out)}
     qformer = by_name["medlens-qformer"]
     assert qformer["task"] == "ask" and qformer["default"] is True and qformer["where"] == str(folder)

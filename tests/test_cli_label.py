@@ -10,9 +10,9 @@ import nibabel as nib
 import pydicom
 import pytest
 
-from engine.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import run_cli  # noqa: E402
 from _models import tiny_clip_folder  # noqa: E402
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -32,16 +32,10 @@ def _no_env_model(monkeypatch):
     monkeypatch.delenv("MEDLENS_MODEL", raising=False)
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_label_json_lines_one_per_path_and_bad_paths_go_on(capsys, tiny, tmp_path):
     bad = tmp_path / "notes.txt"
     bad.write_text("not a scan\n")
-    code, out, err = run(capsys, "label", CT_SMALL, bad, NIFTI, "--labels", "liver", "lung", "brain tissue", "--model", tiny, "--json")
+    code, out, err = run_cli(capsys, "label", CT_SMALL, bad, NIFTI, "--labels", "liver", "lung", "brain tissue", "--model", tiny, "--json")
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in rows] == [CT_SMALL, str(bad), NIFTI]  # input order kept
@@ -62,15 +56,15 @@ def test_label_json_lines_one_per_path_and_bad_paths_go_on(capsys, tiny, tmp_pat
 
 def test_label_is_deterministic_and_text_output_is_readable(capsys, tiny):
     argv = ("label", CT_SMALL, "--labels", "liver", "lung", "--model", tiny, "--json")
-    first = run(capsys, *argv)[1]
-    assert first == run(capsys, *argv)[1]
-    code, out, err = run(capsys, "label", NIFTI, "--labels", "liver", "lung", "--model", tiny, "--aggregate", "max", "--slices", "3")
+    first = run_cli(capsys, *argv)[1]
+    assert first == run_cli(capsys, *argv)[1]
+    code, out, err = run_cli(capsys, "label", NIFTI, "--labels", "liver", "lung", "--model", tiny, "--aggregate", "max", "--slices", "3")
     assert code == 0, err
     assert "max over slices" in out and "%" in out and "cosine" in out
 
 
 def test_label_per_slice_and_present_absent(capsys, tiny):
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "label", NIFTI, "--labels", "edema", "--mode", "present-absent", "--model", tiny, "--json", "--per-slice", "--slices", "4"
     )
     assert code == 0, err
@@ -80,7 +74,7 @@ def test_label_per_slice_and_present_absent(capsys, tiny):
 
 
 def test_all_bad_paths_exit_2(capsys, tiny):
-    code, out, err = run(capsys, "label", "/no/such/a.dcm", "/no/such/b.nii", "--labels", "a", "b", "--model", tiny, "--json")
+    code, out, err = run_cli(capsys, "label", "/no/such/a.dcm", "/no/such/b.nii", "--labels", "a", "b", "--model", tiny, "--json")
     assert code == 2
     rows = [json.loads(line) for line in out.splitlines()]
     assert len(rows) == 2 and all(set(r) == {"path", "error"} for r in rows)
@@ -99,23 +93,23 @@ def test_all_bad_paths_exit_2(capsys, tiny):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, needle):
-    code, out, err = run(capsys, "label", CT_SMALL, *argv)
+    code, out, err = run_cli(capsys, "label", CT_SMALL, *argv)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
 def test_without_model_and_no_default_installed(capsys, installed_models):
     installed_models({})
-    code, out, err = run(capsys, "label", CT_SMALL, "--labels", "a", "b")
+    code, out, err = run_cli(capsys, "label", CT_SMALL, "--labels", "a", "b")
     assert code == 2
     assert "no default model installed" in err and "--model" in err
 
 
 def test_models_lists_entries(capsys):
-    code, out, err = run(capsys, "models")
+    code, out, err = run_cli(capsys, "models")
     assert code == 0
     assert "biomedclip" in out and "unimed-clip-b16" in out and "local-dir:" in out
-    code, out, _ = run(capsys, "models", "--json")
+    code, out, _ = run_cli(capsys, "models", "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert {"biomedclip", "unimed-clip-b16"} <= {r["name"] for r in rows}
     assert all({"name", "source", "where", "available_offline", "default"} <= set(r) for r in rows)
@@ -126,7 +120,7 @@ def test_models_lists_a_shipped_checkpoint(capsys, installed_models, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"format": "medlens-clip/1", "licence": "Apache-2.0", "note": "test"}))
     installed_models({"medlens-clip": folder})
-    code, out, _ = run(capsys, "models", "--json")
+    code, out, _ = run_cli(capsys, "models", "--json")
     rows = {r["name"]: r for r in map(json.loads, out.splitlines())}
     assert rows["medlens-clip"]["default"] is True and rows["medlens-clip"]["available_offline"] is True
 
@@ -135,14 +129,14 @@ def test_models_lists_a_shipped_checkpoint(capsys, installed_models, tmp_path):
 def test_label_real_files(capsys, tiny, shared_data):
     xray = sorted((shared_data / "xray" / "nih_cxr14_1000" / "images").glob("*.png"))[0]
     series = shared_data / "volumes" / "totalsegmentator" / "ct_dicom_series"
-    code, out, err = run(
+    code, out, err = run_cli(
         capsys, "label", xray, "--labels", "normal", "pneumonia", "cardiomegaly", "--modality", "xray", "--model", tiny, "--json"
     )
     assert code == 0, err
     row = json.loads(out)
     assert row["prompt_set"] == "xray" and row["aggregation"] is None
     assert sum(x["probability"] for x in row["labels"]) == pytest.approx(1.0, abs=1e-5)
-    code, out, err = run(capsys, "label", series, "--model", tiny, "--json", "--per-slice")
+    code, out, err = run_cli(capsys, "label", series, "--model", tiny, "--json", "--per-slice")
     assert code == 0, err
     row = json.loads(out)
     assert row["modality"] == "CT" and row["prompt_set"] == "ct" and row["aggregation"] == "mean"

@@ -35,6 +35,8 @@ from engine.models.cpu import CpuProfile, cpu_profile, parse_cpuinfo
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the parity check runs on the images and labels the speed benchmark measures
+from clip_throughput import LABELS, PICKS  # noqa: E402
 
 TAU = 0.01  # score gap (cosine units; 1 logit at CLIP's scale 100) above which order must be kept
 
@@ -473,14 +475,8 @@ def test_openvino_keeps_the_stem_convolution_out_of_bf16(tmp_path):
 def real_images(shared: Path) -> tuple[list[np.ndarray], list[str]]:
     from PIL import Image
 
-    picks = [
-        ("xray/nih_cxr14_1000/images", "*.png"),
-        ("ultrasound/busi/images", "*/*.png"),
-        ("pathology/lc25000_lung/images", "*.jpeg"),
-        ("dermatology/ham10000/images", "*.jpg"),
-    ]
     images, names = [], []
-    for folder, pattern in picks:
+    for folder, pattern in PICKS:
         files = sorted((shared / folder).glob(pattern))
         files = [f for f in files if "mask" not in f.name][:2]
         if len(files) < 2:
@@ -489,18 +485,6 @@ def real_images(shared: Path) -> tuple[list[np.ndarray], list[str]]:
             images.append(np.asarray(Image.open(f).convert("RGB")))
             names.append(f"{folder.split('/')[0]}/{f.name}")
     return images, names
-
-
-LABELS = [
-    "pneumonia",
-    "a normal chest x-ray",
-    "a benign breast mass on ultrasound",
-    "a malignant breast tumour",
-    "lung adenocarcinoma",
-    "benign lung tissue",
-    "melanoma",
-    "a melanocytic nevus",
-]
 
 
 @pytest.fixture(scope="module")

@@ -149,12 +149,16 @@ def _copy(base: ClipModel, visual: nn.Module | None = None) -> ClipModel:
     return wrap(torch_model, VIT_CFG, {}, text_dir, name="tiny", revision="test")
 
 
-@pytest.fixture(scope="module")
-def vit(base, text) -> ClipModel:
-    model = _copy(base)
-    with_square, without = fine_tune(model, text, steps=60)
+def _taught(model: ClipModel, text: np.ndarray, steps: int) -> ClipModel:
+    """`model` fine-tuned until its image tower tells a square from none (checked)."""
+    with_square, without = fine_tune(model, text, steps=steps)
     assert with_square > 0.8 and without < 0.2, (with_square, without)
     return model
+
+
+@pytest.fixture(scope="module")
+def vit(base, text) -> ClipModel:
+    return _taught(_copy(base), text, steps=60)
 
 
 def _untrained_cnn(base: ClipModel) -> ClipModel:
@@ -164,10 +168,7 @@ def _untrained_cnn(base: ClipModel) -> ClipModel:
 
 @pytest.fixture(scope="module")
 def cnn(base, text) -> ClipModel:
-    model = _untrained_cnn(base)
-    with_square, without = fine_tune(model, text, steps=80)
-    assert with_square > 0.8 and without < 0.2, (with_square, without)
-    return model
+    return _taught(_untrained_cnn(base), text, steps=80)
 
 
 # --------------------------------------------------------------------------- acceptance

@@ -11,9 +11,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from engine.cli import main
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cli import run_cli  # noqa: E402
 from _models import tiny_clip_folder  # noqa: E402
 
 CT_SMALL = pydicom.data.get_testdata_file("CT_small.dcm")
@@ -49,8 +48,7 @@ def pngs(tmp_path) -> Path:
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, *argv)
     assert "Traceback" not in err
     return code, out, err
 

@@ -8,8 +8,9 @@ import torch
 
 from engine.models.volume_prep import VolumePrep
 from training.organ_probe import run_probe
-from training.qa_data import QARow
 from training.qformer_cache import CachedTokens, TokenCache, row_key
+
+from _rows import volume_qa_row
 
 
 def _rows_and_cache(tmp_path, informative: bool):
@@ -19,17 +20,16 @@ def _rows_and_cache(tmp_path, informative: bool):
     for subject, split, n in (("b", "train", 40), ("a", "test", 30)):
         for i in range(n):
             liver = bool(rng.random() < 0.5)
-            row = QARow(
-                id=f"ct_organs_3d/{subject}/crop{i:03d}",
-                dataset="ct_organs_3d",
-                split=split,
-                subject=subject,
-                modality="ct",
-                kind="volume",
-                path=f"{subject}.nii.gz",
-                crop={"z": [0, 4 + i], "y": [0, 8], "x": [0, 8]},
-                zoom=1.0,
-                extra={"organ_status": {"liver": "yes" if liver else "no", "brain": "no", "spleen": "ambiguous"}},
+            status = {"liver": "yes" if liver else "no", "brain": "no", "spleen": "ambiguous"}
+            crop = {"z": [0, 4 + i], "y": [0, 8], "x": [0, 8]}
+            row = volume_qa_row(
+                f"ct_organs_3d/{subject}/crop{i:03d}",
+                "ct_organs_3d",
+                subject,
+                f"{subject}.nii.gz",
+                crop,
+                split,
+                extra={"organ_status": status},
             )
             tokens = torch.tensor(rng.normal(size=(6, 16)), dtype=torch.float16)
             if informative and liver:

@@ -26,6 +26,8 @@ from training.qa_data import (
 from training.recipes import qa as recipe
 from training.tasks import REFERABLE, TASKS
 
+from _rows import image_qa_row, qa_item, volume_qa_row
+
 
 def _rotated_affine(spacing_zyx=(2.0, 0.8, 0.7), origin=(-100.0, 50.0, 20.0), angle=0.1) -> np.ndarray:
     c, s = np.cos(angle), np.sin(angle)
@@ -91,11 +93,7 @@ def _write_nifti(path: Path, data_zyx: np.ndarray, affine: np.ndarray) -> Path:
 
 
 def _volume_row(path: str, box: dict, **kw) -> QARow:
-    base = dict(
-        id="v/s/crop001", dataset="ct_organs_3d", split="train", subject="s", modality="ct", kind="volume", path=path, crop=box, zoom=1.0
-    )
-    base.update(kw)
-    return QARow(**base)
+    return volume_qa_row(**{"id": "v/s/crop001", "dataset": "ct_organs_3d", "subject": "s", "path": path, "crop": box, **kw})
 
 
 def test_load_volume_crop_from_nifti(tmp_path):
@@ -239,28 +237,11 @@ def test_qarow_round_trip_and_validation(tmp_path):
     row = _volume_row(
         "vol.nii.gz",
         {"z": [0, 4], "y": [0, 4], "x": [0, 4]},
-        qa=[
-            {
-                "question": "Is the liver visible?",
-                "answer": "yes",
-                "family": "organ_presence",
-                "closed": True,
-                "candidates": ["yes", "no"],
-                "slots": {"organ": "liver"},
-            }
-        ],
+        qa=[qa_item("Is the liver visible?", "yes", "organ_presence", ["yes", "no"], slots={"organ": "liver"})],
     )
     assert QARow.from_dict(json.loads(row.to_json())) == row
-    image = QARow(
-        id="busi/1",
-        dataset="busi",
-        split="test",
-        subject="b1",
-        modality="us",
-        kind="image",
-        path="a.png",
-        image_row=json.loads(_row(dataset="busi", modality="us", path="a.png").to_json()),
-    )
+    image_row = json.loads(_row(dataset="busi", modality="us", path="a.png").to_json())
+    image = image_qa_row("busi/1", "busi", "b1", "us", "a.png", split="test", image_row=image_row)
     assert image.manifest_row().dataset == "busi"
     write_qa_manifest([row, image], tmp_path / "m.jsonl")
     assert [r.id for r in read_qa_manifest(tmp_path / "m.jsonl", kinds=["image"])] == ["busi/1"]
@@ -284,21 +265,12 @@ def test_qarow_round_trip_and_validation(tmp_path):
 
 def test_subjects_never_straddle_splits():
     vol = _volume_row("v.nii.gz", {"z": [0, 2], "y": [0, 2], "x": [0, 2]}, subject="ts-mr-a", split="train", dataset="mr_organs_3d")
-    img = QARow(
-        id="mr_organs/ts-mr-a/axial/001",
-        dataset="mr_organs",
-        split="test",
-        subject="ts-mr-a",
-        modality="mr",
-        kind="image",
-        path="v.nii.gz",
-        image_row={},
-    )
+    img = image_qa_row("mr_organs/ts-mr-a/axial/001", "mr_organs", "ts-mr-a", "mr", "v.nii.gz", split="test", image_row={})
     with pytest.raises(ValueError, match="ts-mr-a"):
         check_subject_disjoint([vol, img])
     # unrelated datasets may reuse a subject string (fundus patient "12", LC25000 group "12")
-    a = QARow(id="a", dataset="fundus_dr", split="train", subject="12", modality="fundus", kind="image", path="a", image_row={})
-    b = QARow(id="b", dataset="lc25000_lung", split="test", subject="12", modality="pathology", kind="image", path="b", image_row={})
+    a = image_qa_row("a", "fundus_dr", "12", "fundus", "a", image_row={})
+    b = image_qa_row("b", "lc25000_lung", "12", "pathology", "b", split="test", image_row={})
     check_subject_disjoint([a, b])
 
 

@@ -11,12 +11,11 @@ from engine.ask import prompting
 from engine.models.qformer import EncoderMemory, QFormer, QFormerConfig, bert_init_state, build_qformer
 from training.qformer_losses import Stage1Batch, itc_loss, stage1_losses
 
+from _ask import TINY_BERT
+
 TINY = dict(
+    **TINY_BERT,
     vocab_size=120,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
     cross_attention_frequency=1,
     encoder_hidden_size=24,
     num_query_tokens=6,
@@ -101,11 +100,7 @@ def test_bert_init_maps_every_layer_and_copies_the_text_ffn_to_the_queries():
     cfg = QFormerConfig(**TINY)
     from transformers import BertConfig, BertModel
 
-    bert = BertModel(
-        BertConfig(
-            vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=40
-        )
-    )
+    bert = BertModel(BertConfig(**TINY_BERT, vocab_size=120, max_position_embeddings=40))
     state = bert_init_state(bert.state_dict(), cfg)
     model = build_qformer(cfg, text_state=bert.state_dict())
     for key, value in state.items():

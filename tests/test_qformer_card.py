@@ -28,20 +28,22 @@ def _results(ours: float, clip: float) -> dict:
     }
 
 
-def test_card_states_each_aim_and_its_comparison():
-    config = {
-        "qformer": {
-            "num_query_tokens": 32,
-            "num_hidden_layers": 4,
-            "hidden_size": 384,
-            "cross_attention_frequency": 2,
-            "encoder_hidden_size": 2048,
-            "decoder_vocab": [1, 2],
-            "frozen": ["x"],
-        },
-        "volume_prep": {},
-        "image_size": 128,
+def _config(decoder_vocab: list[int], frozen: list[str], **more) -> dict:
+    """A checkpoint's config.json as the card reads it: the Q-Former's shape and inputs, plus `more`."""
+    qformer = {
+        "num_query_tokens": 32,
+        "num_hidden_layers": 4,
+        "hidden_size": 384,
+        "cross_attention_frequency": 2,
+        "encoder_hidden_size": 2048,
+        "decoder_vocab": decoder_vocab,
+        "frozen": frozen,
     }
+    return {"qformer": qformer, "volume_prep": {}, "image_size": 128, **more}
+
+
+def test_card_states_each_aim_and_its_comparison():
+    config = _config([1, 2], ["x"])
     text = card(config, _results(0.8, 0.7), command="python -m training.rebuild_qformer", minutes=30)
     assert "missed" in text and "0.700" in text and "not for diagnosis" in text
     assert "| busi | 3 | 0.800 | n/a | 0.700 | yes |" in text
@@ -57,44 +59,26 @@ def test_card_names_the_earlier_phase_a_checkpoint_continued_from(tmp_path):
     first = tmp_path / "first"
     first.mkdir()
     (first / "config.json").write_text(json.dumps({"training": {"steps": 500, "out": "x", "closed_weight": 0.0}, "step": 375}))
-    config = {
-        "qformer": {
-            "num_query_tokens": 32,
-            "num_hidden_layers": 4,
-            "hidden_size": 384,
-            "cross_attention_frequency": 2,
-            "encoder_hidden_size": 2048,
-            "decoder_vocab": [1],
-            "frozen": [],
-        },
-        "volume_prep": {},
-        "image_size": 128,
-        "training": {"steps": 650, "closed_weight": 1.0, "init": str(first)},
-        "init_from": init_provenance(json.loads((first / "config.json").read_text())),
-    }
+    config = _config(
+        [1],
+        [],
+        training={"steps": 650, "closed_weight": 1.0, "init": str(first)},
+        init_from=init_provenance(json.loads((first / "config.json").read_text())),
+    )
     text = card(config, _results(0.8, 0.7), command="c", minutes=None)
     assert 'Continued from the step-375 checkpoint of an earlier phase, trained with: `{"steps": 500, "closed_weight": 0.0}`' in text
 
 
 def test_card_reports_calibration_and_ood_with_their_aims():
-    config = {
-        "qformer": {
-            "num_query_tokens": 32,
-            "num_hidden_layers": 4,
-            "hidden_size": 384,
-            "cross_attention_frequency": 2,
-            "encoder_hidden_size": 2048,
-            "decoder_vocab": [1],
-            "frozen": [],
-        },
-        "volume_prep": {},
-        "image_size": 128,
-        "trust": {
+    config = _config(
+        [1],
+        [],
+        trust={
             "closed": {"metrics": {"val": {"all": {"n": 50, "ece_before": 0.2, "ece_after": 0.03}}}},
             "fitted_on": "val split",
             "ood": {"k": 10, "quantile": 0.99, "embedding": "mean_query_output", "threshold": 0.25, "n_reference": 7},
         },
-    }
+    )
     results = _results(0.8, 0.7)
     results["3d"]["organ_auc"]["qformer_yes"]["ci95"] = [0.5, 0.6]
     table = [{"low": 0.9, "high": 1.0, "count": 4, "confidence": 0.95, "accuracy": 0.75}]

@@ -18,6 +18,7 @@ from training import tasks as T
 from training.manifest import PixelLoader, Row, write_manifest
 
 from _models import tiny_clip_folder
+from _rows import manifest_row
 
 LIVER, SPLEEN = 5, 1  # TotalSegmentator ids
 
@@ -66,51 +67,20 @@ def fake(tmp_path_factory) -> tuple[Path, Path]:
     rows = []
     for split, n in (("train", 12), ("val", 6), ("test", 10)):
         for i in range(n):
-            pos = i % 2
-            name = _png(root / "dsa" / f"{split}{i}.png", 60 + 120 * pos, False, rng)
-            rows.append(
-                Row(
-                    id=f"dsa/{split}/{i}",
-                    dataset="dsa",
-                    modality="xray",
-                    path=f"dsa/{name}",
-                    split=split,
-                    subject=f"a{split}{i}",
-                    labels=["pneumonia" if pos else "normal"],
-                )
-            )
-            c = i % 3
-            name = _png(root / "dsb" / f"{split}{i}.png", 50 + 70 * c, True, rng)
-            cls = list(T.LC25000.values())[c]
-            rows.append(
-                Row(
-                    id=f"dsb/{split}/{i}",
-                    dataset="dsb",
-                    modality="pathology",
-                    path=f"dsb/{name}",
-                    split=split,
-                    subject=f"b{split}{i}",
-                    labels=[cls],
-                )
-            )
+            pos, c = i % 2, i % 3
+            # (dataset, modality, subject prefix, pixel mean, colour, label): pixel mean follows the label
+            for dataset, modality, prefix, value, rgb, label in (
+                ("dsa", "xray", "a", 60 + 120 * pos, False, "pneumonia" if pos else "normal"),
+                ("dsb", "pathology", "b", 50 + 70 * c, True, list(T.LC25000.values())[c]),
+            ):
+                name = _png(root / dataset / f"{split}{i}.png", value, rgb, rng)
+                rows.append(manifest_row(dataset, f"{split}/{i}", modality, f"{dataset}/{name}", [label], f"{prefix}{split}{i}", split))
     ct, seg = _volume(root)
+    masks = {"mask": seg, "mask_ids": {"liver": [LIVER], "spleen": [SPLEEN]}}
     for z in range(6):
         labels = ["liver"] + (["spleen"] if 1 <= z <= 3 else [])
-        rows.append(
-            Row(
-                id=f"ctset/test/{z}",
-                dataset="ctset",
-                modality="ct",
-                path=ct,
-                split="test",
-                subject="ct1",
-                labels=labels,
-                slice={"plane": "axial", "index": z},
-                view="axial",
-                body_part="abdomen",
-                extra={"mask": seg, "mask_ids": {"liver": [LIVER], "spleen": [SPLEEN]}},
-            )
-        )
+        axial = {"slice": {"plane": "axial", "index": z}, "view": "axial", "body_part": "abdomen"}
+        rows.append(manifest_row("ctset", f"test/{z}", "ct", ct, labels, "ct1", extra=masks, **axial))
     manifest = root / "manifest.jsonl"
     write_manifest(rows, manifest)
     return root, manifest

@@ -23,6 +23,7 @@ from training import library_eval as L
 from training.manifest import Row, read_manifest, write_manifest
 
 from _models import tiny_clip_folder
+from _rows import manifest_row
 
 E = np.eye(4, dtype=np.float32)
 PNEUMONIA_VEC = (E[0] + 0.3 * E[2]) / np.linalg.norm(E[0] + 0.3 * E[2])
@@ -98,47 +99,17 @@ def make_data(root: Path, n_train: int = 25, n_test: int = 12, decoys: int = 5, 
             labels.append(1)
         arrays[f"{split}_images"] = np.stack(frames)
         for i, y in enumerate(labels):
-            rows.append(
-                Row(
-                    id=f"pneumoniamnist/{split}/{i}",
-                    dataset="pneumoniamnist",
-                    modality="xray",
-                    path="pm.npz",
-                    split=split,
-                    subject=f"pm/{split}/{i}",
-                    labels=["pneumonia" if y else "normal"],
-                    array={"key": f"{split}_images", "index": i},
-                )
-            )
+            label, frame = "pneumonia" if y else "normal", {"key": f"{split}_images", "index": i}
+            rows.append(manifest_row("pneumoniamnist", f"{split}/{i}", "xray", "pm.npz", [label], f"pm/{split}/{i}", split, array=frame))
     np.savez(root / "pm.npz", **arrays)
     for i in range(decoys):
         name = _colour_png(root / "ham" / f"d{i}.png", rng)
-        rows.append(
-            Row(
-                id=f"ham10000/{i}",
-                dataset="ham10000",
-                modality="dermoscopy",
-                path=f"ham/{name}",
-                split="test",
-                subject=f"h{i}",
-                labels=["melanoma"],
-            )
-        )
+        rows.append(manifest_row("ham10000", str(i), "dermoscopy", f"ham/{name}", ["melanoma"], f"h{i}"))
     if ct:
         path = _ct_volume(root)
         for z in range(4):
-            rows.append(
-                Row(
-                    id=f"ct_organs/{z}",
-                    dataset="ct_organs",
-                    modality="ct",
-                    path=path,
-                    split="test",
-                    subject="ct1",
-                    labels=["liver"] + (["spleen"] if z in (1, 2) else []),
-                    slice={"plane": "axial", "index": z},
-                )
-            )
+            labels = ["liver"] + (["spleen"] if z in (1, 2) else [])
+            rows.append(manifest_row("ct_organs", str(z), "ct", path, labels, "ct1", slice={"plane": "axial", "index": z}))
     manifest = root / "manifest.jsonl"
     write_manifest(rows, manifest)
     return manifest

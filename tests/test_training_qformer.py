@@ -15,11 +15,10 @@ from PIL import Image
 from engine.ask.model import load_ask_folder
 from engine.io import load_one
 from engine.models.qformer import QFormerConfig, build_qformer, pad_tokens
-from training.qa_data import QARow, write_qa_manifest
+from training.qa_data import write_qa_manifest
 
-
-def _qa(question, answer, family, candidates=None):
-    return {"question": question, "answer": answer, "family": family, "closed": candidates is not None, "candidates": candidates or []}
+from _ask import TINY_BERT
+from _rows import image_qa_row, qa_item, volume_qa_row
 
 
 def _manifest(tmp_path):
@@ -40,39 +39,34 @@ def _manifest(tmp_path):
             "labels": [label],
         }
         rows.append(
-            QARow(
-                id=f"cxr/{i}",
-                dataset="cxr",
+            image_qa_row(
+                f"cxr/{i}",
+                "cxr",
+                f"p{i}",
+                "xray",
+                f"x{i}.png",
                 split=split,
-                subject=f"p{i}",
-                modality="xray",
-                kind="image",
-                path=f"x{i}.png",
                 body_region="chest",
                 caption=f"Chest X-ray, {label}.",
                 image_row=image_row,
-                qa=[_qa("Is there pneumonia?", "yes" if i % 2 else "no", "finding_yes_no", ["yes", "no"])],
+                qa=[qa_item("Is there pneumonia?", "yes" if i % 2 else "no", "finding_yes_no", ["yes", "no"])],
             )
         )
     vol = (rng.random((24, 20, 12)) * 400 - 200).astype(np.float32)
     nib.save(nib.Nifti1Image(vol, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "ct.nii.gz")
     for i in range(3):
         rows.append(
-            QARow(
-                id=f"ct3d/a/crop{i:03d}",
-                dataset="ct_organs_3d",
-                split="train",
-                subject="a",
-                modality="ct",
-                kind="volume",
-                path="ct.nii.gz",
+            volume_qa_row(
+                f"ct3d/a/crop{i:03d}",
+                "ct_organs_3d",
+                "a",
+                "ct.nii.gz",
+                {"z": [0, 12 - i], "y": [0, 20], "x": [i, 24]},
                 body_region="abdomen",
                 caption="CT of the abdomen. In view: liver.",
-                crop={"z": [0, 12 - i], "y": [0, 20], "x": [i, 24]},
-                zoom=1.0,
                 qa=[
-                    _qa("Which modality is this?", "ct", "modality", ["ct", "mri"]),
-                    _qa("Which organs are in view?", "liver", "organs_in_view"),
+                    qa_item("Which modality is this?", "ct", "modality", ["ct", "mri"]),
+                    qa_item("Which organs are in view?", "liver", "organs_in_view"),
                 ],
             )
         )
@@ -80,45 +74,22 @@ def _manifest(tmp_path):
     return tmp_path / "qa.jsonl"
 
 
+def _trainer_argv(manifest, data_root, out, *extra, steps: int | None = None) -> list[str]:
+    """The trainer's command line for a tiny run: the tiny random encoder, one layer, small images and volumes.
+    `steps` also sets how often it validates (once, at the end); without it, `extra` gives the steps."""
+    argv = ["--qa-manifest", str(manifest), "--data-root", str(data_root), "--out", str(out), "--encoder", "i3resnet-tiny"]
+    argv += ["--layers", "1", "--batch-size", "3", "--image-size", "64", "--volume-size", "32", "32", "16", "--warmup", "1"]
+    if steps is not None:
+        argv += ["--steps", str(steps), "--eval-every", str(steps)]
+    return [*argv, *extra]
+
+
 def test_trainer_caches_trains_saves_and_the_checkpoint_answers(tmp_path):
     from training import qformer
 
     manifest = _manifest(tmp_path)
-    code = qformer.main(
-        [
-            "--qa-manifest",
-            str(manifest),
-            "--data-root",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "run"),
-            "--encoder",
-            "i3resnet-tiny",
-            "--layers",
-            "1",
-            "--steps",
-            "3",
-            "--batch-size",
-            "3",
-            "--eval-every",
-            "3",
-            "--image-size",
-            "64",
-            "--volume-size",
-            "32",
-            "32",
-            "16",
-            "--warmup",
-            "1",
-            "--freeze-text-ffn",
-            "--balance",
-            "0.5",
-            "--finding-weight",
-            "3",
-            "--closed-weight",
-            "1",
-        ]
-    )
+    losses = ["--freeze-text-ffn", "--balance", "0.5", "--finding-weight", "3", "--closed-weight", "1"]
+    code = qformer.main(_trainer_argv(manifest, tmp_path, tmp_path / "run", *losses, steps=3))
     assert code == 0
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert {"itc", "itm", "itg", "closed"} <= set(history[0]) and any("val" in h for h in history)
@@ -145,15 +116,7 @@ def test_trainer_caches_trains_saves_and_the_checkpoint_answers(tmp_path):
 def test_per_sample_grids_match_single_grid_encoding():
     torch.manual_seed(0)
     model = build_qformer(
-        QFormerConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            intermediate_size=64,
-            encoder_hidden_size=8,
-            num_query_tokens=2,
-            init_from_text_encoder=False,
-        )
+        QFormerConfig(**{**TINY_BERT, "num_hidden_layers": 1}, encoder_hidden_size=8, num_query_tokens=2, init_from_text_encoder=False)
     ).eval()
     torch.nn.init.normal_(model.encoder_position.weight)  # zero at init; make the position code matter
     a, b = torch.randn(4, 8), torch.randn(2, 8)
@@ -175,19 +138,12 @@ def test_a_saved_checkpoint_reloads_to_identical_outputs(tmp_path):
     from training.qformer import TEXT_FFN
 
     text = tmp_path / "text"
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).save_pretrained(text)
+    BertModel(BertConfig(**TINY_BERT)).save_pretrained(text)
     minilm = text_encoder_dir(QFormerConfig().text_encoder)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy2(f"{minilm}/{name}", text / name)
     cfg = QFormerConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        encoder_hidden_size=32,
-        num_query_tokens=4,
-        text_encoder=str(text),
-        decoder_vocab=list(range(100, 400)),
+        **TINY_BERT, encoder_hidden_size=32, num_query_tokens=4, text_encoder=str(text), decoder_vocab=list(range(100, 400))
     )
     cfg.frozen = cfg.frozen + TEXT_FFN
     torch.manual_seed(3)
@@ -207,18 +163,7 @@ def test_a_saved_checkpoint_reloads_to_identical_outputs(tmp_path):
 def _example(dataset, caption, qa=()):
     from training.qformer import Example
 
-    row = QARow(
-        id=f"{dataset}/{caption}",
-        dataset=dataset,
-        split="train",
-        subject="s",
-        modality="xray",
-        kind="image",
-        path="x.png",
-        body_region="chest",
-        caption=caption,
-        qa=list(qa),
-    )
+    row = image_qa_row(f"{dataset}/{caption}", dataset, "s", "xray", "x.png", body_region="chest", caption=caption, qa=list(qa))
     return Example(row, torch.zeros(4, 8), (1, 2, 2))
 
 
@@ -243,9 +188,9 @@ def test_closed_batch_scores_every_candidate_and_favours_findings():
 
     tok = AutoTokenizer.from_pretrained(text_encoder_dir(QFormerConfig().text_encoder))
     qa = [
-        _qa("Which part of the body is this?", "chest", "body_region", ["head", "chest", "abdomen"]),
-        _qa("Is there pneumonia?", "no", "finding_yes_no", ["yes", "no"]),
-        _qa("Which organs?", "lungs", "organs_in_view"),
+        qa_item("Which part of the body is this?", "chest", "body_region", ["head", "chest", "abdomen"]),
+        qa_item("Is there pneumonia?", "no", "finding_yes_no", ["yes", "no"]),
+        qa_item("Which organs?", "lungs", "organs_in_view"),
     ]  # open: never in the closed batch
     examples = [_example("a", "normal", qa) for _ in range(400)] + [_example("a", "empty")]
     batch = closed_batch(examples, tok, random.Random(0), finding_weight=3.0)
@@ -267,46 +212,10 @@ def test_a_continued_run_starts_from_the_earlier_weights_and_records_them(tmp_pa
     from training import qformer
 
     manifest = _manifest(tmp_path)
-    base = [
-        "--qa-manifest",
-        str(manifest),
-        "--data-root",
-        str(tmp_path),
-        "--encoder",
-        "i3resnet-tiny",
-        "--layers",
-        "1",
-        "--batch-size",
-        "3",
-        "--image-size",
-        "64",
-        "--volume-size",
-        "32",
-        "32",
-        "16",
-        "--warmup",
-        "1",
-        "--freeze-text-ffn",
-    ]
-    assert qformer.main([*base, "--out", str(tmp_path / "a"), "--steps", "2", "--eval-every", "2"]) == 0
-    assert (
-        qformer.main(
-            [
-                *base,
-                "--out",
-                str(tmp_path / "b"),
-                "--steps",
-                "0",
-                "--init",
-                str(tmp_path / "a" / "best"),
-                "--closed-weight",
-                "1",
-                "--balance",
-                "0.5",
-            ]
-        )
-        == 0
-    )
+    first_run = _trainer_argv(manifest, tmp_path, tmp_path / "a", "--freeze-text-ffn", steps=2)
+    assert qformer.main(first_run) == 0
+    init = ["--steps", "0", "--init", str(tmp_path / "a" / "best"), "--closed-weight", "1", "--balance", "0.5"]
+    assert qformer.main(_trainer_argv(manifest, tmp_path, tmp_path / "b", "--freeze-text-ffn", *init)) == 0
     first = json.loads((tmp_path / "a" / "best" / "config.json").read_text())
     second = json.loads((tmp_path / "b" / "last" / "config.json").read_text())
     assert second["init_from"] == {"training": first["training"], "step": first["step"]}
@@ -321,32 +230,7 @@ def test_trainer_settings_are_one_dataclass_saved_verbatim_and_bad_ones_exit_2(t
     from training.qformer_params import QFormerTrainConfig, parse_qformer_args
 
     manifest = _manifest(tmp_path)
-    argv = [
-        "--qa-manifest",
-        str(manifest),
-        "--data-root",
-        str(tmp_path),
-        "--out",
-        str(tmp_path / "run"),
-        "--encoder",
-        "i3resnet-tiny",
-        "--layers",
-        "1",
-        "--steps",
-        "1",
-        "--batch-size",
-        "3",
-        "--eval-every",
-        "1",
-        "--image-size",
-        "64",
-        "--volume-size",
-        "32",
-        "32",
-        "16",
-        "--warmup",
-        "1",
-    ]
+    argv = _trainer_argv(manifest, tmp_path, tmp_path / "run", steps=1)
     assert qformer.main(argv) == 0
     saved = json.loads((tmp_path / "run" / "best" / "config.json").read_text())["training"]
     cfg = parse_qformer_args(argv)
@@ -363,37 +247,7 @@ def test_trust_step_calibrates_and_writes_the_reference_set_of_a_trained_checkpo
     from training import qformer, qformer_trust
 
     manifest = _manifest(tmp_path)
-    assert (
-        qformer.main(
-            [
-                "--qa-manifest",
-                str(manifest),
-                "--data-root",
-                str(tmp_path),
-                "--out",
-                str(tmp_path / "run"),
-                "--encoder",
-                "i3resnet-tiny",
-                "--layers",
-                "1",
-                "--steps",
-                "2",
-                "--batch-size",
-                "3",
-                "--eval-every",
-                "2",
-                "--image-size",
-                "64",
-                "--volume-size",
-                "32",
-                "32",
-                "16",
-                "--warmup",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert qformer.main(_trainer_argv(manifest, tmp_path, tmp_path / "run", steps=2)) == 0
     folder = tmp_path / "run" / "best"
     assert (
         qformer_trust.main(
