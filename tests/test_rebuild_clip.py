@@ -58,3 +58,18 @@ def test_rows_capped_per_dataset_keep_order_and_are_seeded():
     assert [r.dataset for r in kept].count("a") == 3 and [r.dataset for r in kept].count("b") == 3
     assert kept == sorted(kept, key=rows.index) and kept == _cap_per_dataset(rows, 3, seed=0)
     assert _cap_per_dataset(rows, 0, seed=0) == rows
+
+
+def test_a_calibrate_step_fits_the_trust_block_of_the_exported_weights_before_evaluation(tmp_path, monkeypatch):
+    from training import rebuild
+    from training.config import RebuildConfig
+
+    calls = []
+    monkeypatch.setattr(rebuild, "_run", lambda label, fn, argv: calls.append((label, argv)))
+    recipe = json.loads(rebuild.RECIPE.read_text())  # the shipped recipe: weights trained without trust, then calibrated
+    args = RebuildConfig(data_root=str(tmp_path / "data"), out=str(tmp_path / "work"), seed=0)
+    model_dir, _ = rebuild.train_and_evaluate(args, recipe, tmp_path / "work")
+    assert [c[0] for c in calls] == ["recipes", "clip", "calibrate", "evaluate", "ood"]
+    calibrate_argv = calls[2][1]
+    assert calibrate_argv[0] == str(model_dir) and calibrate_argv[calibrate_argv.index("--manifest") + 1] == calls[0][1][-1]
+    assert calibrate_argv[calibrate_argv.index("--max-train") + 1] == "4000"

@@ -91,6 +91,7 @@ class TokenCache:
 
     def save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # a new --cache folder (the trust step on an exported model)
         torch.save({k: (v.tokens, list(v.grid)) for k, v in self.items.items()}, tmp)
         tmp.replace(self.path)
 

@@ -284,7 +284,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-family", type=int, default=MIN_FAMILY, help="val questions a family needs for its own temperature")
     p.add_argument("--max-reference", type=int, default=4000, help="training embeddings kept in the reference set")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--fill-train",
+        type=int,
+        default=0,
+        metavar="MAX_IMAGE_ROWS",
+        help="encode the trainer's train rows first (every volume crop + 2D rows capped as the trainer's --max-image-rows, "
+        "same --seed): for a checkpoint whose trainer's cache is gone (0: use the rows already cached)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the trainer's seed (with --fill-train)")
     return p.parse_args(argv)
+
+
+def trainer_train_rows(rows: list[QARow], max_image_rows: int, seed: int) -> list[QARow]:
+    """The train rows the trainer cached: every volume crop, and the 2D rows its --max-image-rows cap drew."""
+    from training.qformer import cap_image_rows
+
+    train = [r for r in rows if r.split == "train"]
+    return [r for r in train if r.kind == "volume"] + cap_image_rows([r for r in train if r.kind == "image"], max_image_rows, seed)
 
 
 def main(argv=None) -> int:
@@ -296,6 +313,8 @@ def main(argv=None) -> int:
     val = [r for r in rows if r.split == "val"]
     for cache in caches.values():  # every val row (the trainer's own val is capped); train rows are the trainer's cached ones
         cache.fill(val, args.data_root)
+        if args.fill_train:
+            cache.fill(trainer_train_rows(rows, args.fill_train, args.seed), args.data_root)
     train = [r for r in rows if r.split == "train" and r in caches[r.kind]]
     items = closed_items(model, caches, val)
     calibration = fit_closed(items, args.min_family)

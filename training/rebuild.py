@@ -39,8 +39,8 @@ def _run(label: str, fn, argv: list[str]) -> None:
 
 
 def train_and_evaluate(args: RebuildConfig, recipe: dict, out: Path) -> tuple[Path, Path]:
-    """recipes -> (ssl) -> clip -> evaluate -> ood; returns (model folder, evaluation folder)."""
-    from training import clip, evaluate, ood
+    """recipes -> (ssl) -> clip -> (calibrate) -> evaluate -> ood; returns (model folder, evaluation folder)."""
+    from training import calibrate, clip, evaluate, ood
     from training.recipes import main as recipes_main
 
     data, manifest = str(Path(args.data_root)), str(out / "manifest.jsonl")
@@ -56,6 +56,9 @@ def train_and_evaluate(args: RebuildConfig, recipe: dict, out: Path) -> tuple[Pa
         clip_args += ["--init-trunk", str(ssl_out / "trunk.safetensors")]
     _run("clip", clip.main, clip_args)
     model_dir, eval_out = out / "clip" / "best", out / "eval"
+    if recipe.get("calibrate") is not None:  # the trust block fitted on the exported weights (training.calibrate)
+        cal_args = [str(model_dir), "--manifest", manifest, "--data-root", data, "--cache", str(out / "calibrate")]
+        _run("calibrate", calibrate.main, [*cal_args, "--seed", str(args.seed), *recipe["calibrate"]])
     _run(
         "evaluate",
         evaluate.main,
