@@ -50,9 +50,11 @@ def test_no_brain_in_the_abdominal_ct_series(shared_data, capsys, mode):
     if mode == "present-absent":
         assert by["brain"]["probability"] > 0.5  # what the 2D path alone reported (issue 14: 96.7 %)
         assert "brain: not in this abdomen field of view" in by["brain"]["reasons"][0]
-        assert by["liver"]["reported_probability"] > 0.5  # a possible organ keeps its answer
+        # a possible organ keeps the model's (calibrated) answer: the field-of-view bound does not touch it
+        assert by["liver"]["reported_probability"] == by["liver"]["calibrated_probability"] and not by["liver"]["reasons"]
+        assert by["liver"]["fov_bound"] > 0.5
         text = _label(capsys, series, mode)
-        assert "brain: not in this abdomen field of view" in text and "not calibrated" in text
+        assert "brain: not in this abdomen field of view" in text and "calibrated on validation splits" in text
 
 
 @pytest.mark.parametrize("mode", ["present-absent", "softmax"])
