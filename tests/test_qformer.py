@@ -253,3 +253,24 @@ def test_cached_greedy_decoding_equals_the_full_recomputation():
         ids.append(token)
     assert fast == slow
     assert torch.allclose(torch.tensor(fast_logps), torch.tensor(slow_logps), atol=1e-4)
+
+
+@pytest.mark.parametrize("cross_every", [1, 2])
+def test_candidates_scored_from_the_query_pass_match_the_joint_pass(cross_every):
+    """The queries never read the text in the causal view: scoring candidates from their cached keys/values gives the joint pass's numbers."""
+    model = tiny(cross_attention_frequency=cross_every).eval()
+    tok = CharTokenizer()
+    memory = memory_of(model, torch.randn(1, 4, 24))
+    mask = torch.tensor([[True, True, True, False]])  # one padded encoder token
+    candidates = ["yes", "no", "maybe not"]  # different lengths: padded text rows
+    batch = prompting.lm_batch(tok, ["is it? "] * len(candidates), candidates)
+    with torch.inference_mode():
+        kv: list = []
+        states, _ = model.query_output(memory, mask, self_kv=kv)
+        assert len(kv) == len(model.layer) and kv[0].key.shape[2] == TINY["num_query_tokens"]
+        joint = model.answer_log_likelihood(
+            memory.repeat(len(candidates)), mask.expand(len(candidates), -1), batch.ids, batch.attention_mask, batch.target_mask
+        )
+        cached = model.answer_log_likelihood(None, None, batch.ids, batch.attention_mask, batch.target_mask, query_kv=kv)
+    torch.testing.assert_close(cached, joint, rtol=1e-5, atol=1e-5)
+    assert len(set(joint.tolist())) == len(candidates)  # the candidates differ, so equal numbers are not a coincidence

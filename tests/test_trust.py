@@ -268,3 +268,38 @@ def test_qformer_calibrated_answers_uncertain_and_ood(tmp_path):
     foreign = ask.ask(scan_of(foreign_image(), "f"), "Is the liver visible?", with_evidence=False)
     assert foreign.ood.out_of_distribution is True and foreign.to_dict()["out_of_distribution"] is True
     assert ask.trust.note == "calibrated on hand-made test calibration"
+
+
+def test_a_qformer_reference_fitted_as_training_fits_it_is_read_in_the_same_space(tmp_path):
+    """training/qformer_trust.py fits the reference on the queries' mean output (384-d for the shipped model, not the
+    256-d ITC space): the engine must flag scans in the space the checkpoint names, or every ask fails on shapes."""
+    from _ask import tiny_ask_folder
+    from PIL import Image
+
+    from engine.ask.model import OOD_EMBEDDING, load_ask_folder, ood_embedding
+    from engine.io import load_one
+    from engine.trust.ood import ReferenceSet
+    from training import qformer_trust
+
+    folder = tiny_ask_folder(tmp_path / "qf")
+
+    def scan_of(pixels, name):
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        return load_one([tmp_path / f"{name}.png"])[0]
+
+    ask = load_ask_folder(folder)
+    grey = [ood_embedding(ask.encode(scan_of(grey_image(i), f"g{i}"))) for i in range(12)]
+    held = [ood_embedding(ask.encode(scan_of(grey_image(900 + i), f"h{i}"))) for i in range(6)]
+    itc = ask.trust_embedding(ask.encode(scan_of(grey_image(1), "g1")))
+    assert itc.shape != grey[0].shape  # the two spaces differ in width, as in the shipped model
+    reference = ReferenceSet.fit(np.stack(grey), ["xray"] * 12, np.stack(held), k=3)
+    calibration = qformer_trust.fit_closed([{"family": "default", "scores": [1.0, 0.0], "truth_index": 0}] * 40, min_family=30)
+    trust = qformer_trust.write_trust(folder, calibration, reference, "hand-made")
+    assert trust["ood"]["embedding"] == OOD_EMBEDDING
+    ask = load_ask_folder(folder)
+    image = scan_of(grey_image(5000), "x")
+    assert ask.trust_embedding(ask.encode(image)).shape == grey[0].shape
+    answer = ask.ask(image, "Is the liver visible?", with_evidence=False)
+    assert answer.ood.score is not None and answer.ood.out_of_distribution is False
+    foreign = ask.ask(scan_of(foreign_image(), "f"), "Is the liver visible?", with_evidence=False)
+    assert foreign.ood.out_of_distribution is True

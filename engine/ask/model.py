@@ -25,8 +25,8 @@ Design decisions
   or "uncertain" when its top probability is low (Calibration.
   choice_uncertain); generated answers are never called calibrated. Each
   scan gets an out-of-distribution flag (`assess`): the kNN distance of its
-  `trust_embedding` (the mean of the 32 queries' normalised ITC image
-  embeddings, re-normalised: what training's reference set holds) to the
+  `trust_embedding` (in the space the checkpoint's trust block names:
+  training fits the queries' mean output, `ood_embedding`) to the
   checkpoint's reference set, and the model's own modality answer against
   the DICOM header's. Both are cached with the scan's encoding.
 """
@@ -129,6 +129,7 @@ class Encoded:
     is_2d: bool
     scan_shape: tuple[int, ...]
     memo: dict[str, Any] = field(default_factory=dict)  # per-scan answers the engine reuses (OOD flag, region, modality)
+    query_kv: list | None = None  # the queries' self-attention keys/values per layer: candidate answers are scored from them
 
 
 OOD_EMBEDDING = "mean_query_output"  # what a Q-Former's trust_reference.safetensors holds (config trust.ood.embedding)
@@ -313,25 +314,28 @@ class AskModel:
         with torch.inference_mode():
             memory = self.qformer.encoder_memory(self.qformer.prepare_encoder(tokens.float(), grid))
             mask = torch.ones(1, tokens.shape[1], dtype=torch.bool)
-            out = self.qformer.query_output(memory, mask, keep_weights=True)
+            query_kv: list = []
+            out = self.qformer.query_output(memory, mask, keep_weights=True, self_kv=query_kv)
             weights = out.cross_weights
             cross = (
                 torch.stack([w.mean(dim=(1, 2)) for w in weights]).mean(0)[0]
                 if weights
                 else torch.full((tokens.shape[1],), 1 / tokens.shape[1])
             )
-        return Encoded(memory, mask, grid, out.states, cross, mapping, is_2d, scan_shape)
+        return Encoded(memory, mask, grid, out.states, cross, mapping, is_2d, scan_shape, query_kv=query_kv)
 
     # ----------------------------------------------------------------- answers
     def _candidate_scores(self, enc: Encoded, prompt: str, candidates: list[str]) -> np.ndarray:
         batch = prompting.lm_batch(self.tokenizer, [prompt] * len(candidates), candidates)
+        cached = enc.query_kv is not None  # then the encoder memory is not read again (nor copied per candidate)
         with torch.inference_mode():
             ll = self.qformer.answer_log_likelihood(
-                enc.memory.repeat(len(candidates)),
-                enc.token_mask.expand(len(candidates), -1),
+                None if cached else enc.memory.repeat(len(candidates)),
+                None if cached else enc.token_mask.expand(len(candidates), -1),
                 batch.ids,
                 batch.attention_mask,
                 batch.target_mask,
+                query_kv=enc.query_kv,
             )
         return ll.numpy()
 
@@ -419,7 +423,13 @@ class AskModel:
         return {by_candidate[c]: p for c, p in probs.items() if c in by_candidate}
 
     def trust_embedding(self, enc: Encoded) -> np.ndarray:
-        """(D,) float32: the mean of the queries' normalised ITC image embeddings, re-normalised (the OOD space)."""
+        """(D,) float32: the scan in the space of the checkpoint's reference set.
+
+        The space the trust block names (`trust.ood.embedding`): "mean_query_output" (what
+        training/qformer_trust.py fits: `ood_embedding`), else the mean of the queries' normalised
+        ITC image embeddings, re-normalised (references made before the name was recorded)."""
+        if ((self.config.get("trust") or {}).get("ood") or {}).get("embedding") == OOD_EMBEDDING:
+            return ood_embedding(enc)
         with torch.inference_mode():
             mean = self.qformer.image_embeddings(enc.query_states)[0].float().mean(dim=0)
             return torch.nn.functional.normalize(mean, dim=-1).numpy().astype(np.float32)

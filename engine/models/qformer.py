@@ -334,9 +334,14 @@ class QFormer(nn.Module):
         pairs, ITG) redid it; at inference, further questions on a scan reuse it."""
         return EncoderMemory([layer.crossattention.keys_values(encoder) if layer.has_cross_attention else None for layer in self.layer])
 
-    def _run(self, x, mask, query_length, memory: "EncoderMemory | None" = None, encoder_mask=None, keep_weights=False) -> QueryOutput:
+    def _run(
+        self, x, mask, query_length, memory: "EncoderMemory | None" = None, encoder_mask=None, keep_weights=False, self_kv=None
+    ) -> QueryOutput:
+        """self_kv: a list that receives each layer's self-attention keys/values of x (the query pass keeps them)."""
         weights = []
         for i, layer in enumerate(self.layer):
+            if self_kv is not None:
+                self_kv.append(layer.attention.keys_values(x))
             x, w = layer(x, mask, query_length, memory.kv[i] if memory is not None else None, encoder_mask, keep_weights)
             if w is not None:
                 weights.append(w)
@@ -349,11 +354,20 @@ class QFormer(nn.Module):
         return encoder_mask.bool()[:, None, :].expand(batch, n_queries, n_tokens)
 
     # --- the three views of one sequence ------------------------------------
-    def query_output(self, memory: "EncoderMemory", encoder_mask: torch.Tensor | None = None, keep_weights: bool = False) -> QueryOutput:
-        """Queries alone reading the image: [B, Q, H] (+ cross-attention weights per cross layer)."""
+    def query_output(
+        self,
+        memory: "EncoderMemory",
+        encoder_mask: torch.Tensor | None = None,
+        keep_weights: bool = False,
+        self_kv: list[KeyValues] | None = None,
+    ) -> QueryOutput:
+        """Queries alone reading the image: [B, Q, H] (+ cross-attention weights per cross layer).
+
+        self_kv: a list filled with the queries' self-attention keys/values per layer, which
+        `answer_log_likelihood` reuses for every candidate answer (see causal_text_states)."""
         b, n, q = memory.batch, memory.tokens, self.config.num_query_tokens
         x = self._embed(None, True, b)
-        return self._run(x, None, q, memory, self._encoder_mask(encoder_mask, b, q, n), keep_weights)
+        return self._run(x, None, q, memory, self._encoder_mask(encoder_mask, b, q, n), keep_weights, self_kv)
 
     def text_output(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text alone (bidirectional, no image): [B, L, H]."""
@@ -391,6 +405,26 @@ class QFormer(nn.Module):
         """Next-token logits over the decoder vocabulary (positions, not token ids: see decoder_ids)."""
         states = self.joint_output(memory, encoder_mask, ids, attention_mask, causal=True)
         return self._lm_head(states[:, self.config.num_query_tokens :])
+
+    def causal_text_states(self, query_kv: list[KeyValues], ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The text states of the causal (ITG) view, [B, L, H], from the queries' per-layer keys/values of one image.
+
+        In that view the queries never read the text, so their states are those of the query pass
+        (query_output, self_kv=...): scoring K candidate answers then runs K short texts through the
+        layers instead of K copies of the queries reading every encoder token (on a CT, ~2/3 of a
+        first answer's time went there). Same arithmetic as joint_output's text rows."""
+        b, n, q = ids.shape[0], ids.shape[1], self.config.num_query_tokens
+        x = self.dropout(self.embeddings.LayerNorm(self._text_embeddings(ids)))  # per-token LayerNorm: as in _embed
+        text = attention_mask.bool()[:, None, :] & torch.tril(torch.ones(n, n, dtype=torch.bool, device=ids.device))
+        mask = torch.cat([torch.ones(b, n, q, dtype=torch.bool, device=ids.device), text], dim=2)
+        for layer, queries in zip(self.layer, query_kv):
+            own = layer.attention.keys_values(x)
+            kv = KeyValues(
+                torch.cat([queries.key.expand(b, -1, -1, -1), own.key], dim=2),
+                torch.cat([queries.value.expand(b, -1, -1, -1), own.value], dim=2),
+            )
+            x = layer.text_ffn(layer.attention(x, mask, kv=kv).hidden)
+        return x
 
     def _lm_head(self, text_states: torch.Tensor) -> torch.Tensor:
         """Text states -> logits over the decoder vocabulary (the tied word embeddings of those tokens)."""
@@ -457,9 +491,15 @@ class QFormer(nn.Module):
             raise ValueError("a target token is outside the decoder vocabulary")
         return targets.masked_fill(~target_mask[:, 1:], -100)
 
-    def answer_log_likelihood(self, memory, encoder_mask, ids, attention_mask, target_mask) -> torch.Tensor:
-        """Per-token mean log-probability of the tokens flagged in target_mask. [B]; -inf when a token is not writable."""
-        logits = self.lm_logits(memory, encoder_mask, ids, attention_mask)[:, :-1]
+    def answer_log_likelihood(self, memory, encoder_mask, ids, attention_mask, target_mask, query_kv=None) -> torch.Tensor:
+        """Per-token mean log-probability of the tokens flagged in target_mask. [B]; -inf when a token is not writable.
+
+        query_kv: the image's query keys/values (query_output's self_kv) instead of memory: the same
+        numbers without re-running the queries per candidate (memory and encoder_mask are then unused)."""
+        if query_kv is not None:
+            logits = self._lm_head(self.causal_text_states(query_kv, ids, attention_mask))[:, :-1]
+        else:
+            logits = self.lm_logits(memory, encoder_mask, ids, attention_mask)[:, :-1]
         index = self.decoder_index[ids[:, 1:]]
         flags = target_mask[:, 1:]
         logp = logits.log_softmax(-1).gather(-1, index.clamp(min=0)[..., None])[..., 0]
