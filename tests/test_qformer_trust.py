@@ -94,3 +94,25 @@ def test_compare_pairs_questions_and_calls_worse_only_beyond_the_interval():
     worse = compare(old, items(0.5, 400, 1))
     assert worse["dataset busi"]["verdict"] == "worse" and worse["group busi: malignant?"]["ci95"][1] < 0
     assert compare(old, items(0.5, 400, 1)[:10])["dataset busi"]["n"] == 10  # only questions both scored are paired
+
+
+def test_a_temperature_floor_keeps_calibration_from_sharpening_answers():
+    underconfident = _items("modality", 200, right_share=0.98, margin=1.0)  # right 98 % while claiming 73 %
+    free = qformer_trust.fit_closed(underconfident, min_family=30)
+    floored = qformer_trust.fit_closed(underconfident, min_family=30, min_temperature=1.0)
+    assert free.get("modality").temperature < 0.5  # left alone, the val fit sharpens
+    assert floored.get("modality").temperature == pytest.approx(1.0) and floored.get("default").temperature == pytest.approx(1.0)
+    overconfident = _items("finding_yes_no", 400, right_share=0.7, margin=6.0)
+    assert qformer_trust.fit_closed(overconfident, min_family=30, min_temperature=1.0).get("finding_yes_no").temperature > 2.0
+
+
+def test_a_fit_without_reference_set_leaves_none_of_an_earlier_one(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"format": "medlens-qformer/1"}))
+    calibration = qformer_trust.fit_closed(_items("finding_yes_no", 100, 0.8, 4.0), min_family=30)
+    rng = np.random.default_rng(0)
+    reference = ReferenceSet.fit(rng.normal(size=(50, 8)), ["xray"] * 50, rng.normal(size=(20, 8)), k=5)
+    qformer_trust.write_trust(tmp_path, calibration, reference, "first fit")
+    assert (tmp_path / "trust_reference.safetensors").is_file()
+    trust = qformer_trust.write_trust(tmp_path, calibration, None, "second fit, no reference")
+    assert "ood" not in trust and "ood" not in json.loads((tmp_path / "config.json").read_text())["trust"]
+    assert not (tmp_path / "trust_reference.safetensors").exists() and qformer_trust.load_reference(tmp_path) is None
