@@ -240,7 +240,9 @@ def test_cached_greedy_decoding_equals_the_full_recomputation():
     model = tiny(decoder_vocab=list(range(2, 60))).eval()
     memory = memory_of(model, torch.randn(1, 4, 24))
     prompt = [1, 10, 11, 12]
-    fast, fast_logps = model.greedy_decode(memory, prompt, max_new_tokens=6, stop_id=2)
+    query_kv: list = []
+    model.query_output(memory, self_kv=query_kv)
+    fast, fast_logps = model.greedy_decode(query_kv, prompt, max_new_tokens=6, stop_id=2)
     ids, slow, slow_logps = list(prompt), [], []
     for _ in range(7):
         t = torch.tensor([ids])

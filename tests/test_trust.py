@@ -273,6 +273,7 @@ def test_qformer_calibrated_answers_uncertain_and_ood(tmp_path):
 def test_a_qformer_reference_fitted_as_training_fits_it_is_read_in_the_same_space(tmp_path):
     """training/qformer_trust.py fits the reference on the queries' mean output (384-d for the shipped model, not the
     256-d ITC space): the engine must flag scans in the space the checkpoint names, or every ask fails on shapes."""
+    import torch
     from _ask import tiny_ask_folder
     from PIL import Image
 
@@ -290,8 +291,9 @@ def test_a_qformer_reference_fitted_as_training_fits_it_is_read_in_the_same_spac
     ask = load_ask_folder(folder)
     grey = [ood_embedding(ask.encode(scan_of(grey_image(i), f"g{i}"))) for i in range(12)]
     held = [ood_embedding(ask.encode(scan_of(grey_image(900 + i), f"h{i}"))) for i in range(6)]
-    itc = ask.trust_embedding(ask.encode(scan_of(grey_image(1), "g1")))
-    assert itc.shape != grey[0].shape  # the two spaces differ in width, as in the shipped model
+    with torch.inference_mode():
+        itc = ask.qformer.image_embeddings(ask.encode(scan_of(grey_image(1), "g1")).query_states)[0].mean(dim=0)
+    assert itc.shape[-1] != grey[0].shape[-1]  # the ITC space differs in width, as in the shipped model (256 vs 384)
     reference = ReferenceSet.fit(np.stack(grey), ["xray"] * 12, np.stack(held), k=3)
     calibration = qformer_trust.fit_closed([{"family": "default", "scores": [1.0, 0.0], "truth_index": 0}] * 40, min_family=30)
     trust = qformer_trust.write_trust(folder, calibration, reference, "hand-made")

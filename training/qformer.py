@@ -305,14 +305,16 @@ def open_caches(cfg: QFormerTrainConfig, prep: VolumePrep) -> dict[str, TokenCac
     return token_caches(cache_folder(cfg), prep, cfg.image_size, encoder_spec(cfg))
 
 
+def split_rows(rows: list[QARow], split: str, max_image_rows: int, seed: int) -> list[QARow]:
+    """One split's rows as the trainer uses them: every volume crop, 2D rows capped per dataset (cap_image_rows)."""
+    rows = [r for r in rows if r.split == split]
+    return [r for r in rows if r.kind == "volume"] + cap_image_rows([r for r in rows if r.kind == "image"], max_image_rows, seed)
+
+
 def select_rows(rows: list[QARow], cfg: QFormerTrainConfig) -> tuple[list[QARow], list[QARow]]:
     """(train, val): every volume crop, 2D rows capped per dataset (val at an eighth of the train cap)."""
-    train = [r for r in rows if r.split == "train"]
-    val = [r for r in rows if r.split == "val"]
     val_cap = max(1, cfg.max_image_rows // 8) if cfg.max_image_rows else 0
-    train = [r for r in train if r.kind == "volume"] + cap_image_rows([r for r in train if r.kind == "image"], cfg.max_image_rows, cfg.seed)
-    val = [r for r in val if r.kind == "volume"] + cap_image_rows([r for r in val if r.kind == "image"], val_cap, cfg.seed)
-    return train, val
+    return split_rows(rows, "train", cfg.max_image_rows, cfg.seed), split_rows(rows, "val", val_cap, cfg.seed)
 
 
 def build_data(cfg: QFormerTrainConfig, env, prep: VolumePrep, log) -> TrainData | None:

@@ -318,15 +318,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def trainer_train_rows(rows: list[QARow], max_image_rows: int, seed: int) -> list[QARow]:
-    """The train rows the trainer cached: every volume crop, and the 2D rows its --max-image-rows cap drew."""
-    from training.qformer import cap_image_rows
-
-    train = [r for r in rows if r.split == "train"]
-    return [r for r in train if r.kind == "volume"] + cap_image_rows([r for r in train if r.kind == "image"], max_image_rows, seed)
-
-
 def main(argv=None) -> int:
+    from training.qformer import split_rows
     from training.qformer_eval import closed_items
 
     args = parse_args(argv)
@@ -336,7 +329,7 @@ def main(argv=None) -> int:
     for cache in caches.values():  # every val row (the trainer's own val is capped); train rows are the trainer's cached ones
         cache.fill(val, args.data_root)
         if args.fill_train:
-            cache.fill(trainer_train_rows(rows, args.fill_train, args.seed), args.data_root)
+            cache.fill(split_rows(rows, "train", args.fill_train, args.seed), args.data_root)  # the trainer's train rows
     train = [r for r in rows if r.split == "train" and r in caches[r.kind]]
     items = closed_items(model, caches, val)
     calibration = fit_closed(items, args.min_family, args.min_temperature)

@@ -25,8 +25,8 @@ Design decisions
   or "uncertain" when its top probability is low (Calibration.
   choice_uncertain); generated answers are never called calibrated. Each
   scan gets an out-of-distribution flag (`assess`): the kNN distance of its
-  `trust_embedding` (in the space the checkpoint's trust block names:
-  training fits the queries' mean output, `ood_embedding`) to the
+  `trust_embedding` (the queries' mean output, `ood_embedding`: the space
+  training fits the reference set in) to the
   checkpoint's reference set, and the model's own modality answer against
   the DICOM header's. Both are cached with the scan's encoding.
 """
@@ -129,7 +129,7 @@ class Encoded:
     is_2d: bool
     scan_shape: tuple[int, ...]
     memo: dict[str, Any] = field(default_factory=dict)  # per-scan answers the engine reuses (OOD flag, region, modality)
-    query_kv: list | None = None  # the queries' self-attention keys/values per layer: candidate answers are scored from them
+    query_kv: list = field(default_factory=list)  # the queries' self-attention keys/values per layer: candidates are scored from them
 
 
 OOD_EMBEDDING = "mean_query_output"  # what a Q-Former's trust_reference.safetensors holds (config trust.ood.embedding)
@@ -327,11 +327,10 @@ class AskModel:
     # ----------------------------------------------------------------- answers
     def _candidate_scores(self, enc: Encoded, prompt: str, candidates: list[str]) -> np.ndarray:
         batch = prompting.lm_batch(self.tokenizer, [prompt] * len(candidates), candidates)
-        cached = enc.query_kv is not None  # then the encoder memory is not read again (nor copied per candidate)
-        with torch.inference_mode():
+        with torch.inference_mode():  # from the queries' cached keys/values: the encoder memory is not read again
             ll = self.qformer.answer_log_likelihood(
-                None if cached else enc.memory.repeat(len(candidates)),
-                None if cached else enc.token_mask.expand(len(candidates), -1),
+                None,
+                None,
                 batch.ids,
                 batch.attention_mask,
                 batch.target_mask,
@@ -341,7 +340,7 @@ class AskModel:
 
     def _generate(self, enc: Encoded, prompt: str) -> Generated:
         decoded = self.qformer.greedy_decode(
-            enc.memory, prompting.prompt_ids(self.tokenizer, prompt), MAX_ANSWER_TOKENS, self.tokenizer.sep_token_id, enc.token_mask
+            enc.query_kv, prompting.prompt_ids(self.tokenizer, prompt), MAX_ANSWER_TOKENS, self.tokenizer.sep_token_id
         )
         text = self.tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
         return Generated(text, float(np.exp(np.mean(decoded.log_probs))) if decoded.log_probs else 0.0)
@@ -423,16 +422,9 @@ class AskModel:
         return {by_candidate[c]: p for c, p in probs.items() if c in by_candidate}
 
     def trust_embedding(self, enc: Encoded) -> np.ndarray:
-        """(D,) float32: the scan in the space of the checkpoint's reference set.
-
-        The space the trust block names (`trust.ood.embedding`): "mean_query_output" (what
-        training/qformer_trust.py fits: `ood_embedding`), else the mean of the queries' normalised
-        ITC image embeddings, re-normalised (references made before the name was recorded)."""
-        if ((self.config.get("trust") or {}).get("ood") or {}).get("embedding") == OOD_EMBEDDING:
-            return ood_embedding(enc)
-        with torch.inference_mode():
-            mean = self.qformer.image_embeddings(enc.query_states)[0].float().mean(dim=0)
-            return torch.nn.functional.normalize(mean, dim=-1).numpy().astype(np.float32)
+        """(D,) float32: the scan in the space of the checkpoint's reference set, the one training fits it in
+        (`ood_embedding`; config trust.ood.embedding records it as OOD_EMBEDDING)."""
+        return ood_embedding(enc)
 
     def assess(self, enc: Encoded, scan: Scan) -> OodFlag:
         """The scan's out-of-distribution flag: reference-set distance and modality vs the DICOM header (memoised)."""

@@ -406,13 +406,16 @@ class QFormer(nn.Module):
         states = self.joint_output(memory, encoder_mask, ids, attention_mask, causal=True)
         return self._lm_head(states[:, self.config.num_query_tokens :])
 
-    def causal_text_states(self, query_kv: list[KeyValues], ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def causal_text_states(
+        self, query_kv: list[KeyValues], ids: torch.Tensor, attention_mask: torch.Tensor, caches: list[KeyValues] | None = None
+    ) -> torch.Tensor:
         """The text states of the causal (ITG) view, [B, L, H], from the queries' per-layer keys/values of one image.
 
         In that view the queries never read the text, so their states are those of the query pass
         (query_output, self_kv=...): scoring K candidate answers then runs K short texts through the
         layers instead of K copies of the queries reading every encoder token (on a CT, ~2/3 of a
-        first answer's time went there). Same arithmetic as joint_output's text rows."""
+        first answer's time went there). Same arithmetic as joint_output's text rows.
+        caches: a list that receives each layer's [queries; text] keys/values (greedy decoding continues from them)."""
         b, n, q = ids.shape[0], ids.shape[1], self.config.num_query_tokens
         x = self.dropout(self.embeddings.LayerNorm(self._text_embeddings(ids)))  # per-token LayerNorm: as in _embed
         text = attention_mask.bool()[:, None, :] & torch.tril(torch.ones(n, n, dtype=torch.bool, device=ids.device))
@@ -423,6 +426,8 @@ class QFormer(nn.Module):
                 torch.cat([queries.key.expand(b, -1, -1, -1), own.key], dim=2),
                 torch.cat([queries.value.expand(b, -1, -1, -1), own.value], dim=2),
             )
+            if caches is not None:
+                caches.append(kv)
             x = layer.text_ffn(layer.attention(x, mask, kv=kv).hidden)
         return x
 
@@ -444,27 +449,18 @@ class QFormer(nn.Module):
         return cached[1]
 
     @torch.inference_mode()
-    def greedy_decode(
-        self, memory: EncoderMemory, prompt: list[int], max_new_tokens: int, stop_id: int, encoder_mask: torch.Tensor | None = None
-    ) -> Decoded:
-        """Greedy continuation of `prompt` (token ids, [CLS] first) for one image: (new token ids, their log-probs).
+    def greedy_decode(self, query_kv: list[KeyValues], prompt: list[int], max_new_tokens: int, stop_id: int) -> Decoded:
+        """Greedy continuation of `prompt` (token ids, [CLS] first) for one image, from its queries' keys/values
+        (query_output's self_kv): (new token ids, their log-probs).
 
         Keys/values of every earlier position are kept per layer, so each new token costs one
         position's pass instead of the whole sequence's (the queries never read the text in
         the causal view, so their keys/values are fixed): an open answer on a CPU then costs
         tens of milliseconds, not a second."""
-        q = self.config.num_query_tokens
         ids = torch.tensor([prompt])
-        x = self._embed(ids, True, 1)
         n = ids.shape[1]
-        mask = torch.ones(1, q + n, q + n, dtype=torch.bool)
-        mask[:, :q, q:] = False
-        mask[:, q:, q:] = torch.tril(torch.ones(n, n, dtype=torch.bool))
-        emask = self._encoder_mask(encoder_mask, 1, q, memory.tokens)
-        caches = []
-        for i, layer in enumerate(self.layer):
-            caches.append(layer.attention.keys_values(x))
-            x, _ = layer(x, mask, q, memory.kv[i], emask)
+        caches: list[KeyValues] = []
+        x = self.causal_text_states(query_kv, ids, torch.ones_like(ids), caches)
         out, logps = [], []
         position = n
         while True:

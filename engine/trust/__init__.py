@@ -28,9 +28,8 @@ The contract with training/ (a checkpoint folder):
   family on the candidates' scores (AskModel ranks mean token log-likelihoods).
 - trust_reference.safetensors (ReferenceSet.save): float16 training embeddings in the model's
   own space. CLIP: image embeddings of training images and volume slices (ClipModel.encode_images,
-  as the engine scores a volume slice by slice). Q-Former: AskModel.trust_embedding(encoded), in
-  the space config trust.ood.embedding names: "mean_query_output" (engine.ask.model.ood_embedding,
-  what training/qformer_trust.py fits), else the mean of the queries' normalised ITC embeddings.
+  as the engine scores a volume slice by slice). Q-Former: AskModel.trust_embedding(encoded), the
+  queries' mean output (engine.ask.model.ood_embedding, what training/qformer_trust.py fits).
 """
 
 from engine.trust.calibration import (
