@@ -132,27 +132,25 @@ def names(profile, **kw):
 def test_candidates_follow_the_hardware():
     spr = profile_of(SAPPHIRE_RAPIDS, capability="AVX512")
     # AMX with OpenVINO: its bf16 and int8 paths and torch bf16; dynamic int8 never won there (measured), not probed
-    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True) == [
+    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True) == [
         "openvino-bf16",
         "bf16",
         "openvino-int8",
         "onnx-fp32",
     ]
-    # static int8 only on calibration images like the user's: not on the generic bundled ones
-    assert names(spr, onnx_available=True, openvino_available=True, nncf_available=True) == ["openvino-bf16", "bf16", "onnx-fp32"]
     assert names(spr, onnx_available=False, openvino_available=True, nncf_available=False) == ["openvino-bf16", "bf16"]
     assert names(spr, onnx_available=True, openvino_available=False, nncf_available=False) == ["bf16", "onnx-fp32", "int8", "onnx-int8"]
-    assert dict(fastpath.candidates(spr, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True))[
-        "openvino-int8"
-    ].endswith("AMX-INT8")
+    assert dict(fastpath.candidates(spr, onnx_available=True, openvino_available=True, nncf_available=True))["openvino-int8"].endswith(
+        "AMX-INT8"
+    )
     epyc = profile_of(EPYC_AVX2)
-    got = names(epyc, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True)
+    got = names(epyc, onnx_available=True, openvino_available=True, nncf_available=True)
     assert "bf16" not in got and "openvino-bf16" not in got, "an AVX2-only CPU emulates bf16 (10x slower on EPYC): never a candidate"
     assert got == ["openvino-fp32", "openvino-int8", "onnx-fp32", "int8", "onnx-int8"]
     assert names(epyc, onnx_available=False, openvino_available=False, nncf_available=False) == ["int8"]
     icl = profile_of(ICE_LAKE, capability="AVX512")
     assert dict(fastpath.candidates(icl, onnx_available=False, openvino_available=False, nncf_available=False)) == {"int8": "AVX-512 VNNI"}
-    assert names(icl, onnx_available=True, openvino_available=True, nncf_available=True, calibrated=True) == [
+    assert names(icl, onnx_available=True, openvino_available=True, nncf_available=True) == [
         "openvino-fp32",
         "openvino-int8",
         "onnx-fp32",
@@ -210,6 +208,12 @@ def test_choose_never_slower_and_never_below_parity():
     assert fastpath.choose([fp32, built("int8", 50, 40, 0.996)])[1][0] == "int8"  # int8 needs 0.995
     assert fastpath.choose([fp32, built("openvino-int8", 50, 40, 0.996)])[12][0] == "openvino-int8"
     assert fastpath.choose([fp32, built("openvino-bf16", 50, 40, 0.9985)])[12][0] == "fp32"
+    # static int8 calibrated on the generic scans, not the user's, needs a margin over 0.995 on the held-out ones
+    generic = built("openvino-int8", 50, 40, 0.996)
+    generic.min_cosine = fastpath.MIN_COSINE["openvino-int8"] + fastpath.GENERIC_INT8_MARGIN
+    assert fastpath.choose([fp32, generic])[12][0] == "fp32" and "< 0.997" in generic.status
+    generic.cos_image, generic.status = 0.9984, "probed"
+    assert fastpath.choose([fp32, generic])[12][0] == "openvino-int8"
     flipped = built("openvino-int8", 50, 40, 0.999, labels_ok=False)
     assert fastpath.choose([fp32, flipped])[1][0] == "fp32" and "ranked labels changed" in flipped.status
     assert fastpath.choose([fp32, built("onnx-int8", 0, 0, None, status="error: ImportError")])[1][0] == "fp32"
@@ -318,6 +322,20 @@ def test_probe_runs_and_keeps_fp32_model_intact(tiny, monkeypatch):
     again = fastpath.apply_best(tiny, min_image_params=0)  # decision remembered on disk
     assert again.name == path.name and again.by_batch == path.by_batch and "earlier load" in again.reason
     assert again.details["by_batch"] == by_batch
+
+
+def test_a_cached_static_int8_decision_reuses_the_ir_it_judged(tiny, monkeypatch):
+    require_openvino(int8=True)
+    from engine.models import openvino_path
+
+    monkeypatch.setattr(fastpath, "candidates", lambda profile, **kw: [("openvino-int8", "test")])
+    monkeypatch.setattr(fastpath, "choose", lambda results, **kw: {b: ("openvino-int8", "test") for b in fastpath.PROBE_BATCHES})
+    quantised, original = [], openvino_path.quantize_ir
+    monkeypatch.setattr(openvino_path, "quantize_ir", lambda *a, **kw: quantised.append(a[2]) or original(*a, **kw))
+    first = fastpath.apply_best(tiny, min_image_params=0)
+    assert first.name == "openvino-int8" and len(quantised) == 1
+    again = fastpath.apply_best(tiny, min_image_params=0)  # the next process: the decision and its IR from the cache
+    assert "earlier load" in again.reason and len(quantised) == 1, "the cached decision quantised again on other images"
 
 
 def test_decisions_are_listed_for_models_speed(tiny, monkeypatch, capsys):
