@@ -206,7 +206,9 @@ def measure(repeats: int) -> dict:
     from _machine import wait_quiet
     from _orthanc import Orthanc
 
-    m: dict = {"started": dt.datetime.now(dt.timezone.utc), "up_before": uptime()}
+    from _machine import first_touch_ms_per_mb
+
+    m: dict = {"started": dt.datetime.now(dt.timezone.utc), "up_before": uptime(), "touch_before": first_touch_ms_per_mb()}
     with tempfile.TemporaryDirectory(prefix="medlens-bench-pacs-") as tmp:
         folder = Path(tmp) / "series"
         folder.mkdir()
@@ -268,7 +270,7 @@ def report(m: dict, repeats: int, rounds: list[dict] | None = None) -> list[str]
     """The Markdown table of bench/results/pacs.md."""
     from importlib.metadata import version
 
-    from _machine import cpu_name, loadavg
+    from _machine import cpu_name, first_touch_ms_per_mb, loadavg
 
     loads, stages, kinds = m["loads"], m["stages"], m["kinds"]
     started, up_before, up_after, quiet = m["started"], m["up_before"], m["up_after"], m["quiet"]
@@ -280,7 +282,7 @@ def report(m: dict, repeats: int, rounds: list[dict] | None = None) -> list[str]
         "# PACS in, DICOM out: DICOMweb retrieval vs disk, and the push of results",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- Command: `python bench/pacs.py --repeats {repeats}{f' --rounds {len(rounds)}' if rounds else ''}`",
+        f"- Command: `python bench/pacs.py --repeats {repeats}{f' --rounds {len(rounds)}' if rounds else ''}{m.get('prefault_cmd', '')}`",
         f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores; python {platform.python_version()}, pydicom {version('pydicom')}, "
         f"dicomweb-client {version('dicomweb-client')}, highdicom {version('highdicom')}, Orthanc 1.10.1 + DICOMweb plugin (Debian)",
         f"- Series: {N_SLICES} axial CT slices, {ROWS}x{COLS}, 16-bit, Explicit VR Little Endian, {size_mb:.0f} MB, synthetic "
@@ -289,6 +291,8 @@ def report(m: dict, repeats: int, rounds: list[dict] | None = None) -> list[str]
         f"  - before: `{up_before}`",
         f"  - after: `{up_after}`; load average now {loadavg()}",
         f"  - waited up to 2 min for a quiet machine before timing: {'quiet' if quiet else 'still busy, timed anyway'}",
+        f"- Writing fresh memory: {m.get('touch_before', float('nan')):.2f} ms/MB before the run, {first_touch_ms_per_mb():.2f} after "
+        f"(bench/_machine.first_touch_ms_per_mb; ~0.1 where RAM is the machine's own){m.get('prefault_note', '')}",
         f"- STOW of the 300 instances (setup, in 6 requests): {stow_series_s:.2f} s",
         "",
         *(rounds_section(rounds) if rounds else []),
@@ -351,6 +355,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes, each with its own Orthanc (the verdict: the median round)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--prefault-gb", type=float, default=0.0, help="write this much memory once before timing (a fresh VM: see _machine.prefault)"
+    )
     parser.add_argument("--round-result", type=Path, help=argparse.SUPPRESS)  # a round's measurements (pickle), for --rounds
     args = parser.parse_args(argv)
     from _orthanc import DICOMWEB_PLUGIN, ORTHANC
@@ -361,6 +368,11 @@ def main(argv=None) -> int:
     if args.round_result:
         args.round_result.write_bytes(pickle.dumps(measure(args.repeats)))
         return 0
+    prefault_note = ""
+    if args.prefault_gb:
+        from _machine import prefault
+
+        prefault_note = f"; {args.prefault_gb:g} GB written once before timing (--prefault-gb) in {prefault(args.prefault_gb):.0f} s"
     rounds = []
     if args.rounds > 1:
         with tempfile.TemporaryDirectory(prefix="medlens-bench-rounds-") as tmp:
@@ -372,6 +384,8 @@ def main(argv=None) -> int:
         m = sorted(rounds, key=_ratio)[len(rounds) // 2]
     else:
         m = measure(args.repeats)
+    m["prefault_note"] = prefault_note
+    m["prefault_cmd"] = f" --prefault-gb {args.prefault_gb:g}" if args.prefault_gb else ""
     lines = report(m, args.repeats, rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))

@@ -72,11 +72,19 @@ def series_rows(client: PacsClient, locator: Locator) -> list[SeriesRow]:
 
 @dataclass
 class _Arrived:
-    """What streamed in: the instance count, and the identified context of the image instances."""
+    """What streamed in: the instance count, and the image instances (their datasets, until the reader is done)."""
 
     count: int = 0
-    header: object = None
-    refs: list[InstanceRef] = field(default_factory=list)
+    images: list = field(default_factory=list)
+
+    def context(self) -> tuple[object, tuple[InstanceRef, ...]]:
+        """(identified header, instance references), taken once the reader has read the datasets: it converts
+        their geometry and identifiers from raw bytes once, and the references reuse that (0.012 s for 300
+        instances against 0.05 s before the reader). The datasets are let go here."""
+        header = header_of(self.images[0]) if self.images else None
+        refs = tuple(InstanceRef.from_dataset(ds) for ds in self.images)
+        self.images = []
+        return header, refs
 
 
 def _image_sources(client: PacsClient, row: SeriesRow, arrived: _Arrived) -> Iterator[Source]:
@@ -85,17 +93,15 @@ def _image_sources(client: PacsClient, row: SeriesRow, arrived: _Arrived) -> Ite
         arrived.count += 1
         if not any(k in ds for k in _PIXELS):
             continue
-        if arrived.header is None:
-            arrived.header = header_of(ds)
-        arrived.refs.append(InstanceRef.from_dataset(ds))
-        yield Source(f"{label} instance {len(arrived.refs)}", 0, _no_bytes, dataset=ds)
+        arrived.images.append(ds)  # held by the reader's sources until it returns anyway: no extra memory
+        yield Source(f"{label} instance {len(arrived.images)}", 0, _no_bytes, dataset=ds)
 
 
 def read_series(client: PacsClient, row: SeriesRow) -> tuple[list[Scan], list[Skipped]]:
     """One series -> its scans (with their PacsOrigin) and the instances that could not be read.
 
-    Instances are decoded as they stream in (the reader pulls them one by one), so the PACS keeps sending
-    while the previous instance is being read.
+    The response is parsed to its end before the reader starts (see the module docstring); the identified
+    context is taken from the datasets after the reader (`_Arrived.context`).
     """
     from engine.io.dicom import read_dicom
 
@@ -106,15 +112,10 @@ def read_series(client: PacsClient, row: SeriesRow) -> tuple[list[Scan], list[Sk
             f"only {arrived.count} of the {row.n_instances} instances of this series arrived: the PACS may still be "
             "receiving it, or some instances are unreadable there; try again later"
         )
-    if not arrived.refs:
+    if not arrived.images:
         raise NotAnImage(f"this series ({_describe(row.modality)}) holds no pixel data, so it is not an image")
-    origin = PacsOrigin(
-        server=client.identity,
-        study_uid=row.study_uid,
-        series_uid=row.series_uid,
-        _header=arrived.header,
-        instances=tuple(arrived.refs),
-    )
+    header, refs = arrived.context()
+    origin = PacsOrigin(server=client.identity, study_uid=row.study_uid, series_uid=row.series_uid, _header=header, instances=refs)
     for scan in scans:
         scan.origin = origin
     return scans, skipped
