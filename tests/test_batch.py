@@ -217,6 +217,27 @@ def test_limit_dry_run_listing_and_a_missing_listed_path(capsys, tiny, tree, tmp
     assert len(rows) == 7 and rows[str(tmp_path / "gone.dcm")]["error"]["reason"] == "no such file or folder"
 
 
+def test_each_run_is_one_audit_line_without_paths(capsys, tiny, tree, tmp_path, monkeypatch):
+    from engine import audit
+
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("MEDLENS_AUDIT_LOG", str(log))
+    patient_folder = tmp_path / "DOE_JANE_1961"  # folders are user text: a path must never reach the log
+    shutil.copytree(tree / "dicom", patient_folder)
+    out = tmp_path / "out_DOE_JANE"
+    assert run(capsys, "label", patient_folder, "--out", out, "--model", tiny, "--dry-run", "--quiet")[0] == 0
+    assert not log.exists()  # a dry run does nothing, so records nothing
+    assert run(capsys, "label", patient_folder, "--out", out, "--model", tiny, "--quiet")[0] == 0
+    records, bad = audit.read(log)
+    summary = json.loads((out / "summary.json").read_text())
+    assert bad == 0 and [r.action for r in records] == ["batch"]
+    line = records[0]
+    assert line.outcome == "ok" and line.user == "local" and line.model == summary["job"]["model_id"].split("@")[0]
+    assert line.detail["job"] == summary["job"]["key"] and line.detail["task"] == "label"
+    assert line.detail["units"] == summary["plan"]["units"] and line.detail["ok"] == summary["totals"]["ok"] > 0
+    assert "DOE" not in log.read_text() and str(tmp_path) not in log.read_text()
+
+
 def test_index_writes_the_library_once(capsys, tiny, tree, tmp_path):
     from engine.io import load_one
     from engine.library import connect, counts

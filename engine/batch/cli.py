@@ -112,9 +112,7 @@ def cmd_batch(args) -> int:
         library=spec.options.get("library"),
         progress=not args.quiet,
     )
-    # AUDIT HOOK (branch `auth`): once engine/audit.py lands, record the run here without PHI, e.g.
-    # engine.audit.record("batch", task=spec.task, job=spec.key(), model=spec.model, sources=len(args.sources))
-    summary = run_batch(spec, args.sources, engine, options)
+    summary = _run_audited(spec, args, engine, options)
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
     else:
@@ -132,6 +130,33 @@ def cmd_batch(args) -> int:
         print("medlens: no unit could be processed (see failures in summary.json)", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+def _run_audited(spec: TaskSpec, args, engine, options: RunOptions) -> dict[str, Any]:
+    """run_batch, with one audit line per run (a dry run changes nothing and is not recorded).
+
+    The line names the job key, the task, the engine and the counts, never a path: the sources and the
+    output folder are user text (a folder may be named after a patient). The scans of an archive run are
+    not listed in the line (a million hashes would make one 65 MB line); the job key leads to the output's
+    rows, which carry each unit's content hash."""
+    if args.dry_run:
+        return run_batch(spec, args.sources, engine, options)
+    from engine import audit
+    from engine.auth.users import LOCAL
+
+    with audit.recorded("batch", user=LOCAL, model=spec.model) as entry:
+        entry.detail = {"task": spec.task, "job": spec.key(), "engine": args.engine}
+        summary = run_batch(spec, args.sources, engine, options)
+        totals, run = summary.get("totals", {}), summary.get("run", {})
+        entry.model = (summary.get("job") or {}).get("model_id") or spec.model
+        entry.detail.update(
+            units=(summary.get("plan") or {}).get("units"),
+            rows=run.get("rows"),
+            ok=totals.get("ok"),
+            errors=totals.get("errors"),
+            missing=totals.get("missing"),
+        )
+    return summary
 
 
 def _describe(summary: dict[str, Any]) -> str:
