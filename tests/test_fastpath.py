@@ -338,6 +338,25 @@ def test_a_cached_static_int8_decision_reuses_the_ir_it_judged(tiny, monkeypatch
     assert "earlier load" in again.reason and len(quantised) == 1, "the cached decision quantised again on other images"
 
 
+def test_a_chosen_openvino_path_keeps_its_compiled_model_and_a_probe_does_not(tiny, monkeypatch):
+    require_openvino()
+    from engine.models import decisions, openvino_path
+
+    monkeypatch.setattr(fastpath, "candidates", lambda profile, **kw: [("openvino-fp32", "test")])
+    monkeypatch.setattr(fastpath, "choose", lambda results, **kw: {b: ("openvino-fp32", "test") for b in fastpath.PROBE_BATCHES})
+    compiled = openvino_path.compiled_cache(decisions.cache_dir())
+    first = fastpath.apply_best(tiny, min_image_params=0)
+    assert first.name == "openvino-fp32" and not (compiled.exists() and any(compiled.iterdir())), "a probe left compiled blobs"
+    images = [np.zeros((64, 64, 3), np.uint8), np.full((64, 64), 200, np.uint8)]
+    expected = tiny.encode_images(images)
+    again = fastpath.apply_best(tiny, min_image_params=0)  # the next process: the cached decision compiles once, into the cache
+    assert "earlier load" in again.reason and any(compiled.iterdir())
+    blobs = sorted(compiled.iterdir())
+    third = fastpath.apply_best(tiny, min_image_params=0)  # and the one after imports it: the same numbers, no new blob
+    assert "earlier load" in third.reason and sorted(compiled.iterdir()) == blobs
+    assert np.allclose(tiny.encode_images(images), expected, atol=1e-5)
+
+
 def test_decisions_are_listed_for_models_speed(tiny, monkeypatch, capsys):
     from engine.cli import main
     from engine.models.decisions import remembered

@@ -166,8 +166,10 @@ def build(
     ir_key: str,
     profile: CpuProfile,
     why: str = "",
+    keep_compiled: bool = False,
 ) -> Trial:
-    """One path for `getattr(module, forward_name)`; OpenVINO IRs are cached under `ir_key`."""
+    """One path for `getattr(module, forward_name)`; OpenVINO IRs are cached under `ir_key` (and, with
+    `keep_compiled`, for a path already chosen, the compiled model too)."""
     start = time.perf_counter()
     trial = Trial(name, why)
     if name == "fp32":
@@ -178,20 +180,29 @@ def build(
         method = getattr(twin, forward_name)
         trial.forward = lambda x, _m=method: _m(x.to(torch.bfloat16)).float()
     elif name in ("openvino-bf16", "openvino-fp32"):
-        trial.forward = _openvino(name, lambda: getattr(module, forward_name), example, dynamic_axes, ir_key)
+        trial.forward = _openvino(name, lambda: getattr(module, forward_name), example, dynamic_axes, ir_key, keep_compiled)
     else:
         raise ValueError(f"unknown encoder path '{name}' (known: {', '.join(PATHS)})")
     trial.build_s = time.perf_counter() - start
     return trial
 
 
-def _openvino(name: str, forward: Callable[[], Callable], example: torch.Tensor, dynamic_axes: Sequence[int], ir_key: str):
+def _openvino(
+    name: str,
+    forward: Callable[[], Callable],
+    example: torch.Tensor,
+    dynamic_axes: Sequence[int],
+    ir_key: str,
+    keep_compiled: bool = False,
+):
     precision = "bf16" if name == "openvino-bf16" else "f32"
+    folder = decisions.cache_dir()
     xml, tmp = openvino_path.cached_ir(
-        decisions.cache_dir(), f"encoder-{ir_key}.xml", lambda target: openvino_path.save_ir(forward(), example, target, dynamic_axes)
+        folder, f"encoder-{ir_key}.xml", lambda target: openvino_path.save_ir(forward(), example, target, dynamic_axes)
     )
+    compiled = openvino_path.compiled_cache(folder) if keep_compiled else None
     try:
-        return openvino_path.OpenVinoForward(xml, precision, torch.get_num_threads())
+        return openvino_path.OpenVinoForward(xml, precision, torch.get_num_threads(), compiled)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -232,7 +243,9 @@ def fast_encoder(
         if name in PATHS:
             try:
                 module = None if name.startswith("openvino") and _ir_ready(ir_key) else load_module()
-                trial = build(name, module, forward, example() if module is not None else None, dynamic_axes, ir_key, profile)
+                trial = build(
+                    name, module, forward, example() if module is not None else None, dynamic_axes, ir_key, profile, keep_compiled=True
+                )
                 path = EncoderPath(name, cached.get("reason", "") + " [decided on an earlier load]", cached.get("details", {}))
                 return FastEncoder(trial.forward, path, keep=module)
             except Exception as exc:

@@ -370,10 +370,18 @@ def _frozen_copy(module: torch.nn.Module, dtype: torch.dtype | None = None) -> t
     return twin
 
 
-def build_path(clip: ClipModel, name: str, profile: CpuProfile, why: str = "", calibration: torch.Tensor | None = None) -> Built:
+def build_path(
+    clip: ClipModel,
+    name: str,
+    profile: CpuProfile,
+    why: str = "",
+    calibration: torch.Tensor | None = None,
+    keep_compiled: bool = False,
+) -> Built:
     """One inference path for the image tower (a copy; clip.model stays fp32).
 
-    `calibration`: preprocessed real images for openvino-int8 (default: engine.models.calibration's set)."""
+    `calibration`: preprocessed real images for openvino-int8 (default: engine.models.calibration's set).
+    `keep_compiled`: an OpenVINO path keeps its compiled model in the cache folder (for a path already chosen)."""
     start = time.perf_counter()
     visual = clip.model.visual
     if name == "fp32":
@@ -399,7 +407,7 @@ def build_path(clip: ClipModel, name: str, profile: CpuProfile, why: str = "", c
 
         built = Built(name, why, onnx_forward, keep=session)
     elif name.startswith("openvino-") and name in PATHS:
-        forward = _openvino_forward(clip, name, profile, calibration)
+        forward = _openvino_forward(clip, name, profile, calibration, keep_compiled)
         built = Built(name, why, forward, keep=forward)
     else:
         raise ValueError(f"unknown inference path '{name}' (known: {', '.join(PATHS)})")
@@ -407,7 +415,7 @@ def build_path(clip: ClipModel, name: str, profile: CpuProfile, why: str = "", c
     return built
 
 
-def _openvino_forward(clip: ClipModel, name: str, profile: CpuProfile, calibration: torch.Tensor | None):
+def _openvino_forward(clip: ClipModel, name: str, profile: CpuProfile, calibration: torch.Tensor | None, keep_compiled: bool = False):
     """The image tower as an OpenVINO IR (cached), int8-quantised for openvino-int8, compiled for this CPU."""
     visual = clip.model.visual
     base = decisions.key(FASTPATH_VERSION, clip.model_id, decisions.versions())
@@ -430,7 +438,8 @@ def _openvino_forward(clip: ClipModel, name: str, profile: CpuProfile, calibrati
             f"image-int8-{decisions.key(base, fingerprint, transformer)}.xml",
             lambda t: openvino_path.quantize_ir(fp32_ir, t, samples, transformer=transformer),
         )
-    forward = openvino_path.OpenVinoForward(xml, precision, torch.get_num_threads())
+    compiled = openvino_path.compiled_cache(folder) if keep_compiled else None
+    forward = openvino_path.OpenVinoForward(xml, precision, torch.get_num_threads(), compiled)
     for t in (tmp, tmp_q):
         if t is not None:
             t.cleanup()
@@ -768,7 +777,7 @@ def _apply_cached(clip: ClipModel, profile: CpuProfile, cached: dict, install: _
     whys = cached.get("whys", {})
     names = dict.fromkeys(cached["by_batch"].values())
     int8_calibration = static_int8_calibration(clip, calibration) if set(names) & set(STATIC_INT8) else None
-    built = {name: build_path(clip, name, profile, whys.get(name, ""), calibration=int8_calibration) for name in names}
+    built = {name: build_path(clip, name, profile, whys.get(name, ""), calibration=int8_calibration, keep_compiled=True) for name in names}
     chosen = {int(b): built[name] for b, name in cached["by_batch"].items()}
     path = install(chosen, cached["reason"] + " [decided on an earlier load]", [])
     for k in ("probe", "by_batch", "calibration", "load"):

@@ -62,6 +62,9 @@ import torch
 log = logging.getLogger(__name__)
 
 
+COMPILED_FOLDER = "openvino-compiled"  # under the fast-path cache: compiled models of chosen paths
+
+
 def available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
@@ -225,11 +228,18 @@ def quantize_ir(source: Path, target: Path, calibration: Sequence[torch.Tensor],
 class OpenVinoForward:
     """A compiled OpenVINO model called like a torch module: float tensor in, float32 tensor out."""
 
-    def __init__(self, xml: Path, precision: str, threads: int):
+    def __init__(self, xml: Path, precision: str, threads: int, compiled_cache: Path | None = None):
         import openvino as ov
 
         core = ov.Core()
         config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": int(threads)}
+        if compiled_cache is not None:
+            # OpenVINO keeps the compiled model here, keyed by the model, this configuration and its own version, and
+            # imports it on the next load instead of compiling again (AMD EPYC: the medlens-clip image tower, bf16,
+            # 1 thread, 0.55 -> 0.16 s; the 3D encoder, bf16, 2 threads, 0.92 -> 0.53 s; ~115 MB on disk per path).
+            # Only chosen paths ask for it: a probe's rejected candidates would leave ~100 MB blobs behind.
+            compiled_cache.mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(compiled_cache)
         self.compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
         self.request = self.compiled.create_infer_request()
         self.precision = precision
@@ -240,6 +250,11 @@ class OpenVinoForward:
         with self._lock:
             out = self.request.infer({0: arr})[0]
             return torch.from_numpy(np.array(out, dtype=np.float32, copy=True))  # the request reuses its buffer
+
+
+def compiled_cache(folder: Path | None) -> Path | None:
+    """Where a chosen path's compiled models are kept: beside the IRs, or nowhere without a cache folder."""
+    return None if folder is None else folder / COMPILED_FOLDER
 
 
 def cached_ir(folder: Path | None, name: str, build: Callable[[Path], Path]) -> tuple[Path, tempfile.TemporaryDirectory | None]:
