@@ -338,6 +338,32 @@ def test_a_cached_static_int8_decision_reuses_the_ir_it_judged(tiny, monkeypatch
     assert "earlier load" in again.reason and len(quantised) == 1, "the cached decision quantised again on other images"
 
 
+def test_bf16_keeps_a_resnet_stem_and_first_stage_in_fp32():
+    import timm
+
+    class Tower(torch.nn.Module):  # open_clip's TimmModel layout: .trunk, then a head
+        def __init__(self):
+            super().__init__()
+            self.trunk = timm.create_model("resnet18", pretrained=False, num_classes=0)
+            self.head = torch.nn.Linear(512, 8)
+
+        def forward(self, x):
+            return self.head(self.trunk(x))
+
+    torch.manual_seed(0)
+    tower = Tower().eval()
+    twin = fastpath._bf16_twin(tower)
+    dtypes = {name: next(getattr(twin.trunk, name).parameters()).dtype for name in ("conv1", "layer1", "layer2", "layer4")}
+    assert dtypes == {"conv1": torch.float32, "layer1": torch.float32, "layer2": torch.bfloat16, "layer4": torch.bfloat16}
+    assert twin.head.weight.dtype == torch.float32 and next(tower.parameters()).dtype == torch.float32  # the original untouched
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        out, ref = twin(x), tower(x)
+    assert out.dtype == torch.float32 and torch.nn.functional.cosine_similarity(out, ref).min() > 0.99
+    whole = fastpath._bf16_twin(torch.nn.Sequential(torch.nn.Linear(4, 4)))  # no stages (a ViT): bf16 whole, float in and out
+    assert next(whole.parameters()).dtype == torch.bfloat16 and whole(torch.rand(1, 4)).dtype == torch.float32
+
+
 def test_a_chosen_openvino_path_keeps_its_compiled_model_and_a_probe_does_not(tiny, monkeypatch):
     require_openvino()
     from engine.models import decisions, openvino_path
