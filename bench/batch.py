@@ -248,7 +248,7 @@ def table(results: list[dict], baseline: dict | None, local: dict | None) -> lis
             engine, path, startup, steady, plan, split = "`medlens index` (index_paths, model loaded)", "as loaded", "—", rate, "—", "—"
         else:
             run = s["run"]
-            engine, path, plan = s["engine"], ", ".join(run["inference_paths"]), f"{s['plan']['plan_s']:.2f}"
+            engine, path, plan = s["engine"], ", ".join(run["inference_paths"]).replace("|", "\\|"), f"{s['plan']['plan_s']:.2f}"
             startup = f"{run['first_batch_s']:.1f}" if run["first_batch_s"] is not None else "—"
             steady = run["units_per_s_after_first_batch"] or rate
             ms = run["ms_per_unit"]
