@@ -147,14 +147,10 @@ def _run_audited(spec: TaskSpec, args, engine, options: RunOptions) -> dict[str,
     with audit.recorded("batch", user=LOCAL, model=spec.model) as entry:
         entry.detail = {"task": spec.task, "job": spec.key(), "engine": args.engine}
         summary = run_batch(spec, args.sources, engine, options)
-        totals, run = summary.get("totals", {}), summary.get("run", {})
-        entry.model = (summary.get("job") or {}).get("model_id") or spec.model
+        totals = summary["totals"]
+        entry.model = summary["job"]["model_id"] or spec.model  # with its revision, once a worker has loaded it
         entry.detail.update(
-            units=(summary.get("plan") or {}).get("units"),
-            rows=run.get("rows"),
-            ok=totals.get("ok"),
-            errors=totals.get("errors"),
-            missing=totals.get("missing"),
+            units=summary["plan"]["units"], rows=summary["run"]["rows"], ok=totals["ok"], errors=totals["errors"], missing=totals["missing"]
         )
     return summary
 

@@ -380,30 +380,17 @@ def _bf16_twin(visual: torch.nn.Module) -> torch.nn.Module:
     On the shipped ResNet-152 (AMD EPYC with AVX512-BF16, 21 probe images, batch 16) the worst cosine to fp32 was
     0.99713 all in bf16 (below the 0.999 parity bar), 0.99884 with the stem in fp32 and 0.99928 with the stem and
     layer1 in fp32, at 1.66x fp32's speed against 1.75x. Other towers (ViTs) go to bf16 whole."""
-    trunk = getattr(visual, "trunk", None)
-    stages = [getattr(trunk, f"layer{i}", None) for i in range(1, 5)]
-    if trunk is None or not all(isinstance(s, torch.nn.Module) for s in stages):
-        twin = _frozen_copy(visual, torch.bfloat16)
-        return _FloatIO(twin, torch.bfloat16)
     twin = _frozen_copy(visual)
-    later = [getattr(twin.trunk, f"layer{i}") for i in range(2, 5)]
+    trunk = getattr(twin, "trunk", None)
+    stages = [getattr(trunk, f"layer{i}", None) for i in range(1, 5)]
+    in_bf16 = stages[1:] if all(isinstance(s, torch.nn.Module) for s in stages) else [twin]
     with torch.no_grad():
-        for stage in later:
-            stage.to(torch.bfloat16)
-    later[0].register_forward_pre_hook(lambda _m, args: (args[0].to(torch.bfloat16), *args[1:]))
-    later[-1].register_forward_hook(lambda _m, _args, out: out.float())
+        for module in in_bf16:
+            module.to(torch.bfloat16)
+    # the bf16 run is consecutive modules: cast on the way into the first and out of the last
+    in_bf16[0].register_forward_pre_hook(lambda _m, args: (args[0].to(torch.bfloat16), *args[1:]))
+    in_bf16[-1].register_forward_hook(lambda _m, _args, out: out.float())
     return twin
-
-
-class _FloatIO(torch.nn.Module):
-    """A module run in `dtype`, called with and returning float32."""
-
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.module, self.dtype = module, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.to(self.dtype)).float()
 
 
 def build_path(
@@ -424,7 +411,7 @@ def build_path(
         built = Built("fp32", why or "reference", lambda pixels, _m=visual: _m(pixels))
     elif name == "bf16":
         twin = _bf16_twin(visual)
-        built = Built("bf16", why, lambda pixels, _m=twin: _m(pixels).float(), keep=twin)
+        built = Built("bf16", why, lambda pixels, _m=twin: _m(pixels), keep=twin)
     elif name == "int8":
         if profile.is_arm and "qnnpack" in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = "qnnpack"
