@@ -146,5 +146,3 @@ def same_embedding(visual: torch.nn.Module, tower: torch.nn.Module, pixels: torc
     """Largest absolute difference between the two towers' embeddings of `pixels` (for tests and benchmarks)."""
     with torch.no_grad():
         return float((visual(pixels).float() - tower(pixels).float()).abs().max())
-
-
