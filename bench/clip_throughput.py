@@ -206,6 +206,8 @@ def every_path(clip, pixels: torch.Tensor, text: np.ndarray, names: list[str], r
 
 
 def gate_lines(model_name: str, rows: list[dict]) -> list[str]:
+    from engine.models.cpu import cpu_profile
+
     klass = cpu_class()
     gates = (
         VIT_GATES.get(klass, {}) if model_name == "biomedclip-shape" else {b: g for g in [SHIPPED_GATE.get(klass)] if g for b in (1, 16)}
@@ -223,6 +225,13 @@ def gate_lines(model_name: str, rows: list[dict]) -> list[str]:
             )
     if not gates:
         lines.append("| (no speed-up gate for this model on this CPU class) | | |")
+    if klass.startswith("AMX") and "amx_bf16" not in cpu_profile().flags:
+        # the class joins AMX and AVX512-BF16 without it; their int8/bf16 units differ ~16x in width
+        lines += [
+            "",
+            "This CPU has AVX512-BF16 but no AMX: its int8 units are AVX-512 VNNI. `python bench/int8_ceiling.py` measures "
+            "how far int8 can get here over the fp32 tower when everything but its matrix products costs nothing.",
+        ]
     return lines
 
 
