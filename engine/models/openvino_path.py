@@ -39,6 +39,15 @@ Design decisions
   scaled_dot_product_attention as one SDPA op) cost the same CPU as the
   dynamic-batch ONNX route (58-62 ms); the f16 precision hint (AVX512-FP16,
   no AMX-FP16 on this CPU) was 3x slower than bf16 on the ResNet trunk.
+  On the AMD EPYC (Zen 4: AVX512-BF16 and VNNI, no AMX), int8 ViT-B/16 with
+  the class-token last block at batch 16, 8 interleaved repeats, min / median
+  ms/img: dynamic batch 47.4 / 51.7; static batch 16 47.2 / 51.6; two streams
+  of one thread, each half the batch, 46.9 / 49.8, static 45.3 / 48.1. At
+  most 4-7%, within the machine's noise, for a second compiled model per
+  batch size: not taken. The int8 matrix products already run at ~400 GMAC/s,
+  about what two Zen 4 cores' VNNI units do (bench/int8_ceiling.py), and
+  converting through `ov.convert_model` (one SDPA node per attention) was
+  slower under int8 (47.0 against 45.3).
 - A compiled model is called through one infer request under a lock: a
   request is not thread-safe, and the engine runs one heavy job at a time.
 """
