@@ -44,12 +44,25 @@ from _report import table as markdown_table  # noqa: E402
 from _setup import add_out_option, fresh_fastpath_cache  # noqa: E402
 
 
-def shipped_prep():
-    from engine.models.volume_prep import VolumePrep
+def shipped_config() -> dict:
     from engine.settings import assets_dir
 
-    config = json.loads((assets_dir() / "models" / "medlens-qformer" / "config.json").read_text())
+    return json.loads((assets_dir() / "models" / "medlens-qformer" / "config.json").read_text())
+
+
+def shipped_prep():
+    from engine.models.volume_prep import VolumePrep
+
+    config = shipped_config()
     return VolumePrep.from_dict(config.get("volume_prep", {})), int(config.get("image_size", 128))
+
+
+def image_tensor(picture, size: int):
+    """A 2D picture as the shipped Q-Former's 2D path feeds its encoder (engine.ask.model.qformer_preprocess), at `size`."""
+    from engine.ask.model import qformer_preprocess
+
+    config = shipped_config()
+    return qformer_preprocess({**config, "preprocess_cfg": {**(config.get("preprocess_cfg") or {}), "size": size}})([picture])
 
 
 def inputs_3d() -> dict:
@@ -193,7 +206,6 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     cache = fresh_fastpath_cache("medlens-encoder-bench-")
-    from engine.ask.model import image_tensor
     from engine.models import calibration, i3resnet
 
     load_before = uptime()

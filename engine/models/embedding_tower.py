@@ -50,8 +50,16 @@ def _is_timm_token_vit(visual: torch.nn.Module) -> bool:
         return False
     last = trunk.blocks[-1]
     attn = getattr(last, "attn", None)
-    # exact classes only: a subclass (or a gated attention) may compute something this file does not
-    return type(last) is Block and type(attn) is Attention and getattr(attn, "gate", None) is None
+    # exact classes only: a subclass (or a gated attention) may compute something this file does not; and every
+    # attribute the forward below reads (timm versions add and rename them)
+    return (
+        type(last) is Block
+        and type(attn) is Attention
+        and getattr(attn, "gate", None) is None
+        and all(hasattr(trunk, a) for a in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "norm", "forward_head"))
+        and all(hasattr(last, a) for a in ("norm1", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"))
+        and all(hasattr(attn, a) for a in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm", "norm", "proj"))
+    )
 
 
 class _TimmClassTokenTower(torch.nn.Module):
@@ -108,7 +116,9 @@ def _is_open_clip_token_vit(visual: torch.nn.Module) -> bool:
     transformer = visual.transformer
     blocks = getattr(transformer, "resblocks", None)
     return (
-        getattr(visual, "pool_type", None) == "tok"
+        hasattr(visual, "_embeds")
+        and hasattr(visual, "ln_post")
+        and getattr(visual, "pool_type", None) == "tok"
         and getattr(visual, "attn_pool", None) is None
         and not getattr(visual, "output_tokens", False)
         and getattr(transformer, "batch_first", False)
