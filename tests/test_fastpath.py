@@ -383,6 +383,33 @@ def test_a_chosen_openvino_path_keeps_its_compiled_model_and_a_probe_does_not(ti
     assert np.allclose(tiny.encode_images(images), expected, atol=1e-5)
 
 
+def test_a_cached_decision_with_a_path_per_batch_class_builds_each_on_its_first_batch(tiny, monkeypatch, caplog):
+    monkeypatch.setattr(fastpath, "candidates", lambda profile, **kw: [("int8", "test"), ("bf16", "test")])
+    monkeypatch.setattr(fastpath, "choose", lambda results, **kw: {1: ("int8", "test"), 12: ("bf16", "test")})
+    fastpath.apply_best(tiny, min_image_params=0)  # the probe: decides and remembers one path per class
+    built, original = [], fastpath.build_path
+    monkeypatch.setattr(fastpath, "build_path", lambda clip, name, *a, **kw: built.append(name) or original(clip, name, *a, **kw))
+    again = fastpath.apply_best(tiny, min_image_params=0)  # the next process
+    assert "earlier load" in again.reason and again.by_batch == {1: "int8", 12: "bf16"}
+    assert built == [], "a path was built before any image came"
+    image = np.full((64, 64), 120, np.uint8)
+    one = tiny.encode_images([image])
+    assert built == ["int8"]
+    tiny.encode_images([image] * 12, batch_size=12)
+    tiny.encode_images([image] * 12, batch_size=12)
+    assert built == ["int8", "bf16"], "each path is built once, on the first batch of its class"
+    assert np.allclose(one, tiny.encode_images([image]))
+
+    # a path that cannot be built any more runs fp32 for its class, and says so
+    monkeypatch.setattr(fastpath, "build_path", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("runtime gone")))
+    fastpath.apply_best(tiny, min_image_params=0)
+    with torch.inference_mode():
+        reference = torch.nn.functional.normalize(tiny.model.encode_image(tiny.image_tensor([image])), dim=-1).numpy()
+    with caplog.at_level("WARNING", logger=fastpath.log.name):
+        assert np.allclose(tiny.encode_images([image]), reference, atol=1e-6)
+    assert "int8 could not be built (runtime gone)" in caplog.text
+
+
 def test_decisions_are_listed_for_models_speed(tiny, monkeypatch, capsys):
     from engine.cli import main
     from engine.models.decisions import remembered

@@ -804,11 +804,63 @@ def _apply_forced(clip: ClipModel, profile: CpuProfile, mode: str, install: _Ins
     return install({b: built for b in PROBE_BATCHES}, reason, results)
 
 
+class LazyForward:
+    """A chosen path built on its first batch, not at load.
+
+    Why: a decision with a path per batch class (medlens-clip on the AMD EPYC: ONNX Runtime fp32 for one image,
+    torch bf16 for 12) built both at every load, though a one-shot `medlens label` runs one class: a 2D image never
+    needs the bf16 copy (0.13 s, ~120 MB), a CT series never the ONNX session (0.43 s with onnxruntime's import).
+    A path that cannot be built then (its runtime broken since the decision) runs fp32 instead, and says so once."""
+
+    def __init__(self, name: str, build: Callable[[], Built], fallback: Callable[[torch.Tensor], torch.Tensor]):
+        self.name, self._build, self._fallback = name, build, fallback
+        self._forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.built: Built | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._forward is None:
+            with self._lock:
+                if self._forward is None:
+                    try:
+                        self.built = self._build()
+                        self._forward = self.built.image_forward or self._fallback
+                    except Exception as exc:
+                        log.warning("inference path %s could not be built (%s); this batch size runs fp32", self.name, exc)
+                        self._forward = self._fallback
+        return self._forward(pixels)
+
+
+def _runtime_missing(name: str) -> str | None:
+    """Why a path cannot be built in this environment (its runtime is not installed), or None."""
+    if name.startswith("onnx-") and not _onnx_available():
+        return "onnxruntime/onnx not installed"
+    if name == "openvino-int8" and not openvino_path.int8_available():
+        return "openvino/nncf not installed"
+    if name.startswith("openvino-") and not openvino_path.available():
+        return "openvino not installed"
+    return None
+
+
 def _apply_cached(clip: ClipModel, profile: CpuProfile, cached: dict, install: _Installer, calibration) -> InferencePath:
     whys = cached.get("whys", {})
     names = dict.fromkeys(cached["by_batch"].values())
-    int8_calibration = static_int8_calibration(clip, calibration) if set(names) & set(STATIC_INT8) else None
-    built = {name: build_path(clip, name, profile, whys.get(name, ""), calibration=int8_calibration, keep_compiled=True) for name in names}
+    missing = {name: why for name in names if (why := _runtime_missing(name))}
+    if missing:  # e.g. openvino uninstalled since the decision: the caller decides afresh
+        raise RuntimeError("; ".join(f"{n}: {w}" for n, w in missing.items()))
+
+    def build(name: str) -> Built:
+        int8_calibration = static_int8_calibration(clip, calibration) if name in STATIC_INT8 else None
+        return build_path(clip, name, profile, whys.get(name, ""), calibration=int8_calibration, keep_compiled=True)
+
+    if len(names) > 1:  # one path per batch class: each is built when a batch of its class first comes
+        fp32 = clip.model.encode_image
+        built = {
+            name: Built(name, whys.get(name, ""), None if name == "fp32" else LazyForward(name, lambda n=name: build(n), fp32))
+            for name in names
+        }
+    else:
+        built = {name: build(name) for name in names}
     chosen = {int(b): built[name] for b, name in cached["by_batch"].items()}
     path = install(chosen, cached["reason"] + " [decided on an earlier load]", [])
     for k in ("probe", "by_batch", "calibration", "load"):
