@@ -208,7 +208,8 @@ def every_path(clip, pixels: torch.Tensor, text: np.ndarray, names: list[str], r
 def gate_lines(model_name: str, rows: list[dict]) -> list[str]:
     from engine.models.cpu import cpu_profile
 
-    klass = cpu_class()
+    profile = cpu_profile()
+    klass = cpu_class(profile)
     gates = (
         VIT_GATES.get(klass, {}) if model_name == "biomedclip-shape" else {b: g for g in [SHIPPED_GATE.get(klass)] if g for b in (1, 16)}
     )
@@ -225,7 +226,7 @@ def gate_lines(model_name: str, rows: list[dict]) -> list[str]:
             )
     if not gates:
         lines.append("| (no speed-up gate for this model on this CPU class) | | |")
-    if klass.startswith("AMX") and "amx_bf16" not in cpu_profile().flags:
+    if klass.startswith("AMX") and not profile.amx:
         # the class joins AMX and AVX512-BF16 without it; their int8/bf16 units differ ~16x in width
         lines += [
             "",

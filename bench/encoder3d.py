@@ -50,18 +50,17 @@ def shipped_config() -> dict:
     return json.loads((assets_dir() / "models" / "medlens-qformer" / "config.json").read_text())
 
 
-def shipped_prep():
+def shipped_prep(config: dict | None = None):
     from engine.models.volume_prep import VolumePrep
 
-    config = shipped_config()
+    config = config or shipped_config()
     return VolumePrep.from_dict(config.get("volume_prep", {})), int(config.get("image_size", 128))
 
 
-def image_tensor(picture, size: int):
-    """A 2D picture as the shipped Q-Former's 2D path feeds its encoder (engine.ask.model.qformer_preprocess), at `size`."""
+def image_tensor(config: dict, picture, size: int):
+    """A 2D picture as the shipped Q-Former (`config`) feeds its encoder (engine.ask.model.qformer_preprocess), at `size`."""
     from engine.ask.model import qformer_preprocess
 
-    config = shipped_config()
     return qformer_preprocess({**config, "preprocess_cfg": {**(config.get("preprocess_cfg") or {}), "size": size}})([picture])
 
 
@@ -209,7 +208,8 @@ def main() -> int:
     from engine.models import calibration, i3resnet
 
     load_before = uptime()
-    prep, image_size = shipped_prep()
+    config = shipped_config()
+    prep, image_size = shipped_prep(config)
     t = time.perf_counter()
     model = i3resnet.load_astra_i3resnet(cache=False)
     load_s = time.perf_counter() - t
@@ -222,11 +222,11 @@ def main() -> int:
 
     model = None
     trunk = i3resnet.load_astra_deflated_2d(cache=False)
-    example2d = lambda: image_tensor(calibration.example_image(), image_size)  # noqa: E731
+    example2d = lambda: image_tensor(config, calibration.example_image(), image_size)  # noqa: E731
     choice2d = engine_choice("Q-Former 2D encoder", lambda: trunk, example2d, "forward_features", (0, 2, 3))
     print(choice2d, flush=True)
     picture = calibration.example_image()
-    imgs = {f"CT slice {s} px": image_tensor(picture, s) for s in (image_size, 224)}
+    imgs = {f"CT slice {s} px": image_tensor(config, picture, s) for s in (image_size, 224)}
     rows2d = measure(
         paths_for(trunk, "forward_features", imgs[f"CT slice {image_size} px"], (0, 2, 3), False, "Q-Former 2D encoder"), imgs, args.repeats
     )

@@ -150,9 +150,3 @@ class _OpenClipClassTokenTower(torch.nn.Module):
         token = token + block.ls_2(block.mlp(block.ln_2(token)))
         pooled = visual.ln_post(token[:, 0])  # LayerNorm is per token: before or after the pool is the same
         return pooled @ visual.proj if visual.proj is not None else pooled
-
-
-def same_embedding(visual: torch.nn.Module, tower: torch.nn.Module, pixels: torch.Tensor) -> float:
-    """Largest absolute difference between the two towers' embeddings of `pixels` (for tests and benchmarks)."""
-    with torch.no_grad():
-        return float((visual(pixels).float() - tower(pixels).float()).abs().max())

@@ -831,23 +831,11 @@ class LazyForward:
         return self._forward(pixels)
 
 
-def _runtime_missing(name: str) -> str | None:
-    """Why a path cannot be built in this environment (its runtime is not installed), or None."""
-    if name.startswith("onnx-") and not _onnx_available():
-        return "onnxruntime/onnx not installed"
-    if name == "openvino-int8" and not openvino_path.int8_available():
-        return "openvino/nncf not installed"
-    if name.startswith("openvino-") and not openvino_path.available():
-        return "openvino not installed"
-    return None
-
-
 def _apply_cached(clip: ClipModel, profile: CpuProfile, cached: dict, install: _Installer, calibration) -> InferencePath:
     whys = cached.get("whys", {})
+    # A runtime installed or removed since the decision changes its key (decisions.versions): no cached decision
+    # names a path whose runtime is gone, so building one lazily below only fails if that runtime is broken.
     names = dict.fromkeys(cached["by_batch"].values())
-    missing = {name: why for name in names if (why := _runtime_missing(name))}
-    if missing:  # e.g. openvino uninstalled since the decision: the caller decides afresh
-        raise RuntimeError("; ".join(f"{n}: {w}" for n, w in missing.items()))
 
     def build(name: str) -> Built:
         int8_calibration = static_int8_calibration(clip, calibration) if name in STATIC_INT8 else None
